@@ -1,0 +1,58 @@
+"""kvstream: fast KV-cache streaming for LLM inference.
+
+The path of one KV chunk, by package:
+
+``layout`` (what a region of KV is) → ``kernels`` (pack it into a contiguous chunk) → ``runtime``
+(CUDA streams, pinned staging, the layer-by-layer streamer) → ``transports`` (ship it: host memory,
+disk, NCCL, a remote host) → ``stores`` (keep and find it: radix tree, token-chunk hashes) →
+``integrations`` (the Hugging Face ``generate`` hook).
+
+Public names are imported lazily, so ``import kvstream`` stays cheap and works without a GPU.
+
+Example
+-------
+>>> import kvstream
+>>> transport = kvstream.HostTransport(capacity_bytes=1 << 30)   # doctest: +SKIP
+>>> cache = kvstream.StreamingCache(config=model.config, transport=transport, session="req-42")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .errors import (CapacityError, ChunkNotFound, ConfigError, CorruptChunkError, KVStreamError, LayoutError,
+                     PeerError, TransportError)
+from .layout import ChunkHeader, KVLayout, Region
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY = {
+    "HostTransport": "kvstream.transports.host",
+    "DiskTransport": "kvstream.transports.disk",
+    "NcclTransport": "kvstream.transports.nccl",
+    "RemoteHostTransport": "kvstream.transports.remote",
+    "Transport": "kvstream.transports.base",
+    "KVStreamer": "kvstream.runtime.streamer",
+    "StreamingCache": "kvstream.integrations.hf",
+    "RadixStore": "kvstream.stores.radix",
+    "ChunkFileStore": "kvstream.stores.chunk_file",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'kvstream' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
+
+
+__all__ = [
+    "KVStreamError", "ConfigError", "LayoutError", "TransportError", "ChunkNotFound", "CorruptChunkError",
+    "CapacityError", "PeerError", "Region", "KVLayout", "ChunkHeader", *_LAZY,
+]

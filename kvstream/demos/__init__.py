@@ -1,0 +1,1 @@
+"""Demos: the main job (`kvstream demo`) and the multi-turn chat demo."""

@@ -1,0 +1,492 @@
+"""What a piece of KV cache is: the one source of truth for tensor layouts, regions and packed chunks.
+
+Three shapes matter in kvstream:
+
+* **HF layout** — one key and one value tensor per layer, ``[batch, kv_heads, seq, head_dim]``, any
+  strides as long as ``head_dim`` is contiguous (stride 1). This is what transformers' ``DynamicCache``
+  (contiguous tensors), ``StaticCache`` (preallocated ``max_cache_len``) and views of either hold.
+* **Paged layout** — vLLM/FlashInfer "NHD": one key and one value tensor per layer,
+  ``[num_blocks, block_size, kv_heads, head_dim]``, addressed by block ids.
+* **Packed chunk** — the contiguous buffer that kernels produce and transports ship. Its axis order is
+  fixed (:data:`PACKED_AXES`)::
+
+      [layers, 2 (K, V), batch, kv_heads, tokens, head_dim]        # from the HF layout
+      [layers, 2 (K, V), blocks, block_size, kv_heads, head_dim]   # from the paged layout
+
+  A decode step (the newest token of every layer) is the same order with ``tokens == 1``.
+
+A :class:`Region` says which part of an HF-layout cache a chunk holds: contiguous ranges of layers,
+batch rows, KV heads and tokens. Contiguous ranges cover every use: a pipeline stage owns contiguous
+layers, a microbatch contiguous rows, a tensor-parallel rank contiguous heads.
+
+Anything persisted starts with a :class:`ChunkHeader`: a fixed 4096-byte frame holding a magic number,
+the format version and a small JSON document (dtype, shape, region, payload bytes, checksum). It is
+never pickled. 4096 bytes keep the payload aligned for direct I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import xxhash
+
+from .errors import CorruptChunkError, LayoutError
+
+#: Axis order of a packed chunk taken from the HF layout.
+PACKED_AXES: tuple[str, ...] = ("layer", "kv", "batch", "head", "token", "head_dim")
+#: Axis order of a packed chunk taken from the paged layout.
+PACKED_PAGED_AXES: tuple[str, ...] = ("layer", "kv", "block", "block_token", "head", "head_dim")
+
+#: dtypes a KV chunk may have, by the name written into headers.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "int32": torch.int32,
+    "int64": torch.int64,
+}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Name of ``dtype`` as written into chunk headers (``torch.bfloat16`` -> ``"bfloat16"``).
+
+    Raises
+    ------
+    LayoutError
+        If kvstream does not ship chunks of this dtype.
+    """
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        raise LayoutError(f"Unsupported KV dtype {dtype}; supported: {sorted(DTYPES)}") from None
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """Inverse of :func:`dtype_name`. Raises :class:`LayoutError` for an unknown name."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise LayoutError(f"Unknown KV dtype name {name!r}; known: {sorted(DTYPES)}") from None
+
+
+def _as_range(value: range | Sequence[int] | None, what: str) -> range | None:
+    if value is None:
+        return None
+    if isinstance(value, range):
+        r = value
+    else:
+        if len(value) != 2:
+            raise LayoutError(f"{what} must be a range or a (start, stop) pair, got {value!r}")
+        r = range(int(value[0]), int(value[1]))
+    if r.step != 1:
+        raise LayoutError(f"{what} must be contiguous (step 1), got {r!r}")
+    if r.start < 0 or r.stop < r.start:
+        raise LayoutError(f"{what} must satisfy 0 <= start <= stop, got [{r.start}, {r.stop})")
+    return r
+
+
+@dataclass(frozen=True)
+class Region:
+    """A box of KV cache in the HF layout: ``[layers) x [batch) x [heads) x [tokens)``, all of ``head_dim``.
+
+    Parameters
+    ----------
+    layers : range or (start, stop)
+        Layer indices, contiguous.
+    tokens : range or (start, stop)
+        Token positions ``[start, stop)`` along the ``seq`` axis of each layer's tensors.
+    batch : range or (start, stop), optional
+        Batch rows; ``None`` means every row of the tensors it is applied to.
+    heads : range or (start, stop), optional
+        KV heads; ``None`` means every head.
+
+    Raises
+    ------
+    LayoutError
+        If a range is not contiguous or has ``stop < start`` or a negative start.
+
+    Examples
+    --------
+    >>> r = Region(layers=range(0, 32), tokens=(0, 1500))
+    >>> r.resolve(batch_size=16, kv_heads=8).packed_shape(head_dim=128)
+    (32, 2, 16, 8, 1500, 128)
+    """
+
+    layers: range
+    tokens: range
+    batch: range | None = None
+    heads: range | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", _as_range(self.layers, "Region.layers"))
+        object.__setattr__(self, "tokens", _as_range(self.tokens, "Region.tokens"))
+        object.__setattr__(self, "batch", _as_range(self.batch, "Region.batch"))
+        object.__setattr__(self, "heads", _as_range(self.heads, "Region.heads"))
+
+    @property
+    def is_resolved(self) -> bool:
+        """True when batch and heads are given explicitly."""
+        return self.batch is not None and self.heads is not None
+
+    def resolve(self, batch_size: int, kv_heads: int) -> "Region":
+        """The same region with ``None`` batch/heads replaced by every row/head, checked against the sizes.
+
+        Raises
+        ------
+        LayoutError
+            If the region's batch rows or heads fall outside ``batch_size`` / ``kv_heads``.
+        """
+        batch = self.batch if self.batch is not None else range(0, batch_size)
+        heads = self.heads if self.heads is not None else range(0, kv_heads)
+        if batch.stop > batch_size:
+            raise LayoutError(f"Region batch rows [{batch.start}, {batch.stop}) exceed batch size {batch_size}")
+        if heads.stop > kv_heads:
+            raise LayoutError(f"Region heads [{heads.start}, {heads.stop}) exceed kv_heads {kv_heads}")
+        return Region(layers=self.layers, tokens=self.tokens, batch=batch, heads=heads)
+
+    def packed_shape(self, head_dim: int) -> tuple[int, int, int, int, int, int]:
+        """Shape of the packed chunk of this region, in :data:`PACKED_AXES` order.
+
+        Raises
+        ------
+        LayoutError
+            If the region is not resolved (batch or heads is ``None``).
+        """
+        if not self.is_resolved:
+            raise LayoutError("Region.packed_shape needs explicit batch and heads; call resolve() first")
+        return (len(self.layers), 2, len(self.batch), len(self.heads), len(self.tokens), int(head_dim))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form: each range as ``[start, stop]`` (or ``None``)."""
+
+        def enc(r: range | None):
+            return None if r is None else [r.start, r.stop]
+
+        return {"layers": enc(self.layers), "tokens": enc(self.tokens), "batch": enc(self.batch), "heads": enc(self.heads)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Region":
+        """Inverse of :meth:`to_dict`. Raises :class:`LayoutError` on a malformed dict."""
+        try:
+            return cls(layers=d["layers"], tokens=d["tokens"], batch=d.get("batch"), heads=d.get("heads"))
+        except (KeyError, TypeError) as e:
+            raise LayoutError(f"Malformed region {d!r}: {e}") from None
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """The per-layer KV geometry of a model: how many layers, KV heads, ``head_dim`` and the dtype.
+
+    Parameters
+    ----------
+    num_layers : int
+        Decoder layers that hold a KV cache.
+    kv_heads : int
+        Key/value heads per layer (grouped-query attention: fewer than attention heads).
+    head_dim : int
+        Elements per head.
+    dtype : torch.dtype
+        Element type of the cache.
+
+    Examples
+    --------
+    >>> KVLayout(num_layers=32, kv_heads=8, head_dim=128, dtype=torch.bfloat16).bytes_per_token(batch_size=1)
+    131072
+    """
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype = torch.float16
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "kv_heads", "head_dim"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise LayoutError(f"KVLayout.{name} must be a positive int, got {v!r}")
+        dtype_name(self.dtype)
+
+    @classmethod
+    def from_config(cls, config: Any, dtype: torch.dtype | None = None) -> "KVLayout":
+        """Read the layout off a transformers ``PretrainedConfig`` (Llama, GPT-2, OPT, BLOOM, Qwen2, Mistral, ...).
+
+        Uses ``num_hidden_layers``, ``num_key_value_heads`` (falling back to ``num_attention_heads``) and
+        ``head_dim`` (falling back to ``hidden_size // num_attention_heads``); the names go through each
+        config's ``attribute_map``, so GPT-2's ``n_layer``/``n_head`` work too.
+
+        Raises
+        ------
+        LayoutError
+            If the config lacks the attributes or they are inconsistent.
+        """
+        if hasattr(config, "get_text_config"):
+            config = config.get_text_config(decoder=True)
+        try:
+            num_layers = int(config.num_hidden_layers)
+            heads = int(config.num_attention_heads)
+        except AttributeError as e:
+            raise LayoutError(f"Config {type(config).__name__} lacks layer/head counts: {e}") from None
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None)
+        if not head_dim:
+            hidden = int(config.hidden_size)
+            if hidden % heads:
+                raise LayoutError(f"hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+            head_dim = hidden // heads
+        if dtype is None:
+            dtype = getattr(config, "torch_dtype", None) or getattr(config, "dtype", None) or torch.float32
+            if isinstance(dtype, str):
+                dtype = dtype_from_name(dtype)
+        return cls(num_layers=num_layers, kv_heads=int(kv_heads), head_dim=int(head_dim), dtype=dtype)
+
+    def bytes_per_token(self, batch_size: int = 1) -> int:
+        """Bytes of K and V for one token of every layer, for ``batch_size`` rows."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return self.num_layers * 2 * batch_size * self.kv_heads * self.head_dim * itemsize
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"num_layers": self.num_layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim,
+                "dtype": dtype_name(self.dtype)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "KVLayout":
+        """Inverse of :meth:`to_dict`."""
+        return cls(num_layers=int(d["num_layers"]), kv_heads=int(d["kv_heads"]), head_dim=int(d["head_dim"]),
+                   dtype=dtype_from_name(d["dtype"]))
+
+
+def check_hf_layers(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], region: Region,
+                    *, name: str = "keys") -> Region:
+    """Validate per-layer HF-layout tensors against a region and return the region resolved.
+
+    Parameters
+    ----------
+    keys, values : sequence of torch.Tensor
+        One tensor per model layer (indexable by the region's layer ids), each ``[batch, kv_heads, seq,
+        head_dim]`` with stride 1 on ``head_dim``; all on one device, of one dtype, with equal batch,
+        ``kv_heads`` and ``head_dim``. ``seq`` may differ between layers (sliding windows) but must reach
+        ``region.tokens.stop`` on every layer in the region.
+    region : Region
+        The part to pack or unpack.
+
+    Returns
+    -------
+    Region
+        ``region`` with batch and heads resolved.
+
+    Raises
+    ------
+    LayoutError
+        With the offending layer and the numbers, on any mismatch.
+    """
+    if len(keys) != len(values):
+        raise LayoutError(f"{name}: {len(keys)} key tensors but {len(values)} value tensors")
+    if region.layers.stop > len(keys):
+        raise LayoutError(f"Region layers [{region.layers.start}, {region.layers.stop}) exceed the {len(keys)} layers given")
+    if len(region.layers) == 0:
+        raise LayoutError("Region has no layers")
+    first = keys[region.layers.start]
+    if first.dim() != 4:
+        raise LayoutError(f"Invalid shape of {name}[{region.layers.start}]: expected [batch, kv_heads, seq, head_dim], "
+                          f"got {list(first.shape)}")
+    b, h, _, d = first.shape
+    for l in region.layers:
+        for kind, t in (("keys", keys[l]), ("values", values[l])):
+            if t.dim() != 4 or t.shape[0] != b or t.shape[1] != h or t.shape[3] != d:
+                raise LayoutError(f"Invalid shape of {kind}[{l}]: expected [{b}, {h}, >={region.tokens.stop}, {d}], "
+                                  f"got {list(t.shape)}")
+            if t.shape[2] < region.tokens.stop:
+                raise LayoutError(f"Invalid shape of {kind}[{l}]: expected [{b}, {h}, >={region.tokens.stop}, {d}], "
+                                  f"got {list(t.shape)} (region tokens [{region.tokens.start}, {region.tokens.stop}))")
+            if t.dtype != first.dtype:
+                raise LayoutError(f"{kind}[{l}] has dtype {t.dtype}, expected {first.dtype}")
+            if t.device != first.device:
+                raise LayoutError(f"{kind}[{l}] is on {t.device}, expected {first.device}")
+            if d > 1 and t.stride(3) != 1:
+                raise LayoutError(f"{kind}[{l}] has stride {t.stride(3)} on head_dim; head_dim must be contiguous (stride 1)")
+    return region.resolve(batch_size=b, kv_heads=h)
+
+
+def check_packed(chunk: torch.Tensor, shape: Sequence[int], dtype: torch.dtype, *, name: str = "chunk") -> None:
+    """Check that a packed chunk is contiguous with the expected shape and dtype.
+
+    Raises
+    ------
+    LayoutError
+        If ``chunk`` has another shape or dtype, or is not contiguous.
+    """
+    if tuple(chunk.shape) != tuple(shape):
+        raise LayoutError(f"Invalid shape of {name}: expected {list(shape)}, got {list(chunk.shape)}")
+    if chunk.dtype != dtype:
+        raise LayoutError(f"Invalid dtype of {name}: expected {dtype}, got {chunk.dtype}")
+    if not chunk.is_contiguous():
+        raise LayoutError(f"{name} must be contiguous (a packed chunk), got strides {chunk.stride()}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Persisted chunks: header + payload
+# ----------------------------------------------------------------------------------------------------
+
+#: Magic bytes at the start of every persisted chunk.
+CHUNK_MAGIC = b"KVSTRM\x00\x01"
+#: Current chunk format version.
+CHUNK_FORMAT = 1
+#: Size of the header frame in bytes. 4096 keeps the payload aligned for O_DIRECT reads.
+HEADER_BYTES = 4096
+_PREFIX = struct.Struct("<8sI")  # magic, JSON length
+
+
+def payload_checksum(data: Any) -> str:
+    """Checksum of a chunk's payload bytes: ``"xxh3_64:<16 hex digits>"``.
+
+    ``data`` is anything with the buffer protocol (bytes, memoryview, a contiguous numpy array) or a
+    contiguous CPU tensor. xxh3 runs at tens of GB/s, well above disk and PCIe rates.
+    """
+    if isinstance(data, torch.Tensor):
+        data = tensor_bytes(data)
+    return "xxh3_64:" + xxhash.xxh3_64_hexdigest(data)
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor (any dtype, bf16 included).
+
+    Raises
+    ------
+    LayoutError
+        If ``t`` is not on the CPU or not contiguous.
+    """
+    if t.device.type != "cpu":
+        raise LayoutError(f"tensor_bytes needs a CPU tensor, got one on {t.device}")
+    if not t.is_contiguous():
+        raise LayoutError("tensor_bytes needs a contiguous tensor")
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+@dataclass(frozen=True)
+class ChunkHeader:
+    """The self-describing header in front of every persisted chunk.
+
+    Parameters
+    ----------
+    dtype : torch.dtype
+        Element type of the payload.
+    shape : tuple of int
+        Shape of the payload tensor (a packed chunk: :data:`PACKED_AXES` order).
+    nbytes : int
+        Payload size in bytes; must equal ``prod(shape) * itemsize``.
+    checksum : str
+        :func:`payload_checksum` of the payload.
+    region : Region, optional
+        Which part of a cache the payload holds.
+    meta : dict, optional
+        Small JSON-able extras (session, step, ...).
+
+    Notes
+    -----
+    On disk: ``CHUNK_MAGIC`` (8 bytes), the JSON length (uint32 little-endian), the JSON document, zero
+    padding to :data:`HEADER_BYTES`, then the payload. No pickle anywhere.
+    """
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+    checksum: str
+    region: Region | None = None
+    meta: dict | None = None
+
+    @classmethod
+    def for_tensor(cls, t: torch.Tensor, region: Region | None = None, meta: dict | None = None,
+                   checksum: str | None = None) -> "ChunkHeader":
+        """Header describing the contiguous CPU tensor ``t`` (checksum computed unless given)."""
+        nbytes = t.numel() * t.element_size()
+        return cls(dtype=t.dtype, shape=tuple(t.shape), nbytes=nbytes,
+                   checksum=checksum if checksum is not None else payload_checksum(t), region=region, meta=meta)
+
+    def to_bytes(self) -> bytes:
+        """Encode to exactly :data:`HEADER_BYTES` bytes. Raises :class:`LayoutError` if the JSON does not fit."""
+        doc = {
+            "format": CHUNK_FORMAT,
+            "dtype": dtype_name(self.dtype),
+            "shape": [int(s) for s in self.shape],
+            "axes": list(PACKED_AXES) if len(self.shape) == 6 else None,
+            "nbytes": int(self.nbytes),
+            "checksum": self.checksum,
+            "region": None if self.region is None else self.region.to_dict(),
+            "meta": self.meta,
+        }
+        body = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+        if _PREFIX.size + len(body) > HEADER_BYTES:
+            raise LayoutError(f"Chunk header JSON is {len(body)} bytes; at most {HEADER_BYTES - _PREFIX.size} fit")
+        out = _PREFIX.pack(CHUNK_MAGIC, len(body)) + body
+        return out + b"\x00" * (HEADER_BYTES - len(out))
+
+    @classmethod
+    def from_bytes(cls, raw: bytes | memoryview, *, source: str = "chunk") -> "ChunkHeader":
+        """Decode a header frame.
+
+        Raises
+        ------
+        CorruptChunkError
+            If ``raw`` is short, the magic or version is wrong, or the JSON is malformed or inconsistent.
+        """
+        raw = bytes(raw[:HEADER_BYTES])
+        if len(raw) < HEADER_BYTES:
+            raise CorruptChunkError(f"{source}: truncated header ({len(raw)} of {HEADER_BYTES} bytes)")
+        magic, n = _PREFIX.unpack_from(raw)
+        if magic != CHUNK_MAGIC:
+            raise CorruptChunkError(f"{source}: bad magic {magic!r}; not a kvstream chunk")
+        if n > HEADER_BYTES - _PREFIX.size:
+            raise CorruptChunkError(f"{source}: header length {n} out of range")
+        try:
+            doc = json.loads(raw[_PREFIX.size:_PREFIX.size + n])
+            if doc["format"] != CHUNK_FORMAT:
+                raise CorruptChunkError(f"{source}: chunk format {doc['format']} (this kvstream reads {CHUNK_FORMAT})")
+            dtype = dtype_from_name(doc["dtype"])
+            shape = tuple(int(s) for s in doc["shape"])
+            nbytes = int(doc["nbytes"])
+            region = None if doc.get("region") is None else Region.from_dict(doc["region"])
+            header = cls(dtype=dtype, shape=shape, nbytes=nbytes, checksum=str(doc["checksum"]), region=region,
+                         meta=doc.get("meta"))
+        except CorruptChunkError:
+            raise
+        except (ValueError, KeyError, TypeError, LayoutError) as e:
+            raise CorruptChunkError(f"{source}: malformed header: {e}") from None
+        numel = 1
+        for s in shape:
+            numel *= s
+        if numel * torch.empty((), dtype=dtype).element_size() != nbytes:
+            raise CorruptChunkError(f"{source}: header says {nbytes} bytes but shape {list(shape)} of {dtype} needs "
+                                    f"{numel * torch.empty((), dtype=dtype).element_size()}")
+        return header
+
+
+__all__ = [
+    "PACKED_AXES",
+    "PACKED_PAGED_AXES",
+    "DTYPES",
+    "dtype_name",
+    "dtype_from_name",
+    "Region",
+    "KVLayout",
+    "check_hf_layers",
+    "check_packed",
+    "CHUNK_MAGIC",
+    "CHUNK_FORMAT",
+    "HEADER_BYTES",
+    "payload_checksum",
+    "tensor_bytes",
+    "ChunkHeader",
+]

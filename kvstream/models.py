@@ -1,0 +1,170 @@
+"""The embedded models: real transformers architectures built from a config with seeded random weights.
+
+No model hub is reachable where kvstream is built and tested, so demos, tests and benchmarks build the
+model from its config. The code path is the real one (transformers' own modeling files); bit-exact
+comparisons need the same weights in every process, not trained ones, and the same seed gives them.
+
+``--model PATH`` (a local checkpoint directory with ``config.json`` and weights) loads a real model
+instead, through ``AutoModelForCausalLM.from_pretrained(PATH)``.
+
+Prompts are real text shipped with the package (``kvstream/data/prompts.txt``) turned into token ids
+byte by byte (:func:`encode_text`): no tokenizer download needed, and every id is < 256, so any model
+with a vocabulary of 256 or more accepts them.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from typing import Any
+
+import torch
+
+from .errors import ConfigError
+
+#: Architectures the tiny builders know, by short name.
+ARCHITECTURES = ("llama", "gpt2", "opt", "bloom", "qwen2", "mistral")
+
+
+def tiny_config(arch: str = "llama", *, num_layers: int = 4, vocab_size: int = 320, sliding_window: int | None = None) -> Any:
+    """A tiny transformers config of architecture ``arch`` for CPU tests and the CPU demo.
+
+    Parameters
+    ----------
+    arch : {"llama", "gpt2", "opt", "bloom", "qwen2", "mistral"}
+        The transformers architecture.
+    num_layers : int
+        Decoder layers.
+    vocab_size : int
+        Vocabulary size; at least 256 so byte-level ids fit.
+    sliding_window : int, optional
+        For ``mistral``/``qwen2``: a sliding window in tokens (exercises DynamicSlidingWindowLayer).
+
+    Raises
+    ------
+    ConfigError
+        For an unknown architecture.
+    """
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size)
+    if arch == "llama":
+        return tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, **common)
+    if arch == "mistral":
+        return tf.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                                sliding_window=sliding_window, **common)
+    if arch == "qwen2":
+        cfg = tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                             use_sliding_window=sliding_window is not None,
+                             sliding_window=sliding_window, max_window_layers=0, **common)
+        return cfg
+    if arch == "gpt2":
+        return tf.GPT2Config(n_embd=64, n_layer=num_layers, n_head=4, n_positions=1024, **common)
+    if arch == "opt":
+        return tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=num_layers, num_attention_heads=4,
+                            max_position_embeddings=1024, word_embed_proj_dim=64, **common)
+    if arch == "bloom":
+        return tf.BloomConfig(hidden_size=64, n_layer=num_layers, n_head=4, **common)
+    raise ConfigError(f"Unknown architecture {arch!r}; known: {ARCHITECTURES}")
+
+
+def llama3_8b_config(num_layers: int = 32) -> Any:
+    """A transformers ``LlamaConfig`` with Llama-3-8B's shapes (32 layers, 32 heads, 8 KV heads, head_dim 128).
+
+    Shapes from Meta's published Llama-3-8B ``config.json``; ``num_layers`` may be lowered for benchmarks.
+    """
+    import transformers as tf
+
+    return tf.LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=num_layers,
+                          num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+                          max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5)
+
+
+def build_model(config: Any, *, seed: int = 0, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Build ``AutoModelForCausalLM`` from ``config`` with weights drawn from a seeded generator.
+
+    The same ``config``, ``seed``, ``device`` and ``dtype`` give bit-identical weights in every process.
+    The weights are created directly on ``device`` (no host copy of an 8B model).
+
+    Returns
+    -------
+    torch.nn.Module
+        The model in eval mode.
+    """
+    import transformers as tf
+
+    device = torch.device(device)
+    config.torch_dtype = dtype  # noqa: the attribute transformers reads for the default dtype
+    torch.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed_all(seed)
+    prev = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype if dtype.is_floating_point else torch.float32)
+        with torch.device(device):
+            model = tf.AutoModelForCausalLM.from_config(config)
+    finally:
+        torch.set_default_dtype(prev)
+    model = model.to(device=device, dtype=dtype)
+    model.eval()
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = getattr(model.generation_config, "pad_token_id", None) or 0
+    return model
+
+
+def load_model(path: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Load a local checkpoint directory (``--model PATH``) with ``from_pretrained``; no network.
+
+    Raises
+    ------
+    ConfigError
+        If ``path`` is not a directory with a ``config.json``.
+    """
+    import os
+
+    import transformers as tf
+
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"--model {path!r} is not a checkpoint directory with a config.json")
+    model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", local_files_only=True)
+    return model.to(device).eval()
+
+
+def prompts() -> list[str]:
+    """The real text prompts shipped with kvstream (one paragraph each)."""
+    text = importlib.resources.files("kvstream").joinpath("data/prompts.txt").read_text(encoding="utf-8")
+    return [p.strip() for p in text.split("\n\n") if p.strip()]
+
+
+def encode_text(text: str, length: int | None = None) -> list[int]:
+    """Byte-level token ids of ``text`` (UTF-8 bytes, each id < 256).
+
+    With ``length``, the ids are cut or repeated (the text again) to exactly ``length`` tokens.
+    """
+    ids = list(text.encode("utf-8"))
+    if length is not None:
+        if not ids:
+            raise ConfigError("encode_text: empty text cannot fill a length")
+        while len(ids) < length:
+            ids = ids + ids
+        ids = ids[:length]
+    return ids
+
+
+def decode_ids(ids: list[int]) -> str:
+    """Inverse of :func:`encode_text` for ids < 256; larger ids (a random model's) show as U+FFFD."""
+    return bytes(i if i < 256 else 63 for i in ids).decode("utf-8", errors="replace")
+
+
+def batch_of_prompts(batch_size: int, length: int, *, device: str | torch.device = "cpu") -> torch.Tensor:
+    """``[batch_size, length]`` int64 ids from the shipped prompts, one prompt per row (cycling)."""
+    ps = prompts()
+    rows = [encode_text(ps[i % len(ps)], length) for i in range(batch_size)]
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+__all__ = ["ARCHITECTURES", "tiny_config", "llama3_8b_config", "build_model", "load_model", "prompts",
+           "encode_text", "decode_ids", "batch_of_prompts"]
