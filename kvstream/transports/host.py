@@ -1,0 +1,319 @@
+"""Chunks kept in (pinned) host memory: DéjàVuLib's ``LocalCacheManager`` as a transport.
+
+DéjàVu keeps every microbatch's KV in page-locked host memory and copies it with ``cudaMemcpyAsync``
+(msr-fiddle/dejavu, ``cache_utils.cc``: ``LocalCacheManager::flush/fetch``); page-locked memory is what
+lets those copies run asynchronously at full PCIe speed (DEVICE.md: 54.7 GB/s pinned vs 15.5 GB/s
+pageable, device to host, on the H100 machine).
+
+Each flush copies the chunk into a fresh buffer from :func:`kvstream.runtime.memory.pinned_empty`
+(cached ``cudaHostAlloc`` blocks) and swaps it in under a lock, so a replaced key flips from the old
+buffer to the new one atomically and a reader never sees a mix. Old buffers that an asynchronous copy
+still reads or writes are kept alive until that copy's CUDA event has fired.
+
+Checksums: host chunks carry ``checksum="none"`` in their :class:`~kvstream.layout.ChunkHeader`. Host
+memory is not a medium that corrupts silently the way a disk or a network can, and hashing every chunk
+(about 10-20 GB/s for xxh3 on one core) would cost more than the 50 GB/s PCIe copy it guards. A chunk
+written on to disk gets its xxh3 there (:class:`~kvstream.transports.disk.DiskTransport`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import CapacityError, ChunkNotFound, ConfigError, LayoutError, TransportError
+from ..layout import ChunkHeader, Region, check_packed, dtype_name
+from ..runtime.memory import pinned_empty
+from .base import CompletedHandle, EventHandle, Handle, Transport
+
+#: Checksum field of host chunks (see the module docstring for why there is none).
+NO_CHECKSUM = "none"
+
+
+def byte_view(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of the contiguous tensor ``t`` as a flat ``uint8`` tensor on the same device (no copy).
+
+    Works for 0-d and empty tensors and every dtype of :data:`kvstream.layout.DTYPES` (bf16 included).
+    """
+    return t.reshape(-1).view(torch.uint8)
+
+
+def chunk_header(chunk: torch.Tensor, region: Region | None, meta: dict | None, checksum: str) -> ChunkHeader:
+    """The :class:`ChunkHeader` of ``chunk`` with ``checksum``, checked to encode (JSON-able ``meta``, fits).
+
+    Raises
+    ------
+    LayoutError
+        Unsupported dtype, ``region`` not a :class:`Region`, ``meta`` not a JSON-able dict, or a header
+        over :data:`kvstream.layout.HEADER_BYTES`.
+    """
+    dtype_name(chunk.dtype)
+    if region is not None and not isinstance(region, Region):
+        raise LayoutError(f"region must be a kvstream.layout.Region, got {type(region).__name__}")
+    if meta is not None:
+        if not isinstance(meta, dict):
+            raise LayoutError(f"meta must be a dict, got {type(meta).__name__}")
+        try:
+            meta = json.loads(json.dumps(meta))  # a private, JSON-clean copy
+        except (TypeError, ValueError) as e:
+            raise LayoutError(f"meta must be JSON-able: {e}") from None
+    header = ChunkHeader(dtype=chunk.dtype, shape=tuple(int(s) for s in chunk.shape),
+                         nbytes=chunk.numel() * chunk.element_size(), checksum=checksum, region=region, meta=meta)
+    header.to_bytes()  # raises LayoutError if it would not fit a persisted chunk
+    return header
+
+
+def _done(event: "torch.cuda.Event | None") -> bool:
+    return event is None or event.query()
+
+
+@dataclass
+class _Slot:
+    """One stored chunk: its header, its bytes, and the CUDA events of copies in flight on them."""
+
+    header: ChunkHeader
+    buf: torch.Tensor  # uint8 [nbytes], pinned when CUDA is in use
+    ready: "torch.cuda.Event | None" = None  # the flush's device-to-host copy
+    uses: list = field(default_factory=list)  # events of host-to-device fetches reading ``buf``
+
+    def busy(self) -> bool:
+        """Whether a copy into or out of ``buf`` may still be running."""
+        return not _done(self.ready) or not all(e.query() for e in self.uses)
+
+    def wait_ready(self) -> None:
+        """Block until the flush's copy into ``buf`` has landed."""
+        if self.ready is not None:
+            self.ready.synchronize()
+
+    def synchronize(self) -> None:
+        """Block until no copy touches ``buf`` any more."""
+        self.wait_ready()
+        for e in self.uses:
+            e.synchronize()
+
+
+class HostTransport(Transport):
+    """Chunks in host memory (pinned when CUDA is available), with a capacity in bytes.
+
+    Parameters
+    ----------
+    capacity_bytes : int
+        Most payload bytes stored at once (the sum of ``chunk.numel() * chunk.element_size()`` over
+        stored keys; the pinned allocator's rounding to size classes is not counted). A replaced key's
+        old bytes count until the new chunk is in, so replacing needs room for both.
+    pinned : bool, optional
+        Keep chunks in page-locked memory. Default: ``torch.cuda.is_available()``.
+
+    Raises
+    ------
+    ConfigError
+        ``capacity_bytes`` negative or not an int, or ``pinned=True`` without CUDA.
+
+    Notes
+    -----
+    * ``flush`` of a CUDA chunk enqueues one device-to-host copy on the current stream and returns an
+      :class:`EventHandle`; of a CPU chunk, copies at once and returns a completed handle.
+    * ``fetch`` into a CUDA ``out`` enqueues one host-to-device copy on the current stream (after the
+      flush that stored the chunk, through its event) and returns an :class:`EventHandle`; into a CPU
+      ``out``, copies at once.
+    * :meth:`view` gives the stored bytes without a copy.
+
+    Examples
+    --------
+    >>> t = HostTransport(capacity_bytes=1 << 20)
+    >>> t.flush("req-42/layer0000", torch.arange(6, dtype=torch.float16).view(2, 3)).wait()
+    >>> t.fetch_new("req-42/layer0000").tolist()
+    [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+    >>> t.used_bytes
+    12
+    """
+
+    name = "host"
+
+    def __init__(self, capacity_bytes: int, *, pinned: bool | None = None):
+        super().__init__()
+        if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) or capacity_bytes < 0:
+            raise ConfigError(f"HostTransport capacity_bytes must be an int >= 0, got {capacity_bytes!r}")
+        cuda = torch.cuda.is_available()
+        if pinned is None:
+            pinned = cuda
+        if pinned and not cuda:
+            raise ConfigError("HostTransport(pinned=True) needs CUDA; torch.cuda.is_available() is False")
+        self._capacity = capacity_bytes
+        self._pinned = bool(pinned)
+        self._slots: dict[str, _Slot] = {}
+        self._used = 0  # bytes of stored chunks
+        self._reserved = 0  # bytes of flushes between their capacity check and their commit
+        self._retired: list[_Slot] = []  # replaced/deleted slots whose buffers a copy still touches
+
+    # -- accounting ----------------------------------------------------------------------------------
+    @property
+    def capacity_bytes(self) -> int:
+        """The capacity given at construction, in payload bytes."""
+        return self._capacity
+
+    @property
+    def used_bytes(self) -> int:
+        """Payload bytes of the chunks stored now (flushes in flight not counted until they are in)."""
+        return self._used
+
+    @property
+    def pinned(self) -> bool:
+        """Whether chunks live in page-locked memory."""
+        return self._pinned
+
+    def _alloc(self, nbytes: int) -> torch.Tensor:
+        if self._pinned:
+            return pinned_empty(nbytes)
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def _retire(self, slot: _Slot | None) -> None:
+        """Drop a replaced/deleted slot, keeping its buffer while a copy uses it (call under the lock)."""
+        self._retired = [s for s in self._retired if s.busy()]
+        if slot is not None and slot.busy():
+            self._retired.append(slot)
+
+    # -- the contract --------------------------------------------------------------------------------
+    def flush(self, key: str, chunk: torch.Tensor, region: Region | None = None,
+              meta: dict | None = None) -> Handle:
+        """Copy ``chunk`` into host memory under ``key``; see :meth:`Transport.flush`.
+
+        Raises
+        ------
+        CapacityError
+            ``used_bytes`` + in-flight flushes + this chunk would exceed ``capacity_bytes``; nothing is
+            stored and a previous chunk under ``key`` stays.
+        """
+        self._check_open()
+        self._check_key(key)
+        self._check_chunk(chunk)
+        header = chunk_header(chunk, region, meta, NO_CHECKSUM)
+        nbytes = header.nbytes
+        with self._lock:
+            self._check_open()
+            if self._used + self._reserved + nbytes > self._capacity:
+                raise CapacityError(
+                    f"HostTransport full: chunk {key!r} needs {nbytes} bytes but {self._used} of "
+                    f"{self._capacity} are in use and {self._reserved} reserved by flushes in flight "
+                    f"({self._capacity - self._used - self._reserved} free)")
+            self._reserved += nbytes
+        try:
+            buf = self._alloc(nbytes)
+            event = None
+            if chunk.is_cuda:
+                stream = torch.cuda.current_stream(chunk.device)
+                buf.copy_(byte_view(chunk), non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(stream)
+            else:
+                buf.copy_(byte_view(chunk))
+        except BaseException:
+            with self._lock:
+                self._reserved -= nbytes
+            raise
+        slot = _Slot(header=header, buf=buf, ready=event)
+        with self._lock:
+            self._reserved -= nbytes
+            if self._closed:
+                slot.synchronize()
+                raise TransportError(f"HostTransport was closed while chunk {key!r} was being flushed")
+            old = self._slots.get(key)
+            self._slots[key] = slot
+            self._used += nbytes - (old.header.nbytes if old is not None else 0)
+            self._retire(old)
+        return CompletedHandle() if event is None else EventHandle(event)
+
+    def _slot(self, key: str) -> _Slot:
+        """The slot under ``key`` (call under the lock)."""
+        self._check_open()
+        self._check_key(key)
+        slot = self._slots.get(key)
+        if slot is None:
+            raise ChunkNotFound(f"No chunk {key!r} in HostTransport ({len(self._slots)} keys stored)")
+        return slot
+
+    def fetch(self, key: str, out: torch.Tensor) -> Handle:
+        """Copy the chunk under ``key`` into ``out``; see :meth:`Transport.fetch`."""
+        self._check_chunk(out, "out")
+        with self._lock:
+            slot = self._slot(key)
+            check_packed(out, slot.header.shape, slot.header.dtype, name=f"out for chunk {key!r}")
+            if out.is_cuda:
+                # Enqueue under the lock so that the slot cannot be retired before its use is recorded.
+                stream = torch.cuda.current_stream(out.device)
+                if slot.ready is not None:
+                    stream.wait_event(slot.ready)
+                byte_view(out).copy_(slot.buf, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(stream)
+                slot.uses = [e for e in slot.uses if not e.query()] + [event]
+                return EventHandle(event)
+        slot.wait_ready()  # our reference keeps ``slot.buf`` alive through the copy
+        byte_view(out).copy_(slot.buf)
+        return CompletedHandle()
+
+    def view(self, key: str) -> torch.Tensor:
+        """The stored chunk itself, without a copy: a CPU tensor of the stored dtype and shape.
+
+        Waits for the flush that stored it (a host sync on its CUDA event, if any). Treat the result as
+        read-only: writing into it changes the stored chunk. It keeps showing (and keeping alive) the
+        bytes it was taken from after the key is replaced or deleted. If you copy out of it
+        asynchronously, keep the tensor alive until that copy has finished.
+
+        Raises
+        ------
+        ChunkNotFound
+            Nothing is stored under ``key``.
+        """
+        with self._lock:
+            slot = self._slot(key)
+        slot.wait_ready()
+        return slot.buf.view(slot.header.dtype).view(slot.header.shape)
+
+    def describe(self, key: str) -> ChunkHeader:
+        """The stored chunk's header (``checksum == "none"``). Raises ``ChunkNotFound``."""
+        with self._lock:
+            return self._slot(key).header
+
+    def contains(self, key: str) -> bool:
+        """Whether a chunk is stored under ``key``."""
+        self._check_open()
+        self._check_key(key)
+        with self._lock:
+            return key in self._slots
+
+    def delete(self, key: str) -> bool:
+        """Remove the chunk under ``key`` and free its bytes; ``True`` if one was there."""
+        self._check_open()
+        self._check_key(key)
+        with self._lock:
+            slot = self._slots.pop(key, None)
+            if slot is None:
+                return False
+            self._used -= slot.header.nbytes
+            self._retire(slot)
+            return True
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """Every stored key starting with ``prefix``, sorted."""
+        self._check_open()
+        with self._lock:
+            return sorted(k for k in self._slots if k.startswith(prefix))
+
+    def close(self) -> None:
+        """Wait for copies in flight on stored buffers, then drop every chunk. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            slots = list(self._slots.values()) + self._retired
+            self._slots.clear()
+            self._retired = []
+            self._used = 0
+        for slot in slots:
+            slot.synchronize()
+
+
+__all__ = ["HostTransport", "NO_CHECKSUM", "byte_view", "chunk_header"]
