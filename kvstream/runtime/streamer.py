@@ -1,0 +1,317 @@
+"""The streamer: DéjàVuLib's primitives — scatter/gather, flush/fetch, stream_out/stream_in — and its levels.
+
+Source: DéjàVuLib (msr-fiddle/dejavu, ``src/fastertransformer/utils/cache_utils.cc``; paper §4 and Fig. 7).
+
+* ``flush``/``fetch`` copy one contiguous chunk through the transport.
+* ``scatter`` packs a non-contiguous region of the KV cache into one contiguous chunk (a Triton kernel,
+  :mod:`kvstream.kernels`) and flushes it; ``gather`` fetches a chunk and unpacks it into the cache.
+* ``stream_out``/``stream_in`` decide which region goes to or comes from which peer when the source and
+  destination parallel layouts differ (:mod:`kvstream.runtime.placement`).
+
+Levels (argument ``level`` or environment ``KVSTREAM_LEVEL``), as DéjàVuLib's ``DEJAVULIB_BASELINE``:
+
+===== ============== ============================================================================
+level name           what happens
+===== ============== ============================================================================
+0     naive          one copy per contiguous row (per layer, K/V, batch row, head), synchronous
+1     buffered       pack into one chunk, one copy, synchronous
+2     layer-by-layer 1 + prompt KV streamed per layer on a side stream while later layers compute
+3     all (default)  2 + decode steps streamed on the side stream in the background
+===== ============== ============================================================================
+
+Every level lands the same bytes under the same keys; only the timing differs.
+
+Ordering on a GPU (level >= 2): the side stream first waits for an event recorded on the compute stream
+(so it reads finished KV), the input tensors are marked with ``record_stream`` (so the caching
+allocator does not hand their memory out before the side stream has read them), and the chunk is
+packed and flushed on the side stream. Packed chunks are allocated on the side stream, so their memory
+is reused only after the transport's stream-ordered copy of them. The compute stream never waits for
+the side stream.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .. import kernels
+from ..errors import ConfigError
+from ..layout import Region, check_hf_layers
+from ..transports.base import CompletedHandle, Handle, Transport
+from .cuda import Stream, memcpy_async
+from .memory import pinned_like
+
+LEVEL_NAMES = {0: "naive", 1: "buffered", 2: "layer-by-layer", 3: "all"}
+DEFAULT_LEVEL = 3
+
+
+def resolve_level(level: int | str | None = None) -> int:
+    """The streaming level from the argument, else ``KVSTREAM_LEVEL``, else 3.
+
+    Raises
+    ------
+    ConfigError
+        If the value is not 0, 1, 2 or 3 (names such as ``"buffered"`` are accepted too).
+    """
+    if level is None:
+        level = os.environ.get("KVSTREAM_LEVEL", DEFAULT_LEVEL)
+    if isinstance(level, str):
+        names = {v: k for k, v in LEVEL_NAMES.items()}
+        level = names.get(level.strip().lower(), level)
+    try:
+        value = int(level)
+    except (TypeError, ValueError):
+        raise ConfigError(f"KVSTREAM_LEVEL must be 0-3 or one of {list(LEVEL_NAMES.values())}, got {level!r}") from None
+    if value not in LEVEL_NAMES:
+        raise ConfigError(f"KVSTREAM_LEVEL must be 0-3 (naive, buffered, layer-by-layer, all), got {value}")
+    return value
+
+
+@dataclass
+class StreamStats:
+    """What a streamer moved: chunks and bytes out (flushed) and in (fetched)."""
+
+    chunks_out: int = 0
+    bytes_out: int = 0
+    chunks_in: int = 0
+    bytes_in: int = 0
+    row_copies: int = 0  # level-0 copies issued
+    by_kind: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        """A plain dict of the counters."""
+        return {"chunks_out": self.chunks_out, "bytes_out": self.bytes_out, "chunks_in": self.chunks_in,
+                "bytes_in": self.bytes_in, "row_copies": self.row_copies}
+
+
+class KVStreamer:
+    """Moves regions of an HF-layout KV cache through a transport, at one of DéjàVuLib's four levels.
+
+    Parameters
+    ----------
+    transport : Transport
+        Where chunks go (:class:`~kvstream.HostTransport`, :class:`~kvstream.DiskTransport`, ...).
+    level : int or str, optional
+        0-3 (see the module docstring); default ``KVSTREAM_LEVEL`` or 3.
+    device : torch.device or str, optional
+        The GPU whose KV is streamed; a side stream is created on it. ``None``: the current CUDA device
+        if there is one, else the CPU (everything synchronous).
+
+    Examples
+    --------
+    >>> streamer = KVStreamer(kvstream.HostTransport(capacity_bytes=1 << 30))          # doctest: +SKIP
+    >>> region = Region(layers=range(0, 32), tokens=range(0, 1500))
+    >>> streamer.scatter("req-1/prompt", keys, values, region)                          # doctest: +SKIP
+    >>> streamer.wait()
+    >>> streamer.gather("req-1/prompt", keys2, values2, region).wait()                  # doctest: +SKIP
+    """
+
+    def __init__(self, transport: Transport, *, level: int | str | None = None,
+                 device: torch.device | str | None = None):
+        if not isinstance(transport, Transport):
+            raise ConfigError(f"KVStreamer needs a kvstream Transport, got {type(transport).__name__}")
+        self.transport = transport
+        self.level = resolve_level(level)
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.side = Stream(self.device) if self.device.type == "cuda" else None
+        self.stats = StreamStats()
+        self._pending: list[Handle] = []
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------------------
+    # flush / fetch: one contiguous chunk
+    # ------------------------------------------------------------------------------------------------
+    def flush(self, key: str, chunk: torch.Tensor, region: Region | None = None, meta: dict | None = None) -> Handle:
+        """Flush one contiguous chunk through the transport (see :meth:`Transport.flush`)."""
+        h = self.transport.flush(key, chunk, region=region, meta=meta)
+        with self._lock:
+            self.stats.chunks_out += 1
+            self.stats.bytes_out += chunk.numel() * chunk.element_size()
+        return h
+
+    def fetch(self, key: str, out: torch.Tensor) -> Handle:
+        """Fetch one contiguous chunk into ``out`` (see :meth:`Transport.fetch`)."""
+        h = self.transport.fetch(key, out)
+        with self._lock:
+            self.stats.chunks_in += 1
+            self.stats.bytes_in += out.numel() * out.element_size()
+        return h
+
+    # ------------------------------------------------------------------------------------------------
+    # scatter / gather: a region of the cache
+    # ------------------------------------------------------------------------------------------------
+    def scatter(self, key: str, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], region: Region, *,
+                meta: dict | None = None, background: bool | None = None) -> Handle:
+        """Pack ``region`` of the per-layer tensors into one chunk and flush it under ``key``.
+
+        Parameters
+        ----------
+        keys, values : sequence of torch.Tensor
+            Per-layer ``[batch, kv_heads, seq, head_dim]`` tensors (any strides, ``head_dim`` contiguous),
+            on this streamer's device.
+        region : Region
+            What to send; the chunk is ``region.packed_shape(head_dim)``.
+        background : bool, optional
+            Run on the side stream without blocking (default: ``level >= 2``). Levels 0 and 1 always
+            block until the chunk has landed.
+
+        Returns
+        -------
+        Handle
+            Completes when the chunk has landed at the destination.
+
+        Raises
+        ------
+        LayoutError
+            If the tensors do not fit the region.
+        """
+        region = check_hf_layers(keys, values, region)
+        if self.level == 0:
+            chunk = self._pack_rows(keys, values, region, [region.tokens.start] * len(region.layers))
+            return self._finish_sync(self.flush(key, chunk, region=region, meta=meta))
+        if background is None:
+            background = self.level >= 2
+        return self._pack_and_flush(key, lambda out=None: kernels.pack_tokens(keys, values, region, out=out),
+                                    region.packed_shape(keys[region.layers.start].shape[3]),
+                                    keys[region.layers.start].dtype, [*keys, *values], region, meta,
+                                    background and self.level >= 2)
+
+    def scatter_newest(self, key: str, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *,
+                       num_tokens: int = 1, layers: range | None = None, meta: dict | None = None,
+                       background: bool | None = None) -> Handle:
+        """Pack the newest ``num_tokens`` tokens of every layer (one launch) and flush them as one chunk.
+
+        This is DéjàVuLib's token path: after a decode step, the step's KV of all local layers goes out in a
+        single chunk ``[L, 2, B, H, num_tokens, D]``. Layer ``l``'s newest tokens are
+        ``[seq_l - num_tokens, seq_l)``, so layers of different lengths (sliding windows) are fine.
+
+        ``background`` defaults to ``level == 3`` (decode steps stream in the background only at level 3).
+        """
+        layers = range(0, len(keys)) if layers is None else layers
+        starts = [keys[l].shape[2] - num_tokens for l in layers]
+        b, h, _, d = keys[layers.start].shape
+        region = Region(layers=layers, tokens=(0, num_tokens), batch=(0, b), heads=(0, h))
+        if self.level == 0:
+            chunk = self._pack_rows(keys, values, region, starts)
+            return self._finish_sync(self.flush(key, chunk, meta=meta))
+        if background is None:
+            background = self.level >= 3
+        shape = (len(layers), 2, b, h, num_tokens, d)
+        return self._pack_and_flush(
+            key, lambda out=None: kernels.pack_newest(keys, values, num_tokens=num_tokens, layers=layers, out=out),
+            shape, keys[layers.start].dtype, [keys[l] for l in layers] + [values[l] for l in layers], None, meta,
+            background and self.level >= 3)
+
+    def gather(self, key: str, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], region: Region) -> Handle:
+        """Fetch the chunk under ``key`` and unpack it into ``region`` of the per-layer tensors.
+
+        The unpack is enqueued on the current stream once the fetch has landed; work enqueued later on
+        that stream sees the data. Raises what :meth:`Transport.fetch` raises, and ``LayoutError`` if the
+        stored chunk's shape or dtype does not fit the region.
+        """
+        region = check_hf_layers(keys, values, region)
+        first = keys[region.layers.start]
+        staging = torch.empty(region.packed_shape(first.shape[3]), dtype=first.dtype, device=first.device)
+        self.fetch(key, staging).wait()
+        kernels.unpack_tokens(staging, keys, values, region)
+        return CompletedHandle()
+
+    # ------------------------------------------------------------------------------------------------
+    # stream_out / stream_in: placement across parallel layouts
+    # ------------------------------------------------------------------------------------------------
+    def stream_out(self, *args, **kwargs):
+        """Send this rank's KV to the destination ranks that own it; see :func:`kvstream.runtime.placement.stream_out`."""
+        from . import placement
+
+        return placement.stream_out(self, *args, **kwargs)
+
+    def stream_in(self, *args, **kwargs):
+        """Receive this rank's KV from the source ranks; see :func:`kvstream.runtime.placement.stream_in`."""
+        from . import placement
+
+        return placement.stream_in(self, *args, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------
+    def wait(self) -> None:
+        """Block until every chunk flushed so far has landed; raise the first error."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        first: BaseException | None = None
+        for h in pending:
+            try:
+                h.wait()
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                first = first or e
+        if first is not None:
+            raise first
+
+    def close(self) -> None:
+        """Wait for outstanding chunks and release the side stream (the transport stays open)."""
+        try:
+            self.wait()
+        finally:
+            if self.side is not None:
+                self.side.close()
+                self.side = None
+
+    # ------------------------------------------------------------------------------------------------
+    def _track(self, h: Handle) -> Handle:
+        with self._lock:
+            self._pending = [p for p in self._pending if not p.done()]
+            self._pending.append(h)
+        return h
+
+    def _finish_sync(self, h: Handle) -> Handle:
+        h.wait()
+        return CompletedHandle()
+
+    def _pack_and_flush(self, key, pack, shape, dtype, inputs, region, meta, background: bool) -> Handle:
+        if self.side is None or not background:
+            chunk = pack()
+            h = self.flush(key, chunk, region=region, meta=meta)
+            if not background:
+                return self._finish_sync(h)
+            return self._track(h)
+        self.side.wait_stream()  # the side stream starts after the KV it reads was produced
+        ts = self.side.torch_stream
+        for t in inputs:
+            t.record_stream(ts)
+        with self.side:
+            chunk = pack()
+            h = self.flush(key, chunk, region=region, meta=meta)
+        return self._track(h)
+
+    def _pack_rows(self, keys, values, region: Region, starts: Sequence[int]) -> torch.Tensor:
+        """Level 0: one copy per contiguous row into a (pinned) host chunk, then wait for them."""
+        first = keys[region.layers.start]
+        n = len(region.tokens)
+        shape = region.packed_shape(first.shape[3])
+        chunk = pinned_like(shape, first.dtype) if first.device.type == "cuda" else torch.empty(shape, dtype=first.dtype)
+        copies = 0
+        for li, l in enumerate(region.layers):
+            s = starts[li]
+            for kv, src in enumerate((keys[l], values[l])):
+                rows_contig = src.stride(2) == src.shape[3] or n == 1
+                for bi, b in enumerate(region.batch):
+                    for hi, h in enumerate(region.heads):
+                        if rows_contig:
+                            memcpy_async(chunk[li, kv, bi, hi], src[b, h, s:s + n])
+                            copies += 1
+                        else:  # a row per token
+                            for t in range(n):
+                                memcpy_async(chunk[li, kv, bi, hi, t], src[b, h, s + t])
+                                copies += 1
+        if first.device.type == "cuda":
+            torch.cuda.current_stream(first.device).synchronize()
+        with self._lock:
+            self.stats.row_copies += copies
+        return chunk
+
+
+__all__ = ["KVStreamer", "StreamStats", "resolve_level", "LEVEL_NAMES", "DEFAULT_LEVEL"]
