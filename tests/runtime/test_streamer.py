@@ -1,0 +1,110 @@
+import pytest
+import torch
+
+import kvstream
+from kvstream.errors import ConfigError, LayoutError
+from kvstream.layout import Region
+from kvstream.runtime.streamer import KVStreamer, resolve_level
+
+
+def _cache(gen, layers=3, b=2, h=3, s=11, d=5, dtype=torch.float32, device="cpu"):
+    ks = [torch.randn(b, h, s, d, generator=gen).to(dtype).to(device) for _ in range(layers)]
+    vs = [torch.randn(b, h, s, d, generator=gen).to(dtype).to(device) for _ in range(layers)]
+    return ks, vs
+
+
+def test_resolve_level(monkeypatch):
+    assert resolve_level(None) == 3
+    assert resolve_level("buffered") == 1
+    monkeypatch.setenv("KVSTREAM_LEVEL", "0")
+    assert resolve_level(None) == 0
+    for bad in ("7", "fast", -1):
+        with pytest.raises(ConfigError):
+            resolve_level(bad)
+
+
+@pytest.mark.parametrize("level", [0, 1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scatter_gather_roundtrip_sentinels(level, dtype, seed):
+    ks, vs = _cache(seed, dtype=dtype)
+    t = kvstream.HostTransport(capacity_bytes=1 << 20)
+    st = KVStreamer(t, level=level)
+    region = Region(layers=(1, 3), tokens=(2, 9), batch=(1, 2), heads=(0, 2))
+    st.scatter("r/x", ks, vs, region)
+    st.wait()
+    assert st.stats.chunks_out == 1
+    chunk = t.fetch_new("r/x")
+    assert chunk.shape == (2, 2, 1, 2, 7, 5)
+    assert torch.equal(chunk[1, 1, 0, 1], vs[2][1, 1, 2:9])
+    # gather into sentinel-filled tensors: only the region changes
+    k2 = [torch.full_like(k, 7) for k in ks]
+    v2 = [torch.full_like(v, 7) for v in vs]
+    st.gather("r/x", k2, v2, region).wait()
+    for l in range(3):
+        for src, dst in ((ks[l], k2[l]), (vs[l], v2[l])):
+            inside = torch.zeros_like(dst, dtype=torch.bool)
+            if l in region.layers:
+                inside[1:2, 0:2, 2:9] = True
+            assert torch.equal(dst[inside], src[inside])
+            assert (dst[~inside] == 7).all()
+    if level == 0:
+        assert st.stats.row_copies == 2 * 2 * 1 * 2  # layers x K/V x rows x heads
+    st.close()
+    t.close()
+
+
+@pytest.mark.parametrize("level", [0, 1, 3])
+def test_scatter_newest_layers_of_different_length(level, seed):
+    ks, vs = _cache(seed)
+    ks[1], vs[1] = ks[1][:, :, :6], vs[1][:, :, :6]  # a sliding-window layer holds fewer tokens
+    t = kvstream.HostTransport(capacity_bytes=1 << 20)
+    st = KVStreamer(t, level=level)
+    st.scatter_newest("r/step", ks, vs, num_tokens=2)
+    st.wait()
+    chunk = t.fetch_new("r/step")
+    assert chunk.shape == (3, 2, 2, 3, 2, 5)
+    for l in range(3):
+        n = ks[l].shape[2]
+        assert torch.equal(chunk[l, 0], ks[l][:, :, n - 2:n])
+        assert torch.equal(chunk[l, 1], vs[l][:, :, n - 2:n])
+
+
+def test_bad_region_and_transport(seed):
+    ks, vs = _cache(seed)
+    st = KVStreamer(kvstream.HostTransport(capacity_bytes=1 << 20))
+    with pytest.raises(LayoutError, match="exceed"):
+        st.scatter("k", ks, vs, Region(layers=(0, 4), tokens=(0, 2)))
+    with pytest.raises(ConfigError):
+        KVStreamer(object())
+
+
+def test_capacity_error_surfaces_from_wait(seed):
+    ks, vs = _cache(seed)
+    st = KVStreamer(kvstream.HostTransport(capacity_bytes=256), level=3)
+    with pytest.raises(kvstream.CapacityError):
+        st.scatter("k", ks, vs, Region(layers=(0, 3), tokens=(0, 11)))
+        st.wait()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("level", [0, 1, 2, 3])
+def test_gpu_streamer_levels_same_bytes(level, seed):
+    ks, vs = _cache(seed, layers=4, b=4, h=8, s=300, d=128, dtype=torch.bfloat16, device="cuda")
+    cpu = [k.cpu() for k in ks], [v.cpu() for v in vs]
+    t = kvstream.HostTransport(capacity_bytes=1 << 28)
+    st = KVStreamer(t, level=level, device="cuda")
+    region = Region(layers=(0, 4), tokens=(17, 290))
+    st.scatter("g/p", ks, vs, region)
+    st.scatter_newest("g/d", ks, vs, num_tokens=1)
+    st.wait()
+    ref = kvstream.kernels.reference.pack_tokens(*cpu, region)
+    assert torch.equal(t.fetch_new("g/p"), ref)
+    assert torch.equal(t.fetch_new("g/d"), kvstream.kernels.reference.pack_newest(*cpu, num_tokens=1))
+    k2 = [torch.full_like(k, 3) for k in ks]
+    v2 = [torch.full_like(v, 3) for v in vs]
+    st.gather("g/p", k2, v2, region).wait()
+    torch.cuda.synchronize()
+    for l in range(4):
+        assert torch.equal(k2[l][:, :, 17:290], ks[l][:, :, 17:290])
+        assert (k2[l][:, :, :17] == 3).all() and (v2[l][:, :, 290:] == 3).all()
+    st.close()
