@@ -1,1 +1,24 @@
-"""See the package docstring of kvstream for where this fits in the data path."""
+"""Prefix stores: keep the KV of token sequences and hand back the longest stored prefix (multi-turn reuse).
+
+* :class:`~kvstream.stores.radix.RadixStore` — a radix tree over token ids whose nodes own KV in
+  (pinned) host memory; LRU eviction past a byte capacity; optionally shared between the processes of
+  one host through shared memory.
+* :class:`~kvstream.stores.chunk_file.ChunkFileStore` — fixed token chunks as checksummed files named
+  by chained prefix hashes, on local disk or a shared filesystem; TTL garbage collection.
+* :func:`~kvstream.stores.reuse.load_prefix_into` — pre-fill a transformers cache so that ``generate``
+  only prefills the tokens after the stored prefix.
+
+Both stores implement :class:`~kvstream.stores.base.PrefixStore`: ``query``, ``lookup`` (a pinned
+:class:`~kvstream.stores.base.PrefixMatch`), ``fetch_prefix``, ``update`` and ``update_kv``.
+"""
+
+from __future__ import annotations
+
+from .base import PinError, PrefixMatch, PrefixStore, kv_from_cache
+from .chunk_file import ChunkFileStore
+from .hashing import as_token_ids, nested_path, prefix_hashes
+from .radix import RadixStore
+from .reuse import load_prefix_into
+
+__all__ = ["PrefixStore", "PrefixMatch", "PinError", "RadixStore", "ChunkFileStore", "load_prefix_into",
+           "kv_from_cache", "prefix_hashes", "nested_path", "as_token_ids"]

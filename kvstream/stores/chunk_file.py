@@ -1,0 +1,463 @@
+"""The token-chunk-hash file store: fixed chunks of tokens as files named by chained prefix hashes.
+
+Design (after Vineyard's file cache, v6d ``modules/llm-cache``, and LMCache's chunk hashing):
+
+* A sequence is cut into chunks of ``chunk_tokens`` tokens; chunk ``i`` is named by the chained hash of
+  the whole prefix up to its end (:func:`~kvstream.stores.hashing.prefix_hashes`), laid out as nested
+  directories (``<root>/44/c3/44c3...kvc``). A trailing partial chunk is not stored. The longest stored
+  prefix is the run of chunk files that exist, from the first.
+* Files are written and read by :class:`~kvstream.transports.disk.DiskTransport`: a 4096-byte
+  :class:`~kvstream.layout.ChunkHeader` (dtype, shape, region, xxh3 checksum) then the payload
+  ``[layers, 2, 1, kv_heads, chunk_tokens, head_dim]``, written to a temp file and renamed into place
+  (atomic), verified on every read. Several processes or hosts writing the same chunk each write their
+  own temp file; the last rename wins and readers only ever see a complete file (rename is the only
+  atomic operation assumed of the filesystem, as on NFS or Lustre). A full disk raises
+  :class:`~kvstream.errors.CapacityError` and leaves no partial file.
+* A chunk that fails its checks at load time shortens the match to the chunks before it (the caller
+  recomputes the rest) and is deleted, so the next update rewrites it; wrong KV is never returned.
+* **Access times** are recorded by the store itself: a successful read sets the file's mtime to now
+  (``os.utime``); atime is not relied on (``noatime``/``relatime`` mounts). The **GC** deletes chunk
+  files whose mtime is older than ``ttl_s`` (:meth:`ChunkFileStore.gc`, or every ``gc_interval_s`` on a
+  background thread), and temp files left by writers that died.
+* **Pins across processes and hosts.** A lookup first writes a pin file ``<root>/.pins/<host>-<pid>-<id>.pin``
+  listing the chunk keys it is about to use (atomically, by rename), *then* checks which chunks exist.
+  The GC never unlinks a chunk directly: it renames it to a grave in ``<root>/.tmp``, re-reads the pin
+  files, and puts the chunk back if a pin appeared in between, so a chunk a lookup reported stays
+  readable until the match is released. A reader that finds a pinned chunk missing during that short
+  window retries. A pin file older than ``pin_lease_s`` is taken as left by a dead reader and ignored
+  (and deleted) by the GC. On NFS, pin files must be visible to the GC host within the lease: mount
+  with a short attribute cache (``actimeo``) or keep ``ttl_s`` well above it; clocks of the hosts must
+  agree to within a small fraction of ``ttl_s``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..errors import CapacityError, ChunkNotFound, ConfigError, CorruptChunkError, LayoutError, TransportError
+from ..layout import KVLayout, Region
+from ..transports.disk import SUFFIX, TMP_DIR, DiskTransport
+from .base import PinError, PrefixMatch, PrefixStore, check_kv, check_max_tokens, pack_into, packed_shape
+from .hashing import as_token_ids, nested_path, prefix_hashes
+
+logger = logging.getLogger(__name__)
+
+#: Directory under the root holding pin files.
+PINS_DIR = ".pins"
+#: Temp files older than this (or than the TTL, if longer) are leftovers of a writer that died.
+TEMP_MAX_AGE_S = 3600.0
+#: Back-off (seconds) of a reader that finds a pinned chunk missing: the GC is putting it back.
+_RETRY_DELAYS_S = (0.002, 0.01, 0.05, 0.2)
+
+
+class ChunkFileStore(PrefixStore):
+    """Prefix store of fixed token chunks in files named by chained prefix hashes (local disk or a shared FS).
+
+    Parameters
+    ----------
+    root : str or Path
+        Directory of the store (created if missing); several processes and hosts may share it.
+    chunk_tokens : int
+        Tokens per chunk (Vineyard uses 16 or 32, LMCache 256). Smaller chunks match more of a prefix;
+        larger ones make fewer, bigger files (faster I/O).
+    namespace : str
+        Mixed into every key: give each model its own (for example its name and dtype).
+    dir_levels, dir_chars : int
+        Nested directories: ``dir_levels`` levels named by ``dir_chars`` hex digits of the key each.
+    ttl_s : float, optional
+        Time to live since the last access, for :meth:`gc`. ``None``: no GC unless :meth:`gc` is given one.
+    gc_interval_s : float, optional
+        Run :meth:`gc` on a background thread this often (needs ``ttl_s``).
+    pin_lease_s : float
+        Age after which the GC ignores a pin file (its reader is taken as dead).
+    fsync, io_threads, direct :
+        Passed to :class:`~kvstream.transports.disk.DiskTransport`.
+
+    Raises
+    ------
+    ConfigError
+        For bad options or a root that cannot be created.
+
+    Examples
+    --------
+    >>> store = ChunkFileStore("/mnt/shared/kv", chunk_tokens=256, namespace="llama3-8b-bf16")  # doctest: +SKIP
+    >>> store.update(out, cache)                 # after model.generate(..., past_key_values=cache)  # doctest: +SKIP
+    >>> with store.fetch_prefix(next_ids, device="cuda", max_tokens=next_ids.shape[1] - 1) as m:  # doctest: +SKIP
+    ...     print(m.matched_tokens)
+    """
+
+    name = "chunk_file"
+
+    def __init__(self, root: str | os.PathLike, chunk_tokens: int = 256, *, namespace: str = "",
+                 dir_levels: int = 2, dir_chars: int = 2, ttl_s: float | None = None,
+                 gc_interval_s: float | None = None, pin_lease_s: float = 600.0, fsync: bool = False,
+                 io_threads: int = 4, direct: bool = False):
+        super().__init__()
+        if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens <= 0:
+            raise ConfigError(f"ChunkFileStore chunk_tokens must be a positive int, got {chunk_tokens!r}")
+        if dir_levels < 0 or dir_chars <= 0 or dir_levels * dir_chars > 32:
+            raise ConfigError(f"ChunkFileStore: {dir_levels} directory levels of {dir_chars} hex digits do not fit "
+                              "a 32-digit key")
+        if ttl_s is not None and ttl_s < 0:
+            raise ConfigError(f"ChunkFileStore ttl_s must be >= 0, got {ttl_s}")
+        if gc_interval_s is not None and (gc_interval_s <= 0 or ttl_s is None):
+            raise ConfigError(f"ChunkFileStore gc_interval_s={gc_interval_s} needs a positive interval and a ttl_s")
+        if pin_lease_s <= 0:
+            raise ConfigError(f"ChunkFileStore pin_lease_s must be > 0, got {pin_lease_s}")
+        self.root = Path(root)
+        self.chunk_tokens = chunk_tokens
+        self.namespace = namespace
+        self.dir_levels, self.dir_chars = dir_levels, dir_chars
+        self.ttl_s = ttl_s
+        self.pin_lease_s = float(pin_lease_s)
+        self._transport = DiskTransport(self.root, fsync=fsync, io_threads=io_threads, direct=direct)
+        self._pins_dir = self.root / PINS_DIR
+        self._tmp_dir = self.root / TMP_DIR
+        os.makedirs(self._pins_dir, exist_ok=True)
+        self._host = socket.gethostname().replace("/", "_")
+        self._lock = threading.Lock()
+        self._pins: Counter[str] = Counter()  # chunk key -> pins this process holds
+        self._held = 0
+        self.last_gc_error: BaseException | None = None
+        self._gc_stop = threading.Event()
+        self._gc_thread: threading.Thread | None = None
+        if gc_interval_s is not None:
+            self._gc_thread = threading.Thread(target=self._gc_loop, args=(float(gc_interval_s),),
+                                               name="kvstream-chunk-gc", daemon=True)
+            self._gc_thread.start()
+
+    # -- keys and paths ----------------------------------------------------------------------------------
+    def keys_for(self, token_ids: Any) -> list[str]:
+        """Store keys (``"44/c3/44c3..."``) of the full chunks of ``token_ids``, in order."""
+        return [nested_path(h, levels=self.dir_levels, chars=self.dir_chars)
+                for h in prefix_hashes(token_ids, self.chunk_tokens, namespace=self.namespace)]
+
+    def path(self, key: str) -> Path:
+        """The file of a chunk key."""
+        return self._transport.path(key)
+
+    # -- pins --------------------------------------------------------------------------------------------
+    def _write_pin(self, keys: list[str]) -> Path:
+        name = f"{self._host}-{os.getpid()}-{uuid.uuid4().hex}"
+        tmp = self._tmp_dir / f"pin-{name}.tmp"
+        tmp.write_text("\n".join(k.rsplit("/", 1)[-1] for k in keys))
+        final = self._pins_dir / f"{name}.pin"
+        os.replace(tmp, final)
+        return final
+
+    def _pinned_hashes(self, now: float, *, reap: bool) -> set[str]:
+        """Hashes named by live pin files (any process, any host); stale ones are deleted when ``reap``."""
+        pinned: set[str] = set()
+        try:
+            entries = list(os.scandir(self._pins_dir))
+        except FileNotFoundError:
+            return pinned
+        for e in entries:
+            if not e.name.endswith(".pin"):
+                continue
+            try:
+                if now - e.stat().st_mtime > self.pin_lease_s:
+                    if reap:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(e.path)
+                    continue
+                with open(e.path) as f:
+                    pinned.update(f.read().split())
+            except FileNotFoundError:  # released meanwhile
+                continue
+        with self._lock:
+            pinned.update(k.rsplit("/", 1)[-1] for k, n in self._pins.items() if n > 0)
+        return pinned
+
+    def pinned(self) -> int:
+        """Matches of this process not yet released."""
+        return self._held
+
+    def pin_counts(self) -> dict[str, int]:
+        """Pins this process holds, by chunk key (keys with a zero count are absent)."""
+        with self._lock:
+            return {k: n for k, n in self._pins.items() if n > 0}
+
+    # -- the store interface -----------------------------------------------------------------------------
+    def query(self, token_ids: Any) -> int:
+        """Tokens in the run of stored chunks at the start of ``token_ids`` (existence only: no pin, no read)."""
+        self._check_open()
+        n = 0
+        for key in self.keys_for(token_ids):
+            if not self._transport.contains(key):
+                break
+            n += 1
+        return n * self.chunk_tokens
+
+    def lookup(self, token_ids: Any, *, max_tokens: int | None = None) -> PrefixMatch:
+        """Pin, then find, the run of stored chunks at the start of ``token_ids``; see :meth:`PrefixStore.lookup`.
+
+        The match may end inside its last chunk when ``max_tokens`` says so (the whole chunk is read).
+        """
+        self._check_open()
+        ids = as_token_ids(token_ids)
+        cap = check_max_tokens(max_tokens, len(ids))
+        c = self.chunk_tokens
+        wanted = min(math.ceil(cap / c), len(ids) // c)
+        keys = self.keys_for(ids[:wanted * c])
+        if not keys:
+            return PrefixMatch(0, None, None, source="ChunkFileStore")
+        pin_file = self._write_pin(keys)  # before looking: see the module docstring
+        found = 0
+        for key in keys:
+            if not self._transport.contains(key):
+                break
+            found += 1
+        matched = min(found * c, cap)
+        if matched == 0:
+            pin_file.unlink(missing_ok=True)
+            return PrefixMatch(0, None, None, source="ChunkFileStore")
+        keys = keys[:found]
+        with self._lock:
+            self._pins.update(keys)
+            self._held += 1
+
+        def loader(device: torch.device, n_tokens: int):
+            return self._load(keys[:math.ceil(n_tokens / c)], n_tokens, device), None
+
+        def releaser() -> None:
+            with self._lock:
+                for key in keys:
+                    if self._pins[key] <= 0:
+                        raise PinError(f"ChunkFileStore: pin count of {key} would go below zero")
+                for key in keys:
+                    self._pins[key] -= 1
+                    if self._pins[key] == 0:
+                        del self._pins[key]
+                self._held -= 1
+            pin_file.unlink(missing_ok=True)
+
+        return PrefixMatch(matched, loader, releaser, source="ChunkFileStore")
+
+    def _fetch(self, key: str, out: torch.Tensor):
+        """``DiskTransport.fetch`` that waits out the GC's put-back window of a pinned chunk."""
+        for delay in _RETRY_DELAYS_S:
+            try:
+                return self._transport.fetch(key, out)
+            except ChunkNotFound:
+                time.sleep(delay)
+        return self._transport.fetch(key, out)
+
+    def _describe(self, key: str):
+        for delay in _RETRY_DELAYS_S:
+            try:
+                return self._transport.describe(key)
+            except ChunkNotFound:
+                time.sleep(delay)
+        return self._transport.describe(key)
+
+    def _drop_corrupt(self, key: str, error: Exception) -> None:
+        logger.warning("ChunkFileStore: dropping corrupt chunk %s: %s", key, error)
+        with contextlib.suppress(TransportError):
+            self._transport.delete(key)
+
+    def _load(self, keys: list[str], n_tokens: int, device: torch.device) -> torch.Tensor:
+        """Read chunks ``keys`` (in order) onto ``device``; stop at the first missing or corrupt one."""
+        c = self.chunk_tokens
+        try:
+            header = self._describe(keys[0])
+            shape = tuple(header.shape)
+            if len(shape) != 6 or shape[1] != 2 or shape[2] != 1 or shape[4] != c:
+                raise CorruptChunkError(f"chunk {keys[0]}: shape {list(shape)} is not [layers, 2, 1, heads, {c}, "
+                                        "head_dim]")
+        except ChunkNotFound:
+            return torch.empty((0, 2, 1, 0, 0, 0))
+        except CorruptChunkError as e:
+            self._drop_corrupt(keys[0], e)
+            return torch.empty((0, 2, 1, 0, 0, 0))
+        layers, _, _, heads, _, head_dim = shape
+        buf = torch.empty((len(keys), *shape), dtype=header.dtype, device=device)
+        handles = []
+        for i, key in enumerate(keys):
+            try:
+                handles.append(self._fetch(key, buf[i]))
+            except (ChunkNotFound, CorruptChunkError, LayoutError) as e:
+                handles.append(e)
+                break
+        good = 0
+        for i, h in enumerate(handles):  # wait for every read in flight before touching buf
+            if isinstance(h, Exception):
+                error = h
+            else:
+                try:
+                    h.wait()
+                    error = None
+                except (CorruptChunkError, TransportError) as e:
+                    error = e
+            if error is None and good == i:
+                good += 1
+                with contextlib.suppress(OSError):
+                    os.utime(self.path(keys[i]))  # the access time GC goes by
+            elif good == i and isinstance(error, CorruptChunkError):
+                self._drop_corrupt(keys[i], error)
+        full = torch.empty((layers, 2, 1, heads, good * c, head_dim), dtype=header.dtype, device=device)
+        full.view(layers, 2, 1, heads, good, c, head_dim).copy_(buf[:good].permute(1, 2, 3, 4, 0, 5, 6))
+        return full[:, :, :, :, :min(n_tokens, good * c)]
+
+    def update_kv(self, token_ids: Any, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *,
+                  start: int = 0, overwrite: bool = False) -> int:
+        """Write the full chunks of ``token_ids[start:]`` that are not stored yet; see :meth:`PrefixStore.update_kv`.
+
+        Parameters
+        ----------
+        start : int
+            A multiple of ``chunk_tokens`` (Vineyard's rule for a prefix).
+        overwrite : bool
+            Rewrite chunks that exist (the default skips them: same key, same KV).
+
+        Returns
+        -------
+        int
+            Tokens of ``token_ids[start:]`` in stored full chunks; a trailing partial chunk is not stored.
+
+        Raises
+        ------
+        CapacityError
+            The disk is full; the chunks written before are complete, nothing partial is visible.
+        """
+        self._check_open()
+        ids = as_token_ids(token_ids)
+        n, c = len(ids), self.chunk_tokens
+        if not 0 <= start <= n or start % c:
+            raise ConfigError(f"ChunkFileStore.update_kv: start must be a multiple of chunk_tokens={c} in [0, {n}], "
+                              f"got {start}")
+        layout = check_kv(keys, values, n - start)
+        all_keys = self.keys_for(ids)
+        first = start // c
+        todo = [i for i in range(first, len(all_keys)) if overwrite or not self._transport.contains(all_keys[i])]
+        if todo:
+            self._write_chunks(all_keys, todo, keys, values, layout, start)
+        return (len(all_keys) - first) * c
+
+    def _write_chunks(self, all_keys: list[str], todo: list[int], keys, values, layout: KVLayout, start: int) -> None:
+        c = self.chunk_tokens
+        lo, hi = todo[0], todo[-1] + 1
+        span = torch.empty(packed_shape(layout, (hi - lo) * c), dtype=layout.dtype, device=keys[0].device)
+        pack_into(span, keys, values, lo * c - start, hi * c - start)
+        chunks = span.view(*span.shape[:4], hi - lo, c, span.shape[5]).permute(4, 0, 1, 2, 3, 5, 6).contiguous()
+        handles = []
+        for i in todo:
+            region = Region(layers=(0, layout.num_layers), tokens=(i * c, (i + 1) * c), batch=(0, 1),
+                            heads=(0, layout.kv_heads))
+            meta = {"prefix_key": all_keys[i].rsplit("/", 1)[-1], "namespace": self.namespace}
+            handles.append(self._transport.flush(all_keys[i], chunks[i - lo], region, meta))
+        errors = []
+        for h in handles:  # every write must finish before ``chunks`` may be freed
+            try:
+                h.wait()
+            except TransportError as e:
+                errors.append(e)
+        if errors:
+            e = errors[0]
+            written = len(handles) - len(errors)
+            if isinstance(e, CapacityError):
+                raise CapacityError(f"ChunkFileStore at {self.root}: disk full; {written} of {len(handles)} new chunks "
+                                    f"were stored, complete; the rest were not: {e}") from e
+            raise e
+
+    # -- garbage collection ------------------------------------------------------------------------------
+    def gc(self, *, ttl_s: float | None = None, now: float | None = None) -> int:
+        """Delete chunks not accessed for ``ttl_s`` seconds (default: the store's), skipping pinned ones.
+
+        Also deletes temp files older than ``max(ttl_s, TEMP_MAX_AGE_S)`` and pin files past their lease.
+
+        Returns
+        -------
+        int
+            Chunk files deleted.
+
+        Raises
+        ------
+        ConfigError
+            If neither the store nor the call gives a TTL.
+        """
+        ttl = self.ttl_s if ttl_s is None else ttl_s
+        if ttl is None:
+            raise ConfigError("ChunkFileStore.gc needs a ttl_s (store option or argument)")
+        now = time.time() if now is None else now
+        cutoff = now - ttl
+        pinned = self._pinned_hashes(now, reap=True)
+        removed = 0
+        for path, mtime in self._chunk_files():
+            if mtime >= cutoff:
+                continue
+            hexkey = path.name[:-len(SUFFIX)]
+            if hexkey in pinned:
+                continue
+            grave = self._tmp_dir / f"gc-{uuid.uuid4().hex}{SUFFIX}"
+            try:
+                os.rename(path, grave)
+            except FileNotFoundError:
+                continue
+            # A reader may have pinned it, or a writer or reader refreshed it, since we looked: put it back.
+            if os.stat(grave).st_mtime >= cutoff or hexkey in self._pinned_hashes(time.time(), reap=False):
+                with contextlib.suppress(FileExistsError):  # a writer already put a new copy there
+                    os.link(grave, path)
+                os.unlink(grave)
+                continue
+            os.unlink(grave)
+            removed += 1
+        temp_cutoff = now - max(ttl, TEMP_MAX_AGE_S)
+        for e in os.scandir(self._tmp_dir):
+            with contextlib.suppress(FileNotFoundError):
+                if e.stat().st_mtime < temp_cutoff:
+                    os.unlink(e.path)
+        return removed
+
+    def _chunk_files(self):
+        """``(path, mtime)`` of every chunk file, walking the nested directories."""
+        stack = [(self.root, 0)]
+        while stack:
+            directory, depth = stack.pop()
+            try:
+                entries = list(os.scandir(directory))
+            except FileNotFoundError:
+                continue
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                try:
+                    if depth < self.dir_levels and e.is_dir(follow_symlinks=False):
+                        stack.append((e.path, depth + 1))
+                    elif depth == self.dir_levels and e.name.endswith(SUFFIX):
+                        yield Path(e.path), e.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+
+    def _gc_loop(self, interval_s: float) -> None:
+        while not self._gc_stop.wait(interval_s):
+            try:
+                self.gc()
+            except Exception as e:  # noqa: BLE001 - kept for the owner; GC must not kill serving
+                self.last_gc_error = e
+                logger.exception("ChunkFileStore background GC failed")
+
+    def close(self) -> None:
+        """Stop the background GC, finish I/O in flight and close the transport. Idempotent."""
+        if self._closed:
+            return
+        self._gc_stop.set()
+        if self._gc_thread is not None:
+            self._gc_thread.join()
+        self._transport.close()
+        super().close()
+
+
+__all__ = ["ChunkFileStore", "PINS_DIR", "TEMP_MAX_AGE_S"]

@@ -1,0 +1,79 @@
+"""Prefix reuse inside Hugging Face ``generate``: fill an empty cache with the longest stored prefix.
+
+``generate`` continues from a pre-filled cache: it feeds only the tokens after ``cache.get_seq_length()``
+(transformers 5.x ``DynamicCache``). So reuse is: look the prompt up in a prefix store, put the matched
+KV into a fresh cache, and let ``generate`` prefill the rest. The match is capped at ``T - 1`` tokens
+because ``generate`` needs at least one new token to feed. Sliding-window layers receive the whole
+prefix through their own ``update`` and keep their window by themselves.
+
+Usage (kvstream's ``StreamingCache.from_prefix`` wraps the same function)::
+
+    cache = DynamicCache(config=model.config)
+    matched = load_prefix_into(cache, store, input_ids, device=model.device)
+    out = model.generate(input_ids, past_key_values=cache, max_new_tokens=64)
+    store.update(out, cache)        # keep this turn for the next one
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError, LayoutError
+from .base import PrefixStore
+from .hashing import as_token_ids
+
+
+def load_prefix_into(cache: Any, store: PrefixStore, input_ids: Any, *,
+                     device: torch.device | str | None = None) -> int:
+    """Fill the empty ``cache`` with the KV of the longest prefix of ``input_ids`` that ``store`` holds.
+
+    Parameters
+    ----------
+    cache : transformers.DynamicCache (or a subclass)
+        Empty; layers may be created lazily (``cache.update(k, v, layer_idx)`` is used).
+    store : PrefixStore
+        :class:`~kvstream.stores.radix.RadixStore`, :class:`~kvstream.stores.chunk_file.ChunkFileStore`, ...
+    input_ids : torch.Tensor or sequence of int
+        ``[1, T]`` prompt ids (one sequence).
+    device : torch.device or str, optional
+        Where the model runs (the cache's tensors go there); default: the device of ``input_ids`` if it
+        is a tensor, else the CPU.
+
+    Returns
+    -------
+    int
+        Tokens loaded (``0 <= matched <= T - 1``); ``generate`` then prefills ``T - matched`` tokens.
+
+    Raises
+    ------
+    ConfigError
+        If the cache is not empty.
+    LayoutError
+        If the stored KV has another number of layers than the cache.
+
+    Examples
+    --------
+    >>> cache = DynamicCache(config=model.config)                                   # doctest: +SKIP
+    >>> load_prefix_into(cache, store, input_ids, device="cuda")                    # doctest: +SKIP
+    """
+    if cache.get_seq_length() != 0:
+        raise ConfigError(f"load_prefix_into needs an empty cache; this one holds {cache.get_seq_length()} tokens")
+    ids = as_token_ids(input_ids, what="input_ids")
+    if device is None:
+        device = input_ids.device if isinstance(input_ids, torch.Tensor) else torch.device("cpu")
+    if len(ids) < 2:
+        return 0
+    with store.fetch_prefix(ids, device=device, max_tokens=len(ids) - 1) as match:
+        if match.matched_tokens == 0:
+            return 0
+        layers = getattr(cache, "layers", None) or []
+        if getattr(cache, "layer_class_to_replicate", None) is None and len(layers) != len(match.keys):
+            raise LayoutError(f"The store holds KV of {len(match.keys)} layers, the cache has {len(layers)}")
+        for i, (k, v) in enumerate(zip(match.keys, match.values)):
+            cache.update(k, v, i)
+        return match.matched_tokens
+
+
+__all__ = ["load_prefix_into"]
