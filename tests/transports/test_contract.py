@@ -251,6 +251,7 @@ def test_cuda_flush_reads_the_chunk_on_the_current_stream(transport, seed):
     """The flush's reads are ordered after earlier work on the current stream and before later work."""
     data = random_chunk((8, 2, 4, 64, 128), torch.bfloat16, seed, device="cuda")
     chunk = torch.zeros_like(data)
+    torch.cuda.synchronize()
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
         torch.cuda._sleep(50_000_000)  # keep the stream busy so that an unordered read would see zeros
@@ -266,6 +267,7 @@ def test_cuda_fetch_writes_out_on_the_current_stream(transport, seed):
     data = random_chunk((8, 2, 4, 64, 128), torch.bfloat16, seed)
     _flush(transport, "k", data)
     out = torch.empty(data.shape, dtype=data.dtype, device="cuda")
+    torch.cuda.synchronize()
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
         torch.cuda._sleep(50_000_000)
