@@ -1,1 +1,248 @@
-"""See the package docstring of kvstream for where this fits in the data path."""
+"""Pack and unpack KV cache regions: Triton kernels on CUDA, torch twins on the CPU.
+
+The second step of a chunk's path (layout → **kernels** → runtime → transports): a region of per-layer KV
+tensors becomes one contiguous chunk (pack) and back (unpack), for every layer and both K and V in one
+launch. Three families:
+
+========================  ===================================================  ==================================
+op                        from / to                                            chunk shape
+========================  ===================================================  ==================================
+``pack_tokens``           token range of HF-layout layers (prefill streaming)   ``[L, 2, B, H, T, head_dim]``
+``pack_newest``           newest ``n`` tokens of every layer (decode streaming) ``[L, 2, B, H, n, head_dim]``
+``pack_blocks``           paged blocks by id (vLLM/FlashInfer NHD)              ``[L, 2, nb, block_size, H, head_dim]``
+========================  ===================================================  ==================================
+
+each with its ``unpack_*`` inverse. ``backend`` picks the implementation: ``"auto"`` runs the Triton kernels
+for CUDA tensors and the torch twins (:mod:`kvstream.kernels.reference`) for CPU tensors; ``"triton"``
+forces the kernels (on CPU tensors only under ``TRITON_INTERPRET=1``, else :class:`ConfigError`);
+``"torch"`` forces the twins. Both produce identical bytes.
+
+Examples
+--------
+>>> import torch
+>>> from kvstream.layout import Region
+>>> from kvstream import kernels
+>>> keys = [torch.randn(2, 4, 10, 8) for _ in range(3)]
+>>> values = [torch.randn(2, 4, 10, 8) for _ in range(3)]
+>>> chunk = kernels.pack_tokens(keys, values, Region(layers=(0, 3), tokens=(2, 6)))
+>>> tuple(chunk.shape)
+(3, 2, 2, 4, 4, 8)
+>>> kernels.unpack_tokens(chunk, keys, values, Region(layers=(0, 3), tokens=(2, 6)))
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Sequence
+
+import torch
+
+from ..errors import ConfigError, LayoutError
+from ..layout import Region
+from . import reference
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def _impl(op: str, module: str, backend: str, tensors: Sequence[torch.Tensor]):
+    """The function that runs ``op``: the Triton launcher in ``kvstream.kernels.<module>`` or its torch twin."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"Unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "torch":
+        return getattr(reference, op)
+    if backend == "auto":
+        try:
+            first = tensors[0]
+        except (IndexError, TypeError, KeyError):
+            raise LayoutError(f"{op}: no per-layer tensors given") from None
+        if not isinstance(first, torch.Tensor) or first.device.type != "cuda":
+            return getattr(reference, op)
+    # Imported on first use: triton reads TRITON_INTERPRET when the kernels are defined.
+    return getattr(importlib.import_module(f"{__name__}.{module}"), op)
+
+
+def pack_tokens(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], region: Region,
+                out: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
+    """Pack a region (layers x batch rows x heads x tokens) of HF-layout K/V into one chunk.
+
+    Parameters
+    ----------
+    keys, values : sequence of torch.Tensor
+        Per-layer ``[batch, kv_heads, seq, head_dim]`` tensors with any strides but ``head_dim`` stride 1
+        (DynamicCache, StaticCache's preallocated ``max_cache_len``, views); one dtype, one device.
+    region : kvstream.layout.Region
+        Contiguous layers and tokens, optional contiguous batch rows and heads (default all).
+    out : torch.Tensor, optional
+        Contiguous ``[L, 2, B, H, T, head_dim]`` of the KV dtype, on the KV device or, for CUDA KV, in pinned
+        host memory (written directly by the kernel).
+    backend : {"auto", "triton", "torch"}
+        See the module docstring.
+
+    Returns
+    -------
+    torch.Tensor
+        The chunk, in :data:`kvstream.layout.PACKED_AXES` order.
+
+    Raises
+    ------
+    LayoutError
+        On a shape, dtype, stride or device mismatch, with the numbers.
+    ConfigError
+        On an unknown backend, or ``"triton"`` for CPU tensors without ``TRITON_INTERPRET=1``.
+
+    Examples
+    --------
+    >>> chunk = pack_tokens(cache.key_cache, cache.value_cache, Region(layers=(0, 32), tokens=(0, 1500)))  # doctest: +SKIP
+    """
+    return _impl("pack_tokens", "tokens", backend, keys)(keys, values, region, out)
+
+
+def unpack_tokens(chunk: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], region: Region,
+                  *, backend: str = "auto") -> None:
+    """Write a chunk made by :func:`pack_tokens` back into the region of the K/V tensors.
+
+    Parameters
+    ----------
+    chunk : torch.Tensor
+        Contiguous ``[L, 2, B, H, T, head_dim]``, on the KV device or (CUDA KV) in pinned host memory.
+    keys, values, region, backend
+        As in :func:`pack_tokens`. Only the region's elements change.
+
+    Raises
+    ------
+    LayoutError, ConfigError
+        As in :func:`pack_tokens`; also when ``chunk`` does not match the region.
+    """
+    _impl("unpack_tokens", "tokens", backend, keys)(chunk, keys, values, region)
+
+
+def pack_newest(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *, num_tokens: int = 1,
+                layers: range | Sequence[int] | None = None, starts=None, out: torch.Tensor | None = None,
+                backend: str = "auto") -> torch.Tensor:
+    """Pack the newest ``num_tokens`` tokens of every selected layer in one launch (decode streaming).
+
+    DéjàVu's token path: a decode step's KV of all layers in one buffered copy rather than one copy per
+    layer, K/V and row (Strati et al., "DéjàVu: KV-cache Streaming for Fast, Fault-tolerant Generative LLM
+    Serving", ICML 2024; buffered copies ~95x over naive in its Fig. 7).
+
+    Parameters
+    ----------
+    keys, values : sequence of torch.Tensor
+        Per-layer ``[batch, kv_heads, seq, head_dim]``; ``seq`` may differ per layer (sliding windows).
+    num_tokens : int
+        Tokens per layer, ``n`` (0: an empty chunk).
+    layers : range or sequence of int, optional
+        Layers in chunk order; default all.
+    starts : int, sequence of int or int tensor ``[L]``, optional
+        First position per layer; default ``keys[l].shape[2] - n``. A CUDA tensor is used by the kernel
+        without a host sync (unchecked; positions outside a layer are neither read nor written).
+    out : torch.Tensor, optional
+        Contiguous ``[L, 2, B, H, n, head_dim]``, on the KV device or pinned host memory (zero-copy).
+    backend : {"auto", "triton", "torch"}
+        See the module docstring.
+
+    Returns
+    -------
+    torch.Tensor
+        The chunk, ``[L, 2, B, H, n, head_dim]``.
+
+    Raises
+    ------
+    LayoutError
+        On a mismatch, a bad layer list, or starts outside a layer's positions.
+    ConfigError
+        On a bad backend.
+
+    Examples
+    --------
+    >>> step = pack_newest(keys, values, out=torch.empty(32, 2, 16, 8, 1, 128, dtype=torch.bfloat16,
+    ...                                                  pin_memory=True))  # doctest: +SKIP
+    """
+    return _impl("pack_newest", "tokens", backend, keys)(keys, values, num_tokens=num_tokens, layers=layers,
+                                                          starts=starts, out=out)
+
+
+def unpack_newest(chunk: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], starts,
+                  *, layers: range | Sequence[int] | None = None, backend: str = "auto") -> None:
+    """Write ``n`` tokens per layer from a chunk into the K/V tensors at per-layer ``starts``.
+
+    Parameters
+    ----------
+    chunk : torch.Tensor
+        Contiguous ``[L, 2, B, H, n, head_dim]``, on the KV device or (CUDA KV) in pinned host memory.
+    keys, values : sequence of torch.Tensor
+        Per-layer HF-layout tensors, written in place.
+    starts : int, sequence of int, int tensor ``[L]``, or None
+        First position per layer (``None``: the last ``n`` positions of each layer).
+    layers : range or sequence of int, optional
+        Layers of the chunk's layer axis; default all.
+    backend : {"auto", "triton", "torch"}
+        See the module docstring.
+
+    Raises
+    ------
+    LayoutError, ConfigError
+        As in :func:`pack_newest`.
+    """
+    _impl("unpack_newest", "tokens", backend, keys)(chunk, keys, values, starts, layers=layers)
+
+
+def pack_blocks(key_caches: Sequence[torch.Tensor], value_caches: Sequence[torch.Tensor], block_ids, *,
+                layers: range | Sequence[int] | None = None, out: torch.Tensor | None = None,
+                backend: str = "auto") -> torch.Tensor:
+    """Gather paged-cache blocks of every selected layer, K and V, into one chunk.
+
+    Parameters
+    ----------
+    key_caches, value_caches : sequence of torch.Tensor
+        Per-layer ``[num_blocks, block_size, kv_heads, head_dim]`` (vLLM/FlashInfer NHD), any strides with
+        ``head_dim`` stride 1.
+    block_ids : int32/int64 tensor ``[nb]`` or sequence of int
+        Blocks in chunk order. Host ids are range-checked; CUDA ids are not read back (out-of-range ones are
+        skipped by the kernel, leaving their chunk slots unwritten).
+    layers : range or sequence of int, optional
+        Layers in chunk order; default all.
+    out : torch.Tensor, optional
+        Contiguous ``[L, 2, nb, block_size, kv_heads, head_dim]``, on the KV device or pinned host memory.
+    backend : {"auto", "triton", "torch"}
+        See the module docstring.
+
+    Returns
+    -------
+    torch.Tensor
+        The chunk, in :data:`kvstream.layout.PACKED_PAGED_AXES` order.
+
+    Raises
+    ------
+    LayoutError
+        On a mismatch or host block ids out of range.
+    ConfigError
+        On a bad backend.
+    """
+    return _impl("pack_blocks", "paged", backend, key_caches)(key_caches, value_caches, block_ids, layers=layers,
+                                                               out=out)
+
+
+def unpack_blocks(chunk: torch.Tensor, key_caches: Sequence[torch.Tensor], value_caches: Sequence[torch.Tensor],
+                  block_ids, *, layers: range | Sequence[int] | None = None, backend: str = "auto") -> None:
+    """Scatter a chunk made by :func:`pack_blocks` into the blocks ``block_ids`` of the paged caches.
+
+    Parameters
+    ----------
+    chunk : torch.Tensor
+        Contiguous ``[L, 2, nb, block_size, kv_heads, head_dim]``, on the KV device or pinned host memory.
+    key_caches, value_caches, layers, backend
+        As in :func:`pack_blocks`.
+    block_ids : int32/int64 tensor ``[nb]`` or sequence of int
+        Destination blocks; host ids must be in range and distinct.
+
+    Raises
+    ------
+    LayoutError, ConfigError
+        As in :func:`pack_blocks`; also for repeated host ids.
+    """
+    _impl("unpack_blocks", "paged", backend, key_caches)(chunk, key_caches, value_caches, block_ids, layers=layers)
+
+
+__all__ = ["BACKENDS", "pack_tokens", "unpack_tokens", "pack_newest", "unpack_newest", "pack_blocks",
+           "unpack_blocks", "reference"]

@@ -1,0 +1,150 @@
+"""Pack and unpack blocks of paged KV caches by block id: one Triton launch for every layer and both K and V.
+
+Paged caches are vLLM/FlashInfer "NHD": per layer ``[num_blocks, block_size, kv_heads, head_dim]``, any
+strides with ``head_dim`` stride 1 (so views such as ``kv[:, 0]`` of FlashInfer's
+``[num_blocks, 2, block_size, kv_heads, head_dim]`` work). A request's KV lives in the blocks its block table
+names; the chunk holds them in block-table order: ``[L, 2, num_ids, block_size, kv_heads, head_dim]``
+(:data:`kvstream.layout.PACKED_PAGED_AXES`).
+
+Grid: axis 1 walks the table entries (layer, K/V); axis 0 walks rows — ``(id, block token, head)`` flattened,
+one ``head_dim`` vector each — ``BLOCK_R`` rows per program.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _tables
+
+#: Target bytes per program: as for token ranges (16 KiB: 8 x 16-byte loads in flight per thread at 4 warps).
+#: A vLLM block of 16 tokens x 8 heads x 128 bf16 is 32 KiB, so a program covers half a block.
+MAX_TILE_BYTES = 16384
+#: Rows per program shrink until the grid has this many programs per SM (a few blocks must still fill an H100).
+MIN_PROGRAMS_PER_SM = 4
+#: Warps per program (tuned in bench/kernels_tune.py).
+NUM_WARPS = 4
+
+
+@triton.jit(do_not_specialize=["rows", "block_size", "heads"])
+def _copy_blocks_kernel(table_ptr, chunk_ptr, ids_ptr, rows, block_size, heads,
+                        COLS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                        ALIGN: tl.constexpr, UNPACK: tl.constexpr):
+    entry = tl.program_id(1)  # 2 * layer + (0: K, 1: V)
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    h = r % heads
+    jt = r // heads
+    tok = jt % block_size
+    j = jt // block_size
+    in_rows = r < rows
+    bid = tl.load(ids_ptr + j, mask=in_rows, other=-1).to(tl.int64)
+    row = table_ptr + entry * COLS
+    # Ids outside [0, num_blocks) (possible only for unchecked device ids) are never dereferenced.
+    row_mask = in_rows & (bid >= 0) & (bid < tl.load(row + 4))
+    base = tl.load(row).to(tl.pointer_type(chunk_ptr.dtype.element_ty))
+    cache_off = bid * tl.load(row + 1) + tok * tl.load(row + 2) + h * tl.load(row + 3)
+    if ALIGN > 1:  # the launcher checked every address and stride: 16-byte vector loads/stores
+        base = tl.multiple_of(base, ALIGN)
+        cache_off = tl.multiple_of(cache_off, ALIGN)
+    d = tl.arange(0, BLOCK_D)
+    mask = row_mask[:, None] & (d < HEAD_DIM)[None, :]
+    cache_ptrs = base + cache_off[:, None] + d[None, :]
+    chunk_ptrs = chunk_ptr + (entry.to(tl.int64) * rows + r)[:, None] * HEAD_DIM + d[None, :]
+    if UNPACK:
+        tl.store(cache_ptrs, tl.load(chunk_ptrs, mask=mask), mask=mask)
+    else:
+        tl.store(chunk_ptrs, tl.load(cache_ptrs, mask=mask), mask=mask)
+
+
+def _copy(key_caches, value_caches, ids, shape, device, block_ids, chunk, unpack, block_rows, num_warps):
+    _tables.check_backend(device, _copy_blocks_kernel)
+    _, block_size, heads, head_dim = shape
+    rows = block_ids.numel() * block_size * heads
+    if rows == 0:
+        return
+    cells, vector = _tables.paged_rows(key_caches, value_caches, ids)
+    table = _tables.table(cells, _tables.PAGED_COLS, device)
+    block_d = triton.next_power_of_2(head_dim)
+    entries = 2 * len(ids)
+    if block_rows is None:
+        block_rows = _tables.block_rows(rows, entries, block_d * chunk.element_size(), device, MAX_TILE_BYTES,
+                                        MIN_PROGRAMS_PER_SM)
+    grid = (triton.cdiv(rows, block_rows), entries)
+    with _tables.launch_guard(device):
+        _copy_blocks_kernel[grid](
+            table, _tables.as_bits(chunk), block_ids, rows, block_size, heads,
+            COLS=_tables.PAGED_COLS, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=block_rows, ALIGN=vector,
+            UNPACK=unpack, num_warps=num_warps or NUM_WARPS)
+
+
+def pack_blocks(key_caches: Sequence[torch.Tensor], value_caches: Sequence[torch.Tensor], block_ids, *,
+                layers: range | Sequence[int] | None = None, out: torch.Tensor | None = None,
+                block_rows: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+    """Gather blocks of paged K/V caches, for every selected layer, into one contiguous chunk in one launch.
+
+    Parameters
+    ----------
+    key_caches, value_caches : sequence of torch.Tensor
+        Per-layer ``[num_blocks, block_size, kv_heads, head_dim]`` (vLLM/FlashInfer NHD; any strides,
+        ``head_dim`` stride 1), one dtype, one CUDA device (or the CPU under ``TRITON_INTERPRET=1``).
+    block_ids : int32/int64 tensor ``[nb]`` or sequence of int
+        Blocks to gather, in chunk order. Host ids are range-checked; ids already on the device are not
+        (no host sync) and an out-of-range one leaves its chunk slots unwritten.
+    layers : range or sequence of int, optional
+        Layers to pack, in chunk order; default every layer.
+    out : torch.Tensor, optional
+        Contiguous ``[L, 2, nb, block_size, kv_heads, head_dim]``, on the KV device or in pinned host memory.
+    block_rows, num_warps : int, optional
+        Tuning overrides.
+
+    Returns
+    -------
+    torch.Tensor
+        ``out``, or a new tensor on the KV device.
+
+    Raises
+    ------
+    LayoutError
+        On a shape/dtype/stride/device mismatch or host block ids out of range.
+    ConfigError
+        If the caches are on the CPU without the Triton interpreter.
+
+    Examples
+    --------
+    >>> chunk = pack_blocks(key_caches, value_caches, torch.tensor([7, 3, 12]))   # doctest: +SKIP
+    """
+    ids, shape, dtype, device, block_ids = _tables.paged_args(key_caches, value_caches, block_ids, layers, unique=False)
+    out = _tables.packed_out(out, (len(ids), 2, block_ids.numel(), *shape[1:]), dtype, device)
+    _copy(key_caches, value_caches, ids, shape, device, block_ids, out, False, block_rows, num_warps)
+    return out
+
+
+def unpack_blocks(chunk: torch.Tensor, key_caches: Sequence[torch.Tensor], value_caches: Sequence[torch.Tensor],
+                  block_ids, *, layers: range | Sequence[int] | None = None, block_rows: int | None = None,
+                  num_warps: int | None = None) -> None:
+    """Scatter a chunk of blocks back into paged K/V caches (inverse of :func:`pack_blocks`).
+
+    Parameters
+    ----------
+    chunk : torch.Tensor
+        Contiguous ``[L, 2, nb, block_size, kv_heads, head_dim]``, on the KV device or in pinned host memory.
+    key_caches, value_caches, layers
+        As in :func:`pack_blocks`.
+    block_ids : int32/int64 tensor ``[nb]`` or sequence of int
+        Destination blocks; host ids must lie in range and not repeat.
+    block_rows, num_warps : int, optional
+        Tuning overrides.
+
+    Raises
+    ------
+    LayoutError
+        On a mismatch, host ids out of range or repeated.
+    ConfigError
+        If the caches are on the CPU without the Triton interpreter.
+    """
+    ids, shape, dtype, device, block_ids = _tables.paged_args(key_caches, value_caches, block_ids, layers, unique=True)
+    _tables.check_chunk(chunk, (len(ids), 2, block_ids.numel(), *shape[1:]), dtype, device)
+    _copy(key_caches, value_caches, ids, shape, device, block_ids, chunk, True, block_rows, num_warps)

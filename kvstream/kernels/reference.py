@@ -1,0 +1,179 @@
+"""Torch twins of the Triton kernels: the same operations with plain torch indexing, one ``copy_`` per layer
+and K/V.
+
+Each function has the signature of its kernel's launcher (without the tuning overrides), checks its input
+the same way and raises the same errors. Tests compare the kernels against these bit-exactly, the CPU path
+runs them, and the benchmarks use them as "torch's strided copy" baseline.
+
+Examples
+--------
+>>> import torch
+>>> from kvstream.layout import Region
+>>> keys = [torch.arange(2 * 3 * 5 * 4.).view(2, 3, 5, 4) for _ in range(2)]
+>>> chunk = pack_tokens(keys, keys, Region(layers=(0, 2), tokens=(1, 3)))
+>>> tuple(chunk.shape), bool(chunk[1, 0, 1, 2, 0, 3] == keys[1][1, 2, 1, 3])
+((2, 2, 2, 3, 2, 4), True)
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..layout import Region, check_hf_layers
+from . import _tables
+
+
+def _region_slices(region: Region) -> tuple[slice, slice, slice]:
+    return (slice(region.batch.start, region.batch.stop), slice(region.heads.start, region.heads.stop),
+            slice(region.tokens.start, region.tokens.stop))
+
+
+def pack_tokens(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], region: Region,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Twin of :func:`kvstream.kernels.tokens.pack_tokens`: ``out[i, 0] = keys[l][b, h, t]``, ``out[i, 1]`` from
+    ``values``, for the ``i``-th layer ``l`` of the region.
+
+    Parameters
+    ----------
+    keys, values : sequence of torch.Tensor
+        Per-layer ``[batch, kv_heads, seq, head_dim]`` tensors (any strides, ``head_dim`` stride 1).
+    region : Region
+        Contiguous layers, tokens and optional batch rows and heads.
+    out : torch.Tensor, optional
+        Contiguous ``[L, 2, B, H, T, head_dim]``, on the KV device or (CUDA KV) in pinned host memory.
+
+    Returns
+    -------
+    torch.Tensor
+        ``out``, or a new tensor on the KV device.
+
+    Raises
+    ------
+    LayoutError
+        On a shape, dtype, stride or device mismatch.
+    """
+    region = check_hf_layers(keys, values, region)
+    first = keys[region.layers.start]
+    out = _tables.packed_out(out, region.packed_shape(first.shape[3]), first.dtype, first.device)
+    b, h, t = _region_slices(region)
+    for i, l in enumerate(region.layers):
+        out[i, 0].copy_(keys[l][b, h, t])
+        out[i, 1].copy_(values[l][b, h, t])
+    return out
+
+
+def unpack_tokens(chunk: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
+                  region: Region) -> None:
+    """Twin of :func:`kvstream.kernels.tokens.unpack_tokens`: ``keys[l][b, h, t] = chunk[i, 0]`` and likewise
+    for ``values``.
+
+    Raises
+    ------
+    LayoutError
+        If ``chunk`` does not match the region, or on any mismatch of the K/V tensors.
+    """
+    region = check_hf_layers(keys, values, region)
+    first = keys[region.layers.start]
+    _tables.check_chunk(chunk, region.packed_shape(first.shape[3]), first.dtype, first.device)
+    b, h, t = _region_slices(region)
+    for i, l in enumerate(region.layers):
+        keys[l][b, h, t].copy_(chunk[i, 0])
+        values[l][b, h, t].copy_(chunk[i, 1])
+
+
+def _host_starts(starts) -> list[int]:
+    return starts.tolist() if isinstance(starts, torch.Tensor) else starts
+
+
+def pack_newest(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *, num_tokens: int = 1,
+                layers: range | Sequence[int] | None = None, starts=None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Twin of :func:`kvstream.kernels.tokens.pack_newest`: ``out[i, 0] = keys[l][:, :, s_i:s_i + n]``, with
+    ``s_i = keys[l].shape[2] - n`` unless ``starts`` is given.
+
+    Device ``starts`` are read back to the host here (a sync), and checked.
+
+    Returns
+    -------
+    torch.Tensor
+        ``out``, or a new ``[L, 2, B, H, n, head_dim]`` tensor on the KV device.
+
+    Raises
+    ------
+    LayoutError
+        On a mismatch, a bad layer list or starts outside a layer's positions.
+    """
+    ids, shape, dtype, device, resolved = _tables.newest_args(keys, values, layers, num_tokens, starts)
+    if isinstance(resolved, torch.Tensor):
+        return pack_newest(keys, values, num_tokens=num_tokens, layers=ids, starts=resolved.tolist(), out=out)
+    out = _tables.packed_out(out, (len(ids), 2, shape[0], shape[1], num_tokens, shape[3]), dtype, device)
+    for i, (l, s) in enumerate(zip(ids, resolved)):
+        out[i, 0].copy_(keys[l][:, :, s:s + num_tokens])
+        out[i, 1].copy_(values[l][:, :, s:s + num_tokens])
+    return out
+
+
+def unpack_newest(chunk: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], starts,
+                  *, layers: range | Sequence[int] | None = None) -> None:
+    """Twin of :func:`kvstream.kernels.tokens.unpack_newest`: ``keys[l][:, :, s_i:s_i + n] = chunk[i, 0]``.
+
+    Raises
+    ------
+    LayoutError
+        On a mismatch or starts outside a layer's positions.
+    """
+    num_tokens = _tables.chunk_tokens(chunk)
+    ids, shape, dtype, device, resolved = _tables.newest_args(keys, values, layers, num_tokens,
+                                                               _host_starts(starts))
+    _tables.check_chunk(chunk, (len(ids), 2, shape[0], shape[1], num_tokens, shape[3]), dtype, device)
+    for i, (l, s) in enumerate(zip(ids, resolved)):
+        keys[l][:, :, s:s + num_tokens].copy_(chunk[i, 0])
+        values[l][:, :, s:s + num_tokens].copy_(chunk[i, 1])
+
+
+def _host_ids(block_ids):
+    return block_ids.cpu() if isinstance(block_ids, torch.Tensor) else block_ids
+
+
+def pack_blocks(key_caches: Sequence[torch.Tensor], value_caches: Sequence[torch.Tensor], block_ids, *,
+                layers: range | Sequence[int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Twin of :func:`kvstream.kernels.paged.pack_blocks`: ``out[i, 0] = key_caches[l][block_ids]``.
+
+    Device block ids are read back to the host here (a sync), and checked.
+
+    Returns
+    -------
+    torch.Tensor
+        ``out``, or a new ``[L, 2, nb, block_size, kv_heads, head_dim]`` tensor on the KV device.
+
+    Raises
+    ------
+    LayoutError
+        On a mismatch or block ids out of range.
+    """
+    ids, shape, dtype, device, block_ids = _tables.paged_args(key_caches, value_caches, _host_ids(block_ids), layers,
+                                                              unique=False)
+    out = _tables.packed_out(out, (len(ids), 2, block_ids.numel(), *shape[1:]), dtype, device)
+    for i, l in enumerate(ids):
+        out[i, 0].copy_(key_caches[l][block_ids])
+        out[i, 1].copy_(value_caches[l][block_ids])
+    return out
+
+
+def unpack_blocks(chunk: torch.Tensor, key_caches: Sequence[torch.Tensor], value_caches: Sequence[torch.Tensor],
+                  block_ids, *, layers: range | Sequence[int] | None = None) -> None:
+    """Twin of :func:`kvstream.kernels.paged.unpack_blocks`: ``key_caches[l][block_ids] = chunk[i, 0]``.
+
+    Raises
+    ------
+    LayoutError
+        On a mismatch, or block ids out of range or repeated.
+    """
+    ids, shape, dtype, device, block_ids = _tables.paged_args(key_caches, value_caches, _host_ids(block_ids), layers,
+                                                              unique=True)
+    _tables.check_chunk(chunk, (len(ids), 2, block_ids.numel(), *shape[1:]), dtype, device)
+    for i, l in enumerate(ids):
+        key_caches[l][block_ids] = chunk[i, 0].to(device)
+        value_caches[l][block_ids] = chunk[i, 1].to(device)

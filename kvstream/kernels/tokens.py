@@ -1,0 +1,255 @@
+"""Pack and unpack token ranges of HF-layout KV caches: one Triton launch for every layer and both K and V.
+
+Two uses share one kernel:
+
+* **prefill streaming** — a token range ``[start, stop)`` of many layers (:func:`pack_tokens`,
+  :func:`unpack_tokens`);
+* **decode streaming** — the newest token(s) of every layer (:func:`pack_newest`, :func:`unpack_newest`),
+  DéjàVu's single-token path: one launch instead of one copy per layer, K/V and row. Layers may hold
+  different numbers of positions (sliding-window layers), so each layer has its own start.
+
+Grid: axis 1 walks the table entries (layer, K/V); axis 0 walks *rows* — ``(batch, head, token)``
+flattened, one ``head_dim`` vector each — ``BLOCK_R`` rows per program. A long prefill range gives each
+program a contiguous run of tokens of one (batch, head); a one-token decode step gives it ``BLOCK_R``
+different (batch, head) rows, so tiny rows still make full tiles.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ..layout import Region, check_hf_layers
+from . import _tables
+
+#: Target bytes per program: 16 KiB is 8 x 16-byte loads in flight per thread at 4 warps, enough to cover
+#: HBM latency on an H100 (a Llama-3-8B bf16 row of head_dim 128 is 256 bytes: 64 rows per program).
+#: Predicted; bench/kernels_tune.py measures the alternatives.
+MAX_TILE_BYTES = 16384
+#: Rows per program shrink until the grid has this many programs per SM, so a decode step of 2 MiB
+#: (32 layers, B16, H8, bf16) still spreads over every SM (4 x 132 programs of 4 KiB) instead of 128.
+MIN_PROGRAMS_PER_SM = 4
+#: Warps per program: 4 warps move 16 KiB with 8 vector loads per thread; 8 warps halve that (tuned in bench).
+NUM_WARPS = 4
+
+
+@triton.jit(do_not_specialize=["rows", "heads", "tokens", "t0"])
+def _copy_tokens_kernel(table_ptr, chunk_ptr, starts_ptr, rows, heads, tokens, t0,
+                        COLS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                        ALIGN: tl.constexpr, DEVICE_STARTS: tl.constexpr, UNPACK: tl.constexpr):
+    entry = tl.program_id(1)  # 2 * layer + (0: K, 1: V), the order of the chunk's (layer, kv) axes
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    t = r % tokens
+    bh = r // tokens
+    h = bh % heads
+    b = bh // heads
+    row = table_ptr + entry * COLS
+    sb = tl.load(row + 1)
+    sh = tl.load(row + 2)
+    ss = tl.load(row + 3)
+    pos = t0 + tl.load(row + 5) + t
+    if DEVICE_STARTS:
+        pos += tl.load(starts_ptr + entry // 2)
+    # Positions outside [0, seq) are never touched: unchecked device starts cannot reach past a layer.
+    row_mask = (r < rows) & (pos >= 0) & (pos < tl.load(row + 4))
+    base = tl.load(row).to(tl.pointer_type(chunk_ptr.dtype.element_ty))
+    cache_off = b * sb + h * sh + pos * ss
+    if ALIGN > 1:  # the launcher checked every address and stride: 16-byte vector loads/stores
+        base = tl.multiple_of(base, ALIGN)
+        cache_off = tl.multiple_of(cache_off, ALIGN)
+    d = tl.arange(0, BLOCK_D)
+    mask = row_mask[:, None] & (d < HEAD_DIM)[None, :]
+    cache_ptrs = base + cache_off[:, None] + d[None, :]
+    chunk_ptrs = chunk_ptr + (entry.to(tl.int64) * rows + r)[:, None] * HEAD_DIM + d[None, :]
+    if UNPACK:
+        tl.store(cache_ptrs, tl.load(chunk_ptrs, mask=mask), mask=mask)
+    else:
+        tl.store(chunk_ptrs, tl.load(cache_ptrs, mask=mask), mask=mask)
+
+
+def _copy(keys, values, ids, batch, heads, tokens, t0, starts, device_starts, chunk, unpack, block_rows, num_warps):
+    """Launch the kernel over ``ids`` x (K, V) for ``batch`` x ``heads`` x ``[t0, t0 + tokens)`` (+ starts)."""
+    device = keys[ids[0]].device
+    _tables.check_backend(device, _copy_tokens_kernel)
+    rows = len(batch) * len(heads) * tokens
+    if rows == 0:
+        return
+    cells, vector = _tables.token_rows(keys, values, ids, batch.start, heads.start, starts)
+    table = _tables.table(cells, _tables.TOKEN_COLS, device)
+    head_dim = chunk.shape[-1]
+    es = chunk.element_size()
+    block_d = triton.next_power_of_2(head_dim)
+    entries = 2 * len(ids)
+    if block_rows is None:
+        block_rows = _tables.block_rows(rows, entries, block_d * es, device, MAX_TILE_BYTES, MIN_PROGRAMS_PER_SM)
+    grid = (triton.cdiv(rows, block_rows), entries)
+    with _tables.launch_guard(device):
+        _copy_tokens_kernel[grid](
+            table, _tables.as_bits(chunk), device_starts if device_starts is not None else table,
+            rows, len(heads), tokens, t0,
+            COLS=_tables.TOKEN_COLS, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=block_rows, ALIGN=vector,
+            DEVICE_STARTS=device_starts is not None, UNPACK=unpack, num_warps=num_warps or NUM_WARPS)
+
+
+def pack_tokens(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], region: Region,
+                out: torch.Tensor | None = None, *, block_rows: int | None = None,
+                num_warps: int | None = None) -> torch.Tensor:
+    """Pack a region of per-layer HF-layout K/V tensors into one contiguous chunk, in one launch.
+
+    Parameters
+    ----------
+    keys, values : sequence of torch.Tensor
+        Per-layer ``[batch, kv_heads, seq, head_dim]`` tensors (any strides, ``head_dim`` stride 1), all of
+        one dtype on one CUDA device (or the CPU under ``TRITON_INTERPRET=1``).
+    region : Region
+        Contiguous layers, tokens and (optionally) batch rows and heads.
+    out : torch.Tensor, optional
+        Contiguous ``[L, 2, B, H, T, head_dim]`` (:data:`kvstream.layout.PACKED_AXES`) of the same dtype, on
+        the KV device or in pinned host memory (written directly over PCIe, zero-copy).
+    block_rows, num_warps : int, optional
+        Tuning overrides: ``head_dim`` rows per program and warps per program.
+
+    Returns
+    -------
+    torch.Tensor
+        ``out``, or a new tensor on the KV device.
+
+    Raises
+    ------
+    LayoutError
+        On a shape, dtype, stride or device mismatch (from :func:`kvstream.layout.check_hf_layers`).
+    ConfigError
+        If the tensors are on the CPU without the Triton interpreter.
+
+    Examples
+    --------
+    >>> chunk = pack_tokens(keys, values, Region(layers=range(32), tokens=(0, 1500)))  # doctest: +SKIP
+    """
+    region = check_hf_layers(keys, values, region)
+    first = keys[region.layers.start]
+    out = _tables.packed_out(out, region.packed_shape(first.shape[3]), first.dtype, first.device)
+    _copy(keys, values, list(region.layers), region.batch, region.heads, len(region.tokens), region.tokens.start,
+          None, None, out, False, block_rows, num_warps)
+    return out
+
+
+def unpack_tokens(chunk: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], region: Region,
+                  *, block_rows: int | None = None, num_warps: int | None = None) -> None:
+    """Write a packed chunk back into a region of per-layer HF-layout K/V tensors (inverse of :func:`pack_tokens`).
+
+    Parameters
+    ----------
+    chunk : torch.Tensor
+        Contiguous ``[L, 2, B, H, T, head_dim]`` of the KV dtype, on the KV device or in pinned host memory.
+    keys, values, region
+        As in :func:`pack_tokens`; only the region's elements are written.
+    block_rows, num_warps : int, optional
+        Tuning overrides.
+
+    Raises
+    ------
+    LayoutError
+        If ``chunk`` does not match the region, or on any mismatch of the K/V tensors.
+    ConfigError
+        If the tensors are on the CPU without the Triton interpreter.
+    """
+    region = check_hf_layers(keys, values, region)
+    first = keys[region.layers.start]
+    _tables.check_chunk(chunk, region.packed_shape(first.shape[3]), first.dtype, first.device)
+    _copy(keys, values, list(region.layers), region.batch, region.heads, len(region.tokens), region.tokens.start,
+          None, None, chunk, True, block_rows, num_warps)
+
+
+def _newest(keys, values, layers, num_tokens, starts):
+    """Checked (ids, first shape, dtype, device, per-layer starts or None, device starts or None, t0)."""
+    ids, shape, dtype, device, resolved = _tables.newest_args(keys, values, layers, num_tokens, starts)
+    if isinstance(resolved, torch.Tensor):
+        return ids, shape, dtype, device, None, resolved, 0
+    t0 = min(resolved)
+    # Equal starts (every full-attention model) keep the table unchanged from step to step: cache hits.
+    per_layer = None if t0 == max(resolved) else [s - t0 for s in resolved]
+    return ids, shape, dtype, device, per_layer, None, t0
+
+
+def pack_newest(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *, num_tokens: int = 1,
+                layers: range | Sequence[int] | None = None, starts=None, out: torch.Tensor | None = None,
+                block_rows: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+    """Pack the newest ``num_tokens`` tokens of every selected layer, K and V, in one launch (decode streaming).
+
+    DéjàVu streams each decode step's new KV of all layers with one buffered copy instead of one copy per
+    layer and row (DéjàVu, Strati et al., ICML 2024, §4.3, "token" path).
+
+    Parameters
+    ----------
+    keys, values : sequence of torch.Tensor
+        Per-layer ``[batch, kv_heads, seq, head_dim]`` tensors (any strides, ``head_dim`` stride 1); ``seq``
+        may differ between layers (sliding-window layers).
+    num_tokens : int
+        Tokens per layer (``n``); 0 gives an empty chunk and launches nothing.
+    layers : range or sequence of int, optional
+        Layers to pack, in chunk order; default every layer.
+    starts : int, sequence of int or int tensor ``[L]``, optional
+        First position per layer; default ``keys[l].shape[2] - num_tokens``. A CUDA tensor is used as is
+        (no host sync, not checked on the host; positions outside a layer are neither read nor written).
+    out : torch.Tensor, optional
+        Contiguous ``[L, 2, B, H, n, head_dim]``, on the KV device or in pinned host memory (zero-copy).
+    block_rows, num_warps : int, optional
+        Tuning overrides.
+
+    Returns
+    -------
+    torch.Tensor
+        ``out``, or a new ``[L, 2, B, H, n, head_dim]`` tensor on the KV device.
+
+    Raises
+    ------
+    LayoutError
+        On a shape/dtype/device mismatch, a bad layer list, or starts outside a layer's positions.
+    ConfigError
+        If the tensors are on the CPU without the Triton interpreter.
+
+    Examples
+    --------
+    >>> step = pack_newest(keys, values, out=pinned_step)   # doctest: +SKIP
+    """
+    ids, shape, dtype, device, per_layer, dev_starts, t0 = _newest(keys, values, layers, num_tokens, starts)
+    out = _tables.packed_out(out, (len(ids), 2, shape[0], shape[1], num_tokens, shape[3]), dtype, device)
+    _copy(keys, values, ids, range(shape[0]), range(shape[1]), num_tokens, t0, per_layer, dev_starts, out, False,
+          block_rows, num_warps)
+    return out
+
+
+def unpack_newest(chunk: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], starts,
+                  *, layers: range | Sequence[int] | None = None, block_rows: int | None = None,
+                  num_warps: int | None = None) -> None:
+    """Write a chunk of ``n`` tokens per layer into the K/V tensors at per-layer ``starts`` (inverse of
+    :func:`pack_newest`).
+
+    Parameters
+    ----------
+    chunk : torch.Tensor
+        Contiguous ``[L, 2, B, H, n, head_dim]``, on the KV device or in pinned host memory.
+    keys, values : sequence of torch.Tensor
+        Per-layer HF-layout tensors to write into.
+    starts : int, sequence of int, int tensor ``[L]`` or None
+        First position per layer (``None``: the last ``n`` positions of each layer).
+    layers : range or sequence of int, optional
+        Layers the chunk's layer axis maps to; default every layer.
+    block_rows, num_warps : int, optional
+        Tuning overrides.
+
+    Raises
+    ------
+    LayoutError
+        On a shape/dtype/device mismatch or starts outside a layer's positions.
+    ConfigError
+        If the tensors are on the CPU without the Triton interpreter.
+    """
+    num_tokens = _tables.chunk_tokens(chunk)
+    ids, shape, dtype, device, per_layer, dev_starts, t0 = _newest(keys, values, layers, num_tokens, starts)
+    _tables.check_chunk(chunk, (len(ids), 2, shape[0], shape[1], num_tokens, shape[3]), dtype, device)
+    _copy(keys, values, ids, range(shape[0]), range(shape[1]), num_tokens, t0, per_layer, dev_starts, chunk, True,
+          block_rows, num_warps)

@@ -1,0 +1,237 @@
+"""RemoteHostTransport: chunks between processes over gloo, in any fetch order; dead peers fail fast."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import torch
+
+from kvstream.errors import ChunkNotFound, ConfigError, CorruptChunkError, LayoutError, PeerError, TransportError
+from kvstream.layout import Region
+from kvstream.transports.remote import (ChunkTimeout, RemoteHostTransport, rendezvous_store, unwrap_header,
+                                        wrap_header)
+from kvstream.layout import ChunkHeader
+
+FAST = dict(timeout_s=10.0, heartbeat_s=0.1, dead_after_s=1.5)
+
+
+@pytest.fixture
+def pair():
+    a, b = RemoteHostTransport.pair(**FAST)
+    yield a, b
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.uint8])
+def test_round_trip_bit_exact_with_header(pair, seed, dtype):
+    a, b = pair
+    chunk = (torch.randn(2, 2, 1, 3, 5, 7) * 100).to(dtype)
+    region = Region(layers=(0, 2), tokens=(0, 5), batch=(0, 1), heads=(0, 3))
+    a.flush("req/seg000000/layer0000", chunk, region=region, meta={"step": 3}).wait()
+    out = torch.full_like(chunk, 7)
+    b.fetch("req/seg000000/layer0000", out).wait()
+    assert torch.equal(out, chunk)
+    h = b.describe("req/seg000000/layer0000")
+    assert (h.dtype, h.shape, h.region, h.meta) == (dtype, tuple(chunk.shape), region, {"step": 3})
+
+
+def test_fetch_order_differs_from_flush_order_and_both_directions(pair, seed):
+    a, b = pair
+    chunks = {f"s/seg{i:06d}/layer0000": torch.randn(4, 9) for i in range(6)}
+    handles = [a.flush(k, v) for k, v in chunks.items()]
+    a.flush("s/manifest", torch.arange(5, dtype=torch.uint8))
+    assert torch.equal(b.fetch_new("s/manifest"), torch.arange(5, dtype=torch.uint8))  # flushed last, read first
+    for k in reversed(list(chunks)):
+        assert torch.equal(b.fetch_new(k), chunks[k])
+    for h in handles:
+        assert h.done()
+    b.flush("reply", torch.ones(3)).wait()
+    assert torch.equal(a.fetch_new("reply"), torch.ones(3))
+    assert b.keys("s/seg") == sorted(chunks) and a.keys() == ["reply"]
+    assert b.delete("s/manifest") and not b.delete("s/manifest") and not b.contains("s/manifest")
+
+
+def test_concurrent_flushes_from_threads(pair, seed):
+    a, b = pair
+    data = {f"t{i}/c{j}": torch.randn(50) for i in range(4) for j in range(5)}
+
+    def send(i):
+        for j in range(5):
+            a.flush(f"t{i}/c{j}", data[f"t{i}/c{j}"]).wait()
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k, v in data.items():
+        assert torch.equal(b.fetch_new(k), v)
+
+
+def test_replacing_a_key_gives_the_new_chunk(pair):
+    a, b = pair
+    a.flush("k", torch.zeros(4)).wait()
+    a.flush("k", torch.ones(4)).wait()
+    deadline = time.monotonic() + 5
+    while not torch.equal(b.fetch_new("k"), torch.ones(4)):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_empty_and_scalar_chunks(pair):
+    a, b = pair
+    a.flush("empty", torch.empty(0, 3)).wait()
+    a.flush("scalar", torch.tensor(2.5)).wait()
+    assert b.fetch_new("empty").shape == (0, 3)
+    assert torch.equal(b.fetch_new("scalar"), torch.tensor(2.5))
+
+
+def test_bad_out_and_bad_input(pair):
+    a, b = pair
+    a.flush("k", torch.zeros(2, 3)).wait()
+    with pytest.raises(LayoutError, match=r"expected \[2, 3\], got \[3, 2\]"):
+        b.fetch("k", torch.empty(3, 2))
+    with pytest.raises(LayoutError, match="contiguous"):
+        a.flush("x", torch.zeros(4, 4).t())
+    with pytest.raises(LayoutError, match="Invalid chunk key"):
+        a.flush("/abs", torch.zeros(1))
+    with pytest.raises(ConfigError, match="rank and peer must differ"):
+        RemoteHostTransport(None, 1, 1)
+
+
+def test_missing_key_times_out_as_chunk_not_found(pair):
+    _, b = pair
+    t0 = time.monotonic()
+    with pytest.raises(ChunkNotFound, match="did not arrive from peer rank 0 within 0.2 s") as e:
+        b.fetch("never", torch.empty(1), timeout=0.2)
+    assert isinstance(e.value, PeerError) and isinstance(e.value, KeyError)
+    assert time.monotonic() - t0 < 5
+    assert not b.contains("never")
+
+
+def test_peer_close_ends_waits_and_flushes(pair):
+    a, b = pair
+    a.flush("last", torch.ones(2)).wait()
+    a.close()
+    with pytest.raises(ChunkTimeout, match="closed without sending 'other'"):
+        b.fetch("other", torch.empty(2), timeout=5)
+    assert torch.equal(b.fetch_new("last"), torch.ones(2))  # what arrived stays readable
+    with pytest.raises(PeerError, match="closed"):
+        b.flush("x", torch.ones(1))
+    with pytest.raises(TransportError, match="closed"):
+        a.keys()
+    a.close()  # idempotent
+
+
+class _FlipOneByte:
+    """A gloo group proxy that corrupts the first payload byte on the wire."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def send(self, tensors, peer, tag):
+        bad = tensors[0].clone()
+        bad[0] ^= 0xFF
+        return self.group.send([bad], peer, tag)
+
+
+def test_corrupted_payload_raises_corrupt_chunk(pair):
+    a, b = pair
+    a._group = _FlipOneByte(a._group)
+    a.flush("bad", torch.arange(16, dtype=torch.uint8)).wait()
+    with pytest.raises(CorruptChunkError, match="'bad' from peer rank 0 failed its checksum"):
+        b.fetch("bad", torch.empty(16, dtype=torch.uint8), timeout=5)
+
+
+def test_wire_header_round_trip():
+    h = ChunkHeader.for_tensor(torch.zeros(3), meta={"user": 1})
+    key, seq, back = unwrap_header(wrap_header(h, "a/b", 42), "test")
+    assert (key, seq, back) == ("a/b", 42, h)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Two processes: a peer in a subprocess, killed with SIGKILL.
+# ------------------------------------------------------------------------------------------------------
+PEER = textwrap.dedent("""
+    import sys, time, torch
+    from kvstream.transports.remote import RemoteHostTransport, rendezvous_store
+    port, serve, n = int(sys.argv[1]), sys.argv[2] == "server", int(sys.argv[3])
+    store = rendezvous_store("127.0.0.1", port, is_server=serve, timeout_s=20)
+    if serve:  # keep the server object alive: the store lives in this process
+        server = store
+        print("port", server.port, flush=True)
+        store = rendezvous_store("127.0.0.1", server.port, is_server=False, timeout_s=20)
+    t = RemoteHostTransport(store, 1, 0, timeout_s=20, heartbeat_s=0.1, dead_after_s=1.5)
+    g = torch.Generator().manual_seed(5)
+    for i in range(n):
+        t.flush(f"req/seg{i:06d}/layer0000", torch.randn(1, 2, 1, 2, 33, 8, generator=g)).wait()
+    back = t.fetch_new("from-parent")
+    t.flush("echo", back * 2).wait()
+    print("ready", flush=True)
+    time.sleep(600)
+""")
+
+
+def _spawn(*args):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-c", PEER, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env)
+
+
+def _expected(n):
+    g = torch.Generator().manual_seed(5)
+    return [torch.randn(1, 2, 1, 2, 33, 8, generator=g) for _ in range(n)]
+
+
+def _exchange_then_kill(proc, t):
+    want = _expected(3)
+    t.flush("from-parent", torch.arange(6.0)).wait()
+    for i in (2, 0, 1):
+        assert torch.equal(t.fetch_new(f"req/seg{i:06d}/layer0000"), want[i])
+    assert torch.equal(t.fetch_new("echo"), torch.arange(6.0) * 2)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    t0 = time.monotonic()
+    with pytest.raises(PeerError) as e:
+        t.fetch("req/seg000009/layer0000", torch.empty(1, 2, 1, 2, 33, 8), timeout=60)
+    assert time.monotonic() - t0 < 10  # fails fast: far below the 60 s fetch timeout
+    assert not isinstance(e.value, ChunkTimeout)
+    with pytest.raises(PeerError):
+        t.flush("after-death", torch.ones(4)).wait(timeout=20)
+    assert torch.equal(t.fetch_new("echo"), torch.arange(6.0) * 2)  # what arrived stays readable
+    return str(e.value)
+
+
+def test_killed_peer_fails_fast_parent_hosts_store():
+    server = rendezvous_store("127.0.0.1", 0, is_server=True, timeout_s=20)
+    proc = _spawn(server.port, "client", 3)
+    try:
+        t = RemoteHostTransport(rendezvous_store("127.0.0.1", server.port, is_server=False), 0, 1,
+                                timeout_s=20, heartbeat_s=0.1, dead_after_s=1.5)
+        message = _exchange_then_kill(proc, t)
+        assert "rank 1" in message
+        t.close()
+    finally:
+        proc.kill()
+
+
+def test_killed_peer_fails_fast_peer_hosts_store():
+    proc = _spawn(0, "server", 3)
+    try:
+        line = proc.stdout.readline().split()
+        assert line[0] == "port"
+        t = RemoteHostTransport(rendezvous_store("127.0.0.1", int(line[1]), is_server=False), 0, 1,
+                                timeout_s=20, heartbeat_s=0.1, dead_after_s=1.5)
+        _exchange_then_kill(proc, t)
+        t.close()
+    finally:
+        proc.kill()
