@@ -338,6 +338,17 @@ def check_target(target: str, figure: float | None) -> bool | None:
     return _OPS[op](float(figure), bound)
 
 
+def _jsonable(obj: Any) -> Any:
+    """``obj`` with dict keys as strings and anything JSON cannot hold as its ``str`` (NaN kept)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
+
+
 def _locked_update(path: Path, update: Callable[[dict], None]) -> dict:
     import fcntl
 
@@ -387,7 +398,8 @@ def record_summary(out_dir: str | Path, key: str, *, value: float | None, unit: 
     ratio : float, optional
         ``value / ceiling`` unless given.
     conditions : dict of str to bool, optional
-        Further conditions that must all hold to pass (e.g. ``{"kv_layers_resident<=2": True}``).
+        Further conditions that must all hold to pass (e.g. ``{"kv_layers_resident<=2": True}``); with a
+        ``"reported"`` target they alone decide ``pass``.
     detail : dict, optional
         Every figure behind the entry (per size, per provider), JSON-able.
     env : dict, optional
@@ -410,15 +422,15 @@ def record_summary(out_dir: str | Path, key: str, *, value: float | None, unit: 
     if ratio is None and value is not None and ceiling not in (None, 0):
         ratio = float(value) / float(ceiling)
     passed = check_target(target, ratio if target_of == "ratio" else value)
-    if passed is not None and conditions:
-        passed = passed and all(conditions.values())
+    if conditions and value is not None:  # a "reported" target with conditions passes on the conditions alone
+        passed = (True if passed is None else passed) and all(conditions.values())
     if quick:
         passed = None
     env = env or {}
     entry = {
         "value": value, "unit": unit, "ceiling": ceiling, "ceiling_of": ceiling_of, "ratio": ratio,
         "target": target, "target_of": target_of, "pass": passed, "conditions": conditions or {},
-        "provider": provider, "detail": detail or {}, "quick": bool(quick),
+        "provider": provider, "detail": _jsonable(detail or {}), "quick": bool(quick),
         "device": env.get("device"), "date": env.get("date"), "git_sha": env.get("git_sha"),
         "torch": env.get("torch"), "triton": env.get("triton"), "transformers": env.get("transformers"),
     }
@@ -508,13 +520,14 @@ class Run:
         return stat
 
     def add_time_and_bandwidth(self, bench: str, provider: str, x: Any, ms: Stat, nbytes: int,
-                               time_unit: str = "ms") -> Stat:
-        """Record the time (``ms`` in milliseconds, shown in ``time_unit``) and ``nbytes`` per second in GB/s.
+                               time_unit: str = "ms", metric: str = "time") -> Stat:
+        """Record the time (``ms`` in milliseconds, shown in ``time_unit``, as ``metric``) and ``nbytes`` per
+        second in GB/s (as ``bandwidth``).
 
         Returns the bandwidth in GB/s.
         """
         scale = {"ms": 1.0, "us": 1e3, "s": 1e-3}[time_unit]
-        self.add(bench, provider, x, "time", time_unit, ms.scale(scale))
+        self.add(bench, provider, x, metric, time_unit, ms.scale(scale))
         return self.add(bench, provider, x, "bandwidth", "GB/s", ms.rate(nbytes / GB * 1e3))
 
     def summary(self, key: str, **kw: Any) -> dict:

@@ -1,0 +1,379 @@
+"""Generate: Hugging Face ``generate`` on the Llama-3-8B shape with and without kvstream, in one run.
+
+The model is ``kvstream.models.build_model(llama3_8b_config(--layers), device='cuda', dtype=bf16)`` (seeded
+random weights: the timing depends on the shapes, not the values), built once and shared with ``levels``.
+Batch ``--batch`` 16, prompts of ``--prompt`` 2000 real-text tokens, ``--new-tokens`` 128 greedy tokens
+(``min_new_tokens`` too, so no row stops early). Providers, each run ``--reps`` times in alternating order
+after a short warm-up:
+
+* ``dynamic`` — transformers' ``DynamicCache``, no streaming (the reference);
+* ``stream-host`` — ``StreamingCache`` streaming every layer's KV to a ``HostTransport`` (pinned host)
+  while generate runs, until ``cache.wait()`` returns (every chunk landed, manifest written);
+* ``offload`` — ``StreamingCache(offload=True)`` (no transport): only the layers in flight on the GPU;
+* ``hf-offload`` — transformers' own ``DynamicCache(offloading=True)`` (the peer);
+* ``stream-disk`` — ``StreamingCache`` to a ``DiskTransport`` (one repetition; the paper's Fig. 25).
+
+Bytes: KV per token is ``L*2*H*D*2`` = 128 KiB per row at 32 layers, so a run streams
+``B*(P+N)*128 KiB`` = 4.46 GB at B16, P2000, N128 (81 ms of PCIe at 55 GB/s against seconds of generate).
+Offload must bring each layer's whole history back every step: ~4.3 GB per step, ~80 ms at 52 GB/s, which
+no overlap can hide behind a ~30 ms decode step: the ``pcie_floor_ratio`` in the summary detail.
+
+Timing is the host clock around ``generate`` (+ ``cache.wait()``), synchronized. A generate streamer
+probe records the time and ``torch.cuda.memory_allocated()`` at each token: prefill time (to the first
+token), per-token time, and KV resident on the GPU at step boundaries above the pre-generate baseline
+(reported in layers of KV as well). Output tokens of every provider are compared with ``dynamic``'s.
+
+Rows (``<out>/generate.csv``): ``generate.e2e`` (x = ``B16/P2000/N128``; metrics total_time s,
+prefill_time ms, per_token_time ms, kv_resident GB, peak_memory GB), ``generate.fig2`` (the paper's Fig. 2:
+prompt time and per-token time vs prompt length, ``dynamic``), ``generate.ceiling`` (pinned H2D memcpy).
+Summary keys: ``stream_overhead``, ``offload_vs_dynamic``, ``hf_offload_vs_dynamic`` (planner inputs Y, t,
+m in ``stream_overhead``'s detail).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from . import harness
+from .harness import GB, MiB, Run, Stat
+
+PROVIDERS = ("dynamic", "stream-host", "offload", "hf-offload", "stream-disk")
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    """The topic's own options."""
+    p.add_argument("--batch", type=int, default=16, help="batch rows")
+    p.add_argument("--prompt", type=int, default=2000, help="prompt tokens")
+    p.add_argument("--new-tokens", type=int, default=128, help="generated tokens")
+    p.add_argument("--reps", type=int, default=2, help="repetitions per provider (stream-disk: 1)")
+    p.add_argument("--providers", default=",".join(PROVIDERS), help="providers to run (dynamic is always run)")
+    p.add_argument("--fig2-prompts", default="512,1024,2048,4096", help="prompt lengths of Fig. 2 ('' to skip)")
+    p.add_argument("--fig2-new-tokens", type=int, default=16, help="tokens generated per Fig. 2 point")
+    p.add_argument("--disk-fsync", action="store_true", help="stream-disk with DiskTransport(fsync=True)")
+
+
+def _geometry(run: Run) -> dict:
+    a = run.args
+    if run.quick:
+        return dict(batch=2, prompt=24, new=4, reps=1, fig2=[8, 16], fig2_new=3)
+    return dict(batch=a.batch, prompt=a.prompt, new=a.new_tokens, reps=a.reps,
+                fig2=[int(v) for v in a.fig2_prompts.split(",") if v.strip()], fig2_new=a.fig2_new_tokens)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One generate call, measured
+# ----------------------------------------------------------------------------------------------------
+
+def _probe_class():
+    from transformers.generation.streamers import BaseStreamer
+
+    class Probe(BaseStreamer):
+        """A generate streamer that records the host time and GPU memory in use at every token."""
+
+        def __init__(self, device: torch.device):
+            self.device = device
+            self.times: list[float] = []
+            self.memory: list[int] = []
+
+        def put(self, value) -> None:
+            self.times.append(time.perf_counter())
+            self.memory.append(torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0)
+
+        def end(self) -> None:
+            pass
+
+    return Probe
+
+
+@dataclass
+class GenResult:
+    """What one measured generate call gave."""
+
+    total_s: float
+    prefill_s: float
+    per_token_s: float
+    kv_resident_bytes: int
+    peak_bytes: int
+    tokens: torch.Tensor
+    stats: dict = field(default_factory=dict)
+
+
+def generate_once(model: torch.nn.Module, input_ids: torch.Tensor, make_cache: Callable[[], Any], new_tokens: int,
+                  device: torch.device) -> GenResult:
+    """Run ``model.generate`` greedily for exactly ``new_tokens`` tokens with the cache ``make_cache()`` gives.
+
+    The cache's ``wait()`` (every streamed chunk landed) is inside the timed region. The cache is dropped
+    before returning, so the next call starts from the same memory baseline.
+    """
+    gc.collect()
+    harness.sync(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device) if cuda else 0
+    cache = make_cache()
+    probe = _probe_class()(device)
+    t0 = time.perf_counter()
+    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,
+                         max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                         streamer=probe)
+    if hasattr(cache, "wait"):
+        cache.wait()
+    harness.sync(device)
+    t1 = time.perf_counter()
+    times = probe.times[1:] or [t1]  # put #0 is the prompt, #1 the first token (end of prefill)
+    prefill = times[0] - t0
+    per_token = (times[-1] - times[0]) / max(1, len(times) - 1)
+    resident = max(probe.memory[1:] or [base]) - base
+    peak = (torch.cuda.max_memory_allocated(device) - base) if cuda else 0
+    stats = dict(cache.stats) if hasattr(cache, "stats") and isinstance(getattr(cache, "stats"), dict) else {}
+    tokens = out[:, input_ids.shape[1]:].cpu()
+    del out, cache
+    gc.collect()
+    return GenResult(t1 - t0, prefill, per_token, int(resident), int(peak), tokens, stats)
+
+
+class Session:
+    """The model, inputs and transports of the generate topic; caches per provider."""
+
+    def __init__(self, run: Run, g: dict):
+        from kvstream.layout import KVLayout
+        from kvstream.models import batch_of_prompts
+
+        self.run = run
+        self.g = g
+        self.model = harness.shared_model(run)
+        self.config = self.model.config
+        self.layout = KVLayout.from_config(self.config, dtype=next(self.model.parameters()).dtype)
+        self.input_ids = batch_of_prompts(g["batch"], g["prompt"], device=run.device)
+        self.kv_bytes = self.layout.bytes_per_token(g["batch"]) * (g["prompt"] + g["new"])
+        self._host = None
+        self._disk = None
+        self._disk_root = None
+        self._n = 0
+        self.errors: dict[str, str] = {}  # provider -> why it could not run
+
+    def host_transport(self):
+        """One HostTransport sized for a run's KV (sessions are deleted after each run)."""
+        if self._host is None:
+            from kvstream.transports.host import HostTransport
+
+            self._host = HostTransport(capacity_bytes=int(self.kv_bytes * 1.25) + 64 * MiB)
+        return self._host
+
+    def disk_transport(self):
+        """One DiskTransport under ``--disk-dir`` (removed by :meth:`close`)."""
+        if self._disk is None:
+            from kvstream.transports.disk import DiskTransport
+
+            self._disk_root = self.run.disk_dir()
+            self._disk = DiskTransport(self._disk_root, fsync=bool(getattr(self.run.args, "disk_fsync", False)))
+        return self._disk
+
+    def factory(self, provider: str, level: int | None = None) -> tuple[Callable[[], Any], Callable[[], None]]:
+        """``(make_cache, cleanup)`` for ``provider``; cleanup deletes the session's chunks."""
+        from transformers import DynamicCache
+
+        from kvstream.integrations.hf import StreamingCache
+
+        self._n += 1
+        session = f"gen{self._n:04d}"
+        cfg = self.config
+
+        def no_cleanup() -> None:
+            return None
+
+        if provider == "dynamic":
+            return (lambda: DynamicCache(config=cfg)), no_cleanup
+        if provider == "hf-offload":
+            return (lambda: DynamicCache(config=cfg, offloading=True)), no_cleanup
+        if provider == "offload":
+            return (lambda: StreamingCache(config=cfg, transport=None, session=session, offload=True)), no_cleanup
+        if provider in ("stream-host", "stream-disk"):
+            t = self.host_transport() if provider == "stream-host" else self.disk_transport()
+
+            def cleanup() -> None:
+                for k in t.keys(session + "/"):
+                    t.delete(k)
+
+            return (lambda: StreamingCache(config=cfg, transport=t, session=session, level=level)), cleanup
+        raise ValueError(f"unknown provider {provider!r}; known: {PROVIDERS}")
+
+    def measure(self, provider: str, new_tokens: int, input_ids: torch.Tensor | None = None,
+                level: int | None = None) -> GenResult:
+        """One measured generate with ``provider``'s cache; the session's chunks are deleted afterwards."""
+        make, cleanup = self.factory(provider, level)
+        try:
+            return generate_once(self.model, self.input_ids if input_ids is None else input_ids, make, new_tokens,
+                                 self.run.device)
+        finally:
+            cleanup()
+
+    def close(self) -> None:
+        """Close the transports and remove the disk directory."""
+        for t in (self._host, self._disk):
+            if t is not None:
+                t.close()
+        if self._disk_root is not None:
+            shutil.rmtree(self._disk_root, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The topic
+# ----------------------------------------------------------------------------------------------------
+
+def _record(run: Run, bench: str, provider: str, x: str, results: list[GenResult], layout, batch: int,
+            seq: int) -> None:
+    layer_bytes = layout.bytes_per_token(batch) * seq / layout.num_layers
+    run.add(bench, provider, x, "total_time", "s", Stat.of([r.total_s for r in results]))
+    run.add(bench, provider, x, "prefill_time", "ms", Stat.of([r.prefill_s * 1e3 for r in results]))
+    run.add(bench, provider, x, "per_token_time", "ms", Stat.of([r.per_token_s * 1e3 for r in results]))
+    run.add(bench, provider, x, "kv_resident", "GB", Stat.of([r.kv_resident_bytes / GB for r in results]))
+    run.add(bench, provider, x, "kv_layers_resident", "layers", Stat.of([r.kv_resident_bytes / layer_bytes for r in results]))
+    run.add(bench, provider, x, "peak_memory", "GB", Stat.of([r.peak_bytes / GB for r in results]))
+
+
+def _median(results: list[GenResult], attr: str) -> float:
+    return Stat.of([getattr(r, attr) for r in results]).p50
+
+
+def run_main(run: Run, s: Session, providers: list[str]) -> dict[str, list[GenResult]]:
+    """Warm-up, then ``reps`` alternating rounds over ``providers`` (stream-disk once)."""
+    g = s.g
+    results: dict[str, list[GenResult]] = {p: [] for p in providers}
+    harness.progress(f"generate: warm-up ({', '.join(providers)}; 2 new tokens each)")
+    for p in providers:
+        try:
+            s.measure(p, 2)
+        except Exception as e:  # noqa: BLE001 - a provider that cannot run here is reported, not fatal
+            if p == "dynamic":
+                raise
+            harness.progress(f"generate: {p} cannot run: {type(e).__name__}: {e}")
+            s.errors[p] = f"{type(e).__name__}: {e}"
+            results.pop(p)
+    order = [p for p in providers if p in results and p != "stream-disk"]
+    for rep in range(g["reps"]):
+        for p in (order if rep % 2 == 0 else order[::-1]):
+            r = s.measure(p, g["new"])
+            results[p].append(r)
+            harness.progress(f"generate: {p} rep {rep + 1}: {r.total_s:.3f} s (prefill {r.prefill_s * 1e3:.0f} ms, "
+                             f"{r.per_token_s * 1e3:.2f} ms/token, KV resident {r.kv_resident_bytes / GB:.2f} GB)")
+    if "stream-disk" in results:
+        r = s.measure("stream-disk", g["new"])
+        results["stream-disk"].append(r)
+        harness.progress(f"generate: stream-disk: {r.total_s:.3f} s")
+    x = f"B{g['batch']}/P{g['prompt']}/N{g['new']}"
+    for p, rs in results.items():
+        _record(run, "generate.e2e", p, x, rs, s.layout, g["batch"], g["prompt"] + g["new"])
+    return results
+
+
+def run_fig2(run: Run, s: Session) -> dict[int, dict]:
+    """The paper's Fig. 2: prompt (prefill) time vs per-token time at several prompt lengths, DynamicCache."""
+    from kvstream.models import batch_of_prompts
+
+    g = s.g
+    points: dict[int, dict] = {}
+    for prompt in g["fig2"]:
+        ids = batch_of_prompts(g["batch"], prompt, device=run.device)
+        r = s.measure("dynamic", g["fig2_new"], input_ids=ids)
+        points[prompt] = {"prompt_ms": r.prefill_s * 1e3, "per_token_ms": r.per_token_s * 1e3}
+        run.add("generate.fig2", "dynamic", prompt, "prompt_time", "ms", r.prefill_s * 1e3)
+        run.add("generate.fig2", "dynamic", prompt, "per_token_time", "ms", r.per_token_s * 1e3)
+        run.add("generate.fig2", "dynamic", prompt, "prompt_over_token", "x", r.prefill_s / max(r.per_token_s, 1e-12))
+        harness.progress(f"generate: Fig. 2, prompt {prompt}: prefill {r.prefill_s * 1e3:.1f} ms, "
+                         f"{r.per_token_s * 1e3:.2f} ms/token")
+    return points
+
+
+def _summarize(run: Run, s: Session, results: dict[str, list[GenResult]], fig2: dict, h2d_GBps: float) -> None:
+    g = s.g
+    dyn = results["dynamic"]
+    t_dyn = _median(dyn, "total_s")
+    ref_tokens = dyn[0].tokens
+
+    def same(p: str) -> bool:
+        return all(torch.equal(r.tokens, ref_tokens) for r in results[p])
+
+    base_detail = {"batch": g["batch"], "prompt": g["prompt"], "new_tokens": g["new"], "layers": s.layout.num_layers,
+                   "kv_bytes": s.kv_bytes, "dynamic_total_s": [r.total_s for r in dyn]}
+    if "stream-host" in results:
+        st = results["stream-host"]
+        t_st = _median(st, "total_s")
+        streamed = st[0].stats.get("bytes_out", 0)
+        pre_dyn, pre_st = _median(dyn, "prefill_s"), _median(st, "prefill_s")
+        detail = dict(base_detail, stream_total_s=[r.total_s for r in st], bytes_streamed=streamed,
+                      stream_GBps=streamed / t_st / GB, prefill_overhead=pre_st / pre_dyn - 1,
+                      per_token_overhead=_median(st, "per_token_s") / _median(dyn, "per_token_s") - 1,
+                      planner={"Y_s": pre_dyn, "t_s": _median(dyn, "per_token_s"), "N": g["new"], "m": pre_st / pre_dyn},
+                      fig2=fig2,
+                      fig25={p: _median(results[p], "total_s") for p in ("dynamic", "stream-host", "stream-disk")
+                             if p in results})
+        run.summary("stream_overhead", value=t_st / t_dyn - 1, unit="fraction", ceiling=t_dyn,
+                    ceiling_of="DynamicCache without streaming, same run (seconds)", ratio=t_st / t_dyn,
+                    target="<= 0.02", target_of="value", conditions={"tokens_identical": same("stream-host")},
+                    provider="StreamingCache -> HostTransport", detail=detail)
+    layer_bytes = s.kv_bytes / s.layout.num_layers
+    if "offload" in results:
+        off = results["offload"]
+        # What PCIe allows: each decode step must bring the whole KV history back to the GPU.
+        step_dyn = _median(dyn, "per_token_s")
+        per_token_bytes = s.layout.bytes_per_token(g["batch"])
+        floor = _median(dyn, "prefill_s") + sum(
+            max(step_dyn, per_token_bytes * (g["prompt"] + i) / (h2d_GBps * GB)) for i in range(1, g["new"]))
+        layers_res = max(r.kv_resident_bytes for r in off) / layer_bytes
+        run.summary("offload_vs_dynamic", value=_median(off, "total_s"), unit="s", ceiling=t_dyn,
+                    ceiling_of="DynamicCache, same run (seconds)", target="<= 1.10", target_of="ratio",
+                    conditions={"kv_layers_resident<=2": layers_res <= 2, "tokens_identical": same("offload")},
+                    provider="StreamingCache(offload=True)",
+                    detail=dict(base_detail, offload_total_s=[r.total_s for r in off], kv_layers_resident=layers_res,
+                                kv_resident_GB=max(r.kv_resident_bytes for r in off) / GB,
+                                dynamic_kv_resident_GB=max(r.kv_resident_bytes for r in dyn) / GB,
+                                peak_GB=max(r.peak_bytes for r in off) / GB,
+                                dynamic_peak_GB=max(r.peak_bytes for r in dyn) / GB,
+                                h2d_GBps=h2d_GBps, pcie_floor_s=floor, pcie_floor_ratio=floor / t_dyn))
+    for key, p, of in (("stream_overhead", "stream-host", "fraction"), ("offload_vs_dynamic", "offload", "s"),
+                       ("hf_offload_vs_dynamic", "hf-offload", "s")):
+        if p not in results:  # could not run here: say so in the entry rather than leave it out
+            run.summary(key, value=None, unit=of, ceiling=t_dyn, ceiling_of="DynamicCache, same run (seconds)",
+                        target="reported" if p == "hf-offload" else ("<= 0.02" if p == "stream-host" else "<= 1.10"),
+                        target_of="value" if p == "stream-host" else "ratio", provider=p,
+                        detail=dict(base_detail, error=s.errors.get(p, "not selected (--providers)")))
+    if "hf-offload" in results:
+        hf = results["hf-offload"]
+        run.summary("hf_offload_vs_dynamic", value=_median(hf, "total_s"), unit="s", ceiling=t_dyn,
+                    ceiling_of="DynamicCache, same run (seconds)", target="reported", target_of="ratio",
+                    provider="transformers DynamicCache(offloading=True)",
+                    detail=dict(base_detail, hf_offload_total_s=[r.total_s for r in hf], tokens_identical=same("hf-offload"),
+                                kv_layers_resident=max(r.kv_resident_bytes for r in hf) / layer_bytes,
+                                peak_GB=max(r.peak_bytes for r in hf) / GB))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the generate topic; returns the exit code."""
+    run = Run.from_argv("generate", argv, add_args, __doc__)
+    g = _geometry(run)
+    providers = ["dynamic"] + [p for p in run.args.providers.split(",") if p in PROVIDERS and p != "dynamic"]
+    h2d = harness.ceiling_memcpy(run, 64 * MiB if not run.quick else 1 * MiB, 16 if not run.quick else 2,
+                                 direction="h2d", bench="generate.ceiling", x="64MiBx16" if not run.quick else "1MiBx2").p50
+    s = Session(run, g)
+    try:
+        harness.progress(f"generate: {s.layout.num_layers} layers, B{g['batch']}, prompt {g['prompt']}, "
+                         f"{g['new']} new tokens, KV {s.kv_bytes / GB:.2f} GB")
+        results = run_main(run, s, providers)
+        fig2 = run_fig2(run, s) if g["fig2"] else {}
+        _summarize(run, s, results, fig2, h2d)
+    finally:
+        s.close()
+    return run.finish()
+
+
+if __name__ == "__main__":
+    harness.module_main(main)

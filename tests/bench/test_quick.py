@@ -1,0 +1,170 @@
+"""The benchmark suite's ``--quick`` CPU mode: it runs end to end and writes well-formed results.
+
+No timing claims: these tests check that every topic produces CSV rows with every column, a
+``summary.json`` with every key and field (``pass`` null in quick mode), the PNGs, and that nothing lands
+in ``bench/results``. The harness's pure helpers are checked directly.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # bench/ is a package of the source tree, not of the installed kvstream
+    sys.path.insert(0, str(ROOT))
+
+from bench import harness  # noqa: E402
+from bench.run_all import TOPICS  # noqa: E402
+
+#: summary.json keys the core topics write.
+CORE_KEYS = ("pack_vs_copy", "pack_vs_torch", "decode_step_us", "d2h_vs_memcpy", "h2d_vs_memcpy", "disk_write_vs_raw",
+             "disk_read_vs_raw", "stream_overhead", "offload_vs_dynamic", "hf_offload_vs_dynamic", "levels")
+ENTRY_FIELDS = ("value", "unit", "ceiling", "ceiling_of", "ratio", "target", "target_of", "pass", "device", "date",
+                "quick", "detail")
+
+
+def _results_listing() -> set[str]:
+    d = ROOT / "bench" / "results"
+    return {str(p.relative_to(d)) for p in d.rglob("*")} if d.exists() else set()
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """``kvstream bench all --quick`` in a subprocess, into a temp dir; returns (out dir, completed process)."""
+    out = tmp_path_factory.mktemp("bench-quick")
+    before = _results_listing()
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "kvstream.cli", "bench", "all", "--quick", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert _results_listing() == before, "a --quick run must not write into bench/results"
+    return out, proc
+
+
+@pytest.mark.slow
+def test_quick_suite_exits_zero(quick_run):
+    out, proc = quick_run
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "## summary.json" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("topic", TOPICS)
+def test_quick_topic_csv_rows_have_every_column(quick_run, topic):
+    out, _ = quick_run
+    path = out / f"{topic}.csv"
+    assert path.exists(), f"{topic} wrote no CSV"
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader)
+        rows = list(reader)
+    assert tuple(header) == harness.COLUMNS
+    assert rows, f"{topic}.csv has no rows"
+    for row in rows:
+        assert len(row) == len(harness.COLUMNS)
+        rec = dict(zip(header, row))
+        assert all(rec[c] != "" for c in harness.COLUMNS), rec
+        p50, p20, p80 = float(rec["p50"]), float(rec["p20"]), float(rec["p80"])
+        assert not any(math.isnan(v) for v in (p50, p20, p80)), rec
+        assert p20 <= p50 <= p80, rec
+        assert rec["bench"].startswith(topic + "."), rec
+
+
+@pytest.mark.slow
+def test_quick_summary_has_every_key_and_field(quick_run):
+    out, _ = quick_run
+    doc = json.loads((out / "summary.json").read_text())
+    assert doc["device"] and doc["date"]
+    for key in CORE_KEYS:
+        assert key in doc, f"summary.json lacks {key}"
+        entry = doc[key]
+        for field in ENTRY_FIELDS:
+            assert field in entry, f"{key} lacks {field}"
+        assert entry["quick"] is True and entry["pass"] is None, f"{key}: --quick makes no claims"
+    # Every core entry but the HF peer (which needs CUDA) measured something on the CPU.
+    for key in CORE_KEYS:
+        if key != "hf_offload_vs_dynamic":
+            assert doc[key]["value"] is not None, key
+    assert doc["stream_overhead"]["conditions"]["tokens_identical"] is True
+    assert doc["offload_vs_dynamic"]["conditions"]["tokens_identical"] is True
+
+
+@pytest.mark.slow
+def test_quick_suite_draws_the_plots(quick_run):
+    pytest.importorskip("matplotlib")
+    out, _ = quick_run
+    for name in ("kernels_bandwidth", "kernels_decode_step", "transfers", "disk", "generate_overhead",
+                 "fig2_prompt_vs_token", "fig25_end_to_end", "levels"):
+        png = out / f"{name}.png"
+        assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_bench_cli_reports_missing_bench_dir(monkeypatch, capsys):
+    from kvstream import benchmarks
+
+    monkeypatch.setattr(benchmarks, "find_bench_dir", lambda: None)
+    assert benchmarks.main(["kernels", "--quick"]) == 2
+    assert "bench/ directory" in capsys.readouterr().err
+
+
+def test_bench_cli_rejects_unknown_topic(capsys):
+    from kvstream import benchmarks
+
+    assert benchmarks.main(["no-such-topic"]) == 2
+    assert "unknown topic" in capsys.readouterr().err
+
+
+def test_check_target():
+    assert harness.check_target(">= 0.90", 0.95) is True
+    assert harness.check_target(">= 0.90", 0.89) is False
+    assert harness.check_target("<= 15", 15.0) is True
+    assert harness.check_target("<= 0.02", 0.03) is False
+    assert harness.check_target("reported", 3.0) is None
+    assert harness.check_target(">= 1", None) is None
+    with pytest.raises(ValueError, match="Unparsable target"):
+        harness.check_target("about 3", 1.0)
+
+
+def test_stat_rate_keeps_quantiles_ordered():
+    ms = harness.Stat.of([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert ms.p20 <= ms.p50 <= ms.p80
+    bw = ms.rate(1000.0)
+    assert bw.p20 <= bw.p50 <= bw.p80
+    assert bw.p50 == pytest.approx(1000.0 / ms.p50)
+
+
+def test_record_summary_merges_and_decides_pass(tmp_path):
+    env = {"device": "dev", "date": "2026-01-01T00:00:00Z"}
+    harness.record_summary(tmp_path, "a", value=9.0, unit="GB/s", ceiling=10.0, ceiling_of="copy", target=">= 0.95",
+                           env=env)
+    harness.record_summary(tmp_path, "b", value=3.0, unit="x", ceiling=95.0, ceiling_of="paper", target="reported",
+                           target_of="value", conditions={"level3_best": True}, detail={0: {"k": 1}}, env=env)
+    harness.record_summary(tmp_path, "c", value=1.0, unit="x", ceiling=1.0, ceiling_of="peer", target=">= 0.5",
+                           env=env, quick=True)
+    doc = json.loads((tmp_path / "summary.json").read_text())
+    assert set(doc) == {"a", "b", "c", "device", "date"}
+    assert doc["a"]["ratio"] == pytest.approx(0.9) and doc["a"]["pass"] is False
+    assert doc["b"]["pass"] is True and doc["b"]["detail"] == {"0": {"k": 1}}
+    assert doc["c"]["pass"] is None
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob("*.lock"))
+
+
+def test_raw_disk_round_trip(tmp_path):
+    """raw_write writes its buffer's first block again and again (like dd); raw_read reads the file to its end."""
+    buf = harness.aligned_buffer(2 * 4096)
+    direct = harness.supports_direct_io(tmp_path)
+    harness.raw_write(tmp_path / "f.bin", 3 * 4096, buf, direct=direct, block_bytes=4096)
+    assert (tmp_path / "f.bin").read_bytes() == bytes(buf)[:4096] * 3
+    out = harness.aligned_buffer(4096)
+    out[:] = b"\xa5" * 4096
+    assert harness.raw_read(tmp_path / "f.bin", out, direct=direct, block_bytes=4096) == 3 * 4096
+    assert bytes(out) == bytes(buf)[:4096]
+    with pytest.raises(ValueError, match="multiple of 4096"):
+        harness.ceiling_disk(None, tmp_path, 1000, 1, bench="disk", x=0)
