@@ -309,8 +309,6 @@ class DiskTransport(Transport):
             fd = -1
             os.makedirs(path.parent, exist_ok=True)
             os.replace(tmp, path)
-            if self._fsync:
-                self._fsync_dir(path.parent)
         except BaseException as e:
             for f in pending:
                 f.result()  # the hash thread must be done with ``data`` before it is freed
@@ -326,6 +324,12 @@ class DiskTransport(Transport):
                     raise CapacityError(f"Disk full writing {what}") from e
                 raise TransportError(f"I/O error writing {what}") from e
             raise
+        if self._fsync:  # make the rename itself durable
+            try:
+                self._fsync_dir(path.parent)
+            except OSError as e:
+                raise TransportError(f"Chunk {key!r} is in place at {path} but its directory could not be "
+                                     f"synced: {e}") from e
 
     @staticmethod
     def _write_block(fd: int, data: memoryview, a: int, b: int, direct: bool) -> None:
