@@ -21,7 +21,8 @@ Contract (checked by ``tests/transports/test_contract.py`` for every registered 
   :class:`~kvstream.errors.CorruptChunkError` (from ``fetch`` or from ``wait``).
 * ``describe(key)`` returns the stored chunk's :class:`~kvstream.layout.ChunkHeader` so a reader can
   allocate ``out``; ``contains``, ``delete`` (``True`` if something was removed) and ``keys(prefix)``
-  are what their names say; ``close()`` is idempotent and every call after it raises ``TransportError``.
+  are what their names say; ``close()`` first completes the flushes already in flight, is idempotent,
+  and every call after it raises ``TransportError``.
 * Methods are safe to call from several threads at once.
 """
 
@@ -208,7 +209,7 @@ class Transport(ABC):
         """Every stored key starting with ``prefix``, sorted."""
 
     def close(self) -> None:
-        """Release resources. Idempotent; every later call raises ``TransportError``."""
+        """Complete flushes in flight, then release resources. Idempotent; later calls raise ``TransportError``."""
         self._closed = True
 
     # -- conveniences --------------------------------------------------------------------------------
