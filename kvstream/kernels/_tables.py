@@ -453,7 +453,7 @@ def token_rows(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], ids
             b, h, s, _ = t.shape
             sb, sh, ss, _ = t.stride()
             sb, sh, ss = (sb if b > 1 else 0), (sh if h > 1 else 0), (ss if s > 1 else 0)
-            addr = _address(t, f"{kind}[{l}]") + (batch0 * sb + head0 * sh)
+            addr = _address(t, f"{kind}[{l}]") + (batch0 * sb + head0 * sh) * es
             rows += (addr, sb, sh, ss, s, start)
             elems += (addr // es, sb, sh, ss)
     return rows, vector_elems(es, elems)

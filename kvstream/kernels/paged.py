@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from . import _tables
+from .tokens import move_rows
 
 #: Target bytes per program: as for token ranges (16 KiB: 8 x 16-byte loads in flight per thread at 4 warps).
 #: A vLLM block of 16 tokens x 8 heads x 128 bf16 is 32 KiB, so a program covers half a block.
@@ -47,16 +48,10 @@ def _copy_blocks_kernel(table_ptr, chunk_ptr, ids_ptr, rows, block_size, heads,
     base = tl.load(row).to(tl.pointer_type(chunk_ptr.dtype.element_ty))
     cache_off = bid * tl.load(row + 1) + tok * tl.load(row + 2) + h * tl.load(row + 3)
     if ALIGN > 1:  # the launcher checked every address and stride: 16-byte vector loads/stores
-        base = tl.multiple_of(base, ALIGN)
+        base = tl.multiple_of(base, ALIGN * (chunk_ptr.dtype.element_ty.primitive_bitwidth // 8))  # bytes
         cache_off = tl.multiple_of(cache_off, ALIGN)
-    d = tl.arange(0, BLOCK_D)
-    mask = row_mask[:, None] & (d < HEAD_DIM)[None, :]
-    cache_ptrs = base + cache_off[:, None] + d[None, :]
-    chunk_ptrs = chunk_ptr + (entry.to(tl.int64) * rows + r)[:, None] * HEAD_DIM + d[None, :]
-    if UNPACK:
-        tl.store(cache_ptrs, tl.load(chunk_ptrs, mask=mask), mask=mask)
-    else:
-        tl.store(chunk_ptrs, tl.load(cache_ptrs, mask=mask), mask=mask)
+    move_rows(base + cache_off, row_mask, chunk_ptr + (entry.to(tl.int64) * rows + r) * HEAD_DIM,
+              HEAD_DIM, BLOCK_D, UNPACK)
 
 
 def _copy(key_caches, value_caches, ids, shape, device, block_ids, chunk, unpack, block_rows, num_warps):

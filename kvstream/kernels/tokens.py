@@ -36,6 +36,24 @@ MIN_PROGRAMS_PER_SM = 4
 NUM_WARPS = 4
 
 
+@triton.jit
+def move_rows(cache_rows, row_mask, chunk_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UNPACK: tl.constexpr):
+    """Copy ``BLOCK_R`` rows of ``HEAD_DIM`` elements between a cache and a chunk (shared with paged.py).
+
+    ``cache_rows``/``chunk_rows`` point at each row's first element; rows where ``row_mask`` is false are
+    neither read nor written. Alignment hints must be set by the caller: Triton drops ``tl.multiple_of`` on
+    the arguments of a called function (seen in the PTX: 2-byte loads instead of 16-byte ones).
+    """
+    d = tl.arange(0, BLOCK_D)
+    mask = row_mask[:, None] & (d < HEAD_DIM)[None, :]
+    cache_ptrs = cache_rows[:, None] + d[None, :]
+    chunk_ptrs = chunk_rows[:, None] + d[None, :]
+    if UNPACK:
+        tl.store(cache_ptrs, tl.load(chunk_ptrs, mask=mask), mask=mask)
+    else:
+        tl.store(chunk_ptrs, tl.load(cache_ptrs, mask=mask), mask=mask)
+
+
 @triton.jit(do_not_specialize=["rows", "heads", "tokens", "t0"])
 def _copy_tokens_kernel(table_ptr, chunk_ptr, starts_ptr, rows, heads, tokens, t0,
                         COLS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -58,16 +76,10 @@ def _copy_tokens_kernel(table_ptr, chunk_ptr, starts_ptr, rows, heads, tokens, t
     base = tl.load(row).to(tl.pointer_type(chunk_ptr.dtype.element_ty))
     cache_off = b * sb + h * sh + pos * ss
     if ALIGN > 1:  # the launcher checked every address and stride: 16-byte vector loads/stores
-        base = tl.multiple_of(base, ALIGN)
+        base = tl.multiple_of(base, ALIGN * (chunk_ptr.dtype.element_ty.primitive_bitwidth // 8))  # bytes
         cache_off = tl.multiple_of(cache_off, ALIGN)
-    d = tl.arange(0, BLOCK_D)
-    mask = row_mask[:, None] & (d < HEAD_DIM)[None, :]
-    cache_ptrs = base + cache_off[:, None] + d[None, :]
-    chunk_ptrs = chunk_ptr + (entry.to(tl.int64) * rows + r)[:, None] * HEAD_DIM + d[None, :]
-    if UNPACK:
-        tl.store(cache_ptrs, tl.load(chunk_ptrs, mask=mask), mask=mask)
-    else:
-        tl.store(chunk_ptrs, tl.load(cache_ptrs, mask=mask), mask=mask)
+    move_rows(base + cache_off, row_mask, chunk_ptr + (entry.to(tl.int64) * rows + r) * HEAD_DIM,
+              HEAD_DIM, BLOCK_D, UNPACK)
 
 
 def _copy(keys, values, ids, batch, heads, tokens, t0, starts, device_starts, chunk, unpack, block_rows, num_warps):
