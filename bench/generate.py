@@ -303,7 +303,8 @@ def _summarize(run: Run, s: Session, results: dict[str, list[GenResult]], fig2: 
         return all(torch.equal(r.tokens, ref_tokens) for r in results[p])
 
     base_detail = {"batch": g["batch"], "prompt": g["prompt"], "new_tokens": g["new"], "layers": s.layout.num_layers,
-                   "kv_bytes": s.kv_bytes, "dynamic_total_s": [r.total_s for r in dyn]}
+                   "kv_bytes": s.kv_bytes, "dynamic_total_s": [r.total_s for r in dyn],
+                   "dynamic_runs_identical": same("dynamic")}  # the baseline's own determinism
     if "stream-host" in results:
         st = results["stream-host"]
         t_st = _median(st, "total_s")

@@ -171,10 +171,17 @@ def sync(device: torch.device) -> None:
 
 
 def free_memory() -> None:
-    """Drop unreferenced tensors and return cached CUDA memory to the driver (between topics)."""
+    """Drop unreferenced tensors and return cached CUDA and pinned host memory to the driver (between topics)."""
     gc.collect()
     if torch.cuda.is_available():
+        torch.cuda.synchronize()
         torch.cuda.empty_cache()
+        try:
+            from kvstream.runtime.memory import default_allocator
+
+            default_allocator().trim()
+        except ImportError:
+            pass
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -517,6 +524,7 @@ class Run:
         row = {"bench": bench, "provider": provider, "x": x, "metric": metric, "unit": unit,
                "p50": stat.p50, "p20": stat.p20, "p80": stat.p80, **self.env}
         self.rows.append(row)
+        self.write_csv()  # at once: a run cut short (a device time limit) keeps what it measured
         return stat
 
     def add_time_and_bandwidth(self, bench: str, provider: str, x: Any, ms: Stat, nbytes: int,
