@@ -14,6 +14,10 @@ Each CSV holds every run appended; a plot uses the latest run of each bench (the
 * ``fig2_prompt_vs_token.png`` — the paper's Fig. 2: prompt time and per-token time vs prompt length;
 * ``fig25_end_to_end.png`` — the paper's Fig. 25: no streaming vs streaming to host vs to disk;
 * ``levels.png`` — the paper's Fig. 7: levels 0-3, decode step and prefill landed time, end to end.
+
+Another topic (``bench/<name>.py``) draws its own CSV by defining ``plot(data, plt, out) -> list[Path]``,
+where ``data`` is :func:`read_latest` of its CSV; :func:`series`, :func:`lines`, :func:`bars` and
+:func:`save` help.
 """
 
 from __future__ import annotations
@@ -124,7 +128,7 @@ def plot_kernels(data: dict, plt, out: Path) -> list[Path]:
             ax.set_xlabel("tokens in the region")
         axes[0].set_ylabel("GB/s (read + written)")
         _title(fig, data["kernels.pack"], "pack/unpack vs device-to-device copy")
-        made.append(_save(fig, plt, out / "kernels_bandwidth.png"))
+        made.append(save(fig, plt, out / "kernels_bandwidth.png"))
     if "kernels.decode_step" in data:
         rows = data["kernels.decode_step"]
         fig, ax = plt.subplots(figsize=(9, 4))
@@ -134,7 +138,7 @@ def plot_kernels(data: dict, plt, out: Path) -> list[Path]:
         ax.set_ylabel("µs per decode step (all layers, landed in pinned host)")
         ax.legend(fontsize=8)
         _title(fig, rows, "decode step")
-        made.append(_save(fig, plt, out / "kernels_decode_step.png"))
+        made.append(save(fig, plt, out / "kernels_decode_step.png"))
     return made
 
 
@@ -149,7 +153,7 @@ def plot_transfers(data: dict, plt, out: Path) -> list[Path]:
         ax.set_xlabel("chunk MiB")
     axes[0].set_ylabel("GB/s")
     _title(fig, data["transfers.d2h"], "packed chunks to/from pinned host vs cudaMemcpyAsync")
-    return [_save(fig, plt, out / "transfers.png")]
+    return [save(fig, plt, out / "transfers.png")]
 
 
 def plot_disk(data: dict, plt, out: Path) -> list[Path]:
@@ -164,7 +168,7 @@ def plot_disk(data: dict, plt, out: Path) -> list[Path]:
     bars(ax, s)
     ax.set_ylabel("GB/s")
     _title(fig, data["disk.write"], "DiskTransport vs raw O_DIRECT, same disk")
-    return [_save(fig, plt, out / "disk.png")]
+    return [save(fig, plt, out / "disk.png")]
 
 
 def plot_generate(data: dict, plt, out: Path) -> list[Path]:
@@ -184,14 +188,14 @@ def plot_generate(data: dict, plt, out: Path) -> list[Path]:
         bars(axes[1], by_provider(series(rows, "kv_resident")))
         axes[1].set_ylabel("GB of KV resident on the GPU (decode)")
         _title(fig, rows, f"HF generate {rows[0]['x']}: streaming and offload vs DynamicCache")
-        made.append(_save(fig, plt, out / "generate_overhead.png"))
+        made.append(save(fig, plt, out / "generate_overhead.png"))
         fig25 = {p: v for p, v in total.items() if p in ("dynamic", "stream-host", "stream-disk")}
         if fig25:
             fig, ax = plt.subplots(figsize=(6, 4))
             bars(ax, by_provider(fig25), annotate=ratios(fig25))
             ax.set_ylabel("end-to-end s")
             _title(fig, rows, "Fig. 25: no streaming vs streaming to host vs to disk")
-            made.append(_save(fig, plt, out / "fig25_end_to_end.png"))
+            made.append(save(fig, plt, out / "fig25_end_to_end.png"))
     rows = data.get("generate.fig2")
     if rows:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -202,7 +206,7 @@ def plot_generate(data: dict, plt, out: Path) -> list[Path]:
         ax.set_xlabel("prompt tokens")
         ax.set_ylabel("ms")
         _title(fig, rows, "Fig. 2: prompt time vs per-token time")
-        made.append(_save(fig, plt, out / "fig2_prompt_vs_token.png"))
+        made.append(save(fig, plt, out / "fig2_prompt_vs_token.png"))
     return made
 
 
@@ -220,10 +224,22 @@ def plot_levels(data: dict, plt, out: Path) -> list[Path]:
         ax.set_title(f"{bench.split('.')[1]}: {metric}")
         ax.set_ylabel(_unit(data[bench], metric))
     _title(fig, data[panels[0][0]], "Fig. 7: DéjàVuLib levels (0 naive, 1 buffered, 2 layer-by-layer, 3 all)")
-    return [_save(fig, plt, out / "levels.png")]
+    return [save(fig, plt, out / "levels.png")]
 
 
-def _save(fig, plt, path: Path) -> Path:
+def _topic_plotter(topic: str):
+    """Another topic's own ``plot(data, plt, out) -> list[Path]`` (e.g. ``bench/prefix.py``), if it has one."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"bench.{topic}")
+    except ImportError:
+        return None
+    return getattr(module, "plot", None)
+
+
+def save(fig, plt, path: Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` as a PNG, close it; returns ``path``."""
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -250,9 +266,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     made: list[Path] = []
     plotters = {"kernels": plot_kernels, "transfers": plot_transfers, "disk": plot_disk, "generate": plot_generate,
                 "levels": plot_levels}
-    for topic, plotter in plotters.items():
-        path = src / f"{topic}.csv"
-        if path.exists():
+    for path in sorted(src.glob("*.csv")):
+        plotter = plotters.get(path.stem) or _topic_plotter(path.stem)
+        if plotter is not None:
             made += plotter(read_latest(path), plt, dst)
     print("plots: " + (", ".join(str(m) for m in made) if made else f"none (no CSVs in {src})"), flush=True)
     return 0

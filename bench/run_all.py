@@ -112,8 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception:  # noqa: BLE001 - plots are a convenience; the CSVs are the record
             traceback.print_exc()
             failed.append("plot")
+    table = summary_table(out / "summary.json")
+    (out / "summary.md").write_text(f"<!-- written by bench/run_all.py from summary.json -->\n{table}\n")
     print("\n## summary.json\n")
-    print(summary_table(out / "summary.json"))
+    print(table)
     harness.progress(f"suite done in {time.perf_counter() - t_start:.1f} s; results in {out}"
                      + (f"; FAILED: {failed}" if failed else ""))
     return 1 if failed else 0

@@ -53,6 +53,8 @@ def test_quick_suite_exits_zero(quick_run):
     out, proc = quick_run
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "## summary.json" in proc.stdout
+    table = (out / "summary.md").read_text()
+    assert "| pack_vs_copy |" in table and "| levels |" in table
 
 
 @pytest.mark.slow
