@@ -287,13 +287,11 @@ def pinned_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
 
     Plain host memory without a GPU.
     """
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     try:
-        from kvstream.runtime.memory import pinned_empty as _kv_pinned
-
-        return _kv_pinned(nbytes).view(dtype).view(tuple(shape))
+        from kvstream.runtime.memory import pinned_like
     except ImportError:
         return torch.empty(tuple(shape), dtype=dtype, pin_memory=torch.cuda.is_available())
+    return pinned_like(tuple(shape), dtype)
 
 
 def tensor_nbytes(tensors: Iterable[torch.Tensor] | torch.Tensor) -> int:

@@ -170,3 +170,19 @@ def test_raw_disk_round_trip(tmp_path):
     assert bytes(out) == bytes(buf)[:4096]
     with pytest.raises(ValueError, match="multiple of 4096"):
         harness.ceiling_disk(None, tmp_path, 1000, 1, bench="disk", x=0)
+
+
+@pytest.mark.gpu
+def test_quick_suite_on_the_gpu(tmp_path):
+    """The GPU code paths (events, zero-copy, CUDA graph, HF offload) with tiny shapes: every topic runs."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-m", "bench.run_all", "--quick", "--device", "cuda", "--out", str(tmp_path),
+                           "--no-plot"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
+    doc = json.loads((tmp_path / "summary.json").read_text())
+    for key in CORE_KEYS:
+        assert doc[key]["value"] is not None, (key, doc[key]["detail"].get("error"))
+    import torch
+
+    assert doc["device"] == torch.cuda.get_device_name(0)
