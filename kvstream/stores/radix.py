@@ -293,10 +293,7 @@ class RadixStore(PrefixStore):
             self._dir = None
             self._owner = _LOCAL_OWNER
         else:
-            if not shared_name or "/" in shared_name or shared_name.startswith("."):
-                raise ConfigError(f"shared_name must be a plain name, got {shared_name!r}")
-            base = shm_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
-            self._dir = os.path.join(base, f"kvstream-radix-{shared_name}")
+            self._dir = self.shared_dir(shared_name, shm_dir)
             self._owner = _owner_id()
             self._generation = -1
             os.makedirs(self._dir, exist_ok=True)
@@ -576,6 +573,28 @@ class RadixStore(PrefixStore):
             raise ConfigError("unlink() is for shared stores (shared_name=...)")
         self.close()
         shutil.rmtree(self._dir, ignore_errors=True)
+
+    @staticmethod
+    def shared_dir(shared_name: str, shm_dir: str | None = None) -> str:
+        """The directory of the shared store ``shared_name``: ``<shm_dir or /dev/shm>/kvstream-radix-<name>``.
+
+        Raises
+        ------
+        ConfigError
+            If the name is not a plain file name.
+        """
+        if not shared_name or "/" in shared_name or shared_name.startswith("."):
+            raise ConfigError(f"shared_name must be a plain name, got {shared_name!r}")
+        base = shm_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+        return os.path.join(base, f"kvstream-radix-{shared_name}")
+
+    @classmethod
+    def remove_shared(cls, shared_name: str, shm_dir: str | None = None) -> bool:
+        """Delete the shared store ``shared_name`` without attaching to it; ``True`` if it existed."""
+        path = cls.shared_dir(shared_name, shm_dir)
+        existed = os.path.isdir(path)
+        shutil.rmtree(path, ignore_errors=True)
+        return existed
 
 
 __all__ = ["RadixStore"]

@@ -1,0 +1,192 @@
+"""Prefix reuse: time to first token with a stored 90% prefix over full prefill, and the stores' throughput
+against the raw disk and pinned memcpy of the same bytes, in the same run.
+
+Model: the Llama-3-8B shape, bf16, ``--layers`` decoder layers (``harness.shared_model``); prompt:
+``--prompt-tokens`` (8192) tokens of the shipped text. The first ``--stored-fraction`` (90%) of the
+prompt is prefilled once and stored in a :class:`~kvstream.RadixStore` (pinned host memory) and a
+:class:`~kvstream.ChunkFileStore` (``--chunk-tokens`` per file, on ``--disk-dir``; the file store keeps
+whole chunks only, so it matches the largest multiple of the chunk size).
+
+Rows (``<out>/prefix.csv``), host clock between synchronizations, every provider alike:
+
+* ``prefix.ttft`` (x = prompt tokens, ms): ``full-prefill`` (``generate(max_new_tokens=1)`` from an empty
+  cache), ``RadixStore`` / ``ChunkFileStore(cold)`` / ``ChunkFileStore(warm)`` (lookup + load onto the GPU
+  with :func:`~kvstream.stores.reuse.load_prefix_into`, then ``generate`` of the rest; *cold* drops the
+  chunk files from the page cache first);
+* ``prefix.store.write`` / ``prefix.store.read`` (x = chunk MiB): ``ChunkFileStore`` update of the stored
+  prefix from the GPU cache until durable (fsync of every file), and lookup + load of it onto the GPU
+  from a cold page cache; time, GB/s and tokens/s; against ``raw-odirect`` (or ``raw-buffered``) writes
+  and reads of as many files of the same size, 16 MiB blocks (:func:`bench.harness.ceiling_disk`);
+* ``prefix.radix.update`` / ``prefix.radix.load``: ``RadixStore`` update from the GPU and load to the GPU,
+  against pinned ``memcpy`` of the same bytes.
+
+Summary keys: ``prefix_ttft_speedup`` (full prefill over the radix store's TTFT; target >= 5, LMCache
+claims 3-10x), ``file_store_read_vs_raw`` and ``file_store_write_vs_raw`` (GB/s over raw; Vineyard
+reached about 100% of its SSD). Whether the first token equals full prefill's is kept in the detail
+(bf16 prefill in two pieces may round differently from one piece: a difference is reported, not hidden).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from typing import Sequence
+
+import torch
+
+from . import harness
+from .harness import MiB, Run
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    """The topic's own options."""
+    p.add_argument("--prompt-tokens", type=int, default=8192, help="prompt length in tokens (default 8192)")
+    p.add_argument("--stored-fraction", type=float, default=0.9, help="share of the prompt already stored (0.9)")
+    p.add_argument("--chunk-tokens", type=int, default=256, help="tokens per file-store chunk (LMCache: 256)")
+    p.add_argument("--reps", type=int, default=5, help="repetitions of each timed step")
+
+
+def _generate_one(model, ids: torch.Tensor, cache) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.generate(ids, past_key_values=cache, max_new_tokens=1, do_sample=False,
+                              attention_mask=torch.ones_like(ids), pad_token_id=0)
+
+
+def _prefix_kv(model, ids: torch.Tensor):
+    """Prefill ``ids`` once; the per-layer keys and values of its cache."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(ids, past_key_values=cache, use_cache=True)
+    return [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the prefix topic; returns the exit code."""
+    from transformers import DynamicCache
+
+    from kvstream.layout import HEADER_BYTES
+    from kvstream.models import batch_of_prompts
+    from kvstream.stores import ChunkFileStore, RadixStore, load_prefix_into
+
+    run = Run.from_argv("prefix", argv, add_args, __doc__)
+    a = run.args
+    total, chunk, reps = (256, 16, 1) if run.quick else (a.prompt_tokens, a.chunk_tokens, a.reps)
+    stored = int(total * a.stored_fraction)
+    device = run.device
+    model = harness.shared_model(run)
+    ids = batch_of_prompts(1, total, device=device)
+    keys, values = _prefix_kv(model, ids[:, :stored])
+    per_token = harness.tensor_nbytes(keys + values) // stored
+    harness.progress(f"prefix: {total}-token prompt, {stored} stored ({per_token / MiB:.3f} MiB of KV per token)")
+    root = run.disk_dir()
+    try:
+        radix = RadixStore(capacity_bytes=2 * stored * per_token)
+        files = ChunkFileStore(root / "store", chunk_tokens=chunk, namespace="bench-prefix")
+
+        # -- the stores' own throughput ----------------------------------------------------------------
+        radix_bytes = stored * per_token
+        ms = run.time_host(lambda: (RadixStore(capacity_bytes=2 * radix_bytes).update_kv(ids[0, :stored], keys, values)),
+                           reps=reps)
+        run.add_time_and_bandwidth("prefix.radix.update", "RadixStore(from-cuda)" if run.is_cuda else "RadixStore",
+                                   stored, ms, radix_bytes)
+        radix.update_kv(ids[0, :stored], keys, values)
+
+        def radix_load() -> None:
+            with radix.fetch_prefix(ids, device=device):
+                pass
+
+        ms = run.time_host(radix_load, reps=reps)
+        run.add_time_and_bandwidth("prefix.radix.load", "RadixStore(to-cuda)" if run.is_cuda else "RadixStore",
+                                   stored, ms, radix_bytes)
+        if run.is_cuda:
+            layer_bytes = radix_bytes // len(keys)
+            harness.ceiling_memcpy(run, layer_bytes, len(keys), direction="d2h", bench="prefix.radix.update", x=stored)
+            harness.ceiling_memcpy(run, layer_bytes, len(keys), direction="h2d", bench="prefix.radix.load", x=stored)
+
+        n_files = stored // chunk
+        file_tokens = n_files * chunk
+        file_bytes = HEADER_BYTES + chunk * per_token
+        store_bytes = n_files * file_bytes
+        x = round(file_bytes / MiB, 3)
+
+        def write_all() -> None:
+            files.update_kv(ids[0, :stored], keys, values, overwrite=True)
+            harness.evict_tree(files.root)  # durable, as the raw writes (fsync), and out of the page cache
+
+        w_ms = run.time_host(write_all, reps=reps, warmup=1)
+        store_w = run.add_time_and_bandwidth("prefix.store.write", "ChunkFileStore", x, w_ms, store_bytes, time_unit="s")
+        run.add("prefix.store.write", "ChunkFileStore", x, "throughput", "tokens/s", w_ms.rate(file_tokens * 1e3))
+
+        def read_all() -> None:
+            with files.fetch_prefix(ids, device=device) as m:
+                if m.matched_tokens != file_tokens:
+                    raise RuntimeError(f"file store matched {m.matched_tokens} tokens, expected {file_tokens}")
+
+        r_ms = run.time_host(read_all, reps=reps, warmup=1, setup=lambda: harness.evict_tree(files.root))
+        store_r = run.add_time_and_bandwidth("prefix.store.read", "ChunkFileStore", x, r_ms, store_bytes, time_unit="s")
+        run.add("prefix.store.read", "ChunkFileStore", x, "throughput", "tokens/s", r_ms.rate(file_tokens * 1e3))
+        with files.fetch_prefix(ids, device=device) as m:  # what is read back is what was written
+            for i in range(len(keys)):
+                if not (torch.equal(m.keys[i], keys[i][:, :, :file_tokens])
+                        and torch.equal(m.values[i], values[i][:, :, :file_tokens])):
+                    raise RuntimeError(f"file store: layer {i} read back differs from what was written")
+
+        raw_dir = root / "raw"
+        raw_dir.mkdir()
+        raw_file_bytes = -(-file_bytes // harness.DIRECT_ALIGN_BYTES) * harness.DIRECT_ALIGN_BYTES
+        raw_w, raw_r, raw_label = harness.ceiling_disk(run, raw_dir, raw_file_bytes, n_files, bench="prefix.store",
+                                                       x=x, reps=reps)
+
+        # -- time to first token -------------------------------------------------------------------------
+        def full() -> torch.Tensor:
+            return _generate_one(model, ids, DynamicCache(config=model.config))
+
+        def reuse(store) -> torch.Tensor:
+            cache = DynamicCache(config=model.config)
+            load_prefix_into(cache, store, ids, device=device)
+            return _generate_one(model, ids, cache)
+
+        ref = full()
+        t_full = run.time_host(full, reps=reps)
+        run.add("prefix.ttft", "full-prefill", total, "time", "ms", t_full)
+        t_radix = run.time_host(lambda: reuse(radix), reps=reps)
+        run.add("prefix.ttft", "RadixStore", total, "time", "ms", t_radix)
+        t_cold = run.time_host(lambda: reuse(files), reps=reps, setup=lambda: harness.evict_tree(files.root))
+        run.add("prefix.ttft", "ChunkFileStore(cold)", total, "time", "ms", t_cold)
+        t_warm = run.time_host(lambda: reuse(files), reps=reps)
+        run.add("prefix.ttft", "ChunkFileStore(warm)", total, "time", "ms", t_warm)
+        same = {"RadixStore": bool(torch.equal(reuse(radix), ref)), "ChunkFileStore": bool(torch.equal(reuse(files), ref))}
+
+        detail = {"prompt_tokens": total, "stored_tokens": stored, "file_store_tokens": file_tokens,
+                  "kv_bytes_per_token": per_token, "full_prefill_ms": t_full.p50, "radix_ttft_ms": t_radix.p50,
+                  "file_cold_ttft_ms": t_cold.p50, "file_warm_ttft_ms": t_warm.p50,
+                  "file_cold_speedup": t_full.p50 / t_cold.p50, "file_warm_speedup": t_full.p50 / t_warm.p50,
+                  "first_token_identical": same, "layers": len(keys)}
+        run.summary("prefix_ttft_speedup", value=t_full.p50 / t_radix.p50, unit="x", ceiling=None,
+                    ceiling_of=f"full prefill of the same {total}-token prompt, same run", target=">= 5",
+                    target_of="value", provider="RadixStore", detail=detail)
+        fs = harness.fs_type(root)
+        disk_detail = {"filesystem": fs, "raw": raw_label, "chunk_tokens": chunk, "file_bytes": file_bytes,
+                       "files": n_files, "store_write_GBps": store_w.p50, "store_read_GBps": store_r.p50,
+                       "raw_write_GBps": raw_w.p50, "raw_read_GBps": raw_r.p50,
+                       "store_write_tokens_per_s": file_tokens / (w_ms.p50 / 1e3),
+                       "store_read_tokens_per_s": file_tokens / (r_ms.p50 / 1e3)}
+        run.summary("file_store_read_vs_raw", value=store_r.p50, unit="GB/s", ceiling=raw_r.p50,
+                    ceiling_of=f"{raw_label} reads of as many files of the same size, 16 MiB blocks, same disk ({fs}), "
+                               "same run; the store's reads land on the GPU", target=">= 0.90", target_of="ratio",
+                    provider="ChunkFileStore", detail=disk_detail)
+        run.summary("file_store_write_vs_raw", value=store_w.p50, unit="GB/s", ceiling=raw_w.p50,
+                    ceiling_of=f"{raw_label} writes (fsync) of as many files of the same size, same disk ({fs}), "
+                               "same run; the store's writes start from the GPU", target=">= 0.90", target_of="ratio",
+                    provider="ChunkFileStore", detail=disk_detail)
+        radix.close()
+        files.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return run.finish()
+
+
+if __name__ == "__main__":
+    harness.module_main(main)
