@@ -455,7 +455,8 @@ def record_summary(out_dir: str | Path, key: str, *, value: float | None, unit: 
 
 def common_parser(topic: str, description: str | None = None) -> argparse.ArgumentParser:
     """The options every topic takes: ``--quick``, ``--out``, ``--device``, ``--layers``, ``--disk-dir``."""
-    p = argparse.ArgumentParser(prog=f"bench.{topic}", description=description)
+    p = argparse.ArgumentParser(prog=f"bench.{topic}", description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="tiny shapes, few repetitions, any device; no timing claims; writes to a temp dir unless --out")
     p.add_argument("--out", default=None, help="results directory (default: bench/results, or a temp dir with --quick)")

@@ -11,7 +11,7 @@ Rows (``<out>/kernels.csv``):
 
 * ``kernels.pack`` / ``kernels.unpack``, x = tokens: providers ``kvstream`` (Triton, one launch for all
   layers), ``torch-reference`` (``kernels/reference.py``); time (ms) and bandwidth (GB/s, read + written);
-* ``kernels.ceiling``: ``d2d-copy`` of the same bytes (capped at 4 GiB: a copy that large is at its
+* ``kernels.ceiling``: ``d2d-copy`` of the same bytes (capped at 2 GiB: a copy that large is at its
   plateau), the ceiling of ``pack_vs_copy``;
 * ``kernels.decode_step``, x = batch: ``memcpy`` (the same bytes, contiguous, pinned D2H: the PCIe floor),
   ``kvstream-zero-copy`` (pack_newest writing straight into pinned host memory), ``kvstream-pack+memcpy``,
@@ -77,7 +77,7 @@ def bench_pack_unpack(run: Run, g: dict) -> dict:
         out = torch.empty(region.resolve(g["batch"], g["heads"]).packed_shape(g["head_dim"]), dtype=g["dtype"],
                           device=run.device)
         moved = 2 * harness.tensor_nbytes(out)
-        copy_bw = harness.ceiling_d2d(run, min(harness.tensor_nbytes(out), 4 * GiB), bench="kernels.ceiling", x=tokens)
+        copy_bw = harness.ceiling_d2d(run, min(harness.tensor_nbytes(out), 2 * GiB), bench="kernels.ceiling", x=tokens)
 
         out.fill_(float("nan"))
         pack_tokens(keys, values, region, out=out, backend="triton")
