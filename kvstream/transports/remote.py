@@ -42,7 +42,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import ChunkNotFound, ConfigError, CorruptChunkError, LayoutError, PeerError, TransportError
+from ..errors import ChunkNotFound, ConfigError, CorruptChunkError, PeerError, TransportError
 from ..layout import ChunkHeader, Region, check_packed, payload_checksum, tensor_bytes
 from .base import CompletedHandle, FutureHandle, Handle, Transport
 from .host import byte_view, chunk_header
@@ -59,6 +59,20 @@ class ChunkTimeout(ChunkNotFound, PeerError):
     Both a :class:`~kvstream.errors.ChunkNotFound` (``KeyError``) and a
     :class:`~kvstream.errors.PeerError`.
     """
+
+
+def poll(ready: Callable[[], bool], deadline: float, check: Callable[[], None]) -> bool:
+    """Poll ``ready()`` with growing sleeps (``POLL_MIN_S`` to ``POLL_MAX_S``) until it is true (True) or the
+    ``time.monotonic()`` ``deadline`` passes (False). ``check()`` runs every round and may raise (a dead peer).
+    """
+    delay = POLL_MIN_S
+    while not ready():
+        check()
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(delay)
+        delay = min(2 * delay, POLL_MAX_S)
+    return True
 
 
 def free_port() -> int:
@@ -150,17 +164,18 @@ class Liveness:
     """Heartbeats through the store and the peer's state: alive, closed, or dead with a reason.
 
     A background thread bumps ``hb/<rank>`` every ``heartbeat_s`` seconds and watches ``hb/<peer>``; a
-    counter that has not moved for ``dead_after_s`` marks the peer dead. ``on_change`` is called (from
+    counter that has not moved for ``dead_after_s`` marks the peer dead; before its first heartbeat the
+    peer has ``startup_s`` (it may still be starting up). ``on_change`` is called (from
     that thread) when the state changes so that waiters can wake up.
     """
 
     def __init__(self, store, rank: int, peer: int, *, heartbeat_s: float, dead_after_s: float,
-                 on_change: Callable[[], None]):
+                 startup_s: float, on_change: Callable[[], None]):
         if heartbeat_s <= 0 or dead_after_s <= heartbeat_s:
             raise ConfigError(f"need 0 < heartbeat_s < dead_after_s, got heartbeat_s={heartbeat_s}, "
                               f"dead_after_s={dead_after_s}")
         self._store, self.rank, self.peer = store, rank, peer
-        self.heartbeat_s, self.dead_after_s = heartbeat_s, dead_after_s
+        self.heartbeat_s, self.dead_after_s, self.startup_s = heartbeat_s, dead_after_s, startup_s
         self._on_change = on_change
         self.error: PeerError | None = None
         self._stop = threading.Event()
@@ -187,9 +202,10 @@ class Liveness:
             now = time.monotonic()
             if count != self._last_count:
                 self._last_count, self._last_seen = count, now
-            elif now - self._last_seen > self.dead_after_s:
+            elif now - self._last_seen > (self.dead_after_s if count > 0 else max(self.dead_after_s, self.startup_s)):
                 self.fail(PeerError(f"Peer rank {self.peer} sent no heartbeat for {now - self._last_seen:.1f} s "
-                                    f"(limit {self.dead_after_s} s): dead or hung"))
+                                    f"(limit {self.dead_after_s} s): dead or hung" if count > 0 else
+                                    f"Peer rank {self.peer} never sent a heartbeat in {now - self._last_seen:.1f} s"))
                 return
             self._stop.wait(self.heartbeat_s)
 
@@ -197,6 +213,63 @@ class Liveness:
         """Stop the heartbeat thread (it exits within one interval)."""
         self._stop.set()
         self._thread.join(timeout=self.heartbeat_s + 1.0)
+
+
+class Acks:
+    """The receiver's count of chunks it has taken in, read by the sender to complete its flush handles.
+
+    The receiver bumps the store counter ``key`` once per chunk, in sequence order, after the chunk is
+    visible to its ``contains``/``keys``/``fetch``; chunk ``seq`` has landed once the count is ``>= seq``.
+    The last value read is cached, so :meth:`reached` costs a store round trip only while behind.
+    """
+
+    def __init__(self, store, key: str):
+        self._store, self._key = store, key
+        self.count = 0
+
+    def bump(self) -> None:
+        """Receiver side: one more chunk has landed."""
+        self._store.add(self._key, 1)
+
+    def reached(self, seq: int, *, query: bool = True) -> bool:
+        """Whether chunk ``seq`` has landed (reads the store unless ``query`` is False or it is known)."""
+        if self.count < seq and query:
+            self.count = max(self.count, int(self._store.add(self._key, 0)))
+        return self.count >= seq
+
+    def wait(self, seq: int, deadline: float, check: Callable[[], None]) -> bool:
+        """Poll until chunk ``seq`` landed (True) or ``deadline`` passed (False); ``check`` may raise."""
+        return poll(lambda: self.reached(seq), deadline, check)
+
+
+class AckedHandle(Handle):
+    """A flush in flight: done when the local send finished (``sent``) and the peer acknowledged ``seq``.
+
+    ``sent`` is a handle for the local part; ``transport`` provides ``acks`` (:class:`Acks`), ``timeout_s``,
+    ``closed`` and ``_raise_peer`` (raises :class:`PeerError` once the peer failed).
+    """
+
+    def __init__(self, transport: Any, sent: Handle, seq: int, what: str):
+        self._t, self._sent, self._seq, self._what = transport, sent, seq, what
+
+    def done(self) -> bool:
+        """Whether the send failed, or finished and was acknowledged (one store read at most)."""
+        if not self._sent.done():
+            return False
+        try:
+            self._sent.wait(0)
+        except BaseException:  # noqa: BLE001 - a failed send is done; wait() raises it
+            return True
+        return self._t.acks.reached(self._seq, query=not self._t.closed) or self._t.peer_error is not None
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for the send and the acknowledgement; ``TimeoutError`` after ``timeout``, ``PeerError`` if the peer failed."""
+        limit = self._t.timeout_s if timeout is None else float(timeout)
+        deadline = time.monotonic() + limit
+        self._sent.wait(timeout)
+        if not self._t.acks.reached(self._seq, query=not self._t.closed):
+            if not self._t.acks.wait(self._seq, deadline, self._t._raise_peer):
+                raise TimeoutError(f"{self._what} not acknowledged by the peer within {limit} s")
 
 
 class RemoteHostTransport(Transport):
@@ -215,8 +288,9 @@ class RemoteHostTransport(Transport):
     namespace : str
         Store prefix; unique per connection.
     timeout_s : float
-        Bound on the connection setup, on one payload send/receive, and the default wait of
-        :meth:`fetch`/:meth:`describe` for a key to arrive.
+        Bound on the connection setup, on one payload send/receive and its acknowledgement.
+    fetch_timeout_s : float, optional
+        How long :meth:`fetch`/:meth:`describe` wait for a key to arrive (default ``timeout_s``).
     heartbeat_s, dead_after_s : float
         Heartbeat interval and silence after which the peer counts as dead (see the module docstring).
     verify : bool
@@ -240,8 +314,8 @@ class RemoteHostTransport(Transport):
     name = "remote"
 
     def __init__(self, store, rank: int, peer: int, *, group=None, group_peer: int | None = None,
-                 namespace: str = "kvstream/remote", timeout_s: float = 60.0, heartbeat_s: float = 0.5,
-                 dead_after_s: float = 5.0, verify: bool = True):
+                 namespace: str = "kvstream/remote", timeout_s: float = 60.0, fetch_timeout_s: float | None = None,
+                 heartbeat_s: float = 0.5, dead_after_s: float = 5.0, verify: bool = True):
         super().__init__()
         import torch.distributed as dist
 
@@ -249,6 +323,7 @@ class RemoteHostTransport(Transport):
         if timeout_s <= 0:
             raise ConfigError(f"timeout_s must be > 0, got {timeout_s}")
         self.rank, self.peer, self.timeout_s, self.verify = rank, peer, float(timeout_s), bool(verify)
+        self.fetch_timeout_s = self.timeout_s if fetch_timeout_s is None else float(fetch_timeout_s)
         self._store = dist.PrefixStore(pair_namespace(namespace, rank, peer), store)
         self._cond = threading.Condition(self._lock)
         self._chunks: dict[str, tuple[ChunkHeader, torch.Tensor]] = {}
@@ -267,22 +342,26 @@ class RemoteHostTransport(Transport):
         self._group = group
         self._group_peer = peer if group_peer is None else int(group_peer)
         self._sender = ThreadPoolExecutor(1, thread_name_prefix=f"kvstream-remote-send-{rank}")
+        self.acks = Acks(self._store, f"ack/{peer}")  # chunks the peer took in from us
+        self._my_acks = Acks(self._store, f"ack/{rank}")  # chunks we took in from the peer
         self._live = Liveness(self._store, rank, peer, heartbeat_s=heartbeat_s, dead_after_s=dead_after_s,
-                              on_change=self._wake)
+                              startup_s=self.timeout_s, on_change=self._wake)
         self._receiver = threading.Thread(target=self._receive_loop, name=f"kvstream-remote-recv-{rank}", daemon=True)
         self._receiver.start()
 
     # -- construction helpers ------------------------------------------------------------------------
     @classmethod
     def pair(cls, **kwargs: Any) -> tuple["RemoteHostTransport", "RemoteHostTransport"]:
-        """Two connected endpoints (ranks 0 and 1) in this process, over a private store on 127.0.0.1.
+        """Two connected endpoints (ranks 0 and 1) in this process, over a private in-process store.
 
-        For tests and single-process use; keyword arguments go to both constructors.
+        For tests and single-process use; keyword arguments go to both constructors. (An in-process
+        ``HashStore`` rather than a ``TCPStore``: creating a TCPStore server and clients sometimes stalls
+        for 5 s in their connection handshake.)
         """
-        timeout_s = kwargs.get("timeout_s", 60.0)
-        server = rendezvous_store("127.0.0.1", 0, is_server=True, timeout_s=timeout_s)
-        stores = [rendezvous_store("127.0.0.1", server.port, is_server=False, timeout_s=timeout_s) for _ in range(2)]
-        return connect_pair(lambda r: cls(stores[r], r, 1 - r, **kwargs), keep_alive=server)
+        import torch.distributed as dist
+
+        store = dist.HashStore()
+        return connect_pair(lambda r: cls(store, r, 1 - r, **kwargs))
 
     @classmethod
     def loopback(cls, **kwargs: Any) -> "LoopbackTransport":
@@ -314,7 +393,8 @@ class RemoteHostTransport(Transport):
         with self._lock:
             self._send_seq += 1
             seq = self._send_seq
-        return FutureHandle(self._sender.submit(self._send, key, seq, host, header))
+        sent = FutureHandle(self._sender.submit(self._send, key, seq, host, header))
+        return AckedHandle(self, sent, seq, f"flush of {key!r}")
 
     def fetch(self, key: str, out: torch.Tensor, timeout: float | None = None) -> Handle:
         """Copy the chunk the peer flushed under ``key`` into ``out``, waiting up to ``timeout`` for it to arrive.
@@ -324,7 +404,7 @@ class RemoteHostTransport(Transport):
         out : torch.Tensor
             Contiguous, the stored shape and dtype, CPU or CUDA.
         timeout : float, optional
-            Seconds to wait for the key (default ``timeout_s``).
+            Seconds to wait for the key (default ``fetch_timeout_s``).
 
         Raises
         ------
@@ -373,6 +453,11 @@ class RemoteHostTransport(Transport):
                 return
             self._closed = True
         self._sender.shutdown(wait=True)
+        if self._live.error is None and not self._peer_closed:  # flushes in flight: wait for their acks
+            try:
+                self.acks.wait(self._send_seq, time.monotonic() + self.timeout_s, self._raise_peer)
+            except PeerError:
+                pass
         try:
             self._store.set(f"closed/{self.rank}", "1")
         except Exception:  # noqa: BLE001 - best effort: the store may have died with the peer
@@ -393,6 +478,10 @@ class RemoteHostTransport(Transport):
     def _wake(self) -> None:
         with self._cond:
             self._cond.notify_all()
+
+    def _raise_peer(self) -> None:
+        if self._live.error is not None:
+            raise PeerError(str(self._live.error)) from self._live.error
 
     def _raise_peer_state(self, what: str, key: str) -> None:
         if self._live.error is not None:
@@ -453,11 +542,12 @@ class RemoteHostTransport(Transport):
                 self._chunks.pop(key, None)
                 self._bad[key] = bad
             self._cond.notify_all()
+        self._my_acks.bump()
 
     def _wait_for(self, key: str, timeout: float | None) -> tuple[ChunkHeader, torch.Tensor]:
         self._check_open()
         self._check_key(key)
-        timeout = self.timeout_s if timeout is None else float(timeout)
+        timeout = self.fetch_timeout_s if timeout is None else float(timeout)
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
@@ -477,10 +567,8 @@ class RemoteHostTransport(Transport):
                 self._cond.wait(min(left, 0.1))
 
 
-def connect_pair(make: Callable[[int], Transport], keep_alive: Any = None) -> tuple[Any, Any]:
+def connect_pair(make: Callable[[int], Transport]) -> tuple[Any, Any]:
     """Build endpoints 0 and 1 concurrently (each constructor blocks until the other connects).
-
-    ``keep_alive`` (the store server) is attached to both endpoints so it lives as long as they do.
 
     Raises
     ------
@@ -506,8 +594,6 @@ def connect_pair(make: Callable[[int], Transport], keep_alive: Any = None) -> tu
             if m is not None:
                 m.close()
         raise errors[0]
-    for m in made:
-        m._keep_alive = keep_alive
     return made[0], made[1]
 
 
@@ -560,6 +646,6 @@ class LoopbackTransport(Transport):
         self.receiver.close()
 
 
-__all__ = ["RemoteHostTransport", "LoopbackTransport", "ChunkTimeout", "Liveness", "rendezvous_store",
+__all__ = ["RemoteHostTransport", "LoopbackTransport", "ChunkTimeout", "Liveness", "Acks", "AckedHandle", "poll", "rendezvous_store",
            "store_from_env", "free_port", "pair_namespace", "check_pair", "wrap_header", "unwrap_header",
            "connect_pair"]

@@ -90,3 +90,22 @@ def guards_intact(big: torch.Tensor) -> bool:
 def all_sentinel(t: torch.Tensor) -> bool:
     """Whether every byte of ``t`` is :data:`SENTINEL` (nothing was written into it)."""
     return bool((byte_view(t) == SENTINEL).all())
+
+
+# -- point-to-point transports: one object over a connected pair of endpoints (LoopbackTransport) -----
+def remote_factory(tmp_path: Path) -> Iterator[Transport]:
+    """RemoteHostTransport endpoints 0 -> 1 in this process over gloo on 127.0.0.1; a missing key waits 0.3 s."""
+    from kvstream.transports.remote import RemoteHostTransport
+
+    yield RemoteHostTransport.loopback(timeout_s=30, fetch_timeout_s=0.3)
+
+
+def nccl_factory(tmp_path: Path) -> Iterator[Transport]:
+    """NcclTransport from cuda:0 (send) to cuda:1 (recv) in this process; a missing key waits 0.3 s."""
+    from kvstream.transports.nccl import NcclTransport
+
+    yield NcclTransport.loopback((0, 1), timeout_s=60, fetch_timeout_s=0.3)
+
+
+register("remote", remote_factory)
+register("nccl", nccl_factory, pytest.mark.gpu2)

@@ -1,0 +1,707 @@
+"""Packed chunks GPU to GPU through NCCL (nccl4py): DéjàVuLib's ``NCCLCacheManager`` as a transport.
+
+DéjàVu's prompt workers hand KV to token workers with ``ncclSend``/``ncclRecv`` (msr-fiddle/dejavu,
+``cache_utils.cc``: ``NCCLCacheManager::flush/fetch``). :class:`NcclTransport` does it through nccl4py
+(``nccl.core``, NVIDIA's bindings on cuda-core): the payload never touches the host, and the send is
+enqueued on the caller's current CUDA stream.
+
+One endpoint per direction
+--------------------------
+An endpoint either sends (``role="send"``: ``flush``) or receives (``role="recv"``: ``fetch``,
+``describe``, ``contains``, ``keys``, ``delete``). NCCL matches point-to-point operations between two
+ranks in issue order, and two ranks that both issue a large ``ncclSend`` before their ``ncclRecv``
+deadlock (NCCL's documentation: exchanges must be grouped). Sends and receives issued independently by
+``flush`` and ``fetch`` calls cannot be grouped, so each direction gets its own two-rank communicator:
+all sends of one endpoint are matched, in order, by all receives of the other. Two transports make a
+duplex link.
+
+Headers and receive-ahead
+-------------------------
+The receiver must know a chunk's shape before it posts the receive, and ``StreamingCache.load`` fetches
+in another order than the chunks were flushed (the manifest, flushed last, first). So the sender numbers
+its chunks and publishes each chunk's :class:`~kvstream.layout.ChunkHeader` (with the key) through the
+rendezvous store *before* enqueueing the send; a publisher thread coalesces headers that queue up into
+one store write (``hdr/<n>``: a run of fixed 4096-byte frames), so a burst of per-layer flushes costs one
+round trip. The receiver thread reads header batches in order and posts one receive per chunk on its own
+stream:
+
+* into the caller's ``out`` when a :meth:`NcclTransport.fetch` for that key is already waiting
+  (zero copy: the chunk is delivered, not kept);
+* otherwise into a new buffer on the receiving GPU (receive-ahead), which a later ``fetch`` copies from
+  on the caller's stream (device to device).
+
+Failure (after DéjàVu's fault tolerance: heartbeats, then abort)
+----------------------------------------------------------------
+Communicators are non-blocking (``NCCLConfig(blocking=False)``), so setup and connection can be bounded
+in time. Heartbeats go through the store (:class:`~kvstream.transports.remote.Liveness`); a watchdog
+thread checks every operation in flight. A peer that stops heartbeating (``dead_after_s``), a store that
+vanishes, or an operation still running after ``timeout_s`` leads to ``comm.abort()`` (which ends the
+stuck kernels) and a :class:`~kvstream.errors.PeerError` from every waiting and later call.
+
+Checksums: chunks carry ``checksum="none"``: hashing would need the host copy that this transport exists
+to avoid (as :class:`~kvstream.transports.host.HostTransport` argues for host memory).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import ChunkNotFound, ConfigError, LayoutError, PeerError, TransportError
+from ..layout import HEADER_BYTES, ChunkHeader, Region, check_packed
+from .base import AllHandle, CompletedHandle, Handle, Transport
+from .host import NO_CHECKSUM, byte_view, chunk_header
+from .remote import (POLL_MAX_S, POLL_MIN_S, AckedHandle, Acks, ChunkTimeout, Liveness, LoopbackTransport, check_pair,
+                     connect_pair, pair_namespace, poll, unwrap_header, wrap_header)
+
+#: ncclResult_t values read from ``comm.get_async_error()``.
+NCCL_SUCCESS = 0
+NCCL_IN_PROGRESS = 7
+#: How often the watchdog looks at operations in flight (seconds).
+WATCHDOG_S = 0.05
+
+
+def _nccl():
+    try:
+        import nccl.core as nccl
+    except ImportError as e:  # pragma: no cover - nccl4py is a dependency
+        raise ConfigError(f"NcclTransport needs nccl4py (pip install nccl4py and an nvidia-nccl wheel): {e}") from e
+    return nccl
+
+
+def init_comm(store, me: int, device: torch.device, timeout_s: float, check=lambda: None):
+    """Create one side of a two-rank NCCL communicator; the unique id travels through ``store``.
+
+    Rank ``me == 0`` draws ``nccl.get_unique_id()`` and sets ``uid`` to its bytes; rank 1 reads them
+    (``UniqueId.from_bytes``). The communicator is non-blocking, so its setup is polled against
+    ``timeout_s``.
+
+    Raises
+    ------
+    PeerError
+        If the peer does not publish or join within ``timeout_s`` (the half-built communicator is aborted).
+    """
+    nccl = _nccl()
+    deadline = time.monotonic() + timeout_s
+    if me == 0:
+        uid = nccl.get_unique_id()
+        store.set("uid", bytes(uid))
+    else:
+        if not poll(lambda: store.check(["uid"]), deadline, check):
+            raise PeerError(f"No NCCL unique id from the peer within {timeout_s} s")
+        uid = nccl.UniqueId.from_bytes(store.get("uid"))
+    with torch.cuda.device(device):
+        comm = nccl.Communicator.init(2, me, uid, config=nccl.NCCLConfig(blocking=False))
+    try:
+        settle(comm, deadline, check, "communicator setup")
+    except BaseException:
+        comm.abort()
+        raise
+    return comm
+
+
+def settle(comm, deadline: float, check, what: str) -> None:
+    """Poll ``comm.get_async_error()`` until the non-blocking communicator is idle (``ncclSuccess``).
+
+    Raises
+    ------
+    PeerError
+        On an NCCL error, or if it is still in progress at ``deadline``.
+    """
+    state = {"r": NCCL_IN_PROGRESS}
+
+    def idle() -> bool:
+        state["r"] = int(comm.get_async_error())
+        return state["r"] != NCCL_IN_PROGRESS
+
+    if not poll(idle, deadline, check):
+        raise PeerError(f"NCCL {what} still in progress at its deadline: the peer is dead or hung")
+    if state["r"] != NCCL_SUCCESS:
+        raise PeerError(f"NCCL {what} failed: {_error_text(comm, state['r'])}")
+
+
+def _error_text(comm, result: int) -> str:
+    try:
+        text = _nccl().get_error_string(result)
+        last = comm.get_last_error()
+        return f"{text} ({last})" if last else text
+    except Exception:  # noqa: BLE001 - best effort description
+        return f"ncclResult {result}"
+
+
+@dataclass
+class _Arrived:
+    """A chunk whose receive was posted: header, the buffer (None once delivered into a fetch's out), event."""
+
+    header: ChunkHeader
+    buf: torch.Tensor | None
+    event: Any
+
+
+class _OpHandle(Handle):
+    """A stream-ordered NCCL operation: done when its CUDA event fired; a failed transport raises PeerError."""
+
+    def __init__(self, transport: "NcclTransport", event: Any, what: str, then=None):
+        self._t, self._event, self._what, self._then = transport, event, what, then
+
+    @property
+    def event(self) -> Any:
+        """The CUDA event after the operation (``None`` when it ran synchronously)."""
+        return self._event
+
+    def done(self) -> bool:
+        """Whether the operation completed (or the transport failed)."""
+        return self._t.error is not None or self._event is None or self._event.query()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the event fired; ``TimeoutError`` after ``timeout``; ``PeerError`` if the transport failed."""
+        timeout = self._t.timeout_s if timeout is None else timeout
+        ok = poll(lambda: self._event is None or self._event.query(), time.monotonic() + timeout,
+                   self._t._raise_peer)
+        self._t._raise_peer()
+        if not ok:
+            raise TimeoutError(f"NCCL {self._what} still running after {timeout} s")
+        if self._then is not None:
+            self._then()
+            self._then = None
+
+
+class _Waiting:
+    """A fetch registered before its chunk's header arrived; the receiver thread posts the receive into ``out``."""
+
+    def __init__(self, key: str, out: torch.Tensor, ready_event: Any):
+        self.key, self.out, self.ready_event = key, out, ready_event
+        self.posted = threading.Event()
+        self.op: Handle | None = None
+        self.error: BaseException | None = None
+
+    def post(self, op: Handle | None, error: BaseException | None = None) -> None:
+        """The receive was posted (``op``), or the fetch failed (``error``)."""
+        self.op, self.error = op, error
+        self.posted.set()
+
+
+class NcclTransport(Transport):
+    """One direction of a GPU-to-GPU link: packed chunks through a private two-rank NCCL communicator.
+
+    Parameters
+    ----------
+    store : torch.distributed.Store
+        Rendezvous store both processes reach (:func:`~kvstream.transports.remote.rendezvous_store`,
+        :func:`~kvstream.transports.remote.store_from_env`); one client object per endpoint.
+    rank, peer : int
+        This process's and the peer's ids (global ranks), naming the pair in the store.
+    role : {"send", "recv"}
+        Whether this endpoint flushes or fetches.
+    device : torch.device or str, optional
+        The CUDA device of this endpoint (default: the current one). Chunks flushed from another device
+        or the CPU are copied to it first; ``fetch`` accepts ``out`` on any device.
+    namespace : str
+        Store prefix, unique per connection (the reverse direction needs another one).
+    timeout_s : float
+        Bound on setup and on every operation in flight (then abort).
+    fetch_timeout_s : float, optional
+        How long :meth:`fetch`/:meth:`describe` wait for a key to arrive (default ``timeout_s``).
+    heartbeat_s, dead_after_s : float
+        Liveness through the store (see :class:`~kvstream.transports.remote.Liveness`).
+    comm : optional
+        An already initialized two-rank communicator with nccl4py's ``send``/``recv``/``abort``/
+        ``get_async_error``; this side is rank 0 if ``rank < peer``. For tests and custom setups.
+
+    Raises
+    ------
+    ConfigError
+        Bad ranks or role, no CUDA device (without ``comm``), nccl4py missing.
+    PeerError
+        The peer did not connect within ``timeout_s``.
+
+    Examples
+    --------
+    >>> store = rendezvous_store(host, port, is_server=(rank == 0))                 # doctest: +SKIP
+    >>> out_link = NcclTransport(store, rank=0, peer=1, role="send")                # prompt worker
+    >>> in_link = NcclTransport(store, rank=1, peer=0, role="recv")                 # token worker
+    """
+
+    name = "nccl"
+
+    def __init__(self, store, rank: int, peer: int, *, role: str, device: torch.device | str | int | None = None,
+                 namespace: str = "kvstream/nccl", timeout_s: float = 60.0, fetch_timeout_s: float | None = None,
+                 heartbeat_s: float = 0.5, dead_after_s: float = 5.0, comm: Any = None):
+        super().__init__()
+        import torch.distributed as dist
+
+        check_pair(rank, peer)
+        if role not in ("send", "recv"):
+            raise ConfigError(f"role must be 'send' or 'recv', got {role!r}")
+        if timeout_s <= 0:
+            raise ConfigError(f"timeout_s must be > 0, got {timeout_s}")
+        if device is None:
+            if not torch.cuda.is_available():
+                raise ConfigError("NcclTransport needs a CUDA device (none is available)")
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if comm is None and self.device.type != "cuda":
+            raise ConfigError(f"NcclTransport needs a CUDA device, got {self.device}")
+        self.rank, self.peer, self.role, self.timeout_s = rank, peer, role, float(timeout_s)
+        self.fetch_timeout_s = self.timeout_s if fetch_timeout_s is None else float(fetch_timeout_s)
+        self._cuda = self.device.type == "cuda"
+        src, dst = (rank, peer) if role == "send" else (peer, rank)
+        self._store = dist.PrefixStore(f"{pair_namespace(namespace, rank, peer)}/{src}to{dst}", store)
+        self._cond = threading.Condition(self._lock)
+        self._nccl_lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self.error: PeerError | None = None
+        self._aborted = False
+        self._stop = threading.Event()
+        self._arrived: dict[str, _Arrived] = {}
+        self._pending: dict[str, _Waiting] = {}
+        self._inflight: list[tuple[Any, float, str]] = []
+        self._peer_closed = False
+        self._send_seq = 0
+        self.acks = self._my_acks = Acks(self._store, "ack")  # one direction: the receiver bumps, the sender reads
+        self._live = Liveness(self._store, rank, peer, heartbeat_s=heartbeat_s, dead_after_s=dead_after_s,
+                              startup_s=self.timeout_s, on_change=self._on_liveness)
+        try:
+            self._comm = comm if comm is not None else init_comm(self._store, 0 if rank < peer else 1, self.device,
+                                                                 self.timeout_s, self._raise_error)
+        except BaseException:
+            self._live.stop()
+            raise
+        self._recv_stream = torch.cuda.Stream(device=self.device) if self._cuda else None
+        self._threads: list[threading.Thread] = []
+        if role == "send":
+            self._headers: queue.Queue = queue.Queue()
+            self._start(self._publish_loop, "publish")
+        else:
+            self._start(self._receive_loop, "recv")
+        if self._cuda:
+            self._start(self._watchdog_loop, "watchdog")
+
+    def _start(self, target, what: str) -> None:
+        t = threading.Thread(target=target, name=f"kvstream-nccl-{what}-{self.rank}", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    # -- construction helpers ------------------------------------------------------------------------
+    @classmethod
+    def loopback(cls, devices: tuple[int, int] = (0, 1), **kwargs: Any) -> LoopbackTransport:
+        """A :class:`LoopbackTransport` from ``cuda:devices[0]`` (send) to ``cuda:devices[1]`` (recv) in this
+        process, over a private in-process store. Needs two GPUs (NCCL refuses two ranks on one GPU).
+        """
+        import torch.distributed as dist
+
+        store = dist.HashStore()
+        roles = ("send", "recv")
+        a, b = connect_pair(lambda r: cls(store, r, 1 - r, role=roles[r], device=torch.device("cuda", devices[r]),
+                                          **kwargs))
+        return LoopbackTransport(a, b)
+
+    # -- sending -------------------------------------------------------------------------------------
+    def flush(self, key: str, chunk: torch.Tensor, region: Region | None = None, meta: dict | None = None) -> Handle:
+        """Send ``chunk`` to the peer, enqueued on the current CUDA stream; no host copy.
+
+        The handle completes when the send finished and the peer acknowledged the chunk (it is in the peer's
+        ``keys()``).
+
+        Raises
+        ------
+        TransportError
+            This endpoint receives (``role="recv"``), or it is closed.
+        LayoutError
+            Bad key, non-contiguous chunk, unsupported dtype or meta.
+        PeerError
+            The peer is dead, hung or closed.
+        """
+        self._check_role("send", "flush")
+        self._check_key(key)
+        self._check_chunk(chunk)
+        self._raise_error()
+        if self._peer_closed:
+            raise PeerError(f"flush {key!r}: peer rank {self.peer} has closed its endpoint")
+        if chunk.device != self.device:
+            chunk = chunk.to(self.device)
+        header = chunk_header(chunk, region, meta, NO_CHECKSUM)
+        with self._send_lock:  # header order == NCCL issue order
+            self._send_seq += 1
+            self._headers.put(wrap_header(header, key, self._send_seq))
+            stream = torch.cuda.current_stream(self.device) if self._cuda else None
+            if header.nbytes:
+                self._nccl("send", lambda: self._comm.send(byte_view(chunk), self._peer_index, stream=_handle(stream)))
+            event = self._record(stream, f"send of {key!r}")
+            seq = self._send_seq
+        return AckedHandle(self, _OpHandle(self, event, f"send of {key!r}"), seq, f"flush of {key!r}")
+
+    def _publish_loop(self) -> None:
+        batch_no = 0
+        while True:
+            frames = [self._headers.get()]
+            while True:
+                try:
+                    frames.append(self._headers.get_nowait())
+                except queue.Empty:
+                    break
+            closing = frames[-1] is None
+            frames = [f for f in frames if f is not None]
+            try:
+                if frames:
+                    batch_no += 1
+                    self._store.set(f"hdr/{batch_no}", b"".join(frames))
+                if closing:
+                    self._store.set("closed", "1")
+                    return
+            except Exception as e:  # noqa: BLE001 - the store died with the peer
+                self._fail(PeerError(f"Publishing chunk headers to peer rank {self.peer} failed: {e}"))
+                return
+
+    # -- receiving -----------------------------------------------------------------------------------
+    def fetch(self, key: str, out: torch.Tensor) -> Handle:
+        """Fill ``out`` with the chunk the peer flushed under ``key``.
+
+        If the chunk has arrived, the device-to-device copy into ``out`` is enqueued on the current stream
+        (the handle's ``event`` follows it). If not, ``fetch`` registers ``out`` and blocks until the chunk's
+        header arrives (at most ``fetch_timeout_s``): the receive then goes straight into ``out`` (zero copy;
+        the chunk is delivered and not kept) and the returned handle follows it.
+
+        Raises
+        ------
+        TransportError
+            This endpoint sends (``role="send"``), it is closed, or a fetch of ``key`` is already waiting.
+        LayoutError
+            ``out`` does not match the chunk.
+        ChunkTimeout
+            The chunk did not arrive within ``fetch_timeout_s`` (a ``ChunkNotFound``), or the peer closed
+            without sending it.
+        ChunkNotFound
+            The chunk was already delivered into an earlier fetch's ``out``.
+        PeerError
+            The peer is dead or hung.
+        """
+        return self.fetch_many([(key, out)])
+
+    def fetch_many(self, items) -> Handle:
+        """Fetch several ``(key, out)`` pairs; those not yet arrived are all registered before waiting, so
+        each of them is received straight into its ``out``. Raises as :meth:`fetch`."""
+        self._check_role("recv", "fetch")
+        for key, out in items:
+            self._check_key(key)
+            self._check_chunk(out, "out")
+        plan: list[tuple[str, torch.Tensor, _Arrived | _Waiting]] = []
+        with self._cond:
+            self._raise_error()
+            for key, out in items:
+                entry = self._arrived.get(key)
+                if entry is None:
+                    if self._peer_closed:
+                        self._withdraw([w for _, _, w in plan if isinstance(w, _Waiting)])
+                        raise ChunkTimeout(f"Peer rank {self.peer} closed without sending {key!r}")
+                    if key in self._pending:
+                        self._withdraw([w for _, _, w in plan if isinstance(w, _Waiting)])
+                        raise TransportError(f"A fetch of {key!r} is already waiting for it to arrive")
+                    ready = self._record(torch.cuda.current_stream(out.device), None) if out.is_cuda else None
+                    entry = self._pending[key] = _Waiting(key, out, ready)
+                plan.append((key, out, entry))
+        handles: list[Handle] = []
+        deadline = time.monotonic() + self.fetch_timeout_s
+        waiting = [w for _, _, w in plan if isinstance(w, _Waiting)]
+        try:
+            for key, out, entry in plan:
+                if isinstance(entry, _Arrived):
+                    handles.append(self._copy_out(key, entry, out))
+                    continue
+                if not poll(entry.posted.is_set, deadline, self._raise_error):
+                    if self._withdraw([entry]):
+                        raise ChunkTimeout(f"{key!r} did not arrive from peer rank {self.peer} within "
+                                           f"{self.fetch_timeout_s} s")
+                    entry.posted.wait()
+                if entry.error is not None:
+                    raise entry.error
+                handles.append(entry.op)
+        except BaseException:
+            self._withdraw(waiting)
+            raise
+        return handles[0] if len(handles) == 1 else AllHandle(handles)
+
+    def _copy_out(self, key: str, entry: _Arrived, out: torch.Tensor) -> Handle:
+        check_packed(out, entry.header.shape, entry.header.dtype, name=f"out for {key!r}")
+        if entry.buf is None:
+            raise ChunkNotFound(f"{key!r} was delivered straight into an earlier fetch's out and is not kept")
+        src = entry.buf.view(entry.header.dtype).view(entry.header.shape)
+        if not self._cuda:
+            out.copy_(src)
+            return CompletedHandle()
+        if out.is_cuda:
+            stream = torch.cuda.current_stream(out.device)
+            stream.wait_event(entry.event)
+            with torch.cuda.stream(stream):
+                out.copy_(src)
+            entry.buf.record_stream(stream) if out.device == self.device else None
+            return _OpHandle(self, self._record(stream, None), f"copy of {key!r}")
+        entry.event.synchronize()
+        out.copy_(src)
+        return CompletedHandle()
+
+    def describe(self, key: str, timeout: float | None = None) -> ChunkHeader:
+        """The header of ``key``'s chunk as flushed, waiting up to ``timeout`` (default ``fetch_timeout_s``) for it.
+
+        Raises ``ChunkTimeout`` if it does not arrive, ``PeerError`` if the peer fails.
+        """
+        self._check_role("recv", "describe")
+        self._check_key(key)
+        timeout = self.fetch_timeout_s if timeout is None else float(timeout)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while key not in self._arrived:
+                self._raise_error()
+                if self._peer_closed:
+                    raise ChunkTimeout(f"Peer rank {self.peer} closed without sending {key!r}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ChunkTimeout(f"{key!r} did not arrive from peer rank {self.peer} within {timeout} s")
+                self._cond.wait(min(left, 0.1))
+            return self._arrived[key].header
+
+    def contains(self, key: str) -> bool:
+        """Whether ``key``'s chunk has arrived and is kept (not delivered into a fetch's ``out``)."""
+        self._check_role("recv", "contains")
+        with self._lock:
+            entry = self._arrived.get(key)
+            return entry is not None and entry.buf is not None
+
+    def delete(self, key: str) -> bool:
+        """Drop ``key``'s chunk (its GPU buffer returns to the caching allocator)."""
+        self._check_role("recv", "delete")
+        with self._lock:
+            return self._arrived.pop(key, None) is not None
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """Keys of every chunk that arrived (kept or delivered) starting with ``prefix``, sorted."""
+        self._check_role("recv", "keys")
+        with self._lock:
+            return sorted(k for k in self._arrived if k.startswith(prefix))
+
+    def _receive_loop(self) -> None:
+        batch_no, delay = 1, POLL_MIN_S
+        try:
+            if self._cuda:
+                torch.cuda.set_device(self.device)
+            while not self._stop.is_set() and self.error is None:
+                name = f"hdr/{batch_no}"
+                if self._store.check([name]):
+                    raw = self._store.get(name)
+                    self._store.delete_key(name)
+                    for i in range(0, len(raw), HEADER_BYTES):
+                        self._receive_one(raw[i:i + HEADER_BYTES])
+                    batch_no, delay = batch_no + 1, POLL_MIN_S
+                    continue
+                if self._store.check(["closed"]) and not self._store.check([name]):
+                    with self._cond:
+                        self._peer_closed = True
+                        for p in self._pending.values():
+                            p.post(None, ChunkTimeout(f"Peer rank {self.peer} closed without sending {p.key!r}"))
+                        self._pending.clear()
+                        self._cond.notify_all()
+                    return
+                time.sleep(delay)
+                delay = min(2 * delay, POLL_MAX_S)
+        except Exception as e:  # noqa: BLE001 - every waiter gets it as a PeerError
+            if not self._stop.is_set():
+                self._fail(e if isinstance(e, PeerError) else PeerError(f"Receiving from peer rank {self.peer} failed: {e}"))
+
+    def _receive_one(self, frame: bytes) -> None:
+        key, seq, header = unwrap_header(frame, source=f"chunk header from rank {self.peer}")
+        with self._cond:
+            pending = self._pending.pop(key, None)
+            if self._closed:
+                return
+        target = None
+        if pending is not None:
+            out = pending.out
+            try:
+                check_packed(out, header.shape, header.dtype, name=f"out for {key!r}")
+                if out.device == self.device:
+                    target = out
+            except LayoutError as e:
+                pending.post(None, e)
+                pending = None
+        stream = self._recv_stream
+        if target is None:
+            with torch.cuda.stream(stream) if stream is not None else _nullcontext():
+                buf = torch.empty(header.nbytes, dtype=torch.uint8, device=self.device)
+        else:
+            buf = byte_view(target)
+            if stream is not None:
+                if pending.ready_event is not None:
+                    stream.wait_event(pending.ready_event)
+                target.record_stream(stream)
+        if header.nbytes:
+            self._nccl("recv", lambda: self._comm.recv(buf, self._peer_index, stream=_handle(stream)))
+        event = self._record(stream, f"receive of {key!r}")
+        entry = _Arrived(header, None if target is not None else buf, event)
+        with self._cond:
+            self._arrived[key] = entry
+            self._cond.notify_all()
+        self._my_acks.bump()
+        if pending is not None:
+            if target is not None:
+                pending.post(_OpHandle(self, event, f"receive of {key!r}"))
+            else:  # out on another device or the CPU: copy once the receive landed
+                pending.post(_OpHandle(self, event, f"receive of {key!r}",
+                                       then=lambda: self._copy_out(key, entry, pending.out).wait()))
+
+    def _withdraw(self, waiting: list[_Waiting]) -> bool:
+        """Unregister fetches that gave up; False if the receiver thread took one of them meanwhile."""
+        all_ours = True
+        with self._cond:
+            for w in waiting:
+                if self._pending.get(w.key) is w:
+                    del self._pending[w.key]
+                else:
+                    all_ours = False
+        return all_ours
+
+    # -- NCCL calls, events, failure -----------------------------------------------------------------
+    @property
+    def _peer_index(self) -> int:
+        return 1 if self.rank < self.peer else 0
+
+    def _nccl(self, what: str, call) -> None:
+        """Issue one NCCL call under the lock and wait until the non-blocking communicator accepted it."""
+        with self._nccl_lock:
+            self._raise_error()
+            try:
+                with torch.cuda.device(self.device) if self._cuda else _nullcontext():
+                    call()
+                settle(self._comm, time.monotonic() + self.timeout_s, self._raise_error, what)
+            except PeerError as e:
+                self._fail(e)
+                raise
+            except Exception as e:  # noqa: BLE001 - NCCL errors surface as PeerError
+                error = PeerError(f"NCCL {what} to/from peer rank {self.peer} failed: {e}")
+                self._fail(error)
+                raise error from e
+
+    def _record(self, stream, what: str | None):
+        """A CUDA event recorded on ``stream`` (None on the CPU); tracked by the watchdog when ``what`` is given."""
+        if stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(stream)
+        if what is not None:
+            with self._lock:
+                self._inflight.append((event, time.monotonic() + self.timeout_s, what))
+        return event
+
+    def _watchdog_loop(self) -> None:
+        while not self._stop.wait(WATCHDOG_S):
+            now = time.monotonic()
+            with self._lock:
+                self._inflight = [(e, d, w) for e, d, w in self._inflight if not e.query()]
+                late = [w for e, d, w in self._inflight if d < now]
+            if late:
+                self._fail(PeerError(f"NCCL {late[0]} still running after {self.timeout_s} s: the peer rank "
+                                     f"{self.peer} is dead or hung"))
+                return
+            if self.error is not None:
+                return
+
+    def _on_liveness(self) -> None:
+        if self._live.error is not None:
+            self._fail(self._live.error)
+
+    def _fail(self, error: PeerError) -> None:
+        """Record the first failure, abort the communicator (ends stuck kernels) and wake every waiter."""
+        with self._cond:
+            if self.error is None:
+                self.error = error
+            pending, self._pending = list(self._pending.values()), {}
+            self._cond.notify_all()
+        for p in pending:
+            p.post(None, PeerError(f"fetch {p.key!r}: {self.error}"))
+        self._abort()
+
+    def _abort(self) -> None:
+        with self._lock:
+            if self._aborted or getattr(self, "_comm", None) is None:
+                return
+            self._aborted = True
+        try:
+            self._comm.abort()
+        except Exception:  # noqa: BLE001 - abort is best effort by NCCL's own definition
+            pass
+
+    def _raise_peer(self) -> None:
+        if self.error is not None:
+            raise PeerError(str(self.error)) from self.error
+
+    def _raise_error(self) -> None:
+        self._raise_peer()
+        self._check_open()
+
+    @property
+    def peer_error(self) -> PeerError | None:
+        """Why the link failed (peer dead, hung, NCCL error), or ``None``."""
+        return self.error
+
+    def _check_role(self, role: str, what: str) -> None:
+        self._check_open()
+        if self.role != role:
+            raise TransportError(f"{what} on an NcclTransport endpoint with role={self.role!r}; "
+                                 f"each endpoint carries one direction (make one per direction)")
+
+    def close(self) -> None:
+        """Finish (send side: publish the last headers and wait for sends in flight), tell the peer, stop
+        the threads and release the communicator. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+        if self.role == "send" and self.error is None:
+            self._headers.put(None)
+            self._threads[0].join(timeout=self.timeout_s)
+            with self._lock:
+                inflight = [e for e, _, _ in self._inflight]
+            deadline = time.monotonic() + self.timeout_s
+            try:
+                for e in inflight:
+                    if not poll(e.query, deadline, self._raise_peer):
+                        break
+                self.acks.wait(self._send_seq, deadline, self._raise_peer)
+            except PeerError:
+                pass
+        with self._cond:
+            self._closed = True
+            pending, self._pending = list(self._pending.values()), {}
+        for p in pending:
+            p.post(None, TransportError(f"fetch {p.key!r}: the NcclTransport was closed"))
+        self._stop.set()
+        self._live.stop()
+        for t in self._threads:
+            t.join(timeout=1.0)
+        with self._cond:
+            self._arrived.clear()
+            self._cond.notify_all()
+        # abort, not destroy: ncclCommDestroy is an intra-node collective and would hang on a peer that
+        # already left; every operation of ours has completed by now.
+        self._abort()
+
+
+def _handle(stream) -> int | None:
+    """The raw ``cudaStream_t`` of a torch stream for nccl4py (None: the legacy default stream)."""
+    return None if stream is None else int(stream.cuda_stream)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+__all__ = ["NcclTransport", "init_comm", "settle"]

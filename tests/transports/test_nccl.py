@@ -1,0 +1,404 @@
+"""NcclTransport: the header exchange, receive-ahead, zero-copy fetch and failure logic on the CPU with a fake
+communicator; the real thing on two GPUs (``gpu2``)."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import types
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from kvstream.errors import ChunkNotFound, ConfigError, LayoutError, PeerError, TransportError
+from kvstream.layout import Region
+from kvstream.transports import nccl as nccl_mod
+from kvstream.transports.nccl import NcclTransport, init_comm
+from kvstream.transports.remote import ChunkTimeout, LoopbackTransport, rendezvous_store
+
+FAST = dict(timeout_s=10.0, heartbeat_s=0.05, dead_after_s=1.0)
+
+
+class FakeComm:
+    """A two-rank "communicator" on CPU tensors: send queues a copy, recv takes the next one in order."""
+
+    def __init__(self, links, me):
+        self.links, self.me = links, me
+        self.aborted = threading.Event()
+        self.calls = []
+
+    def send(self, buf, peer, *, stream=None):
+        self.calls.append(("send", buf.numel()))
+        self.links[(self.me, peer)].put(buf.clone())
+
+    def recv(self, buf, peer, *, stream=None):
+        self.calls.append(("recv", buf.numel()))
+        while True:
+            if self.aborted.is_set():
+                raise RuntimeError("ncclCommAbort: aborted")
+            try:
+                data = self.links[(peer, self.me)].get(timeout=0.05)
+                break
+            except queue.Empty:
+                continue
+        buf.copy_(data)
+
+    def get_async_error(self):
+        return 0
+
+    def abort(self):
+        self.aborted.set()
+
+
+def _fake_pair(**kw):
+    links = {(0, 1): queue.Queue(), (1, 0): queue.Queue()}
+    store = dist.HashStore()
+    comms = FakeComm(links, 0), FakeComm(links, 1)
+    opts = dict(FAST, **kw)
+    a = NcclTransport(store, 0, 1, role="send", device="cpu", comm=comms[0], **opts)
+    b = NcclTransport(store, 1, 0, role="recv", device="cpu", comm=comms[1], **opts)
+    return a, b, comms
+
+
+@pytest.fixture
+def fake():
+    a, b, comms = _fake_pair()
+    yield a, b, comms
+    a.close()
+    b.close()
+
+
+def test_round_trip_keeps_header_and_bytes(fake, seed):
+    a, b, _ = fake
+    chunk = torch.randn(2, 2, 1, 3, 4, 5).to(torch.bfloat16)
+    region = Region(layers=(0, 2), tokens=(0, 4), batch=(0, 1), heads=(0, 3))
+    a.flush("r/seg000000/layer0000", chunk, region=region, meta={"x": 1}).wait()
+    h = b.describe("r/seg000000/layer0000")
+    assert (h.shape, h.dtype, h.region, h.meta, h.checksum) == (tuple(chunk.shape), torch.bfloat16, region, {"x": 1}, "none")
+    out = torch.full_like(chunk, 3)
+    b.fetch("r/seg000000/layer0000", out).wait()
+    assert torch.equal(out, chunk)
+    assert b.contains("r/seg000000/layer0000") and b.keys("r/") == ["r/seg000000/layer0000"]
+    assert b.delete("r/seg000000/layer0000") and not b.delete("r/seg000000/layer0000")
+
+
+def test_fetch_in_another_order_than_flush(fake, seed):
+    a, b, _ = fake
+    layers = {f"s/seg000000/layer{l:04d}": torch.randn(1, 2, 1, 2, 7, 4) for l in range(5)}
+    for k, v in layers.items():
+        a.flush(k, v)
+    a.flush("s/manifest", torch.arange(9, dtype=torch.uint8))
+    assert torch.equal(b.fetch_new("s/manifest"), torch.arange(9, dtype=torch.uint8))
+    for k in sorted(layers, reverse=True):
+        assert torch.equal(b.fetch_new(k), layers[k])
+
+
+class _Background:
+    """Run ``fn`` in a thread; ``result()`` returns its value or raises its exception."""
+
+    def __init__(self, fn):
+        self.value, self.error = None, None
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn):
+        try:
+            self.value = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to result()
+            self.error = e
+
+    def result(self, timeout=20):
+        self.thread.join(timeout)
+        assert not self.thread.is_alive()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def _until_waiting(b, key):
+    deadline = time.monotonic() + 10
+    while key not in b._pending:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+
+
+def test_fetch_before_flush_receives_straight_into_out(fake, seed):
+    a, b, comms = fake
+    out = torch.full((4, 6), -1.0)
+    job = _Background(lambda: b.fetch("early", out).wait(5))
+    _until_waiting(b, "early")
+    want = torch.randn(4, 6)
+    a.flush("early", want).wait()
+    job.result()
+    assert torch.equal(out, want)
+    assert b.describe("early").shape == (4, 6)
+    assert not b.contains("early")  # delivered, not kept
+    with pytest.raises(ChunkNotFound, match="delivered straight into an earlier fetch"):
+        b.fetch("early", torch.empty(4, 6))
+    assert ("recv", 24 * 4) in comms[1].calls
+
+
+def test_fetch_many_registers_every_out_before_waiting(fake, seed):
+    a, b, _ = fake
+    outs = {f"k{i}": torch.full((3, 5), -1.0) for i in range(4)}
+    job = _Background(lambda: b.fetch_many(list(outs.items())).wait(5))
+    _until_waiting(b, "k3")
+    want = {k: torch.randn(3, 5) for k in outs}
+    for k in reversed(list(want)):
+        a.flush(k, want[k])
+    job.result()
+    assert all(torch.equal(outs[k], want[k]) for k in outs)
+    assert not any(b.contains(k) for k in outs)
+
+
+def test_waiting_fetch_with_wrong_out_fails_and_chunk_is_kept(fake, seed):
+    a, b, _ = fake
+    out = torch.full((3, 3), 5.0)
+    job = _Background(lambda: b.fetch("k", out))
+    _until_waiting(b, "k")
+    a.flush("k", torch.ones(2, 2)).wait()
+    with pytest.raises(LayoutError, match=r"expected \[2, 2\], got \[3, 3\]"):
+        job.result()
+    assert torch.equal(out, torch.full((3, 3), 5.0))
+    assert torch.equal(b.fetch_new("k"), torch.ones(2, 2))  # the bytes were received ahead
+
+
+def test_second_waiting_fetch_of_a_key_is_refused(fake):
+    a, b, _ = fake
+    job = _Background(lambda: b.fetch("k", torch.empty(2)).wait(5))
+    _until_waiting(b, "k")
+    with pytest.raises(TransportError, match="already waiting"):
+        b.fetch("k", torch.empty(2))
+    a.flush("k", torch.ones(2)).wait()
+    job.result()
+
+
+def test_arrived_chunk_with_wrong_out_raises_at_fetch(fake):
+    a, b, _ = fake
+    a.flush("k", torch.zeros(5)).wait()
+    assert b.contains("k")  # the flush handle completes once the receiver acknowledged the chunk
+    with pytest.raises(LayoutError, match=r"expected \[5\], got \[4\]"):
+        b.fetch("k", torch.empty(4))
+
+
+def test_missing_key_times_out_and_is_withdrawn():
+    a, b, _ = _fake_pair(fetch_timeout_s=0.2)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ChunkTimeout, match="within 0.2 s"):
+            b.fetch("never", torch.empty(1))
+        with pytest.raises(ChunkNotFound):
+            b.describe("never")
+        assert time.monotonic() - t0 < 5
+        assert "never" not in b._pending
+        a.flush("never", torch.ones(1)).wait()
+        assert torch.equal(b.fetch_new("never"), torch.ones(1))
+    finally:
+        a.close()
+        b.close()
+
+
+def test_roles_are_one_directional(fake):
+    a, b, _ = fake
+    with pytest.raises(TransportError, match="role='recv'"):
+        b.flush("k", torch.zeros(1))
+    with pytest.raises(TransportError, match="role='send'"):
+        a.fetch("k", torch.zeros(1))
+    with pytest.raises(TransportError, match="role='send'"):
+        a.keys()
+
+
+def test_peer_close_ends_waiting_and_later_fetches(fake):
+    a, b, _ = fake
+    a.flush("last", torch.ones(3)).wait()
+    job = _Background(lambda: b.fetch("other", torch.empty(3)))
+    _until_waiting(b, "other")
+    a.close()
+    with pytest.raises(ChunkTimeout, match="closed without sending 'other'"):
+        job.result()
+    with pytest.raises(ChunkTimeout, match="closed without sending 'x'"):
+        b.fetch("x", torch.empty(1))
+    assert torch.equal(b.fetch_new("last"), torch.ones(3))
+    a.close()
+
+
+def test_silent_peer_is_declared_dead_and_the_communicator_aborted(seed):
+    a, b, comms = _fake_pair()
+    try:
+        a.flush("k", torch.ones(2)).wait()
+        job = _Background(lambda: b.fetch("never", torch.empty(2)))
+        _until_waiting(b, "never")
+        a._live.stop()  # the sender goes silent: no heartbeats, no close
+        t0 = time.monotonic()
+        with pytest.raises(PeerError, match="no heartbeat"):
+            job.result(timeout=30)
+        assert time.monotonic() - t0 < 10
+        assert comms[1].aborted.is_set()
+        with pytest.raises(PeerError):
+            b.fetch("k", torch.empty(2))
+    finally:
+        a.close()
+        b.close()
+
+
+def test_construction_errors():
+    with pytest.raises(ConfigError, match="role must be"):
+        NcclTransport(dist.HashStore(), 0, 1, role="both", device="cpu", comm=object())
+    with pytest.raises(ConfigError, match="rank and peer must differ"):
+        NcclTransport(dist.HashStore(), 1, 1, role="send", device="cpu", comm=object())
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        NcclTransport(dist.HashStore(), 0, 1, role="send", device="cpu")
+
+
+def test_header_bursts_are_coalesced(fake, seed):
+    """Headers that queue up while a store write is in flight go out together in the next write."""
+    a, b, _ = fake
+    sets, entered, gate = [], threading.Event(), threading.Event()
+    real = a._store
+
+    def gated_set(k, v):
+        sets.append(k)
+        if len(sets) == 1:
+            entered.set()
+            gate.wait(10)
+        real.set(k, v)
+
+    a._store = types.SimpleNamespace(set=gated_set, **{n: getattr(real, n) for n in ("check", "get", "add")})
+    chunks = [torch.full((3,), float(i)) for i in range(6)]
+    a.flush("k0", chunks[0])
+    assert entered.wait(10)
+    handles = [a.flush(f"k{i}", chunks[i]) for i in range(1, 6)]
+    gate.set()
+    for i in range(6):
+        assert torch.equal(b.fetch_new(f"k{i}"), chunks[i])
+    for h in handles:
+        h.wait()
+    assert [k for k in sets if k.startswith("hdr/")] == ["hdr/1", "hdr/2"]
+
+
+class _FakeNccl:
+    """Stands in for ``nccl.core`` to test the unique-id exchange without libnccl."""
+
+    class UniqueId:
+        @staticmethod
+        def from_bytes(b):
+            return bytes(b)
+
+    class NCCLConfig:
+        def __init__(self, blocking):
+            self.blocking = blocking
+
+    def __init__(self):
+        self.inits = []
+        outer = self
+
+        class Communicator:
+            @staticmethod
+            def init(n, me, uid, config):
+                outer.inits.append((n, me, bytes(uid), config.blocking))
+                return FakeComm({}, me)
+
+        self.Communicator = Communicator
+
+    @staticmethod
+    def get_unique_id():
+        return b"U" * 128
+
+
+def test_init_comm_exchanges_the_unique_id_through_the_store(monkeypatch):
+    fake = _FakeNccl()
+    monkeypatch.setattr(nccl_mod, "_nccl", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: nccl_mod._nullcontext())
+    store = dist.HashStore()
+    got = []
+    t = threading.Thread(target=lambda: got.append(init_comm(store, 1, "cpu", 5.0)))
+    t.start()
+    got.append(init_comm(store, 0, "cpu", 5.0))
+    t.join()
+    assert sorted((n, me, uid, blocking) for n, me, uid, blocking in fake.inits) == [
+        (2, 0, b"U" * 128, False), (2, 1, b"U" * 128, False)]
+    with pytest.raises(PeerError, match="No NCCL unique id from the peer within 0.2 s"):
+        init_comm(dist.HashStore(), 1, "cpu", 0.2)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Two GPUs
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu2
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_loopback_round_trip_any_order(dtype):
+    t = NcclTransport.loopback((0, 1), timeout_s=60)
+    try:
+        g = torch.Generator(device="cuda:0").manual_seed(3)
+        chunks = {f"s/seg000000/layer{l:04d}": torch.randn(1, 2, 2, 8, 129, 128, device="cuda:0", generator=g).to(dtype)
+                  for l in range(4)}
+        early = torch.full((1, 2, 2, 8, 129, 128), 7, dtype=dtype, device="cuda:1")
+        pending = _Background(lambda: t.fetch("s/seg000000/layer0003", early).wait())  # straight into early
+        _until_waiting(t.receiver, "s/seg000000/layer0003")
+        handles = [t.flush(k, v) for k, v in chunks.items()]
+        t.flush("s/manifest", torch.arange(100, dtype=torch.uint8, device="cuda:0"))
+        assert torch.equal(t.fetch_new("s/manifest", "cuda:1").cpu(), torch.arange(100, dtype=torch.uint8))
+        pending.result(60)
+        assert torch.equal(early.cpu(), chunks["s/seg000000/layer0003"].cpu())
+        assert not t.contains("s/seg000000/layer0003")
+        for k in ("s/seg000000/layer0002", "s/seg000000/layer0000", "s/seg000000/layer0001"):
+            out = torch.full_like(chunks[k], 7, device="cuda:1")
+            t.fetch(k, out).wait()
+            assert torch.equal(out.cpu(), chunks[k].cpu())
+        for h in handles:
+            h.wait()
+        cpu_out = torch.empty(chunks["s/seg000000/layer0000"].shape, dtype=dtype)
+        t.fetch("s/seg000000/layer0000", cpu_out).wait()
+        assert torch.equal(cpu_out, chunks["s/seg000000/layer0000"].cpu())
+    finally:
+        t.close()
+
+
+GPU_PEER = textwrap.dedent("""
+    import sys, time, torch
+    from kvstream.transports.nccl import NcclTransport
+    from kvstream.transports.remote import rendezvous_store
+    port = int(sys.argv[1])
+    torch.cuda.set_device(1)
+    t = NcclTransport(rendezvous_store("127.0.0.1", port, is_server=False), 1, 0, role="send", device="cuda:1",
+                      timeout_s=60, heartbeat_s=0.1, dead_after_s=2.0)
+    g = torch.Generator(device="cuda:1").manual_seed(9)
+    for i in range(3):
+        t.flush(f"k{i}", torch.randn(1 << 20, device="cuda:1", generator=g)).wait()
+    print("sent", flush=True)
+    time.sleep(600)
+""")
+
+
+@pytest.mark.gpu2
+def test_gpu_killed_peer_fails_fast_and_aborts():
+    server = rendezvous_store("127.0.0.1", 0, is_server=True, timeout_s=60)
+    proc = subprocess.Popen([sys.executable, "-c", GPU_PEER, str(server.port)], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        torch.cuda.set_device(0)
+        t = NcclTransport(rendezvous_store("127.0.0.1", server.port, is_server=False), 0, 1, role="recv",
+                          device="cuda:0", timeout_s=60, heartbeat_s=0.1, dead_after_s=2.0)
+        g = torch.Generator(device="cuda:0").manual_seed(9)
+        want = [torch.randn(1 << 20, device="cuda:0", generator=g) for _ in range(3)]
+        for i in (2, 0, 1):
+            assert torch.equal(t.fetch_new(f"k{i}", "cuda:0"), want[i])
+        assert proc.stdout.readline().strip() == "sent"
+        pending = _Background(lambda: t.fetch("k9", torch.empty(1 << 20, device="cuda:0")))
+        _until_waiting(t, "k9")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        t0 = time.monotonic()
+        with pytest.raises(PeerError):
+            pending.result(60)
+        assert time.monotonic() - t0 < 15
+        t.close()
+    finally:
+        proc.kill()
