@@ -49,7 +49,7 @@ import torch
 from ..errors import CapacityError, ChunkNotFound, ConfigError, CorruptChunkError, LayoutError, TransportError
 from ..layout import KVLayout, Region
 from ..transports.disk import SUFFIX, TMP_DIR, DiskTransport
-from .base import PinError, PrefixMatch, PrefixStore, check_kv, check_max_tokens, pack_into, packed_shape
+from .base import PinError, PrefixMatch, PrefixStore, check_kv, check_max_tokens, chunk_major, from_chunk_major
 from .hashing import as_token_ids, nested_path, prefix_hashes
 
 logger = logging.getLogger(__name__)
@@ -282,7 +282,6 @@ class ChunkFileStore(PrefixStore):
         except CorruptChunkError as e:
             self._drop_corrupt(keys[0], e)
             return torch.empty((0, 2, 1, 0, 0, 0))
-        layers, _, _, heads, _, head_dim = shape
         buf = torch.empty((len(keys), *shape), dtype=header.dtype, device=device)
         handles = []
         for i, key in enumerate(keys):
@@ -307,9 +306,7 @@ class ChunkFileStore(PrefixStore):
                     os.utime(self.path(keys[i]))  # the access time GC goes by
             elif good == i and isinstance(error, CorruptChunkError):
                 self._drop_corrupt(keys[i], error)
-        full = torch.empty((layers, 2, 1, heads, good * c, head_dim), dtype=header.dtype, device=device)
-        full.view(layers, 2, 1, heads, good, c, head_dim).copy_(buf[:good].permute(1, 2, 3, 4, 0, 5, 6))
-        return full[:, :, :, :, :min(n_tokens, good * c)]
+        return from_chunk_major(buf[:good], min(n_tokens, good * c))
 
     def update_kv(self, token_ids: Any, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *,
                   start: int = 0, overwrite: bool = False) -> int:
@@ -349,9 +346,7 @@ class ChunkFileStore(PrefixStore):
     def _write_chunks(self, all_keys: list[str], todo: list[int], keys, values, layout: KVLayout, start: int) -> None:
         c = self.chunk_tokens
         lo, hi = todo[0], todo[-1] + 1
-        span = torch.empty(packed_shape(layout, (hi - lo) * c), dtype=layout.dtype, device=keys[0].device)
-        pack_into(span, keys, values, lo * c - start, hi * c - start)
-        chunks = span.view(*span.shape[:4], hi - lo, c, span.shape[5]).permute(4, 0, 1, 2, 3, 5, 6).contiguous()
+        chunks = chunk_major(keys, values, lo * c - start, hi * c - start, c)
         handles = []
         for i in todo:
             region = Region(layers=(0, layout.num_layers), tokens=(i * c, (i + 1) * c), batch=(0, 1),

@@ -3,8 +3,10 @@
 Design (after SGLang's ``RadixCache`` and Vineyard's radix tree + blobs):
 
 * Each edge of the tree is a run of token ids; a node owns the KV of its edge's tokens as a slice
-  ``[offset, offset + len(edge))`` of a **blob**: one packed ``[layers, 2, 1, kv_heads, tokens,
-  head_dim]`` host tensor written by one :meth:`RadixStore.update_kv`. Splitting a node (an insert that
+  ``[offset, offset + len(edge))`` of a **blob**: one host tensor written by one
+  :meth:`RadixStore.update_kv`, token-major (``[tokens, layers, 2, 1, kv_heads, 1, head_dim]``: a
+  packed chunk per token), so that any run of tokens is one contiguous copy to the GPU; the device
+  puts the loaded tokens back in packed order with one gather. Splitting a node (an insert that
   diverges inside an edge) copies nothing: both halves keep slicing the same blob, which lives while
   any node refers to it. Blobs are page-locked (kvstream's pinned allocator) when a GPU exists, so a
   match loads onto the GPU with asynchronous copies.
@@ -44,8 +46,8 @@ import torch
 
 from ..errors import CapacityError, ConfigError, LayoutError, TransportError
 from ..layout import KVLayout
-from .base import (PinError, PrefixMatch, PrefixStore, check_kv, check_max_tokens, default_pin, host_empty,
-                   pack_into, packed_shape)
+from .base import (PinError, PrefixMatch, PrefixStore, check_kv, check_max_tokens, chunk_major, default_pin,
+                   from_chunk_major, host_empty)
 from .hashing import as_token_ids
 
 _INDEX_FORMAT = 1
@@ -375,9 +377,13 @@ class RadixStore(PrefixStore):
     def _blob_path(self, name: str) -> str:
         return os.path.join(self._dir, f"blob-{name}")
 
+    @staticmethod
+    def _blob_shape(layout: KVLayout, n_tokens: int) -> tuple[int, ...]:
+        return (int(n_tokens), layout.num_layers, 2, 1, layout.kv_heads, 1, layout.head_dim)
+
     def _new_blob(self, layout: KVLayout, n_tokens: int) -> tuple[str, torch.Tensor]:
         name = uuid.uuid4().hex
-        shape = packed_shape(layout, n_tokens)
+        shape = self._blob_shape(layout, n_tokens)
         if self._dir is None:
             return name, host_empty(shape, layout.dtype, self._pin)
         nbytes = layout.bytes_per_token() * n_tokens
@@ -395,10 +401,10 @@ class RadixStore(PrefixStore):
         os.close(fd)
         return name, self._map(path, nbytes, layout, n_tokens, writable=True)
 
-    @staticmethod
-    def _map(path: str, nbytes: int, layout: KVLayout, n_tokens: int, writable: bool) -> torch.Tensor:
+    @classmethod
+    def _map(cls, path: str, nbytes: int, layout: KVLayout, n_tokens: int, writable: bool) -> torch.Tensor:
         raw = torch.from_file(path, shared=writable, size=nbytes, dtype=torch.uint8)
-        return raw.view(layout.dtype).view(packed_shape(layout, n_tokens))
+        return raw.view(layout.dtype).view(cls._blob_shape(layout, n_tokens))
 
     def _blob_tensor(self, name: str, tree: _Tree) -> torch.Tensor:
         t = self._data.get(name)
@@ -448,22 +454,23 @@ class RadixStore(PrefixStore):
 
         return PrefixMatch(matched, loader, releaser, source="RadixStore")
 
-    @staticmethod
-    def _load_slices(slices, layout: KVLayout, n_tokens: int, device: torch.device):
-        out = torch.empty(packed_shape(layout, n_tokens), dtype=layout.dtype, device=device)
+    @classmethod
+    def _load_slices(cls, slices, layout: KVLayout, n_tokens: int, device: torch.device):
+        """Copy the tokens of ``slices`` (token-major, contiguous runs) to ``device``, then gather to packed order."""
+        staging = torch.empty(cls._blob_shape(layout, n_tokens), dtype=layout.dtype, device=device)
         non_blocking = device.type == "cuda"
         pos = 0
         for blob, offset, used in slices:
             take = min(used, n_tokens - pos)
             if take <= 0:
                 break
-            out[:, :, :, :, pos:pos + take].copy_(blob[:, :, :, :, offset:offset + take], non_blocking=non_blocking)
+            staging[pos:pos + take].copy_(blob[offset:offset + take], non_blocking=non_blocking)
             pos += take
         event = None
-        if non_blocking:
+        if non_blocking:  # release() waits for it before the host blobs may be evicted
             event = torch.cuda.Event()
             event.record()
-        return out, event
+        return from_chunk_major(staging, n_tokens), event
 
     def update_kv(self, token_ids: Any, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *,
                   start: int = 0) -> int:
@@ -507,8 +514,8 @@ class RadixStore(PrefixStore):
             name, blob = self._new_blob(layout, fit)
             try:
                 lo = matched - start
-                pack_into(blob, keys, values, lo, lo + fit)
-                if keys[0].device.type == "cuda":
+                blob.copy_(chunk_major(keys, values, lo, lo + fit, 1), non_blocking=keys[0].is_cuda)
+                if keys[0].is_cuda:
                     torch.cuda.current_stream(keys[0].device).synchronize()
             except BaseException:
                 self._free([name])
