@@ -55,9 +55,10 @@ def kv_from_cache(cache: Any, max_tokens: int | None = None) -> tuple[list[torch
     Returns
     -------
     keys, values : list of torch.Tensor
-        One tensor per layer, as held by the cache (no copy).
+        One tensor per layer, as held by the cache (no copy); the first ``n_tokens`` positions are valid
+        (a ``StaticCache`` layer holds more slots than tokens).
     n_tokens : int
-        ``min(cache tokens, max_tokens)``.
+        ``min(tokens the cache has seen, max_tokens)``.
 
     Raises
     ------
@@ -74,16 +75,17 @@ def kv_from_cache(cache: Any, max_tokens: int | None = None) -> tuple[list[torch
     for i, layer in enumerate(layers):
         k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
         if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor) or k.dim() != 4:
-            raise ConfigError(f"Layer {i} ({type(layer).__name__}) holds no [batch, kv_heads, seq, head_dim] KV; "
-                              "prefix stores only support attention layers with a per-token cache")
+            raise ConfigError(f"Layer {i} ({type(layer).__name__}) holds no [batch, kv_heads, seq, head_dim] KV: the "
+                              "cache is empty, or the layer is not an attention layer with a per-token cache")
         held = k.shape[-2]
         seen = int(layer.get_seq_length()) if hasattr(layer, "get_seq_length") else held
-        if seen != held:
+        if seen > held:
             window = getattr(layer, "sliding_window", None)
             raise ConfigError(f"Layer {i} ({type(layer).__name__}, sliding window {window}) holds the KV of {held} of "
                               f"the {seen} tokens it has seen: it dropped history. A prefix store needs every "
                               f"token's KV; use sequences shorter than the window or a model without sliding windows")
-        n = held if n is None else min(n, held)
+        # a static layer holds max_cache_len slots of which the first ``seen`` are filled
+        n = seen if n is None else min(n, seen)
         keys.append(k)
         values.append(v)
     n = int(n or 0)

@@ -91,3 +91,19 @@ def test_sliding_window_layers_that_dropped_history_cannot_be_stored():
 def test_kv_from_cache_rejects_caches_without_kv():
     with pytest.raises(ConfigError, match="no layers"):
         kv_from_cache(DynamicCache())
+
+
+def test_a_static_cache_stores_only_its_filled_slots():
+    from transformers import StaticCache
+
+    model = build_model(tiny_config("llama", num_layers=2), seed=0)
+    store = RadixStore(capacity_bytes=1 << 24)
+    ids = torch.tensor([encode_text(prompts()[0], 20)])
+    static = StaticCache(config=model.config, max_cache_len=64)
+    out = _generate(model, ids, static)
+    assert static.layers[0].keys.shape[2] == 64
+    assert store.update(out, static) == out.shape[1] - 1  # not the 64 slots
+    more = torch.cat([out, torch.tensor([encode_text(prompts()[1], 8)])], dim=1)
+    cache = DynamicCache(config=model.config)
+    assert load_prefix_into(cache, store, more) == out.shape[1] - 1
+    assert torch.equal(_generate(model, more, cache), _generate(model, more))
