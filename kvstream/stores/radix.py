@@ -448,9 +448,13 @@ class RadixStore(PrefixStore):
             return self._load_slices(slices, layout, n_tokens, device)
 
         def releaser() -> None:
-            with self._locked(write=True) as t:
-                t.unpin(node_id, self._owner)
-                self._held -= 1
+            with self._lock:
+                if self._closed:  # close() already dropped this process's pins
+                    self._held -= 1
+                    return
+                with self._locked(write=True) as t:
+                    t.unpin(node_id, self._owner)
+                    self._held -= 1
 
         return PrefixMatch(matched, loader, releaser, source="RadixStore")
 
@@ -469,7 +473,7 @@ class RadixStore(PrefixStore):
         event = None
         if non_blocking:  # release() waits for it before the host blobs may be evicted
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(device))
         return from_chunk_major(staging, n_tokens), event
 
     def update_kv(self, token_ids: Any, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *,

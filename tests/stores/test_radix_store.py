@@ -252,3 +252,14 @@ def test_shared_pinned_match_survives_another_process_evicting(shared_name, tmp_
     blobs = [f for f in os.listdir(mine._dir) if f.startswith("blob-")]
     assert len(blobs) == mine.stats()["blobs"]  # evicted blobs were unlinked, nothing orphaned
     mine.close()
+
+
+def test_release_after_close_is_harmless():
+    s = RadixStore(capacity_bytes=1 << 20)
+    put(s, [1, 2, 3])
+    m = s.lookup([1, 2, 3])
+    s.close()
+    m.release()
+    assert s.pinned() == 0
+    with pytest.raises(PinError):
+        m.release()
