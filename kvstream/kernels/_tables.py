@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -273,19 +273,34 @@ def check_block_ids(block_ids, num_blocks: list[int], device: torch.device, *, u
     return block_ids
 
 
-def newest_args(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], layers, num_tokens: int, starts):
-    """Checked arguments of the newest-token ops.
+def region_args(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], region) -> tuple:
+    """Checked arguments of the token-range ops: ``(region resolved, Scan)``.
 
-    Returns
-    -------
-    ids : list of int
-        Selected layers.
-    shape : tuple of int
-        ``[batch, kv_heads, seq, head_dim]`` of the first selected key tensor.
-    dtype, device
-        Of the K/V tensors.
-    starts : list of int or torch.Tensor
-        From :func:`resolve_starts`.
+    Raises
+    ------
+    LayoutError
+        From :func:`kvstream.layout.check_hf_layers`, with the offending layer and the numbers.
+    """
+    from ..layout import check_hf_layers
+
+    layers = region.layers
+    scan = None
+    if len(layers) and layers.stop <= len(keys) and isinstance(keys[layers.start], torch.Tensor) \
+            and keys[layers.start].dim() == 4:
+        first = keys[layers.start]
+        region = region.resolve(batch_size=first.shape[0], kv_heads=first.shape[1])
+        scan = scan_layers(keys, values, list(layers), 2, (region.batch.start, region.heads.start))
+    if scan is None or min(scan.sizes) < region.tokens.stop:
+        check_hf_layers(keys, values, region)
+        raise LayoutError(f"keys/values do not fit {region}")  # not reached: check_hf_layers raised
+    return region, scan
+
+
+def newest_args(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], layers, num_tokens: int,
+                starts) -> tuple:
+    """Checked arguments of the newest-token ops: ``(layer ids, Scan, starts)``.
+
+    ``starts`` comes from :func:`resolve_starts`: a list of ints, or an int64 tensor on the KV device.
 
     Raises
     ------
@@ -293,14 +308,17 @@ def newest_args(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], la
         On any mismatch, a negative ``num_tokens``, or keys and values of a layer with different ``seq``.
     """
     ids = layer_ids(layers, len(keys))
-    shape, dtype, device = check_layer_list(keys, values, ids, free_axis=2)
+    scan = scan_layers(keys, values, ids, 2)
+    if scan is None:
+        check_layer_list(keys, values, ids, free_axis=2)
+        raise LayoutError("keys/values do not agree")  # not reached: check_layer_list raised
     if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
         raise LayoutError(f"num_tokens must be a non-negative int, got {num_tokens!r}")
-    seq = [keys[l].shape[2] for l in ids]
-    for l, n in zip(ids, seq):
-        if values[l].shape[2] != n:
-            raise LayoutError(f"Layer {l}: keys hold {n} positions but values {values[l].shape[2]}")
-    return ids, shape, dtype, device, resolve_starts(starts, ids, seq, num_tokens, device)
+    seq = scan.sizes[0::2]
+    for l, nk, nv in zip(ids, seq, scan.sizes[1::2]):
+        if nk != nv:
+            raise LayoutError(f"Layer {l}: keys hold {nk} positions but values {nv}")
+    return ids, scan, resolve_starts(starts, ids, seq, num_tokens, scan.device)
 
 
 def chunk_tokens(chunk: torch.Tensor) -> int:
@@ -312,8 +330,8 @@ def chunk_tokens(chunk: torch.Tensor) -> int:
 
 
 def paged_args(key_caches: Sequence[torch.Tensor], value_caches: Sequence[torch.Tensor], block_ids, layers,
-               *, unique: bool):
-    """Checked arguments of the paged ops: (layer ids, first cache shape, dtype, device, block ids on device).
+               *, unique: bool) -> tuple:
+    """Checked arguments of the paged ops: ``(layer ids, Scan, block ids on the KV device)``.
 
     Raises
     ------
@@ -321,10 +339,12 @@ def paged_args(key_caches: Sequence[torch.Tensor], value_caches: Sequence[torch.
         On any mismatch of the caches or the block ids (see :func:`check_block_ids`).
     """
     ids = layer_ids(layers, len(key_caches))
-    shape, dtype, device = check_layer_list(key_caches, value_caches, ids, free_axis=0,
-                                            names=("key_caches", "value_caches"))
-    num_blocks = [min(key_caches[l].shape[0], value_caches[l].shape[0]) for l in ids]
-    return ids, shape, dtype, device, check_block_ids(block_ids, num_blocks, device, unique=unique)
+    scan = scan_layers(key_caches, value_caches, ids, 0)
+    if scan is None:
+        check_layer_list(key_caches, value_caches, ids, free_axis=0, names=("key_caches", "value_caches"))
+        raise LayoutError("key_caches/value_caches do not agree")  # not reached: check_layer_list raised
+    num_blocks = [min(nk, nv) for nk, nv in zip(scan.sizes[0::2], scan.sizes[1::2])]
+    return ids, scan, check_block_ids(block_ids, num_blocks, scan.device, unique=unique)
 
 
 def table(rows: list[int], cols: int, device: torch.device) -> torch.Tensor:
@@ -344,6 +364,10 @@ def table(rows: list[int], cols: int, device: torch.device) -> torch.Tensor:
     if t is not None:
         t.record_stream(torch.cuda.current_stream(device))
         return t
+    if torch.cuda.is_current_stream_capturing():
+        # The copy below would be captured reading a staging buffer that is reused after capture.
+        raise ConfigError("No cached pointer table for these tensors while a CUDA graph is being captured; run the "
+                          "same call once before capturing (the table is then cached and the capture reads it)")
     host = torch.tensor(rows, dtype=torch.int64).view(-1, cols).pin_memory()
     t = host.to(device, non_blocking=True)
     with _tables_lock:
@@ -359,17 +383,19 @@ def clear_tables() -> None:
         _tables.clear()
 
 
-def vector_elems(elsize: int, elems: list[int]) -> int:
-    """Widest vector (elements, a power of two, at most :data:`VECTOR_BYTES`) that divides every value.
+def vector_elems(elsize: int, byte_values: list[int]) -> int:
+    """Widest vector, in elements of ``elsize`` bytes, whose byte size divides every value (a power of two,
+    at most :data:`VECTOR_BYTES`; at least 1).
 
-    ``elems`` holds addresses and strides in elements; the kernels promise the compiler that offsets are
-    multiples of the result (``tl.multiple_of``), which turns their loads and stores into 16-byte ones.
+    ``byte_values`` holds addresses and strides in bytes; the kernels promise the compiler that addresses
+    and offsets are multiples of the result (``tl.multiple_of``), which turns their loads and stores into
+    16-byte ones.
     """
-    g = math.gcd(*elems) if elems else 0
-    v = max(1, VECTOR_BYTES // elsize)
-    while v > 1 and g % v:
+    g = math.gcd(*byte_values) if byte_values else 0
+    v = VECTOR_BYTES
+    while v > elsize and g % v:
         v //= 2
-    return v
+    return max(1, v // elsize)
 
 
 def block_rows(rows: int, entries: int, row_bytes: int, device: torch.device, max_tile_bytes: int,
@@ -415,66 +441,81 @@ TOKEN_COLS = 6
 PAGED_COLS = 5
 
 
-def _address(t: torch.Tensor, name: str) -> int:
-    addr = t.data_ptr()
-    if addr % t.element_size():
-        raise LayoutError(f"{name} starts at address {addr:#x}, not a multiple of its {t.element_size()}-byte elements")
-    return addr
+class Scan(NamedTuple):
+    """What :func:`scan_layers` read off the per-layer tensors."""
+
+    rows: list[int]        #: table rows, flat: TOKEN_COLS or PAGED_COLS values per (layer, K/V) entry
+    sizes: list[int]       #: each entry's size on the free axis (seq, or num_blocks)
+    vector: int            #: :func:`vector_elems` of every address and stride
+    shape: tuple[int, ...]  #: the first tensor's shape
+    dtype: torch.dtype
+    device: torch.device
 
 
-def token_rows(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], ids: list[int], batch0: int,
-               head0: int, starts: list[int] | None) -> tuple[list[int], int]:
-    """Rows of a token table (:data:`TOKEN_COLS` columns) for the selected HF-layout layers.
+def scan_layers(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], ids: list[int], free_axis: int,
+                offsets: tuple[int, int] = (0, 0)) -> Scan | None:
+    """Check the selected layers and build their table rows in one pass; ``None`` when anything is off.
+
+    The launchers run this on every call, decode steps included, so it touches each tensor once and keeps
+    to the cheapest attribute reads (a few hundred ns each); on ``None`` they run the full validators
+    (:func:`kvstream.layout.check_hf_layers`, :func:`check_layer_list`), which raise with the numbers.
 
     Parameters
     ----------
     keys, values : sequence of torch.Tensor
-        Per-layer ``[batch, kv_heads, seq, head_dim]`` tensors, already checked.
+        Per-layer 4-D tensors with ``head_dim`` last.
     ids : list of int
-        Selected layers, in chunk order.
-    batch0, head0 : int
-        First batch row and head of the region (folded into the addresses).
-    starts : list of int or None
-        Per-layer start position added to the launch's token offset (``None``: 0).
+        Selected layers, in chunk order (already range-checked).
+    free_axis : int
+        2 for the HF layout ``[batch, kv_heads, seq, head_dim]`` (rows get :data:`TOKEN_COLS` columns, the
+        start column 0); 0 for the paged layout ``[num_blocks, block_size, kv_heads, head_dim]``
+        (:data:`PAGED_COLS` columns).
+    offsets : (int, int)
+        Start indices on axes 0 and 1 folded into each address (the region's first batch row and head).
 
     Returns
     -------
-    rows : list of int
-        ``2 * len(ids) * TOKEN_COLS`` values.
-    vector : int
-        :func:`vector_elems` of the addresses and strides.
+    Scan or None
     """
+    if len(keys) != len(values):
+        return None
+    first = keys[ids[0]]
+    if not isinstance(first, torch.Tensor) or first.dim() != 4:
+        return None
+    shape = tuple(first.shape)
+    dtype, device, es = first.dtype, first.device, first.element_size()
+    hf = free_axis == 2
+    n0, n1, head_dim = (shape[0], shape[1], shape[3]) if hf else (shape[1], shape[2], shape[3])
+    o0, o1 = offsets
     rows: list[int] = []
     elems: list[int] = []
-    es = keys[ids[0]].element_size()
-    for i, l in enumerate(ids):
-        start = starts[i] if starts is not None else 0
-        for kind, t in (("keys", keys[l]), ("values", values[l])):
-            b, h, s, _ = t.shape
-            sb, sh, ss, _ = t.stride()
-            sb, sh, ss = (sb if b > 1 else 0), (sh if h > 1 else 0), (ss if s > 1 else 0)
-            addr = _address(t, f"{kind}[{l}]") + (batch0 * sb + head0 * sh) * es
-            rows += (addr, sb, sh, ss, s, start)
-            elems += (addr // es, sb, sh, ss)
-    return rows, vector_elems(es, elems)
-
-
-def paged_rows(key_caches: Sequence[torch.Tensor], value_caches: Sequence[torch.Tensor],
-               ids: list[int]) -> tuple[list[int], int]:
-    """Rows of a paged table (:data:`PAGED_COLS` columns) and their :func:`vector_elems`.
-
-    ``key_caches``/``value_caches`` hold per-layer ``[num_blocks, block_size, kv_heads, head_dim]`` tensors,
-    already checked.
-    """
-    rows: list[int] = []
-    elems: list[int] = []
-    es = key_caches[ids[0]].element_size()
-    for l in ids:
-        for kind, t in (("key_caches", key_caches[l]), ("value_caches", value_caches[l])):
-            n, bs, h, _ = t.shape
-            sn, st, sh, _ = t.stride()
-            sn, st, sh = (sn if n > 1 else 0), (st if bs > 1 else 0), (sh if h > 1 else 0)
-            addr = _address(t, f"{kind}[{l}]")
-            rows += (addr, sn, st, sh, n)
-            elems += (addr // es, sn, st, sh)
-    return rows, vector_elems(es, elems)
+    sizes: list[int] = []
+    try:
+        for l in ids:
+            for t in (keys[l], values[l]):
+                x0, x1, x2, d = t.shape
+                s0, s1, s2, s3 = t.stride()
+                if d != head_dim or (s3 != 1 and d > 1) or t.dtype != dtype or t.device != device:
+                    return None
+                if hf:
+                    if x0 != n0 or x1 != n1:
+                        return None
+                    free = x2
+                elif x1 != n0 or x2 != n1:
+                    return None
+                else:
+                    free = x0
+                # a size-1 axis is never stepped along: stride 0 keeps it out of the alignment
+                if x0 == 1:
+                    s0 = 0
+                if x1 == 1:
+                    s1 = 0
+                if x2 == 1:
+                    s2 = 0
+                addr = t.data_ptr() + (o0 * s0 + o1 * s1) * es
+                rows.extend((addr, s0, s1, s2, free, 0) if hf else (addr, s0, s1, s2, free))
+                elems.extend((addr, s0 * es, s1 * es, s2 * es))
+                sizes.append(free)
+    except (ValueError, TypeError, AttributeError):  # not 4-D, not a tensor
+        return None
+    return Scan(rows, sizes, vector_elems(es, elems), shape, dtype, device)

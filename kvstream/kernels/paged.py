@@ -6,8 +6,10 @@ strides with ``head_dim`` stride 1 (so views such as ``kv[:, 0]`` of FlashInfer'
 names; the chunk holds them in block-table order: ``[L, 2, num_ids, block_size, kv_heads, head_dim]``
 (:data:`kvstream.layout.PACKED_PAGED_AXES`).
 
-Grid: axis 1 walks the table entries (layer, K/V); axis 0 walks rows — ``(id, block token, head)`` flattened,
-one ``head_dim`` vector each — ``BLOCK_R`` rows per program.
+Grid: axis 1 walks the table entries (layer, K/V); axis 0 walks (id, tile): a program copies ``BLOCK_R``
+rows — ``(block token, head)`` pairs, one ``head_dim`` vector each — of one block. ``block_size`` and
+``kv_heads`` are compile-time constants (a model has one of each), so splitting a row index costs no
+division.
 """
 
 from __future__ import annotations
@@ -30,49 +32,54 @@ MIN_PROGRAMS_PER_SM = 4
 NUM_WARPS = 4
 
 
-@triton.jit(do_not_specialize=["rows", "block_size", "heads"])
-def _copy_blocks_kernel(table_ptr, chunk_ptr, ids_ptr, rows, block_size, heads,
-                        COLS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-                        ALIGN: tl.constexpr, UNPACK: tl.constexpr):
+@triton.jit(do_not_specialize=["num_ids", "tiles"])
+def _copy_blocks_kernel(table_ptr, chunk_ptr, ids_ptr, num_ids, tiles,
+                        COLS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, ALIGN: tl.constexpr, UNPACK: tl.constexpr):
     entry = tl.program_id(1)  # 2 * layer + (0: K, 1: V)
-    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    h = r % heads
-    jt = r // heads
-    tok = jt % block_size
-    j = jt // block_size
-    in_rows = r < rows
-    bid = tl.load(ids_ptr + j, mask=in_rows, other=-1).to(tl.int64)
+    j = tl.program_id(0) // tiles  # which id; a program copies BLOCK_R (block token, head) rows of its block
+    rr = (tl.program_id(0) % tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
+    tok = rr // HEADS  # constexpr divisor: a multiply and a shift
+    h = rr % HEADS
+    bid = tl.load(ids_ptr + j + tl.zeros_like(rr)).to(tl.int64)  # one id, as a vector: the interpreter cannot
+    # combine a scalar mask with a vector one (ValueError: mask has unsupported dtype)
     row = table_ptr + entry * COLS
     # Ids outside [0, num_blocks) (possible only for unchecked device ids) are never dereferenced.
-    row_mask = in_rows & (bid >= 0) & (bid < tl.load(row + 4))
+    row_mask = (rr < BLOCK_SIZE * HEADS) & (bid >= 0) & (bid < tl.load(row + 4))
     base = tl.load(row).to(tl.pointer_type(chunk_ptr.dtype.element_ty))
     cache_off = bid * tl.load(row + 1) + tok * tl.load(row + 2) + h * tl.load(row + 3)
     if ALIGN > 1:  # the launcher checked every address and stride: 16-byte vector loads/stores
         base = tl.multiple_of(base, ALIGN * (chunk_ptr.dtype.element_ty.primitive_bitwidth // 8))  # bytes
         cache_off = tl.multiple_of(cache_off, ALIGN)
-    move_rows(base + cache_off, row_mask, chunk_ptr + (entry.to(tl.int64) * rows + r) * HEAD_DIM,
-              HEAD_DIM, BLOCK_D, UNPACK)
+    chunk_row = (entry.to(tl.int64) * num_ids + j) * (BLOCK_SIZE * HEADS) + rr
+    move_rows(base + cache_off, row_mask, chunk_ptr + chunk_row * HEAD_DIM, HEAD_DIM, BLOCK_D, UNPACK)
 
 
-def _copy(key_caches, value_caches, ids, shape, device, block_ids, chunk, unpack, block_rows, num_warps):
+def _blocks(key_caches, value_caches, block_ids, layers, chunk, unpack, block_rows, num_warps):
+    ids, scan, block_ids = _tables.paged_args(key_caches, value_caches, block_ids, layers, unique=unpack)
+    _, block_size, heads, head_dim = scan.shape
+    shape = (len(ids), 2, block_ids.numel(), block_size, heads, head_dim)
+    if unpack:
+        _tables.check_chunk(chunk, shape, scan.dtype, scan.device)
+    else:
+        chunk = _tables.packed_out(chunk, shape, scan.dtype, scan.device)
+    device = scan.device
     _tables.check_backend(device, _copy_blocks_kernel)
-    _, block_size, heads, head_dim = shape
-    rows = block_ids.numel() * block_size * heads
-    if rows == 0:
-        return
-    cells, vector = _tables.paged_rows(key_caches, value_caches, ids)
-    table = _tables.table(cells, _tables.PAGED_COLS, device)
+    if chunk.numel() == 0:
+        return chunk
+    table = _tables.table(scan.rows, _tables.PAGED_COLS, device)
     block_d = triton.next_power_of_2(head_dim)
     entries = 2 * len(ids)
     if block_rows is None:
-        block_rows = _tables.block_rows(rows, entries, block_d * chunk.element_size(), device, MAX_TILE_BYTES,
-                                        MIN_PROGRAMS_PER_SM)
-    grid = (triton.cdiv(rows, block_rows), entries)
+        block_rows = _tables.block_rows(block_size * heads, entries * block_ids.numel(), block_d * chunk.element_size(),
+                                        device, MAX_TILE_BYTES, MIN_PROGRAMS_PER_SM)
+    tiles = triton.cdiv(block_size * heads, block_rows)
     with _tables.launch_guard(device):
-        _copy_blocks_kernel[grid](
-            table, _tables.as_bits(chunk), block_ids, rows, block_size, heads,
-            COLS=_tables.PAGED_COLS, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=block_rows, ALIGN=vector,
-            UNPACK=unpack, num_warps=num_warps or NUM_WARPS)
+        _copy_blocks_kernel[(block_ids.numel() * tiles, entries)](
+            table, _tables.as_bits(chunk), block_ids, block_ids.numel(), tiles,
+            COLS=_tables.PAGED_COLS, BLOCK_SIZE=block_size, HEADS=heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
+            BLOCK_R=block_rows, ALIGN=scan.vector, UNPACK=unpack, num_warps=num_warps or NUM_WARPS)
+    return chunk
 
 
 def pack_blocks(key_caches: Sequence[torch.Tensor], value_caches: Sequence[torch.Tensor], block_ids, *,
@@ -111,10 +118,7 @@ def pack_blocks(key_caches: Sequence[torch.Tensor], value_caches: Sequence[torch
     --------
     >>> chunk = pack_blocks(key_caches, value_caches, torch.tensor([7, 3, 12]))   # doctest: +SKIP
     """
-    ids, shape, dtype, device, block_ids = _tables.paged_args(key_caches, value_caches, block_ids, layers, unique=False)
-    out = _tables.packed_out(out, (len(ids), 2, block_ids.numel(), *shape[1:]), dtype, device)
-    _copy(key_caches, value_caches, ids, shape, device, block_ids, out, False, block_rows, num_warps)
-    return out
+    return _blocks(key_caches, value_caches, block_ids, layers, out, False, block_rows, num_warps)
 
 
 def unpack_blocks(chunk: torch.Tensor, key_caches: Sequence[torch.Tensor], value_caches: Sequence[torch.Tensor],
@@ -140,6 +144,4 @@ def unpack_blocks(chunk: torch.Tensor, key_caches: Sequence[torch.Tensor], value
     ConfigError
         If the caches are on the CPU without the Triton interpreter.
     """
-    ids, shape, dtype, device, block_ids = _tables.paged_args(key_caches, value_caches, block_ids, layers, unique=True)
-    _tables.check_chunk(chunk, (len(ids), 2, block_ids.numel(), *shape[1:]), dtype, device)
-    _copy(key_caches, value_caches, ids, shape, device, block_ids, chunk, True, block_rows, num_warps)
+    _blocks(key_caches, value_caches, block_ids, layers, chunk, True, block_rows, num_warps)

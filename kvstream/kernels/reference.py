@@ -105,10 +105,11 @@ def pack_newest(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *,
     LayoutError
         On a mismatch, a bad layer list or starts outside a layer's positions.
     """
-    ids, shape, dtype, device, resolved = _tables.newest_args(keys, values, layers, num_tokens, starts)
+    ids, scan, resolved = _tables.newest_args(keys, values, layers, num_tokens, starts)
     if isinstance(resolved, torch.Tensor):
         return pack_newest(keys, values, num_tokens=num_tokens, layers=ids, starts=resolved.tolist(), out=out)
-    out = _tables.packed_out(out, (len(ids), 2, shape[0], shape[1], num_tokens, shape[3]), dtype, device)
+    b, h, _, d = scan.shape
+    out = _tables.packed_out(out, (len(ids), 2, b, h, num_tokens, d), scan.dtype, scan.device)
     for i, (l, s) in enumerate(zip(ids, resolved)):
         out[i, 0].copy_(keys[l][:, :, s:s + num_tokens])
         out[i, 1].copy_(values[l][:, :, s:s + num_tokens])
@@ -125,9 +126,9 @@ def unpack_newest(chunk: torch.Tensor, keys: Sequence[torch.Tensor], values: Seq
         On a mismatch or starts outside a layer's positions.
     """
     num_tokens = _tables.chunk_tokens(chunk)
-    ids, shape, dtype, device, resolved = _tables.newest_args(keys, values, layers, num_tokens,
-                                                               _host_starts(starts))
-    _tables.check_chunk(chunk, (len(ids), 2, shape[0], shape[1], num_tokens, shape[3]), dtype, device)
+    ids, scan, resolved = _tables.newest_args(keys, values, layers, num_tokens, _host_starts(starts))
+    b, h, _, d = scan.shape
+    _tables.check_chunk(chunk, (len(ids), 2, b, h, num_tokens, d), scan.dtype, scan.device)
     for i, (l, s) in enumerate(zip(ids, resolved)):
         keys[l][:, :, s:s + num_tokens].copy_(chunk[i, 0])
         values[l][:, :, s:s + num_tokens].copy_(chunk[i, 1])
@@ -153,9 +154,8 @@ def pack_blocks(key_caches: Sequence[torch.Tensor], value_caches: Sequence[torch
     LayoutError
         On a mismatch or block ids out of range.
     """
-    ids, shape, dtype, device, block_ids = _tables.paged_args(key_caches, value_caches, _host_ids(block_ids), layers,
-                                                              unique=False)
-    out = _tables.packed_out(out, (len(ids), 2, block_ids.numel(), *shape[1:]), dtype, device)
+    ids, scan, block_ids = _tables.paged_args(key_caches, value_caches, _host_ids(block_ids), layers, unique=False)
+    out = _tables.packed_out(out, (len(ids), 2, block_ids.numel(), *scan.shape[1:]), scan.dtype, scan.device)
     for i, l in enumerate(ids):
         out[i, 0].copy_(key_caches[l][block_ids])
         out[i, 1].copy_(value_caches[l][block_ids])
@@ -171,9 +171,8 @@ def unpack_blocks(chunk: torch.Tensor, key_caches: Sequence[torch.Tensor], value
     LayoutError
         On a mismatch, or block ids out of range or repeated.
     """
-    ids, shape, dtype, device, block_ids = _tables.paged_args(key_caches, value_caches, _host_ids(block_ids), layers,
-                                                              unique=True)
-    _tables.check_chunk(chunk, (len(ids), 2, block_ids.numel(), *shape[1:]), dtype, device)
+    ids, scan, block_ids = _tables.paged_args(key_caches, value_caches, _host_ids(block_ids), layers, unique=True)
+    _tables.check_chunk(chunk, (len(ids), 2, block_ids.numel(), *scan.shape[1:]), scan.dtype, scan.device)
     for i, l in enumerate(ids):
-        key_caches[l][block_ids] = chunk[i, 0].to(device)
-        value_caches[l][block_ids] = chunk[i, 1].to(device)
+        key_caches[l][block_ids] = chunk[i, 0].to(scan.device)
+        value_caches[l][block_ids] = chunk[i, 1].to(scan.device)

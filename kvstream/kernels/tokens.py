@@ -8,10 +8,10 @@ Two uses share one kernel:
   DéjàVu's single-token path: one launch instead of one copy per layer, K/V and row. Layers may hold
   different numbers of positions (sliding-window layers), so each layer has its own start.
 
-Grid: axis 1 walks the table entries (layer, K/V); axis 0 walks *rows* — ``(batch, head, token)``
-flattened, one ``head_dim`` vector each — ``BLOCK_R`` rows per program. A long prefill range gives each
-program a contiguous run of tokens of one (batch, head); a one-token decode step gives it ``BLOCK_R``
-different (batch, head) rows, so tiny rows still make full tiles.
+Grid: axis 1 walks the table entries (layer, K/V); axis 0 walks tiles of ``BLOCK_R`` *rows* (one
+``head_dim`` vector each). A long prefill range gives each program ``BLOCK_R`` consecutive tokens of one
+(batch, head); a decode step of fewer tokens than ``BLOCK_R`` gives it ``(batch, head, token)`` rows
+flattened, so tiny rows still make full tiles.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layout import Region, check_hf_layers
+from ..layout import Region
 from . import _tables
 
 #: Target bytes per program: 16 KiB is 8 x 16-byte loads in flight per thread at 4 warps, enough to cover
@@ -54,56 +54,98 @@ def move_rows(cache_rows, row_mask, chunk_rows, HEAD_DIM: tl.constexpr, BLOCK_D:
         tl.store(chunk_ptrs, tl.load(cache_ptrs, mask=mask), mask=mask)
 
 
-@triton.jit(do_not_specialize=["rows", "heads", "tokens", "t0"])
-def _copy_tokens_kernel(table_ptr, chunk_ptr, starts_ptr, rows, heads, tokens, t0,
+@triton.jit(do_not_specialize=["rows", "heads", "tokens", "tiles", "t0"])
+def _copy_tokens_kernel(table_ptr, chunk_ptr, starts_ptr, rows, heads, tokens, tiles, t0,
                         COLS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-                        ALIGN: tl.constexpr, DEVICE_STARTS: tl.constexpr, UNPACK: tl.constexpr):
+                        ALIGN: tl.constexpr, DEVICE_STARTS: tl.constexpr, UNPACK: tl.constexpr,
+                        ACROSS_ROWS: tl.constexpr):
     entry = tl.program_id(1)  # 2 * layer + (0: K, 1: V), the order of the chunk's (layer, kv) axes
-    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    t = r % tokens
-    bh = r // tokens
+    if ACROSS_ROWS:
+        # Few tokens (decode): a tile spans several (batch, head) rows; int32 divisions per row, rows < 2**31.
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        t = r % tokens
+        bh = r // tokens
+        in_rows = r < rows
+    else:
+        # Long token runs (prefill): a tile is BLOCK_R consecutive tokens of one (batch, head); no division
+        # per row, which would otherwise cost more instructions than the 16-byte copies themselves.
+        bh = tl.program_id(0) // tiles
+        t = (tl.program_id(0) % tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
+        in_rows = t < tokens
     h = bh % heads
     b = bh // heads
     row = table_ptr + entry * COLS
-    sb = tl.load(row + 1)
-    sh = tl.load(row + 2)
-    ss = tl.load(row + 3)
     pos = t0 + tl.load(row + 5) + t
     if DEVICE_STARTS:
         pos += tl.load(starts_ptr + entry // 2)
     # Positions outside [0, seq) are never touched: unchecked device starts cannot reach past a layer.
-    row_mask = (r < rows) & (pos >= 0) & (pos < tl.load(row + 4))
+    row_mask = in_rows & (pos >= 0) & (pos < tl.load(row + 4))
     base = tl.load(row).to(tl.pointer_type(chunk_ptr.dtype.element_ty))
-    cache_off = b * sb + h * sh + pos * ss
+    cache_off = b * tl.load(row + 1) + h * tl.load(row + 2) + pos * tl.load(row + 3)
     if ALIGN > 1:  # the launcher checked every address and stride: 16-byte vector loads/stores
         base = tl.multiple_of(base, ALIGN * (chunk_ptr.dtype.element_ty.primitive_bitwidth // 8))  # bytes
         cache_off = tl.multiple_of(cache_off, ALIGN)
-    move_rows(base + cache_off, row_mask, chunk_ptr + (entry.to(tl.int64) * rows + r) * HEAD_DIM,
-              HEAD_DIM, BLOCK_D, UNPACK)
+    chunk_row = (entry.to(tl.int64) * (rows // tokens) + bh) * tokens + t
+    move_rows(base + cache_off, row_mask, chunk_ptr + chunk_row * HEAD_DIM, HEAD_DIM, BLOCK_D, UNPACK)
 
 
-def _copy(keys, values, ids, batch, heads, tokens, t0, starts, device_starts, chunk, unpack, block_rows, num_warps):
-    """Launch the kernel over ``ids`` x (K, V) for ``batch`` x ``heads`` x ``[t0, t0 + tokens)`` (+ starts)."""
-    device = keys[ids[0]].device
+def _launch(scan, batch, heads, tokens, t0, device_starts, chunk, unpack, block_rows, num_warps):
+    """Launch the kernel over the scanned entries for ``batch`` x ``heads`` x ``tokens`` rows from ``t0``."""
+    device = scan.device
     _tables.check_backend(device, _copy_tokens_kernel)
-    rows = len(batch) * len(heads) * tokens
+    rows = batch * heads * tokens
     if rows == 0:
         return
-    cells, vector = _tables.token_rows(keys, values, ids, batch.start, heads.start, starts)
-    table = _tables.table(cells, _tables.TOKEN_COLS, device)
-    head_dim = chunk.shape[-1]
-    es = chunk.element_size()
+    table = _tables.table(scan.rows, _tables.TOKEN_COLS, device)
+    head_dim = scan.shape[3]
     block_d = triton.next_power_of_2(head_dim)
-    entries = 2 * len(ids)
+    entries = len(scan.sizes)
     if block_rows is None:
-        block_rows = _tables.block_rows(rows, entries, block_d * es, device, MAX_TILE_BYTES, MIN_PROGRAMS_PER_SM)
-    grid = (triton.cdiv(rows, block_rows), entries)
+        block_rows = _tables.block_rows(rows, entries, block_d * chunk.element_size(), device, MAX_TILE_BYTES,
+                                        MIN_PROGRAMS_PER_SM)
+    across_rows = tokens < block_rows and rows < 2**31 - block_rows
+    tiles = triton.cdiv(tokens, block_rows)
+    grid = (triton.cdiv(rows, block_rows) if across_rows else batch * heads * tiles, entries)
     with _tables.launch_guard(device):
         _copy_tokens_kernel[grid](
             table, _tables.as_bits(chunk), device_starts if device_starts is not None else table,
-            rows, len(heads), tokens, t0,
-            COLS=_tables.TOKEN_COLS, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=block_rows, ALIGN=vector,
-            DEVICE_STARTS=device_starts is not None, UNPACK=unpack, num_warps=num_warps or NUM_WARPS)
+            rows, heads, tokens, tiles, t0,
+            COLS=_tables.TOKEN_COLS, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=block_rows, ALIGN=scan.vector,
+            DEVICE_STARTS=device_starts is not None, UNPACK=unpack, ACROSS_ROWS=across_rows,
+            num_warps=num_warps or NUM_WARPS)
+
+
+def _region(keys, values, region, chunk, unpack, block_rows, num_warps):
+    region, scan = _tables.region_args(keys, values, region)
+    shape = region.packed_shape(scan.shape[3])
+    if unpack:
+        _tables.check_chunk(chunk, shape, scan.dtype, scan.device)
+    else:
+        chunk = _tables.packed_out(chunk, shape, scan.dtype, scan.device)
+    _launch(scan, len(region.batch), len(region.heads), len(region.tokens), region.tokens.start, None, chunk, unpack,
+            block_rows, num_warps)
+    return chunk
+
+
+def _newest(keys, values, layers, num_tokens, starts, chunk, unpack, block_rows, num_warps):
+    ids, scan, resolved = _tables.newest_args(keys, values, layers, num_tokens, starts)
+    b, h, _, d = scan.shape
+    shape = (len(ids), 2, b, h, num_tokens, d)
+    if unpack:
+        _tables.check_chunk(chunk, shape, scan.dtype, scan.device)
+    else:
+        chunk = _tables.packed_out(chunk, shape, scan.dtype, scan.device)
+    if isinstance(resolved, torch.Tensor):
+        _launch(scan, b, h, num_tokens, 0, resolved, chunk, unpack, block_rows, num_warps)
+        return chunk
+    t0 = min(resolved)
+    if max(resolved) != t0:
+        # Per-layer starts go into the table's start column. Equal starts (every full-attention model) stay
+        # a launch argument instead, so a StaticCache's table is the same from step to step: a cache hit.
+        for i, s in enumerate(resolved):
+            scan.rows[(2 * i + 1) * _tables.TOKEN_COLS - 1] = scan.rows[(2 * i + 2) * _tables.TOKEN_COLS - 1] = s - t0
+    _launch(scan, b, h, num_tokens, t0, None, chunk, unpack, block_rows, num_warps)
+    return chunk
 
 
 def pack_tokens(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], region: Region,
@@ -140,12 +182,7 @@ def pack_tokens(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], re
     --------
     >>> chunk = pack_tokens(keys, values, Region(layers=range(32), tokens=(0, 1500)))  # doctest: +SKIP
     """
-    region = check_hf_layers(keys, values, region)
-    first = keys[region.layers.start]
-    out = _tables.packed_out(out, region.packed_shape(first.shape[3]), first.dtype, first.device)
-    _copy(keys, values, list(region.layers), region.batch, region.heads, len(region.tokens), region.tokens.start,
-          None, None, out, False, block_rows, num_warps)
-    return out
+    return _region(keys, values, region, out, False, block_rows, num_warps)
 
 
 def unpack_tokens(chunk: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], region: Region,
@@ -168,22 +205,7 @@ def unpack_tokens(chunk: torch.Tensor, keys: Sequence[torch.Tensor], values: Seq
     ConfigError
         If the tensors are on the CPU without the Triton interpreter.
     """
-    region = check_hf_layers(keys, values, region)
-    first = keys[region.layers.start]
-    _tables.check_chunk(chunk, region.packed_shape(first.shape[3]), first.dtype, first.device)
-    _copy(keys, values, list(region.layers), region.batch, region.heads, len(region.tokens), region.tokens.start,
-          None, None, chunk, True, block_rows, num_warps)
-
-
-def _newest(keys, values, layers, num_tokens, starts):
-    """Checked (ids, first shape, dtype, device, per-layer starts or None, device starts or None, t0)."""
-    ids, shape, dtype, device, resolved = _tables.newest_args(keys, values, layers, num_tokens, starts)
-    if isinstance(resolved, torch.Tensor):
-        return ids, shape, dtype, device, None, resolved, 0
-    t0 = min(resolved)
-    # Equal starts (every full-attention model) keep the table unchanged from step to step: cache hits.
-    per_layer = None if t0 == max(resolved) else [s - t0 for s in resolved]
-    return ids, shape, dtype, device, per_layer, None, t0
+    _region(keys, values, region, chunk, True, block_rows, num_warps)
 
 
 def pack_newest(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *, num_tokens: int = 1,
@@ -227,11 +249,7 @@ def pack_newest(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *,
     --------
     >>> step = pack_newest(keys, values, out=pinned_step)   # doctest: +SKIP
     """
-    ids, shape, dtype, device, per_layer, dev_starts, t0 = _newest(keys, values, layers, num_tokens, starts)
-    out = _tables.packed_out(out, (len(ids), 2, shape[0], shape[1], num_tokens, shape[3]), dtype, device)
-    _copy(keys, values, ids, range(shape[0]), range(shape[1]), num_tokens, t0, per_layer, dev_starts, out, False,
-          block_rows, num_warps)
-    return out
+    return _newest(keys, values, layers, num_tokens, starts, out, False, block_rows, num_warps)
 
 
 def unpack_newest(chunk: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], starts,
@@ -260,8 +278,4 @@ def unpack_newest(chunk: torch.Tensor, keys: Sequence[torch.Tensor], values: Seq
     ConfigError
         If the tensors are on the CPU without the Triton interpreter.
     """
-    num_tokens = _tables.chunk_tokens(chunk)
-    ids, shape, dtype, device, per_layer, dev_starts, t0 = _newest(keys, values, layers, num_tokens, starts)
-    _tables.check_chunk(chunk, (len(ids), 2, shape[0], shape[1], num_tokens, shape[3]), dtype, device)
-    _copy(keys, values, ids, range(shape[0]), range(shape[1]), num_tokens, t0, per_layer, dev_starts, chunk, True,
-          block_rows, num_warps)
+    _newest(keys, values, layers, _tables.chunk_tokens(chunk), starts, chunk, True, block_rows, num_warps)

@@ -56,16 +56,18 @@ def test_check_backend():
     _tables.check_backend(torch.device("cuda", 0), object())
 
 
-@pytest.mark.parametrize("elsize, elems, expected", [
-    (2, [8, 16, 1024, 0], 8),    # bf16 rows of 128 in a contiguous cache: 16-byte vectors
-    (2, [8, 12], 4),             # an address 24 bytes in: 8-byte vectors
-    (4, [4, 8, 96], 4),          # fp32: 4 elements make 16 bytes
-    (2, [7, 56], 1),             # head_dim 7: no vectors
+@pytest.mark.parametrize("elsize, byte_values, expected", [
+    (2, [16, 32, 2048, 0], 8),   # bf16 rows of 128 in a contiguous cache: 16-byte vectors
+    (2, [16, 24], 4),            # an address 24 bytes in: 8-byte vectors
+    (4, [16, 32, 384], 4),       # fp32: 4 elements make 16 bytes
+    (2, [14, 112], 1),           # head_dim 7: no vectors
+    (2, [2, 1 << 40], 1),
     (1, [16, 32], 16),           # fp8
-    (8, [2, 4], 2),
+    (8, [16, 32], 2),
+    (4, [6], 1),                 # misaligned for the dtype: still 1, never 0
 ])
-def test_vector_elems(elsize, elems, expected):
-    assert _tables.vector_elems(elsize, elems) == expected
+def test_vector_elems(elsize, byte_values, expected):
+    assert _tables.vector_elems(elsize, byte_values) == expected
 
 
 def test_block_rows_on_cpu_takes_the_largest_tile():
@@ -96,18 +98,19 @@ _PTX_SCRIPT = textwrap.dedent("""
 
     out = {}
     for align in (8, 1):
-        for unpack in (False, True):
-            out[f"tokens-{align}-{unpack}"] = compile_(
-                tokens._copy_tokens_kernel,
-                {"table_ptr": "*i64", "chunk_ptr": "*i16", "starts_ptr": "*i64", "rows": "i64", "heads": "i32",
-                 "tokens": "i32", "t0": "i64"},
-                {"COLS": 6, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_R": 64, "ALIGN": align, "DEVICE_STARTS": False,
-                 "UNPACK": unpack})
+        for across in (False, True):
+            for unpack in (False, True):
+                out[f"tokens-{align}-{across}-{unpack}"] = compile_(
+                    tokens._copy_tokens_kernel,
+                    {"table_ptr": "*i64", "chunk_ptr": "*i16", "starts_ptr": "*i64", "rows": "i64", "heads": "i32",
+                     "tokens": "i32", "tiles": "i32", "t0": "i64"},
+                    {"COLS": 6, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_R": 64, "ALIGN": align,
+                     "DEVICE_STARTS": False, "UNPACK": unpack, "ACROSS_ROWS": across})
         out[f"paged-{align}"] = compile_(
             paged._copy_blocks_kernel,
-            {"table_ptr": "*i64", "chunk_ptr": "*i16", "ids_ptr": "*i32", "rows": "i64", "block_size": "i32",
-             "heads": "i32"},
-            {"COLS": 5, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_R": 64, "ALIGN": align, "UNPACK": False})
+            {"table_ptr": "*i64", "chunk_ptr": "*i16", "ids_ptr": "*i32", "num_ids": "i32", "tiles": "i32"},
+            {"COLS": 5, "BLOCK_SIZE": 16, "HEADS": 8, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_R": 64, "ALIGN": align,
+             "UNPACK": False})
     print(json.dumps(out))
 """)
 
@@ -124,12 +127,12 @@ def test_kernels_compile_to_16_byte_loads_and_stores():
     import json
 
     got = json.loads(run.stdout.strip().splitlines()[-1])
-    for unpack in ("False", "True"):
-        ops = got[f"tokens-8-{unpack}"]
-        assert ops.get("ld.global.v4.b32", 0) == 8 and ops.get("st.global.v4.b32", 0) == 8, ops
-        assert "ld.global.b16" not in ops and "st.global.b16" not in ops, ops
-        assert ops.keys() - {"ld.global.v4.b32", "st.global.v4.b32", "ld.global.b64"} == set(), ops
-        unaligned = got[f"tokens-1-{unpack}"]
-        assert unaligned.get("ld.global.b16" if unpack == "False" else "st.global.b16", 0) == 64, unaligned
+    for across in ("False", "True"):
+        for unpack in ("False", "True"):
+            ops = got[f"tokens-8-{across}-{unpack}"]
+            assert ops.get("ld.global.v4.b32", 0) == 8 and ops.get("st.global.v4.b32", 0) == 8, ops
+            assert ops.keys() - {"ld.global.v4.b32", "st.global.v4.b32", "ld.global.b64"} == set(), ops
+            unaligned = got[f"tokens-1-{across}-{unpack}"]
+            assert unaligned.get("ld.global.b16" if unpack == "False" else "st.global.b16", 0) == 64, unaligned
     assert got["paged-8"].get("ld.global.v4.b32", 0) == 8 and got["paged-8"].get("st.global.v4.b32", 0) == 8
     assert got["paged-1"].get("ld.global.b16", 0) == 64

@@ -173,18 +173,20 @@ def test_errors(seed, device):
         kernels.unpack_newest(torch.zeros(4, dtype=torch.float16, device=device), keys, values, 0, backend="triton")
 
 
-def test_device_starts_are_masked_to_each_layer(seed, device):
+def test_device_starts_are_masked_to_each_layer(seed, device, monkeypatch):
     """Starts the kernel reads from a device tensor are not checked on the host: positions outside a layer
     must be neither read nor written. (On the CPU the public API checks tensor starts on the host, so the
-    launcher is called directly to reach the same code path.)"""
-    from kvstream.kernels import tokens
+    host check is patched away to reach the same code path.)"""
+    from kvstream.kernels import _tables
 
+    if device.type == "cpu":
+        monkeypatch.setattr(_tables, "resolve_starts", lambda starts, *args: starts)
     keys, values, bases = hf_layers(seed, seq=[6, 6, 6, 6], batch=2, heads=2, head_dim=8, dtype=torch.float16,
                                     device=device, kind="static")
     starts = [4, -1, 5, 2]  # layer 1 starts before 0; layer 2's second token is past its end
     dev_starts = torch.tensor(starts, dtype=torch.int64, device=device)
     out, buf = sentinel_out((4, 2, 2, 2, 2, 8), torch.float16, device)
-    tokens._copy(keys, values, [0, 1, 2, 3], range(2), range(2), 2, 0, None, dev_starts, out, False, None, None)
+    kernels.pack_newest(keys, values, num_tokens=2, starts=dev_starts, out=out, backend="triton")
     for i, s in enumerate(starts):
         for t in range(2):
             inside = 0 <= s + t < 6
@@ -195,7 +197,7 @@ def test_device_starts_are_masked_to_each_layer(seed, device):
 
     before = clones(bases)
     chunk = torch.full_like(out, SENTINEL)
-    tokens._copy(keys, values, [0, 1, 2, 3], range(2), range(2), 2, 0, None, dev_starts, chunk, True, None, None)
+    kernels.unpack_newest(chunk, keys, values, dev_starts, backend="triton")
     for i, s in enumerate(starts):
         for kv, tensors in enumerate((keys, values)):
             written = tensors[i] == SENTINEL
@@ -204,3 +206,22 @@ def test_device_starts_are_masked_to_each_layer(seed, device):
             assert torch.equal(written, expect), (i, kv)
     for b, orig in zip(bases, before):  # the spare StaticCache capacity behind each view is untouched
         assert torch.equal(b[:, :, 6:], orig[:, :, 6:])
+
+
+@pytest.mark.parametrize("block_rows", [1, 2, 4, 8, 64])
+def test_both_tilings(seed, device, block_rows):
+    """Tiles of consecutive tokens of one (batch, head) when the range has at least ``block_rows`` tokens,
+    tiles across (batch, head, token) rows otherwise: both must give the twin's bytes."""
+    from kvstream.kernels import tokens
+
+    keys, values, bases = hf_layers(seed, seq=[9, 9, 6], batch=2, heads=3, head_dim=8, dtype=torch.bfloat16,
+                                    device=device, kind="sliced")
+    for region in (Region(layers=(0, 3), tokens=(0, 6), heads=(1, 3)), Region(layers=(1, 2), tokens=(2, 5))):
+        expected = ref.pack_tokens(keys, values, region)
+        assert torch.equal(tokens.pack_tokens(keys, values, region, block_rows=block_rows), expected)
+        chunk = rand(seed, expected.shape, torch.bfloat16, device)
+        want = twin_result(bases, lambda: ref.unpack_tokens(chunk, keys, values, region))
+        tokens.unpack_tokens(chunk, keys, values, region, block_rows=block_rows)
+        assert_all_equal(bases, want, f"cache buffer, block_rows={block_rows}")
+    expected = ref.pack_newest(keys, values, num_tokens=3)
+    assert torch.equal(tokens.pack_newest(keys, values, num_tokens=3, block_rows=block_rows), expected)
