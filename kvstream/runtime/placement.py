@@ -45,8 +45,9 @@ from typing import TYPE_CHECKING, Mapping, Sequence, Union
 
 import torch
 
+from .. import kernels
 from ..errors import ConfigError, LayoutError
-from ..layout import Region, check_hf_layers, check_packed
+from ..layout import Region
 from ..transports.base import AllHandle, CompletedHandle, Handle, Transport
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -317,47 +318,6 @@ def _target_for(via, peer: int):
     return via
 
 
-def _kernel(name: str, device: torch.device):
-    """The pack/unpack function for ``device``: the Triton kernel on a GPU, its torch twin on the CPU.
-
-    Falls back to a local torch loop while :mod:`kvstream.kernels` does not export ``name`` (same bytes).
-    """
-    from .. import kernels
-
-    if device.type != "cuda":
-        try:
-            from ..kernels import reference
-
-            return getattr(reference, name)
-        except (ImportError, AttributeError):
-            pass
-    fn = getattr(kernels, name, None)
-    return fn if fn is not None else (_torch_pack if name == "pack_tokens" else _torch_unpack)
-
-
-def _torch_pack(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], region: Region,
-                out: torch.Tensor | None = None) -> torch.Tensor:
-    region = check_hf_layers(keys, values, region)
-    first = keys[region.layers.start]
-    out = torch.empty(region.packed_shape(first.shape[3]), dtype=first.dtype, device=first.device)
-    b, h, t = region.batch, region.heads, region.tokens
-    for i, l in enumerate(region.layers):
-        out[i, 0].copy_(keys[l][b.start:b.stop, h.start:h.stop, t.start:t.stop])
-        out[i, 1].copy_(values[l][b.start:b.stop, h.start:h.stop, t.start:t.stop])
-    return out
-
-
-def _torch_unpack(chunk: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
-                  region: Region) -> None:
-    region = check_hf_layers(keys, values, region)
-    first = keys[region.layers.start]
-    check_packed(chunk, region.packed_shape(first.shape[3]), first.dtype)
-    b, h, t = region.batch, region.heads, region.tokens
-    for i, l in enumerate(region.layers):
-        keys[l][b.start:b.stop, h.start:h.stop, t.start:t.stop].copy_(chunk[i, 0])
-        values[l][b.start:b.stop, h.start:h.stop, t.start:t.stop].copy_(chunk[i, 1])
-
-
 def stream_out(via: Via, placement: Placement, rank: int, keys: Sequence[torch.Tensor],
                values: Sequence[torch.Tensor], *, session: str, tokens: range | tuple[int, int],
                batch: range | tuple[int, int] | None = None, meta: dict | None = None) -> Handle:
@@ -369,7 +329,8 @@ def stream_out(via: Via, placement: Placement, rank: int, keys: Sequence[torch.T
         One shared streamer/transport (host memory, disk) or one per destination rank (point-to-point
         transports: NCCL, remote host). A :class:`~kvstream.runtime.streamer.KVStreamer` packs and
         flushes with its ``scatter`` (its level and side stream); a bare transport gets chunks packed by
-        :func:`kvstream.kernels.pack_tokens` on the current stream.
+        :func:`kvstream.kernels.pack_tokens` (Triton on a GPU, the torch twin on the CPU) on the current
+        stream.
     placement : Placement
         Source and destination layouts.
     rank : int
@@ -408,7 +369,7 @@ def stream_out(via: Via, placement: Placement, rank: int, keys: Sequence[torch.T
     for t in placement.outgoing(rank, tokens, batch):
         target, key, local = _target_for(via, t.dst), transfer_key(session, t), localize(t.region, shard)
         if isinstance(target, Transport):
-            chunk = _kernel("pack_tokens", keys[0].device)(keys, values, local)
+            chunk = kernels.pack_tokens(keys, values, local)
             handles.append(target.flush(key, chunk, region=t.region, meta=meta))
         else:
             handles.append(target.scatter(key, keys, values, local, meta=meta))
@@ -461,7 +422,7 @@ def stream_in(via: Via, placement: Placement, rank: int, keys: Sequence[torch.Te
         pending.append((target.fetch(key, buf), buf, local))
     for handle, buf, local in pending:
         handle.wait()
-        _kernel("unpack_tokens", first.device)(buf, keys, values, local)
+        kernels.unpack_tokens(buf, keys, values, local)
     return CompletedHandle()
 
 

@@ -229,3 +229,33 @@ def test_stream_in_missing_chunk_raises(seed):
     k = [torch.zeros(1, 1, 3, 4)]
     with pytest.raises(ChunkNotFound):
         stream_in(_DictTransport(), p, 0, k, [torch.zeros(1, 1, 3, 4)], session="s", tokens=(0, 3))
+
+
+def test_stream_through_a_streamer_and_point_to_point_transports(seed):
+    """pp=1, tp=2 prompt side to pp=2 token side: one KVStreamer over host memory, and one gloo link
+    (RemoteHostTransport) per (source, destination) pair, as each process would hold them."""
+    from kvstream.runtime.streamer import KVStreamer
+    from kvstream.transports.host import HostTransport
+    from kvstream.transports.remote import RemoteHostTransport
+
+    gen = torch.Generator().manual_seed(11)
+    keys, values = _global_cache(4, 2, 4, 9, 8, torch.bfloat16, gen)
+    p = Placement(PipelineConfig(tp_size=2), PipelineConfig(pp_depth=2), num_layers=4, kv_heads=4)
+    src = [_shard_of(keys, values, p.src_shard(r)) for r in range(2)]
+    links = {(s, d): RemoteHostTransport.loopback(timeout_s=20) for s in range(2) for d in range(2)}
+    streamer = KVStreamer(HostTransport(capacity_bytes=1 << 22), level=1, device="cpu")
+    try:
+        for shared in (True, False):
+            dst = [_empty_shard(p.dst_shard(r), 2, 9, 8, torch.bfloat16) for r in range(2)]
+            for r, (k, v) in enumerate(src):
+                via = streamer if shared else {d: links[r, d] for d in range(2)}
+                stream_out(via, p, r, k, v, session="s", tokens=(0, 9)).wait()
+            for r, (k, v) in enumerate(dst):
+                via = streamer if shared else {s: links[s, r] for s in range(2)}
+                stream_in(via, p, r, k, v, session="s", tokens=(0, 9))
+                want_k, want_v = _shard_of(keys, values, p.dst_shard(r))
+                assert all(torch.equal(a, b) for a, b in zip(k + v, want_k + want_v))
+        assert links[1, 1].keys() == ["s/xfer/s0001-d0001/l2-4/h2-4/b*/t0-9"]
+    finally:
+        for t in links.values():
+            t.close()
