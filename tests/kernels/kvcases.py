@@ -22,7 +22,7 @@ def rand(gen: torch.Generator, shape, dtype: torch.dtype, device) -> torch.Tenso
 
 
 #: Storage kinds of HF-layout layers: how each [B, H, S, D] tensor is laid out in memory.
-KINDS = ("contiguous", "static", "bshd", "sliced")
+KINDS = ("contiguous", "static", "bshd", "sliced", "unaligned")
 
 
 def hf_layers(gen, *, seq, batch, heads, head_dim, dtype, device, kind="contiguous"):
@@ -31,7 +31,8 @@ def hf_layers(gen, *, seq, batch, heads, head_dim, dtype, device, kind="contiguo
     * ``contiguous`` — DynamicCache;
     * ``static`` — StaticCache: a ``[B, H, seq + 3, D]`` buffer viewed to ``[:, :, :seq]``;
     * ``bshd`` — ``[B, S, H, D]`` storage transposed (seq stride ``H * D``);
-    * ``sliced`` — a window of a larger buffer in every axis but ``head_dim`` (storage offset, odd strides).
+    * ``sliced`` — a window of a larger buffer in every axis but ``head_dim`` (storage offset, odd strides);
+    * ``unaligned`` — contiguous, but one element into its buffer (no 16-byte vectors possible).
 
     Returns ``(keys, values, bases)``: the views and the buffers behind them (compare those whole, to see
     that nothing outside a view was touched).
@@ -48,6 +49,9 @@ def hf_layers(gen, *, seq, batch, heads, head_dim, dtype, device, kind="contiguo
             elif kind == "bshd":
                 base = rand(gen, (batch, s, heads, head_dim), dtype, device)
                 view = base.transpose(1, 2)
+            elif kind == "unaligned":
+                base = rand(gen, (batch * heads * s * head_dim + 1,), dtype, device)
+                view = base[1:].view(batch, heads, s, head_dim)
             elif kind == "sliced":
                 base = rand(gen, (batch + 2, heads + 1, s + 2, head_dim), dtype, device)
                 view = base[1:batch + 1, 1:heads + 1, 2:s + 2]
