@@ -1,0 +1,162 @@
+"""What only a GPU can show: zero-copy into pinned host memory, the table cache across streams and CUDA
+graphs, Llama-shaped sizes, a second device. Every test here is marked ``gpu`` (or ``gpu2``)."""
+
+import pytest
+import torch
+
+from kvstream import kernels
+from kvstream.errors import ConfigError, LayoutError
+from kvstream.kernels import _tables
+from kvstream.kernels import reference as ref
+from kvstream.layout import Region
+
+from kvcases import (SENTINEL, assert_all_equal, assert_pads_untouched, hf_layers, interpreting, paged_layers, rand,
+                     sentinel_out, twin_result)
+
+CUDA = torch.device("cuda", 0)
+
+
+@pytest.mark.gpu
+def test_zero_copy_into_and_out_of_pinned_host_memory(seed):
+    keys, values, bases = hf_layers(seed, seq=[40, 24, 40], batch=3, heads=4, head_dim=128, dtype=torch.bfloat16,
+                                    device=CUDA, kind="static")
+    expected = ref.pack_newest(keys, values).cpu()
+    out, buf = sentinel_out(expected.shape, torch.bfloat16, "cpu", pin=True)
+    assert out.is_pinned()
+    kernels.pack_newest(keys, values, out=out)  # auto: Triton, writing over PCIe
+    torch.cuda.synchronize()
+    assert torch.equal(out, expected)
+    assert_pads_untouched(buf)
+
+    region = Region(layers=(0, 3), tokens=(3, 20), batch=(1, 3), heads=(1, 3))
+    expected = ref.pack_tokens(keys, values, region).cpu()
+    out, buf = sentinel_out(expected.shape, torch.bfloat16, "cpu", pin=True)
+    kernels.pack_tokens(keys, values, region, out)
+    torch.cuda.synchronize()
+    assert torch.equal(out, expected)
+    assert_pads_untouched(buf)
+
+    chunk = rand(seed, expected.shape, torch.bfloat16, "cpu").pin_memory()
+    want = twin_result(bases, lambda: ref.unpack_tokens(chunk.to(CUDA), keys, values, region))
+    kernels.unpack_tokens(chunk, keys, values, region)  # the kernel reads pinned host memory directly
+    torch.cuda.synchronize()
+    assert_all_equal(bases, want, "cache buffer")
+
+
+@pytest.mark.gpu
+def test_pageable_host_out_is_rejected(seed):
+    keys, values, _ = hf_layers(seed, seq=[8], batch=1, heads=2, head_dim=16, dtype=torch.float16, device=CUDA)
+    with pytest.raises(LayoutError, match="pinned host memory"):
+        kernels.pack_newest(keys, values, out=torch.empty(1, 2, 1, 2, 1, 16, dtype=torch.float16))
+
+
+@pytest.mark.gpu
+def test_auto_runs_triton_on_cuda(seed, monkeypatch):
+    from kvstream.kernels import tokens
+
+    keys, values, _ = hf_layers(seed, seq=[8], batch=1, heads=2, head_dim=16, dtype=torch.float16, device=CUDA)
+    monkeypatch.setattr(tokens, "pack_newest", lambda *args, **kw: "triton")
+    assert kernels.pack_newest(keys, values) == "triton"
+
+
+@pytest.mark.gpu
+def test_cpu_tensors_with_triton_backend_need_the_interpreter(seed):
+    if interpreting():
+        pytest.skip("TRITON_INTERPRET=1 is set: CPU tensors are valid for the Triton backend")
+    keys, values, _ = hf_layers(seed, seq=[4], batch=1, heads=1, head_dim=8, dtype=torch.float32, device="cpu")
+    with pytest.raises(ConfigError, match="TRITON_INTERPRET=1"):
+        kernels.pack_newest(keys, values, backend="triton")
+
+
+@pytest.mark.gpu
+def test_table_cache_hits_and_side_streams(seed):
+    _tables.clear_tables()
+    keys, values, _ = hf_layers(seed, seq=[64, 64], batch=2, heads=2, head_dim=64, dtype=torch.bfloat16, device=CUDA,
+                                kind="static")
+    for t in range(3):  # StaticCache decode: same tensors, moving start -> one table
+        kernels.pack_newest(keys, values, starts=t)
+    assert len(_tables._tables) == 1
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        chunk = kernels.pack_newest(keys, values, starts=5)
+        expected = ref.pack_newest(keys, values, starts=5)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(chunk, expected) and len(_tables._tables) == 1
+    kernels.pack_tokens(keys, values, Region(layers=(0, 2), tokens=(0, 9)))  # another batch/head offset: same
+    assert len(_tables._tables) == 1
+    kernels.pack_tokens(keys, values, Region(layers=(0, 2), tokens=(0, 9), heads=(1, 2)))  # a new table
+    assert len(_tables._tables) == 2
+    _tables.clear_tables()
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays_the_decode_step(seed):
+    keys, values, _ = hf_layers(seed, seq=[32, 32, 32], batch=4, heads=2, head_dim=128, dtype=torch.bfloat16,
+                                device=CUDA, kind="static")
+    host = torch.empty(3, 2, 4, 2, 1, 128, dtype=torch.bfloat16, pin_memory=True)
+    _tables.clear_tables()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(ConfigError, match="before capturing"):
+        with torch.cuda.graph(graph):
+            kernels.pack_newest(keys, values, starts=7, out=host)
+    kernels.pack_newest(keys, values, starts=7, out=host)  # warm-up: caches the table, compiles the kernel
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kernels.pack_newest(keys, values, starts=7, out=host)
+    for k in keys:
+        k[:, :, 7] = SENTINEL  # new contents at the captured position
+    host.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(host, ref.pack_newest(keys, values, starts=7).cpu())
+    assert (host[:, 0] == SENTINEL).all()
+
+
+@pytest.mark.gpu
+def test_llama_shaped_region_and_decode_step(seed):
+    """32 layers, 8 KV heads, head_dim 128, bf16, a StaticCache with room for 512 tokens: the shapes of the
+    benchmarks, at batch 2 so the test stays small."""
+    keys, values, bases = hf_layers(seed, seq=[512] * 32, batch=2, heads=8, head_dim=128, dtype=torch.bfloat16,
+                                    device=CUDA, kind="static")
+    for region in (Region(layers=(0, 32), tokens=(17, 400)), Region(layers=(8, 24), tokens=(0, 512), heads=(2, 6)),
+                   Region(layers=(0, 32), tokens=(300, 301), batch=(1, 2))):
+        expected = ref.pack_tokens(keys, values, region)
+        out, buf = sentinel_out(expected.shape, torch.bfloat16, CUDA)
+        kernels.pack_tokens(keys, values, region, out)
+        assert torch.equal(out, expected), region
+        assert_pads_untouched(buf)
+        chunk = rand(seed, expected.shape, torch.bfloat16, CUDA)
+        want = twin_result(bases, lambda: ref.unpack_tokens(chunk, keys, values, region))
+        kernels.unpack_tokens(chunk, keys, values, region)
+        assert_all_equal(bases, want, f"cache buffer, {region}")
+    starts = torch.arange(32, device=CUDA) * 7  # a device tensor: no host sync
+    assert torch.equal(kernels.pack_newest(keys, values, starts=starts), ref.pack_newest(keys, values, starts=starts))
+
+
+@pytest.mark.gpu
+def test_vllm_shaped_blocks(seed):
+    kc, vc, bases = paged_layers(seed, layers=32, num_blocks=64, block_size=16, heads=8, head_dim=128,
+                                 dtype=torch.bfloat16, device=CUDA, kind="vllm")
+    ids = torch.randperm(64, generator=seed)[:40].to(torch.int32)
+    expected = ref.pack_blocks(kc, vc, ids)
+    assert torch.equal(kernels.pack_blocks(kc, vc, ids.to(CUDA)), expected)
+    chunk = rand(seed, expected.shape, torch.bfloat16, CUDA)
+    want = twin_result(bases, lambda: ref.unpack_blocks(chunk, kc, vc, ids))
+    kernels.unpack_blocks(chunk, kc, vc, ids)
+    assert_all_equal(bases, want, "cache buffer")
+
+
+@pytest.mark.gpu2
+def test_tensors_on_the_second_gpu(seed):
+    dev = torch.device("cuda", 1)
+    assert torch.cuda.current_device() == 0
+    keys, values, bases = hf_layers(seed, seq=[16, 16], batch=2, heads=2, head_dim=64, dtype=torch.float16,
+                                    device=dev, kind="static")
+    region = Region(layers=(0, 2), tokens=(2, 14))
+    chunk = kernels.pack_tokens(keys, values, region)
+    assert chunk.device == dev and torch.equal(chunk, ref.pack_tokens(keys, values, region))
+    kc, vc, _ = paged_layers(seed, layers=2, num_blocks=8, block_size=4, heads=2, head_dim=64, dtype=torch.float16,
+                             device=dev)
+    assert torch.equal(kernels.pack_blocks(kc, vc, [7, 1]), ref.pack_blocks(kc, vc, [7, 1]))
