@@ -40,7 +40,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..errors import ConfigError, CorruptChunkError, LayoutError
 from ..layout import KVLayout, Region, dtype_name
-from ..runtime.cuda import Event, Stream, memcpy_2d_async
+from ..runtime.cuda import Event, Stream, memcpy_2d_async, side_stream
 from ..runtime.memory import pinned_like
 from ..runtime.streamer import KVStreamer, resolve_level
 from ..transports.base import Transport
@@ -517,8 +517,8 @@ class StreamingCache(DynamicCache):
         if device.type != "cuda":
             return None, None
         if self._side is None:
-            self._side = Stream(device)
-            self._prefetch_stream = Stream(device)
+            self._side = side_stream(device, "kvstream-offload")
+            self._prefetch_stream = side_stream(device, "kvstream-prefetch")
         return self._side, self._prefetch_stream
 
     def _offload_update(self, k_new: torch.Tensor, v_new: torch.Tensor, layer_idx: int, *args, **kwargs):

@@ -131,7 +131,11 @@ class Stream:
             _check(_cudart().cudaStreamSynchronize(self.handle), "cudaStreamSynchronize")
 
     def close(self) -> None:
-        """Synchronize and destroy the stream. Idempotent."""
+        """Synchronize and destroy the stream. Idempotent.
+
+        Never close a stream that tensors were ``record_stream``-ed on while they may still be alive: use
+        :func:`side_stream` for those.
+        """
         if self.is_cuda and self.handle:
             self.synchronize()
             _check(_cudart().cudaStreamDestroy(self._raw), "cudaStreamDestroy")
@@ -275,4 +279,27 @@ def memcpy_2d_async(dst: torch.Tensor, src: torch.Tensor, stream: "Stream | torc
                                     stream_handle(stream, dev)), "cudaMemcpy2DAsync")
 
 
-__all__ = ["Stream", "Event", "memcpy_async", "memcpy_2d_async", "stream_handle"]
+_SIDE_STREAMS: dict[tuple[int, str], Stream] = {}
+_SIDE_LOCK = __import__("threading").Lock()
+
+
+def side_stream(device: torch.device | str | int | None = None, name: str = "side") -> Stream:
+    """A process-wide side stream of ``device`` for one role (``"side"``, ``"prefetch"``, ...), never destroyed.
+
+    Tensors read on a side stream are marked with ``record_stream``; torch's caching allocator then records
+    an event on that stream *when the tensor is freed*, which may be long after the reader is done. A
+    stream destroyed before that makes the allocator's ``cudaEventRecord`` fail inside a destructor
+    (a process abort, seen on an H200). So side streams live as long as the process, like the streams of
+    ``torch.cuda.Stream``'s pool. Returns an inert stream on the CPU.
+    """
+    dev = _device_of(device)
+    if dev.type != "cuda":
+        return Stream(dev)
+    with _SIDE_LOCK:
+        s = _SIDE_STREAMS.get((dev.index, name))
+        if s is None:
+            s = _SIDE_STREAMS[(dev.index, name)] = Stream(dev)
+        return s
+
+
+__all__ = ["Stream", "Event", "memcpy_async", "memcpy_2d_async", "stream_handle", "side_stream"]

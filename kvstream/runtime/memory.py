@@ -61,12 +61,18 @@ def _check(result, what: str):
 
 
 class _Block:
-    """One cudaHostAlloc'd region; lives in the allocator's cache or inside a tensor."""
+    """One cudaHostAlloc'd region; lives in the allocator's cache or inside a tensor.
 
-    __slots__ = ("ptr", "nbytes", "__weakref__")
+    ``base`` is what the driver returned (and what ``cudaFreeHost`` takes); ``ptr`` is ``base`` rounded up
+    to 4096 bytes. The driver page-aligns large allocations but sub-allocates small ones (seen on an H200:
+    blocks of 32 KiB and less were not 4096-aligned), so every block asks for one page more.
+    """
 
-    def __init__(self, ptr: int, nbytes: int):
-        self.ptr = ptr
+    __slots__ = ("base", "ptr", "nbytes", "__weakref__")
+
+    def __init__(self, base: int, nbytes: int):
+        self.base = base
+        self.ptr = -(-base // _MIN_BLOCK) * _MIN_BLOCK
         self.nbytes = nbytes
 
 
@@ -138,11 +144,12 @@ class PinnedAllocator:
 
     def _alloc(self, cls: int) -> _Block:
         cudart = _cudart()
+        size = cls + _MIN_BLOCK  # room to align the start to a page
         try:
-            ptr = _check(cudart.cudaHostAlloc(cls, cudart.cudaHostAllocPortable), f"cudaHostAlloc({cls})")
+            ptr = _check(cudart.cudaHostAlloc(size, cudart.cudaHostAllocPortable), f"cudaHostAlloc({size})")
         except CapacityError:
             self.trim()  # give cached blocks back and try once more
-            ptr = _check(cudart.cudaHostAlloc(cls, cudart.cudaHostAllocPortable), f"cudaHostAlloc({cls})")
+            ptr = _check(cudart.cudaHostAlloc(size, cudart.cudaHostAllocPortable), f"cudaHostAlloc({size})")
         return _Block(int(ptr), cls)
 
     def _release(self, block: _Block) -> None:
@@ -155,7 +162,7 @@ class PinnedAllocator:
             else:
                 free_now = block
         if free_now is not None:
-            _cudart().cudaFreeHost(free_now.ptr)
+            _cudart().cudaFreeHost(free_now.base)
 
     def trim(self) -> int:
         """Return every cached block to the driver. Returns the bytes freed."""
@@ -164,7 +171,7 @@ class PinnedAllocator:
             self._free.clear()
             self._cached_bytes = 0
         for b in blocks:
-            _cudart().cudaFreeHost(b.ptr)
+            _cudart().cudaFreeHost(b.base)
         return sum(b.nbytes for b in blocks)
 
 

@@ -42,7 +42,7 @@ from .. import kernels
 from ..errors import ConfigError
 from ..layout import Region, check_hf_layers
 from ..transports.base import CompletedHandle, Handle, Transport
-from .cuda import Stream, memcpy_async
+from .cuda import memcpy_async, side_stream
 from .memory import pinned_like
 
 LEVEL_NAMES = {0: "naive", 1: "buffered", 2: "layer-by-layer", 3: "all"}
@@ -119,7 +119,7 @@ class KVStreamer:
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self.side = Stream(self.device) if self.device.type == "cuda" else None
+        self.side = side_stream(self.device, "kvstream-stream-out") if self.device.type == "cuda" else None
         self.stats = StreamStats()
         self._pending: list[Handle] = []
         self._lock = threading.Lock()
@@ -252,13 +252,8 @@ class KVStreamer:
             raise first
 
     def close(self) -> None:
-        """Wait for outstanding chunks and release the side stream (the transport stays open)."""
-        try:
-            self.wait()
-        finally:
-            if self.side is not None:
-                self.side.close()
-                self.side = None
+        """Wait for outstanding chunks (the transport stays open; the shared side stream lives on)."""
+        self.wait()
 
     # ------------------------------------------------------------------------------------------------
     def _track(self, h: Handle) -> Handle:
