@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from . import _tables
-from .tokens import move_rows
+from .tokens import _move_rows
 
 #: Target bytes per program: as for token ranges (16 KiB: 8 x 16-byte loads in flight per thread at 4 warps).
 #: A vLLM block of 16 tokens x 8 heads x 128 bf16 is 32 KiB, so a program covers half a block.
@@ -52,7 +52,7 @@ def _copy_blocks_kernel(table_ptr, chunk_ptr, ids_ptr, num_ids, tiles,
         base = tl.multiple_of(base, ALIGN * (chunk_ptr.dtype.element_ty.primitive_bitwidth // 8))  # bytes
         cache_off = tl.multiple_of(cache_off, ALIGN)
     chunk_row = (entry.to(tl.int64) * num_ids + j) * (BLOCK_SIZE * HEADS) + rr
-    move_rows(base + cache_off, row_mask, chunk_ptr + chunk_row * HEAD_DIM, HEAD_DIM, BLOCK_D, UNPACK)
+    _move_rows(base + cache_off, row_mask, chunk_ptr + chunk_row * HEAD_DIM, HEAD_DIM, BLOCK_D, UNPACK)
 
 
 def _blocks(key_caches, value_caches, block_ids, layers, chunk, unpack, block_rows, num_warps):

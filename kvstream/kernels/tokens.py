@@ -30,14 +30,15 @@ from . import _tables
 #: Predicted; bench/kernels_tune.py measures the alternatives.
 MAX_TILE_BYTES = 16384
 #: Rows per program shrink until the grid has this many programs per SM, so a decode step of 2 MiB
-#: (32 layers, B16, H8, bf16) still spreads over every SM (4 x 132 programs of 4 KiB) instead of 128.
+#: (32 layers, B16, H8, bf16) spreads over every SM: 1024 programs of 2 KiB rather than 128 of 16 KiB.
 MIN_PROGRAMS_PER_SM = 4
 #: Warps per program: 4 warps move 16 KiB with 8 vector loads per thread; 8 warps halve that (tuned in bench).
 NUM_WARPS = 4
 
 
 @triton.jit
-def move_rows(cache_rows, row_mask, chunk_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UNPACK: tl.constexpr):
+def _move_rows(cache_rows, row_mask, chunk_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               UNPACK: tl.constexpr):
     """Copy ``BLOCK_R`` rows of ``HEAD_DIM`` elements between a cache and a chunk (shared with paged.py).
 
     ``cache_rows``/``chunk_rows`` point at each row's first element; rows where ``row_mask`` is false are
@@ -86,7 +87,7 @@ def _copy_tokens_kernel(table_ptr, chunk_ptr, starts_ptr, rows, heads, tokens, t
         base = tl.multiple_of(base, ALIGN * (chunk_ptr.dtype.element_ty.primitive_bitwidth // 8))  # bytes
         cache_off = tl.multiple_of(cache_off, ALIGN)
     chunk_row = (entry.to(tl.int64) * (rows // tokens) + bh) * tokens + t
-    move_rows(base + cache_off, row_mask, chunk_ptr + chunk_row * HEAD_DIM, HEAD_DIM, BLOCK_D, UNPACK)
+    _move_rows(base + cache_off, row_mask, chunk_ptr + chunk_row * HEAD_DIM, HEAD_DIM, BLOCK_D, UNPACK)
 
 
 def _launch(scan, batch, heads, tokens, t0, device_starts, chunk, unpack, block_rows, num_warps):
