@@ -56,8 +56,8 @@ from ..errors import ChunkNotFound, ConfigError, LayoutError, PeerError, Transpo
 from ..layout import HEADER_BYTES, ChunkHeader, Region, check_packed
 from .base import AllHandle, CompletedHandle, Handle, Transport
 from .host import NO_CHECKSUM, byte_view, chunk_header
-from .remote import (POLL_MAX_S, POLL_MIN_S, AckedHandle, Acks, ChunkTimeout, Liveness, LoopbackTransport, check_pair,
-                     connect_pair, pair_namespace, poll, unwrap_header, wrap_header)
+from .remote import (AckedHandle, Acks, ChunkTimeout, Liveness, LoopbackTransport, check_pair,
+                     connect_pair, KeyWaiter, pair_namespace, poll, unwrap_header, wrap_header)
 
 #: ncclResult_t values read from ``comm.get_async_error()``.
 NCCL_SUCCESS = 0
@@ -159,7 +159,14 @@ class _OpHandle(Handle):
         return self._t.error is not None or self._event is None or self._event.query()
 
     def wait(self, timeout: float | None = None) -> None:
-        """Block until the event fired; ``TimeoutError`` after ``timeout``; ``PeerError`` if the transport failed."""
+        """Block until the event fired; ``TimeoutError`` after ``timeout``; ``PeerError`` if the transport failed.
+
+        Without ``timeout`` this synchronizes the event (no polling latency): the watchdog bounds it, since a
+        dead or hung peer leads to ``comm.abort()``, which ends the stuck kernels.
+        """
+        if timeout is None and self._event is not None and self._t._cuda:
+            self._event.synchronize()
+            timeout = 0.0
         timeout = self._t.timeout_s if timeout is None else timeout
         ok = poll(lambda: self._event is None or self._event.query(), time.monotonic() + timeout,
                    self._t._raise_peer)
@@ -275,6 +282,7 @@ class NcclTransport(Transport):
             self._live.stop()
             raise
         self._recv_stream = torch.cuda.Stream(device=self.device) if self._cuda else None
+        self._waiter = KeyWaiter(self._store)
         self._threads: list[threading.Thread] = []
         if role == "send":
             self._headers: queue.Queue = queue.Queue()
@@ -353,8 +361,8 @@ class NcclTransport(Transport):
                 if frames:
                     batch_no += 1
                     self._store.set(f"hdr/{batch_no}", b"".join(frames))
-                if closing:
-                    self._store.set("closed", "1")
+                if closing:  # an empty batch after the last one: the receiver stops waiting
+                    self._store.set(f"hdr/{batch_no + 1}", b"")
                     return
             except Exception as e:  # noqa: BLE001 - the store died with the peer
                 self._fail(PeerError(f"Publishing chunk headers to peer rank {self.peer} failed: {e}"))
@@ -415,7 +423,7 @@ class NcclTransport(Transport):
                 if isinstance(entry, _Arrived):
                     handles.append(self._copy_out(key, entry, out))
                     continue
-                if not poll(entry.posted.is_set, deadline, self._raise_error):
+                if not entry.posted.wait(max(0.0, deadline - time.monotonic())):
                     if self._withdraw([entry]):
                         raise ChunkTimeout(f"{key!r} did not arrive from peer rank {self.peer} within "
                                            f"{self.fetch_timeout_s} s")
@@ -441,7 +449,10 @@ class NcclTransport(Transport):
             stream.wait_event(entry.event)
             with torch.cuda.stream(stream):
                 out.copy_(src)
-            entry.buf.record_stream(stream) if out.device == self.device else None
+            if out.device == self.device:
+                entry.buf.record_stream(stream)  # the allocator keeps it until the copy ran
+            else:  # a peer copy to another GPU: finish it before the buffer can be deleted (a rare path)
+                stream.synchronize()
             return _OpHandle(self, self._record(stream, None), f"copy of {key!r}")
         entry.event.synchronize()
         out.copy_(src)
@@ -487,20 +498,16 @@ class NcclTransport(Transport):
             return sorted(k for k in self._arrived if k.startswith(prefix))
 
     def _receive_loop(self) -> None:
-        batch_no, delay = 1, POLL_MIN_S
+        batch_no = 1
         try:
             if self._cuda:
                 torch.cuda.set_device(self.device)
-            while not self._stop.is_set() and self.error is None:
+            while self.error is None:
                 name = f"hdr/{batch_no}"
-                if self._store.check([name]):
-                    raw = self._store.get(name)
-                    self._store.delete_key(name)
-                    for i in range(0, len(raw), HEADER_BYTES):
-                        self._receive_one(raw[i:i + HEADER_BYTES])
-                    batch_no, delay = batch_no + 1, POLL_MIN_S
-                    continue
-                if self._store.check(["closed"]) and not self._store.check([name]):
+                raw = self._waiter.get(name, self._stop)
+                if raw is None or self.error is not None:
+                    return
+                if not raw:  # the sender closed after its last batch
                     with self._cond:
                         self._peer_closed = True
                         for p in self._pending.values():
@@ -508,8 +515,12 @@ class NcclTransport(Transport):
                         self._pending.clear()
                         self._cond.notify_all()
                     return
-                time.sleep(delay)
-                delay = min(2 * delay, POLL_MAX_S)
+                frames = [raw[i:i + HEADER_BYTES] for i in range(0, len(raw), HEADER_BYTES)]
+                for frame in frames:  # post every receive first: the store round trips come after
+                    self._receive_one(frame)
+                self._my_acks.bump(len(frames))
+                self._store.delete_key(name)
+                batch_no += 1
         except Exception as e:  # noqa: BLE001 - every waiter gets it as a PeerError
             if not self._stop.is_set():
                 self._fail(e if isinstance(e, PeerError) else PeerError(f"Receiving from peer rank {self.peer} failed: {e}"))
@@ -547,7 +558,6 @@ class NcclTransport(Transport):
         with self._cond:
             self._arrived[key] = entry
             self._cond.notify_all()
-        self._my_acks.bump()
         if pending is not None:
             if target is not None:
                 pending.post(_OpHandle(self, event, f"receive of {key!r}"))
@@ -681,6 +691,8 @@ class NcclTransport(Transport):
             p.post(None, TransportError(f"fetch {p.key!r}: the NcclTransport was closed"))
         self._stop.set()
         self._live.stop()
+        if self.role == "recv":
+            self._waiter.wake(self._threads[0])
         for t in self._threads:
             t.join(timeout=1.0)
         with self._cond:

@@ -23,8 +23,8 @@ Each endpoint bumps ``hb/<rank>`` in the store every ``heartbeat_s``; a peer who
 for ``dead_after_s`` is dead or hung. A killed peer is noticed sooner: gloo reports "connection closed by
 peer" at once, and the store fails at once when its server was in the dead process. Either way every
 waiting ``fetch`` and later call raises :class:`~kvstream.errors.PeerError` with the reason; chunks that
-arrived before stay readable. A peer that called :meth:`close` sets ``closed/<rank>`` after its last
-header, so waiting for a key it never sent ends at once.
+arrived before stay readable. A peer that called :meth:`close` writes an empty header after its last
+one, so waiting for a key it never sent ends at once.
 
 Limits: each pair needs its own ``namespace`` per connection (store keys are not reused). A send to a
 peer that hangs mid-transfer blocks the sending thread up to the gloo timeout (``timeout_s``).
@@ -160,6 +160,57 @@ def unwrap_header(raw: bytes, source: str) -> tuple[str, int, ChunkHeader]:
                                  region=wire.region, meta=meta)
 
 
+class KeyWaiter:
+    """Blocking waits for the next key of a sequence, on a connection of its own (no polling latency).
+
+    The receiver threads wait for ``hdr/...`` keys with ``store.wait`` (the server pushes the answer when
+    the key is set) on a :meth:`clone` of the store, so a long wait never blocks the heartbeats and acks
+    that share the transport's own connection. An **empty** value marks the end of the sequence: the
+    sender writes one when it closes, and :meth:`wake` writes one to stop our own waiting thread.
+    Stores without ``clone`` (torch older than 2.5) fall back to polling.
+    """
+
+    #: Each blocking wait lasts at most this long, then starts again (a TCPStore wait needs a timeout).
+    WAIT = datetime.timedelta(hours=1)
+
+    def __init__(self, store):
+        self._store = store
+        self._conn = store.clone() if hasattr(store, "clone") else None
+        self.waiting_on: str | None = None
+
+    def get(self, key: str, stop: threading.Event) -> bytes | None:
+        """The value of ``key`` once it is set; ``None`` if ``stop`` is set first."""
+        import torch.distributed as dist
+
+        self.waiting_on = key
+        while not stop.is_set():
+            if self._conn is None:
+                if not poll(lambda: self._store.check([key]) or stop.is_set(), time.monotonic() + 1.0, lambda: None):
+                    continue
+                return None if stop.is_set() else self._store.get(key)
+            try:
+                self._conn.wait([key], self.WAIT)
+            except dist.DistNetworkError:
+                raise
+            except dist.DistStoreError:  # the hourly timeout of an idle wait: wait again
+                continue
+            return None if stop.is_set() else self._conn.get(key)
+        return None
+
+    def wake(self, thread: threading.Thread) -> None:
+        """Unblock ``thread`` waiting in :meth:`get` (whose ``stop`` event is already set) by writing the key it
+        waits on; retried while it moves on to the next key. Best effort: the store may be gone."""
+        for _ in range(10):
+            key = self.waiting_on
+            if key is None or not thread.is_alive():
+                return
+            try:
+                self._store.set(key, b"")
+            except Exception:  # noqa: BLE001 - the store died: the waiting thread fails on its own
+                return
+            thread.join(timeout=0.2)
+
+
 class Liveness:
     """Heartbeats through the store and the peer's state: alive, closed, or dead with a reason.
 
@@ -227,9 +278,9 @@ class Acks:
         self._store, self._key = store, key
         self.count = 0
 
-    def bump(self) -> None:
-        """Receiver side: one more chunk has landed."""
-        self._store.add(self._key, 1)
+    def bump(self, n: int = 1) -> None:
+        """Receiver side: ``n`` more chunks have landed."""
+        self._store.add(self._key, n)
 
     def reached(self, seq: int, *, query: bool = True) -> bool:
         """Whether chunk ``seq`` has landed (reads the store unless ``query`` is False or it is known)."""
@@ -346,6 +397,7 @@ class RemoteHostTransport(Transport):
         self._my_acks = Acks(self._store, f"ack/{rank}")  # chunks we took in from the peer
         self._live = Liveness(self._store, rank, peer, heartbeat_s=heartbeat_s, dead_after_s=dead_after_s,
                               startup_s=self.timeout_s, on_change=self._wake)
+        self._waiter = KeyWaiter(self._store)
         self._receiver = threading.Thread(target=self._receive_loop, name=f"kvstream-remote-recv-{rank}", daemon=True)
         self._receiver.start()
 
@@ -458,12 +510,13 @@ class RemoteHostTransport(Transport):
                 self.acks.wait(self._send_seq, time.monotonic() + self.timeout_s, self._raise_peer)
             except PeerError:
                 pass
-        try:
-            self._store.set(f"closed/{self.rank}", "1")
+        try:  # an empty header after the last one: the peer's receiver stops waiting
+            self._store.set(f"hdr/{self.rank}/{self._send_seq + 1}", b"")
         except Exception:  # noqa: BLE001 - best effort: the store may have died with the peer
             pass
         self._stop.set()
         self._live.stop()
+        self._waiter.wake(self._receiver)
         self._receiver.join(timeout=1.0)
         with self._cond:
             self._chunks.clear()
@@ -501,29 +554,26 @@ class RemoteHostTransport(Transport):
             raise error from e
 
     def _receive_loop(self) -> None:
-        seq, delay = 1, POLL_MIN_S
+        seq = 1
         try:
-            while not self._stop.is_set():
+            while True:
                 name = f"hdr/{self.peer}/{seq}"
-                if self._store.check([name]):
-                    self._receive_one(name, seq)
-                    seq, delay = seq + 1, POLL_MIN_S
-                    continue
-                if self._store.check([f"closed/{self.peer}"]) and not self._store.check([name]):
+                raw = self._waiter.get(name, self._stop)
+                if raw is None:
+                    return
+                if not raw:  # the peer closed after its last chunk
                     with self._cond:
                         self._peer_closed = True
                         self._cond.notify_all()
                     return
-                if self._live.error is not None:
-                    return
-                time.sleep(delay)
-                delay = min(2 * delay, POLL_MAX_S)
+                self._receive_one(name, seq, raw)
+                seq += 1
         except Exception as e:  # noqa: BLE001 - reported to every waiter as a PeerError
             if not self._stop.is_set():
                 self._live.fail(PeerError(f"Receiving from peer rank {self.peer} failed: {e}"))
 
-    def _receive_one(self, name: str, seq: int) -> None:
-        key, got_seq, header = unwrap_header(self._store.get(name), source=f"header {seq} from rank {self.peer}")
+    def _receive_one(self, name: str, seq: int, raw: bytes) -> None:
+        key, got_seq, header = unwrap_header(raw, source=f"header {seq} from rank {self.peer}")
         if got_seq != seq:
             raise CorruptChunkError(f"header {name} carries sequence number {got_seq}")
         buf = torch.empty(header.nbytes, dtype=torch.uint8)
@@ -646,6 +696,6 @@ class LoopbackTransport(Transport):
         self.receiver.close()
 
 
-__all__ = ["RemoteHostTransport", "LoopbackTransport", "ChunkTimeout", "Liveness", "Acks", "AckedHandle", "poll", "rendezvous_store",
+__all__ = ["RemoteHostTransport", "LoopbackTransport", "ChunkTimeout", "Liveness", "Acks", "AckedHandle", "poll", "KeyWaiter", "rendezvous_store",
            "store_from_env", "free_port", "pair_namespace", "check_pair", "wrap_header", "unwrap_header",
            "connect_pair"]
