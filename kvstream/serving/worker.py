@@ -47,7 +47,8 @@ import torch
 from ..errors import ConfigError, KVStreamError, PeerError
 from .loadgen import Completion, Request, make_requests, microbatches, prompt_lengths
 
-#: Store keys of the run (under the ``kvstream/serve`` prefix).
+#: Store keys of the run live under this prefix (plus torchrun's run id and restart count when set, so
+#: that a restarted or second run on the same agent store starts from fresh counters).
 PREFIX = "kvstream/serve"
 
 
@@ -179,6 +180,8 @@ class Context:
             self.device = torch.device("cpu")
             torch.set_num_threads(max(1, args.threads))
         self.store = store_from_env(timeout_s=args.timeout)
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+        self.prefix = PREFIX if not run_id else f"{PREFIX}/{run_id}.{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}"
         self.t0 = 0.0
 
     def client(self):
@@ -191,7 +194,7 @@ class Context:
         """Wait until every rank reached ``name`` (bounded by ``--timeout``; ``PeerError`` after it)."""
         from ..transports.remote import poll
 
-        key = f"{PREFIX}/barrier/{name}"
+        key = f"{self.prefix}/barrier/{name}"
         self.store.add(key, 1)
         if not poll(lambda: int(self.store.add(key, 0)) >= self.world, time.monotonic() + self.args.timeout,
                     lambda: None):
@@ -202,9 +205,9 @@ class Context:
         """Agree on ``t0`` (rank 0 sets it just after the barrier); wall-clock seconds."""
         self.barrier("ready")
         if self.rank == 0:
-            self.store.set(f"{PREFIX}/t0", repr(time.time() + 0.2))
-        self.store.wait([f"{PREFIX}/t0"])
-        self.t0 = float(self.store.get(f"{PREFIX}/t0").decode())
+            self.store.set(f"{self.prefix}/t0", repr(time.time() + 0.2))
+        self.store.wait([f"{self.prefix}/t0"])
+        self.t0 = float(self.store.get(f"{self.prefix}/t0").decode())
 
     def now(self) -> float:
         """Seconds since ``t0``, after the device finished its queued work."""
@@ -230,10 +233,10 @@ def _links(ctx: Context, role: str, prompt_ranks: range, token_ranks: range) -> 
         peer = t if role == "prompt" else p
         if args.transport == "nccl":
             links[peer] = NcclTransport(ctx.client(), ctx.rank, peer, role="send" if role == "prompt" else "recv",
-                                        device=ctx.device, namespace=f"{PREFIX}/nccl", timeout_s=min(args.timeout, 120),
+                                        device=ctx.device, namespace=f"{ctx.prefix}/nccl", timeout_s=min(args.timeout, 120),
                                         fetch_timeout_s=args.timeout)
         else:
-            links[peer] = RemoteHostTransport(ctx.client(), ctx.rank, peer, namespace=f"{PREFIX}/remote",
+            links[peer] = RemoteHostTransport(ctx.client(), ctx.rank, peer, namespace=f"{ctx.prefix}/remote",
                                               timeout_s=min(args.timeout, 120), fetch_timeout_s=args.timeout)
     return links
 
@@ -317,7 +320,7 @@ def run_both(ctx: Context, model, mbs: list[list[Request]]) -> tuple[list[Comple
     """Colocated baseline: claim microbatches through the store; prefill and decode each here."""
     completions, timings = [], {"generate_s": []}
     while True:
-        j = int(ctx.store.add(f"{PREFIX}/next_mb", 1)) - 1
+        j = int(ctx.store.add(f"{ctx.prefix}/next_mb", 1)) - 1
         if j >= len(mbs):
             break
         mb = mbs[j]

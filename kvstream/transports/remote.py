@@ -274,17 +274,23 @@ class Acks:
     The last value read is cached, so :meth:`reached` costs a store round trip only while behind.
     """
 
+    #: Fewest seconds between two store reads: many handles asking ``done()`` at once cost one round trip.
+    MIN_QUERY_INTERVAL_S = 50e-6
+
     def __init__(self, store, key: str):
         self._store, self._key = store, key
         self.count = 0
+        self._queried = 0.0
 
     def bump(self, n: int = 1) -> None:
         """Receiver side: ``n`` more chunks have landed."""
         self._store.add(self._key, n)
 
     def reached(self, seq: int, *, query: bool = True) -> bool:
-        """Whether chunk ``seq`` has landed (reads the store unless ``query`` is False or it is known)."""
-        if self.count < seq and query:
+        """Whether chunk ``seq`` has landed (reads the store unless ``query`` is False, it is known, or the
+        last read is younger than :data:`MIN_QUERY_INTERVAL_S`)."""
+        if self.count < seq and query and time.monotonic() - self._queried >= self.MIN_QUERY_INTERVAL_S:
+            self._queried = time.monotonic()
             self.count = max(self.count, int(self._store.add(self._key, 0)))
         return self.count >= seq
 
