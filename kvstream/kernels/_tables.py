@@ -35,7 +35,7 @@ MAX_CACHED_TABLES = 256
 # these (NaN payloads, fp8 and bf16 pass unchanged, and one compiled kernel serves all dtypes of a size).
 _BITS_DTYPES = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
-_tables: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_tables: "OrderedDict[tuple, _Cached]" = OrderedDict()
 _tables_lock = threading.Lock()
 
 
@@ -347,40 +347,75 @@ def paged_args(key_caches: Sequence[torch.Tensor], value_caches: Sequence[torch.
     return ids, scan, check_block_ids(block_ids, num_blocks, scan.device, unique=unique)
 
 
+class _Cached:
+    """A cached device table, the stream it was allocated on, and an event per other stream that read it."""
+
+    __slots__ = ("tensor", "stream", "events")
+
+    def __init__(self, tensor: torch.Tensor, stream: int) -> None:
+        self.tensor, self.stream, self.events = tensor, stream, {}
+
+    def busy(self) -> bool:
+        return any(not e.query() for e in list(self.events.values()))
+
+
+_retired: list[_Cached] = []      # evicted while another stream may still read them
+_captured: dict[tuple, _Cached] = {}  # read by a CUDA graph: kept for the life of the process
+
+
 def table(rows: list[int], cols: int, device: torch.device) -> torch.Tensor:
     """An int64 ``[len(rows) // cols, cols]`` tensor of ``rows`` on ``device``, cached by its contents on CUDA.
 
     A miss copies through pinned memory without blocking the host (torch's pinned allocator keeps the
-    staging buffer until the copy has run). A hit records the current stream on the cached tensor so that
-    evicting it later never frees memory a queued kernel still reads.
+    staging buffer until the copy has run); the table then belongs to the current stream, on which
+    torch's allocator orders its reuse. A hit from another stream records an event there, and an evicted
+    table is freed only once those events have passed (not ``record_stream``, which would make freeing it
+    fail once a short-lived stream is gone). A table used while a CUDA graph is captured is never freed.
+
+    Raises
+    ------
+    ConfigError
+        On a miss during CUDA graph capture (the copy would read a staging buffer reused after capture).
     """
     if device.type != "cuda":
         return torch.tensor(rows, dtype=torch.int64).view(-1, cols)
     key = (device, cols, tuple(rows))
+    stream = torch.cuda.current_stream(device)
+    capturing = torch.cuda.is_current_stream_capturing()
     with _tables_lock:
-        t = _tables.get(key)
-        if t is not None:
+        entry = _captured.get(key) or _tables.get(key)
+        if entry is not None and key in _tables:
             _tables.move_to_end(key)
-    if t is not None:
-        t.record_stream(torch.cuda.current_stream(device))
-        return t
-    if torch.cuda.is_current_stream_capturing():
-        # The copy below would be captured reading a staging buffer that is reused after capture.
+            if capturing:
+                _captured[key] = _tables.pop(key)
+    if entry is not None:
+        if stream.cuda_stream != entry.stream and not capturing:
+            event = torch.cuda.Event()
+            event.record(stream)
+            entry.events[stream.cuda_stream] = event
+        return entry.tensor
+    if capturing:
         raise ConfigError("No cached pointer table for these tensors while a CUDA graph is being captured; run the "
                           "same call once before capturing (the table is then cached and the capture reads it)")
     host = torch.tensor(rows, dtype=torch.int64).view(-1, cols).pin_memory()
-    t = host.to(device, non_blocking=True)
+    entry = _Cached(host.to(device, non_blocking=True), stream.cuda_stream)
     with _tables_lock:
-        _tables[key] = t
+        _tables[key] = entry
         while len(_tables) > MAX_CACHED_TABLES:
-            _tables.popitem(last=False)
-    return t
+            _, old = _tables.popitem(last=False)
+            if old.busy():
+                _retired.append(old)
+        _retired[:] = [old for old in _retired if old.busy()]
+    return entry.tensor
 
 
 def clear_tables() -> None:
-    """Drop every cached table (tests; or after freeing a cache whose tables are no longer wanted)."""
+    """Drop every cached table that no queued kernel or captured CUDA graph may still read (tests; or to
+    return the few KiB they hold)."""
     with _tables_lock:
+        _retired.extend(e for e in _tables.values() if e.busy())
         _tables.clear()
+        _retired[:] = [e for e in _retired if e.busy()]
 
 
 def vector_elems(elsize: int, byte_values: list[int]) -> int:

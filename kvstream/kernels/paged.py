@@ -67,7 +67,6 @@ def _blocks(key_caches, value_caches, block_ids, layers, chunk, unpack, block_ro
     _tables.check_backend(device, _copy_blocks_kernel)
     if chunk.numel() == 0:
         return chunk
-    table = _tables.table(scan.rows, _tables.PAGED_COLS, device)
     block_d = triton.next_power_of_2(head_dim)
     entries = 2 * len(ids)
     if block_rows is None:
@@ -75,6 +74,7 @@ def _blocks(key_caches, value_caches, block_ids, layers, chunk, unpack, block_ro
                                         device, MAX_TILE_BYTES, MIN_PROGRAMS_PER_SM)
     tiles = triton.cdiv(block_size * heads, block_rows)
     with _tables.launch_guard(device):
+        table = _tables.table(scan.rows, _tables.PAGED_COLS, device)
         _copy_blocks_kernel[(block_ids.numel() * tiles, entries)](
             table, _tables.as_bits(chunk), block_ids, block_ids.numel(), tiles,
             COLS=_tables.PAGED_COLS, BLOCK_SIZE=block_size, HEADS=heads, HEAD_DIM=head_dim, BLOCK_D=block_d,

@@ -97,7 +97,6 @@ def _launch(scan, batch, heads, tokens, t0, device_starts, chunk, unpack, block_
     rows = batch * heads * tokens
     if rows == 0:
         return
-    table = _tables.table(scan.rows, _tables.TOKEN_COLS, device)
     head_dim = scan.shape[3]
     block_d = triton.next_power_of_2(head_dim)
     entries = len(scan.sizes)
@@ -108,6 +107,7 @@ def _launch(scan, batch, heads, tokens, t0, device_starts, chunk, unpack, block_
     tiles = triton.cdiv(tokens, block_rows)
     grid = (triton.cdiv(rows, block_rows) if across_rows else batch * heads * tiles, entries)
     with _tables.launch_guard(device):
+        table = _tables.table(scan.rows, _tables.TOKEN_COLS, device)
         _copy_tokens_kernel[grid](
             table, _tables.as_bits(chunk), device_starts if device_starts is not None else table,
             rows, heads, tokens, tiles, t0,

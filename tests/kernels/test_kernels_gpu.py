@@ -87,6 +87,17 @@ def test_table_cache_hits_and_side_streams(seed):
     assert len(_tables._tables) == 1
     kernels.pack_tokens(keys, values, Region(layers=(0, 2), tokens=(0, 9), heads=(1, 2)))  # a new table
     assert len(_tables._tables) == 2
+
+    # A table read on another stream is not freed while that stream may still read it.
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)  # keeps the side stream busy for a while
+        kernels.pack_newest(keys, values, starts=3)
+    _tables.clear_tables()
+    assert len(_tables._tables) == 0 and len(_tables._retired) == 1
+    torch.cuda.synchronize()
+    kernels.pack_newest(keys, values, starts=1)  # a miss prunes what has finished
+    assert len(_tables._retired) == 0
     _tables.clear_tables()
 
 
