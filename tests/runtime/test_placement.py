@@ -248,11 +248,15 @@ def test_stream_through_a_streamer_and_point_to_point_transports(seed):
         for shared in (True, False):
             dst = [_empty_shard(p.dst_shard(r), 2, 9, 8, torch.bfloat16) for r in range(2)]
             for r, (k, v) in enumerate(src):
-                via = streamer if shared else {d: links[r, d] for d in range(2)}
-                stream_out(via, p, r, k, v, session="s", tokens=(0, 9)).wait()
+                if shared:  # the streamer's own stream_out delegates to placement.stream_out
+                    streamer.stream_out(p, r, k, v, session="s", tokens=(0, 9)).wait()
+                else:
+                    stream_out({d: links[r, d] for d in range(2)}, p, r, k, v, session="s", tokens=(0, 9)).wait()
             for r, (k, v) in enumerate(dst):
-                via = streamer if shared else {s: links[s, r] for s in range(2)}
-                stream_in(via, p, r, k, v, session="s", tokens=(0, 9))
+                if shared:
+                    streamer.stream_in(p, r, k, v, session="s", tokens=(0, 9))
+                else:
+                    stream_in({s: links[s, r] for s in range(2)}, p, r, k, v, session="s", tokens=(0, 9))
                 want_k, want_v = _shard_of(keys, values, p.dst_shard(r))
                 assert all(torch.equal(a, b) for a, b in zip(k + v, want_k + want_v))
         assert links[1, 1].keys() == ["s/xfer/s0001-d0001/l2-4/h2-4/b*/t0-9"]
