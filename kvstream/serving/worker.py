@@ -126,6 +126,15 @@ def build(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     raise ConfigError(f"--model must be tiny, llama3-8b or a checkpoint directory, got {args.model!r}")
 
 
+def fingerprint(model) -> list[float]:
+    """A cheap fingerprint of the weights (sum and absolute sum of three parameters, as float64), so that a
+    token worker can tell that its prompt worker built the same model (same seed, same device type)."""
+    params = list(model.parameters())
+    picks = [params[0], params[len(params) // 2], params[-1]]
+    with torch.no_grad():
+        return [float(v) for p in picks for v in (p.double().sum(), p.double().abs().sum())]
+
+
 def pad_left(mb: Sequence[Request], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids, attention_mask)``, both ``[len(mb), max prompt]`` int64 on ``device``, left-padded with id 0."""
     width = max(r.prompt_tokens for r in mb)
@@ -254,6 +263,7 @@ def run_prompt(ctx: Context, model, mbs: list[list[Request]], links: dict[int, A
     from ..integrations.hf import StreamingCache
 
     timings = {"prefill_s": [], "stream_wait_s": []}
+    weights = fingerprint(model)
     for j, mb in enumerate(mbs):
         if j % P != ctx.rank:
             continue
@@ -268,7 +278,7 @@ def run_prompt(ctx: Context, model, mbs: list[list[Request]], links: dict[int, A
         done = ctx.now()
         link.flush(f"{_session(j)}/meta", _json_chunk({
             "mb": j, "ids": out.tolist(), "mask": mask.tolist(), "requests": [r.id for r in mb],
-            "start_s": start, "first_token_s": first})).wait()
+            "start_s": start, "first_token_s": first, "weights": weights})).wait()
         timings["prefill_s"].append(first - start)
         timings["stream_wait_s"].append(done - first)
     return timings
@@ -288,12 +298,15 @@ def run_token(ctx: Context, model, mbs: list[list[Request]], links: dict[int, An
     from ..integrations.hf import StreamingCache
 
     completions, checks, timings = [], [], {"load_s": [], "decode_step_s": []}
-    me = ctx.rank - P
+    me, weights = ctx.rank - P, fingerprint(model)
     for j, mb in enumerate(mbs):
         if j % T != me:
             continue
         link = links[j % P]
         meta = json.loads(bytes(link.fetch_new(f"{_session(j)}/meta", "cpu").numpy()))
+        if meta["weights"] != weights:
+            raise ConfigError(f"prompt rank {j % P} built other weights than token rank {ctx.rank} "
+                              f"(fingerprints {meta['weights']} vs {weights}): same --model, --seed, --dtype?")
         got = ctx.now()
         cache = StreamingCache.load(link, _session(j), config=model.config, device=ctx.device, stream=False)
         loaded = ctx.now()
@@ -418,4 +431,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = ["add_workload_args", "resolve_defaults", "workload", "build", "pad_left", "generate", "serve", "main",
-           "run_prompt", "run_token", "run_both", "Context"]
+           "run_prompt", "run_token", "run_both", "Context", "fingerprint"]

@@ -104,3 +104,11 @@ def test_disagg_two_gpus_nccl_identical(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert (summary["checked"], summary["mismatched"]) == (4, [])
+
+
+def test_weight_fingerprint_tells_models_apart():
+    from kvstream.models import build_model, tiny_config
+    from kvstream.serving.worker import fingerprint
+
+    a, b, c = (build_model(tiny_config(), seed=s) for s in (0, 0, 1))
+    assert fingerprint(a) == fingerprint(b) and fingerprint(a) != fingerprint(c)
