@@ -22,8 +22,9 @@ in another order than the chunks were flushed (the manifest, flushed last, first
 its chunks and publishes each chunk's :class:`~kvstream.layout.ChunkHeader` (with the key) through the
 rendezvous store *before* enqueueing the send; a publisher thread coalesces headers that queue up into
 one store write (``hdr/<n>``: a run of fixed 4096-byte frames), so a burst of per-layer flushes costs one
-round trip. The receiver thread reads header batches in order and posts one receive per chunk on its own
-stream:
+round trip. The receiver thread waits for header batches in order (a blocking ``store.wait`` on its own
+connection: no polling latency), posts one receive per chunk on its own stream, then acknowledges the
+batch (``ack``, a counter; a flush's handle completes once its chunk is acknowledged and its send done):
 
 * into the caller's ``out`` when a :meth:`NcclTransport.fetch` for that key is already waiting
   (zero copy: the chunk is delivered, not kept);
@@ -56,8 +57,8 @@ from ..errors import ChunkNotFound, ConfigError, LayoutError, PeerError, Transpo
 from ..layout import HEADER_BYTES, ChunkHeader, Region, check_packed
 from .base import AllHandle, CompletedHandle, Handle, Transport
 from .host import NO_CHECKSUM, byte_view, chunk_header
-from .remote import (AckedHandle, Acks, ChunkTimeout, Liveness, LoopbackTransport, check_pair,
-                     connect_pair, KeyWaiter, pair_namespace, poll, unwrap_header, wrap_header)
+from .remote import (AckedHandle, Acks, ChunkTimeout, KeyWaiter, Liveness, LoopbackTransport, check_pair,
+                     connect_pair, pair_namespace, poll, unwrap_header, wrap_header)
 
 #: ncclResult_t values read from ``comm.get_async_error()``.
 NCCL_SUCCESS = 0

@@ -13,9 +13,11 @@ Wire protocol (one direction; the other is symmetric)
   ``meta`` inside its ``meta``). No pickle anywhere.
 * The payload goes through gloo ``send``/``recv`` with tag ``n``, so several chunks can be in flight and
   a payload always meets the header that describes it.
-* A receiver thread reads headers in order, receives each payload into host memory and keeps it by key.
-  ``fetch(key)`` waits for *that* key, so fetch order may differ from flush order
-  (``StreamingCache.load`` fetches the manifest, flushed last, first).
+* A receiver thread waits for the next header (a blocking ``store.wait`` on a connection of its own:
+  the server answers the moment the key is set, no polling), receives the payload into host memory,
+  keeps it by key and acknowledges it (``ack/<receiver>``, a counter). ``fetch(key)`` waits for *that*
+  key, so fetch order may differ from flush order (``StreamingCache.load`` fetches the manifest, flushed
+  last, first); a flush's handle completes once the peer acknowledged the chunk.
 
 Liveness (after DéjàVu's controller: heartbeats every second, a rank is dead after 3 s of silence)
 ----------------------------------------------------------------------------------------------------
