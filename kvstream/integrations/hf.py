@@ -203,6 +203,9 @@ class StreamingCache(DynamicCache):
         self.streamer: KVStreamer | None = None
         self._level = resolve_level(level) if transport is not None else level
         self._fwd: _Forward | None = None
+        self._kv_ids: list[int] = []
+        self._kv_ids_for = -1
+        self._last_kv_layer: int | None = None
         self._segments: list[dict] = []
         self._seg = 0
         self._batch: int | None = None
@@ -236,46 +239,60 @@ class StreamingCache(DynamicCache):
         return self.streamer
 
     def _kv_layer_ids(self) -> list[int]:
-        return [i for i, l in enumerate(self.layers) if _is_kv_layer(l)]
+        n = len(self.layers)
+        if self._kv_ids_for != n:  # layers are created lazily without a config: recompute when they grow
+            self._kv_ids = [i for i, l in enumerate(self.layers) if _is_kv_layer(l)]
+            self._kv_ids_for = n
+        return self._kv_ids
 
     def _stream_new(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        streamer = self._ensure_streamer(k.device)
         n = k.shape[-2]
+        fwd = self._fwd
+        if fwd is not None and layer_idx > fwd.last_layer and n == fwd.tokens:
+            # the hot path: one more layer of the forward in progress (32 times per decode step)
+            fwd.last_layer = layer_idx
+            if fwd.mode == "all":
+                fwd.parts.append((layer_idx, None, k, v))
+            else:
+                self._stream_layer(fwd, layer_idx, k, v)
+            if layer_idx == self._last_kv_layer:
+                self._finish_forward()
+            return
         if n == 0:
             return
+        self._ensure_streamer(k.device)
         if self._batch is None:
             self._batch = k.shape[0]
             self._geometry = (k.shape[1], k.shape[3], k.dtype)
-        fwd = self._fwd
-        if fwd is None or layer_idx <= fwd.last_layer or n != fwd.tokens:
-            self._finish_forward()
-            start = self.layers[layer_idx].get_seq_length() - n
-            mode = "layers" if n > self.layer_chunk_min_tokens else "all"
-            fwd = self._fwd = _Forward(mode=mode, tokens=n, start=start, parts=[])
-            seg = {"kind": mode, "start": start, "tokens": n, "batch": k.shape[0]}
-            if mode == "layers":
-                seg["keys"] = {}
-            else:
-                seg["layers"] = []
-                seg["key"] = f"{self.session}/seg{self._seg:06d}/all"
-            self._segments.append(seg)
-            self._seg += 1
-        fwd.last_layer = layer_idx
-        seg = self._segments[-1]
-        if fwd.mode == "layers":
-            key = f"{self.session}/seg{self._seg - 1:06d}/layer{layer_idx:04d}"
-            seg["keys"][str(layer_idx)] = key
-            region = Region(layers=(0, 1), tokens=(0, n))
-            if streamer.level >= 2:
-                streamer.scatter(key, [k], [v], region, meta={"session": self.session, "layer": layer_idx})
-            else:  # levels 0/1: the prompt goes out after the forward, synchronously
-                fwd.parts.append((layer_idx, key, k, v))
+        self._finish_forward()
+        start = self.layers[layer_idx].get_seq_length() - n
+        mode = "layers" if n > self.layer_chunk_min_tokens else "all"
+        fwd = self._fwd = _Forward(mode=mode, tokens=n, start=start, last_layer=layer_idx, parts=[])
+        seg = {"kind": mode, "start": start, "tokens": n, "batch": k.shape[0]}
+        if mode == "layers":
+            seg["keys"] = {}
         else:
-            seg["layers"].append(layer_idx)
+            seg["key"] = f"{self.session}/seg{self._seg:06d}/all"
+        self._segments.append(seg)
+        self._seg += 1
+        if mode == "all":
             fwd.parts.append((layer_idx, None, k, v))
+        else:
+            self._stream_layer(fwd, layer_idx, k, v)
         kv_ids = self._kv_layer_ids()
-        if kv_ids and layer_idx == kv_ids[-1] and self.layer_class_to_replicate is None:
+        self._last_kv_layer = kv_ids[-1] if kv_ids and self.layer_class_to_replicate is None else None
+        if layer_idx == self._last_kv_layer:
             self._finish_forward()
+
+    def _stream_layer(self, fwd: _Forward, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """A long forward: this layer's chunk goes out now (levels 2-3) or after the forward (levels 0-1)."""
+        key = f"{self.session}/seg{self._seg - 1:06d}/layer{layer_idx:04d}"
+        self._segments[-1]["keys"][str(layer_idx)] = key
+        if self.streamer.level >= 2:
+            self.streamer.scatter(key, [k], [v], Region(layers=(0, 1), tokens=(0, fwd.tokens)),
+                                  meta={"session": self.session, "layer": layer_idx})
+        else:
+            fwd.parts.append((layer_idx, key, k, v))
 
     def _finish_forward(self) -> None:
         fwd, self._fwd = self._fwd, None
@@ -288,10 +305,10 @@ class StreamingCache(DynamicCache):
                                  meta={"session": self.session, "layer": layer_idx})
             return
         seg = self._segments[-1]
+        seg["layers"] = [p[0] for p in fwd.parts]
         ks = [p[2] for p in fwd.parts]
         vs = [p[3] for p in fwd.parts]
-        streamer.scatter_newest(seg["key"], ks, vs, num_tokens=fwd.tokens,
-                                meta={"session": self.session, "layers": seg["layers"]})
+        streamer.scatter_newest(seg["key"], ks, vs, num_tokens=fwd.tokens)  # layers are in the manifest
 
     # ------------------------------------------------------------------------------------------------
     # history-rewriting operations: applied, then recorded for replay
