@@ -450,10 +450,10 @@ class RemoteHostTransport(Transport):
             raise PeerError(f"flush {key!r}: peer rank {self.peer} has closed its endpoint")
         host = chunk.to("cpu") if chunk.device.type != "cpu" else chunk
         header = chunk_header(host, region, meta, checksum="pending")
-        with self._lock:
+        with self._lock:  # sequence order == submission order: the receiver takes headers in sequence
             self._send_seq += 1
             seq = self._send_seq
-        sent = FutureHandle(self._sender.submit(self._send, key, seq, host, header))
+            sent = FutureHandle(self._sender.submit(self._send, key, seq, host, header))
         return AckedHandle(self, sent, seq, f"flush of {key!r}")
 
     def fetch(self, key: str, out: torch.Tensor, timeout: float | None = None) -> Handle:

@@ -235,3 +235,28 @@ def test_killed_peer_fails_fast_peer_hosts_store():
         t.close()
     finally:
         proc.kill()
+
+
+def test_concurrent_large_flushes_keep_sequence_order(pair):
+    """Threads flushing chunks larger than a socket buffer: sends must go out in sequence-number order,
+    or the receiver (taking headers in order) and a blocked send wait on each other."""
+    a, b = pair
+    data = {(i, j): torch.full((1 << 20,), i * 10 + j, dtype=torch.uint8) for i in range(6) for j in range(4)}
+    barrier = threading.Barrier(6)
+    errors: list[BaseException] = []
+
+    def work(i):
+        try:
+            barrier.wait()
+            for j in range(4):
+                a.flush(f"t{i}/{j}", data[i, j]).wait(timeout=30)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[:2]
+    assert all(torch.equal(b.fetch_new(f"t{i}/{j}"), v) for (i, j), v in data.items())
