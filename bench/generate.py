@@ -167,7 +167,7 @@ class Session:
         if self._host is None:
             from kvstream.transports.host import HostTransport
 
-            self._host = HostTransport(capacity_bytes=int(self.kv_bytes * 1.25) + 64 * MiB)
+            self._host = HostTransport(capacity_bytes=int(self.kv_bytes * 1.25) + 64 * MiB, preallocate=True)
         return self._host
 
     def disk_transport(self):

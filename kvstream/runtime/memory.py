@@ -175,6 +175,106 @@ class PinnedAllocator:
         return sum(b.nbytes for b in blocks)
 
 
+class PinnedArena:
+    """One page-locked region allocated up front and handed out in 4096-byte-aligned pieces.
+
+    ``cudaHostAlloc`` locks pages and maps them for the GPU, which costs time on the host (the more so the
+    larger the block) and is the wrong thing to do once per decode step: a :class:`~kvstream.HostTransport`
+    that keeps every chunk cannot reuse freed blocks, so with the caching allocator each 2 MiB decode-step
+    chunk paid a fresh ``cudaHostAlloc`` on the critical path. Serving systems size their host pool at
+    start-up instead (vLLM's ``swap_space``, SGLang HiCache's host memory pool); so does this arena. Pieces
+    are first-fit from a free list that coalesces neighbours on release.
+
+    Parameters
+    ----------
+    capacity_bytes : int
+        Bytes locked at construction (rounded up to 4096).
+
+    Raises
+    ------
+    CapacityError
+        If the driver cannot lock that much memory.
+
+    Notes
+    -----
+    Without CUDA the arena is ordinary memory (same behaviour, nothing locked). Thread safe.
+    """
+
+    def __init__(self, capacity_bytes: int):
+        cap = -(-int(capacity_bytes) // _MIN_BLOCK) * _MIN_BLOCK
+        if cap <= 0:
+            raise ValueError(f"PinnedArena capacity must be > 0 bytes, got {capacity_bytes}")
+        self.capacity_bytes = cap
+        self._base_block: _Block | None = None
+        if cuda_usable():
+            self._base_block = _DEFAULT._alloc(cap)  # one cudaHostAlloc, page-aligned start
+            self._buffer = (ctypes.c_uint8 * cap).from_address(self._base_block.ptr)
+        else:
+            self._buffer = (ctypes.c_uint8 * cap)()
+        self._free: list[list[int]] = [[0, cap]]  # sorted [offset, size] runs
+        self._used = 0
+        self._lock = threading.Lock()
+        weakref.finalize(self._buffer, PinnedArena._release_base, self._base_block)  # after the last piece
+
+    @staticmethod
+    def _release_base(block: "_Block | None") -> None:
+        if block is not None:
+            try:
+                _cudart().cudaFreeHost(block.base)
+            except Exception:  # interpreter shutdown
+                pass
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes handed out (rounded to 4096 per piece)."""
+        return self._used
+
+    def empty(self, nbytes: int) -> torch.Tensor:
+        """A uint8 tensor of ``nbytes`` bytes inside the arena (4096-aligned; contents undefined).
+
+        The piece returns to the arena when the last tensor viewing it is freed.
+
+        Raises
+        ------
+        CapacityError
+            If no free run of the rounded size is left (full or fragmented).
+        """
+        nbytes = int(nbytes)
+        if nbytes < 0:
+            raise ValueError(f"PinnedArena.empty: nbytes must be >= 0, got {nbytes}")
+        size = max(-(-nbytes // _MIN_BLOCK) * _MIN_BLOCK, _MIN_BLOCK)
+        with self._lock:
+            for i, (off, run) in enumerate(self._free):
+                if run >= size:
+                    if run == size:
+                        del self._free[i]
+                    else:
+                        self._free[i] = [off + size, run - size]
+                    self._used += size
+                    break
+            else:
+                raise CapacityError(f"PinnedArena: no free run of {size} bytes ({self._used} of "
+                                    f"{self.capacity_bytes} in use, {len(self._free)} free runs)")
+        view = (ctypes.c_uint8 * size).from_buffer(self._buffer, off)
+        weakref.finalize(view, self._give_back, off, size)
+        return torch.frombuffer(view, dtype=torch.uint8, count=nbytes) if nbytes else torch.empty(0, dtype=torch.uint8)
+
+    def _give_back(self, off: int, size: int) -> None:
+        import bisect
+
+        with self._lock:
+            self._used -= size
+            runs = self._free
+            i = bisect.bisect_left(runs, [off, 0])
+            runs.insert(i, [off, size])
+            if i + 1 < len(runs) and runs[i][0] + runs[i][1] == runs[i + 1][0]:  # merge with the next run
+                runs[i][1] += runs[i + 1][1]
+                del runs[i + 1]
+            if i > 0 and runs[i - 1][0] + runs[i - 1][1] == runs[i][0]:  # and with the previous one
+                runs[i - 1][1] += runs[i][1]
+                del runs[i]
+
+
 _DEFAULT = PinnedAllocator()
 
 
@@ -205,4 +305,5 @@ def default_allocator() -> PinnedAllocator:
     return _DEFAULT
 
 
-__all__ = ["cuda_usable", "size_class", "PinnedAllocator", "pinned_empty", "pinned_like", "default_allocator"]
+__all__ = ["cuda_usable", "size_class", "PinnedAllocator", "PinnedArena", "pinned_empty", "pinned_like",
+           "default_allocator"]

@@ -28,6 +28,8 @@ from .host import HostTransport
 _SPECS: dict[str, str] = {
     "host": "kvstream.transports.host:HostTransport",
     "disk": "kvstream.transports.disk:DiskTransport",
+    "remote": "kvstream.transports.remote:RemoteHostTransport",
+    "nccl": "kvstream.transports.nccl:NcclTransport",
 }
 
 
