@@ -9,16 +9,17 @@
   only prefills the tokens after the stored prefix.
 
 Both stores implement :class:`~kvstream.stores.base.PrefixStore`: ``query``, ``lookup`` (a pinned
-:class:`~kvstream.stores.base.PrefixMatch`), ``fetch_prefix``, ``update`` and ``update_kv``.
+:class:`~kvstream.stores.base.PrefixMatch`, loaded at once or layer by layer as a
+:class:`~kvstream.stores.base.LayerwiseLoad`), ``fetch_prefix``, ``update`` and ``update_kv``.
 """
 
 from __future__ import annotations
 
-from .base import PinError, PrefixMatch, PrefixStore, kv_from_cache
+from .base import LayerwiseLoad, PinError, PrefixMatch, PrefixStore, kv_from_cache
 from .chunk_file import ChunkFileStore
 from .hashing import as_token_ids, nested_path, prefix_hashes
 from .radix import RadixStore
 from .reuse import load_prefix_into
 
-__all__ = ["PrefixStore", "PrefixMatch", "PinError", "RadixStore", "ChunkFileStore", "load_prefix_into",
-           "kv_from_cache", "prefix_hashes", "nested_path", "as_token_ids"]
+__all__ = ["PrefixStore", "PrefixMatch", "LayerwiseLoad", "PinError", "RadixStore", "ChunkFileStore",
+           "load_prefix_into", "kv_from_cache", "prefix_hashes", "nested_path", "as_token_ids"]

@@ -15,6 +15,11 @@ The contract every store keeps:
 * ``match.load(device)`` returns per-layer keys and values ``[1, kv_heads, matched, head_dim]``. A chunk
   found missing or corrupt at load time *shortens* the match (``matched_tokens`` drops to what was
   read intact); wrong KV is never returned.
+* ``match.load_layers(device, stream=side)`` starts the same load layer by layer on a side stream and
+  returns a :class:`LayerwiseLoad` at once: per-layer tensors and one event per layer, so that prefill
+  of layer ``l`` waits only for layer ``l``'s copy while later layers still travel (layer-wise loading as
+  in LMCache's layer-wise mode and SGLang's HiCache). Stores that cannot do better load synchronously
+  and hand back completed events.
 * ``update_kv(token_ids, keys, values, start=...)`` stores KV; ``update(token_ids, cache)`` takes it
   from a transformers ``DynamicCache`` (or kvstream's ``StreamingCache``) after ``generate``.
 """
@@ -30,6 +35,7 @@ import torch
 
 from ..errors import ConfigError, KVStreamError, LayoutError, TransportError
 from ..layout import KVLayout, Region, check_hf_layers
+from ..runtime.cuda import Event, Stream, side_stream
 from .hashing import as_token_ids
 
 
@@ -163,6 +169,126 @@ def default_pin() -> bool:
 #: ``loader(device, matched_tokens) -> (packed [L, 2, 1, H, m, D], event or None)``; ``m <= matched_tokens``.
 Loader = Callable[[torch.device, int], "tuple[torch.Tensor, Any]"]
 
+#: ``layer_loader(device, matched_tokens, stream) -> (LayerwiseLoad, hold)``; ``stream`` is a
+#: ``torch.cuda.Stream`` of ``device`` (``None`` on the CPU); the loader allocates on the current stream,
+#: then makes ``stream`` wait for the current stream before its first copy; ``hold`` is what the copies
+#: still use (device staging), kept by the match until :meth:`PrefixMatch.release`.
+LayerLoader = Callable[[torch.device, int, "torch.cuda.Stream | None"], "tuple[LayerwiseLoad, Any]"]
+
+#: Name of the process-wide side stream (:func:`kvstream.runtime.cuda.side_stream`) layer-wise loads use
+#: when the caller names none.
+PREFIX_STREAM = "kvstream-prefix"
+
+
+class LayerwiseLoad:
+    """A prefix load in flight, layer by layer: per-layer tensors that land in order, one event per layer.
+
+    Returned by :meth:`PrefixMatch.load_layers`. Layer ``l``'s tensors hold its KV once ``events[l]`` has
+    completed; before that they are allocated but (on a CUDA device) still being written by the side
+    stream. Read a layer only from a stream that waited for its event (:meth:`wait`), or after
+    :meth:`synchronize`. Events complete in layer order (one side stream, layer 0 first).
+
+    Attributes
+    ----------
+    keys, values : list of torch.Tensor
+        One ``[1, kv_heads, matched_tokens, head_dim]`` tensor per layer on the load device, dtype of the
+        stored KV. From a store that loads layer by layer, ``keys[l]`` and ``values[l]`` are the two
+        (contiguous) halves of one ``[2, 1, kv_heads, matched_tokens, head_dim]`` allocation made on the
+        stream that was current at :meth:`PrefixMatch.load_layers` (the compute stream); otherwise they
+        are :meth:`PrefixMatch.load`'s views of one packed tensor (stride 1 on ``head_dim``). The match
+        keeps this object (so a layer's memory cannot be reused while the side stream still writes it)
+        until :meth:`take` hands the layer over or the match is released; :meth:`take` from the compute
+        stream lets each layer's memory go as soon as the caller drops it.
+    events : list
+        One per layer, each with ``wait(stream=None)`` (make ``stream``, default the current stream, wait
+        without blocking the host), ``synchronize()`` (block the host) and ``query()`` (completed?):
+        :class:`kvstream.runtime.cuda.Event` objects; inert (always complete) on the CPU. A store that
+        loads synchronously gives every layer the same event.
+    matched_tokens : int
+        Tokens loaded (after a shortened read: what was read intact).
+    stream : torch.cuda.Stream or None
+        The side stream the copies were enqueued on (``None`` when the load was synchronous).
+
+    Examples
+    --------
+    >>> with store.lookup(input_ids, max_tokens=T - 1) as match:                       # doctest: +SKIP
+    ...     load = match.load_layers("cuda")         # returns at once; layer 0 is copied first
+    ...     for l in range(len(load)):
+    ...         k, v = load.take(l)                  # the compute stream waits for layer l only
+    ...         attend(k, v)
+    """
+
+    __slots__ = ("keys", "values", "events", "matched_tokens", "stream")
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], events: list[Any], matched_tokens: int,
+                 stream: "torch.cuda.Stream | None" = None):
+        if not len(keys) == len(values) == len(events):
+            raise LayoutError(f"LayerwiseLoad: {len(keys)} keys, {len(values)} values and {len(events)} events; "
+                              "expected one of each per layer")
+        self.keys = keys
+        self.values = values
+        self.events = events
+        self.matched_tokens = int(matched_tokens)
+        self.stream = stream
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def wait(self, layer: int, stream: "Stream | torch.cuda.Stream | None" = None) -> None:
+        """Make ``stream`` (default: the current stream) wait for layer ``layer``'s copy; the host does not block."""
+        self.events[layer].wait(stream)
+
+    def take(self, layer: int, stream: "Stream | torch.cuda.Stream | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`wait` for layer ``layer``, then hand its ``(keys, values)`` over to the caller.
+
+        Afterwards ``keys[layer]`` and ``values[layer]`` are ``None`` here: neither this load nor its match
+        keeps the tensors alive, so they are freed when the caller drops them. Call it with the stream
+        that was current at :meth:`PrefixMatch.load_layers` (the default, when it still is): the
+        tensors were allocated there, and the caching allocator reuses their memory on that stream,
+        which now waits for the copy.
+
+        Raises
+        ------
+        ConfigError
+            If the layer was already taken.
+        """
+        k, v = self.keys[layer], self.values[layer]
+        if k is None:
+            raise ConfigError(f"LayerwiseLoad: layer {layer} was already taken")
+        self.wait(layer, stream)
+        self.keys[layer] = self.values[layer] = None
+        return k, v
+
+    def synchronize(self) -> None:
+        """Block the host until every layer has landed (the last layer's event: they complete in order)."""
+        if self.events:
+            self.events[-1].synchronize()
+
+    def ready(self) -> bool:
+        """Whether every layer has landed (never blocks)."""
+        return all(e.query() for e in self.events)
+
+    def __repr__(self) -> str:
+        return f"LayerwiseLoad(layers={len(self)}, matched_tokens={self.matched_tokens})"
+
+
+def _load_stream(device: torch.device, stream: Any) -> "torch.cuda.Stream | None":
+    """The torch view of the side stream a layer-wise load onto ``device`` uses (``None`` on the CPU)."""
+    if stream is not None and not isinstance(stream, (Stream, torch.cuda.Stream)):
+        raise TypeError("stream must be a kvstream.runtime.cuda.Stream or torch.cuda.Stream, "
+                        f"got {type(stream).__name__}")
+    if device.type != "cuda":
+        return None
+    if stream is None:
+        stream = side_stream(device, PREFIX_STREAM)
+    if isinstance(stream, Stream):
+        if not stream.is_cuda:
+            raise ConfigError(f"load_layers onto {device} needs a CUDA stream; got an inert one of {stream.device}")
+        stream = stream.torch_stream
+    if stream.device != device:
+        raise ConfigError(f"load_layers onto {device} was given a stream of {stream.device}")
+    return stream
+
 
 class PrefixMatch:
     """The longest stored prefix of a sequence, pinned in its store until :meth:`release`.
@@ -179,6 +305,7 @@ class PrefixMatch:
         :attr:`packed` (``None`` before).
     packed : torch.Tensor or None
         After :meth:`load`: ``[layers, 2, 1, kv_heads, matched_tokens, head_dim]`` on the load device.
+        (:meth:`load_layers` returns its tensors in a :class:`LayerwiseLoad` and leaves these ``None``.)
 
     Examples
     --------
@@ -188,14 +315,17 @@ class PrefixMatch:
     """
 
     def __init__(self, matched_tokens: int, loader: Loader | None, releaser: Callable[[], None] | None,
-                 *, source: str = "store"):
+                 *, source: str = "store", layer_loader: LayerLoader | None = None):
         self.matched_tokens = int(matched_tokens)
         self.keys: list[torch.Tensor] | None = None
         self.values: list[torch.Tensor] | None = None
         self.packed: torch.Tensor | None = None
         self._loader = loader
+        self._layer_loader = layer_loader
         self._releaser = releaser
         self._event = None
+        self._layerwise = False
+        self._hold: Any = None
         self._released = False
         self._source = source
         self._lock = threading.Lock()
@@ -219,6 +349,8 @@ class PrefixMatch:
         """
         if self._released:
             raise PinError(f"{self._source}: load() after release(); look the prefix up again")
+        if self._layerwise:
+            raise ConfigError(f"{self._source}: this match was loaded layer-wise; a match is loaded once")
         device = torch.device(device) if device is not None else torch.device("cpu")
         if self.matched_tokens == 0 or self._loader is None:
             self.matched_tokens = 0
@@ -235,8 +367,83 @@ class PrefixMatch:
             self.values = [packed[i, 1] for i in range(packed.shape[0])]
         return self.keys, self.values
 
+    def load_layers(self, device: torch.device | str | None = None, *,
+                    stream: "Stream | torch.cuda.Stream | None" = None) -> LayerwiseLoad:
+        """Start loading the matched KV onto ``device`` layer by layer; returns before the copies finish.
+
+        On a CUDA device, every layer's destination (and any staging) is allocated on the **current**
+        stream (the compute stream); ``stream`` then waits for the current stream (so the allocations are
+        ordered before the copies) and receives each layer's copies, layer 0 first, followed by that
+        layer's event. Prefill of layer ``l`` needs only ``events[l]``: copies of later layers overlap the
+        computation of earlier ones (LMCache's layer-wise mode, SGLang's HiCache layer-wise loading).
+        A store that cannot load layer by layer (:class:`~kvstream.stores.chunk_file.ChunkFileStore`
+        reads whole chunk files) loads synchronously on the current stream through :meth:`load` and
+        returns one event, recorded after it, for every layer. On the CPU everything is synchronous and
+        the events are inert.
+
+        Keep the match until the load is consumed: :meth:`release` blocks the host until the last
+        layer has landed, then unpins the host memory the copies read. Until then the match also holds
+        the returned load (so no layer's memory is reused while it is written); take each layer with
+        :meth:`LayerwiseLoad.take` to let layers go one by one.
+
+        Parameters
+        ----------
+        device : torch.device or str, optional
+            Where the KV goes (default: CPU).
+        stream : kvstream.runtime.cuda.Stream or torch.cuda.Stream, optional
+            The side stream of ``device`` for the copies; default: the process-wide side stream
+            ``side_stream(device, "kvstream-prefix")``. Ignored on the CPU.
+
+        Returns
+        -------
+        LayerwiseLoad
+            Per-layer ``keys``/``values`` ``[1, kv_heads, matched_tokens, head_dim]``, per-layer ``events``
+            and ``matched_tokens`` (which also updates :attr:`matched_tokens`). Empty when nothing matched.
+
+        Raises
+        ------
+        PinError
+            If the match was already released.
+        ConfigError
+            If the match was already loaded, or ``stream`` belongs to another device.
+        TypeError
+            If ``stream`` is not a stream.
+
+        Examples
+        --------
+        >>> with store.lookup(ids, max_tokens=T - 1) as match:                          # doctest: +SKIP
+        ...     load = match.load_layers("cuda", stream=side_stream("cuda", "kvstream-prefix"))
+        ...     for l in range(len(load)):
+        ...         k, v = load.take(l)
+        ...         cache.update(k, v, l)
+        """
+        if self._released:
+            raise PinError(f"{self._source}: load_layers() after release(); look the prefix up again")
+        if self._layerwise or self.packed is not None or self.keys is not None:
+            raise ConfigError(f"{self._source}: this match was already loaded; a match is loaded once")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        side = _load_stream(device, stream)
+        if self._layer_loader is None or self.matched_tokens == 0:
+            keys, values = self.load(device)
+            self.keys = self.values = self.packed = None  # the caller owns them; don't hold the memory
+            self._layerwise = True
+            done = Event(device).record()  # after load()'s copies on the current stream (inert on the CPU)
+            return LayerwiseLoad(keys, values, [done] * len(keys), self.matched_tokens)
+        self._layerwise = True
+        result, hold = self._layer_loader(device, self.matched_tokens, side)
+        if result.events:
+            self._event = result.events[-1]  # one stream, layers in order: the last one implies all
+        self._hold = (result, hold)
+        self.matched_tokens = result.matched_tokens
+        return result
+
     def release(self) -> None:
         """Unpin what the match holds (after any in-flight copy from it has finished).
+
+        After :meth:`load_layers` this blocks the host until the last layer's copy has landed; call it
+        once the load was consumed (for ``generate``: after the first forward has enqueued every layer).
 
         Raises
         ------
@@ -249,6 +456,8 @@ class PrefixMatch:
             self._released = True
         if self._event is not None:
             self._event.synchronize()
+            self._event = None
+        self._hold = None  # a layer-wise load's tensors and staging: no copy writes or reads them any more
         if self._releaser is not None:
             self._releaser()
 
@@ -269,7 +478,8 @@ class PrefixMatch:
                 pass
 
     def __repr__(self) -> str:
-        state = "released" if self._released else ("loaded" if self.packed is not None else "pinned")
+        state = ("released" if self._released else "loaded" if self.packed is not None or self._layerwise
+                 else "pinned")
         return f"PrefixMatch(matched_tokens={self.matched_tokens}, {state})"
 
 
@@ -412,5 +622,5 @@ def check_max_tokens(max_tokens: int | None, n_ids: int) -> int:
     return min(n_ids, int(max_tokens))
 
 
-__all__ = ["PinError", "PrefixMatch", "PrefixStore", "kv_from_cache", "check_kv", "chunk_major",
-           "from_chunk_major", "host_empty", "default_pin", "check_max_tokens"]
+__all__ = ["PinError", "PrefixMatch", "LayerwiseLoad", "PREFIX_STREAM", "PrefixStore", "kv_from_cache", "check_kv",
+           "chunk_major", "from_chunk_major", "host_empty", "default_pin", "check_max_tokens"]

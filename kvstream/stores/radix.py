@@ -13,6 +13,13 @@ Design (after SGLang's ``RadixCache`` and Vineyard's radix tree + blobs):
 * Lookup walks the tree for the longest prefix, touches every node on the path (LRU clock) and
   **pins** the deepest node. Only leaves are ever evicted, so pinning the deepest node protects the
   whole path: a pinned match survives any eviction between lookup and load.
+* Layer-wise loading (:meth:`~kvstream.stores.base.PrefixMatch.load_layers`): in a token-major blob one
+  layer's K and V of one token are one row of ``2 * kv_heads * head_dim`` elements, rows a token stride
+  (``layers * 2 * kv_heads * head_dim``) apart. So per layer and per matched node, one pitched copy
+  (``cudaMemcpy2DAsync``: rows = the node's tokens) brings that layer's rows into a device staging
+  ``[tokens, 2, kv_heads, head_dim]``, and one permute-copy on the same side stream puts them in the
+  final ``[2, 1, kv_heads, tokens, head_dim]``; then the layer's event. Layer 0 goes first, so prefill
+  waits for one layer's copy instead of all of them (LMCache's layer-wise mode, SGLang's HiCache).
 * Past ``capacity_bytes`` (the sum of live blobs' bytes), unpinned leaves go in least-recently-used
   order; a parent whose last child went becomes a leaf and may go next (pruning empty branches). An
   update that cannot fit after evicting everything unpinned stores the part that fits.
@@ -44,10 +51,11 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from ..errors import CapacityError, ConfigError, LayoutError, TransportError
+from ..errors import CapacityError, ConfigError, KVStreamError, LayoutError, TransportError
 from ..layout import KVLayout
-from .base import (PinError, PrefixMatch, PrefixStore, check_kv, check_max_tokens, chunk_major, default_pin,
-                   from_chunk_major, host_empty)
+from ..runtime.cuda import Event, memcpy_2d_async
+from .base import (LayerwiseLoad, PinError, PrefixMatch, PrefixStore, check_kv, check_max_tokens, chunk_major,
+                   default_pin, from_chunk_major, host_empty)
 from .hashing import as_token_ids
 
 _INDEX_FORMAT = 1
@@ -447,6 +455,9 @@ class RadixStore(PrefixStore):
         def loader(device: torch.device, n_tokens: int):
             return self._load_slices(slices, layout, n_tokens, device)
 
+        def layer_loader(device: torch.device, n_tokens: int, stream):
+            return self._load_layers(slices, layout, n_tokens, device, stream)
+
         def releaser() -> None:
             with self._lock:
                 if self._closed:  # close() already dropped this process's pins
@@ -456,7 +467,7 @@ class RadixStore(PrefixStore):
                     t.unpin(node_id, self._owner)
                     self._held -= 1
 
-        return PrefixMatch(matched, loader, releaser, source="RadixStore")
+        return PrefixMatch(matched, loader, releaser, source="RadixStore", layer_loader=layer_loader)
 
     @classmethod
     def _load_slices(cls, slices, layout: KVLayout, n_tokens: int, device: torch.device):
@@ -475,6 +486,63 @@ class RadixStore(PrefixStore):
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(device))
         return from_chunk_major(staging, n_tokens), event
+
+    @staticmethod
+    def _load_layers(slices, layout: KVLayout, n_tokens: int, device: torch.device,
+                     stream: "torch.cuda.Stream | None") -> tuple[LayerwiseLoad, torch.Tensor]:
+        """Enqueue the layer-wise load of ``slices`` on ``stream`` (see the module docstring); ``(load, staging)``.
+
+        Everything is allocated on the current stream (the compute stream), then ``stream`` waits for that
+        stream, so that memory the allocator handed back is no longer used by compute when a copy lands.
+        Per layer: one ``memcpy_2d_async`` per run of tokens into the one staging buffer, one
+        permute-copy, one event; consecutive nodes that slice one blob contiguously (the halves of a split)
+        form one run. The staging is reused by every layer, which one in-order stream makes safe and costs
+        nothing (the layers' copies run one after the other on the copy engine anyway). On the CPU
+        (``stream`` ``None``) the same steps run synchronously.
+        """
+        layers, heads, head_dim = layout.num_layers, layout.kv_heads, layout.head_dim
+        row = 2 * heads * head_dim  # one token's K and V of one layer, contiguous in a blob
+        staging = torch.empty((n_tokens, 2, heads, head_dim), dtype=layout.dtype, device=device)
+        staging_rows = staging.view(n_tokens, row)
+        kvs = [torch.empty((2, 1, heads, n_tokens, head_dim), dtype=layout.dtype, device=device)
+               for _ in range(layers)]
+        events = [Event(device) for _ in range(layers)]
+        runs: list[list] = []  # [blob, first token, tokens]: consecutive nodes cut from one blob merge into one run
+        pos = 0
+        for blob, offset, used in slices:
+            take = min(used, n_tokens - pos)
+            if take <= 0:
+                break
+            if runs and runs[-1][0] is blob and runs[-1][1] + runs[-1][2] == offset:
+                runs[-1][2] += take  # a split node's halves: one copy, not two
+            else:
+                runs.append([blob, offset, take])
+            pos += take
+        pieces = []  # (blob rows [take, layers, row] on the host, staging rows [take, row])
+        pos = 0
+        for blob, offset, take in runs:
+            pieces.append((blob[offset:offset + take].view(take, layers, row), staging_rows[pos:pos + take]))
+            pos += take
+        if pos != n_tokens:
+            raise KVStreamError(f"RadixStore: the matched nodes hold {pos} tokens, the match {n_tokens}")
+        unpermute = staging.permute(1, 2, 0, 3)  # [2, heads, tokens, head_dim]
+        ctx = contextlib.nullcontext()
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(device))
+            ctx = torch.cuda.stream(stream)
+        try:
+            with ctx:
+                for layer in range(layers):
+                    for src, dst in pieces:
+                        memcpy_2d_async(dst, src[:, layer], stream)
+                    kvs[layer].view(2, heads, n_tokens, head_dim).copy_(unpermute)
+                    events[layer].record(stream)
+        except BaseException:
+            if stream is not None:  # copies in flight read pinned blobs: let them finish before unwinding
+                stream.synchronize()
+            raise
+        load = LayerwiseLoad([kv[0] for kv in kvs], [kv[1] for kv in kvs], events, n_tokens, stream=stream)
+        return load, staging
 
     def update_kv(self, token_ids: Any, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *,
                   start: int = 0) -> int:
