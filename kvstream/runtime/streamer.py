@@ -16,25 +16,25 @@ level name           what happens
 0     naive          one copy per contiguous row (per layer, K/V, batch row, head), synchronous
 1     buffered       pack into one chunk, one copy, synchronous
 2     layer-by-layer 1 + prompt KV streamed per layer on a side stream while later layers compute
-3     all (default)  2 + decode steps packed and flushed by a background thread on the side stream
+3     all (default)  2 + decode steps streamed in the background (the copy on the side stream)
 ===== ============== ============================================================================
 
 Every level lands the same bytes under the same keys; only the timing differs.
 
-Why a thread at level 3: inside ``generate`` the host is often the bottleneck (transformers launches
-every op from Python), so host time spent on a decode step's pack launch (validating 64 per-layer
-tensors, building the pointer table: ~0.25-0.45 ms on an H200 host) adds straight to each step. The
-main thread only records an event and queues the step; the worker thread launches the pack and the
-flush on the side stream while the main thread goes on (DéjàVuLib's level 3: "a background thread
-streams token step i while step i+1 computes").
+Where the work runs (measured on an H200, Llama-3-8B shape, batch 16, 2000-token prompt, 128 tokens;
+``bench/NOTES.md``): the pack kernel runs **in order on the compute stream** and only the copy runs on
+the side stream, in the copy engine. A pack launched on a side stream lands its blocks on SMs in the
+middle of the model's GEMMs, whose grids assume the whole GPU: that made generate 5-7% slower, against
++2% for the same work in order with a host wait per step. A background *thread* (DéjàVuLib's level 3)
+was worse still (+9%: it fights the main thread for the GIL), so level 3 here is background on the
+side stream, not on a thread.
 
-Ordering on a GPU (level >= 2): the side stream first waits for an event recorded on the compute stream
-(so it reads finished KV), then the chunk is packed and flushed on the side stream. The streamer keeps
-a reference to every input tensor until the pack that reads them has run (an event after it), so the caching allocator
-cannot hand their memory to new compute work while the side stream still reads it (the same guarantee
-as ``record_stream``, without its per-tensor cost, about 1.5 µs each, 64 per decode step). Packed chunks
-are allocated on the side stream, so their memory is reused only after the transport's stream-ordered
-copy of them. The compute stream never waits for the side stream.
+Ordering on a GPU (level >= 2): the chunk is packed on the current (compute) stream, right after the
+KV it reads, so its inputs need no lifetime tracking. The side stream then waits for an event recorded
+after the pack and the transport's copy runs there; the streamer keeps the packed chunk referenced until
+an event after that copy has fired, so the caching allocator cannot hand its memory to new compute work
+while the copy still reads it (``record_stream``'s guarantee without its cost). The compute stream never
+waits for the side stream.
 """
 
 from __future__ import annotations
@@ -131,7 +131,6 @@ class KVStreamer:
         self.side = side_stream(self.device, "kvstream-stream-out") if self.device.type == "cuda" else None
         self._produced = Event(self.device) if self.side is not None else None  # re-recorded per chunk
         self.stats = StreamStats()
-        self._worker = None  # level 3 on a GPU: one thread that launches decode-step packs and flushes
         self._pending: deque = deque()  # handles of chunks in flight, in stream order
         self._reading: deque = deque()  # (event after a pack, the tensors it reads), in stream order
         self._lock = threading.Lock()
@@ -189,10 +188,7 @@ class KVStreamer:
             return self._finish_sync(self.flush(key, chunk, region=region, meta=meta))
         if background is None:
             background = self.level >= 2
-        return self._pack_and_flush(key, lambda out=None: kernels.pack_tokens(keys, values, region, out=out),
-                                    region.packed_shape(keys[region.layers.start].shape[3]),
-                                    keys[region.layers.start].dtype, [keys[l] for l in region.layers]
-                                    + [values[l] for l in region.layers], region, meta,
+        return self._pack_and_flush(key, lambda: kernels.pack_tokens(keys, values, region), region, meta,
                                     background and self.level >= 2)
 
     def scatter_newest(self, key: str, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *,
@@ -215,12 +211,8 @@ class KVStreamer:
             return self._finish_sync(self.flush(key, chunk, meta=meta))
         if background is None:
             background = self.level >= 3
-        if background and self.level >= 3 and self.side is not None:
-            return self._in_background(key, list(keys), list(values), num_tokens, layers, meta)
-        shape = (len(layers), 2, b, h, num_tokens, d)
         return self._pack_and_flush(
-            key, lambda out=None: kernels.pack_newest(keys, values, num_tokens=num_tokens, layers=layers, out=out),
-            shape, keys[layers.start].dtype, [keys[l] for l in layers] + [values[l] for l in layers], None, meta,
+            key, lambda: kernels.pack_newest(keys, values, num_tokens=num_tokens, layers=layers), None, meta,
             background and self.level >= 3)
 
     def gather(self, key: str, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], region: Region) -> Handle:
@@ -273,27 +265,6 @@ class KVStreamer:
         self.wait()
 
     # ------------------------------------------------------------------------------------------------
-    def _in_background(self, key, keys, values, num_tokens, layers, meta) -> Handle:
-        """Level 3: record where the compute stream is, and let the worker thread pack and flush from there."""
-        if self._worker is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstream-stream-out")
-        produced = Event(self.device).record()  # the step's KV is written when this fires
-        device = self.device
-
-        def job() -> Handle:
-            torch.cuda.set_device(device)
-            self.side.wait_event(produced)
-            with self.side:
-                chunk = kernels.pack_newest(keys, values, num_tokens=num_tokens, layers=layers)
-                read = self.side.record_event()
-                h = self.flush(key, chunk, meta=meta)
-            read.synchronize()  # the inputs were read: the worker may now drop them
-            return h
-
-        return self._track(_ThreadHandle(self._worker.submit(job)))
-
     def _track(self, h: Handle) -> Handle:
         with self._lock:
             pending = self._pending
@@ -302,29 +273,28 @@ class KVStreamer:
             pending.append(h)
         return h
 
-    def _keep_until_read(self, inputs: list, after: Event) -> None:
+    def _keep_until_read(self, tensors: list, after: Event) -> None:
         reading = self._reading
         while reading and reading[0][0].query():
             reading.popleft()
-        reading.append((after, inputs))
+        reading.append((after, tensors))
 
     def _finish_sync(self, h: Handle) -> Handle:
         h.wait()
         return CompletedHandle()
 
-    def _pack_and_flush(self, key, pack, shape, dtype, inputs, region, meta, background: bool) -> Handle:
+    def _pack_and_flush(self, key, pack, region, meta, background: bool) -> Handle:
+        chunk = pack()  # in order on the current stream, after the KV it reads
         if self.side is None or not background:
-            chunk = pack()
             h = self.flush(key, chunk, region=region, meta=meta)
             if not background:
                 return self._finish_sync(h)
             return self._track(h)
-        self._produced.record()  # on the compute stream: the KV below is written when this fires
+        self._produced.record()  # on the compute stream, after the pack
         self.side.wait_event(self._produced)
         with self.side:
-            chunk = pack()
-            self._keep_until_read(inputs, self.side.record_event())
             h = self.flush(key, chunk, region=region, meta=meta)
+            self._keep_until_read([chunk], self.side.record_event())
         return self._track(h)
 
     def _pack_rows(self, keys, values, region: Region, starts: Sequence[int]) -> torch.Tensor:
@@ -352,21 +322,6 @@ class KVStreamer:
         with self._lock:
             self.stats.row_copies += copies
         return chunk
-
-
-class _ThreadHandle(Handle):
-    """The handle of a chunk whose pack and flush run on the worker thread: done when both are."""
-
-    def __init__(self, future):
-        self._future = future
-
-    def wait(self, timeout: float | None = None) -> None:
-        """Wait for the worker to launch the flush, then for the flush itself."""
-        self._future.result(timeout=timeout).wait(timeout)
-
-    def done(self) -> bool:
-        """Whether the worker ran the job and the flush completed."""
-        return self._future.done() and (self._future.exception() is not None or self._future.result().done())
 
 
 __all__ = ["KVStreamer", "StreamStats", "resolve_level", "LEVEL_NAMES", "DEFAULT_LEVEL"]
