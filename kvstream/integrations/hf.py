@@ -203,6 +203,7 @@ class StreamingCache(DynamicCache):
         self.streamer: KVStreamer | None = None
         self._level = resolve_level(level) if transport is not None else level
         self._fwd: _Forward | None = None
+        self._prefix: tuple | None = None  # (match, layer-wise load, layers not yet taken) from from_prefix
         self._kv_ids: list[int] = []
         self._kv_ids_for = -1
         self._last_kv_layer: int | None = None
@@ -222,6 +223,8 @@ class StreamingCache(DynamicCache):
     # ------------------------------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """``DynamicCache.update``, then stream the new ``key_states``/``value_states`` ``[B, H, T_new, D]``."""
+        if self._prefix is not None:
+            self._take_prefix(layer_idx)
         if self.offload:
             if self.layer_class_to_replicate is not None:
                 while len(self.layers) <= layer_idx:
@@ -328,6 +331,8 @@ class StreamingCache(DynamicCache):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: reorder batch rows (as ``DynamicCache``), and record it for replay."""
+        if self._prefix is not None:
+            self._take_prefix()
         self._finish_forward()
         self._apply_mirrors(lambda t: t.index_select(0, beam_idx.to("cpu")))
         super().reorder_cache(beam_idx)
@@ -335,6 +340,8 @@ class StreamingCache(DynamicCache):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep only ``indices`` batch rows (as ``DynamicCache``), and record it."""
+        if self._prefix is not None:
+            self._take_prefix()
         self._finish_forward()
         self._apply_mirrors(lambda t: t[indices.to("cpu")])
         super().batch_select_indices(indices)
@@ -342,6 +349,8 @@ class StreamingCache(DynamicCache):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Repeat each batch row ``repeats`` times (as ``DynamicCache``), and record it."""
+        if self._prefix is not None:
+            self._take_prefix()
         self._finish_forward()
         self._apply_mirrors(lambda t: t.repeat_interleave(repeats, dim=0))
         super().batch_repeat_interleave(repeats)
@@ -351,6 +360,8 @@ class StreamingCache(DynamicCache):
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the newest tokens (as ``DynamicCache.crop``), and record it."""
+        if self._prefix is not None:
+            self._take_prefix()
         self._finish_forward()
         if self.offload and self._mirrors:
             raise ConfigError("StreamingCache(offload=True) does not support crop (assisted decoding)")
@@ -359,6 +370,8 @@ class StreamingCache(DynamicCache):
 
     def reset(self) -> None:
         """Clear the cache (as ``DynamicCache.reset``), and record it."""
+        if self._prefix is not None:
+            self._take_prefix()
         self._finish_forward()
         self._mirrors.clear()
         self._prefetched.clear()
@@ -388,6 +401,8 @@ class StreamingCache(DynamicCache):
 
         Raises the first transport error of any chunk (for example ``CapacityError``).
         """
+        if self._prefix is not None:
+            self._take_prefix()
         if self.transport is None:
             return
         self._finish_forward()
@@ -499,19 +514,69 @@ class StreamingCache(DynamicCache):
 
     @classmethod
     def from_prefix(cls, store: Any, input_ids: Any, *, config: Any = None, device: torch.device | str | None = None,
-                    transport: Transport | None = None, session: str = "default", **kwargs) -> "StreamingCache":
+                    transport: Transport | None = None, session: str = "default", layerwise: bool | None = None,
+                    **kwargs) -> "StreamingCache":
         """A cache pre-filled with the longest prefix of ``input_ids`` found in ``store``.
 
         ``cache.matched_tokens`` says how many tokens were found (at most ``T - 1``, so ``generate`` always
         has a token to feed); ``model.generate(input_ids, past_key_values=cache)`` then prefills only the
         rest. ``store`` is a :class:`~kvstream.RadixStore` or :class:`~kvstream.ChunkFileStore`;
         ``input_ids`` a ``[1, T]`` tensor or a list of ids.
+
+        ``layerwise`` (default: on a CUDA device, without a transport, with no sliding-window layers):
+        return before the prefix has landed. Each layer's host-to-device copy runs on a side stream in
+        layer order, and the compute stream waits for layer ``l`` only when layer ``l`` runs, so loading
+        overlaps the prefill of the suffix (as SGLang HiCache and LMCache's layer-wise mode do). The
+        store's pins are released once every layer was taken. With a transport the prefix goes through
+        ``update`` instead, so that it is streamed into the session like any other KV.
         """
+        from ..stores.hashing import as_token_ids
         from ..stores.reuse import load_prefix_into
 
         cache = cls(config=config, transport=transport, session=session, **kwargs)
-        cache.matched_tokens = int(load_prefix_into(cache, store, input_ids, device=device))
+        if device is None:
+            device = input_ids.device if isinstance(input_ids, torch.Tensor) else torch.device("cpu")
+        device = torch.device(device)
+        sliding = any(getattr(l, "is_sliding", False) for l in cache.layers)
+        if layerwise is None:
+            layerwise = device.type == "cuda" and transport is None and not sliding and bool(cache.layers)
+        if not layerwise:
+            cache.matched_tokens = int(load_prefix_into(cache, store, input_ids, device=device))
+            return cache
+        if transport is not None or sliding or not cache.layers:
+            raise ConfigError("from_prefix(layerwise=True) needs a config without sliding-window layers and no "
+                              "transport (the prefix would not be streamed into the session)")
+        ids = as_token_ids(input_ids, what="input_ids")
+        if len(ids) < 2:
+            return cache
+        match = store.lookup(ids, max_tokens=len(ids) - 1)
+        if match.matched_tokens == 0:
+            match.release()
+            return cache
+        load = match.load_layers(device)
+        if len(load.keys) != len(cache.layers):
+            match.release()
+            raise LayoutError(f"The store holds KV of {len(load.keys)} layers, the cache has {len(cache.layers)}")
+        for i, layer in enumerate(cache.layers):
+            # the layer holds the landing tensors now (so get_seq_length() is right); update(i) waits for them
+            k, v = load.keys[i], load.values[i]
+            layer.keys, layer.values = k, v
+            layer.dtype, layer.device = k.dtype, k.device
+            layer.is_initialized = True
+        cache._prefix = (match, load, set(range(len(cache.layers))))
+        cache.matched_tokens = int(load.matched_tokens)
         return cache
+
+    def _take_prefix(self, layer_idx: int | None = None) -> None:
+        """Make the compute stream wait for layer ``layer_idx``'s prefix copy (every layer's if ``None``)."""
+        match, load, pending = self._prefix
+        for l in ([layer_idx] if layer_idx is not None else sorted(pending)):
+            if l in pending:
+                load.take(l)
+                pending.discard(l)
+        if not pending:
+            self._prefix = None
+            match.release()  # the last copy has landed by now, or release waits for it
 
     def layout(self) -> KVLayout:
         """The :class:`~kvstream.layout.KVLayout` of what this cache holds (after the first update)."""
