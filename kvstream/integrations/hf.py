@@ -233,6 +233,11 @@ class StreamingCache(DynamicCache):
         else:
             keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         if self.transport is not None:
+            if self._level == 0 and keys.device == key_states.device and keys.shape[-2] >= key_states.shape[-2]:
+                # DéjàVuLib's naive baseline copies rows of the [B, H, S, D] cache; the new key_states are
+                # often a transposed [B, S, H, D] view, where every token would be its own row
+                n = key_states.shape[-2]
+                key_states, value_states = keys[:, :, keys.shape[-2] - n:], values[:, :, values.shape[-2] - n:]
             self._stream_new(layer_idx, key_states, value_states)
         return keys, values
 
