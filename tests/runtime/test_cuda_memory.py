@@ -51,6 +51,7 @@ def test_stream_event_inert_on_cpu():
 
 @pytest.mark.gpu
 def test_pinned_allocator_caches_and_pins():
+    torch.empty(1, device="cuda")  # torch answers is_pinned() only once it has a CUDA context of its own
     alloc = PinnedAllocator(max_cached_bytes=64 << 20)
     a = alloc.empty(10_000)
     assert a.is_pinned() and a.data_ptr() % 4096 == 0
