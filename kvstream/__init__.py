@@ -37,6 +37,8 @@ _LAZY = {
     "StreamingCache": "kvstream.integrations.hf",
     "RadixStore": "kvstream.stores.radix",
     "ChunkFileStore": "kvstream.stores.chunk_file",
+    "PrefixStore": "kvstream.stores.base",
+    "load_prefix_into": "kvstream.stores.reuse",
 }
 
 
