@@ -71,6 +71,7 @@ class _FirstToken:
         self.at: float | None = None
 
     def put(self, value: torch.Tensor) -> None:
+        """Queue one line of the turn's report."""
         self.calls += 1
         if self.calls == 2:
             if self.device.type == "cuda":
@@ -78,6 +79,7 @@ class _FirstToken:
             self.at = time.perf_counter()
 
     def end(self) -> None:
+        """Print the queued report lines."""
         pass
 
 

@@ -119,6 +119,7 @@ def _resume_job(job_path: str) -> int:
 
     # the alternative to resuming: recompute the prompt's KV (prefill of everything but the last token)
     def recompute():
+        """Prefill every token but the last from scratch (the alternative to resuming)."""
         with torch.inference_mode():
             return model(ids[:, :-1], use_cache=True)
 
@@ -175,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             transport = kvstream.DiskTransport(os.path.join(store, "kv"))
 
             def stream_run(session_name):
+                """Generate with a StreamingCache to the disk store and wait for every chunk."""
                 cache = kvstream.StreamingCache(config=model.config, transport=transport, session=session_name,
                                                 level=settings["level"])
                 out = _generate(model, ids, n, cache)

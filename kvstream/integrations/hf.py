@@ -91,6 +91,7 @@ class _HostMirror:
 
     @property
     def capacity(self) -> int:
+        """Tokens the host buffers can hold before they grow."""
         return self.k.shape[2]
 
     def _grow(self, need: int) -> None:
@@ -123,6 +124,7 @@ class _HostMirror:
         self.n += n_new
 
     def views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host views ``[B, H, n, D]`` of the stored history, keys and values."""
         return self.k[:, :, :self.n], self.v[:, :, :self.n]
 
     def to_device(self, device: torch.device, extra: int, stream: Stream | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -467,11 +469,13 @@ class StreamingCache(DynamicCache):
         parts: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {l: [] for l in kv_ids}
 
         def materialize():
+            """Concatenate each layer's fetched segments into one tensor per K and V."""
             for l in kv_ids:
                 if len(parts[l]) > 1:
                     parts[l] = [(torch.cat([p[0] for p in parts[l]], dim=2), torch.cat([p[1] for p in parts[l]], dim=2))]
 
         def rows_op(fn):
+            """Apply a batch-row operation (reorder, select, repeat, crop) to every layer's history."""
             materialize()
             for l in kv_ids:
                 if parts[l]:

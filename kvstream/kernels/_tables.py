@@ -356,6 +356,7 @@ class _Cached:
         self.tensor, self.stream, self.events = tensor, stream, {}
 
     def busy(self) -> bool:
+        """Whether a stream that used this table may still read it."""
         return any(not e.query() for e in list(self.events.values()))
 
 

@@ -146,6 +146,7 @@ def planner_inputs(docs: list[dict]) -> dict:
         return {}
 
     def mean(xs):
+        """Arithmetic mean of the values (NaN for none)."""
         xs = list(xs)
         return sum(xs) / len(xs) if xs else float("nan")
 

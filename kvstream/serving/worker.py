@@ -157,11 +157,13 @@ class _FirstToken:
         self.device, self.calls, self.at = device, 0, None
 
     def put(self, value) -> None:
+        """Queue one line of the report."""
         self.calls += 1
         if self.calls == 2 and self.at is None:  # the first put is the prompt
             self.at = time.time()
 
     def end(self) -> None:
+        """Print the queued report lines."""
         pass
 
 

@@ -230,9 +230,11 @@ class ChunkFileStore(PrefixStore):
             self._held += 1
 
         def loader(device: torch.device, n_tokens: int):
+            """Read the pinned chunks of the match onto a device; see PrefixMatch.load."""
             return self._load(keys[:math.ceil(n_tokens / c)], n_tokens, device), None
 
         def releaser() -> None:
+            """Release this match's pins on its chunks (never below zero)."""
             with self._lock:
                 for key in keys:
                     if self._pins[key] <= 0:

@@ -78,6 +78,7 @@ class _Node:
         self.pins: dict[str, int] = {}
 
     def pin_count(self) -> int:
+        """Pins held on this node by every process."""
         return sum(self.pins.values())
 
 
@@ -115,6 +116,7 @@ class _Tree:
         return path, i
 
     def touch(self, path: list[tuple[_Node, int]]) -> None:
+        """Mark the node used now (LRU order)."""
         self.tick += 1
         for node, _ in path:
             node.last_access = self.tick
@@ -134,6 +136,7 @@ class _Tree:
         return upper
 
     def add_child(self, parent: _Node, edge: tuple[int, ...], blob: str, offset: int) -> _Node:
+        """Attach ``child`` under its first token."""
         self.tick += 1
         node = _Node(self.next_id, parent, edge, blob, offset, self.tick)
         self.next_id += 1
@@ -143,10 +146,12 @@ class _Tree:
         return node
 
     def add_blob(self, name: str, tokens: int, nbytes: int) -> None:
+        """Record a host blob this node's tokens live in."""
         self.blobs[name] = [tokens, nbytes, 0]
         self.used_bytes += nbytes
 
     def drop_blob(self, name: str) -> None:
+        """Forget a host blob of this node."""
         self.used_bytes -= self.blobs.pop(name)[1]
 
     def evict(self, need_bytes: int, capacity_bytes: int) -> list[str]:
@@ -179,9 +184,11 @@ class _Tree:
     # -- pins --------------------------------------------------------------------------------------------
     @staticmethod
     def pin(node: _Node, owner: str) -> None:
+        """Add one pin for this process."""
         node.pins[owner] = node.pins.get(owner, 0) + 1
 
     def unpin(self, node_id: int, owner: str) -> None:
+        """Remove one pin of this process; raises PinError below zero."""
         node = self.nodes.get(node_id)
         if node is None:
             raise PinError(f"RadixStore: pinned node {node_id} is gone (was the store unlinked or this process's "
@@ -196,6 +203,7 @@ class _Tree:
 
     # -- persistence (shared mode) ----------------------------------------------------------------------
     def to_json(self, capacity_bytes: int) -> dict:
+        """The node as a JSON-able dict (shared-memory index)."""
         nodes = [[n.id, n.parent.id, list(n.edge), n.blob, n.offset, n.last_access, n.pins]
                  for n in self.nodes.values() if n is not self.root]
         return {"format": _INDEX_FORMAT, "capacity_bytes": capacity_bytes, "tick": self.tick,
@@ -204,6 +212,7 @@ class _Tree:
 
     @classmethod
     def from_json(cls, doc: dict) -> "_Tree":
+        """Rebuild a node from :meth:`to_json`'s dict."""
         tree = cls()
         tree.tick, tree.next_id = int(doc["tick"]), int(doc["next_id"])
         tree.layout = None if doc["layout"] is None else KVLayout.from_dict(doc["layout"])
@@ -453,12 +462,15 @@ class RadixStore(PrefixStore):
         node_id = deepest.id
 
         def loader(device: torch.device, n_tokens: int):
+            """Copy the matched tokens onto a device; see PrefixMatch.load."""
             return self._load_slices(slices, layout, n_tokens, device)
 
         def layer_loader(device: torch.device, n_tokens: int, stream):
+            """Start the layer-by-layer copy of the match; see PrefixMatch.load_layers."""
             return self._load_layers(slices, layout, n_tokens, device, stream)
 
         def releaser() -> None:
+            """Unpin the match's deepest node."""
             with self._lock:
                 if self._closed:  # close() already dropped this process's pins
                     self._held -= 1
@@ -615,6 +627,7 @@ class RadixStore(PrefixStore):
             out = []
 
             def visit(node: _Node, prefix: tuple[int, ...]) -> None:
+                """Collect the subtree's edges depth first."""
                 seq = prefix + node.edge
                 if not node.children and node is not tree.root:
                     out.append(seq)

@@ -637,6 +637,7 @@ def connect_pair(make: Callable[[int], Transport]) -> tuple[Any, Any]:
     errors: list[BaseException] = []
 
     def build(r: int) -> None:
+        """Create this side's endpoint of the pair."""
         try:
             made[r] = make(r)
         except BaseException as e:  # noqa: BLE001 - re-raised below

@@ -30,7 +30,7 @@ def _gen(model, ids, mask, cache, **kw):
                               return_dict_in_generate=True, output_scores=True, **kw)
 
 
-def _same(a, b):
+def check_same(a, b):
     assert torch.equal(a.sequences, b.sequences)
     assert len(a.scores) == len(b.scores)
     for x, y in zip(a.scores, b.scores):
@@ -52,7 +52,7 @@ def test_greedy_tokens_and_scores_identical(arch, host):
     cache = kvstream.StreamingCache(config=model.config, transport=host, session=f"g-{arch}")
     out = _gen(model, ids, mask, cache, do_sample=False)
     cache.wait()
-    _same(ref, out)
+    check_same(ref, out)
     assert cache.stats["bytes_out"] > 0
     assert host.contains(f"g-{arch}/manifest")
 
@@ -65,7 +65,7 @@ def test_sampling_identical(host):
     torch.manual_seed(3)
     out = _gen(model, ids, mask, kvstream.StreamingCache(config=model.config, transport=host, session="s"),
                do_sample=True, top_k=20)
-    _same(ref, out)
+    check_same(ref, out)
 
 
 def test_sliding_window_identical_and_resumes(host):
@@ -126,7 +126,7 @@ def test_offload_identical(arch):
     ref = _gen(model, ids, mask, DynamicCache(config=model.config), do_sample=False)
     cache = kvstream.StreamingCache(config=model.config, offload=True)
     out = _gen(model, ids, mask, cache, do_sample=False)
-    _same(ref, out)
+    check_same(ref, out)
 
 
 def test_levels_store_identical_bytes():
