@@ -20,11 +20,13 @@ Headers and receive-ahead
 The receiver must know a chunk's shape before it posts the receive, and ``StreamingCache.load`` fetches
 in another order than the chunks were flushed (the manifest, flushed last, first). So the sender numbers
 its chunks and publishes each chunk's :class:`~kvstream.layout.ChunkHeader` (with the key) through the
-rendezvous store *before* enqueueing the send; a publisher thread coalesces headers that queue up into
-one store write (``hdr/<n>``: a run of fixed 4096-byte frames), so a burst of per-layer flushes costs one
-round trip. The receiver thread waits for header batches in order (a blocking ``store.wait`` on its own
-connection: no polling latency), posts one receive per chunk on its own stream, then acknowledges the
-batch (``ack``, a counter; a flush's handle completes once its chunk is acknowledged and its send done):
+rendezvous store *before* enqueueing the send; a publisher thread coalesces headers into one store write
+(``hdr/<n>``: a run of fixed 4096-byte frames) and keeps one batch in flight: it publishes the next only
+once the receiver acknowledged the last, so batches grow to the receiver's pace and back-to-back flushes
+cost a fraction of a store round trip each. The receiver thread waits for header batches in order (a
+blocking ``store.wait`` on its own connection: no polling latency), posts the receives of a batch in one
+NCCL launch (``nccl.group()``) on its own stream, then acknowledges the batch (``ack``, a counter; a
+flush's handle completes once its chunk is acknowledged and its send done):
 
 * into the caller's ``out`` when a :meth:`NcclTransport.fetch` for that key is already waiting
   (zero copy: the chunk is delivered, not kept);
@@ -34,7 +36,8 @@ batch (``ack``, a counter; a flush's handle completes once its chunk is acknowle
 Failure (after DéjàVu's fault tolerance: heartbeats, then abort)
 ----------------------------------------------------------------
 Communicators are non-blocking (``NCCLConfig(blocking=False)``), so setup and connection can be bounded
-in time. Heartbeats go through the store (:class:`~kvstream.transports.remote.Liveness`); a watchdog
+in time. NCCL launches each operation of such a communicator from a thread of its own and reports
+``ncclInProgress`` meanwhile; :func:`settle` spins on it (tens of µs) rather than sleeping. Heartbeats go through the store (:class:`~kvstream.transports.remote.Liveness`); a watchdog
 thread checks every operation in flight. A peer that stops heartbeating (``dead_after_s``), a store that
 vanishes, or an operation still running after ``timeout_s`` leads to ``comm.abort()`` (which ends the
 stuck kernels) and a :class:`~kvstream.errors.PeerError` from every waiting and later call.
@@ -57,14 +60,16 @@ from ..errors import ChunkNotFound, ConfigError, LayoutError, PeerError, Transpo
 from ..layout import HEADER_BYTES, ChunkHeader, Region, check_packed
 from .base import AllHandle, CompletedHandle, Handle, Transport
 from .host import NO_CHECKSUM, byte_view, chunk_header
-from .remote import (AckedHandle, Acks, ChunkTimeout, KeyWaiter, Liveness, LoopbackTransport, check_pair,
-                     connect_pair, pair_namespace, poll, unwrap_header, wrap_header)
+from .remote import (POLL_MIN_S, AckedHandle, Acks, ChunkTimeout, KeyWaiter, Liveness, LoopbackTransport,
+                     check_pair, connect_pair, pair_namespace, poll, unwrap_header, wrap_header)
 
 #: ncclResult_t values read from ``comm.get_async_error()``.
 NCCL_SUCCESS = 0
 NCCL_IN_PROGRESS = 7
 #: How often the watchdog looks at operations in flight (seconds).
 WATCHDOG_S = 0.05
+#: How long :func:`settle` spins on ``get_async_error`` (yielding the GIL) before it sleeps between polls (s).
+SPIN_S = 0.005
 
 
 def _nccl():
@@ -120,7 +125,14 @@ def settle(comm, deadline: float, check, what: str) -> None:
         state["r"] = int(comm.get_async_error())
         return state["r"] != NCCL_IN_PROGRESS
 
-    if not poll(idle, deadline, check):
+    # A launch on a non-blocking communicator runs on a thread NCCL starts for it (group.cc,
+    # groupLaunchNonBlocking) and takes tens of microseconds: spin for it, yielding the GIL, instead of
+    # sleeping (poll's first sleep alone, 50 µs asked, is ~100 µs; the doubling after it made ~0.3 ms a chunk).
+    spin_until = min(deadline, time.monotonic() + SPIN_S)
+    while not idle() and time.monotonic() < spin_until:
+        check()
+        time.sleep(0)
+    if state["r"] == NCCL_IN_PROGRESS and not poll(idle, deadline, check):
         raise PeerError(f"NCCL {what} still in progress at its deadline: the peer is dead or hung")
     if state["r"] != NCCL_SUCCESS:
         raise PeerError(f"NCCL {what} failed: {_error_text(comm, state['r'])}")
@@ -348,26 +360,46 @@ class NcclTransport(Transport):
         return AckedHandle(self, _OpHandle(self, event, f"send of {key!r}"), seq, f"flush of {key!r}")
 
     def _publish_loop(self) -> None:
-        batch_no = 0
+        batch_no = published = 0
         while True:
             frames = [self._headers.get()]
-            while True:
-                try:
-                    frames.append(self._headers.get_nowait())
-                except queue.Empty:
-                    break
-            closing = frames[-1] is None
-            frames = [f for f in frames if f is not None]
             try:
+                # Flow control: one batch in flight. While the receiver takes the last one (its store round
+                # trips, its receive launch), the headers of later flushes queue up and go out together:
+                # batches grow to the receiver's pace and the store costs a fraction of a round trip a chunk.
+                if frames[0] is not None and not self._await_taken(published):
+                    return
+                while True:
+                    try:
+                        frames.append(self._headers.get_nowait())
+                    except queue.Empty:
+                        break
+                closing = None in frames
+                frames = [f for f in frames if f is not None]
                 if frames:
                     batch_no += 1
                     self._store.set(f"hdr/{batch_no}", b"".join(frames))
+                    published += len(frames)
                 if closing:  # an empty batch after the last one: the receiver stops waiting
                     self._store.set(f"hdr/{batch_no + 1}", b"")
                     return
             except Exception as e:  # noqa: BLE001 - the store died with the peer
                 self._fail(PeerError(f"Publishing chunk headers to peer rank {self.peer} failed: {e}"))
                 return
+
+    def _await_taken(self, published: int) -> bool:
+        """Wait until the receiver acknowledged the first ``published`` chunks; False if the link failed
+        (or failed now: the receiver took nothing for ``timeout_s``)."""
+        deadline = time.monotonic() + self.timeout_s
+        while not self.acks.reached(published):
+            if self.error is not None or self._stop.is_set():
+                return False
+            if time.monotonic() > deadline:
+                self._fail(PeerError(f"Peer rank {self.peer} took no chunk header for {self.timeout_s} s "
+                                     f"({self.acks.count} of {published} taken): dead or hung"))
+                return False
+            time.sleep(POLL_MIN_S)
+        return True
 
     # -- receiving -----------------------------------------------------------------------------------
     def fetch(self, key: str, out: torch.Tensor) -> Handle:
@@ -517,8 +549,7 @@ class NcclTransport(Transport):
                         self._cond.notify_all()
                     return
                 frames = [raw[i:i + HEADER_BYTES] for i in range(0, len(raw), HEADER_BYTES)]
-                for frame in frames:  # post every receive first: the store round trips come after
-                    self._receive_one(frame)
+                self._receive_batch(frames)  # every receive is posted first: the store round trips come after
                 self._my_acks.bump(len(frames))
                 self._store.delete_key(name)
                 batch_no += 1
@@ -526,45 +557,58 @@ class NcclTransport(Transport):
             if not self._stop.is_set():
                 self._fail(e if isinstance(e, PeerError) else PeerError(f"Receiving from peer rank {self.peer} failed: {e}"))
 
-    def _receive_one(self, frame: bytes) -> None:
-        key, seq, header = unwrap_header(frame, source=f"chunk header from rank {self.peer}")
-        with self._cond:
-            pending = self._pending.pop(key, None)
-            if self._closed:
-                return
-        target = None
-        if pending is not None:
-            out = pending.out
-            try:
-                check_packed(out, header.shape, header.dtype, name=f"out for {key!r}")
-                if out.device == self.device:
-                    target = out
-            except LayoutError as e:
-                pending.post(None, e)
-                pending = None
+    def _receive_batch(self, frames: list[bytes]) -> None:
+        """Post the receives of one header batch in one NCCL launch (a group), in header order."""
         stream = self._recv_stream
-        if target is None:
-            with torch.cuda.stream(stream) if stream is not None else _nullcontext():
-                buf = torch.empty(header.nbytes, dtype=torch.uint8, device=self.device)
-        else:
-            buf = byte_view(target)
-            if stream is not None:
-                if pending.ready_event is not None:
-                    stream.wait_event(pending.ready_event)
-                target.record_stream(stream)
-        if header.nbytes:
-            self._nccl("recv", lambda: self._comm.recv(buf, self._peer_index, stream=_handle(stream)))
-        event = self._record(stream, f"receive of {key!r}")
-        entry = _Arrived(header, None if target is not None else buf, event)
-        with self._cond:
-            self._arrived[key] = entry
-            self._cond.notify_all()
-        if pending is not None:
+        posts: list[tuple[str, ChunkHeader, _Waiting | None, torch.Tensor | None, torch.Tensor]] = []
+        for frame in frames:
+            key, _, header = unwrap_header(frame, source=f"chunk header from rank {self.peer}")
+            with self._cond:
+                pending = self._pending.pop(key, None)
+                if self._closed:
+                    return
+            target = None
+            if pending is not None:
+                try:
+                    check_packed(pending.out, header.shape, header.dtype, name=f"out for {key!r}")
+                    if pending.out.device == self.device:
+                        target = pending.out
+                except LayoutError as e:
+                    pending.post(None, e)
+                    pending = None
+            if target is None:
+                with torch.cuda.stream(stream) if stream is not None else _nullcontext():
+                    buf = torch.empty(header.nbytes, dtype=torch.uint8, device=self.device)
+            else:
+                buf = byte_view(target)
+                if stream is not None:
+                    if pending.ready_event is not None:
+                        stream.wait_event(pending.ready_event)
+                    target.record_stream(stream)
+            posts.append((key, header, pending, target, buf))
+        bufs = [buf for _, header, _, _, buf in posts if header.nbytes]
+        if bufs:
+            self._nccl(f"receive of {len(bufs)} chunk(s)", lambda: self._recv_all(bufs, stream))
+        event = self._record(stream, f"receive of {posts[0][0]!r} and {len(posts) - 1} more" if len(posts) > 1
+                             else f"receive of {posts[0][0]!r}")
+        for key, header, pending, target, buf in posts:
+            entry = _Arrived(header, None if target is not None else buf, event)
+            with self._cond:
+                self._arrived[key] = entry
+                self._cond.notify_all()
+            if pending is None:
+                continue
             if target is not None:
                 pending.post(_OpHandle(self, event, f"receive of {key!r}"))
             else:  # out on another device or the CPU: copy once the receive landed
                 pending.post(_OpHandle(self, event, f"receive of {key!r}",
-                                       then=lambda: self._copy_out(key, entry, pending.out).wait()))
+                                       then=lambda k=key, e=entry, p=pending: self._copy_out(k, e, p.out).wait()))
+
+    def _recv_all(self, bufs: list[torch.Tensor], stream) -> None:
+        """``comm.recv`` into each of ``bufs`` in order; several at once inside one ``nccl.group()`` (one launch)."""
+        with _nccl().group() if self._cuda and len(bufs) > 1 else _nullcontext():
+            for buf in bufs:
+                self._comm.recv(buf, self._peer_index, stream=_handle(stream))
 
     def _withdraw(self, waiting: list[_Waiting]) -> bool:
         """Unregister fetches that gave up; False if the receiver thread took one of them meanwhile."""

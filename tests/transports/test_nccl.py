@@ -3,6 +3,7 @@ communicator; the real thing on two GPUs (``gpu2``)."""
 
 from __future__ import annotations
 
+import collections
 import os
 import queue
 import signal
@@ -402,3 +403,97 @@ def test_gpu_killed_peer_fails_fast_and_aborts():
         t.close()
     finally:
         proc.kill()
+
+
+class _CountingStore:
+    """Forwards to a store and counts its round trips (heartbeats aside); each one takes ``delay_s``, as over TCP."""
+
+    OPS = ("set", "get", "add", "check", "wait", "delete_key", "compare_set", "multi_get", "multi_set", "append")
+
+    def __init__(self, inner, counts, delay_s):
+        self._inner, self._counts, self._delay_s = inner, counts, delay_s
+
+    def clone(self):
+        return _CountingStore(self._inner.clone(), self._counts, self._delay_s)
+
+    def __getattr__(self, name):
+        attr = getattr(self._inner, name)
+        if name not in self.OPS:
+            return attr
+
+        def counted(*args, **kwargs):
+            key = args[0] if args and isinstance(args[0], str) else ""
+            if not key.startswith("hb/"):
+                self._counts.append((name, key))
+                time.sleep(self._delay_s)
+            return attr(*args, **kwargs)
+
+        return counted
+
+
+class _SlowLaunchComm(FakeComm):
+    """A FakeComm whose every send/recv launch costs ``launch_s`` of host time, as NCCL's does."""
+
+    launch_s = 200e-6
+
+    def send(self, buf, peer, *, stream=None):
+        time.sleep(self.launch_s)
+        super().send(buf, peer, stream=stream)
+
+
+def test_back_to_back_flushes_cost_amortized_store_round_trips(monkeypatch, seed):
+    """Chunks flushed back to back and fetched in flush order: header publication is batched to the receiver's
+    pace, so the steady state costs a fraction of one store round trip per chunk (not several)."""
+    counts = []
+    real_prefix = dist.PrefixStore
+    monkeypatch.setattr(dist, "PrefixStore", lambda p, s: _CountingStore(real_prefix(p, s), counts, 1e-3))
+    links = {(0, 1): queue.Queue(), (1, 0): queue.Queue()}
+    store = dist.HashStore()
+    a = NcclTransport(store, 0, 1, role="send", device="cpu", comm=_SlowLaunchComm(links, 0), **FAST)
+    b = NcclTransport(store, 1, 0, role="recv", device="cpu", comm=FakeComm(links, 1), **FAST)
+    try:
+        n = 96
+        chunks = [torch.full((2, 3), float(i)) for i in range(n)]
+        outs = [torch.full((2, 3), -1.0) for _ in range(n)]
+        job = _Background(lambda: b.fetch_many([(f"k{i:03d}", outs[i]) for i in range(n)]).wait(30))
+        _until_waiting(b, f"k{n - 1:03d}")
+        counts.clear()
+        handles = [a.flush(f"k{i:03d}", c) for i, c in enumerate(chunks)]
+        job.result(60)
+        for h in handles:
+            h.wait()
+        trips = len(counts)
+        print(f"store round trips per chunk: {trips / n:.2f} ({trips} for {n} chunks)")
+        assert all(torch.equal(o, c) for o, c in zip(outs, chunks))
+        batches = sum(1 for op, k in counts if op == "set" and k.startswith("hdr/"))
+        # before batching to the receiver's pace: 1.6 round trips a chunk in ~30 batches; now ~0.7 in ~9
+        assert trips / n <= 1.0 and batches <= n / 4, (batches, collections.Counter(op for op, _ in counts))
+    finally:
+        a.close()
+        b.close()
+
+
+def test_settle_spins_without_sleeping_while_a_launch_is_in_progress(monkeypatch):
+    """A non-blocking launch reports ncclInProgress for tens of microseconds: settle spins, it does not sleep."""
+    answers = [nccl_mod.NCCL_IN_PROGRESS] * 3 + [nccl_mod.NCCL_SUCCESS]
+    comm = types.SimpleNamespace(get_async_error=lambda: answers.pop(0))
+    monkeypatch.setattr(nccl_mod, "poll", lambda *a: pytest.fail("settle fell back to sleeping polls"))
+    nccl_mod.settle(comm, time.monotonic() + 5, lambda: None, "send")
+    assert answers == []
+
+
+def test_receives_of_a_header_batch_are_one_launch(fake, monkeypatch, seed):
+    """Every receive of one header batch is posted by one NCCL call (a group on the GPU), then settled once."""
+    a, b, comms = fake
+    launches = []
+    real = nccl_mod.settle
+    monkeypatch.setattr(nccl_mod, "settle", lambda comm, *r: (launches.append(comm), real(comm, *r))[1])
+    chunks = {f"k{i}": torch.randn(3, 4) for i in range(5)}
+    frames = [nccl_mod.wrap_header(nccl_mod.chunk_header(c, None, None, nccl_mod.NO_CHECKSUM), k, i + 1)
+              for i, (k, c) in enumerate(chunks.items())]
+    for k, c in chunks.items():
+        comms[0].links[(0, 1)].put(nccl_mod.byte_view(c).clone())
+    b._receive_batch(frames)
+    assert launches == [comms[1]]
+    assert [n for op, n in comms[1].calls if op == "recv"] == [48] * 5
+    assert all(torch.equal(b.fetch_new(k), c) for k, c in chunks.items())
