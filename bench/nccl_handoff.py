@@ -17,6 +17,10 @@ sender's first send to the receiver's last byte, wall clock of the one host):
   (received ahead into the transport's buffers, then device-to-device copies): ``StreamingCache.load``'s
   pattern, where the manifest comes last.
 
+Rows ``nccl_handoff.flush_calls`` (transport providers): host time of the sender's ``flush`` calls alone
+(first call to last return). The chunk count (``--layers``) is the same at every prompt length, so a cost
+per chunk looks fixed across sizes: compare ``--layers 16`` and ``--layers 64`` to tell them apart.
+
 Every provider's bytes are checked bit-exactly on the receiver after its first timed repetition.
 Summary key ``nccl_handoff_vs_raw``: NcclTransport GB/s over raw GB/s at the largest prompt (target
 >= 0.90); every size and provider is in its ``detail``.
@@ -216,7 +220,7 @@ def _sender(run: Run, port: int) -> dict:
             data = _data(args, side.device, tokens, seed=tokens)
             nbytes = harness.tensor_nbytes(data)
             for provider in PROVIDERS:
-                samples = []
+                samples, flush_ms = [], []
                 for rep in range(args.reps + 1):
                     side.sync()
                     n = side.barrier()
@@ -225,6 +229,8 @@ def _sender(run: Run, port: int) -> dict:
                         side.raw_ops(data, grouped=provider == "raw-grouped")
                     else:
                         handles = [side.transport.flush(f"h{n}/layer{l:04d}", t) for l, t in enumerate(data)]
+                        if rep > 0:  # host time of the flush calls alone: per-chunk launch cost shows here
+                            flush_ms.append((time.time() - start) * 1e3)
                         for h in handles:
                             h.wait()
                     side.store.wait([f"end/{n}"])
@@ -236,11 +242,15 @@ def _sender(run: Run, port: int) -> dict:
                 if not ok:
                     raise AssertionError(f"{provider} at {tokens} tokens delivered different bytes")
                 ms = Stat.of(samples)
-                bw = run.add_time_and_bandwidth("nccl_handoff.handoff", LABELS[provider] if side.nccl else
-                                                LABELS[provider].replace("NcclTransport", "RemoteHostTransport"),
-                                                tokens, ms, nbytes)
+                label = LABELS[provider] if side.nccl else LABELS[provider].replace("NcclTransport", "RemoteHostTransport")
+                bw = run.add_time_and_bandwidth("nccl_handoff.handoff", label, tokens, ms, nbytes)
                 results[(tokens, provider)] = {"ms": ms.p50, "GBps": bw.p50, "bytes": nbytes, "identical": ok}
-                harness.progress(f"{tokens} tokens, {provider}: {ms.p50:.3f} ms, {bw.p50:.1f} GB/s")
+                note = ""
+                if flush_ms:
+                    fl = run.add("nccl_handoff.flush_calls", label, tokens, "time", "ms", Stat.of(flush_ms))
+                    results[(tokens, provider)]["flush_calls_ms"] = fl.p50
+                    note = f" (flush calls {fl.p50:.3f} ms: {fl.p50 * 1e3 / len(data):.0f} us a chunk)"
+                harness.progress(f"{tokens} tokens, {provider}: {ms.p50:.3f} ms, {bw.p50:.1f} GB/s{note}")
         side.barrier()
     finally:
         side.close()
