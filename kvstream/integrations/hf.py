@@ -195,8 +195,8 @@ class StreamingCache(DynamicCache):
         bad = [type(l).__name__ for l in self.layers if not _supported(l)]
         if bad:
             raise ConfigError(f"StreamingCache streams attention KV only; this config has layers {sorted(set(bad))}")
-        if not isinstance(session, str) or not session or "/" in session.strip("/") and ".." in session:
-            raise ConfigError(f"Invalid session name {session!r}")
+        if not isinstance(session, str) or not session or session.startswith("/") or ".." in session.split("/"):
+            raise ConfigError(f"Invalid session name {session!r}: a non-empty relative key prefix without '..' parts")
         self.config = config
         self.transport = transport
         self.session = session

@@ -165,3 +165,11 @@ def test_missing_chunk_is_a_clear_error(host):
     host.delete(victim)
     with pytest.raises(kvstream.ChunkNotFound, match="layer0002"):
         kvstream.StreamingCache.load(host, session="m", config=model.config)
+
+
+@pytest.mark.parametrize("bad", ["", "/abs", "a/../b", ".."])
+def test_bad_session_names(bad):
+    from kvstream.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="session"):
+        kvstream.StreamingCache(config=tiny_config("llama"), session=bad)
