@@ -33,14 +33,27 @@ flush's handle completes once its chunk is acknowledged and its send done):
 * otherwise into a new buffer on the receiving GPU (receive-ahead), which a later ``fetch`` copies from
   on the caller's stream (device to device).
 
+Two communicators: bounded setup, cheap data path
+-------------------------------------------------
+The setup communicator is non-blocking (``NCCLConfig(blocking=False)``), so its creation is polled against
+``timeout_s``. But NCCL launches every operation of a non-blocking communicator from a thread it starts for
+it (``group.cc``, ``groupLaunchNonBlocking``) and reports ``ncclInProgress`` meanwhile: ~0.2 ms of host time
+a call, measured on 2x H200 (32 chunks of a handoff: 6.8 ms where blocking nccl4py takes 0.5-3.5 ms). So with
+``blocking_data=True`` (the default) the sends and receives go through a second, *blocking* communicator
+(its own unique id, ``uid_data``, through the same store), whose enqueue costs microseconds. Its creation
+and a warm-up send/receive of one element (NCCL connects a peer's channels on the first operation) run on a
+helper thread waited for with the same deadline, so setup stays bounded. ``blocking_data=False`` keeps one
+non-blocking communicator for everything, where :func:`settle` spins on ``ncclInProgress`` (tens of µs)
+after every call.
+
 Failure (after DéjàVu's fault tolerance: heartbeats, then abort)
 ----------------------------------------------------------------
-Communicators are non-blocking (``NCCLConfig(blocking=False)``), so setup and connection can be bounded
-in time. NCCL launches each operation of such a communicator from a thread of its own and reports
-``ncclInProgress`` meanwhile; :func:`settle` spins on it (tens of µs) rather than sleeping. Heartbeats go through the store (:class:`~kvstream.transports.remote.Liveness`); a watchdog
-thread checks every operation in flight. A peer that stops heartbeating (``dead_after_s``), a store that
-vanishes, or an operation still running after ``timeout_s`` leads to ``comm.abort()`` (which ends the
-stuck kernels) and a :class:`~kvstream.errors.PeerError` from every waiting and later call.
+Heartbeats go through the store (:class:`~kvstream.transports.remote.Liveness`); a watchdog thread checks
+every operation in flight. A peer that stops heartbeating (``dead_after_s``), a store that vanishes, or an
+operation still running after ``timeout_s`` leads to ``abort()`` of both communicators (``ncclCommAbort``
+ends stuck kernels and may be called from another thread: NCCL's fault-tolerance documentation) and a
+:class:`~kvstream.errors.PeerError` from every waiting and later call. Host waits on operations poll their
+CUDA event against a deadline (no unbounded ``synchronize()`` on a kernel that may hang).
 
 Checksums: chunks carry ``checksum="none"``: hashing would need the host copy that this transport exists
 to avoid (as :class:`~kvstream.transports.host.HostTransport` argues for host memory).
@@ -70,6 +83,9 @@ NCCL_IN_PROGRESS = 7
 WATCHDOG_S = 0.05
 #: How long :func:`settle` spins on ``get_async_error`` (yielding the GIL) before it sleeps between polls (s).
 SPIN_S = 0.005
+#: How long a wait on an operation's CUDA event spins on ``query()`` before it sleeps between polls (s):
+#: a 1 GiB handoff over NVLink takes a few ms, and a sleeping poll adds up to ``POLL_MAX_S`` to each wait.
+WAIT_SPIN_S = 0.05
 
 
 def _nccl():
@@ -80,12 +96,14 @@ def _nccl():
     return nccl
 
 
-def init_comm(store, me: int, device: torch.device, timeout_s: float, check=lambda: None):
+def init_comm(store, me: int, device: torch.device, timeout_s: float, check=lambda: None, *,
+              blocking: bool = False, uid_key: str = "uid"):
     """Create one side of a two-rank NCCL communicator; the unique id travels through ``store``.
 
-    Rank ``me == 0`` draws ``nccl.get_unique_id()`` and sets ``uid`` to its bytes; rank 1 reads them
-    (``UniqueId.from_bytes``). The communicator is non-blocking, so its setup is polled against
-    ``timeout_s``.
+    Rank ``me == 0`` draws ``nccl.get_unique_id()`` and sets ``uid_key`` to its bytes; rank 1 reads them
+    (``UniqueId.from_bytes``). A non-blocking communicator (the default) has its setup polled against
+    ``timeout_s``; a blocking one (``blocking=True``) is created on a helper thread waited for until the
+    same deadline (:func:`bounded`).
 
     Raises
     ------
@@ -96,19 +114,82 @@ def init_comm(store, me: int, device: torch.device, timeout_s: float, check=lamb
     deadline = time.monotonic() + timeout_s
     if me == 0:
         uid = nccl.get_unique_id()
-        store.set("uid", bytes(uid))
+        store.set(uid_key, bytes(uid))
     else:
-        if not poll(lambda: store.check(["uid"]), deadline, check):
-            raise PeerError(f"No NCCL unique id from the peer within {timeout_s} s")
-        uid = nccl.UniqueId.from_bytes(store.get("uid"))
-    with torch.cuda.device(device):
-        comm = nccl.Communicator.init(2, me, uid, config=nccl.NCCLConfig(blocking=False))
+        if not poll(lambda: store.check([uid_key]), deadline, check):
+            raise PeerError(f"No NCCL unique id from the peer within {timeout_s} s (store key {uid_key!r})")
+        uid = nccl.UniqueId.from_bytes(store.get(uid_key))
+
+    def create():
+        """``Communicator.init`` with ``device`` current on the calling thread."""
+        with torch.cuda.device(device):
+            return nccl.Communicator.init(2, me, uid, config=nccl.NCCLConfig(blocking=blocking))
+
+    if blocking:
+        return bounded(create, deadline, check, "blocking communicator setup", on_late=lambda c: c.abort())
+    comm = create()
     try:
         settle(comm, deadline, check, "communicator setup")
     except BaseException:
         comm.abort()
         raise
     return comm
+
+
+def bounded(fn, deadline: float, check, what: str, on_late=None):
+    """Run ``fn()`` (a call that may block the host, e.g. on a blocking communicator) on a helper thread and
+    return its result, waiting at most until the ``time.monotonic()`` ``deadline``; ``check()`` runs between
+    polls and may raise.
+
+    A call still running at the deadline is left behind (a daemon thread: Python cannot interrupt it; an
+    ``abort()`` of its communicator ends it) and, if it ever returns, ``on_late(result)`` disposes of its result.
+
+    Raises
+    ------
+    PeerError
+        If ``fn`` is still running at ``deadline``, or it raised (its exception is the cause).
+    """
+    box: dict[str, Any] = {}
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            result = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            box["error"] = e
+        else:
+            with lock:
+                box["result"] = result
+                late = box.get("abandoned", False)
+            if late and on_late is not None:
+                try:
+                    on_late(result)
+                except Exception:  # noqa: BLE001 - best effort on a setup that already failed
+                    pass
+        done.set()
+
+    threading.Thread(target=run, name=f"kvstream-nccl-{what.replace(' ', '-')}", daemon=True).start()
+    try:
+        finished = poll(done.is_set, deadline, check)
+    except BaseException:
+        finished = False
+        raise
+    finally:
+        if not finished:
+            with lock:
+                box["abandoned"] = True
+                result = box.pop("result", None)
+            if result is not None and on_late is not None:
+                on_late(result)
+    if not finished:
+        raise PeerError(f"NCCL {what} still running at its deadline: the peer is dead or hung")
+    if "error" in box:
+        error = box["error"]
+        if isinstance(error, PeerError):
+            raise error
+        raise PeerError(f"NCCL {what} failed: {error}") from error
+    return box["result"]
 
 
 def settle(comm, deadline: float, check, what: str) -> None:
@@ -136,6 +217,23 @@ def settle(comm, deadline: float, check, what: str) -> None:
         raise PeerError(f"NCCL {what} still in progress at its deadline: the peer is dead or hung")
     if state["r"] != NCCL_SUCCESS:
         raise PeerError(f"NCCL {what} failed: {_error_text(comm, state['r'])}")
+
+
+def wait_event(event, deadline: float, check) -> bool:
+    """Wait for a CUDA ``event`` (``None``: nothing to wait for) until the ``time.monotonic()`` ``deadline``;
+    False if it has not fired by then. Spins on ``event.query()`` for ``WAIT_SPIN_S`` (yielding the GIL), then
+    polls with growing sleeps; never ``event.synchronize()``, which would not return while an NCCL kernel hangs.
+    ``check()`` runs between polls and may raise (a failed link).
+    """
+    if event is None:
+        return True
+    spin_until = min(deadline, time.monotonic() + WAIT_SPIN_S)
+    while not event.query():
+        check()
+        if time.monotonic() >= spin_until:
+            return poll(event.query, deadline, check)
+        time.sleep(0)
+    return True
 
 
 def _error_text(comm, result: int) -> str:
@@ -174,18 +272,19 @@ class _OpHandle(Handle):
     def wait(self, timeout: float | None = None) -> None:
         """Block until the event fired; ``TimeoutError`` after ``timeout``; ``PeerError`` if the transport failed.
 
-        Without ``timeout`` this synchronizes the event (no polling latency): the watchdog bounds it, since a
-        dead or hung peer leads to ``comm.abort()``, which ends the stuck kernels.
+        The event is polled (:func:`wait_event`), never synchronized. Without ``timeout`` the wait is bounded
+        by the transport's ``timeout_s``: an operation still running then fails the link (``PeerError``, both
+        communicators aborted), as the watchdog would.
         """
-        if timeout is None and self._event is not None and self._t._cuda:
-            self._event.synchronize()
-            timeout = 0.0
-        timeout = self._t.timeout_s if timeout is None else timeout
-        ok = poll(lambda: self._event is None or self._event.query(), time.monotonic() + timeout,
-                   self._t._raise_peer)
+        limit = self._t.timeout_s if timeout is None else timeout
+        ok = wait_event(self._event, time.monotonic() + limit, self._t._raise_peer)
         self._t._raise_peer()
         if not ok:
-            raise TimeoutError(f"NCCL {self._what} still running after {timeout} s")
+            if timeout is None:
+                self._t._fail(PeerError(f"NCCL {self._what} still running after {limit} s: the peer rank "
+                                        f"{self._t.peer} is dead or hung"))
+                self._t._raise_peer()
+            raise TimeoutError(f"NCCL {self._what} still running after {limit} s")
         if self._then is not None:
             self._then()
             self._then = None
@@ -229,16 +328,22 @@ class NcclTransport(Transport):
         How long :meth:`fetch`/:meth:`describe` wait for a key to arrive (default ``timeout_s``).
     heartbeat_s, dead_after_s : float
         Liveness through the store (see :class:`~kvstream.transports.remote.Liveness`).
+    blocking_data : bool
+        Send and receive through a second, blocking communicator (default True: an enqueue costs µs instead
+        of ~0.2 ms on a non-blocking one); False: one non-blocking communicator for setup and data, as before.
     comm : optional
         An already initialized two-rank communicator with nccl4py's ``send``/``recv``/``abort``/
         ``get_async_error``; this side is rank 0 if ``rank < peer``. For tests and custom setups.
+    data_comm : optional
+        With ``comm``: a second such communicator that carries the data (it is warmed up with a one-element
+        send/receive). Without it, ``comm`` carries everything.
 
     Raises
     ------
     ConfigError
         Bad ranks or role, no CUDA device (without ``comm``), nccl4py missing.
     PeerError
-        The peer did not connect within ``timeout_s``.
+        The peer did not connect within ``timeout_s`` (either communicator, or the warm-up).
 
     Examples
     --------
@@ -251,7 +356,8 @@ class NcclTransport(Transport):
 
     def __init__(self, store, rank: int, peer: int, *, role: str, device: torch.device | str | int | None = None,
                  namespace: str = "kvstream/nccl", timeout_s: float = 60.0, fetch_timeout_s: float | None = None,
-                 heartbeat_s: float = 0.5, dead_after_s: float = 5.0, comm: Any = None):
+                 heartbeat_s: float = 0.5, dead_after_s: float = 5.0, blocking_data: bool = True,
+                 comm: Any = None, data_comm: Any = None):
         super().__init__()
         import torch.distributed as dist
 
@@ -288,13 +394,23 @@ class NcclTransport(Transport):
         self.acks = self._my_acks = Acks(self._store, "ack")  # one direction: the receiver bumps, the sender reads
         self._live = Liveness(self._store, rank, peer, heartbeat_s=heartbeat_s, dead_after_s=dead_after_s,
                               startup_s=self.timeout_s, on_change=self._on_liveness)
+        self._recv_stream = torch.cuda.Stream(device=self.device) if self._cuda else None
+        self.blocking_data = bool(blocking_data) if comm is None else data_comm is not None
         try:
             self._comm = comm if comm is not None else init_comm(self._store, 0 if rank < peer else 1, self.device,
                                                                  self.timeout_s, self._raise_error)
+            self._data_comm = self._comm
+            if data_comm is not None:
+                self._data_comm = data_comm
+            elif comm is None and self.blocking_data:
+                self._data_comm = init_comm(self._store, 0 if rank < peer else 1, self.device, self.timeout_s,
+                                            self._raise_error, blocking=True, uid_key="uid_data")
+            if self._data_comm is not self._comm:
+                self._warm_up()
         except BaseException:
             self._live.stop()
+            self._abort()
             raise
-        self._recv_stream = torch.cuda.Stream(device=self.device) if self._cuda else None
         self._waiter = KeyWaiter(self._store)
         self._threads: list[threading.Thread] = []
         if role == "send":
@@ -304,6 +420,27 @@ class NcclTransport(Transport):
             self._start(self._receive_loop, "recv")
         if self._cuda:
             self._start(self._watchdog_loop, "watchdog")
+
+    def _warm_up(self) -> None:
+        """One one-element send (or receive) on the data communicator, waited for, so that NCCL connects the
+        peer's channels now and not in the first flush. Bounded by ``timeout_s`` (on a helper thread: the first
+        operation of a blocking communicator blocks the host until the peer joins it)."""
+        deadline = time.monotonic() + self.timeout_s
+        buf = torch.zeros(1, dtype=torch.uint8, device=self.device)
+        stream = self._recv_stream
+
+        def post():
+            """The warm-up operation, enqueued on the receive stream with this endpoint's device current."""
+            with torch.cuda.device(self.device) if self._cuda else _nullcontext():
+                op = self._data_comm.send if self.role == "send" else self._data_comm.recv
+                op(buf, self._peer_index, stream=_handle(stream))
+            return self._record(stream, None)
+
+        event = bounded(post, deadline, self._raise_error, "warm-up")
+        settle(self._data_comm, deadline, self._raise_error, "warm-up")
+        if not wait_event(event, deadline, self._raise_error):
+            raise PeerError(f"NCCL warm-up with peer rank {self.peer} still running after {self.timeout_s} s: "
+                            f"the peer is dead or hung")
 
     def _start(self, target, what: str) -> None:
         t = threading.Thread(target=target, name=f"kvstream-nccl-{what}-{self.rank}", daemon=True)
@@ -354,7 +491,7 @@ class NcclTransport(Transport):
             self._headers.put(wrap_header(header, key, self._send_seq))
             stream = torch.cuda.current_stream(self.device) if self._cuda else None
             if header.nbytes:
-                self._nccl("send", lambda: self._comm.send(byte_view(chunk), self._peer_index, stream=_handle(stream)))
+                self._nccl("send", lambda: self._data_comm.send(byte_view(chunk), self._peer_index, stream=_handle(stream)))
             event = self._record(stream, f"send of {key!r}")
             seq = self._send_seq
         return AckedHandle(self, _OpHandle(self, event, f"send of {key!r}"), seq, f"flush of {key!r}")
@@ -484,10 +621,12 @@ class NcclTransport(Transport):
                 out.copy_(src)
             if out.device == self.device:
                 entry.buf.record_stream(stream)  # the allocator keeps it until the copy ran
-            else:  # a peer copy to another GPU: finish it before the buffer can be deleted (a rare path)
-                stream.synchronize()
-            return _OpHandle(self, self._record(stream, None), f"copy of {key!r}")
-        entry.event.synchronize()
+                return _OpHandle(self, self._record(stream, None), f"copy of {key!r}")
+            # a peer copy to another GPU: finish it before the buffer can be deleted (a rare path)
+            handle = _OpHandle(self, self._record(stream, None), f"copy of {key!r}")
+            handle.wait()
+            return handle
+        _OpHandle(self, entry.event, f"receive of {key!r}").wait()  # bounded: the receive may hang
         out.copy_(src)
         return CompletedHandle()
 
@@ -608,7 +747,7 @@ class NcclTransport(Transport):
         """``comm.recv`` into each of ``bufs`` in order; several at once inside one ``nccl.group()`` (one launch)."""
         with _nccl().group() if self._cuda and len(bufs) > 1 else _nullcontext():
             for buf in bufs:
-                self._comm.recv(buf, self._peer_index, stream=_handle(stream))
+                self._data_comm.recv(buf, self._peer_index, stream=_handle(stream))
 
     def _withdraw(self, waiting: list[_Waiting]) -> bool:
         """Unregister fetches that gave up; False if the receiver thread took one of them meanwhile."""
@@ -627,13 +766,15 @@ class NcclTransport(Transport):
         return 1 if self.rank < self.peer else 0
 
     def _nccl(self, what: str, call) -> None:
-        """Issue one NCCL call under the lock and wait until the non-blocking communicator accepted it."""
+        """Issue one NCCL call on the data communicator under the lock and check its state (:func:`settle`:
+        one ``get_async_error`` on a blocking communicator, which never reports ``ncclInProgress``; a spin
+        until it accepted the call on a non-blocking one)."""
         with self._nccl_lock:
             self._raise_error()
             try:
                 with torch.cuda.device(self.device) if self._cuda else _nullcontext():
                     call()
-                settle(self._comm, time.monotonic() + self.timeout_s, self._raise_error, what)
+                settle(self._data_comm, time.monotonic() + self.timeout_s, self._raise_error, what)
             except PeerError as e:
                 self._fail(e)
                 raise
@@ -671,7 +812,7 @@ class NcclTransport(Transport):
             self._fail(self._live.error)
 
     def _fail(self, error: PeerError) -> None:
-        """Record the first failure, abort the communicator (ends stuck kernels) and wake every waiter."""
+        """Record the first failure, abort both communicators (ends stuck kernels) and wake every waiter."""
         with self._cond:
             if self.error is None:
                 self.error = error
@@ -682,14 +823,17 @@ class NcclTransport(Transport):
         self._abort()
 
     def _abort(self) -> None:
+        """``abort()`` the data communicator, then the setup one (each once; safe from any thread)."""
         with self._lock:
-            if self._aborted or getattr(self, "_comm", None) is None:
+            comms = [c for c in (getattr(self, "_data_comm", None), getattr(self, "_comm", None)) if c is not None]
+            if self._aborted or not comms:
                 return
             self._aborted = True
-        try:
-            self._comm.abort()
-        except Exception:  # noqa: BLE001 - abort is best effort by NCCL's own definition
-            pass
+        for comm in comms if len(comms) == 1 or comms[0] is not comms[1] else comms[:1]:
+            try:
+                comm.abort()
+            except Exception:  # noqa: BLE001 - abort is best effort by NCCL's own definition
+                pass
 
     def _raise_peer(self) -> None:
         if self.error is not None:
@@ -761,4 +905,4 @@ class _nullcontext:
         return False
 
 
-__all__ = ["NcclTransport", "init_comm", "settle"]
+__all__ = ["NcclTransport", "bounded", "init_comm", "settle", "wait_event"]

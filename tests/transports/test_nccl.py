@@ -313,16 +313,22 @@ class _FakeNccl:
         return b"U" * 128
 
 
-def test_init_comm_exchanges_the_unique_id_through_the_store(monkeypatch):
+def _init_both(monkeypatch, **kw):
+    """Both ranks' ``init_comm(**kw)`` against a fake ``nccl.core``; returns (fake, store, communicators)."""
     fake = _FakeNccl()
     monkeypatch.setattr(nccl_mod, "_nccl", lambda: fake)
     monkeypatch.setattr(torch.cuda, "device", lambda d: nccl_mod._nullcontext())
     store = dist.HashStore()
     got = []
-    t = threading.Thread(target=lambda: got.append(init_comm(store, 1, "cpu", 5.0)))
+    t = threading.Thread(target=lambda: got.append(init_comm(store, 1, "cpu", 5.0, **kw)))
     t.start()
-    got.append(init_comm(store, 0, "cpu", 5.0))
+    got.append(init_comm(store, 0, "cpu", 5.0, **kw))
     t.join()
+    return fake, store, got
+
+
+def test_init_comm_exchanges_the_unique_id_through_the_store(monkeypatch):
+    fake, _, _ = _init_both(monkeypatch)
     assert sorted((n, me, uid, blocking) for n, me, uid, blocking in fake.inits) == [
         (2, 0, b"U" * 128, False), (2, 1, b"U" * 128, False)]
     with pytest.raises(PeerError, match="No NCCL unique id from the peer within 0.2 s"):
@@ -333,10 +339,12 @@ def test_init_comm_exchanges_the_unique_id_through_the_store(monkeypatch):
 # Two GPUs
 # ------------------------------------------------------------------------------------------------------
 @pytest.mark.gpu2
+@pytest.mark.parametrize("blocking_data", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_gpu_loopback_round_trip_any_order(dtype):
-    t = NcclTransport.loopback((0, 1), timeout_s=60)
+def test_gpu_loopback_round_trip_any_order(dtype, blocking_data):
+    t = NcclTransport.loopback((0, 1), timeout_s=60, blocking_data=blocking_data)
     try:
+        assert (t.sender._data_comm is not t.sender._comm) == blocking_data
         g = torch.Generator(device="cuda:0").manual_seed(3)
         chunks = {f"s/seg000000/layer{l:04d}": torch.randn(1, 2, 2, 8, 129, 128, device="cuda:0", generator=g).to(dtype)
                   for l in range(4)}
@@ -497,3 +505,155 @@ def test_receives_of_a_header_batch_are_one_launch(fake, monkeypatch, seed):
     assert launches == [comms[1]]
     assert [n for op, n in comms[1].calls if op == "recv"] == [48] * 5
     assert all(torch.equal(b.fetch_new(k), c) for k, c in chunks.items())
+
+
+# ------------------------------------------------------------------------------------------------------
+# Two communicators: non-blocking setup, blocking data path (blocking_data=True)
+# ------------------------------------------------------------------------------------------------------
+class CountingComm(FakeComm):
+    """A FakeComm that counts ``get_async_error`` calls (settle's polls)."""
+
+    def __init__(self, links, me):
+        super().__init__(links, me)
+        self.polls = 0
+
+    def get_async_error(self):
+        self.polls += 1
+        return 0
+
+
+def _two_comm_pair(**kw):
+    """Endpoints whose setup communicators (``comm``) and data communicators (``data_comm``) are separate fakes."""
+    setup_links = {(0, 1): queue.Queue(), (1, 0): queue.Queue()}
+    data_links = {(0, 1): queue.Queue(), (1, 0): queue.Queue()}
+    store = dist.HashStore()
+    setup = FakeComm(setup_links, 0), FakeComm(setup_links, 1)
+    data = CountingComm(data_links, 0), CountingComm(data_links, 1)
+    opts = dict(FAST, **kw)
+    a = NcclTransport(store, 0, 1, role="send", device="cpu", comm=setup[0], data_comm=data[0], **opts)
+    b = NcclTransport(store, 1, 0, role="recv", device="cpu", comm=setup[1], data_comm=data[1], **opts)
+    return a, b, setup, data
+
+
+def test_data_goes_through_the_data_communicator_after_a_warm_up(seed):
+    a, b, setup, data = _two_comm_pair()
+    try:
+        assert a.blocking_data and b.blocking_data
+        assert data[0].calls == [("send", 1)] and data[1].calls == [("recv", 1)]  # the warm-up, in the constructor
+        chunks = {f"k{i}": torch.randn(3, 5) for i in range(3)}
+        for k, c in chunks.items():
+            a.flush(k, c).wait()
+        for k, c in chunks.items():
+            out = torch.full_like(c, -7.0)
+            b.fetch(k, out).wait()
+            assert torch.equal(out, c)
+        assert setup[0].calls == [] and setup[1].calls == []  # the setup communicators carry no data
+        assert data[0].calls == [("send", 1)] + [("send", 60)] * 3
+        assert [n for op, n in data[1].calls] == [1, 60, 60, 60]
+        # settle checks the blocking communicator once a call: no spinning on it
+        assert data[0].polls == 1 + 3
+    finally:
+        a.close()
+        b.close()
+
+
+def test_dead_peer_aborts_both_communicators(seed):
+    a, b, setup, data = _two_comm_pair()
+    try:
+        a.flush("k", torch.ones(2)).wait()
+        job = _Background(lambda: b.fetch("never", torch.empty(2)))
+        _until_waiting(b, "never")
+        a._live.stop()  # the sender goes silent
+        with pytest.raises(PeerError, match="no heartbeat"):
+            job.result(timeout=30)
+        assert setup[1].aborted.is_set() and data[1].aborted.is_set()
+        with pytest.raises(PeerError):
+            b.fetch("k", torch.empty(2))
+    finally:
+        a.close()
+        b.close()
+    assert setup[0].aborted.is_set() and data[0].aborted.is_set()  # close aborts both too
+
+
+def test_warm_up_with_an_absent_peer_is_bounded_and_aborts_both():
+    links = {(0, 1): queue.Queue(), (1, 0): queue.Queue()}
+    setup, data = FakeComm(links, 1), FakeComm({(0, 1): queue.Queue()}, 1)
+    t0 = time.monotonic()
+    with pytest.raises(PeerError):  # the peer never sends the warm-up chunk
+        NcclTransport(dist.HashStore(), 1, 0, role="recv", device="cpu", comm=setup, data_comm=data,
+                      timeout_s=0.3, heartbeat_s=0.05, dead_after_s=1.0)
+    assert time.monotonic() - t0 < 5
+    assert setup.aborted.is_set() and data.aborted.is_set()
+
+
+class _StuckEvent:
+    """A CUDA event stand-in that never fires; synchronize() would hang on a real hung kernel."""
+
+    def query(self):
+        return False
+
+    def synchronize(self):
+        pytest.fail("an unbounded synchronize() on an NCCL operation's event")
+
+
+def test_handle_waits_are_bounded_and_fail_the_link(seed):
+    a, b, setup, data = _two_comm_pair(timeout_s=0.3)
+    try:
+        handle = nccl_mod._OpHandle(b, _StuckEvent(), "receive of 'k'")
+        assert not handle.done()
+        with pytest.raises(TimeoutError, match="still running after 0.05 s"):
+            handle.wait(0.05)
+        assert b.peer_error is None  # an explicit timeout is the caller's business
+        t0 = time.monotonic()
+        with pytest.raises(PeerError, match="dead or hung"):
+            handle.wait()
+        assert time.monotonic() - t0 < 5
+        assert setup[1].aborted.is_set() and data[1].aborted.is_set()
+        assert handle.done()  # a failed link ends every wait
+    finally:
+        a.close()
+        b.close()
+
+
+def test_wait_event_spins_then_polls_until_the_deadline():
+    fired = iter([False] * 5 + [True])
+    assert nccl_mod.wait_event(types.SimpleNamespace(query=lambda: next(fired)), time.monotonic() + 5, lambda: None)
+    assert nccl_mod.wait_event(None, time.monotonic(), lambda: None)
+    assert not nccl_mod.wait_event(_StuckEvent(), time.monotonic() + 0.1, lambda: None)
+
+
+def test_bounded_gives_up_at_the_deadline_and_disposes_of_a_late_result():
+    release, disposed = threading.Event(), []
+    late = object()
+
+    def stuck():
+        release.wait(10)
+        return late
+
+    t0 = time.monotonic()
+    with pytest.raises(PeerError, match="blocking communicator setup still running at its deadline"):
+        nccl_mod.bounded(stuck, time.monotonic() + 0.1, lambda: None, "blocking communicator setup",
+                         on_late=disposed.append)
+    assert time.monotonic() - t0 < 5
+    release.set()
+    deadline = time.monotonic() + 10
+    while not disposed:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert disposed == [late]
+    assert nccl_mod.bounded(lambda: 5, time.monotonic() + 5, lambda: None, "x") == 5
+    with pytest.raises(PeerError, match="NCCL x failed: boom"):
+        nccl_mod.bounded(lambda: (_ for _ in ()).throw(RuntimeError("boom")), time.monotonic() + 5, lambda: None, "x")
+
+
+def test_init_comm_blocking_uses_its_own_unique_id(monkeypatch):
+    fake, store, got = _init_both(monkeypatch, blocking=True, uid_key="uid_data")
+    assert len(got) == 2 and store.check(["uid_data"]) and not store.check(["uid"])
+    assert sorted(fake.inits) == [(2, 0, b"U" * 128, True), (2, 1, b"U" * 128, True)]
+
+
+def test_blocking_data_false_keeps_one_communicator(fake, seed):
+    a, b, comms = fake  # comm without data_comm: the old single-communicator path
+    assert not a.blocking_data and a._data_comm is a._comm
+    a.flush("k", torch.ones(4)).wait()
+    assert comms[0].calls == [("send", 16)]  # no warm-up
