@@ -18,8 +18,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from kvstream.errors import ChunkNotFound, ConfigError, LayoutError, PeerError, TransportError
-from kvstream.layout import Region
+from kvstream.errors import ChunkNotFound, ConfigError, CorruptChunkError, LayoutError, PeerError, TransportError
+from kvstream.layout import HEADER_BYTES, ChunkHeader, Region
 from kvstream.transports import nccl as nccl_mod
 from kvstream.transports.nccl import NcclTransport, init_comm
 from kvstream.transports.remote import ChunkTimeout, LoopbackTransport, rendezvous_store
@@ -497,8 +497,8 @@ def test_receives_of_a_header_batch_are_one_launch(fake, monkeypatch, seed):
     real = nccl_mod.settle
     monkeypatch.setattr(nccl_mod, "settle", lambda comm, *r: (launches.append(comm), real(comm, *r))[1])
     chunks = {f"k{i}": torch.randn(3, 4) for i in range(5)}
-    frames = [nccl_mod.wrap_header(nccl_mod.chunk_header(c, None, None, nccl_mod.NO_CHECKSUM), k, i + 1)
-              for i, (k, c) in enumerate(chunks.items())]
+    raw = b"".join(nccl_mod.encode_frame(k, i + 1, a._encode_header(c, None, None)) for i, (k, c) in enumerate(chunks.items()))
+    frames = nccl_mod.decode_frames(raw, "test")
     for k, c in chunks.items():
         comms[0].links[(0, 1)].put(nccl_mod.byte_view(c).clone())
     b._receive_batch(frames)
@@ -657,3 +657,115 @@ def test_blocking_data_false_keeps_one_communicator(fake, seed):
     assert not a.blocking_data and a._data_comm is a._comm
     a.flush("k", torch.ones(4)).wait()
     assert comms[0].calls == [("send", 16)]  # no warm-up
+
+
+# ------------------------------------------------------------------------------------------------------
+# Host cost per chunk: cached header encoding/decoding, binary frames (counts, not times)
+# ------------------------------------------------------------------------------------------------------
+def test_headers_are_encoded_once_per_shape_and_decoded_once_without_meta(fake, monkeypatch, seed):
+    """The sender encodes a header once per (dtype, shape, region, meta); the receiver decodes a header
+    without meta once. Every chunk still arrives with its own key, header and bytes."""
+    a, b, _ = fake
+    encoded, decoded = [], []
+    real_header, real_from = nccl_mod.chunk_header, nccl_mod.ChunkHeader.from_bytes
+    monkeypatch.setattr(nccl_mod, "chunk_header", lambda *args: (encoded.append(1), real_header(*args))[1])
+    monkeypatch.setattr(nccl_mod.ChunkHeader, "from_bytes",
+                        classmethod(lambda cls, raw, **kw: (decoded.append(1), real_from(raw, **kw))[1]))
+    region = Region(layers=(0, 2), tokens=(0, 3))
+    chunks = {f"k{i}": torch.randn(2, 3) for i in range(8)}
+    for k, c in chunks.items():
+        a.flush(k, c, region=region).wait()
+    a.flush("other-shape", torch.randn(3, 2), region=region).wait()
+    a.flush("other-region", torch.randn(2, 3), region=Region(layers=(2, 4), tokens=(0, 3))).wait()
+    a.flush("m1", torch.randn(2, 3), meta={"layer": 1}).wait()
+    a.flush("m2", torch.randn(2, 3), meta={"layer": 1}).wait()
+    assert len(encoded) == 4  # (2, 3)+region, (3, 2), other region, meta {"layer": 1}
+    assert len(decoded) == 3 + 2  # meta headers are decoded every time: each chunk gets its own meta dict
+    for k, c in chunks.items():
+        h = b.describe(k)
+        assert (h.shape, h.dtype, h.region, h.meta, h.checksum) == ((2, 3), torch.float32, region, None, "none")
+        assert torch.equal(b.fetch_new(k), c)
+    assert b.describe("other-region").region == Region(layers=(2, 4), tokens=(0, 3))
+    b.describe("m1").meta["layer"] = 99
+    assert b.describe("m2").meta == {"layer": 1} and b.describe("m1").meta == {"layer": 99}
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(chunk=torch.zeros(2, dtype=torch.complex64)), "Unsupported KV dtype"),
+    (dict(region=(0, 2)), "region must be a kvstream.layout.Region"),
+    (dict(region=[0, 2]), "region must be a kvstream.layout.Region"),  # unhashable: not cacheable either
+    (dict(meta=["not", "a", "dict"]), "meta must be a dict"),
+    (dict(meta={"x": object()}), "meta must be JSON-able"),
+    (dict(meta={"x": "y" * 5000}), "Chunk header JSON is"),
+])
+def test_bad_headers_raise_on_every_flush_and_take_no_sequence_number(fake, bad, match, seed):
+    """Header errors raise before a sequence number is taken, every time (only good headers are cached),
+    and later flushes still complete (their acknowledgements line up)."""
+    a, b, _ = fake
+    good = torch.randn(2)
+    a.flush("before", good).wait()
+    args = dict(dict(chunk=good, region=None, meta=None), **bad)
+    for _ in range(2):
+        with pytest.raises(LayoutError, match=match):
+            a.flush("bad", args["chunk"], region=args["region"], meta=args["meta"])
+    assert a._send_seq == 1
+    a.flush("after", good).wait(5)
+    assert b.keys() == ["after", "before"] and torch.equal(b.fetch_new("after"), good)
+
+
+def test_frames_round_trip_any_key_and_reject_truncation():
+    header = ChunkHeader.for_tensor(torch.zeros(2, 3), checksum="none").to_bytes().rstrip(b"\x00")
+    keys = ["a/b", "séance/层/layer0000", "lone\ud800surrogate", "k" * 5000]
+    raw = b"".join(nccl_mod.encode_frame(k, i + 1, header) for i, k in enumerate(keys))
+    assert nccl_mod.decode_frames(raw, "t") == [(k, i + 1, header) for i, k in enumerate(keys)]
+    assert nccl_mod.decode_frames(b"", "t") == []
+    one = nccl_mod.encode_frame("key", 7, header)
+    for cut in (1, len(one) - len(header) - 1, len(one) - 1):
+        with pytest.raises(CorruptChunkError, match="truncated|bytes are left"):
+            nccl_mod.decode_frames(one[:cut], "t")
+    too_long = nccl_mod.encode_frame("key", 1, b"{" * (HEADER_BYTES + 1))
+    with pytest.raises(CorruptChunkError, match=f"headers are <= {HEADER_BYTES}"):
+        nccl_mod.decode_frames(too_long, "t")
+
+
+def test_corrupt_header_batch_fails_the_link(fake):
+    """A batch that does not decode fails the receiver (PeerError to waiting fetches), it is never half-posted."""
+    a, b, _ = fake
+    job = _Background(lambda: b.fetch("k", torch.empty(2)))
+    _until_waiting(b, "k")
+    a._store.set("hdr/1", nccl_mod.encode_frame("k", 1, b"{not json}"))
+    with pytest.raises(PeerError, match="malformed header|bad magic"):
+        job.result()
+    assert isinstance(b.peer_error, PeerError)
+
+
+def test_fetch_registered_while_receives_are_posted_is_served(fake, monkeypatch, seed):
+    """A fetch that registers after the receiver thread took the batch's waiting fetches, but before it
+    published the chunks, gets its chunk (it used to wait for fetch_timeout_s)."""
+    a, b, comms = fake
+    want = torch.randn(3, 4)
+    out = torch.full((3, 4), -1.0)
+    jobs = []
+    real_recv_all = b._recv_all
+
+    def recv_all_with_a_late_fetch(bufs, stream):
+        jobs.append(_Background(lambda: b.fetch("late", out).wait(5)))
+        _until_waiting(b, "late")
+        real_recv_all(bufs, stream)
+
+    monkeypatch.setattr(b, "_recv_all", recv_all_with_a_late_fetch)
+    t0 = time.monotonic()
+    a.flush("late", want).wait()
+    jobs[0].result(timeout=5)
+    assert time.monotonic() - t0 < FAST["timeout_s"] / 2
+    assert torch.equal(out, want) and b.contains("late")
+
+
+def test_settle_returns_after_one_call_on_success_and_raises_nccl_errors():
+    calls = []
+    comm = types.SimpleNamespace(get_async_error=lambda: (calls.append(1), nccl_mod.NCCL_SUCCESS)[1])
+    nccl_mod.settle(comm, time.monotonic() + 5, lambda: None, "send")
+    assert calls == [1]
+    bad = types.SimpleNamespace(get_async_error=lambda: 3, get_last_error=lambda: "boom")
+    with pytest.raises(PeerError, match="NCCL send failed"):
+        nccl_mod.settle(bad, time.monotonic() + 5, lambda: None, "send")
