@@ -201,6 +201,7 @@ def bounded(fn, deadline: float, check, what: str, on_late=None):
     done = threading.Event()
 
     def run() -> None:
+        """Call ``fn`` on the helper thread and hand its result or error to the waiting one."""
         try:
             result = fn()
         except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
@@ -253,6 +254,7 @@ def settle(comm, deadline: float, check, what: str) -> None:
     state = {"r": first}
 
     def idle() -> bool:
+        """Whether the communicator has left NCCL's "in progress" state (its last status kept)."""
         state["r"] = int(comm.get_async_error())
         return state["r"] != NCCL_IN_PROGRESS
 
