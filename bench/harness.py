@@ -177,7 +177,7 @@ def free_memory() -> None:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         try:
-            from kvstream.runtime.memory import default_allocator
+            from kvstream.cuda.memory import default_allocator
 
             default_allocator().trim()
         except ImportError:
@@ -288,7 +288,7 @@ def pinned_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     Plain host memory without a GPU.
     """
     try:
-        from kvstream.runtime.memory import pinned_like
+        from kvstream.cuda.memory import pinned_like
     except ImportError:
         return torch.empty(tuple(shape), dtype=dtype, pin_memory=torch.cuda.is_available())
     return pinned_like(tuple(shape), dtype)

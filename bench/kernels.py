@@ -151,7 +151,7 @@ def _graph_of(fn: Callable[[], object]):
 def bench_decode_step(run: Run, g: dict) -> dict:
     """The newest token of every layer landed in pinned host memory, per batch size; µs per provider."""
     from kvstream.kernels import pack_newest
-    from kvstream.runtime.streamer import KVStreamer
+    from kvstream.streaming.streamer import KVStreamer
     from kvstream.transports.host import HostTransport
 
     results: dict[str, dict] = {}

@@ -76,7 +76,7 @@ def _timed_calls(run: Run, issue, streamer, reps: int) -> tuple[Stat, Stat]:
 def run_micro(run: Run, g: dict) -> dict:
     """Prefill and decode streaming at every level, no model. Returns ms figures per level."""
     from kvstream.layout import Region
-    from kvstream.runtime.streamer import LEVEL_NAMES, KVStreamer
+    from kvstream.streaming.streamer import LEVEL_NAMES, KVStreamer
     from kvstream.transports.host import HostTransport
 
     L, B, H, D, T = g["layers"], g["batch"], g["heads"], g["head_dim"], g["prompt"]
@@ -124,7 +124,7 @@ def run_micro(run: Run, g: dict) -> dict:
 
 def run_e2e(run: Run, g: dict) -> dict:
     """generate with StreamingCache at every level against DynamicCache (the model shared with generate)."""
-    from kvstream.runtime.streamer import LEVEL_NAMES
+    from kvstream.streaming.streamer import LEVEL_NAMES
 
     from .generate import Session
 

@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the prefix topic; returns the exit code."""
     from transformers import DynamicCache
 
-    from kvstream.layout import HEADER_BYTES
+    from kvstream.chunk import HEADER_BYTES
     from kvstream.models import batch_of_prompts
     from kvstream.stores import ChunkFileStore, RadixStore, load_prefix_into
 

@@ -57,7 +57,7 @@ def _wait_all(handles) -> None:
 def bench_size(run: Run, g: dict, tokens: int) -> dict:
     """One chunk size: memcpy, HostTransport and KVStreamer both ways. Returns GB/s per provider and direction."""
     from kvstream.layout import Region
-    from kvstream.runtime.streamer import KVStreamer
+    from kvstream.streaming.streamer import KVStreamer
     from kvstream.transports.host import HostTransport
 
     shape = (1, 2, g["batch"], g["heads"], tokens, g["head_dim"])

@@ -2,10 +2,11 @@
 
 The path of one KV chunk, by package:
 
-``layout`` (what a region of KV is) → ``kernels`` (pack it into a contiguous chunk) → ``runtime``
-(CUDA streams, pinned staging, the layer-by-layer streamer) → ``transports`` (ship it: host memory,
-disk, NCCL, a remote host) → ``stores`` (keep and find it: radix tree, token-chunk hashes) →
-``integrations`` (the Hugging Face ``generate`` hook).
+``layout`` (what a region of KV is) → ``chunk`` (its bytes: header, checksum, wire frame) → ``kernels``
+(pack it into a contiguous chunk) → ``streaming`` (the layer-by-layer streamer, placement, sessions) →
+``transports`` (ship it: host memory, disk, NCCL, a remote host) → ``stores`` (keep and find it: radix
+tree, token-chunk hashes) → ``integrations`` (the Hugging Face ``generate`` hook) → ``serving``.
+``cuda`` (streams, events, pinned memory) is the ground floor under all of them.
 
 Public names are imported lazily, so ``import kvstream`` stays cheap and works without a GPU.
 
@@ -22,7 +23,8 @@ import importlib
 
 from .errors import (CapacityError, ChunkNotFound, ConfigError, CorruptChunkError, KVStreamError, LayoutError,
                      PeerError, TransportError)
-from .layout import ChunkHeader, KVLayout, Region
+from .chunk import ChunkHeader
+from .layout import KVLayout, Region
 
 __version__ = "0.1.0"
 
@@ -33,8 +35,8 @@ _LAZY = {
     "NcclTransport": "kvstream.transports.nccl",
     "RemoteHostTransport": "kvstream.transports.remote",
     "Transport": "kvstream.transports.base",
-    "KVStreamer": "kvstream.runtime.streamer",
-    "StreamingCache": "kvstream.integrations.hf",
+    "KVStreamer": "kvstream.streaming.streamer",
+    "StreamingCache": "kvstream.integrations.hf.cache",
     "RadixStore": "kvstream.stores.radix",
     "ChunkFileStore": "kvstream.stores.chunk_file",
     "PrefixStore": "kvstream.stores.base",

@@ -9,6 +9,7 @@ Hierarchy::
     KVStreamError
     ├── ConfigError            (ValueError)  a bad argument, option or environment setting
     ├── LayoutError            (ValueError)  a tensor's shape, dtype, stride or device does not fit the layout
+    ├── CudaError              (RuntimeError) a CUDA runtime call failed (stream, event, copy)
     └── TransportError                       a flush or fetch could not be carried out
         ├── ChunkNotFound      (KeyError)    no chunk is stored under the key
         ├── CorruptChunkError                a stored chunk fails its header or checksum check
@@ -29,6 +30,10 @@ class ConfigError(KVStreamError, ValueError):
 
 class LayoutError(KVStreamError, ValueError):
     """A tensor does not fit the layout it was declared with: shape, dtype, stride or device."""
+
+
+class CudaError(KVStreamError, RuntimeError):
+    """A CUDA runtime call (through cuda-python) returned an error: stream, event, copy or host allocation."""
 
 
 class TransportError(KVStreamError):
@@ -61,6 +66,7 @@ __all__ = [
     "KVStreamError",
     "ConfigError",
     "LayoutError",
+    "CudaError",
     "TransportError",
     "ChunkNotFound",
     "CorruptChunkError",

@@ -19,22 +19,18 @@ A :class:`Region` says which part of an HF-layout cache a chunk holds: contiguou
 batch rows, KV heads and tokens. Contiguous ranges cover every use: a pipeline stage owns contiguous
 layers, a microbatch contiguous rows, a tensor-parallel rank contiguous heads.
 
-Anything persisted starts with a :class:`ChunkHeader`: a fixed 4096-byte frame holding a magic number,
-the format version and a small JSON document (dtype, shape, region, payload bytes, checksum). It is
-never pickled. 4096 bytes keep the payload aligned for direct I/O.
+What a chunk looks like in bytes (its header, checksums, wire frames) lives one floor up, in
+:mod:`kvstream.chunk`.
 """
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-import xxhash
 
-from .errors import CorruptChunkError, LayoutError
+from .errors import LayoutError
 
 #: Axis order of a packed chunk taken from the HF layout.
 PACKED_AXES: tuple[str, ...] = ("layer", "kv", "batch", "head", "token", "head_dim")
@@ -334,145 +330,6 @@ def check_packed(chunk: torch.Tensor, shape: Sequence[int], dtype: torch.dtype, 
         raise LayoutError(f"{name} must be contiguous (a packed chunk), got strides {chunk.stride()}")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Persisted chunks: header + payload
-# ----------------------------------------------------------------------------------------------------
-
-#: Magic bytes at the start of every persisted chunk.
-CHUNK_MAGIC = b"KVSTRM\x00\x01"
-#: Current chunk format version.
-CHUNK_FORMAT = 1
-#: Size of the header frame in bytes. 4096 keeps the payload aligned for O_DIRECT reads.
-HEADER_BYTES = 4096
-_PREFIX = struct.Struct("<8sI")  # magic, JSON length
-
-
-def payload_checksum(data: Any) -> str:
-    """Checksum of a chunk's payload bytes: ``"xxh3_64:<16 hex digits>"``.
-
-    ``data`` is anything with the buffer protocol (bytes, memoryview, a contiguous numpy array) or a
-    contiguous CPU tensor. xxh3 runs at tens of GB/s, well above disk and PCIe rates.
-    """
-    if isinstance(data, torch.Tensor):
-        data = tensor_bytes(data)
-    return "xxh3_64:" + xxhash.xxh3_64_hexdigest(data)
-
-
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """A zero-copy byte view of a contiguous CPU tensor (any dtype, bf16 included).
-
-    Raises
-    ------
-    LayoutError
-        If ``t`` is not on the CPU or not contiguous.
-    """
-    if t.device.type != "cpu":
-        raise LayoutError(f"tensor_bytes needs a CPU tensor, got one on {t.device}")
-    if not t.is_contiguous():
-        raise LayoutError("tensor_bytes needs a contiguous tensor")
-    if t.numel() == 0:
-        return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
-
-
-@dataclass(frozen=True)
-class ChunkHeader:
-    """The self-describing header in front of every persisted chunk.
-
-    Parameters
-    ----------
-    dtype : torch.dtype
-        Element type of the payload.
-    shape : tuple of int
-        Shape of the payload tensor (a packed chunk: :data:`PACKED_AXES` order).
-    nbytes : int
-        Payload size in bytes; must equal ``prod(shape) * itemsize``.
-    checksum : str
-        :func:`payload_checksum` of the payload.
-    region : Region, optional
-        Which part of a cache the payload holds.
-    meta : dict, optional
-        Small JSON-able extras (session, step, ...).
-
-    Notes
-    -----
-    On disk: ``CHUNK_MAGIC`` (8 bytes), the JSON length (uint32 little-endian), the JSON document, zero
-    padding to :data:`HEADER_BYTES`, then the payload. No pickle anywhere.
-    """
-
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    nbytes: int
-    checksum: str
-    region: Region | None = None
-    meta: dict | None = None
-
-    @classmethod
-    def for_tensor(cls, t: torch.Tensor, region: Region | None = None, meta: dict | None = None,
-                   checksum: str | None = None) -> "ChunkHeader":
-        """Header describing the contiguous CPU tensor ``t`` (checksum computed unless given)."""
-        nbytes = t.numel() * t.element_size()
-        return cls(dtype=t.dtype, shape=tuple(t.shape), nbytes=nbytes,
-                   checksum=checksum if checksum is not None else payload_checksum(t), region=region, meta=meta)
-
-    def to_bytes(self) -> bytes:
-        """Encode to exactly :data:`HEADER_BYTES` bytes. Raises :class:`LayoutError` if the JSON does not fit."""
-        doc = {
-            "format": CHUNK_FORMAT,
-            "dtype": dtype_name(self.dtype),
-            "shape": [int(s) for s in self.shape],
-            "axes": list(PACKED_AXES) if len(self.shape) == 6 else None,
-            "nbytes": int(self.nbytes),
-            "checksum": self.checksum,
-            "region": None if self.region is None else self.region.to_dict(),
-            "meta": self.meta,
-        }
-        body = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
-        if _PREFIX.size + len(body) > HEADER_BYTES:
-            raise LayoutError(f"Chunk header JSON is {len(body)} bytes; at most {HEADER_BYTES - _PREFIX.size} fit")
-        out = _PREFIX.pack(CHUNK_MAGIC, len(body)) + body
-        return out + b"\x00" * (HEADER_BYTES - len(out))
-
-    @classmethod
-    def from_bytes(cls, raw: bytes | memoryview, *, source: str = "chunk") -> "ChunkHeader":
-        """Decode a header frame.
-
-        Raises
-        ------
-        CorruptChunkError
-            If ``raw`` is short, the magic or version is wrong, or the JSON is malformed or inconsistent.
-        """
-        raw = bytes(raw[:HEADER_BYTES])
-        if len(raw) < HEADER_BYTES:
-            raise CorruptChunkError(f"{source}: truncated header ({len(raw)} of {HEADER_BYTES} bytes)")
-        magic, n = _PREFIX.unpack_from(raw)
-        if magic != CHUNK_MAGIC:
-            raise CorruptChunkError(f"{source}: bad magic {magic!r}; not a kvstream chunk")
-        if n > HEADER_BYTES - _PREFIX.size:
-            raise CorruptChunkError(f"{source}: header length {n} out of range")
-        try:
-            doc = json.loads(raw[_PREFIX.size:_PREFIX.size + n])
-            if doc["format"] != CHUNK_FORMAT:
-                raise CorruptChunkError(f"{source}: chunk format {doc['format']} (this kvstream reads {CHUNK_FORMAT})")
-            dtype = dtype_from_name(doc["dtype"])
-            shape = tuple(int(s) for s in doc["shape"])
-            nbytes = int(doc["nbytes"])
-            region = None if doc.get("region") is None else Region.from_dict(doc["region"])
-            header = cls(dtype=dtype, shape=shape, nbytes=nbytes, checksum=str(doc["checksum"]), region=region,
-                         meta=doc.get("meta"))
-        except CorruptChunkError:
-            raise
-        except (ValueError, KeyError, TypeError, LayoutError) as e:
-            raise CorruptChunkError(f"{source}: malformed header: {e}") from None
-        numel = 1
-        for s in shape:
-            numel *= s
-        if numel * torch.empty((), dtype=dtype).element_size() != nbytes:
-            raise CorruptChunkError(f"{source}: header says {nbytes} bytes but shape {list(shape)} of {dtype} needs "
-                                    f"{numel * torch.empty((), dtype=dtype).element_size()}")
-        return header
-
-
 __all__ = [
     "PACKED_AXES",
     "PACKED_PAGED_AXES",
@@ -483,10 +340,4 @@ __all__ = [
     "KVLayout",
     "check_hf_layers",
     "check_packed",
-    "CHUNK_MAGIC",
-    "CHUNK_FORMAT",
-    "HEADER_BYTES",
-    "payload_checksum",
-    "tensor_bytes",
-    "ChunkHeader",
 ]

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from kvstream.errors import CorruptChunkError, LayoutError
-from kvstream.layout import (HEADER_BYTES, ChunkHeader, KVLayout, Region, check_hf_layers, check_packed,
-                             payload_checksum)
+from kvstream.chunk import HEADER_BYTES, ChunkHeader, payload_checksum
+from kvstream.layout import KVLayout, Region, check_hf_layers, check_packed
 
 
 def test_region_resolve_and_packed_shape():

@@ -1,1 +1,1 @@
-"""See the package docstring of kvstream for where this fits in the data path."""
+"""Integrations with inference frameworks: :mod:`kvstream.integrations.hf` (transformers ``generate``)."""

@@ -1,6 +1,6 @@
 """Pack and unpack KV cache regions: Triton kernels on CUDA, torch twins on the CPU.
 
-The second step of a chunk's path (layout → **kernels** → runtime → transports): a region of per-layer KV
+A step of a chunk's path (layout → chunk → **kernels** → streaming → transports): a region of per-layer KV
 tensors becomes one contiguous chunk (pack) and back (unpack), for every layer and both K and V in one
 launch. Three families:
 

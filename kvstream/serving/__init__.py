@@ -8,7 +8,7 @@
 * :mod:`.planner` — ``kvstream plan``: DéjàVu's split of D machines into prompt and token workers.
 
 The KV moves through point-to-point transports (:class:`~kvstream.transports.remote.RemoteHostTransport`,
-:class:`~kvstream.transports.nccl.NcclTransport`); :mod:`kvstream.runtime.placement` maps regions between
+:class:`~kvstream.transports.nccl.NcclTransport`); :mod:`kvstream.streaming.placement` maps regions between
 different pipeline/tensor-parallel layouts.
 """
 

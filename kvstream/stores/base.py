@@ -35,7 +35,7 @@ import torch
 
 from ..errors import ConfigError, KVStreamError, LayoutError, TransportError
 from ..layout import KVLayout, Region, check_hf_layers
-from ..runtime.cuda import Event, Stream, side_stream
+from ..cuda import Event, Stream, side_stream
 from .hashing import as_token_ids
 
 
@@ -148,15 +148,6 @@ def from_chunk_major(chunks: torch.Tensor, n_tokens: int) -> torch.Tensor:
     return full if n_tokens == n * c else full[:, :, :, :, :n_tokens]
 
 
-def host_empty(shape: Sequence[int], dtype: torch.dtype, pin: bool) -> torch.Tensor:
-    """A host tensor of ``shape``: page-locked (kvstream's pinned allocator) when ``pin``, pageable otherwise."""
-    if pin:
-        from ..runtime.memory import pinned_like
-
-        return pinned_like(tuple(shape), dtype)
-    return torch.empty(tuple(shape), dtype=dtype)
-
-
 def default_pin() -> bool:
     """Pin host buffers when a CUDA device is present (page-locked memory only pays off for H2D/D2H copies)."""
     return torch.cuda.is_available()
@@ -175,7 +166,7 @@ Loader = Callable[[torch.device, int], "tuple[torch.Tensor, Any]"]
 #: still use (device staging), kept by the match until :meth:`PrefixMatch.release`.
 LayerLoader = Callable[[torch.device, int, "torch.cuda.Stream | None"], "tuple[LayerwiseLoad, Any]"]
 
-#: Name of the process-wide side stream (:func:`kvstream.runtime.cuda.side_stream`) layer-wise loads use
+#: Name of the process-wide side stream (:func:`kvstream.cuda.side_stream`) layer-wise loads use
 #: when the caller names none.
 PREFIX_STREAM = "kvstream-prefix"
 
@@ -202,7 +193,7 @@ class LayerwiseLoad:
     events : list
         One per layer, each with ``wait(stream=None)`` (make ``stream``, default the current stream, wait
         without blocking the host), ``synchronize()`` (block the host) and ``query()`` (completed?):
-        :class:`kvstream.runtime.cuda.Event` objects; inert (always complete) on the CPU. A store that
+        :class:`kvstream.cuda.Event` objects; inert (always complete) on the CPU. A store that
         loads synchronously gives every layer the same event.
     matched_tokens : int
         Tokens loaded (after a shortened read: what was read intact).
@@ -275,7 +266,7 @@ class LayerwiseLoad:
 def _load_stream(device: torch.device, stream: Any) -> "torch.cuda.Stream | None":
     """The torch view of the side stream a layer-wise load onto ``device`` uses (``None`` on the CPU)."""
     if stream is not None and not isinstance(stream, (Stream, torch.cuda.Stream)):
-        raise TypeError("stream must be a kvstream.runtime.cuda.Stream or torch.cuda.Stream, "
+        raise TypeError("stream must be a kvstream.cuda.Stream or torch.cuda.Stream, "
                         f"got {type(stream).__name__}")
     if device.type != "cuda":
         return None
@@ -390,7 +381,7 @@ class PrefixMatch:
         ----------
         device : torch.device or str, optional
             Where the KV goes (default: CPU).
-        stream : kvstream.runtime.cuda.Stream or torch.cuda.Stream, optional
+        stream : kvstream.cuda.Stream or torch.cuda.Stream, optional
             The side stream of ``device`` for the copies; default: the process-wide side stream
             ``side_stream(device, "kvstream-prefix")``. Ignored on the CPU.
 
@@ -623,4 +614,4 @@ def check_max_tokens(max_tokens: int | None, n_ids: int) -> int:
 
 
 __all__ = ["PinError", "PrefixMatch", "LayerwiseLoad", "PREFIX_STREAM", "PrefixStore", "kv_from_cache", "check_kv",
-           "chunk_major", "from_chunk_major", "host_empty", "default_pin", "check_max_tokens"]
+           "chunk_major", "from_chunk_major", "default_pin", "check_max_tokens"]

@@ -53,9 +53,9 @@ import torch
 
 from ..errors import CapacityError, ConfigError, KVStreamError, LayoutError, TransportError
 from ..layout import KVLayout
-from ..runtime.cuda import Event, memcpy_2d_async
+from ..cuda import Event, host_empty, memcpy_2d_async
 from .base import (LayerwiseLoad, PinError, PrefixMatch, PrefixStore, check_kv, check_max_tokens, chunk_major,
-                   default_pin, from_chunk_major, host_empty)
+                   default_pin, from_chunk_major)
 from .hashing import as_token_ids
 
 _INDEX_FORMAT = 1
@@ -402,7 +402,7 @@ class RadixStore(PrefixStore):
         name = uuid.uuid4().hex
         shape = self._blob_shape(layout, n_tokens)
         if self._dir is None:
-            return name, host_empty(shape, layout.dtype, self._pin)
+            return name, host_empty(shape, layout.dtype, pin=self._pin)
         nbytes = layout.bytes_per_token() * n_tokens
         path = self._blob_path(name)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)

@@ -36,7 +36,8 @@ from typing import Iterable, Sequence
 import torch
 
 from ..errors import LayoutError, TransportError
-from ..layout import ChunkHeader, Region
+from ..chunk import ChunkHeader
+from ..layout import Region
 
 
 class Handle(ABC):

@@ -39,10 +39,10 @@ import torch
 import xxhash
 
 from ..errors import CapacityError, ChunkNotFound, ConfigError, CorruptChunkError, LayoutError, TransportError
-from ..layout import HEADER_BYTES, ChunkHeader, Region, check_packed, tensor_bytes
-from ..runtime.memory import pinned_empty
+from ..chunk import CHECKSUM_PREFIX, HEADER_BYTES, ChunkHeader, byte_view, chunk_header, tensor_bytes
+from ..layout import Region, check_packed
+from ..cuda import host_empty
 from .base import FutureHandle, Handle, Transport
-from .host import byte_view, chunk_header
 
 #: File name suffix of a stored chunk.
 SUFFIX = ".kvc"
@@ -54,7 +54,6 @@ DEFAULT_BLOCK_BYTES = 16 << 20
 ALIGN = 4096
 #: Payloads up to this size are hashed on the I/O thread; larger ones on the hash thread beside the I/O.
 HASH_INLINE_BYTES = 1 << 20
-_CHECKSUM_PREFIX = "xxh3_64:"
 _FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
@@ -221,8 +220,8 @@ class DiskTransport(Transport):
         if size != HEADER_BYTES + header.nbytes:
             raise CorruptChunkError(f"{source}: file is {size} bytes, the header says {HEADER_BYTES} + "
                                     f"{header.nbytes} (truncated or overwritten)")
-        if not header.checksum.startswith(_CHECKSUM_PREFIX):
-            raise CorruptChunkError(f"{source}: unknown checksum {header.checksum!r}; expected {_CHECKSUM_PREFIX}...")
+        if not header.checksum.startswith(CHECKSUM_PREFIX):
+            raise CorruptChunkError(f"{source}: unknown checksum {header.checksum!r}; expected {CHECKSUM_PREFIX}...")
         return header
 
     def _submit(self, fn, *args) -> Future:
@@ -233,7 +232,7 @@ class DiskTransport(Transport):
 
     def _staging(self, nbytes: int) -> torch.Tensor:
         """Pinned, page-aligned host bytes for CUDA transfers."""
-        return pinned_empty(nbytes)
+        return host_empty(nbytes, pin=True)
 
     def _hash(self, hasher, data: memoryview, nbytes: int, pending: list) -> None:
         if nbytes <= HASH_INLINE_BYTES:
@@ -260,7 +259,7 @@ class DiskTransport(Transport):
         self._check_open()
         path = self._path(key)
         self._check_chunk(chunk)
-        proto = chunk_header(chunk, region, meta, _CHECKSUM_PREFIX + "0" * 16)
+        proto = chunk_header(chunk, region, meta, CHECKSUM_PREFIX + "0" * 16)
         if not chunk.is_cuda:
             return FutureHandle(self._submit(self._write, key, path, byte_view(chunk), proto, []))
         stream = torch.cuda.current_stream(chunk.device)
@@ -294,7 +293,7 @@ class DiskTransport(Transport):
                 self._write_block(fd, data, a, b, direct)
             for f in pending:
                 f.result()
-            header = dataclasses.replace(proto, checksum=_CHECKSUM_PREFIX + hasher.hexdigest()).to_bytes()
+            header = dataclasses.replace(proto, checksum=CHECKSUM_PREFIX + hasher.hexdigest()).to_bytes()
             if direct:
                 page = _page()
                 page[:] = header
@@ -400,7 +399,7 @@ class DiskTransport(Transport):
                 done.record(stream)
                 done.synchronize()
         if hasher is not None:
-            got = _CHECKSUM_PREFIX + hasher.hexdigest()
+            got = CHECKSUM_PREFIX + hasher.hexdigest()
             if got != header.checksum:
                 raise CorruptChunkError(f"chunk {key!r} ({path}): payload checksum {got} does not match the "
                                         f"header's {header.checksum}")

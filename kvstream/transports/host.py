@@ -5,7 +5,7 @@ DéjàVu keeps every microbatch's KV in page-locked host memory and copies it wi
 lets those copies run asynchronously at full PCIe speed (DEVICE.md: 54.7 GB/s pinned vs 15.5 GB/s
 pageable, device to host, on the H100 machine).
 
-Each flush copies the chunk into a fresh buffer from :func:`kvstream.runtime.memory.pinned_empty`
+Each flush copies the chunk into a fresh buffer from :func:`kvstream.cuda.host_empty`
 (cached ``cudaHostAlloc`` blocks) and swaps it in under a lock, so a replaced key flips from the old
 buffer to the new one atomically and a reader never sees a mix. Old buffers that an asynchronous copy
 still reads or writes are kept alive until that copy's CUDA event has fired.
@@ -18,52 +18,15 @@ written on to disk gets its xxh3 there (:class:`~kvstream.transports.disk.DiskTr
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import CapacityError, ChunkNotFound, ConfigError, LayoutError, TransportError
-from ..layout import ChunkHeader, Region, check_packed, dtype_name
-from ..runtime.memory import PinnedArena, pinned_empty
+from ..chunk import NO_CHECKSUM, ChunkHeader, byte_view, chunk_header
+from ..layout import Region, check_packed
+from ..cuda import PinnedArena, host_empty
 from .base import CompletedHandle, EventHandle, Handle, Transport
-
-#: Checksum field of host chunks (see the module docstring for why there is none).
-NO_CHECKSUM = "none"
-
-
-def byte_view(t: torch.Tensor) -> torch.Tensor:
-    """The bytes of the contiguous tensor ``t`` as a flat ``uint8`` tensor on the same device (no copy).
-
-    Works for 0-d and empty tensors and every dtype of :data:`kvstream.layout.DTYPES` (bf16 included).
-    """
-    return t.reshape(-1).view(torch.uint8)
-
-
-def chunk_header(chunk: torch.Tensor, region: Region | None, meta: dict | None, checksum: str) -> ChunkHeader:
-    """The :class:`ChunkHeader` of ``chunk`` with ``checksum``, checked to encode (JSON-able ``meta``, fits).
-
-    Raises
-    ------
-    LayoutError
-        Unsupported dtype, ``region`` not a :class:`Region`, ``meta`` not a JSON-able dict, or a header
-        over :data:`kvstream.layout.HEADER_BYTES`.
-    """
-    dtype_name(chunk.dtype)
-    if region is not None and not isinstance(region, Region):
-        raise LayoutError(f"region must be a kvstream.layout.Region, got {type(region).__name__}")
-    if meta is not None:
-        if not isinstance(meta, dict):
-            raise LayoutError(f"meta must be a dict, got {type(meta).__name__}")
-        try:
-            meta = json.loads(json.dumps(meta))  # a private, JSON-clean copy
-        except (TypeError, ValueError) as e:
-            raise LayoutError(f"meta must be JSON-able: {e}") from None
-    header = ChunkHeader(dtype=chunk.dtype, shape=tuple(int(s) for s in chunk.shape),
-                         nbytes=chunk.numel() * chunk.element_size(), checksum=checksum, region=region, meta=meta)
-    header.to_bytes()  # raises LayoutError if it would not fit a persisted chunk
-    return header
-
 
 def _done(event: "torch.cuda.Event | None") -> bool:
     return event is None or event.query()
@@ -106,7 +69,7 @@ class HostTransport(Transport):
     pinned : bool, optional
         Keep chunks in page-locked memory. Default: ``torch.cuda.is_available()``.
     preallocate : bool
-        Lock the whole capacity now, in one :class:`~kvstream.runtime.memory.PinnedArena`, instead of a
+        Lock the whole capacity now, in one :class:`~kvstream.cuda.memory.PinnedArena`, instead of a
         ``cudaHostAlloc`` per new chunk. What a server wants: page-locking on the host's critical path
         made streaming decode steps 5% slower on an H200 (one fresh 2 MiB chunk per step). Chunks are
         rounded to 4096 bytes in the arena, which gets 2% + 1 MiB of room for that; a fragmented arena
@@ -178,8 +141,8 @@ class HostTransport(Transport):
         if self._arena is not None:
             return self._arena.empty(nbytes)
         if self._pinned:
-            return pinned_empty(nbytes)
-        return torch.empty(nbytes, dtype=torch.uint8)
+            return host_empty(nbytes, pin=True)
+        return host_empty(nbytes, pin=False)
 
     def _retire(self, slot: _Slot | None) -> None:
         """Drop a replaced/deleted slot, keeping its buffer while a copy uses it (call under the lock)."""
@@ -328,4 +291,4 @@ class HostTransport(Transport):
             slot.synchronize()
 
 
-__all__ = ["HostTransport", "NO_CHECKSUM", "byte_view", "chunk_header"]
+__all__ = ["HostTransport"]

@@ -78,9 +78,9 @@ from typing import Any
 import torch
 
 from ..errors import ChunkNotFound, ConfigError, CorruptChunkError, LayoutError, PeerError, TransportError
-from ..layout import HEADER_BYTES, ChunkHeader, Region, check_packed
+from ..chunk import HEADER_BYTES, NO_CHECKSUM, ChunkHeader, byte_view, chunk_header, decode_frames, encode_frame
+from ..layout import Region, check_packed
 from .base import AllHandle, CompletedHandle, Handle, Transport
-from .host import NO_CHECKSUM, byte_view, chunk_header
 from .remote import (POLL_MIN_S, AckedHandle, Acks, ChunkTimeout, KeyWaiter, Liveness, LoopbackTransport,
                      check_pair, connect_pair, pair_namespace, poll)
 
@@ -97,44 +97,6 @@ WAIT_SPIN_S = 0.05
 #: Most distinct headers an endpoint keeps encoded (sender) or decoded (receiver); the cache is emptied when
 #: full. A handoff repeats a few shapes (one per layer group and prompt length), so a few hundred suffice.
 HEADER_CACHE = 256
-#: A header frame's fixed prefix: sequence number, key length and header length in bytes (little-endian).
-_FRAME = struct.Struct("<QII")
-
-
-def encode_frame(key: str, seq: int, header: bytes) -> bytes:
-    """One chunk's entry in a header batch: ``_FRAME`` (seq, key bytes, header bytes), the key (UTF-8), then
-    ``header``: :meth:`ChunkHeader.to_bytes <kvstream.layout.ChunkHeader.to_bytes>` without its zero padding.
-    """
-    kb = key.encode("utf-8", "surrogatepass")
-    return _FRAME.pack(seq, len(kb), len(header)) + kb + header
-
-
-def decode_frames(raw: bytes, source: str) -> list[tuple[str, int, bytes]]:
-    """Split a header batch into ``(key, seq, header bytes without padding)`` (inverse of :func:`encode_frame`).
-
-    Raises
-    ------
-    CorruptChunkError
-        If a frame is truncated, or a header is longer than ``HEADER_BYTES``.
-    """
-    out, at, end = [], 0, len(raw)
-    while at < end:
-        if end - at < _FRAME.size:
-            raise CorruptChunkError(f"{source}: truncated frame prefix at byte {at} of {end}")
-        seq, nk, nh = _FRAME.unpack_from(raw, at)
-        at += _FRAME.size
-        if nh > HEADER_BYTES or at + nk + nh > end:
-            raise CorruptChunkError(f"{source}: frame at byte {at - _FRAME.size} claims a {nk}-byte key and a "
-                                    f"{nh}-byte header; {end - at} bytes are left (headers are <= {HEADER_BYTES})")
-        try:
-            key = raw[at:at + nk].decode("utf-8", "surrogatepass")
-        except UnicodeDecodeError as e:
-            raise CorruptChunkError(f"{source}: frame key is not UTF-8: {e}") from None
-        out.append((key, seq, raw[at + nk:at + nk + nh]))
-        at += nk + nh
-    return out
-
-
 def _nccl():
     try:
         import nccl.core as nccl

@@ -45,9 +45,9 @@ from typing import Any, Callable
 import torch
 
 from ..errors import ChunkNotFound, ConfigError, CorruptChunkError, PeerError, TransportError
-from ..layout import ChunkHeader, Region, check_packed, payload_checksum, tensor_bytes
+from ..chunk import ChunkHeader, byte_view, chunk_header, payload_checksum, tensor_bytes
+from ..layout import Region, check_packed
 from .base import CompletedHandle, FutureHandle, Handle, Transport
-from .host import byte_view, chunk_header
 
 #: Polling interval bounds of the receiver thread (seconds): it starts at the low end after each chunk
 #: and doubles while idle. 2 ms bounds the added latency of an idle receiver; a store check costs ~25 us.

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kvstream.errors import CapacityError, ConfigError
-from kvstream.layout import HEADER_BYTES, ChunkHeader
+from kvstream.chunk import HEADER_BYTES, ChunkHeader
 from kvstream.stores import ChunkFileStore, PinError
 from kvstream.stores.chunk_file import PINS_DIR
 from store_helpers import assert_match_is_prefix_kv, prefix_kv

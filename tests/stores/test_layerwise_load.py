@@ -15,7 +15,7 @@ import torch
 
 import kvstream.stores.radix as radix
 from kvstream.errors import ConfigError
-from kvstream.runtime.cuda import Event, Stream
+from kvstream.cuda import Event, Stream
 from kvstream.stores import ChunkFileStore, LayerwiseLoad, PinError, PrefixMatch, RadixStore
 from store_helpers import prefix_kv
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from kvstream.transports import DiskTransport, HostTransport, Transport
-from kvstream.transports.host import byte_view
+from kvstream.chunk import byte_view
 
 #: name -> pytest.param(factory, id=name, marks=...)
 FACTORIES: dict[str, object] = {}

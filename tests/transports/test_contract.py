@@ -10,7 +10,8 @@ import torch
 from factories import (FACTORIES, all_sentinel, guards_intact, random_chunk, same_bytes, sentinel_out)
 from kvstream import transports
 from kvstream.errors import ChunkNotFound, ConfigError, LayoutError, TransportError
-from kvstream.layout import ChunkHeader, Region
+from kvstream.chunk import ChunkHeader
+from kvstream.layout import Region
 from kvstream.transports import REGISTRY, DiskTransport, HostTransport, Transport
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.float8_e4m3fn, torch.uint8]

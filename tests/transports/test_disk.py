@@ -14,9 +14,8 @@ import torch
 
 from factories import random_chunk, same_bytes
 from kvstream.errors import CapacityError, ChunkNotFound, ConfigError, CorruptChunkError, LayoutError, TransportError
-from kvstream.layout import HEADER_BYTES, ChunkHeader, payload_checksum
+from kvstream.chunk import HEADER_BYTES, ChunkHeader, byte_view, payload_checksum
 from kvstream.transports import DiskTransport
-from kvstream.transports.host import byte_view
 
 
 def _aligned(nbytes: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ from kvstream.errors import CapacityError, ConfigError, LayoutError
 from kvstream.layout import Region
 from kvstream.transports import HostTransport
 from kvstream.transports.base import CompletedHandle, EventHandle
-from kvstream.transports.host import NO_CHECKSUM
+from kvstream.chunk import NO_CHECKSUM
 
 
 def _bytes(n: int, value: int = 1) -> torch.Tensor:

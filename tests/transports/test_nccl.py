@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 from kvstream.errors import ChunkNotFound, ConfigError, CorruptChunkError, LayoutError, PeerError, TransportError
-from kvstream.layout import HEADER_BYTES, ChunkHeader, Region
+from kvstream.chunk import HEADER_BYTES, ChunkHeader
+from kvstream.layout import Region
 from kvstream.transports import nccl as nccl_mod
 from kvstream.transports.nccl import NcclTransport, init_comm
 from kvstream.transports.remote import ChunkTimeout, LoopbackTransport, rendezvous_store

@@ -17,7 +17,7 @@ from kvstream.errors import ChunkNotFound, ConfigError, CorruptChunkError, Layou
 from kvstream.layout import Region
 from kvstream.transports.remote import (ChunkTimeout, RemoteHostTransport, rendezvous_store, unwrap_header,
                                         wrap_header)
-from kvstream.layout import ChunkHeader
+from kvstream.chunk import ChunkHeader
 
 FAST = dict(timeout_s=10.0, heartbeat_s=0.1, dead_after_s=1.5)
 

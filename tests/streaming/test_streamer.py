@@ -4,7 +4,7 @@ import torch
 import kvstream
 from kvstream.errors import ConfigError, LayoutError
 from kvstream.layout import Region
-from kvstream.runtime.streamer import KVStreamer, resolve_level
+from kvstream.streaming.streamer import KVStreamer, resolve_level
 
 
 def _cache(gen, layers=3, b=2, h=3, s=11, d=5, dtype=torch.float32, device="cpu"):

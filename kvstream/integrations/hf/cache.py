@@ -3,7 +3,7 @@
 :class:`StreamingCache` subclasses transformers' ``DynamicCache`` and behaves exactly like it inside
 ``generate`` (greedy, sampling, batched with padding, beam search, sliding-window layers): every
 ``update`` first does what ``DynamicCache`` does, then hands the layer's *new* keys and values to a
-:class:`~kvstream.runtime.streamer.KVStreamer`:
+:class:`~kvstream.streaming.streamer.KVStreamer`:
 
 * a long forward (the prompt: more than ``layer_chunk_min_tokens`` new tokens) streams **one chunk per
   layer** as soon as that layer has produced it — DéjàVu's layer-by-layer prompt streaming;
@@ -38,12 +38,11 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from ..errors import ConfigError, CorruptChunkError, LayoutError
-from ..layout import KVLayout, Region, dtype_name
-from ..runtime.cuda import Event, Stream, memcpy_2d_async, side_stream
-from ..runtime.memory import pinned_like
-from ..runtime.streamer import KVStreamer, resolve_level
-from ..transports.base import Transport
+from ...errors import ConfigError, CorruptChunkError, LayoutError
+from ...layout import KVLayout, Region, dtype_name
+from ...cuda import Event, Stream, host_empty, memcpy_2d_async, side_stream
+from ...streaming.streamer import KVStreamer, resolve_level
+from ...transports.base import Transport
 
 MANIFEST_FORMAT = 1
 
@@ -85,8 +84,8 @@ class _HostMirror:
         self.shape = (b, h, d)
         self.dtype = like.dtype
         self.n = 0
-        self.k = pinned_like((b, h, capacity, d), like.dtype) if like.is_cuda else torch.empty(b, h, capacity, d, dtype=like.dtype)
-        self.v = pinned_like((b, h, capacity, d), like.dtype) if like.is_cuda else torch.empty(b, h, capacity, d, dtype=like.dtype)
+        self.k = host_empty((b, h, capacity, d), like.dtype, pin=like.is_cuda)
+        self.v = host_empty((b, h, capacity, d), like.dtype, pin=like.is_cuda)
         self.ready: Event | None = None  # the last append's completion
 
     @property
@@ -103,7 +102,7 @@ class _HostMirror:
         b, h, d = self.shape
         for name in ("k", "v"):
             old = getattr(self, name)
-            new = pinned_like((b, h, cap, d), self.dtype) if old.is_pinned() else torch.empty(b, h, cap, d, dtype=self.dtype)
+            new = host_empty((b, h, cap, d), self.dtype, pin=old.is_pinned())
             new[:, :, :self.n].copy_(old[:, :, :self.n])
             setattr(self, name, new)
 
@@ -145,8 +144,8 @@ class _HostMirror:
         self.shape = (k.shape[0], k.shape[1], k.shape[3])
         self.n = 0
         cap = max(k.shape[2], 1)
-        self.k = pinned_like(k.shape[:2] + (cap, k.shape[3]), k.dtype) if self.k.is_pinned() else torch.empty(*k.shape[:2], cap, k.shape[3], dtype=k.dtype)
-        self.v = pinned_like(v.shape[:2] + (cap, v.shape[3]), v.dtype) if self.v.is_pinned() else torch.empty(*v.shape[:2], cap, v.shape[3], dtype=v.dtype)
+        self.k = host_empty((*k.shape[:2], cap, k.shape[3]), k.dtype, pin=self.k.is_pinned())
+        self.v = host_empty((*v.shape[:2], cap, v.shape[3]), v.dtype, pin=self.v.is_pinned())
         self.k[:, :, :k.shape[2]].copy_(k)
         self.v[:, :, :v.shape[2]].copy_(v)
         self.n = k.shape[2]
@@ -166,7 +165,7 @@ class StreamingCache(DynamicCache):
     session : str
         Key prefix of this request's chunks (``"req-42"``).
     level : int or str, optional
-        DéjàVuLib level 0-3 (default ``KVSTREAM_LEVEL`` or 3); see :mod:`kvstream.runtime.streamer`.
+        DéjàVuLib level 0-3 (default ``KVSTREAM_LEVEL`` or 3); see :mod:`kvstream.streaming.streamer`.
     offload : bool
         Keep only the layer in flight and the next one on the GPU; the rest in pinned host memory.
     layer_chunk_min_tokens : int
@@ -516,7 +515,7 @@ class StreamingCache(DynamicCache):
         cache._seg = len(cache._segments)
         cache._batch = doc.get("batch")
         if doc.get("kv_heads") is not None:
-            from ..layout import dtype_from_name
+            from ...layout import dtype_from_name
 
             cache._geometry = (doc["kv_heads"], doc["head_dim"], dtype_from_name(doc["dtype"]))
         return cache
@@ -539,8 +538,8 @@ class StreamingCache(DynamicCache):
         store's pins are released once every layer was taken. With a transport the prefix goes through
         ``update`` instead, so that it is streamed into the session like any other KV.
         """
-        from ..stores.hashing import as_token_ids
-        from ..stores.reuse import load_prefix_into
+        from ...stores.hashing import as_token_ids
+        from ...stores.reuse import load_prefix_into
 
         cache = cls(config=config, transport=transport, session=session, **kwargs)
         if device is None:

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvstream.errors import ConfigError, LayoutError
-from kvstream.runtime.placement import (Placement, PipelineConfig, localize, split_heads, split_layers,
-                                        stream_in, stream_out, transfer_key)
+from kvstream.streaming.placement import Placement, PipelineConfig, localize, split_heads, split_layers, transfer_key
+from kvstream.streaming.streamer import stream_in, stream_out
 from kvstream.transports.base import CompletedHandle, Transport
 from kvstream.errors import ChunkNotFound
 
@@ -234,7 +234,7 @@ def test_stream_in_missing_chunk_raises(seed):
 def test_stream_through_a_streamer_and_point_to_point_transports(seed):
     """pp=1, tp=2 prompt side to pp=2 token side: one KVStreamer over host memory, and one gloo link
     (RemoteHostTransport) per (source, destination) pair, as each process would hold them."""
-    from kvstream.runtime.streamer import KVStreamer
+    from kvstream.streaming.streamer import KVStreamer
     from kvstream.transports.host import HostTransport
     from kvstream.transports.remote import RemoteHostTransport
 
@@ -248,7 +248,7 @@ def test_stream_through_a_streamer_and_point_to_point_transports(seed):
         for shared in (True, False):
             dst = [_empty_shard(p.dst_shard(r), 2, 9, 8, torch.bfloat16) for r in range(2)]
             for r, (k, v) in enumerate(src):
-                if shared:  # the streamer's own stream_out delegates to placement.stream_out
+                if shared:  # the streamer's own stream_out delegates to streamer.stream_out
                     streamer.stream_out(p, r, k, v, session="s", tokens=(0, 9)).wait()
                 else:
                     stream_out({d: links[r, d] for d in range(2)}, p, r, k, v, session="s", tokens=(0, 9)).wait()

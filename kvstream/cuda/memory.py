@@ -1,7 +1,7 @@
 """Pinned (page-locked) host memory through cuda-python, with a caching allocator.
 
-Only page-locked memory lets ``cudaMemcpyAsync`` run asynchronously at full PCIe speed (DEVICE.md:
-54.7 GB/s pinned vs 15.5 GB/s pageable device-to-host on the H100 machine), and it is what the GPU can
+Only page-locked memory lets ``cudaMemcpyAsync`` run asynchronously at full PCIe speed (about 3.5x
+pageable memory's rate device-to-host; bench/NOTES.md has the measurements), and it is what the GPU can
 read and write directly (zero-copy) through unified virtual addressing.
 
 ``cudaHostAlloc`` is slow (it maps and locks pages: tens of ms per GiB) so blocks are cached: a freed
@@ -15,13 +15,15 @@ need no second code path.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import threading
 import weakref
+from typing import Sequence
 
 import torch
 
-from ..errors import CapacityError, TransportError
+from ..errors import CapacityError, CudaError
 
 _SMALL_LIMIT = 2 << 20  # 2 MiB: above this, round to a multiple of it instead of a power of two
 _MIN_BLOCK = 4096  # one page; also keeps every block 4096-aligned for O_DIRECT
@@ -54,7 +56,7 @@ def _check(result, what: str):
         name = getattr(err, "name", str(err))
         if err == cudart.cudaError_t.cudaErrorMemoryAllocation:
             raise CapacityError(f"{what}: out of pinned host memory ({name})")
-        raise TransportError(f"{what} failed: {name}")
+        raise CudaError(f"{what} failed: {name}")
     if isinstance(result, tuple):
         return result[1] if len(result) == 2 else result[1:]
     return None
@@ -121,7 +123,7 @@ class PinnedAllocator:
         """
         nbytes = int(nbytes)
         if nbytes < 0:
-            raise ValueError(f"pinned_empty: nbytes must be >= 0, got {nbytes}")
+            raise ValueError(f"PinnedAllocator.empty: nbytes must be >= 0, got {nbytes}")
         if not cuda_usable():
             return torch.empty(nbytes, dtype=torch.uint8)
         cls = size_class(nbytes)
@@ -260,8 +262,6 @@ class PinnedArena:
         return torch.frombuffer(view, dtype=torch.uint8, count=nbytes) if nbytes else torch.empty(0, dtype=torch.uint8)
 
     def _give_back(self, off: int, size: int) -> None:
-        import bisect
-
         with self._lock:
             self._used -= size
             runs = self._free
@@ -278,32 +278,48 @@ class PinnedArena:
 _DEFAULT = PinnedAllocator()
 
 
-def pinned_empty(nbytes: int) -> torch.Tensor:
-    """A pinned uint8 host tensor of ``nbytes`` bytes from the process-wide :class:`PinnedAllocator`.
+def host_empty(shape: int | Sequence[int], dtype: torch.dtype = torch.uint8, *, pin: bool | None = None) -> torch.Tensor:
+    """A host tensor of ``shape`` and ``dtype`` (contents undefined), 4096-byte aligned when pinned.
 
-    Without CUDA, a plain CPU tensor. View it as another dtype with ``t.view(dtype)`` (``nbytes`` must be
-    a multiple of that dtype's size) and reshape as needed.
+    Parameters
+    ----------
+    shape : int or sequence of int
+        Elements per axis (an int: a 1-D tensor).
+    dtype : torch.dtype
+        Element type (default ``uint8``: bytes).
+    pin : bool, optional
+        ``True``: page-locked memory from the process-wide :class:`PinnedAllocator` (plain memory when no
+        CUDA driver is present); ``False``: pageable memory; ``None`` (default): pinned exactly when a CUDA
+        device is present, since page-locked memory pays only for host<->device copies.
+
+    Raises
+    ------
+    CapacityError
+        If the driver cannot lock more host memory.
+    ValueError
+        If a size is negative.
 
     Examples
     --------
-    >>> buf = pinned_empty(1024).view(torch.float16)   # 512 halves, page-locked when a GPU exists
+    >>> buf = host_empty((2, 8, 1024, 128), torch.bfloat16)   # pinned when a GPU exists
     """
-    return _DEFAULT.empty(nbytes)
-
-
-def pinned_like(shape, dtype: torch.dtype) -> torch.Tensor:
-    """A pinned host tensor of ``shape`` and ``dtype`` (contents undefined); plain CPU memory without CUDA."""
+    shape = (int(shape),) if isinstance(shape, int) else tuple(int(s) for s in shape)
+    if any(s < 0 for s in shape):
+        raise ValueError(f"host_empty: negative size in shape {list(shape)}")
+    if pin is None:
+        pin = cuda_usable()
     numel = 1
     for s in shape:
-        numel *= int(s)
+        numel *= s
+    if not pin or numel == 0:
+        return torch.empty(shape, dtype=dtype)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return pinned_empty(numel * itemsize).view(dtype).view(*shape) if numel else torch.empty(tuple(shape), dtype=dtype)
+    return _DEFAULT.empty(numel * itemsize).view(dtype).view(shape)
 
 
 def default_allocator() -> PinnedAllocator:
-    """The process-wide allocator behind :func:`pinned_empty` (for statistics and :meth:`trim`)."""
+    """The process-wide allocator behind :func:`host_empty` (for statistics and :meth:`trim`)."""
     return _DEFAULT
 
 
-__all__ = ["cuda_usable", "size_class", "PinnedAllocator", "PinnedArena", "pinned_empty", "pinned_like",
-           "default_allocator"]
+__all__ = ["cuda_usable", "size_class", "PinnedAllocator", "PinnedArena", "host_empty", "default_allocator"]

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..errors import TransportError
+from ..errors import CudaError
 from .memory import cuda_usable
 
 
@@ -31,7 +31,7 @@ def _check(result: Any, what: str) -> Any:
     err = result[0] if isinstance(result, tuple) else result
     cudart = _cudart()
     if err != cudart.cudaError_t.cudaSuccess:
-        raise TransportError(f"{what} failed: {getattr(err, 'name', err)}")
+        raise CudaError(f"{what} failed: {getattr(err, 'name', err)}")
     if isinstance(result, tuple) and len(result) > 1:
         return result[1]
     return None
@@ -193,7 +193,7 @@ class Event:
             return True
         if err == cudart.cudaError_t.cudaErrorNotReady:
             return False
-        raise TransportError(f"cudaEventQuery failed: {getattr(err, 'name', err)}")
+        raise CudaError(f"cudaEventQuery failed: {getattr(err, 'name', err)}")
 
     def synchronize(self) -> None:
         """Block the host until the event has completed."""

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from kvstream.runtime.cuda import Event, Stream, memcpy_2d_async, memcpy_async
-from kvstream.runtime.memory import PinnedAllocator, pinned_empty, pinned_like, size_class
+from kvstream.cuda import Event, Stream, memcpy_2d_async, memcpy_async
+from kvstream.cuda.memory import PinnedAllocator, host_empty, size_class
 
 
 def test_size_classes():
@@ -13,13 +13,16 @@ def test_size_classes():
     assert size_class(5 << 20) == 6 << 20
 
 
-def test_pinned_empty_cpu_fallback_shapes():
-    t = pinned_empty(1000)
+def test_host_empty_cpu_fallback_shapes():
+    t = host_empty(1000)
     assert t.dtype == torch.uint8 and t.numel() == 1000
-    x = pinned_like((3, 5), torch.bfloat16)
+    x = host_empty((3, 5), torch.bfloat16)
     assert x.shape == (3, 5) and x.dtype == torch.bfloat16
+    assert host_empty((2, 0, 4), torch.float16, pin=True).shape == (2, 0, 4)
     with pytest.raises(ValueError):
-        pinned_empty(-1)
+        host_empty(-1)
+    with pytest.raises(ValueError):
+        host_empty((3, -2), pin=False)
 
 
 def test_memcpy_async_and_2d_cpu(seed):
@@ -71,7 +74,7 @@ def test_pinned_allocator_caches_and_pins():
 @pytest.mark.gpu
 def test_stream_event_memcpy_gpu(seed):
     src = torch.randn(1 << 20, generator=seed).cuda()
-    host = pinned_like((1 << 20,), torch.float32)
+    host = host_empty((1 << 20,), torch.float32, pin=True)
     host.fill_(-1)
     s = Stream()
     s.wait_stream()

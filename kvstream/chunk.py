@@ -1,0 +1,247 @@
+"""The only home of kvstream's chunk format: the header, its checksums, byte views, and the wire frame.
+
+A packed chunk (:mod:`kvstream.layout` says what its axes are) travels and rests as a
+:class:`ChunkHeader` followed by its payload bytes. The header is a fixed 4096-byte frame holding a magic
+number, the format version and a small JSON document (dtype, shape, region, payload bytes, checksum,
+meta). It is never pickled. 4096 bytes keep the payload aligned for direct I/O.
+
+Point-to-point transports announce each chunk with a *frame*: ``(sequence number, key, header)``
+(:func:`encode_frame` / :func:`decode_frames`), sent in batches; the receiver decodes the header and then
+receives the payload.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import xxhash
+
+from .errors import CorruptChunkError, LayoutError
+from .layout import PACKED_AXES, Region, dtype_from_name, dtype_name
+
+#: Magic bytes at the start of every persisted chunk.
+CHUNK_MAGIC = b"KVSTRM\x00\x01"
+#: Current chunk format version.
+CHUNK_FORMAT = 1
+#: Size of the header frame in bytes. 4096 keeps the payload aligned for O_DIRECT reads.
+HEADER_BYTES = 4096
+#: Prefix of every payload checksum kvstream writes (xxh3, 64 bits).
+CHECKSUM_PREFIX = "xxh3_64:"
+#: Checksum field of chunks that are not hashed (host memory: see :class:`kvstream.transports.host.HostTransport`).
+NO_CHECKSUM = "none"
+_PREFIX = struct.Struct("<8sI")  # magic, JSON length
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor (any dtype, bf16 included).
+
+    Raises
+    ------
+    LayoutError
+        If ``t`` is not on the CPU or not contiguous.
+    """
+    if t.device.type != "cpu":
+        raise LayoutError(f"tensor_bytes needs a CPU tensor, got one on {t.device}")
+    if not t.is_contiguous():
+        raise LayoutError("tensor_bytes needs a contiguous tensor")
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def byte_view(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of the contiguous tensor ``t`` as a flat ``uint8`` tensor on the same device (no copy).
+
+    Works for 0-d and empty tensors and every dtype of :data:`kvstream.layout.DTYPES` (bf16 included).
+    """
+    return t.reshape(-1).view(torch.uint8)
+
+
+def payload_checksum(data: Any) -> str:
+    """Checksum of a chunk's payload bytes: ``"xxh3_64:<16 hex digits>"``.
+
+    ``data`` is anything with the buffer protocol (bytes, memoryview, a contiguous numpy array) or a
+    contiguous CPU tensor. xxh3 runs at tens of GB/s, well above disk and PCIe rates.
+    """
+    if isinstance(data, torch.Tensor):
+        data = tensor_bytes(data)
+    return CHECKSUM_PREFIX + xxhash.xxh3_64_hexdigest(data)
+
+
+@dataclass(frozen=True)
+class ChunkHeader:
+    """The self-describing header in front of every persisted chunk.
+
+    Parameters
+    ----------
+    dtype : torch.dtype
+        Element type of the payload.
+    shape : tuple of int
+        Shape of the payload tensor (a packed chunk: :data:`kvstream.layout.PACKED_AXES` order).
+    nbytes : int
+        Payload size in bytes; must equal ``prod(shape) * itemsize``.
+    checksum : str
+        :func:`payload_checksum` of the payload, or :data:`NO_CHECKSUM`.
+    region : Region, optional
+        Which part of a cache the payload holds.
+    meta : dict, optional
+        Small JSON-able extras (session, step, ...).
+
+    Notes
+    -----
+    On disk: ``CHUNK_MAGIC`` (8 bytes), the JSON length (uint32 little-endian), the JSON document, zero
+    padding to :data:`HEADER_BYTES`, then the payload. No pickle anywhere.
+    """
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+    checksum: str
+    region: Region | None = None
+    meta: dict | None = None
+
+    @classmethod
+    def for_tensor(cls, t: torch.Tensor, region: Region | None = None, meta: dict | None = None,
+                   checksum: str | None = None) -> "ChunkHeader":
+        """Header describing the contiguous CPU tensor ``t`` (checksum computed unless given)."""
+        nbytes = t.numel() * t.element_size()
+        return cls(dtype=t.dtype, shape=tuple(t.shape), nbytes=nbytes,
+                   checksum=checksum if checksum is not None else payload_checksum(t), region=region, meta=meta)
+
+    def to_bytes(self, *, pad: bool = True) -> bytes:
+        """Encode to :data:`HEADER_BYTES` bytes (``pad=False``: without the trailing zero padding).
+
+        Raises
+        ------
+        LayoutError
+            If the JSON does not fit in :data:`HEADER_BYTES`.
+        """
+        doc = {
+            "format": CHUNK_FORMAT,
+            "dtype": dtype_name(self.dtype),
+            "shape": [int(s) for s in self.shape],
+            "axes": list(PACKED_AXES) if len(self.shape) == 6 else None,
+            "nbytes": int(self.nbytes),
+            "checksum": self.checksum,
+            "region": None if self.region is None else self.region.to_dict(),
+            "meta": self.meta,
+        }
+        body = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+        if _PREFIX.size + len(body) > HEADER_BYTES:
+            raise LayoutError(f"Chunk header JSON is {len(body)} bytes; at most {HEADER_BYTES - _PREFIX.size} fit")
+        out = _PREFIX.pack(CHUNK_MAGIC, len(body)) + body
+        return out + b"\x00" * (HEADER_BYTES - len(out)) if pad else out
+
+    @classmethod
+    def from_bytes(cls, raw: bytes | memoryview, *, source: str = "chunk", padded: bool = True) -> "ChunkHeader":
+        """Decode a header frame (``padded=False``: one encoded with ``to_bytes(pad=False)``).
+
+        Raises
+        ------
+        CorruptChunkError
+            If ``raw`` is short, the magic or version is wrong, or the JSON is malformed or inconsistent.
+        """
+        raw = bytes(raw[:HEADER_BYTES])
+        if len(raw) < (HEADER_BYTES if padded else _PREFIX.size):
+            raise CorruptChunkError(f"{source}: truncated header ({len(raw)} of {HEADER_BYTES} bytes)")
+        magic, n = _PREFIX.unpack_from(raw)
+        if magic != CHUNK_MAGIC:
+            raise CorruptChunkError(f"{source}: bad magic {magic!r}; not a kvstream chunk")
+        if n > min(HEADER_BYTES, len(raw)) - _PREFIX.size:
+            raise CorruptChunkError(f"{source}: header length {n} out of range")
+        try:
+            doc = json.loads(raw[_PREFIX.size:_PREFIX.size + n])
+            if doc["format"] != CHUNK_FORMAT:
+                raise CorruptChunkError(f"{source}: chunk format {doc['format']} (this kvstream reads {CHUNK_FORMAT})")
+            dtype = dtype_from_name(doc["dtype"])
+            shape = tuple(int(s) for s in doc["shape"])
+            nbytes = int(doc["nbytes"])
+            region = None if doc.get("region") is None else Region.from_dict(doc["region"])
+            header = cls(dtype=dtype, shape=shape, nbytes=nbytes, checksum=str(doc["checksum"]), region=region,
+                         meta=doc.get("meta"))
+        except CorruptChunkError:
+            raise
+        except (ValueError, KeyError, TypeError, LayoutError) as e:
+            raise CorruptChunkError(f"{source}: malformed header: {e}") from None
+        numel = 1
+        for s in shape:
+            numel *= s
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if numel * itemsize != nbytes:
+            raise CorruptChunkError(f"{source}: header says {nbytes} bytes but shape {list(shape)} of {dtype} needs "
+                                    f"{numel * itemsize}")
+        return header
+
+
+def chunk_header(chunk: torch.Tensor, region: Region | None, meta: dict | None, checksum: str) -> ChunkHeader:
+    """The :class:`ChunkHeader` of ``chunk`` with ``checksum``, checked to encode (JSON-able ``meta``, fits).
+
+    Raises
+    ------
+    LayoutError
+        Unsupported dtype, ``region`` not a :class:`Region`, ``meta`` not a JSON-able dict, or a header
+        over :data:`HEADER_BYTES`.
+    """
+    dtype_name(chunk.dtype)
+    if region is not None and not isinstance(region, Region):
+        raise LayoutError(f"region must be a kvstream.layout.Region, got {type(region).__name__}")
+    if meta is not None:
+        if not isinstance(meta, dict):
+            raise LayoutError(f"meta must be a dict, got {type(meta).__name__}")
+        try:
+            meta = json.loads(json.dumps(meta))  # a private, JSON-clean copy
+        except (TypeError, ValueError) as e:
+            raise LayoutError(f"meta must be JSON-able: {e}") from None
+    header = ChunkHeader(dtype=chunk.dtype, shape=tuple(int(s) for s in chunk.shape),
+                         nbytes=chunk.numel() * chunk.element_size(), checksum=checksum, region=region, meta=meta)
+    header.to_bytes()  # raises LayoutError if it would not fit a persisted chunk
+    return header
+
+
+# ----------------------------------------------------------------------------------------------------
+# The wire frame: (sequence number, key, header), in batches
+# ----------------------------------------------------------------------------------------------------
+
+#: A frame's fixed prefix: sequence number, key length and header length in bytes (little-endian).
+_FRAME = struct.Struct("<QII")
+
+
+def encode_frame(key: str, seq: int, header: bytes) -> bytes:
+    """One chunk's announcement: the prefix (seq, key bytes, header bytes), the key (UTF-8), then ``header``
+    (:meth:`ChunkHeader.to_bytes` with ``pad=False``). Frames concatenate into a batch."""
+    kb = key.encode("utf-8", "surrogatepass")
+    return _FRAME.pack(seq, len(kb), len(header)) + kb + header
+
+
+def decode_frames(raw: bytes, source: str) -> list[tuple[str, int, bytes]]:
+    """Split a batch of frames into ``(key, seq, header bytes)`` (inverse of :func:`encode_frame`).
+
+    Raises
+    ------
+    CorruptChunkError
+        If a frame is truncated, or a header is longer than :data:`HEADER_BYTES`.
+    """
+    out, at, end = [], 0, len(raw)
+    while at < end:
+        if end - at < _FRAME.size:
+            raise CorruptChunkError(f"{source}: truncated frame prefix at byte {at} of {end}")
+        seq, nk, nh = _FRAME.unpack_from(raw, at)
+        at += _FRAME.size
+        if nh > HEADER_BYTES or at + nk + nh > end:
+            raise CorruptChunkError(f"{source}: frame at byte {at - _FRAME.size} claims a {nk}-byte key and a "
+                                    f"{nh}-byte header; {end - at} bytes are left (headers are <= {HEADER_BYTES})")
+        try:
+            key = raw[at:at + nk].decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError as e:
+            raise CorruptChunkError(f"{source}: frame key is not UTF-8: {e}") from None
+        out.append((key, seq, raw[at + nk:at + nk + nh]))
+        at += nk + nh
+    return out
+
+
+__all__ = ["CHUNK_MAGIC", "CHUNK_FORMAT", "HEADER_BYTES", "CHECKSUM_PREFIX", "NO_CHECKSUM", "tensor_bytes",
+           "byte_view", "payload_checksum", "ChunkHeader", "chunk_header", "encode_frame", "decode_frames"]
