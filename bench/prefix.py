@@ -92,7 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from kvstream.chunk import HEADER_BYTES
     from kvstream.models import batch_of_prompts
-    from kvstream.stores import ChunkFileStore, RadixStore, load_prefix_into
+    from kvstream.integrations.hf.prefix import load_prefix_into
+    from kvstream.stores import ChunkFileStore, RadixStore
 
     run = Run.from_argv("prefix", argv, add_args, __doc__)
     a = run.args

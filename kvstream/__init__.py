@@ -40,7 +40,7 @@ _LAZY = {
     "RadixStore": "kvstream.stores.radix",
     "ChunkFileStore": "kvstream.stores.chunk_file",
     "PrefixStore": "kvstream.stores.base",
-    "load_prefix_into": "kvstream.stores.reuse",
+    "load_prefix_into": "kvstream.integrations.hf.prefix",
 }
 
 

@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     from transformers import DynamicCache
 
     from ..models import encode_text, prompts
-    from ..stores import load_prefix_into
+    from ..integrations.hf.prefix import load_prefix_into
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or "float32")

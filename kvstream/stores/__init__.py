@@ -5,8 +5,6 @@
   one host through shared memory.
 * :class:`~kvstream.stores.chunk_file.ChunkFileStore` — fixed token chunks as checksummed files named
   by chained prefix hashes, on local disk or a shared filesystem; TTL garbage collection.
-* :func:`~kvstream.stores.reuse.load_prefix_into` — pre-fill a transformers cache so that ``generate``
-  only prefills the tokens after the stored prefix.
 
 Both stores implement :class:`~kvstream.stores.base.PrefixStore`: ``query``, ``lookup`` (a pinned
 :class:`~kvstream.stores.base.PrefixMatch`, loaded at once or layer by layer as a
@@ -19,7 +17,5 @@ from .base import LayerwiseLoad, PinError, PrefixMatch, PrefixStore, kv_from_cac
 from .chunk_file import ChunkFileStore
 from .hashing import as_token_ids, nested_path, prefix_hashes
 from .radix import RadixStore
-from .reuse import load_prefix_into
 
-__all__ = ["PrefixStore", "PrefixMatch", "LayerwiseLoad", "PinError", "RadixStore", "ChunkFileStore",
-           "load_prefix_into", "kv_from_cache", "prefix_hashes", "nested_path", "as_token_ids"]
+__all__ = ["PrefixStore", "PrefixMatch", "LayerwiseLoad", "PinError", "RadixStore", "ChunkFileStore", "kv_from_cache", "prefix_hashes", "nested_path", "as_token_ids"]

@@ -36,7 +36,6 @@ waits for the side stream.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -47,35 +46,10 @@ import torch
 from .. import kernels
 from ..errors import ConfigError, LayoutError
 from ..layout import Region, check_hf_layers
-from ..cuda import Event, host_empty, memcpy_async, side_stream
+from ..cuda import Event, side_stream
 from ..transports.base import AllHandle, CompletedHandle, Handle, Transport
+from .levels import DEFAULT_LEVEL, LEVEL_NAMES, copy_rows, resolve_level
 from .placement import Placement, Shard, localize, transfer_key
-
-LEVEL_NAMES = {0: "naive", 1: "buffered", 2: "layer-by-layer", 3: "all"}
-DEFAULT_LEVEL = 3
-
-
-def resolve_level(level: int | str | None = None) -> int:
-    """The streaming level from the argument, else ``KVSTREAM_LEVEL``, else 3.
-
-    Raises
-    ------
-    ConfigError
-        If the value is not 0, 1, 2 or 3 (names such as ``"buffered"`` are accepted too).
-    """
-    if level is None:
-        level = os.environ.get("KVSTREAM_LEVEL", DEFAULT_LEVEL)
-    if isinstance(level, str):
-        names = {v: k for k, v in LEVEL_NAMES.items()}
-        level = names.get(level.strip().lower(), level)
-    try:
-        value = int(level)
-    except (TypeError, ValueError):
-        raise ConfigError(f"KVSTREAM_LEVEL must be 0-3 or one of {list(LEVEL_NAMES.values())}, got {level!r}") from None
-    if value not in LEVEL_NAMES:
-        raise ConfigError(f"KVSTREAM_LEVEL must be 0-3 (naive, buffered, layer-by-layer, all), got {value}")
-    return value
-
 
 @dataclass
 class StreamStats:
@@ -181,7 +155,7 @@ class KVStreamer:
         """
         region = check_hf_layers(keys, values, region)
         if self.level == 0:
-            chunk = self._pack_rows(keys, values, region, [region.tokens.start] * len(region.layers))
+            chunk = self._naive(keys, values, region, [region.tokens.start] * len(region.layers))
             return self._finish_sync(self.flush(key, chunk, region=region, meta=meta))
         if background is None:
             background = self.level >= 2
@@ -204,7 +178,7 @@ class KVStreamer:
         if self.level == 0:
             region = Region(layers=layers, tokens=(0, num_tokens), batch=(0, b), heads=(0, h))
             starts = [keys[l].shape[2] - num_tokens for l in layers]
-            chunk = self._pack_rows(keys, values, region, starts)
+            chunk = self._naive(keys, values, region, starts)
             return self._finish_sync(self.flush(key, chunk, meta=meta))
         if background is None:
             background = self.level >= 3
@@ -215,14 +189,34 @@ class KVStreamer:
     def gather(self, key: str, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], region: Region) -> Handle:
         """Fetch the chunk under ``key`` and unpack it into ``region`` of the per-layer tensors.
 
-        The unpack is enqueued on the current stream once the fetch has landed; work enqueued later on
-        that stream sees the data. Raises what :meth:`Transport.fetch` raises, and ``LayoutError`` if the
-        stored chunk's shape or dtype does not fit the region.
+        Parameters
+        ----------
+        keys, values : sequence of torch.Tensor
+            Per-layer ``[batch, kv_heads, seq, head_dim]`` tensors (any strides, ``head_dim`` contiguous),
+            written in place; ``seq >= region.tokens.stop``.
+        region : Region
+            Where the chunk goes; the stored chunk must be ``region.packed_shape(head_dim)``.
+
+        Returns
+        -------
+        Handle
+            Already complete: the unpack is enqueued on the current stream (work enqueued later on that
+            stream sees the data). A fetch that the transport enqueues on the current stream (host memory
+            into a CUDA tensor) costs no host wait; others are waited for before the unpack.
+
+        Raises
+        ------
+        ChunkNotFound, CorruptChunkError, PeerError
+            From :meth:`Transport.fetch`.
+        LayoutError
+            If the stored chunk's shape or dtype does not fit the region.
         """
         region = check_hf_layers(keys, values, region)
         first = keys[region.layers.start]
         staging = torch.empty(region.packed_shape(first.shape[3]), dtype=first.dtype, device=first.device)
-        self.fetch(key, staging).wait()
+        h = self.fetch(key, staging)
+        if not h.stream_ordered:
+            h.wait()
         kernels.unpack_tokens(staging, keys, values, region)
         return CompletedHandle()
 
@@ -276,6 +270,13 @@ class KVStreamer:
             reading.popleft()
         reading.append((after, tensors))
 
+    def _naive(self, keys, values, region: Region, starts: Sequence[int]) -> torch.Tensor:
+        """Level 0: the region copied row by row into a host chunk (:func:`copy_rows`), counted."""
+        chunk, copies = copy_rows(keys, values, region, starts)
+        with self._lock:
+            self.stats.row_copies += copies
+        return chunk
+
     def _finish_sync(self, h: Handle) -> Handle:
         h.wait()
         return CompletedHandle()
@@ -293,32 +294,6 @@ class KVStreamer:
             h = self.flush(key, chunk, region=region, meta=meta)
             self._keep_until_read([chunk], self.side.record_event())
         return self._track(h)
-
-    def _pack_rows(self, keys, values, region: Region, starts: Sequence[int]) -> torch.Tensor:
-        """Level 0: one copy per contiguous row into a (pinned) host chunk, then wait for them."""
-        first = keys[region.layers.start]
-        n = len(region.tokens)
-        shape = region.packed_shape(first.shape[3])
-        chunk = host_empty(shape, first.dtype, pin=first.device.type == "cuda")
-        copies = 0
-        for li, l in enumerate(region.layers):
-            s = starts[li]
-            for kv, src in enumerate((keys[l], values[l])):
-                rows_contig = src.stride(2) == src.shape[3] or n == 1
-                for bi, b in enumerate(region.batch):
-                    for hi, h in enumerate(region.heads):
-                        if rows_contig:
-                            memcpy_async(chunk[li, kv, bi, hi], src[b, h, s:s + n])
-                            copies += 1
-                        else:  # a row per token
-                            for t in range(n):
-                                memcpy_async(chunk[li, kv, bi, hi, t], src[b, h, s + t])
-                                copies += 1
-        if first.device.type == "cuda":
-            torch.cuda.current_stream(first.device).synchronize()
-        with self._lock:
-            self.stats.row_copies += copies
-        return chunk
 
 
 # ----------------------------------------------------------------------------------------------------

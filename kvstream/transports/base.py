@@ -57,6 +57,12 @@ class Handle(ABC):
     def done(self) -> bool:
         """True when the operation has completed (successfully or not); never blocks."""
 
+    @property
+    def stream_ordered(self) -> bool:
+        """True when all of the operation's work was enqueued on the CUDA stream current at the call, before
+        the call returned: work enqueued later on that stream sees its result without a host wait."""
+        return False
+
 
 class CompletedHandle(Handle):
     """A handle for an operation that already finished (or failed) by the time the call returned."""
@@ -104,6 +110,11 @@ class EventHandle(Handle):
     def event(self) -> "torch.cuda.Event":
         """The CUDA event; other streams may ``wait_event`` on it instead of blocking the host."""
         return self._event
+
+    @property
+    def stream_ordered(self) -> bool:
+        """True unless trailing host work follows the event (see :attr:`Handle.stream_ordered`)."""
+        return self._then is None
 
     def wait(self, timeout: float | None = None) -> None:
         """Synchronize the event, then wait for the trailing host work if any."""

@@ -32,7 +32,7 @@ def test_multi_turn_reuse_identical(layerwise, store_kind, tmp_path):
         for a, b in zip(out.scores, ref.scores):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
         matched.append(cache.matched_tokens)
-        assert cache._prefix is None  # every layer was taken and the pins released
+        assert cache._pending is None  # every layer was taken and the pins released
         store.update(out.sequences, cache)
         follow_up = torch.tensor([encode_text(prompts()[turn + 1], 12)])
         conversation = torch.cat([out.sequences, follow_up], dim=1)

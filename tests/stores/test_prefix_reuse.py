@@ -8,7 +8,8 @@ from transformers import DynamicCache
 
 from kvstream.errors import ConfigError, LayoutError
 from kvstream.models import build_model, encode_text, prompts, tiny_config
-from kvstream.stores import ChunkFileStore, RadixStore, kv_from_cache, load_prefix_into
+from kvstream.integrations.hf.prefix import load_prefix_into
+from kvstream.stores import ChunkFileStore, RadixStore, kv_from_cache
 
 NEW_TOKENS = 6
 

@@ -7,7 +7,8 @@ import torch
 from transformers import DynamicCache
 
 from kvstream.models import build_model, encode_text, prompts, tiny_config
-from kvstream.stores import ChunkFileStore, RadixStore, load_prefix_into
+from kvstream.integrations.hf.prefix import load_prefix_into
+from kvstream.stores import ChunkFileStore, RadixStore
 from store_helpers import prefix_kv
 
 pytestmark = pytest.mark.gpu

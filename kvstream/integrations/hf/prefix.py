@@ -6,7 +6,8 @@ KV into a fresh cache, and let ``generate`` prefill the rest. The match is cappe
 because ``generate`` needs at least one new token to feed. Sliding-window layers receive the whole
 prefix through their own ``update`` and keep their window by themselves.
 
-Usage (kvstream's ``StreamingCache.from_prefix`` wraps the same function)::
+Usage (:meth:`StreamingCache.from_prefix <kvstream.integrations.hf.cache.StreamingCache.from_prefix>`
+wraps the same steps, and can load layer by layer)::
 
     cache = DynamicCache(config=model.config)
     matched = load_prefix_into(cache, store, input_ids, device=model.device)
@@ -20,9 +21,10 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, LayoutError
-from .base import PrefixStore
-from .hashing import as_token_ids
+from ...errors import ConfigError, LayoutError
+from ...stores.base import PrefixMatch, PrefixStore
+from ...stores.hashing import as_token_ids
+from ...streaming.layerwise import LayerwiseLoad
 
 
 def load_prefix_into(cache: Any, store: PrefixStore, input_ids: Any, *,
@@ -34,7 +36,7 @@ def load_prefix_into(cache: Any, store: PrefixStore, input_ids: Any, *,
     cache : transformers.DynamicCache (or a subclass)
         Empty; layers may be created lazily (``cache.update(k, v, layer_idx)`` is used).
     store : PrefixStore
-        :class:`~kvstream.stores.radix.RadixStore`, :class:`~kvstream.stores.chunk_file.ChunkFileStore`, ...
+        :class:`~kvstream.RadixStore`, :class:`~kvstream.ChunkFileStore`, ...
     input_ids : torch.Tensor or sequence of int
         ``[1, T]`` prompt ids (one sequence).
     device : torch.device or str, optional
@@ -76,4 +78,52 @@ def load_prefix_into(cache: Any, store: PrefixStore, input_ids: Any, *,
         return match.matched_tokens
 
 
-__all__ = ["load_prefix_into"]
+def lookup_layers(store: PrefixStore, input_ids: Any, device: torch.device,
+                  num_layers: int) -> tuple[LayerwiseLoad, PrefixMatch] | None:
+    """Look ``input_ids`` up and start loading the match layer by layer onto ``device``.
+
+    Returns ``(load, match)`` — the caller releases ``match`` once every layer was taken — or ``None`` when
+    nothing matched (at most ``T - 1`` tokens are matched, so ``generate`` has a token to feed).
+
+    Raises
+    ------
+    LayoutError
+        If the store's KV has another number of layers than ``num_layers``.
+    """
+    ids = as_token_ids(input_ids, what="input_ids")
+    if len(ids) < 2:
+        return None
+    match = store.lookup(ids, max_tokens=len(ids) - 1)
+    if match.matched_tokens == 0:
+        match.release()
+        return None
+    try:
+        load = match.load_layers(device)
+        if len(load.keys) != num_layers:
+            raise LayoutError(f"The store holds KV of {len(load.keys)} layers, the cache has {num_layers}")
+    except BaseException:
+        match.release()
+        raise
+    return load, match
+
+
+def check_layerwise(layerwise: bool | None, device: torch.device, transport: Any, layers: list) -> bool:
+    """Whether :meth:`~kvstream.integrations.hf.cache.StreamingCache.from_prefix` loads layer by layer.
+
+    Default: on a CUDA device, without a transport, with no sliding-window layers.
+
+    Raises
+    ------
+    ConfigError
+        If ``layerwise=True`` is asked with a transport or sliding-window layers.
+    """
+    sliding = any(getattr(l, "is_sliding", False) for l in layers)
+    if layerwise is None:
+        return device.type == "cuda" and transport is None and not sliding and bool(layers)
+    if layerwise and (transport is not None or sliding or not layers):
+        raise ConfigError("from_prefix(layerwise=True) needs a config without sliding-window layers and no "
+                          "transport (the prefix would not be streamed into the session)")
+    return bool(layerwise)
+
+
+__all__ = ["load_prefix_into", "lookup_layers", "check_layerwise"]

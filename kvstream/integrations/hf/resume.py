@@ -1,0 +1,87 @@
+"""The way back into a running model: a stored session replayed into a fresh cache, and any layer-wise load
+(a session, a prefix) installed so that each layer's first ``update`` waits for that layer only."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from ...errors import LayoutError
+from ...streaming.layerwise import LayerwiseLoad
+from ...streaming.replay import replay
+from ...streaming.session import SessionRecorder
+from ...streaming.streamer import KVStreamer
+from ...transports.base import Transport
+
+
+class PendingLoad:
+    """A layer-wise load installed in the cache's layers: each layer is taken (the compute stream waits
+    for its event) when the model first updates it; ``on_done`` runs once every layer was taken."""
+
+    def __init__(self, load: LayerwiseLoad, layer_ids: list[int], on_done: Callable[[], None] | None):
+        self.load = load
+        self.slot = {l: i for i, l in enumerate(layer_ids)}
+        self.left = set(layer_ids)
+        self.on_done = on_done
+
+    def take(self, layer_idx: int | None = None) -> bool:
+        """Take ``layer_idx`` (every layer if ``None``); ``True`` once nothing is left."""
+        for l in ([layer_idx] if layer_idx is not None else sorted(self.left)):
+            if l in self.left:
+                self.left.discard(l)
+                self.load.take(self.slot[l])
+        if self.left:
+            return False
+        if self.on_done is not None:
+            self.on_done()
+        return True
+
+
+def install(cache: Any, load: LayerwiseLoad, layer_ids: list[int], on_done: Callable[[], None] | None) -> None:
+    """Put a layer-wise load into the layers ``layer_ids``: each full-attention layer holds its landing
+    tensors now (so ``get_seq_length()`` is right) and ``update`` waits for its event; a sliding-window
+    layer waits at once and takes the history through its own ``update`` (which keeps its window)."""
+    for i, l in enumerate(layer_ids):
+        layer = cache.layers[l]
+        k, v = load.keys[i], load.values[i]
+        if getattr(layer, "is_sliding", False):
+            load.wait(i)
+            layer.update(k, v)
+        else:
+            layer.keys, layer.values = k, v
+            layer.dtype, layer.device = k.dtype, k.device
+            layer.is_initialized = True
+    cache._pending = PendingLoad(load, layer_ids, on_done)
+
+
+def load_session(cls: type, transport: Transport, session: str, *, config: Any, device: torch.device | str | None,
+                 level: int | str | None, offload: bool, stream: bool, layerwise: bool | None) -> Any:
+    """:meth:`StreamingCache.load <kvstream.integrations.hf.cache.StreamingCache.load>`: read the manifest,
+    build a ``cls`` cache, replay the chunks into it, continue the session's record."""
+    manifest = cls.read_manifest(transport, session)
+    device = torch.device(device or "cpu")
+    cache = cls(config=config, transport=transport if stream else None, session=session, level=level,
+                offload=offload)
+    kv_ids = manifest.kv_layers
+    if config is not None and cache._kv_layer_ids() != kv_ids:
+        raise LayoutError(f"{session}: stored KV has layers {kv_ids}, the config's cache has {cache._kv_layer_ids()}")
+    while len(cache.layers) < manifest.num_layers:
+        cache.layers.append(DynamicLayer())
+    streamer = cache._ensure_streamer(device) if stream else KVStreamer(transport, level=level, device=device)
+    load = replay(manifest, streamer, device=device, layerwise=False if offload else layerwise)
+    if load.keys:
+        install(cache, load, kv_ids, on_done=None)
+    cache._recorder = SessionRecorder(session, manifest.segments)
+    cache._batch = manifest.batch
+    if manifest.kv_heads is not None:
+        cache._geometry = (manifest.kv_heads, manifest.head_dim, manifest.dtype)
+    if cache._offloader is not None:
+        cache._settle()
+        for l in kv_ids:
+            cache._offloader.adopt(l)
+    return cache
+
+
+__all__ = ["PendingLoad", "install", "load_session"]

@@ -1,0 +1,227 @@
+"""Replay a session: its manifest and chunks back into per-layer KV tensors, layer by layer where it can.
+
+Every chunk goes through :meth:`KVStreamer.gather <kvstream.streaming.streamer.KVStreamer.gather>`
+(fetch into staging on the KV device, unpack with the kernels), so a load has the streamer's stats and
+its kernels. On a GPU the copies run on a side stream and each layer gets an event: a model that waits
+for layer ``l``'s event only starts computing while later layers still travel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from ..cuda import Event, side_stream
+from ..errors import CorruptChunkError
+from ..layout import Region
+from .layerwise import LayerwiseLoad
+from .session import Crop, Manifest, Prefill, Repeat, Rows, Segment, Step
+from .streamer import KVStreamer
+
+#: Name of the process-wide side stream (:func:`kvstream.cuda.side_stream`) session loads use.
+LOAD_STREAM = "kvstream-session-load"
+
+
+@dataclass
+class _Plan:
+    """What a symbolic pass over the segments found (see :func:`plan`)."""
+
+    segments: list = field(default_factory=list)  # the segments that change the cache, in order
+    capacity: int = 0  # the largest position length reached
+    length: int = 0  # the final position length
+    batch: int | None = None  # the final batch
+    first_batch: int | None = None  # the batch of the first data segment
+    rewrites: bool = False  # a row op, crop or reset: rows or positions change after they were written
+
+
+def plan(manifest: Manifest) -> _Plan:
+    """Walk the segments without touching data: the segments that act (row operations on an empty cache do
+    nothing, as in transformers' layers), the buffers' capacity, the final length and batch, and whether
+    history is ever rewritten.
+
+    Raises
+    ------
+    CorruptChunkError
+        If a segment contradicts the ones before it (a data segment that does not start where the cache
+        ends or whose batch does not match, a crop that grows the cache, a repeat or selection past the
+        rows the cache can have).
+    """
+    p = _Plan()
+    where = f"{manifest.session}/manifest"
+    max_rows = (manifest.batch or 1) * 4096  # beam search and num_return_sequences stay far below
+    for i, seg in enumerate(manifest.segments):
+        if isinstance(seg, (Prefill, Step)):
+            if seg.start != p.length:
+                raise CorruptChunkError(f"{where} segment {i}: starts at position {seg.start}, the cache ends at "
+                                        f"{p.length}")
+            if p.length and seg.batch != p.batch:
+                raise CorruptChunkError(f"{where} segment {i}: batch {seg.batch}, the cache has {p.batch} rows")
+            if p.first_batch is None:
+                p.first_batch = seg.batch
+            elif p.length == 0 and seg.batch != p.batch:
+                p.rewrites = True  # a reset cache refilled with another batch
+            p.batch = seg.batch
+            p.length += seg.tokens
+            p.capacity = max(p.capacity, p.length)
+        elif p.length == 0:
+            continue  # a row operation, crop or reset of an empty cache changes nothing
+        elif isinstance(seg, Rows):
+            if seg.rows > max_rows:
+                raise CorruptChunkError(f"{where} segment {i}: selects {seg.rows} rows, past any generate")
+            p.rewrites = True
+            p.batch = seg.rows
+        elif isinstance(seg, Repeat):
+            if p.batch * seg.repeats > max_rows:
+                raise CorruptChunkError(f"{where} segment {i}: repeat {seg.repeats} of {p.batch} rows is past "
+                                        f"any generate (the session started with {manifest.batch})")
+            p.rewrites = True
+            p.batch *= seg.repeats
+        elif isinstance(seg, Crop):
+            if seg.length > p.length:
+                raise CorruptChunkError(f"{where} segment {i}: crop to {seg.length} tokens of {p.length}")
+            p.rewrites = p.rewrites or seg.length < p.length
+            p.length = seg.length
+        else:
+            p.rewrites = True
+            p.length = 0
+        p.segments.append(seg)
+    return p
+
+
+def replay(manifest: Manifest, streamer: KVStreamer, *, device: torch.device | str,
+           layerwise: bool | None = None) -> LayerwiseLoad:
+    """Rebuild a session's per-layer KV from its chunks, through ``streamer`` (its transport, its stats).
+
+    Parameters
+    ----------
+    manifest : Manifest
+        The session's record.
+    streamer : KVStreamer
+        Reads the chunks (``gather``: fetch into staging on the KV device, unpack with the kernels).
+    device : torch.device or str
+        Where the KV goes.
+    layerwise : bool, optional
+        On a CUDA device (default there): return before the copies finish. The loads run on a side stream
+        and each KV layer gets an event that fires when its KV has landed; decode steps (small, every
+        layer) come first, then each layer's prefill chunks in layer order, so layer 0 is usable long
+        before the last layer. A session whose history was rewritten (reorders, crops, resets) replays
+        in order and all layers share one event. ``False``: synchronous.
+
+    Returns
+    -------
+    LayerwiseLoad
+        ``keys[i]``/``values[i]``: ``[B, H, n, head_dim]`` of the ``i``-th KV layer (``manifest.kv_layers``
+        order), ``n`` the final position length; ``events[i]``; ``matched_tokens = n``. Empty lists when the
+        session holds no KV.
+
+    Raises
+    ------
+    ChunkNotFound, CorruptChunkError, PeerError
+        From the transport, or a manifest whose segments contradict each other.
+    LayoutError
+        A chunk whose shape or dtype does not fit the manifest.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    p = plan(manifest)
+    kv = manifest.kv_layers
+    if p.batch is None or p.capacity == 0 or not kv:
+        return LayerwiseLoad([], [], [], 0)
+    if layerwise is None:
+        layerwise = device.type == "cuda"
+    # A rewritten history replays on the current stream: its row operations allocate new buffers, which
+    # must belong to the stream that reads them.
+    side = side_stream(device, LOAD_STREAM) if layerwise and device.type == "cuda" and not p.rewrites else None
+    slot = {l: i for i, l in enumerate(kv)}
+    shape = (2, p.first_batch, manifest.kv_heads, p.capacity, manifest.head_dim)
+    # Destinations are allocated on the current (compute) stream, which will read them; the side stream
+    # waits for these allocations before writing.
+    bufs = [torch.empty(shape, dtype=manifest.dtype, device=device) for _ in kv]
+    if side is not None:
+        side.wait_stream()
+    with side if side is not None else contextlib.nullcontext():
+        if p.rewrites:
+            bufs, events = _replay_in_order(manifest, p.segments, streamer, bufs, slot, device)
+        else:
+            events = _replay_layerwise(manifest, p.segments, streamer, bufs, slot, device, side)
+    keys = [b[0, :, :, :p.length] for b in bufs]
+    values = [b[1, :, :, :p.length] for b in bufs]
+    return LayerwiseLoad(keys, values, events, p.length, stream=side.torch_stream if side is not None else None)
+
+
+def _gather_step(streamer: KVStreamer, seg: Step, bufs: list, slot: dict) -> None:
+    ks = [bufs[slot[l]][0] for l in seg.layers]
+    vs = [bufs[slot[l]][1] for l in seg.layers]
+    streamer.gather(seg.key, ks, vs, Region(layers=(0, len(ks)), tokens=(seg.start, seg.start + seg.tokens)))
+
+
+def _gather_prefill(streamer: KVStreamer, seg: Prefill, layer: int, bufs: list, slot: dict) -> None:
+    b = bufs[slot[layer]]
+    streamer.gather(seg.keys[layer], [b[0]], [b[1]], Region(layers=(0, 1), tokens=(seg.start, seg.start + seg.tokens)))
+
+
+def _check_layers(manifest: Manifest, seg: Segment, slot: dict) -> None:
+    layers = seg.keys if isinstance(seg, Prefill) else seg.layers
+    bad = [l for l in layers if l not in slot]
+    if bad:
+        raise CorruptChunkError(f"{manifest.session}/manifest: a segment names layers {bad}, which hold no KV "
+                                f"(KV layers: {sorted(slot)})")
+
+
+def _replay_layerwise(manifest: Manifest, segments: list, streamer: KVStreamer, bufs: list, slot: dict,
+                      device: torch.device, side) -> list:
+    """No history rewrites: positions are written once, so the order is free. Decode steps first (one
+    gather of every layer each), then each layer's prefill chunks; an event per layer after its last one."""
+    steps = [s for s in segments if isinstance(s, Step)]
+    prefills = [s for s in segments if isinstance(s, Prefill)]
+    for seg in steps + prefills:
+        _check_layers(manifest, seg, slot)
+    for seg in steps:
+        _gather_step(streamer, seg, bufs, slot)
+    events = []
+    for l in manifest.kv_layers:
+        for seg in prefills:
+            if l in seg.keys:
+                _gather_prefill(streamer, seg, l, bufs, slot)
+        events.append(Event(device).record(side))
+    return events
+
+
+def _replay_in_order(manifest: Manifest, segments: list, streamer: KVStreamer, bufs: list, slot: dict,
+                     device: torch.device) -> tuple[list, list]:
+    """History was rewritten: replay the acting segments in order on the current stream; row operations
+    remake the buffers."""
+    transport = streamer.transport
+    for seg in segments:
+        if isinstance(seg, (Prefill, Step)) and bufs and bufs[0].shape[1] != seg.batch:
+            # after a reset the cache is refilled with another batch (plan() checked it starts at 0)
+            bufs = [b.new_empty((2, seg.batch) + tuple(b.shape[2:])) for b in bufs]
+        if isinstance(seg, Prefill):
+            _check_layers(manifest, seg, slot)
+            for l in sorted(seg.keys):
+                _gather_prefill(streamer, seg, l, bufs, slot)
+        elif isinstance(seg, Step):
+            _check_layers(manifest, seg, slot)
+            _gather_step(streamer, seg, bufs, slot)
+        elif isinstance(seg, Rows):
+            index = transport.fetch_new(seg.key, "cpu")
+            if index.dtype != torch.int64 or index.dim() != 1 or index.numel() != seg.rows:
+                raise CorruptChunkError(f"{seg.key}: expected {seg.rows} int64 row indices, got {index.dtype} "
+                                        f"{list(index.shape)}")
+            rows = bufs[0].shape[1] if bufs else 0
+            if seg.rows and (int(index.min()) < 0 or int(index.max()) >= rows):
+                raise CorruptChunkError(f"{seg.key}: row indices outside the cache's {rows} rows")
+            index = index.to(device)
+            bufs = [b.index_select(1, index) for b in bufs]
+        elif isinstance(seg, Repeat):
+            bufs = [b.repeat_interleave(seg.repeats, dim=1) for b in bufs]
+        # Crop and Reset only move the end of the history (the plan tracks it): later segments overwrite
+        # the positions past it, and positions past the final length are never read.
+    done = Event(device).record()
+    return bufs, [done] * len(bufs)
+
+
+__all__ = ["LOAD_STREAM", "plan", "replay"]
