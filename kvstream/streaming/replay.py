@@ -152,10 +152,29 @@ def replay(manifest: Manifest, streamer: KVStreamer, *, device: torch.device | s
     return LayerwiseLoad(keys, values, events, p.length, stream=side.torch_stream if side is not None else None)
 
 
-def _gather_step(streamer: KVStreamer, seg: Step, bufs: list, slot: dict) -> None:
-    ks = [bufs[slot[l]][0] for l in seg.layers]
-    vs = [bufs[slot[l]][1] for l in seg.layers]
-    streamer.gather(seg.key, ks, vs, Region(layers=(0, len(ks)), tokens=(seg.start, seg.start + seg.tokens)))
+#: Most bytes of decode steps staged for one batched gather (:meth:`KVStreamer.gather_many`).
+STEP_GROUP_BYTES = 256 << 20
+
+
+def _gather_steps(streamer: KVStreamer, steps: list, bufs: list, slot: dict) -> None:
+    """Decode steps in runs: consecutive steps of the same layers, batch and length go through one
+    :meth:`~kvstream.streaming.streamer.KVStreamer.gather_many` (one staging buffer, one unpack) instead of a
+    gather each, up to :data:`STEP_GROUP_BYTES` of staging."""
+    i = 0
+    while i < len(steps):
+        first = steps[i]
+        ks = [bufs[slot[l]][0] for l in first.layers]
+        vs = [bufs[slot[l]][1] for l in first.layers]
+        step_bytes = 2 * len(ks) * ks[0][0:first.batch, :, :first.tokens].numel() * ks[0].element_size()
+        j = i + 1
+        while (j < len(steps) and steps[j].layers == first.layers and steps[j].batch == first.batch
+               and steps[j].tokens == first.tokens and steps[j].start == first.start + (j - i) * first.tokens
+               and (j - i + 1) * step_bytes <= STEP_GROUP_BYTES):
+            j += 1
+        run = steps[i:j]
+        streamer.gather_many([s.key for s in run], ks, vs,
+                             Region(layers=(0, len(ks)), tokens=(first.start, first.start + len(run) * first.tokens)))
+        i = j
 
 
 def _gather_prefill(streamer: KVStreamer, seg: Prefill, layer: int, bufs: list, slot: dict) -> None:
@@ -179,8 +198,7 @@ def _replay_layerwise(manifest: Manifest, segments: list, streamer: KVStreamer, 
     prefills = [s for s in segments if isinstance(s, Prefill)]
     for seg in steps + prefills:
         _check_layers(manifest, seg, slot)
-    for seg in steps:
-        _gather_step(streamer, seg, bufs, slot)
+    _gather_steps(streamer, steps, bufs, slot)
     events = []
     for l in manifest.kv_layers:
         for seg in prefills:
@@ -205,7 +223,7 @@ def _replay_in_order(manifest: Manifest, segments: list, streamer: KVStreamer, b
                 _gather_prefill(streamer, seg, l, bufs, slot)
         elif isinstance(seg, Step):
             _check_layers(manifest, seg, slot)
-            _gather_step(streamer, seg, bufs, slot)
+            _gather_steps(streamer, [seg], bufs, slot)
         elif isinstance(seg, Rows):
             index = transport.fetch_new(seg.key, "cpu")
             if index.dtype != torch.int64 or index.dim() != 1 or index.numel() != seg.rows:
@@ -224,4 +242,4 @@ def _replay_in_order(manifest: Manifest, segments: list, streamer: KVStreamer, b
     return bufs, [done] * len(bufs)
 
 
-__all__ = ["LOAD_STREAM", "plan", "replay"]
+__all__ = ["LOAD_STREAM", "STEP_GROUP_BYTES", "plan", "replay"]

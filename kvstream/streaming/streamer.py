@@ -211,13 +211,38 @@ class KVStreamer:
         LayoutError
             If the stored chunk's shape or dtype does not fit the region.
         """
+        return self.gather_many([key], keys, values, region)
+
+    def gather_many(self, chunk_keys: Sequence[str], keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
+                    region: Region) -> Handle:
+        """Fetch chunks that hold consecutive, equal slices of ``region``'s tokens and unpack them with one launch.
+
+        DéjàVuLib's gather fetches a long range in pieces; here the pieces are, for example, the decode
+        steps of a session: chunk ``j`` holds tokens ``[t0 + j*n, t0 + (j+1)*n)`` of every layer of the
+        region (``n = len(region.tokens) / len(chunk_keys)``). They land side by side in one staging buffer
+        ``[J, L, 2, B, H, n, D]``, one device copy puts them in packed order, and one unpack writes them.
+
+        Raises
+        ------
+        LayoutError
+            If the region's tokens do not split evenly over the chunks, or a chunk does not fit its slice.
+        ChunkNotFound, CorruptChunkError, PeerError
+            From :meth:`Transport.fetch`.
+        """
         region = check_hf_layers(keys, values, region)
+        count, total = len(chunk_keys), len(region.tokens)
+        if count == 0 or total % count:
+            raise LayoutError(f"gather_many: {total} tokens do not split into {count} equal chunks")
         first = keys[region.layers.start]
-        staging = torch.empty(region.packed_shape(first.shape[3]), dtype=first.dtype, device=first.device)
-        h = self.fetch(key, staging)
-        if not h.stream_ordered:
-            h.wait()
-        kernels.unpack_tokens(staging, keys, values, region)
+        layers, kv, b, h, _, d = region.packed_shape(first.shape[3])
+        staging = torch.empty((count, layers, kv, b, h, total // count, d), dtype=first.dtype, device=first.device)
+        handles = [self.fetch(k, staging[j]) for j, k in enumerate(chunk_keys)]
+        for handle in handles:
+            if not handle.stream_ordered:
+                handle.wait()
+        chunk = staging[0] if count == 1 else \
+            staging.permute(1, 2, 3, 4, 0, 5, 6).contiguous().view(layers, kv, b, h, total, d)
+        kernels.unpack_tokens(chunk, keys, values, region)
         return CompletedHandle()
 
     # ------------------------------------------------------------------------------------------------

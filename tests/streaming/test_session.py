@@ -22,11 +22,11 @@ def host():
     t.close()
 
 
-def forward(cache, gen, batch, tokens, layers=LAYERS, heads=HEADS, dim=DIM):
+def forward(cache, gen, batch, tokens, layers=LAYERS, heads=HEADS, dim=DIM, device="cpu"):
     """One "forward pass": every layer's update with fresh random KV of ``tokens`` new tokens."""
     for l in range(layers):
-        k = torch.randn(batch, heads, tokens, dim, generator=gen)
-        v = torch.randn(batch, heads, tokens, dim, generator=gen)
+        k = torch.randn(batch, heads, tokens, dim, generator=gen).to(device)
+        v = torch.randn(batch, heads, tokens, dim, generator=gen).to(device)
         cache.update(k, v, l)
 
 
@@ -204,3 +204,24 @@ def test_recorder_numbers_segments_in_order():
     r.other(Crop(8, -1))
     assert r.begin("layers", 8, 20, 1) == 4
     assert [type(s).__name__ for s in r.segments] == ["Prefill", "Step", "Rows", "Crop", "Prefill"]
+
+
+@pytest.mark.gpu
+def test_layerwise_load_on_the_gpu_matches_the_cpu_load(seed, cuda_device):
+    host = kvstream.HostTransport(capacity_bytes=64 << 20)
+    cache = kvstream.StreamingCache(transport=host, session="gpu-load")
+    forward(cache, seed, 2, 40)
+    for _ in range(5):
+        forward(cache, seed, 2, 1)
+    cache.wait()
+    cpu = kvstream.StreamingCache.load(host, "gpu-load", stream=False)
+    manifest = kvstream.StreamingCache.read_manifest(host, "gpu-load")
+    load = replay(manifest, KVStreamer(host, device=cuda_device), device=cuda_device)
+    assert load.stream is not None and len(load.events) == LAYERS
+    for i in range(LAYERS):
+        k, v = load.take(i)  # the current stream waits for layer i only
+        assert torch.equal(k.cpu(), cpu.layers[i].keys) and torch.equal(v.cpu(), cpu.layers[i].values)
+    gpu = kvstream.StreamingCache.load(host, "gpu-load", device=cuda_device, stream=False)
+    forward(gpu, seed, 2, 1, device=cuda_device)  # the first update of each layer takes it
+    assert gpu._pending is None and gpu.get_seq_length() == cpu.get_seq_length() + 1
+    host.close()

@@ -108,3 +108,25 @@ def test_gpu_streamer_levels_same_bytes(level, seed):
         assert torch.equal(k2[l][:, :, 17:290], ks[l][:, :, 17:290])
         assert (k2[l][:, :, :17] == 3).all() and (v2[l][:, :, 290:] == 3).all()
     st.close()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_gather_many_puts_decode_steps_in_place(device, seed):
+    ks, vs = _cache(seed, s=12, device=device)
+    t = kvstream.HostTransport(capacity_bytes=1 << 20)
+    st = KVStreamer(t, device=device)
+    for j in range(4):  # four "decode steps" of two tokens each, positions 3..10
+        region = Region(layers=(0, 3), tokens=(3 + 2 * j, 5 + 2 * j))
+        st.scatter(f"s/step{j}", ks, vs, region)
+    st.wait()
+    k2 = [torch.full_like(k, -5.0) for k in ks]
+    v2 = [torch.full_like(v, -5.0) for v in vs]
+    st.gather_many([f"s/step{j}" for j in range(4)], k2, v2, Region(layers=(0, 3), tokens=(3, 11)))
+    for a, b, c, d in zip(ks, vs, k2, v2):
+        assert torch.equal(c[:, :, 3:11], a[:, :, 3:11]) and torch.equal(d[:, :, 3:11], b[:, :, 3:11])
+        assert bool((c[:, :, :3] == -5).all()) and bool((c[:, :, 11:] == -5).all())
+    assert st.stats.chunks_in == 4
+    with pytest.raises(LayoutError, match="split into 3 equal"):
+        st.gather_many(["s/step0", "s/step1", "s/step2"], k2, v2, Region(layers=(0, 3), tokens=(3, 11)))
+    with pytest.raises(LayoutError):  # a chunk that does not fit its slice
+        st.gather_many(["s/step0", "s/step1"], k2, v2, Region(layers=(0, 3), tokens=(3, 5)))

@@ -38,6 +38,15 @@ class PendingLoad:
             self.on_done()
         return True
 
+    def __del__(self):
+        # A cache dropped before its first forward: its load's buffers return to the compute stream's
+        # allocator, so the side stream must be done writing them first.
+        if getattr(self, "left", None):
+            try:
+                self.load.synchronize()
+            except Exception:  # noqa: BLE001 - a finalizer must not raise (interpreter shutdown)
+                pass
+
 
 def install(cache: Any, load: LayerwiseLoad, layer_ids: list[int], on_done: Callable[[], None] | None) -> None:
     """Put a layer-wise load into the layers ``layer_ids``: each full-attention layer holds its landing
