@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _tables
+from . import _checks, _launch, _tables
 from .tokens import _move_rows
 
 #: Target bytes per program: as for token ranges (16 KiB: 8 x 16-byte loads in flight per thread at 4 warps).
@@ -56,24 +56,24 @@ def _copy_blocks_kernel(table_ptr, chunk_ptr, ids_ptr, num_ids, tiles,
 
 
 def _blocks(key_caches, value_caches, block_ids, layers, chunk, unpack, block_rows, num_warps):
-    ids, scan, block_ids = _tables.paged_args(key_caches, value_caches, block_ids, layers, unique=unpack)
+    ids, scan, block_ids = _checks.paged_args(key_caches, value_caches, block_ids, layers, unique=unpack)
     _, block_size, heads, head_dim = scan.shape
     shape = (len(ids), 2, block_ids.numel(), block_size, heads, head_dim)
     if unpack:
-        _tables.check_chunk(chunk, shape, scan.dtype, scan.device)
+        _checks.check_chunk(chunk, shape, scan.dtype, scan.device)
     else:
-        chunk = _tables.packed_out(chunk, shape, scan.dtype, scan.device)
+        chunk = _checks.packed_out(chunk, shape, scan.dtype, scan.device)
     device = scan.device
-    _tables.check_backend(device, _copy_blocks_kernel)
+    _checks.check_backend(device, _copy_blocks_kernel)
     if chunk.numel() == 0:
         return chunk
     block_d = triton.next_power_of_2(head_dim)
     entries = 2 * len(ids)
     if block_rows is None:
-        block_rows = _tables.block_rows(block_size * heads, entries * block_ids.numel(), block_d * chunk.element_size(),
+        block_rows = _launch.block_rows(block_size * heads, entries * block_ids.numel(), block_d * chunk.element_size(),
                                         device, MAX_TILE_BYTES, MIN_PROGRAMS_PER_SM)
     tiles = triton.cdiv(block_size * heads, block_rows)
-    with _tables.launch_guard(device):
+    with _launch.launch_guard(device):
         table = _tables.table(scan.rows, _tables.PAGED_COLS, device)
         _copy_blocks_kernel[(block_ids.numel() * tiles, entries)](
             table, _tables.as_bits(chunk), block_ids, block_ids.numel(), tiles,

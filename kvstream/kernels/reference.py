@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from ..layout import Region, check_hf_layers
-from . import _tables
+from . import _checks
 
 
 def _region_slices(region: Region) -> tuple[slice, slice, slice]:
@@ -56,7 +56,7 @@ def pack_tokens(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], re
     """
     region = check_hf_layers(keys, values, region)
     first = keys[region.layers.start]
-    out = _tables.packed_out(out, region.packed_shape(first.shape[3]), first.dtype, first.device)
+    out = _checks.packed_out(out, region.packed_shape(first.shape[3]), first.dtype, first.device)
     b, h, t = _region_slices(region)
     for i, l in enumerate(region.layers):
         out[i, 0].copy_(keys[l][b, h, t])
@@ -76,7 +76,7 @@ def unpack_tokens(chunk: torch.Tensor, keys: Sequence[torch.Tensor], values: Seq
     """
     region = check_hf_layers(keys, values, region)
     first = keys[region.layers.start]
-    _tables.check_chunk(chunk, region.packed_shape(first.shape[3]), first.dtype, first.device)
+    _checks.check_chunk(chunk, region.packed_shape(first.shape[3]), first.dtype, first.device)
     b, h, t = _region_slices(region)
     for i, l in enumerate(region.layers):
         keys[l][b, h, t].copy_(chunk[i, 0])
@@ -105,11 +105,11 @@ def pack_newest(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *,
     LayoutError
         On a mismatch, a bad layer list or starts outside a layer's positions.
     """
-    ids, scan, resolved = _tables.newest_args(keys, values, layers, num_tokens, starts)
+    ids, scan, resolved = _checks.newest_args(keys, values, layers, num_tokens, starts)
     if isinstance(resolved, torch.Tensor):
         return pack_newest(keys, values, num_tokens=num_tokens, layers=ids, starts=resolved.tolist(), out=out)
     b, h, _, d = scan.shape
-    out = _tables.packed_out(out, (len(ids), 2, b, h, num_tokens, d), scan.dtype, scan.device)
+    out = _checks.packed_out(out, (len(ids), 2, b, h, num_tokens, d), scan.dtype, scan.device)
     for i, (l, s) in enumerate(zip(ids, resolved)):
         out[i, 0].copy_(keys[l][:, :, s:s + num_tokens])
         out[i, 1].copy_(values[l][:, :, s:s + num_tokens])
@@ -125,10 +125,10 @@ def unpack_newest(chunk: torch.Tensor, keys: Sequence[torch.Tensor], values: Seq
     LayoutError
         On a mismatch or starts outside a layer's positions.
     """
-    num_tokens = _tables.chunk_tokens(chunk)
-    ids, scan, resolved = _tables.newest_args(keys, values, layers, num_tokens, _host_starts(starts))
+    num_tokens = _checks.chunk_tokens(chunk)
+    ids, scan, resolved = _checks.newest_args(keys, values, layers, num_tokens, _host_starts(starts))
     b, h, _, d = scan.shape
-    _tables.check_chunk(chunk, (len(ids), 2, b, h, num_tokens, d), scan.dtype, scan.device)
+    _checks.check_chunk(chunk, (len(ids), 2, b, h, num_tokens, d), scan.dtype, scan.device)
     for i, (l, s) in enumerate(zip(ids, resolved)):
         keys[l][:, :, s:s + num_tokens].copy_(chunk[i, 0])
         values[l][:, :, s:s + num_tokens].copy_(chunk[i, 1])
@@ -154,8 +154,8 @@ def pack_blocks(key_caches: Sequence[torch.Tensor], value_caches: Sequence[torch
     LayoutError
         On a mismatch or block ids out of range.
     """
-    ids, scan, block_ids = _tables.paged_args(key_caches, value_caches, _host_ids(block_ids), layers, unique=False)
-    out = _tables.packed_out(out, (len(ids), 2, block_ids.numel(), *scan.shape[1:]), scan.dtype, scan.device)
+    ids, scan, block_ids = _checks.paged_args(key_caches, value_caches, _host_ids(block_ids), layers, unique=False)
+    out = _checks.packed_out(out, (len(ids), 2, block_ids.numel(), *scan.shape[1:]), scan.dtype, scan.device)
     for i, l in enumerate(ids):
         out[i, 0].copy_(key_caches[l][block_ids])
         out[i, 1].copy_(value_caches[l][block_ids])
@@ -171,8 +171,8 @@ def unpack_blocks(chunk: torch.Tensor, key_caches: Sequence[torch.Tensor], value
     LayoutError
         On a mismatch, or block ids out of range or repeated.
     """
-    ids, scan, block_ids = _tables.paged_args(key_caches, value_caches, _host_ids(block_ids), layers, unique=True)
-    _tables.check_chunk(chunk, (len(ids), 2, block_ids.numel(), *scan.shape[1:]), scan.dtype, scan.device)
+    ids, scan, block_ids = _checks.paged_args(key_caches, value_caches, _host_ids(block_ids), layers, unique=True)
+    _checks.check_chunk(chunk, (len(ids), 2, block_ids.numel(), *scan.shape[1:]), scan.dtype, scan.device)
     for i, l in enumerate(ids):
         key_caches[l][block_ids] = chunk[i, 0].to(scan.device)
         value_caches[l][block_ids] = chunk[i, 1].to(scan.device)

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ..layout import Region
-from . import _tables
+from . import _checks, _launch, _tables
 
 #: Target bytes per program: 16 KiB is 8 x 16-byte loads in flight per thread at 4 warps, enough to cover
 #: HBM latency on an H100 (a Llama-3-8B bf16 row of head_dim 128 is 256 bytes: 64 rows per program).
@@ -90,10 +90,10 @@ def _copy_tokens_kernel(table_ptr, chunk_ptr, starts_ptr, rows, heads, tokens, t
     _move_rows(base + cache_off, row_mask, chunk_ptr + chunk_row * HEAD_DIM, HEAD_DIM, BLOCK_D, UNPACK)
 
 
-def _launch(scan, batch, heads, tokens, t0, device_starts, chunk, unpack, block_rows, num_warps):
+def _launch_kernel(scan, batch, heads, tokens, t0, device_starts, chunk, unpack, block_rows, num_warps):
     """Launch the kernel over the scanned entries for ``batch`` x ``heads`` x ``tokens`` rows from ``t0``."""
     device = scan.device
-    _tables.check_backend(device, _copy_tokens_kernel)
+    _checks.check_backend(device, _copy_tokens_kernel)
     rows = batch * heads * tokens
     if rows == 0:
         return
@@ -101,12 +101,12 @@ def _launch(scan, batch, heads, tokens, t0, device_starts, chunk, unpack, block_
     block_d = triton.next_power_of_2(head_dim)
     entries = len(scan.sizes)
     if block_rows is None:
-        block_rows = _tables.block_rows(rows, entries, block_d * chunk.element_size(), device, MAX_TILE_BYTES,
+        block_rows = _launch.block_rows(rows, entries, block_d * chunk.element_size(), device, MAX_TILE_BYTES,
                                         MIN_PROGRAMS_PER_SM)
     across_rows = tokens < block_rows and rows < 2**31 - block_rows
     tiles = triton.cdiv(tokens, block_rows)
     grid = (triton.cdiv(rows, block_rows) if across_rows else batch * heads * tiles, entries)
-    with _tables.launch_guard(device):
+    with _launch.launch_guard(device):
         table = _tables.table(scan.rows, _tables.TOKEN_COLS, device)
         _copy_tokens_kernel[grid](
             table, _tables.as_bits(chunk), device_starts if device_starts is not None else table,
@@ -117,27 +117,27 @@ def _launch(scan, batch, heads, tokens, t0, device_starts, chunk, unpack, block_
 
 
 def _region(keys, values, region, chunk, unpack, block_rows, num_warps):
-    region, scan = _tables.region_args(keys, values, region)
+    region, scan = _checks.region_args(keys, values, region)
     shape = region.packed_shape(scan.shape[3])
     if unpack:
-        _tables.check_chunk(chunk, shape, scan.dtype, scan.device)
+        _checks.check_chunk(chunk, shape, scan.dtype, scan.device)
     else:
-        chunk = _tables.packed_out(chunk, shape, scan.dtype, scan.device)
-    _launch(scan, len(region.batch), len(region.heads), len(region.tokens), region.tokens.start, None, chunk, unpack,
-            block_rows, num_warps)
+        chunk = _checks.packed_out(chunk, shape, scan.dtype, scan.device)
+    _launch_kernel(scan, len(region.batch), len(region.heads), len(region.tokens), region.tokens.start, None, chunk,
+                   unpack, block_rows, num_warps)
     return chunk
 
 
 def _newest(keys, values, layers, num_tokens, starts, chunk, unpack, block_rows, num_warps):
-    ids, scan, resolved = _tables.newest_args(keys, values, layers, num_tokens, starts)
+    ids, scan, resolved = _checks.newest_args(keys, values, layers, num_tokens, starts)
     b, h, _, d = scan.shape
     shape = (len(ids), 2, b, h, num_tokens, d)
     if unpack:
-        _tables.check_chunk(chunk, shape, scan.dtype, scan.device)
+        _checks.check_chunk(chunk, shape, scan.dtype, scan.device)
     else:
-        chunk = _tables.packed_out(chunk, shape, scan.dtype, scan.device)
+        chunk = _checks.packed_out(chunk, shape, scan.dtype, scan.device)
     if isinstance(resolved, torch.Tensor):
-        _launch(scan, b, h, num_tokens, 0, resolved, chunk, unpack, block_rows, num_warps)
+        _launch_kernel(scan, b, h, num_tokens, 0, resolved, chunk, unpack, block_rows, num_warps)
         return chunk
     t0 = min(resolved)
     if max(resolved) != t0:
@@ -145,7 +145,7 @@ def _newest(keys, values, layers, num_tokens, starts, chunk, unpack, block_rows,
         # a launch argument instead, so a StaticCache's table is the same from step to step: a cache hit.
         for i, s in enumerate(resolved):
             scan.rows[(2 * i + 1) * _tables.TOKEN_COLS - 1] = scan.rows[(2 * i + 2) * _tables.TOKEN_COLS - 1] = s - t0
-    _launch(scan, b, h, num_tokens, t0, None, chunk, unpack, block_rows, num_warps)
+    _launch_kernel(scan, b, h, num_tokens, t0, None, chunk, unpack, block_rows, num_warps)
     return chunk
 
 
@@ -279,4 +279,4 @@ def unpack_newest(chunk: torch.Tensor, keys: Sequence[torch.Tensor], values: Seq
     ConfigError
         If the tensors are on the CPU without the Triton interpreter.
     """
-    _newest(keys, values, layers, _tables.chunk_tokens(chunk), starts, chunk, True, block_rows, num_warps)
+    _newest(keys, values, layers, _checks.chunk_tokens(chunk), starts, chunk, True, block_rows, num_warps)
