@@ -152,59 +152,20 @@ def _newest(keys, values, layers, num_tokens, starts, chunk, unpack, block_rows,
 def pack_tokens(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], region: Region,
                 out: torch.Tensor | None = None, *, block_rows: int | None = None,
                 num_warps: int | None = None) -> torch.Tensor:
-    """Pack a region of per-layer HF-layout K/V tensors into one contiguous chunk, in one launch.
+    """Triton launcher of :func:`kvstream.kernels.pack_tokens`, which documents the parameters, result and errors.
 
-    Parameters
-    ----------
-    keys, values : sequence of torch.Tensor
-        Per-layer ``[batch, kv_heads, seq, head_dim]`` tensors (any strides, ``head_dim`` stride 1), all of
-        one dtype on one CUDA device (or the CPU under ``TRITON_INTERPRET=1``).
-    region : Region
-        Contiguous layers, tokens and (optionally) batch rows and heads.
-    out : torch.Tensor, optional
-        Contiguous ``[L, 2, B, H, T, head_dim]`` (:data:`kvstream.layout.PACKED_AXES`) of the same dtype, on
-        the KV device or in pinned host memory (written directly over PCIe, zero-copy).
-    block_rows, num_warps : int, optional
-        Tuning overrides: ``head_dim`` rows per program and warps per program.
-
-    Returns
-    -------
-    torch.Tensor
-        ``out``, or a new tensor on the KV device.
-
-    Raises
-    ------
-    LayoutError
-        On a shape, dtype, stride or device mismatch (from :func:`kvstream.layout.check_hf_layers`).
-    ConfigError
-        If the tensors are on the CPU without the Triton interpreter.
-
-    Examples
-    --------
-    >>> chunk = pack_tokens(keys, values, Region(layers=range(32), tokens=(0, 1500)))  # doctest: +SKIP
+    ``block_rows`` (``head_dim`` rows per program; default sized from :data:`MAX_TILE_BYTES` and
+    :data:`MIN_PROGRAMS_PER_SM`) and ``num_warps`` (default :data:`NUM_WARPS`) override the tuning.
     """
     return _region(keys, values, region, out, False, block_rows, num_warps)
 
 
 def unpack_tokens(chunk: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], region: Region,
                   *, block_rows: int | None = None, num_warps: int | None = None) -> None:
-    """Write a packed chunk back into a region of per-layer HF-layout K/V tensors (inverse of :func:`pack_tokens`).
+    """Triton launcher of :func:`kvstream.kernels.unpack_tokens`, which documents the parameters and errors.
 
-    Parameters
-    ----------
-    chunk : torch.Tensor
-        Contiguous ``[L, 2, B, H, T, head_dim]`` of the KV dtype, on the KV device or in pinned host memory.
-    keys, values, region
-        As in :func:`pack_tokens`; only the region's elements are written.
-    block_rows, num_warps : int, optional
-        Tuning overrides.
-
-    Raises
-    ------
-    LayoutError
-        If ``chunk`` does not match the region, or on any mismatch of the K/V tensors.
-    ConfigError
-        If the tensors are on the CPU without the Triton interpreter.
+    ``block_rows`` (``head_dim`` rows per program; default sized from :data:`MAX_TILE_BYTES` and
+    :data:`MIN_PROGRAMS_PER_SM`) and ``num_warps`` (default :data:`NUM_WARPS`) override the tuning.
     """
     _region(keys, values, region, chunk, True, block_rows, num_warps)
 
@@ -212,43 +173,10 @@ def unpack_tokens(chunk: torch.Tensor, keys: Sequence[torch.Tensor], values: Seq
 def pack_newest(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *, num_tokens: int = 1,
                 layers: range | Sequence[int] | None = None, starts=None, out: torch.Tensor | None = None,
                 block_rows: int | None = None, num_warps: int | None = None) -> torch.Tensor:
-    """Pack the newest ``num_tokens`` tokens of every selected layer, K and V, in one launch (decode streaming).
+    """Triton launcher of :func:`kvstream.kernels.pack_newest`, which documents the parameters, result and errors.
 
-    DéjàVu streams each decode step's new KV of all layers with one buffered copy instead of one copy per
-    layer and row (DéjàVu, Strati et al., ICML 2024, §4.3, "token" path).
-
-    Parameters
-    ----------
-    keys, values : sequence of torch.Tensor
-        Per-layer ``[batch, kv_heads, seq, head_dim]`` tensors (any strides, ``head_dim`` stride 1); ``seq``
-        may differ between layers (sliding-window layers).
-    num_tokens : int
-        Tokens per layer (``n``); 0 gives an empty chunk and launches nothing.
-    layers : range or sequence of int, optional
-        Layers to pack, in chunk order; default every layer.
-    starts : int, sequence of int or int tensor ``[L]``, optional
-        First position per layer; default ``keys[l].shape[2] - num_tokens``. A CUDA tensor is used as is
-        (no host sync, not checked on the host; positions outside a layer are neither read nor written).
-    out : torch.Tensor, optional
-        Contiguous ``[L, 2, B, H, n, head_dim]``, on the KV device or in pinned host memory (zero-copy).
-    block_rows, num_warps : int, optional
-        Tuning overrides.
-
-    Returns
-    -------
-    torch.Tensor
-        ``out``, or a new ``[L, 2, B, H, n, head_dim]`` tensor on the KV device.
-
-    Raises
-    ------
-    LayoutError
-        On a shape/dtype/device mismatch, a bad layer list, or starts outside a layer's positions.
-    ConfigError
-        If the tensors are on the CPU without the Triton interpreter.
-
-    Examples
-    --------
-    >>> step = pack_newest(keys, values, out=pinned_step)   # doctest: +SKIP
+    ``block_rows`` (``head_dim`` rows per program; default sized from :data:`MAX_TILE_BYTES` and
+    :data:`MIN_PROGRAMS_PER_SM`) and ``num_warps`` (default :data:`NUM_WARPS`) override the tuning.
     """
     return _newest(keys, values, layers, num_tokens, starts, out, False, block_rows, num_warps)
 
@@ -256,27 +184,9 @@ def pack_newest(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *,
 def unpack_newest(chunk: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], starts,
                   *, layers: range | Sequence[int] | None = None, block_rows: int | None = None,
                   num_warps: int | None = None) -> None:
-    """Write a chunk of ``n`` tokens per layer into the K/V tensors at per-layer ``starts`` (inverse of
-    :func:`pack_newest`).
+    """Triton launcher of :func:`kvstream.kernels.unpack_newest`, which documents the parameters and errors.
 
-    Parameters
-    ----------
-    chunk : torch.Tensor
-        Contiguous ``[L, 2, B, H, n, head_dim]``, on the KV device or in pinned host memory.
-    keys, values : sequence of torch.Tensor
-        Per-layer HF-layout tensors to write into.
-    starts : int, sequence of int, int tensor ``[L]`` or None
-        First position per layer (``None``: the last ``n`` positions of each layer).
-    layers : range or sequence of int, optional
-        Layers the chunk's layer axis maps to; default every layer.
-    block_rows, num_warps : int, optional
-        Tuning overrides.
-
-    Raises
-    ------
-    LayoutError
-        On a shape/dtype/device mismatch or starts outside a layer's positions.
-    ConfigError
-        If the tensors are on the CPU without the Triton interpreter.
+    ``block_rows`` (``head_dim`` rows per program; default sized from :data:`MAX_TILE_BYTES` and
+    :data:`MIN_PROGRAMS_PER_SM`) and ``num_warps`` (default :data:`NUM_WARPS`) override the tuning.
     """
     _newest(keys, values, layers, _checks.chunk_tokens(chunk), starts, chunk, True, block_rows, num_warps)
