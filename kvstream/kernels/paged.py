@@ -28,7 +28,7 @@ from .tokens import _move_rows
 MAX_TILE_BYTES = 16384
 #: Rows per program shrink until the grid has this many programs per SM (a few blocks must still fill an H100).
 MIN_PROGRAMS_PER_SM = 4
-#: Warps per program (tuned in bench/kernels_tune.py).
+#: Warps per program (tuned in kvstream/bench/kernels_tune.py).
 NUM_WARPS = 4
 
 

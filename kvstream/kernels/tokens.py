@@ -27,7 +27,7 @@ from . import _checks, _launch, _tables
 
 #: Target bytes per program: 16 KiB is 8 x 16-byte loads in flight per thread at 4 warps, enough to cover
 #: HBM latency on an H100 (a Llama-3-8B bf16 row of head_dim 128 is 256 bytes: 64 rows per program).
-#: Predicted; bench/kernels_tune.py measures the alternatives.
+#: Predicted; kvstream/bench/kernels_tune.py measures the alternatives.
 MAX_TILE_BYTES = 16384
 #: Rows per program shrink until the grid has this many programs per SM, so a decode step of 2 MiB
 #: (32 layers, B16, H8, bf16) spreads over every SM: 1024 programs of 2 KiB rather than 128 of 16 KiB.

@@ -17,12 +17,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # bench/ is a package of the source tree, not of the installed kvstream
-    sys.path.insert(0, str(ROOT))
+from kvstream.bench import harness
+from kvstream.bench.run_all import TOPICS, available_topics
 
-from bench import harness  # noqa: E402
-from bench.run_all import TOPICS  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 #: summary.json keys the core topics write.
 CORE_KEYS = ("pack_vs_copy", "pack_vs_torch", "decode_step_us", "d2h_vs_memcpy", "h2d_vs_memcpy", "disk_write_vs_raw",
@@ -108,18 +106,25 @@ def test_quick_suite_draws_the_plots(quick_run):
         assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
-def test_bench_cli_reports_missing_bench_dir(monkeypatch, capsys):
-    from kvstream import benchmarks
+def test_default_results_dir_is_the_checkouts_bench_results(monkeypatch, tmp_path):
+    """From a source checkout: <repo root>/bench/results wherever the run starts; installed: ./bench/results."""
+    monkeypatch.chdir(tmp_path)
+    assert harness.repo_root() == ROOT
+    assert harness.default_results_dir() == ROOT / "bench" / "results"
+    monkeypatch.setattr(harness, "repo_root", lambda: None)
+    assert harness.default_results_dir() == tmp_path / "bench" / "results"
 
-    monkeypatch.setattr(benchmarks, "find_bench_dir", lambda: None)
-    assert benchmarks.main(["kernels", "--quick"]) == 2
-    assert "bench/ directory" in capsys.readouterr().err
+
+def test_topics_are_the_topic_modules_only():
+    topics = available_topics()
+    assert list(TOPICS) == topics[:len(TOPICS)]
+    assert not set(topics) & {"cli", "harness", "plot", "run_all"}
 
 
 def test_bench_cli_rejects_unknown_topic(capsys):
-    from kvstream import benchmarks
+    from kvstream.bench import cli
 
-    assert benchmarks.main(["no-such-topic"]) == 2
+    assert cli.main(["no-such-topic"]) == 2
     assert "unknown topic" in capsys.readouterr().err
 
 
@@ -177,7 +182,7 @@ def test_quick_suite_on_the_gpu(tmp_path):
     """The GPU code paths (events, zero-copy, CUDA graph, HF offload) with tiny shapes: every topic runs."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "-m", "bench.run_all", "--quick", "--device", "cuda", "--out", str(tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "kvstream.bench.run_all", "--quick", "--device", "cuda", "--out", str(tmp_path),
                            "--no-plot"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
     doc = json.loads((tmp_path / "summary.json").read_text())

@@ -19,7 +19,7 @@ planner's split for the measured inputs in its detail.
 
 ``--quick``: the tiny model on the CPU over gloo, two rates, a few requests (no timing claims).
 
-    PYTHONPATH=$PWD python3 -m bench.disagg                  # two GPUs, ~5 minutes
+    PYTHONPATH=$PWD python3 -m kvstream.bench.disagg                  # two GPUs, ~5 minutes
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         if torch.cuda.device_count() < 2:
-            raise SystemExit("bench.disagg needs two GPUs (or --quick for the CPU smoke run)")
+            raise SystemExit("kvstream.bench.disagg needs two GPUs (or --quick for the CPU smoke run)")
     rates = [25.0, 50.0] if run.quick else [float(r) for r in run.args.rates.split(",")]
     points: dict = {}
     planner: dict = {}
@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = disagg._parser().parse_args(argv_)
             code, doc = disagg.run(args)
             if code != 0 or doc["missing"]:
-                raise SystemExit(f"bench.disagg: {mode} at rate {rate:g} failed (code {code}, missing {doc['missing']})")
+                raise SystemExit(f"kvstream.bench.disagg: {mode} at rate {rate:g} failed (code {code}, missing {doc['missing']})")
             s = doc["summary"]
             points[mode, rate] = s
             x = "inf" if math.isinf(rate) else rate

@@ -21,7 +21,7 @@ Rows (``<out>/prefix.csv``), host clock between synchronizations, every provider
   ``ChunkFileStore(direct)`` (O_DIRECT, where the filesystem has it) update of the stored prefix from the
   GPU cache until durable (fsync of every file), and lookup + load of it onto the GPU from a cold page
   cache; time, GB/s and tokens/s; against ``raw-odirect`` (or ``raw-buffered``) writes
-  and reads of as many files of the same size, 16 MiB blocks (:func:`bench.harness.ceiling_disk`);
+  and reads of as many files of the same size, 16 MiB blocks (:func:`kvstream.bench.harness.ceiling_disk`);
 * ``prefix.radix.update`` / ``prefix.radix.load``: ``RadixStore`` update from the GPU and load to the GPU,
   against pinned ``memcpy`` of the same bytes.
 

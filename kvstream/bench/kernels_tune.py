@@ -2,13 +2,13 @@
 
 Run on the GPU machine (about 1-2 minutes of GPU time, 40 GB of GPU memory at the defaults)::
 
-    PYTHONPATH=$PWD python3 bench/kernels_tune.py                 # the table on stdout
-    PYTHONPATH=$PWD python3 bench/kernels_tune.py --csv bench/results/kernels_tune.csv
+    PYTHONPATH=$PWD python3 -m kvstream.bench.kernels_tune        # the table on stdout
+    PYTHONPATH=$PWD python3 -m kvstream.bench.kernels_tune --csv bench/results/kernels_tune.csv
 
 and on a CPU-only machine, as a smoke test of the script itself (tiny shapes under the Triton interpreter,
 correctness only, no timing)::
 
-    PYTHONPATH=$PWD python3 bench/kernels_tune.py --quick
+    PYTHONPATH=$PWD python3 -m kvstream.bench.kernels_tune --quick
 
 Sections (Llama-3-8B's KV: 32 layers, 8 KV heads, head_dim 128, bf16; issue 3's targets):
 

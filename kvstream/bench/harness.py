@@ -6,10 +6,10 @@ Every topic script builds a :class:`Run` from its command line, measures, and re
 * a **markdown table** of the run's rows on stdout;
 * **headline figures** merged into ``<out>/summary.json`` through :func:`record_summary` (one object, one
   entry per key, each with its value, the ceiling or peer it is compared with, the ratio, the target and
-  pass/fail, plus device and date). Other helpers' topics (``bench/prefix.py``, ``bench/nccl_handoff.py``)
+  pass/fail, plus device and date). Other topics (``kvstream/bench/prefix.py``, ``kvstream/bench/nccl_handoff.py``)
   call :func:`record_summary` (or :meth:`Run.summary`) the same way::
 
-      from bench.harness import Run
+      from kvstream.bench.harness import Run
       run = Run.from_argv("prefix", argv)
       ...
       run.summary("prefix_ttft_speedup", value=7.2, unit="x", ceiling=None, ceiling_of="full prefill",
@@ -68,10 +68,10 @@ SUMMARY_KEYS: dict[str, str] = {
     "offload_vs_dynamic": "StreamingCache(offload=True) over DynamicCache, same run",
     "hf_offload_vs_dynamic": "HF's DynamicCache(offloading=True) over DynamicCache, same run (the peer)",
     "levels": "DéjàVuLib levels 0-3 (paper Fig. 7): buffered over naive, all over buffered",
-    "prefix_ttft_speedup": "time to first token with a stored 90% prefix over full prefill (bench/prefix.py)",
-    "file_store_read_vs_raw": "chunk file store reads over raw disk reads (bench/prefix.py)",
-    "file_store_write_vs_raw": "chunk file store writes over raw disk writes (bench/prefix.py)",
-    "nccl_handoff_vs_raw": "KV handoff over raw nccl4py send/recv of the same bytes (bench/nccl_handoff.py)",
+    "prefix_ttft_speedup": "time to first token with a stored 90% prefix over full prefill (kvstream/bench/prefix.py)",
+    "file_store_read_vs_raw": "chunk file store reads over raw disk reads (kvstream/bench/prefix.py)",
+    "file_store_write_vs_raw": "chunk file store writes over raw disk writes (kvstream/bench/prefix.py)",
+    "nccl_handoff_vs_raw": "KV handoff over raw nccl4py send/recv of the same bytes (kvstream/bench/nccl_handoff.py)",
 }
 
 #: Block size of the raw disk ceiling: 16 MiB, as in DEVICE.md's ``dd`` measurement.
@@ -91,18 +91,21 @@ _T0 = time.perf_counter()
 # ----------------------------------------------------------------------------------------------------
 
 def bench_dir() -> Path:
-    """The ``bench/`` directory holding this file."""
+    """The ``kvstream/bench/`` package directory holding this file."""
     return Path(__file__).resolve().parent
 
 
-def repo_root() -> Path:
-    """The repository root (the parent of ``bench/``)."""
-    return bench_dir().parent
+def repo_root() -> Path | None:
+    """The source checkout this package runs from: the directory holding ``pyproject.toml`` above
+    ``kvstream/``; ``None`` for an installed package."""
+    root = bench_dir().parent.parent
+    return root if (root / "pyproject.toml").is_file() else None
 
 
 def default_results_dir() -> Path:
-    """``bench/results``: where a full (non-quick) run writes."""
-    return bench_dir() / "results"
+    """Where a full (non-quick) run writes: ``<repo root>/bench/results`` from a source checkout, else
+    ``./bench/results``."""
+    return (repo_root() or Path.cwd()) / "bench" / "results"
 
 
 def progress(msg: str) -> None:
@@ -133,12 +136,15 @@ def _git_sha() -> str:
     env = os.environ.get("KVSTREAM_GIT_SHA")
     if env:
         return env
+    root = repo_root()
+    if root is None:
+        return "unknown"
     try:
-        sha = subprocess.run(["git", "-C", str(repo_root()), "rev-parse", "--short", "HEAD"], capture_output=True,
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=10).stdout.strip()
         if not sha:
             return "unknown"
-        dirty = subprocess.run(["git", "-C", str(repo_root()), "status", "--porcelain", "-uno"], capture_output=True,
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "-uno"], capture_output=True,
                                text=True, timeout=10).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -455,7 +461,7 @@ def record_summary(out_dir: str | Path, key: str, *, value: float | None, unit: 
 
 def common_parser(topic: str, description: str | None = None) -> argparse.ArgumentParser:
     """The options every topic takes: ``--quick``, ``--out``, ``--device``, ``--layers``, ``--disk-dir``."""
-    p = argparse.ArgumentParser(prog=f"bench.{topic}", description=description,
+    p = argparse.ArgumentParser(prog=f"kvstream.bench.{topic}", description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="tiny shapes, few repetitions, any device; no timing claims; writes to a temp dir unless --out")
@@ -486,7 +492,7 @@ class Run:
         dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.device = torch.device(dev)
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit(f"bench.{topic}: --device {dev} but torch sees no CUDA GPU")
+            raise SystemExit(f"kvstream.bench.{topic}: --device {dev} but torch sees no CUDA GPU")
         if args.out:
             self.out_dir = Path(args.out)
         elif self.quick:
@@ -507,7 +513,7 @@ class Run:
             add_args(p)
         args, unknown = p.parse_known_args(list(argv) if argv is not None else None)
         if unknown:  # run_all hands every topic the options meant for any of them
-            print(f"bench.{topic}: ignoring options it does not take: {unknown}", flush=True)
+            print(f"kvstream.bench.{topic}: ignoring options it does not take: {unknown}", flush=True)
         return cls(topic, args)
 
     # -- recording -----------------------------------------------------------------------------------
@@ -582,7 +588,7 @@ class Run:
         """Write the CSV, print the table and where the results are. Returns 0 (the exit code)."""
         path = self.write_csv()
         print()
-        print(f"### bench.{self.topic} on {self.env['device']} ({self.env['date']}, {self.env['git_sha']})"
+        print(f"### kvstream.bench.{self.topic} on {self.env['device']} ({self.env['date']}, {self.env['git_sha']})"
               + ("  [--quick: no timing claims]" if self.quick else ""))
         print(self.table())
         print(f"\nrows appended to {path}; summary in {self.out_dir / 'summary.json'}", flush=True)

@@ -1,8 +1,8 @@
 """Run the whole suite in one process: every topic, then the plots, then the summary table.
 
-    PYTHONPATH=$PWD python3 -m bench.run_all                     # GPU: everything under bench/results/
-    PYTHONPATH=$PWD python3 -m bench.run_all --quick             # CPU smoke run into a temp dir
-    PYTHONPATH=$PWD python3 -m bench.run_all --topics kernels,levels --layers 8
+    PYTHONPATH=$PWD python3 -m kvstream.bench.run_all            # GPU: everything under bench/results/
+    PYTHONPATH=$PWD python3 -m kvstream.bench.run_all --quick    # CPU smoke run into a temp dir
+    PYTHONPATH=$PWD python3 -m kvstream.bench.run_all --topics kernels,levels --layers 8
 
 One process, so the Llama-3-8B-shaped model is built once and shared by ``generate`` and ``levels``.
 A topic that fails is reported (with its traceback) and the others still run; the exit code is 1 then.
@@ -20,17 +20,17 @@ import traceback
 from pathlib import Path
 from typing import Sequence
 
-from . import harness
+from . import harness, plot
 
 #: The core topics, in the order ``all`` runs them (generate before levels: levels reuses its model).
 TOPICS: tuple[str, ...] = ("kernels", "transfers", "disk", "generate", "levels")
 #: Other helpers' topics that ``all`` runs when their script exists (nccl_handoff only with two GPUs).
 EXTRA_TOPICS: tuple[str, ...] = ("prefix", "nccl_handoff")
-_NOT_TOPICS = {"__init__", "harness", "plot", "run_all"}
+_NOT_TOPICS = {"__init__", "cli", "harness", "plot", "run_all"}
 
 
 def available_topics() -> list[str]:
-    """Every ``bench/<name>.py`` that is a topic: the core ones first, then the others found."""
+    """Every ``kvstream/bench/<name>.py`` that is a topic: the core ones first, then the others found."""
     found = sorted(p.stem for p in harness.bench_dir().glob("*.py") if p.stem not in _NOT_TOPICS and not p.stem.startswith("_"))
     return [t for t in TOPICS if t in found] + [t for t in found if t not in TOPICS]
 
@@ -47,10 +47,10 @@ def default_topics() -> list[str]:
 
 
 def run_topic(topic: str, argv: Sequence[str]) -> int:
-    """Import ``bench.<topic>`` and call its ``main(argv)``; returns its exit code."""
-    module = importlib.import_module(f"bench.{topic}")
+    """Import ``kvstream.bench.<topic>`` and call its ``main(argv)``; returns its exit code."""
+    module = importlib.import_module(f"{__package__}.{topic}")
     if not hasattr(module, "main"):
-        raise SystemExit(f"bench/{topic}.py has no main(argv)")
+        raise SystemExit(f"kvstream/bench/{topic}.py has no main(argv)")
     return int(module.main(list(argv)) or 0)
 
 
@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     topics = args.topics.split(",") if args.topics else default_topics()
     unknown = [t for t in topics if t not in available_topics()]
     if unknown:
-        print(f"bench.run_all: unknown topics {unknown}; available: {available_topics()}", file=sys.stderr)
+        print(f"kvstream.bench.run_all: unknown topics {unknown}; available: {available_topics()}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="kvstream-bench-")) if args.quick
                                            else harness.default_results_dir())
@@ -108,12 +108,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     harness.release_models()
     if not args.no_plot:
         try:
-            importlib.import_module("bench.plot").main(["--out", str(out)])
+            plot.main(["--out", str(out)])
         except Exception:  # noqa: BLE001 - plots are a convenience; the CSVs are the record
             traceback.print_exc()
             failed.append("plot")
     table = summary_table(out / "summary.json")
-    (out / "summary.md").write_text(f"<!-- written by bench/run_all.py from summary.json -->\n{table}\n")
+    (out / "summary.md").write_text(f"<!-- written by kvstream/bench/run_all.py from summary.json -->\n{table}\n")
     print("\n## summary.json\n")
     print(table)
     harness.progress(f"suite done in {time.perf_counter() - t_start:.1f} s; results in {out}"
