@@ -29,7 +29,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from . import harness
+from . import harness, timing
 from .harness import Run
 
 MODES = ("disagg", "colocated")
@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for mode in MODES:
             results = run.out_dir / "disagg-runs" / f"{mode}-rate{rate:g}"
             argv_ = _disagg_args(run, mode, rate, results)
-            harness.progress(f"kvstream disagg {' '.join(argv_)}")
+            timing.progress(f"kvstream disagg {' '.join(argv_)}")
             args = disagg._parser().parse_args(argv_)
             code, doc = disagg.run(args)
             if code != 0 or doc["missing"]:
@@ -120,8 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run.add("disagg.load", LABELS[mode], x, "ttft_mean", "s", s["ttft_s"])
             if mode == "disagg" and doc["planner_inputs"]:
                 planner = doc["planner_inputs"]
-            harness.progress(f"{mode} at {rate:g} req/s: {s['throughput_req_per_s']:.3f} req/s, "
-                             f"{s['normalized_latency_s_per_token']['mean']:.4f} s/token")
+            timing.progress(f"{mode} at {rate:g} req/s: {s['throughput_req_per_s']:.3f} req/s, "
+                            f"{s['normalized_latency_s_per_token']['mean']:.4f} s/token")
     png = run.out_dir / "disagg.png"
     _plot(points, png)
     peak = {m: max(points[m, r]["throughput_req_per_s"] for r in rates) for m in MODES}

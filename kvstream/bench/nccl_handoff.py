@@ -36,18 +36,18 @@ Run on a machine with two GPUs (nccl4py and an NCCL runtime installed)::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from typing import Sequence
 
 import torch
 
-from . import harness
-from .harness import GB, MiB, Run, Stat
+from . import harness, inputs, records, timing
+from .harness import Run
+from .records import MiB
+from .timing import Stat
 
 NAMESPACE = "bench/nccl_handoff"
 PROVIDERS = ("raw", "raw-grouped", "transport", "transport-after-arrival")
@@ -218,7 +218,7 @@ def _sender(run: Run, port: int) -> dict:
     try:
         for tokens in _sizes(args):
             data = _data(args, side.device, tokens, seed=tokens)
-            nbytes = harness.tensor_nbytes(data)
+            nbytes = inputs.tensor_nbytes(data)
             for provider in PROVIDERS:
                 samples, flush_ms = [], []
                 for rep in range(args.reps + 1):
@@ -250,7 +250,7 @@ def _sender(run: Run, port: int) -> dict:
                     fl = run.add("nccl_handoff.flush_calls", label, tokens, "time", "ms", Stat.of(flush_ms))
                     results[(tokens, provider)]["flush_calls_ms"] = fl.p50
                     note = f" (flush calls {fl.p50:.3f} ms: {fl.p50 * 1e3 / len(data):.0f} us a chunk)"
-                harness.progress(f"{tokens} tokens, {provider}: {ms.p50:.3f} ms, {bw.p50:.1f} GB/s{note}")
+                timing.progress(f"{tokens} tokens, {provider}: {ms.p50:.3f} ms, {bw.p50:.1f} GB/s{note}")
         side.barrier()
     finally:
         side.close()
@@ -274,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     child_argv = ["--role", "recv", "--port", str(server.port), "--layers", str(run.args.layers), "--tokens",
                   run.args.tokens, "--batch", str(run.args.batch), "--reps", str(run.args.reps)]
     child_argv += ["--quick"] if run.quick else []
-    src = str(harness.bench_dir().parent.parent)  # the directory holding the kvstream package
+    src = str(records.bench_dir().parent.parent)  # the directory holding the kvstream package
     env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
     child = subprocess.Popen([sys.executable, "-m", f"{__package__}.nccl_handoff", *child_argv], cwd=src, env=env)
     try:

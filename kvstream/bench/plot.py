@@ -28,7 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
-from . import harness
+from . import harness, records
 
 Series = dict[str, list[tuple[str, float, float, float]]]  # provider -> [(x, p50, p20, p80)]
 
@@ -249,7 +249,7 @@ def save(fig, plt, path: Path) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     """Plot every CSV found in ``--out``; returns 0, or 1 without matplotlib."""
     p = argparse.ArgumentParser(prog="kvstream.bench.plot", description=__doc__)
-    p.add_argument("--out", default=str(harness.default_results_dir()), help="directory with the CSVs")
+    p.add_argument("--out", default=str(records.default_results_dir()), help="directory with the CSVs")
     p.add_argument("--png-dir", default=None, help="where the PNGs go (default: --out)")
     args = p.parse_args(list(argv) if argv is not None else None)
     try:

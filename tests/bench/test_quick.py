@@ -2,7 +2,7 @@
 
 No timing claims: these tests check that every topic produces CSV rows with every column, a
 ``summary.json`` with every key and field (``pass`` null in quick mode), the PNGs, and that nothing lands
-in ``bench/results``. The harness's pure helpers are checked directly.
+in ``bench/results``. The pure helpers of records, timing and ceilings are checked directly.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from kvstream.bench import harness
+from kvstream.bench import ceilings, records, timing
 from kvstream.bench.run_all import TOPICS, available_topics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,12 +65,12 @@ def test_quick_topic_csv_rows_have_every_column(quick_run, topic):
         reader = csv.reader(f)
         header = next(reader)
         rows = list(reader)
-    assert tuple(header) == harness.COLUMNS
+    assert tuple(header) == records.COLUMNS
     assert rows, f"{topic}.csv has no rows"
     for row in rows:
-        assert len(row) == len(harness.COLUMNS)
+        assert len(row) == len(records.COLUMNS)
         rec = dict(zip(header, row))
-        assert all(rec[c] != "" for c in harness.COLUMNS), rec
+        assert all(rec[c] != "" for c in records.COLUMNS), rec
         p50, p20, p80 = float(rec["p50"]), float(rec["p20"]), float(rec["p80"])
         assert not any(math.isnan(v) for v in (p50, p20, p80)), rec
         assert p20 <= p50 <= p80, rec
@@ -109,10 +109,10 @@ def test_quick_suite_draws_the_plots(quick_run):
 def test_default_results_dir_is_the_checkouts_bench_results(monkeypatch, tmp_path):
     """From a source checkout: <repo root>/bench/results wherever the run starts; installed: ./bench/results."""
     monkeypatch.chdir(tmp_path)
-    assert harness.repo_root() == ROOT
-    assert harness.default_results_dir() == ROOT / "bench" / "results"
-    monkeypatch.setattr(harness, "repo_root", lambda: None)
-    assert harness.default_results_dir() == tmp_path / "bench" / "results"
+    assert records.repo_root() == ROOT
+    assert records.default_results_dir() == ROOT / "bench" / "results"
+    monkeypatch.setattr(records, "repo_root", lambda: None)
+    assert records.default_results_dir() == tmp_path / "bench" / "results"
 
 
 def test_topics_are_the_topic_modules_only():
@@ -129,18 +129,24 @@ def test_bench_cli_rejects_unknown_topic(capsys):
 
 
 def test_check_target():
-    assert harness.check_target(">= 0.90", 0.95) is True
-    assert harness.check_target(">= 0.90", 0.89) is False
-    assert harness.check_target("<= 15", 15.0) is True
-    assert harness.check_target("<= 0.02", 0.03) is False
-    assert harness.check_target("reported", 3.0) is None
-    assert harness.check_target(">= 1", None) is None
+    assert records.check_target(">= 0.90", 0.95) is True
+    assert records.check_target(">= 0.90", 0.89) is False
+    assert records.check_target("<= 15", 15.0) is True
+    assert records.check_target("<= 0.02", 0.03) is False
+    assert records.check_target("reported", 3.0) is None
+    assert records.check_target(">= 1", None) is None
     with pytest.raises(ValueError, match="Unparsable target"):
-        harness.check_target("about 3", 1.0)
+        records.check_target("about 3", 1.0)
+
+
+def test_alternating_reverses_every_other_round():
+    assert list(timing.alternating(["a", "b", "c"], 3)) == [
+        (0, "a"), (0, "b"), (0, "c"), (1, "c"), (1, "b"), (1, "a"), (2, "a"), (2, "b"), (2, "c")]
+    assert list(timing.alternating(["a"], 0)) == []
 
 
 def test_stat_rate_keeps_quantiles_ordered():
-    ms = harness.Stat.of([1.0, 2.0, 3.0, 4.0, 5.0])
+    ms = timing.Stat.of([1.0, 2.0, 3.0, 4.0, 5.0])
     assert ms.p20 <= ms.p50 <= ms.p80
     bw = ms.rate(1000.0)
     assert bw.p20 <= bw.p50 <= bw.p80
@@ -149,11 +155,11 @@ def test_stat_rate_keeps_quantiles_ordered():
 
 def test_record_summary_merges_and_decides_pass(tmp_path):
     env = {"device": "dev", "date": "2026-01-01T00:00:00Z"}
-    harness.record_summary(tmp_path, "a", value=9.0, unit="GB/s", ceiling=10.0, ceiling_of="copy", target=">= 0.95",
+    records.record_summary(tmp_path, "a", value=9.0, unit="GB/s", ceiling=10.0, ceiling_of="copy", target=">= 0.95",
                            env=env)
-    harness.record_summary(tmp_path, "b", value=3.0, unit="x", ceiling=95.0, ceiling_of="paper", target="reported",
+    records.record_summary(tmp_path, "b", value=3.0, unit="x", ceiling=95.0, ceiling_of="paper", target="reported",
                            target_of="value", conditions={"level3_best": True}, detail={0: {"k": 1}}, env=env)
-    harness.record_summary(tmp_path, "c", value=1.0, unit="x", ceiling=1.0, ceiling_of="peer", target=">= 0.5",
+    records.record_summary(tmp_path, "c", value=1.0, unit="x", ceiling=1.0, ceiling_of="peer", target=">= 0.5",
                            env=env, quick=True)
     doc = json.loads((tmp_path / "summary.json").read_text())
     assert set(doc) == {"a", "b", "c", "device", "date"}
@@ -165,16 +171,16 @@ def test_record_summary_merges_and_decides_pass(tmp_path):
 
 def test_raw_disk_round_trip(tmp_path):
     """raw_write writes its buffer's first block again and again (like dd); raw_read reads the file to its end."""
-    buf = harness.aligned_buffer(2 * 4096)
-    direct = harness.supports_direct_io(tmp_path)
-    harness.raw_write(tmp_path / "f.bin", 3 * 4096, buf, direct=direct, block_bytes=4096)
+    buf = ceilings.aligned_buffer(2 * 4096)
+    direct = ceilings.supports_direct_io(tmp_path)
+    ceilings.raw_write(tmp_path / "f.bin", 3 * 4096, buf, direct=direct, block_bytes=4096)
     assert (tmp_path / "f.bin").read_bytes() == bytes(buf)[:4096] * 3
-    out = harness.aligned_buffer(4096)
+    out = ceilings.aligned_buffer(4096)
     out[:] = b"\xa5" * 4096
-    assert harness.raw_read(tmp_path / "f.bin", out, direct=direct, block_bytes=4096) == 3 * 4096
+    assert ceilings.raw_read(tmp_path / "f.bin", out, direct=direct, block_bytes=4096) == 3 * 4096
     assert bytes(out) == bytes(buf)[:4096]
     with pytest.raises(ValueError, match="multiple of 4096"):
-        harness.ceiling_disk(None, tmp_path, 1000, 1, bench="disk", x=0)
+        ceilings.ceiling_disk(None, tmp_path, 1000, 1, bench="disk", x=0)
 
 
 @pytest.mark.gpu
