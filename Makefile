@@ -27,7 +27,7 @@ test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m "gpu or gpu2" $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) -m bench.run_all
+	$(PY) -m kvstream.bench.run_all
 
 bench-quick: $(STAMP)
 	$(VENV)/bin/kvstream bench all --quick

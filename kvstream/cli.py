@@ -17,7 +17,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("kvstream.demos.generate", "generate, stream KV to a store, resume in a fresh process"),
     "chat-demo": ("kvstream.demos.chat", "multi-turn conversation with prefix reuse"),
-    "bench": ("kvstream.benchmarks", "run a benchmark topic (or 'all'); --quick for a CPU smoke run"),
+    "bench": ("kvstream.bench.cli", "run a benchmark topic (or 'all'); --quick for a CPU smoke run"),
     "disagg": ("kvstream.serving.disagg", "prompt/token disaggregation: start workers and check outputs"),
     "serve": ("kvstream.serving.worker", "one disaggregation worker (prompt or token role)"),
     "plan": ("kvstream.serving.planner", "DéjàVu planner: split D machines into prompt and token workers"),

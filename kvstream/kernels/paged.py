@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _tables
+from . import _checks, _launch, _tables
 from .tokens import _move_rows
 
 #: Target bytes per program: as for token ranges (16 KiB: 8 x 16-byte loads in flight per thread at 4 warps).
@@ -28,7 +28,7 @@ from .tokens import _move_rows
 MAX_TILE_BYTES = 16384
 #: Rows per program shrink until the grid has this many programs per SM (a few blocks must still fill an H100).
 MIN_PROGRAMS_PER_SM = 4
-#: Warps per program (tuned in bench/kernels_tune.py).
+#: Warps per program (tuned in kvstream/bench/kernels_tune.py).
 NUM_WARPS = 4
 
 
@@ -56,24 +56,24 @@ def _copy_blocks_kernel(table_ptr, chunk_ptr, ids_ptr, num_ids, tiles,
 
 
 def _blocks(key_caches, value_caches, block_ids, layers, chunk, unpack, block_rows, num_warps):
-    ids, scan, block_ids = _tables.paged_args(key_caches, value_caches, block_ids, layers, unique=unpack)
+    ids, scan, block_ids = _checks.paged_args(key_caches, value_caches, block_ids, layers, unique=unpack)
     _, block_size, heads, head_dim = scan.shape
     shape = (len(ids), 2, block_ids.numel(), block_size, heads, head_dim)
     if unpack:
-        _tables.check_chunk(chunk, shape, scan.dtype, scan.device)
+        _checks.check_chunk(chunk, shape, scan.dtype, scan.device)
     else:
-        chunk = _tables.packed_out(chunk, shape, scan.dtype, scan.device)
+        chunk = _checks.packed_out(chunk, shape, scan.dtype, scan.device)
     device = scan.device
-    _tables.check_backend(device, _copy_blocks_kernel)
+    _checks.check_backend(device, _copy_blocks_kernel)
     if chunk.numel() == 0:
         return chunk
     block_d = triton.next_power_of_2(head_dim)
     entries = 2 * len(ids)
     if block_rows is None:
-        block_rows = _tables.block_rows(block_size * heads, entries * block_ids.numel(), block_d * chunk.element_size(),
+        block_rows = _launch.block_rows(block_size * heads, entries * block_ids.numel(), block_d * chunk.element_size(),
                                         device, MAX_TILE_BYTES, MIN_PROGRAMS_PER_SM)
     tiles = triton.cdiv(block_size * heads, block_rows)
-    with _tables.launch_guard(device):
+    with _launch.launch_guard(device):
         table = _tables.table(scan.rows, _tables.PAGED_COLS, device)
         _copy_blocks_kernel[(block_ids.numel() * tiles, entries)](
             table, _tables.as_bits(chunk), block_ids, block_ids.numel(), tiles,
@@ -85,38 +85,10 @@ def _blocks(key_caches, value_caches, block_ids, layers, chunk, unpack, block_ro
 def pack_blocks(key_caches: Sequence[torch.Tensor], value_caches: Sequence[torch.Tensor], block_ids, *,
                 layers: range | Sequence[int] | None = None, out: torch.Tensor | None = None,
                 block_rows: int | None = None, num_warps: int | None = None) -> torch.Tensor:
-    """Gather blocks of paged K/V caches, for every selected layer, into one contiguous chunk in one launch.
+    """Triton launcher of :func:`kvstream.kernels.pack_blocks`, which documents the parameters, result and errors.
 
-    Parameters
-    ----------
-    key_caches, value_caches : sequence of torch.Tensor
-        Per-layer ``[num_blocks, block_size, kv_heads, head_dim]`` (vLLM/FlashInfer NHD; any strides,
-        ``head_dim`` stride 1), one dtype, one CUDA device (or the CPU under ``TRITON_INTERPRET=1``).
-    block_ids : int32/int64 tensor ``[nb]`` or sequence of int
-        Blocks to gather, in chunk order. Host ids are range-checked; ids already on the device are not
-        (no host sync) and an out-of-range one leaves its chunk slots unwritten.
-    layers : range or sequence of int, optional
-        Layers to pack, in chunk order; default every layer.
-    out : torch.Tensor, optional
-        Contiguous ``[L, 2, nb, block_size, kv_heads, head_dim]``, on the KV device or in pinned host memory.
-    block_rows, num_warps : int, optional
-        Tuning overrides.
-
-    Returns
-    -------
-    torch.Tensor
-        ``out``, or a new tensor on the KV device.
-
-    Raises
-    ------
-    LayoutError
-        On a shape/dtype/stride/device mismatch or host block ids out of range.
-    ConfigError
-        If the caches are on the CPU without the Triton interpreter.
-
-    Examples
-    --------
-    >>> chunk = pack_blocks(key_caches, value_caches, torch.tensor([7, 3, 12]))   # doctest: +SKIP
+    ``block_rows`` (``head_dim`` rows per program; default sized from :data:`MAX_TILE_BYTES` and
+    :data:`MIN_PROGRAMS_PER_SM`) and ``num_warps`` (default :data:`NUM_WARPS`) override the tuning.
     """
     return _blocks(key_caches, value_caches, block_ids, layers, out, False, block_rows, num_warps)
 
@@ -124,24 +96,9 @@ def pack_blocks(key_caches: Sequence[torch.Tensor], value_caches: Sequence[torch
 def unpack_blocks(chunk: torch.Tensor, key_caches: Sequence[torch.Tensor], value_caches: Sequence[torch.Tensor],
                   block_ids, *, layers: range | Sequence[int] | None = None, block_rows: int | None = None,
                   num_warps: int | None = None) -> None:
-    """Scatter a chunk of blocks back into paged K/V caches (inverse of :func:`pack_blocks`).
+    """Triton launcher of :func:`kvstream.kernels.unpack_blocks`, which documents the parameters and errors.
 
-    Parameters
-    ----------
-    chunk : torch.Tensor
-        Contiguous ``[L, 2, nb, block_size, kv_heads, head_dim]``, on the KV device or in pinned host memory.
-    key_caches, value_caches, layers
-        As in :func:`pack_blocks`.
-    block_ids : int32/int64 tensor ``[nb]`` or sequence of int
-        Destination blocks; host ids must lie in range and not repeat.
-    block_rows, num_warps : int, optional
-        Tuning overrides.
-
-    Raises
-    ------
-    LayoutError
-        On a mismatch, host ids out of range or repeated.
-    ConfigError
-        If the caches are on the CPU without the Triton interpreter.
+    ``block_rows`` (``head_dim`` rows per program; default sized from :data:`MAX_TILE_BYTES` and
+    :data:`MIN_PROGRAMS_PER_SM`) and ``num_warps`` (default :data:`NUM_WARPS`) override the tuning.
     """
     _blocks(key_caches, value_caches, block_ids, layers, chunk, True, block_rows, num_warps)

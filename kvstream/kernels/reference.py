@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from ..layout import Region, check_hf_layers
-from . import _tables
+from . import _checks
 
 
 def _region_slices(region: Region) -> tuple[slice, slice, slice]:
@@ -32,31 +32,11 @@ def _region_slices(region: Region) -> tuple[slice, slice, slice]:
 
 def pack_tokens(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], region: Region,
                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """Twin of :func:`kvstream.kernels.tokens.pack_tokens`: ``out[i, 0] = keys[l][b, h, t]``, ``out[i, 1]`` from
-    ``values``, for the ``i``-th layer ``l`` of the region.
-
-    Parameters
-    ----------
-    keys, values : sequence of torch.Tensor
-        Per-layer ``[batch, kv_heads, seq, head_dim]`` tensors (any strides, ``head_dim`` stride 1).
-    region : Region
-        Contiguous layers, tokens and optional batch rows and heads.
-    out : torch.Tensor, optional
-        Contiguous ``[L, 2, B, H, T, head_dim]``, on the KV device or (CUDA KV) in pinned host memory.
-
-    Returns
-    -------
-    torch.Tensor
-        ``out``, or a new tensor on the KV device.
-
-    Raises
-    ------
-    LayoutError
-        On a shape, dtype, stride or device mismatch.
-    """
+    """Twin of :func:`kvstream.kernels.pack_tokens` (documented there): ``out[i, 0] = keys[l][b, h, t]``,
+    ``out[i, 1]`` from ``values``, for the ``i``-th layer ``l`` of the region."""
     region = check_hf_layers(keys, values, region)
     first = keys[region.layers.start]
-    out = _tables.packed_out(out, region.packed_shape(first.shape[3]), first.dtype, first.device)
+    out = _checks.packed_out(out, region.packed_shape(first.shape[3]), first.dtype, first.device)
     b, h, t = _region_slices(region)
     for i, l in enumerate(region.layers):
         out[i, 0].copy_(keys[l][b, h, t])
@@ -66,17 +46,11 @@ def pack_tokens(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], re
 
 def unpack_tokens(chunk: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
                   region: Region) -> None:
-    """Twin of :func:`kvstream.kernels.tokens.unpack_tokens`: ``keys[l][b, h, t] = chunk[i, 0]`` and likewise
-    for ``values``.
-
-    Raises
-    ------
-    LayoutError
-        If ``chunk`` does not match the region, or on any mismatch of the K/V tensors.
-    """
+    """Twin of :func:`kvstream.kernels.unpack_tokens` (documented there): ``keys[l][b, h, t] = chunk[i, 0]``
+    and likewise for ``values``."""
     region = check_hf_layers(keys, values, region)
     first = keys[region.layers.start]
-    _tables.check_chunk(chunk, region.packed_shape(first.shape[3]), first.dtype, first.device)
+    _checks.check_chunk(chunk, region.packed_shape(first.shape[3]), first.dtype, first.device)
     b, h, t = _region_slices(region)
     for i, l in enumerate(region.layers):
         keys[l][b, h, t].copy_(chunk[i, 0])
@@ -90,26 +64,16 @@ def _host_starts(starts) -> list[int]:
 def pack_newest(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *, num_tokens: int = 1,
                 layers: range | Sequence[int] | None = None, starts=None,
                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """Twin of :func:`kvstream.kernels.tokens.pack_newest`: ``out[i, 0] = keys[l][:, :, s_i:s_i + n]``, with
-    ``s_i = keys[l].shape[2] - n`` unless ``starts`` is given.
+    """Twin of :func:`kvstream.kernels.pack_newest` (documented there): ``out[i, 0] = keys[l][:, :, s_i:s_i + n]``,
+    with ``s_i = keys[l].shape[2] - n`` unless ``starts`` is given.
 
-    Device ``starts`` are read back to the host here (a sync), and checked.
-
-    Returns
-    -------
-    torch.Tensor
-        ``out``, or a new ``[L, 2, B, H, n, head_dim]`` tensor on the KV device.
-
-    Raises
-    ------
-    LayoutError
-        On a mismatch, a bad layer list or starts outside a layer's positions.
+    Unlike the kernel, it reads device ``starts`` back to the host (a sync) and checks them.
     """
-    ids, scan, resolved = _tables.newest_args(keys, values, layers, num_tokens, starts)
+    ids, scan, resolved = _checks.newest_args(keys, values, layers, num_tokens, starts)
     if isinstance(resolved, torch.Tensor):
         return pack_newest(keys, values, num_tokens=num_tokens, layers=ids, starts=resolved.tolist(), out=out)
     b, h, _, d = scan.shape
-    out = _tables.packed_out(out, (len(ids), 2, b, h, num_tokens, d), scan.dtype, scan.device)
+    out = _checks.packed_out(out, (len(ids), 2, b, h, num_tokens, d), scan.dtype, scan.device)
     for i, (l, s) in enumerate(zip(ids, resolved)):
         out[i, 0].copy_(keys[l][:, :, s:s + num_tokens])
         out[i, 1].copy_(values[l][:, :, s:s + num_tokens])
@@ -118,17 +82,15 @@ def pack_newest(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *,
 
 def unpack_newest(chunk: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], starts,
                   *, layers: range | Sequence[int] | None = None) -> None:
-    """Twin of :func:`kvstream.kernels.tokens.unpack_newest`: ``keys[l][:, :, s_i:s_i + n] = chunk[i, 0]``.
+    """Twin of :func:`kvstream.kernels.unpack_newest` (documented there):
+    ``keys[l][:, :, s_i:s_i + n] = chunk[i, 0]``.
 
-    Raises
-    ------
-    LayoutError
-        On a mismatch or starts outside a layer's positions.
+    Unlike the kernel, it reads device ``starts`` back to the host (a sync) and checks them.
     """
-    num_tokens = _tables.chunk_tokens(chunk)
-    ids, scan, resolved = _tables.newest_args(keys, values, layers, num_tokens, _host_starts(starts))
+    num_tokens = _checks.chunk_tokens(chunk)
+    ids, scan, resolved = _checks.newest_args(keys, values, layers, num_tokens, _host_starts(starts))
     b, h, _, d = scan.shape
-    _tables.check_chunk(chunk, (len(ids), 2, b, h, num_tokens, d), scan.dtype, scan.device)
+    _checks.check_chunk(chunk, (len(ids), 2, b, h, num_tokens, d), scan.dtype, scan.device)
     for i, (l, s) in enumerate(zip(ids, resolved)):
         keys[l][:, :, s:s + num_tokens].copy_(chunk[i, 0])
         values[l][:, :, s:s + num_tokens].copy_(chunk[i, 1])
@@ -140,22 +102,12 @@ def _host_ids(block_ids):
 
 def pack_blocks(key_caches: Sequence[torch.Tensor], value_caches: Sequence[torch.Tensor], block_ids, *,
                 layers: range | Sequence[int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Twin of :func:`kvstream.kernels.paged.pack_blocks`: ``out[i, 0] = key_caches[l][block_ids]``.
+    """Twin of :func:`kvstream.kernels.pack_blocks` (documented there): ``out[i, 0] = key_caches[l][block_ids]``.
 
-    Device block ids are read back to the host here (a sync), and checked.
-
-    Returns
-    -------
-    torch.Tensor
-        ``out``, or a new ``[L, 2, nb, block_size, kv_heads, head_dim]`` tensor on the KV device.
-
-    Raises
-    ------
-    LayoutError
-        On a mismatch or block ids out of range.
+    Unlike the kernel, it reads device block ids back to the host (a sync) and checks them.
     """
-    ids, scan, block_ids = _tables.paged_args(key_caches, value_caches, _host_ids(block_ids), layers, unique=False)
-    out = _tables.packed_out(out, (len(ids), 2, block_ids.numel(), *scan.shape[1:]), scan.dtype, scan.device)
+    ids, scan, block_ids = _checks.paged_args(key_caches, value_caches, _host_ids(block_ids), layers, unique=False)
+    out = _checks.packed_out(out, (len(ids), 2, block_ids.numel(), *scan.shape[1:]), scan.dtype, scan.device)
     for i, l in enumerate(ids):
         out[i, 0].copy_(key_caches[l][block_ids])
         out[i, 1].copy_(value_caches[l][block_ids])
@@ -164,15 +116,14 @@ def pack_blocks(key_caches: Sequence[torch.Tensor], value_caches: Sequence[torch
 
 def unpack_blocks(chunk: torch.Tensor, key_caches: Sequence[torch.Tensor], value_caches: Sequence[torch.Tensor],
                   block_ids, *, layers: range | Sequence[int] | None = None) -> None:
-    """Twin of :func:`kvstream.kernels.paged.unpack_blocks`: ``key_caches[l][block_ids] = chunk[i, 0]``.
+    """Twin of :func:`kvstream.kernels.unpack_blocks` (documented there):
+    ``key_caches[l][block_ids] = chunk[i, 0]``.
 
-    Raises
-    ------
-    LayoutError
-        On a mismatch, or block ids out of range or repeated.
+    Unlike the kernel, it reads device block ids back to the host (a sync) and checks them (in range, no
+    repeats).
     """
-    ids, scan, block_ids = _tables.paged_args(key_caches, value_caches, _host_ids(block_ids), layers, unique=True)
-    _tables.check_chunk(chunk, (len(ids), 2, block_ids.numel(), *scan.shape[1:]), scan.dtype, scan.device)
+    ids, scan, block_ids = _checks.paged_args(key_caches, value_caches, _host_ids(block_ids), layers, unique=True)
+    _checks.check_chunk(chunk, (len(ids), 2, block_ids.numel(), *scan.shape[1:]), scan.dtype, scan.device)
     for i, l in enumerate(ids):
         key_caches[l][block_ids] = chunk[i, 0].to(scan.device)
         value_caches[l][block_ids] = chunk[i, 1].to(scan.device)

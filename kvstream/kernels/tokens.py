@@ -23,11 +23,11 @@ import triton
 import triton.language as tl
 
 from ..layout import Region
-from . import _tables
+from . import _checks, _launch, _tables
 
 #: Target bytes per program: 16 KiB is 8 x 16-byte loads in flight per thread at 4 warps, enough to cover
 #: HBM latency on an H100 (a Llama-3-8B bf16 row of head_dim 128 is 256 bytes: 64 rows per program).
-#: Predicted; bench/kernels_tune.py measures the alternatives.
+#: Predicted; kvstream/bench/kernels_tune.py measures the alternatives.
 MAX_TILE_BYTES = 16384
 #: Rows per program shrink until the grid has this many programs per SM, so a decode step of 2 MiB
 #: (32 layers, B16, H8, bf16) spreads over every SM: 1024 programs of 2 KiB rather than 128 of 16 KiB.
@@ -90,10 +90,10 @@ def _copy_tokens_kernel(table_ptr, chunk_ptr, starts_ptr, rows, heads, tokens, t
     _move_rows(base + cache_off, row_mask, chunk_ptr + chunk_row * HEAD_DIM, HEAD_DIM, BLOCK_D, UNPACK)
 
 
-def _launch(scan, batch, heads, tokens, t0, device_starts, chunk, unpack, block_rows, num_warps):
+def _launch_kernel(scan, batch, heads, tokens, t0, device_starts, chunk, unpack, block_rows, num_warps):
     """Launch the kernel over the scanned entries for ``batch`` x ``heads`` x ``tokens`` rows from ``t0``."""
     device = scan.device
-    _tables.check_backend(device, _copy_tokens_kernel)
+    _checks.check_backend(device, _copy_tokens_kernel)
     rows = batch * heads * tokens
     if rows == 0:
         return
@@ -101,12 +101,12 @@ def _launch(scan, batch, heads, tokens, t0, device_starts, chunk, unpack, block_
     block_d = triton.next_power_of_2(head_dim)
     entries = len(scan.sizes)
     if block_rows is None:
-        block_rows = _tables.block_rows(rows, entries, block_d * chunk.element_size(), device, MAX_TILE_BYTES,
+        block_rows = _launch.block_rows(rows, entries, block_d * chunk.element_size(), device, MAX_TILE_BYTES,
                                         MIN_PROGRAMS_PER_SM)
     across_rows = tokens < block_rows and rows < 2**31 - block_rows
     tiles = triton.cdiv(tokens, block_rows)
     grid = (triton.cdiv(rows, block_rows) if across_rows else batch * heads * tiles, entries)
-    with _tables.launch_guard(device):
+    with _launch.launch_guard(device):
         table = _tables.table(scan.rows, _tables.TOKEN_COLS, device)
         _copy_tokens_kernel[grid](
             table, _tables.as_bits(chunk), device_starts if device_starts is not None else table,
@@ -117,27 +117,27 @@ def _launch(scan, batch, heads, tokens, t0, device_starts, chunk, unpack, block_
 
 
 def _region(keys, values, region, chunk, unpack, block_rows, num_warps):
-    region, scan = _tables.region_args(keys, values, region)
+    region, scan = _checks.region_args(keys, values, region)
     shape = region.packed_shape(scan.shape[3])
     if unpack:
-        _tables.check_chunk(chunk, shape, scan.dtype, scan.device)
+        _checks.check_chunk(chunk, shape, scan.dtype, scan.device)
     else:
-        chunk = _tables.packed_out(chunk, shape, scan.dtype, scan.device)
-    _launch(scan, len(region.batch), len(region.heads), len(region.tokens), region.tokens.start, None, chunk, unpack,
-            block_rows, num_warps)
+        chunk = _checks.packed_out(chunk, shape, scan.dtype, scan.device)
+    _launch_kernel(scan, len(region.batch), len(region.heads), len(region.tokens), region.tokens.start, None, chunk,
+                   unpack, block_rows, num_warps)
     return chunk
 
 
 def _newest(keys, values, layers, num_tokens, starts, chunk, unpack, block_rows, num_warps):
-    ids, scan, resolved = _tables.newest_args(keys, values, layers, num_tokens, starts)
+    ids, scan, resolved = _checks.newest_args(keys, values, layers, num_tokens, starts)
     b, h, _, d = scan.shape
     shape = (len(ids), 2, b, h, num_tokens, d)
     if unpack:
-        _tables.check_chunk(chunk, shape, scan.dtype, scan.device)
+        _checks.check_chunk(chunk, shape, scan.dtype, scan.device)
     else:
-        chunk = _tables.packed_out(chunk, shape, scan.dtype, scan.device)
+        chunk = _checks.packed_out(chunk, shape, scan.dtype, scan.device)
     if isinstance(resolved, torch.Tensor):
-        _launch(scan, b, h, num_tokens, 0, resolved, chunk, unpack, block_rows, num_warps)
+        _launch_kernel(scan, b, h, num_tokens, 0, resolved, chunk, unpack, block_rows, num_warps)
         return chunk
     t0 = min(resolved)
     if max(resolved) != t0:
@@ -145,66 +145,27 @@ def _newest(keys, values, layers, num_tokens, starts, chunk, unpack, block_rows,
         # a launch argument instead, so a StaticCache's table is the same from step to step: a cache hit.
         for i, s in enumerate(resolved):
             scan.rows[(2 * i + 1) * _tables.TOKEN_COLS - 1] = scan.rows[(2 * i + 2) * _tables.TOKEN_COLS - 1] = s - t0
-    _launch(scan, b, h, num_tokens, t0, None, chunk, unpack, block_rows, num_warps)
+    _launch_kernel(scan, b, h, num_tokens, t0, None, chunk, unpack, block_rows, num_warps)
     return chunk
 
 
 def pack_tokens(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], region: Region,
                 out: torch.Tensor | None = None, *, block_rows: int | None = None,
                 num_warps: int | None = None) -> torch.Tensor:
-    """Pack a region of per-layer HF-layout K/V tensors into one contiguous chunk, in one launch.
+    """Triton launcher of :func:`kvstream.kernels.pack_tokens`, which documents the parameters, result and errors.
 
-    Parameters
-    ----------
-    keys, values : sequence of torch.Tensor
-        Per-layer ``[batch, kv_heads, seq, head_dim]`` tensors (any strides, ``head_dim`` stride 1), all of
-        one dtype on one CUDA device (or the CPU under ``TRITON_INTERPRET=1``).
-    region : Region
-        Contiguous layers, tokens and (optionally) batch rows and heads.
-    out : torch.Tensor, optional
-        Contiguous ``[L, 2, B, H, T, head_dim]`` (:data:`kvstream.layout.PACKED_AXES`) of the same dtype, on
-        the KV device or in pinned host memory (written directly over PCIe, zero-copy).
-    block_rows, num_warps : int, optional
-        Tuning overrides: ``head_dim`` rows per program and warps per program.
-
-    Returns
-    -------
-    torch.Tensor
-        ``out``, or a new tensor on the KV device.
-
-    Raises
-    ------
-    LayoutError
-        On a shape, dtype, stride or device mismatch (from :func:`kvstream.layout.check_hf_layers`).
-    ConfigError
-        If the tensors are on the CPU without the Triton interpreter.
-
-    Examples
-    --------
-    >>> chunk = pack_tokens(keys, values, Region(layers=range(32), tokens=(0, 1500)))  # doctest: +SKIP
+    ``block_rows`` (``head_dim`` rows per program; default sized from :data:`MAX_TILE_BYTES` and
+    :data:`MIN_PROGRAMS_PER_SM`) and ``num_warps`` (default :data:`NUM_WARPS`) override the tuning.
     """
     return _region(keys, values, region, out, False, block_rows, num_warps)
 
 
 def unpack_tokens(chunk: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], region: Region,
                   *, block_rows: int | None = None, num_warps: int | None = None) -> None:
-    """Write a packed chunk back into a region of per-layer HF-layout K/V tensors (inverse of :func:`pack_tokens`).
+    """Triton launcher of :func:`kvstream.kernels.unpack_tokens`, which documents the parameters and errors.
 
-    Parameters
-    ----------
-    chunk : torch.Tensor
-        Contiguous ``[L, 2, B, H, T, head_dim]`` of the KV dtype, on the KV device or in pinned host memory.
-    keys, values, region
-        As in :func:`pack_tokens`; only the region's elements are written.
-    block_rows, num_warps : int, optional
-        Tuning overrides.
-
-    Raises
-    ------
-    LayoutError
-        If ``chunk`` does not match the region, or on any mismatch of the K/V tensors.
-    ConfigError
-        If the tensors are on the CPU without the Triton interpreter.
+    ``block_rows`` (``head_dim`` rows per program; default sized from :data:`MAX_TILE_BYTES` and
+    :data:`MIN_PROGRAMS_PER_SM`) and ``num_warps`` (default :data:`NUM_WARPS`) override the tuning.
     """
     _region(keys, values, region, chunk, True, block_rows, num_warps)
 
@@ -212,43 +173,10 @@ def unpack_tokens(chunk: torch.Tensor, keys: Sequence[torch.Tensor], values: Seq
 def pack_newest(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *, num_tokens: int = 1,
                 layers: range | Sequence[int] | None = None, starts=None, out: torch.Tensor | None = None,
                 block_rows: int | None = None, num_warps: int | None = None) -> torch.Tensor:
-    """Pack the newest ``num_tokens`` tokens of every selected layer, K and V, in one launch (decode streaming).
+    """Triton launcher of :func:`kvstream.kernels.pack_newest`, which documents the parameters, result and errors.
 
-    DéjàVu streams each decode step's new KV of all layers with one buffered copy instead of one copy per
-    layer and row (DéjàVu, Strati et al., ICML 2024, §4.3, "token" path).
-
-    Parameters
-    ----------
-    keys, values : sequence of torch.Tensor
-        Per-layer ``[batch, kv_heads, seq, head_dim]`` tensors (any strides, ``head_dim`` stride 1); ``seq``
-        may differ between layers (sliding-window layers).
-    num_tokens : int
-        Tokens per layer (``n``); 0 gives an empty chunk and launches nothing.
-    layers : range or sequence of int, optional
-        Layers to pack, in chunk order; default every layer.
-    starts : int, sequence of int or int tensor ``[L]``, optional
-        First position per layer; default ``keys[l].shape[2] - num_tokens``. A CUDA tensor is used as is
-        (no host sync, not checked on the host; positions outside a layer are neither read nor written).
-    out : torch.Tensor, optional
-        Contiguous ``[L, 2, B, H, n, head_dim]``, on the KV device or in pinned host memory (zero-copy).
-    block_rows, num_warps : int, optional
-        Tuning overrides.
-
-    Returns
-    -------
-    torch.Tensor
-        ``out``, or a new ``[L, 2, B, H, n, head_dim]`` tensor on the KV device.
-
-    Raises
-    ------
-    LayoutError
-        On a shape/dtype/device mismatch, a bad layer list, or starts outside a layer's positions.
-    ConfigError
-        If the tensors are on the CPU without the Triton interpreter.
-
-    Examples
-    --------
-    >>> step = pack_newest(keys, values, out=pinned_step)   # doctest: +SKIP
+    ``block_rows`` (``head_dim`` rows per program; default sized from :data:`MAX_TILE_BYTES` and
+    :data:`MIN_PROGRAMS_PER_SM`) and ``num_warps`` (default :data:`NUM_WARPS`) override the tuning.
     """
     return _newest(keys, values, layers, num_tokens, starts, out, False, block_rows, num_warps)
 
@@ -256,27 +184,9 @@ def pack_newest(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *,
 def unpack_newest(chunk: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], starts,
                   *, layers: range | Sequence[int] | None = None, block_rows: int | None = None,
                   num_warps: int | None = None) -> None:
-    """Write a chunk of ``n`` tokens per layer into the K/V tensors at per-layer ``starts`` (inverse of
-    :func:`pack_newest`).
+    """Triton launcher of :func:`kvstream.kernels.unpack_newest`, which documents the parameters and errors.
 
-    Parameters
-    ----------
-    chunk : torch.Tensor
-        Contiguous ``[L, 2, B, H, n, head_dim]``, on the KV device or in pinned host memory.
-    keys, values : sequence of torch.Tensor
-        Per-layer HF-layout tensors to write into.
-    starts : int, sequence of int, int tensor ``[L]`` or None
-        First position per layer (``None``: the last ``n`` positions of each layer).
-    layers : range or sequence of int, optional
-        Layers the chunk's layer axis maps to; default every layer.
-    block_rows, num_warps : int, optional
-        Tuning overrides.
-
-    Raises
-    ------
-    LayoutError
-        On a shape/dtype/device mismatch or starts outside a layer's positions.
-    ConfigError
-        If the tensors are on the CPU without the Triton interpreter.
+    ``block_rows`` (``head_dim`` rows per program; default sized from :data:`MAX_TILE_BYTES` and
+    :data:`MIN_PROGRAMS_PER_SM`) and ``num_warps`` (default :data:`NUM_WARPS`) override the tuning.
     """
-    _newest(keys, values, layers, _tables.chunk_tokens(chunk), starts, chunk, True, block_rows, num_warps)
+    _newest(keys, values, layers, _checks.chunk_tokens(chunk), starts, chunk, True, block_rows, num_warps)

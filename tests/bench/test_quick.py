@@ -2,7 +2,7 @@
 
 No timing claims: these tests check that every topic produces CSV rows with every column, a
 ``summary.json`` with every key and field (``pass`` null in quick mode), the PNGs, and that nothing lands
-in ``bench/results``. The harness's pure helpers are checked directly.
+in ``bench/results``. The pure helpers of records, timing and ceilings are checked directly.
 """
 
 from __future__ import annotations
@@ -17,12 +17,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # bench/ is a package of the source tree, not of the installed kvstream
-    sys.path.insert(0, str(ROOT))
+from kvstream.bench import ceilings, records, timing
+from kvstream.bench.run_all import TOPICS, available_topics
 
-from bench import harness  # noqa: E402
-from bench.run_all import TOPICS  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 #: summary.json keys the core topics write.
 CORE_KEYS = ("pack_vs_copy", "pack_vs_torch", "decode_step_us", "d2h_vs_memcpy", "h2d_vs_memcpy", "disk_write_vs_raw",
@@ -67,12 +65,12 @@ def test_quick_topic_csv_rows_have_every_column(quick_run, topic):
         reader = csv.reader(f)
         header = next(reader)
         rows = list(reader)
-    assert tuple(header) == harness.COLUMNS
+    assert tuple(header) == records.COLUMNS
     assert rows, f"{topic}.csv has no rows"
     for row in rows:
-        assert len(row) == len(harness.COLUMNS)
+        assert len(row) == len(records.COLUMNS)
         rec = dict(zip(header, row))
-        assert all(rec[c] != "" for c in harness.COLUMNS), rec
+        assert all(rec[c] != "" for c in records.COLUMNS), rec
         p50, p20, p80 = float(rec["p50"]), float(rec["p20"]), float(rec["p80"])
         assert not any(math.isnan(v) for v in (p50, p20, p80)), rec
         assert p20 <= p50 <= p80, rec
@@ -108,34 +106,47 @@ def test_quick_suite_draws_the_plots(quick_run):
         assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
-def test_bench_cli_reports_missing_bench_dir(monkeypatch, capsys):
-    from kvstream import benchmarks
+def test_default_results_dir_is_the_checkouts_bench_results(monkeypatch, tmp_path):
+    """From a source checkout: <repo root>/bench/results wherever the run starts; installed: ./bench/results."""
+    monkeypatch.chdir(tmp_path)
+    assert records.repo_root() == ROOT
+    assert records.default_results_dir() == ROOT / "bench" / "results"
+    monkeypatch.setattr(records, "repo_root", lambda: None)
+    assert records.default_results_dir() == tmp_path / "bench" / "results"
 
-    monkeypatch.setattr(benchmarks, "find_bench_dir", lambda: None)
-    assert benchmarks.main(["kernels", "--quick"]) == 2
-    assert "bench/ directory" in capsys.readouterr().err
+
+def test_topics_are_the_topic_modules_only():
+    topics = available_topics()
+    assert list(TOPICS) == topics[:len(TOPICS)]
+    assert not set(topics) & {"cli", "harness", "plot", "run_all"}
 
 
 def test_bench_cli_rejects_unknown_topic(capsys):
-    from kvstream import benchmarks
+    from kvstream.bench import cli
 
-    assert benchmarks.main(["no-such-topic"]) == 2
+    assert cli.main(["no-such-topic"]) == 2
     assert "unknown topic" in capsys.readouterr().err
 
 
 def test_check_target():
-    assert harness.check_target(">= 0.90", 0.95) is True
-    assert harness.check_target(">= 0.90", 0.89) is False
-    assert harness.check_target("<= 15", 15.0) is True
-    assert harness.check_target("<= 0.02", 0.03) is False
-    assert harness.check_target("reported", 3.0) is None
-    assert harness.check_target(">= 1", None) is None
+    assert records.check_target(">= 0.90", 0.95) is True
+    assert records.check_target(">= 0.90", 0.89) is False
+    assert records.check_target("<= 15", 15.0) is True
+    assert records.check_target("<= 0.02", 0.03) is False
+    assert records.check_target("reported", 3.0) is None
+    assert records.check_target(">= 1", None) is None
     with pytest.raises(ValueError, match="Unparsable target"):
-        harness.check_target("about 3", 1.0)
+        records.check_target("about 3", 1.0)
+
+
+def test_alternating_reverses_every_other_round():
+    assert list(timing.alternating(["a", "b", "c"], 3)) == [
+        (0, "a"), (0, "b"), (0, "c"), (1, "c"), (1, "b"), (1, "a"), (2, "a"), (2, "b"), (2, "c")]
+    assert list(timing.alternating(["a"], 0)) == []
 
 
 def test_stat_rate_keeps_quantiles_ordered():
-    ms = harness.Stat.of([1.0, 2.0, 3.0, 4.0, 5.0])
+    ms = timing.Stat.of([1.0, 2.0, 3.0, 4.0, 5.0])
     assert ms.p20 <= ms.p50 <= ms.p80
     bw = ms.rate(1000.0)
     assert bw.p20 <= bw.p50 <= bw.p80
@@ -144,11 +155,11 @@ def test_stat_rate_keeps_quantiles_ordered():
 
 def test_record_summary_merges_and_decides_pass(tmp_path):
     env = {"device": "dev", "date": "2026-01-01T00:00:00Z"}
-    harness.record_summary(tmp_path, "a", value=9.0, unit="GB/s", ceiling=10.0, ceiling_of="copy", target=">= 0.95",
+    records.record_summary(tmp_path, "a", value=9.0, unit="GB/s", ceiling=10.0, ceiling_of="copy", target=">= 0.95",
                            env=env)
-    harness.record_summary(tmp_path, "b", value=3.0, unit="x", ceiling=95.0, ceiling_of="paper", target="reported",
+    records.record_summary(tmp_path, "b", value=3.0, unit="x", ceiling=95.0, ceiling_of="paper", target="reported",
                            target_of="value", conditions={"level3_best": True}, detail={0: {"k": 1}}, env=env)
-    harness.record_summary(tmp_path, "c", value=1.0, unit="x", ceiling=1.0, ceiling_of="peer", target=">= 0.5",
+    records.record_summary(tmp_path, "c", value=1.0, unit="x", ceiling=1.0, ceiling_of="peer", target=">= 0.5",
                            env=env, quick=True)
     doc = json.loads((tmp_path / "summary.json").read_text())
     assert set(doc) == {"a", "b", "c", "device", "date"}
@@ -160,16 +171,16 @@ def test_record_summary_merges_and_decides_pass(tmp_path):
 
 def test_raw_disk_round_trip(tmp_path):
     """raw_write writes its buffer's first block again and again (like dd); raw_read reads the file to its end."""
-    buf = harness.aligned_buffer(2 * 4096)
-    direct = harness.supports_direct_io(tmp_path)
-    harness.raw_write(tmp_path / "f.bin", 3 * 4096, buf, direct=direct, block_bytes=4096)
+    buf = ceilings.aligned_buffer(2 * 4096)
+    direct = ceilings.supports_direct_io(tmp_path)
+    ceilings.raw_write(tmp_path / "f.bin", 3 * 4096, buf, direct=direct, block_bytes=4096)
     assert (tmp_path / "f.bin").read_bytes() == bytes(buf)[:4096] * 3
-    out = harness.aligned_buffer(4096)
+    out = ceilings.aligned_buffer(4096)
     out[:] = b"\xa5" * 4096
-    assert harness.raw_read(tmp_path / "f.bin", out, direct=direct, block_bytes=4096) == 3 * 4096
+    assert ceilings.raw_read(tmp_path / "f.bin", out, direct=direct, block_bytes=4096) == 3 * 4096
     assert bytes(out) == bytes(buf)[:4096]
     with pytest.raises(ValueError, match="multiple of 4096"):
-        harness.ceiling_disk(None, tmp_path, 1000, 1, bench="disk", x=0)
+        ceilings.ceiling_disk(None, tmp_path, 1000, 1, bench="disk", x=0)
 
 
 @pytest.mark.gpu
@@ -177,7 +188,7 @@ def test_quick_suite_on_the_gpu(tmp_path):
     """The GPU code paths (events, zero-copy, CUDA graph, HF offload) with tiny shapes: every topic runs."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "-m", "bench.run_all", "--quick", "--device", "cuda", "--out", str(tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "kvstream.bench.run_all", "--quick", "--device", "cuda", "--out", str(tmp_path),
                            "--no-plot"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
     doc = json.loads((tmp_path / "summary.json").read_text())

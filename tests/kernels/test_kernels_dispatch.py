@@ -12,7 +12,7 @@ import torch
 import kvstream
 from kvstream import kernels
 from kvstream.errors import ConfigError, LayoutError
-from kvstream.kernels import _tables, reference
+from kvstream.kernels import _checks, _launch, _tables, reference
 from kvstream.layout import Region
 
 from kvcases import hf_layers
@@ -48,12 +48,12 @@ def test_check_backend():
     class InterpretedFunction:  # what triton.jit returns under TRITON_INTERPRET=1
         pass
 
-    _tables.check_backend(torch.device("cpu"), InterpretedFunction())
+    _checks.check_backend(torch.device("cpu"), InterpretedFunction())
     with pytest.raises(ConfigError, match="TRITON_INTERPRET=1"):
-        _tables.check_backend(torch.device("cpu"), object())
+        _checks.check_backend(torch.device("cpu"), object())
     with pytest.raises(ConfigError, match="unset TRITON_INTERPRET"):
-        _tables.check_backend(torch.device("cuda", 0), InterpretedFunction())
-    _tables.check_backend(torch.device("cuda", 0), object())
+        _checks.check_backend(torch.device("cuda", 0), InterpretedFunction())
+    _checks.check_backend(torch.device("cuda", 0), object())
 
 
 @pytest.mark.parametrize("elsize, byte_values, expected", [
@@ -67,13 +67,13 @@ def test_check_backend():
     (4, [6], 1),                 # misaligned for the dtype: still 1, never 0
 ])
 def test_vector_elems(elsize, byte_values, expected):
-    assert _tables.vector_elems(elsize, byte_values) == expected
+    assert _launch.vector_elems(elsize, byte_values) == expected
 
 
 def test_block_rows_on_cpu_takes_the_largest_tile():
-    assert _tables.block_rows(10_000, 64, 256, torch.device("cpu"), 16384, 4) == 64
-    assert _tables.block_rows(3, 64, 256, torch.device("cpu"), 16384, 4) == 4
-    assert _tables.block_rows(1, 2, 4, torch.device("cpu"), 16384, 4) == 1
+    assert _launch.block_rows(10_000, 64, 256, torch.device("cpu"), 16384, 4) == 64
+    assert _launch.block_rows(3, 64, 256, torch.device("cpu"), 16384, 4) == 4
+    assert _launch.block_rows(1, 2, 4, torch.device("cpu"), 16384, 4) == 1
 
 
 def test_cpu_tables_are_built_not_cached():

@@ -61,10 +61,10 @@ def test_no_blocks_is_an_empty_chunk(seed, device):
 def test_device_block_ids_out_of_range_are_skipped(seed, device, monkeypatch):
     """Ids on the KV device are not read back to the host; the kernel must not touch memory for ids outside
     ``[0, num_blocks)``. (On the CPU the public API checks CPU ids, so the host check is patched away.)"""
-    from kvstream.kernels import _tables
+    from kvstream.kernels import _checks
 
     if device.type == "cpu":
-        monkeypatch.setattr(_tables, "check_block_ids", lambda ids, *args, **kw: ids)
+        monkeypatch.setattr(_checks, "check_block_ids", lambda ids, *args, **kw: ids)
 
     kc, vc, bases = paged_layers(seed, layers=2, num_blocks=4, block_size=2, heads=2, head_dim=8,
                                  dtype=torch.float16, device=device)

@@ -177,10 +177,10 @@ def test_device_starts_are_masked_to_each_layer(seed, device, monkeypatch):
     """Starts the kernel reads from a device tensor are not checked on the host: positions outside a layer
     must be neither read nor written. (On the CPU the public API checks tensor starts on the host, so the
     host check is patched away to reach the same code path.)"""
-    from kvstream.kernels import _tables
+    from kvstream.kernels import _checks
 
     if device.type == "cpu":
-        monkeypatch.setattr(_tables, "resolve_starts", lambda starts, *args: starts)
+        monkeypatch.setattr(_checks, "resolve_starts", lambda starts, *args: starts)
     keys, values, bases = hf_layers(seed, seq=[6, 6, 6, 6], batch=2, heads=2, head_dim=8, dtype=torch.float16,
                                     device=device, kind="static")
     starts = [4, -1, 5, 2]  # layer 1 starts before 0; layer 2's second token is past its end

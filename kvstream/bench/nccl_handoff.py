@@ -30,24 +30,24 @@ gloo send/recv, tiny sizes, no timing claims.
 
 Run on a machine with two GPUs (nccl4py and an NCCL runtime installed)::
 
-    PYTHONPATH=$PWD python3 -m bench.nccl_handoff
+    PYTHONPATH=$PWD python3 -m kvstream.bench.nccl_handoff
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from typing import Sequence
 
 import torch
 
-from . import harness
-from .harness import GB, MiB, Run, Stat
+from . import harness, inputs, records, timing
+from .harness import Run
+from .records import MiB
+from .timing import Stat
 
 NAMESPACE = "bench/nccl_handoff"
 PROVIDERS = ("raw", "raw-grouped", "transport", "transport-after-arrival")
@@ -218,7 +218,7 @@ def _sender(run: Run, port: int) -> dict:
     try:
         for tokens in _sizes(args):
             data = _data(args, side.device, tokens, seed=tokens)
-            nbytes = harness.tensor_nbytes(data)
+            nbytes = inputs.tensor_nbytes(data)
             for provider in PROVIDERS:
                 samples, flush_ms = [], []
                 for rep in range(args.reps + 1):
@@ -250,7 +250,7 @@ def _sender(run: Run, port: int) -> dict:
                     fl = run.add("nccl_handoff.flush_calls", label, tokens, "time", "ms", Stat.of(flush_ms))
                     results[(tokens, provider)]["flush_calls_ms"] = fl.p50
                     note = f" (flush calls {fl.p50:.3f} ms: {fl.p50 * 1e3 / len(data):.0f} us a chunk)"
-                harness.progress(f"{tokens} tokens, {provider}: {ms.p50:.3f} ms, {bw.p50:.1f} GB/s{note}")
+                timing.progress(f"{tokens} tokens, {provider}: {ms.p50:.3f} ms, {bw.p50:.1f} GB/s{note}")
         side.barrier()
     finally:
         side.close()
@@ -267,19 +267,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _receiver(p.parse_known_args(list(argv) if argv is not None else None)[0])
     run = Run.from_argv("nccl_handoff", argv, add_args, __doc__)
     if not run.quick and torch.cuda.device_count() < 2:
-        raise SystemExit("bench.nccl_handoff needs two GPUs (or --quick for the CPU smoke run)")
+        raise SystemExit("kvstream.bench.nccl_handoff needs two GPUs (or --quick for the CPU smoke run)")
     from kvstream.transports.remote import rendezvous_store
 
     server = rendezvous_store("127.0.0.1", 0, is_server=True, timeout_s=120)
     child_argv = ["--role", "recv", "--port", str(server.port), "--layers", str(run.args.layers), "--tokens",
                   run.args.tokens, "--batch", str(run.args.batch), "--reps", str(run.args.reps)]
     child_argv += ["--quick"] if run.quick else []
-    env = dict(os.environ, PYTHONPATH=str(harness.repo_root()) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    child = subprocess.Popen([sys.executable, "-m", "bench.nccl_handoff", *child_argv], cwd=harness.repo_root(), env=env)
+    src = str(records.bench_dir().parent.parent)  # the directory holding the kvstream package
+    env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    child = subprocess.Popen([sys.executable, "-m", f"{__package__}.nccl_handoff", *child_argv], cwd=src, env=env)
     try:
         results = _sender(run, server.port)
         if child.wait(timeout=120) != 0:
-            raise SystemExit(f"bench.nccl_handoff: the receiving process exited with {child.returncode}")
+            raise SystemExit(f"kvstream.bench.nccl_handoff: the receiving process exited with {child.returncode}")
     finally:
         if child.poll() is None:
             child.kill()

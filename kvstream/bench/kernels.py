@@ -30,8 +30,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import harness
-from .harness import GiB, Run, Stat
+from . import ceilings, harness, inputs, timing
+from .harness import Run
+from .records import GiB
+from .timing import Stat
 
 #: Extra token positions per layer beyond the region, so the region is strided (a preallocated cache).
 PAD_TOKENS = 256
@@ -70,18 +72,18 @@ def bench_pack_unpack(run: Run, g: dict) -> dict:
 
     cases: dict[str, dict] = {}
     for tokens in g["tokens"]:
-        harness.progress(f"kernels: pack/unpack, {g['layers']} layers, B{g['batch']}, {tokens} tokens")
-        keys, values = harness.random_hf_cache(g["layers"], g["batch"], g["heads"], tokens + g["pad"], g["head_dim"],
-                                               g["dtype"], run.device)
+        timing.progress(f"kernels: pack/unpack, {g['layers']} layers, B{g['batch']}, {tokens} tokens")
+        keys, values = inputs.random_hf_cache(g["layers"], g["batch"], g["heads"], tokens + g["pad"], g["head_dim"],
+                                              g["dtype"], run.device)
         region = Region(layers=range(g["layers"]), tokens=(0, tokens))
         out = torch.empty(region.resolve(g["batch"], g["heads"]).packed_shape(g["head_dim"]), dtype=g["dtype"],
                           device=run.device)
-        moved = 2 * harness.tensor_nbytes(out)
-        copy_bw = harness.ceiling_d2d(run, min(harness.tensor_nbytes(out), 2 * GiB), bench="kernels.ceiling", x=tokens)
+        moved = 2 * inputs.tensor_nbytes(out)
+        copy_bw = ceilings.ceiling_d2d(run, min(inputs.tensor_nbytes(out), 2 * GiB), bench="kernels.ceiling", x=tokens)
 
         out.fill_(float("nan"))
         pack_tokens(keys, values, region, out=out, backend="triton")
-        harness.check_region(out, keys, values, region.layers, 0, tokens, "pack_tokens")
+        inputs.check_region(out, keys, values, region.layers, 0, tokens, "pack_tokens")
         figures = {"d2d_GBps": copy_bw.p50, "bytes_moved": moved}
         figures["pack_GBps"] = run.add_time_and_bandwidth(
             "kernels.pack", "kvstream", tokens,
@@ -94,7 +96,7 @@ def bench_pack_unpack(run: Run, g: dict) -> dict:
             keys[l][:, :, :tokens].fill_(float("nan"))
             values[l][:, :, :tokens].fill_(float("nan"))
         unpack_tokens(out, keys, values, region, backend="triton")
-        harness.check_region(out, keys, values, region.layers, 0, tokens, "unpack_tokens")
+        inputs.check_region(out, keys, values, region.layers, 0, tokens, "unpack_tokens")
         figures["unpack_GBps"] = run.add_time_and_bandwidth(
             "kernels.unpack", "kvstream", tokens,
             run.time(lambda: unpack_tokens(out, keys, values, region, backend="triton")), moved).p50
@@ -103,7 +105,7 @@ def bench_pack_unpack(run: Run, g: dict) -> dict:
             run.time(lambda: unpack_tokens(out, keys, values, region, backend="torch")), moved).p50
         cases[str(tokens)] = figures
         del keys, values, out
-        harness.free_memory()
+        inputs.free_memory()
     return cases
 
 
@@ -144,7 +146,7 @@ def _graph_of(fn: Callable[[], object]):
             fn()
         return graph
     except Exception as e:  # noqa: BLE001 - a capture failure is a finding, printed, not fatal
-        harness.progress(f"kernels: CUDA graph capture of the decode step failed: {type(e).__name__}: {e}")
+        timing.progress(f"kernels: CUDA graph capture of the decode step failed: {type(e).__name__}: {e}")
         return None
 
 
@@ -157,12 +159,12 @@ def bench_decode_step(run: Run, g: dict) -> dict:
     results: dict[str, dict] = {}
     L, H, D, dt = g["layers"], g["heads"], g["head_dim"], g["dtype"]
     for batch in g["decode_batches"]:
-        harness.progress(f"kernels: decode step, {L} layers, B{batch}, seq {g['decode_seq']}")
-        keys, values = harness.random_hf_cache(L, batch, H, g["decode_seq"], D, dt, run.device)
+        timing.progress(f"kernels: decode step, {L} layers, B{batch}, seq {g['decode_seq']}")
+        keys, values = inputs.random_hf_cache(L, batch, H, g["decode_seq"], D, dt, run.device)
         shape = (L, 2, batch, H, 1, D)
-        host = harness.pinned_empty(shape, dt)
+        host = inputs.pinned_empty(shape, dt)
         dev = torch.empty(shape, dtype=dt, device=run.device)
-        step_bytes = harness.tensor_nbytes(host)
+        step_bytes = inputs.tensor_nbytes(host)
         x = batch
         figures: dict[str, float] = {"bytes": step_bytes}
 
@@ -170,13 +172,13 @@ def bench_decode_step(run: Run, g: dict) -> dict:
             run.add_time_and_bandwidth("kernels.decode_step", provider, x, ms, step_bytes, time_unit="us")
             figures[provider] = ms.p50 * 1e3
 
-        contiguous = harness.random_tensor(shape, dt, run.device)
+        contiguous = inputs.random_tensor(shape, dt, run.device)
         us("memcpy", run.time(lambda: host.copy_(contiguous, non_blocking=True)))
 
         host.fill_(float("nan"))
         pack_newest(keys, values, out=host, backend="triton")
-        harness.sync(run.device)
-        harness.check_region(host, keys, values, range(L), g["decode_seq"] - 1, g["decode_seq"], "pack_newest (zero-copy)")
+        timing.sync(run.device)
+        inputs.check_region(host, keys, values, range(L), g["decode_seq"] - 1, g["decode_seq"], "pack_newest (zero-copy)")
         us("kvstream-zero-copy", run.time(lambda: pack_newest(keys, values, out=host, backend="triton")))
 
         def pack_then_copy() -> None:
@@ -185,8 +187,8 @@ def bench_decode_step(run: Run, g: dict) -> dict:
 
         host.fill_(float("nan"))
         pack_then_copy()
-        harness.sync(run.device)
-        harness.check_region(host, keys, values, range(L), g["decode_seq"] - 1, g["decode_seq"], "pack_newest + memcpy")
+        timing.sync(run.device)
+        inputs.check_region(host, keys, values, range(L), g["decode_seq"] - 1, g["decode_seq"], "pack_newest + memcpy")
         us("kvstream-pack+memcpy", run.time(pack_then_copy))
 
         if run.is_cuda:
@@ -194,8 +196,8 @@ def bench_decode_step(run: Run, g: dict) -> dict:
             if graph is not None:
                 host.fill_(float("nan"))
                 graph.replay()
-                harness.sync(run.device)
-                harness.check_region(host, keys, values, range(L), g["decode_seq"] - 1, g["decode_seq"], "pack_newest (graph)")
+                timing.sync(run.device)
+                inputs.check_region(host, keys, values, range(L), g["decode_seq"] - 1, g["decode_seq"], "pack_newest (graph)")
                 us("kvstream-zero-copy-graph", run.time(graph.replay))
                 del graph
 
@@ -203,8 +205,8 @@ def bench_decode_step(run: Run, g: dict) -> dict:
         streamer = KVStreamer(transport, device=run.device)
         us("kvstream-streamer", run.time_host(lambda: streamer.scatter_newest("step", keys, values).wait(), reps=200,
                                                warmup=5))
-        harness.check_region(transport.fetch_new("step", "cpu"), keys, values, range(L), g["decode_seq"] - 1,
-                     g["decode_seq"], "KVStreamer.scatter_newest")
+        inputs.check_region(transport.fetch_new("step", "cpu"), keys, values, range(L), g["decode_seq"] - 1,
+                            g["decode_seq"], "KVStreamer.scatter_newest")
         streamer.close()
         transport.close()
 
@@ -216,7 +218,7 @@ def bench_decode_step(run: Run, g: dict) -> dict:
         us("torch-per-layer", run.time(per_layer))
         results[str(batch)] = figures
         del keys, values, host, dev, contiguous
-        harness.free_memory()
+        inputs.free_memory()
     return results
 
 

@@ -19,7 +19,7 @@ planner's split for the measured inputs in its detail.
 
 ``--quick``: the tiny model on the CPU over gloo, two rates, a few requests (no timing claims).
 
-    PYTHONPATH=$PWD python3 -m bench.disagg                  # two GPUs, ~5 minutes
+    PYTHONPATH=$PWD python3 -m kvstream.bench.disagg                  # two GPUs, ~5 minutes
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from . import harness
+from . import harness, timing
 from .harness import Run
 
 MODES = ("disagg", "colocated")
@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         if torch.cuda.device_count() < 2:
-            raise SystemExit("bench.disagg needs two GPUs (or --quick for the CPU smoke run)")
+            raise SystemExit("kvstream.bench.disagg needs two GPUs (or --quick for the CPU smoke run)")
     rates = [25.0, 50.0] if run.quick else [float(r) for r in run.args.rates.split(",")]
     points: dict = {}
     planner: dict = {}
@@ -103,11 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for mode in MODES:
             results = run.out_dir / "disagg-runs" / f"{mode}-rate{rate:g}"
             argv_ = _disagg_args(run, mode, rate, results)
-            harness.progress(f"kvstream disagg {' '.join(argv_)}")
+            timing.progress(f"kvstream disagg {' '.join(argv_)}")
             args = disagg._parser().parse_args(argv_)
             code, doc = disagg.run(args)
             if code != 0 or doc["missing"]:
-                raise SystemExit(f"bench.disagg: {mode} at rate {rate:g} failed (code {code}, missing {doc['missing']})")
+                raise SystemExit(f"kvstream.bench.disagg: {mode} at rate {rate:g} failed (code {code}, missing {doc['missing']})")
             s = doc["summary"]
             points[mode, rate] = s
             x = "inf" if math.isinf(rate) else rate
@@ -120,8 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run.add("disagg.load", LABELS[mode], x, "ttft_mean", "s", s["ttft_s"])
             if mode == "disagg" and doc["planner_inputs"]:
                 planner = doc["planner_inputs"]
-            harness.progress(f"{mode} at {rate:g} req/s: {s['throughput_req_per_s']:.3f} req/s, "
-                             f"{s['normalized_latency_s_per_token']['mean']:.4f} s/token")
+            timing.progress(f"{mode} at {rate:g} req/s: {s['throughput_req_per_s']:.3f} req/s, "
+                            f"{s['normalized_latency_s_per_token']['mean']:.4f} s/token")
     png = run.out_dir / "disagg.png"
     _plot(points, png)
     peak = {m: max(points[m, r]["throughput_req_per_s"] for r in rates) for m in MODES}

@@ -4,7 +4,7 @@ same disk, in the same run.
 Chunks are one layer's prefill KV, ``[1, 2, B, H, T, D]`` bf16 (64 MiB at B16, H8, T1024, D128), ``--chunks``
 of them (1 GiB by default), in pinned host memory (so the disk alone is measured; a ``from-cuda`` row adds
 the device copies). The raw ceiling writes the same number of files of the same size with 16 MiB
-``O_DIRECT`` writes, as DEVICE.md's ``dd`` (1.9 GB/s write, 1.1 GB/s read on the H100 machine).
+``O_DIRECT`` writes, as ``dd`` did on the H100 machine (1.9 GB/s write, 1.1 GB/s read; bench/NOTES.md).
 
 Timing, host clock, every provider alike: writes run until every file is durable (the transport's handles,
 then an fsync of every file it wrote — a no-op for ``fsync=True``); reads start with every file dropped from
@@ -28,8 +28,9 @@ from typing import Sequence
 
 import torch
 
-from . import harness
-from .harness import MiB, Run
+from . import ceilings, harness, inputs, timing
+from .harness import Run
+from .records import MiB
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -50,12 +51,12 @@ def _geometry(run: Run) -> dict:
 def _measure(run: Run, transport, chunks: list[torch.Tensor], outs: list[torch.Tensor], label_w: str, label_r: str,
              x: float, reps: int) -> tuple[float, float]:
     """Write ``chunks`` under ``k{i}`` until durable, then read them cold into ``outs``. Returns (write, read) GB/s."""
-    total = harness.tensor_nbytes(chunks)
+    total = inputs.tensor_nbytes(chunks)
 
     def write_all() -> None:
         for h in [transport.flush(f"k{i}", c) for i, c in enumerate(chunks)]:
             h.wait()
-        harness.evict_tree(transport.root)
+        ceilings.evict_tree(transport.root)
 
     def read_all() -> None:
         for h in [transport.fetch(f"k{i}", o) for i, o in enumerate(outs)]:
@@ -67,7 +68,7 @@ def _measure(run: Run, transport, chunks: list[torch.Tensor], outs: list[torch.T
         o.fill_(float("nan"))
     r = run.add_time_and_bandwidth("disk.read", label_r, x,
                                    run.time_host(read_all, reps=reps, warmup=0,
-                                                 setup=lambda: harness.evict_tree(transport.root)), total, time_unit="s")
+                                                 setup=lambda: ceilings.evict_tree(transport.root)), total, time_unit="s")
     for i, (o, c) in enumerate(zip(outs, chunks)):
         if not torch.equal(o.cpu(), c.cpu()):
             raise RuntimeError(f"{label_r}: chunk k{i} read back differs from what was written")
@@ -82,21 +83,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     g = _geometry(run)
     root = run.disk_dir()
     try:
-        fs = harness.fs_type(root)
-        direct = harness.supports_direct_io(root)
-        chunks = [harness.random_tensor(g["shape"], torch.bfloat16, "cpu") for _ in range(g["chunks"])]
-        pinned = [harness.pinned_empty(g["shape"], torch.bfloat16) for _ in chunks]
+        fs = ceilings.fs_type(root)
+        direct = ceilings.supports_direct_io(root)
+        chunks = [inputs.random_tensor(g["shape"], torch.bfloat16, "cpu") for _ in range(g["chunks"])]
+        pinned = [inputs.pinned_empty(g["shape"], torch.bfloat16) for _ in chunks]
         for p, c in zip(pinned, chunks):
             p.copy_(c)
         del chunks
-        chunk_bytes = harness.tensor_nbytes(pinned[0])
+        chunk_bytes = inputs.tensor_nbytes(pinned[0])
         x = round(chunk_bytes / MiB, 4)
-        harness.progress(f"disk: {len(pinned)} chunks of {x} MiB under {root} ({fs}, O_DIRECT {'yes' if direct else 'no'})")
+        timing.progress(f"disk: {len(pinned)} chunks of {x} MiB under {root} ({fs}, O_DIRECT {'yes' if direct else 'no'})")
         raw_dir = root / "raw"
         raw_dir.mkdir()
-        raw_w, raw_r, raw_label = harness.ceiling_disk(run, raw_dir, chunk_bytes, len(pinned), bench="disk", x=x,
-                                                       reps=g["reps"])
-        outs = [harness.pinned_empty(g["shape"], torch.bfloat16) for _ in pinned]
+        raw_w, raw_r, raw_label = ceilings.ceiling_disk(run, raw_dir, chunk_bytes, len(pinned), bench="disk", x=x,
+                                                        reps=g["reps"])
+        outs = [inputs.pinned_empty(g["shape"], torch.bfloat16) for _ in pinned]
         configs = {"DiskTransport": {}}
         if direct:
             configs["DiskTransport(direct,fsync)"] = {"direct": True, "fsync": True}

@@ -1,6 +1,6 @@
 """Turn the suite's CSVs into PNGs (matplotlib, Agg backend: no display needed).
 
-    python -m bench.plot [--out bench/results] [--png-dir DIR]
+    python -m kvstream.bench.plot [--out bench/results] [--png-dir DIR]
 
 Each CSV holds every run appended; a plot uses the latest run of each bench (the rows with the newest
 ``date``). Pictures, when their CSV is there:
@@ -15,7 +15,7 @@ Each CSV holds every run appended; a plot uses the latest run of each bench (the
 * ``fig25_end_to_end.png`` — the paper's Fig. 25: no streaming vs streaming to host vs to disk;
 * ``levels.png`` — the paper's Fig. 7: levels 0-3, decode step and prefill landed time, end to end.
 
-Another topic (``bench/<name>.py``) draws its own CSV by defining ``plot(data, plt, out) -> list[Path]``,
+Another topic (``kvstream/bench/<name>.py``) draws its own CSV by defining ``plot(data, plt, out) -> list[Path]``,
 where ``data`` is :func:`read_latest` of its CSV; :func:`series`, :func:`lines`, :func:`bars` and
 :func:`save` help.
 """
@@ -28,7 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
-from . import harness
+from . import harness, records
 
 Series = dict[str, list[tuple[str, float, float, float]]]  # provider -> [(x, p50, p20, p80)]
 
@@ -228,11 +228,11 @@ def plot_levels(data: dict, plt, out: Path) -> list[Path]:
 
 
 def _topic_plotter(topic: str):
-    """Another topic's own ``plot(data, plt, out) -> list[Path]`` (e.g. ``bench/prefix.py``), if it has one."""
+    """Another topic's own ``plot(data, plt, out) -> list[Path]`` (e.g. ``kvstream/bench/prefix.py``), if it has one."""
     import importlib
 
     try:
-        module = importlib.import_module(f"bench.{topic}")
+        module = importlib.import_module(f"{__package__}.{topic}")
     except ImportError:
         return None
     return getattr(module, "plot", None)
@@ -248,8 +248,8 @@ def save(fig, plt, path: Path) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Plot every CSV found in ``--out``; returns 0, or 1 without matplotlib."""
-    p = argparse.ArgumentParser(prog="bench.plot", description=__doc__)
-    p.add_argument("--out", default=str(harness.default_results_dir()), help="directory with the CSVs")
+    p = argparse.ArgumentParser(prog="kvstream.bench.plot", description=__doc__)
+    p.add_argument("--out", default=str(records.default_results_dir()), help="directory with the CSVs")
     p.add_argument("--png-dir", default=None, help="where the PNGs go (default: --out)")
     args = p.parse_args(list(argv) if argv is not None else None)
     try:
@@ -258,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("bench.plot: matplotlib is not installed (pip install 'kvstream[bench]'); no PNGs made")
+        print("kvstream.bench.plot: matplotlib is not installed (pip install 'kvstream[bench]'); no PNGs made")
         return 1
     src = Path(args.out)
     dst = Path(args.png_dir) if args.png_dir else src

@@ -1,8 +1,8 @@
 """Run the whole suite in one process: every topic, then the plots, then the summary table.
 
-    PYTHONPATH=$PWD python3 -m bench.run_all                     # GPU: everything under bench/results/
-    PYTHONPATH=$PWD python3 -m bench.run_all --quick             # CPU smoke run into a temp dir
-    PYTHONPATH=$PWD python3 -m bench.run_all --topics kernels,levels --layers 8
+    PYTHONPATH=$PWD python3 -m kvstream.bench.run_all            # GPU: everything under bench/results/
+    PYTHONPATH=$PWD python3 -m kvstream.bench.run_all --quick    # CPU smoke run into a temp dir
+    PYTHONPATH=$PWD python3 -m kvstream.bench.run_all --topics kernels,levels --layers 8
 
 One process, so the Llama-3-8B-shaped model is built once and shared by ``generate`` and ``levels``.
 A topic that fails is reported (with its traceback) and the others still run; the exit code is 1 then.
@@ -10,9 +10,7 @@ A topic that fails is reported (with its traceback) and the others still run; th
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import json
 import sys
 import tempfile
 import time
@@ -20,18 +18,18 @@ import traceback
 from pathlib import Path
 from typing import Sequence
 
-from . import harness
+from . import harness, inputs, plot, records, timing
 
 #: The core topics, in the order ``all`` runs them (generate before levels: levels reuses its model).
 TOPICS: tuple[str, ...] = ("kernels", "transfers", "disk", "generate", "levels")
 #: Other helpers' topics that ``all`` runs when their script exists (nccl_handoff only with two GPUs).
 EXTRA_TOPICS: tuple[str, ...] = ("prefix", "nccl_handoff")
-_NOT_TOPICS = {"__init__", "harness", "plot", "run_all"}
+_NOT_TOPICS = {"__init__", "ceilings", "cli", "harness", "inputs", "plot", "records", "run_all", "timing"}
 
 
 def available_topics() -> list[str]:
-    """Every ``bench/<name>.py`` that is a topic: the core ones first, then the others found."""
-    found = sorted(p.stem for p in harness.bench_dir().glob("*.py") if p.stem not in _NOT_TOPICS and not p.stem.startswith("_"))
+    """Every ``kvstream/bench/<name>.py`` that is a topic: the core ones first, then the others found."""
+    found = sorted(p.stem for p in records.bench_dir().glob("*.py") if p.stem not in _NOT_TOPICS and not p.stem.startswith("_"))
     return [t for t in TOPICS if t in found] + [t for t in found if t not in TOPICS]
 
 
@@ -47,29 +45,11 @@ def default_topics() -> list[str]:
 
 
 def run_topic(topic: str, argv: Sequence[str]) -> int:
-    """Import ``bench.<topic>`` and call its ``main(argv)``; returns its exit code."""
-    module = importlib.import_module(f"bench.{topic}")
+    """Import ``kvstream.bench.<topic>`` and call its ``main(argv)``; returns its exit code."""
+    module = importlib.import_module(f"{__package__}.{topic}")
     if not hasattr(module, "main"):
-        raise SystemExit(f"bench/{topic}.py has no main(argv)")
+        raise SystemExit(f"kvstream/bench/{topic}.py has no main(argv)")
     return int(module.main(list(argv)) or 0)
-
-
-def summary_table(path: Path) -> str:
-    """``summary.json`` as a markdown table (key, value, ceiling/peer, ratio, target, pass)."""
-    if not path.exists():
-        return f"(no {path})"
-    doc = json.loads(path.read_text())
-
-    def fmt(v):
-        return "—" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
-
-    lines = ["| key | value | unit | ceiling / peer | ratio | target | pass |", "|---|---:|---|---|---:|---|---|"]
-    for key, e in doc.items():
-        if not isinstance(e, dict):
-            continue
-        lines.append(f"| {key} | {fmt(e.get('value'))} | {e.get('unit')} | {fmt(e.get('ceiling'))} ({e.get('ceiling_of')}) "
-                     f"| {fmt(e.get('ratio'))} | {e.get('target')} ({e.get('target_of')}) | {fmt(e.get('pass'))} |")
-    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,43 +61,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     topics = args.topics.split(",") if args.topics else default_topics()
     unknown = [t for t in topics if t not in available_topics()]
     if unknown:
-        print(f"bench.run_all: unknown topics {unknown}; available: {available_topics()}", file=sys.stderr)
+        print(f"kvstream.bench.run_all: unknown topics {unknown}; available: {available_topics()}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="kvstream-bench-")) if args.quick
-                                           else harness.default_results_dir())
+                                           else records.default_results_dir())
     out.mkdir(parents=True, exist_ok=True)
     common = ["--out", str(out), "--layers", str(args.layers)]
     common += ["--quick"] if args.quick else []
     common += ["--device", args.device] if args.device else []
     common += ["--disk-dir", args.disk_dir] if args.disk_dir else []
-    harness.progress(f"suite: topics {topics} -> {out}" + ("  [--quick]" if args.quick else ""))
+    timing.progress(f"suite: topics {topics} -> {out}" + ("  [--quick]" if args.quick else ""))
     failed: list[str] = []
     t_start = time.perf_counter()
     for topic in topics:
-        harness.progress(f"=== {topic} ===")
+        timing.progress(f"=== {topic} ===")
         t0 = time.perf_counter()
         try:
             rc = run_topic(topic, common + list(extra))
         except Exception:  # noqa: BLE001 - report and go on with the other topics
             traceback.print_exc()
             rc = 1
-        harness.free_memory()
-        harness.progress(f"=== {topic}: {'ok' if rc == 0 else f'FAILED (rc {rc})'} in {time.perf_counter() - t0:.1f} s ===")
+        inputs.free_memory()
+        timing.progress(f"=== {topic}: {'ok' if rc == 0 else f'FAILED (rc {rc})'} in {time.perf_counter() - t0:.1f} s ===")
         if rc != 0:
             failed.append(topic)
-    harness.release_models()
+    inputs.release_models()
     if not args.no_plot:
         try:
-            importlib.import_module("bench.plot").main(["--out", str(out)])
+            plot.main(["--out", str(out)])
         except Exception:  # noqa: BLE001 - plots are a convenience; the CSVs are the record
             traceback.print_exc()
             failed.append("plot")
-    table = summary_table(out / "summary.json")
-    (out / "summary.md").write_text(f"<!-- written by bench/run_all.py from summary.json -->\n{table}\n")
+    table = records.summary_table(out / "summary.json")
+    (out / "summary.md").write_text(f"<!-- written by kvstream/bench/run_all.py from summary.json -->\n{table}\n")
     print("\n## summary.json\n")
     print(table)
-    harness.progress(f"suite done in {time.perf_counter() - t_start:.1f} s; results in {out}"
-                     + (f"; FAILED: {failed}" if failed else ""))
+    timing.progress(f"suite done in {time.perf_counter() - t_start:.1f} s; results in {out}"
+                    + (f"; FAILED: {failed}" if failed else ""))
     return 1 if failed else 0
 
 

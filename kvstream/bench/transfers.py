@@ -4,7 +4,7 @@ against ``cudaMemcpyAsync`` of the same bytes in the same run.
 Chunks are one layer's prefill KV, ``[1, 2, B, H, T, D]`` bf16 (64 KiB per token at B16, H8, D128: 4 MiB at
 T=64 up to 256 MiB at T=4096); each measurement moves ``n`` such chunks back to back (``n`` = layers, up to
 ``--total-gib``). Bytes moved: ``n * chunk_bytes`` each way over PCIe; the ceiling is the measured pinned
-memcpy (DEVICE.md: 54.7 GB/s D2H, 52.5 GB/s H2D on the H100).
+memcpy (54.7 GB/s D2H, 52.5 GB/s H2D measured on the H100 machine; bench/NOTES.md).
 
 Rows (``<out>/transfers.csv``), x = chunk size in MiB, time (ms) and bandwidth (GB/s) on the host clock
 between synchronizations, for every provider alike:
@@ -26,8 +26,9 @@ from typing import Sequence
 
 import torch
 
-from . import harness
-from .harness import GiB, MiB, Run
+from . import ceilings, harness, inputs, timing
+from .harness import Run
+from .records import GiB, MiB
 
 #: Chunks at least this large are "prefill-sized" and count for the summary (smaller ones are in detail).
 SUMMARY_MIN_CHUNK_BYTES = 16 * MiB
@@ -61,18 +62,18 @@ def bench_size(run: Run, g: dict, tokens: int) -> dict:
     from kvstream.transports.host import HostTransport
 
     shape = (1, 2, g["batch"], g["heads"], tokens, g["head_dim"])
-    chunk_bytes = harness.tensor_nbytes(torch.empty(shape, dtype=g["dtype"], device="meta"))
+    chunk_bytes = inputs.tensor_nbytes(torch.empty(shape, dtype=g["dtype"], device="meta"))
     n = max(1, min(g["layers"], g["total"] // chunk_bytes))
     x = round(chunk_bytes / MiB, 4)
     total = n * chunk_bytes
-    harness.progress(f"transfers: {n} chunks of {x} MiB ({tokens} tokens, B{g['batch']})")
+    timing.progress(f"transfers: {n} chunks of {x} MiB ({tokens} tokens, B{g['batch']})")
     f: dict[str, float] = {"chunk_bytes": chunk_bytes, "chunks": n}
-    f["d2h_memcpy"] = harness.ceiling_memcpy(run, chunk_bytes, n, direction="d2h", bench="transfers.d2h", x=x).p50
-    f["h2d_memcpy"] = harness.ceiling_memcpy(run, chunk_bytes, n, direction="h2d", bench="transfers.h2d", x=x).p50
-    harness.free_memory()
+    f["d2h_memcpy"] = ceilings.ceiling_memcpy(run, chunk_bytes, n, direction="d2h", bench="transfers.d2h", x=x).p50
+    f["h2d_memcpy"] = ceilings.ceiling_memcpy(run, chunk_bytes, n, direction="h2d", bench="transfers.h2d", x=x).p50
+    inputs.free_memory()
 
     transport = HostTransport(capacity_bytes=2 * total + (1 << 20))
-    chunks = [harness.random_tensor(shape, g["dtype"], run.device) for _ in range(n)]
+    chunks = [inputs.random_tensor(shape, g["dtype"], run.device) for _ in range(n)]
     f["d2h_HostTransport"] = run.add_time_and_bandwidth(
         "transfers.d2h", "HostTransport", x,
         run.time_host(lambda: _wait_all([transport.flush(f"c{i}", c) for i, c in enumerate(chunks)]), reps=5), total).p50
@@ -88,8 +89,8 @@ def bench_size(run: Run, g: dict, tokens: int) -> dict:
         transport.delete(f"c{i}")
     del chunks, outs
 
-    keys, values = harness.random_hf_cache(n, g["batch"], g["heads"], tokens + g["pad"], g["head_dim"], g["dtype"],
-                                           run.device)
+    keys, values = inputs.random_hf_cache(n, g["batch"], g["heads"], tokens + g["pad"], g["head_dim"], g["dtype"],
+                                          run.device)
     regions = [Region(layers=(l, l + 1), tokens=(0, tokens)) for l in range(n)]
     streamer = KVStreamer(transport, device=run.device)
 
@@ -100,8 +101,8 @@ def bench_size(run: Run, g: dict, tokens: int) -> dict:
 
     f["d2h_KVStreamer"] = run.add_time_and_bandwidth("transfers.d2h", "KVStreamer", x,
                                                      run.time_host(scatter_all, reps=5), total).p50
-    harness.check_region(transport.fetch_new(f"s{n - 1}", "cpu"), keys[n - 1:], values[n - 1:], range(1), 0, tokens,
-                         "KVStreamer.scatter")
+    inputs.check_region(transport.fetch_new(f"s{n - 1}", "cpu"), keys[n - 1:], values[n - 1:], range(1), 0, tokens,
+                        "KVStreamer.scatter")
     expected = [(k[:, :, :tokens].clone(), v[:, :, :tokens].clone()) for k, v in zip(keys[:1], values[:1])]
     keys[0][:, :, :tokens].fill_(float("nan"))
     values[0][:, :, :tokens].fill_(float("nan"))
@@ -117,7 +118,7 @@ def bench_size(run: Run, g: dict, tokens: int) -> dict:
     streamer.close()
     transport.close()
     del keys, values, expected
-    harness.free_memory()
+    inputs.free_memory()
     return f
 
 

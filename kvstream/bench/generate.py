@@ -41,8 +41,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from . import harness
-from .harness import GB, MiB, Run, Stat
+from . import ceilings, harness, inputs, timing
+from .harness import Run
+from .records import GB, MiB
+from .timing import Stat
 
 PROVIDERS = ("dynamic", "stream-host", "offload", "hf-offload", "stream-disk")
 #: Providers warmed up with a full-length run (the others — PCIe-bound offloads, the one disk run — with 2 tokens).
@@ -115,7 +117,7 @@ def generate_once(model: torch.nn.Module, input_ids: torch.Tensor, make_cache: C
     before returning, so the next call starts from the same memory baseline.
     """
     gc.collect()
-    harness.sync(device)
+    timing.sync(device)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -128,7 +130,7 @@ def generate_once(model: torch.nn.Module, input_ids: torch.Tensor, make_cache: C
                          streamer=probe)
     if hasattr(cache, "wait"):
         cache.wait()
-    harness.sync(device)
+    timing.sync(device)
     t1 = time.perf_counter()
     times = probe.times[1:] or [t1]  # put #0 is the prompt, #1 the first token (end of prefill)
     prefill = times[0] - t0
@@ -151,7 +153,7 @@ class Session:
 
         self.run = run
         self.g = g
-        self.model = harness.shared_model(run)
+        self.model = inputs.shared_model(run)
         self.config = self.model.config
         self.layout = KVLayout.from_config(self.config, dtype=next(self.model.parameters()).dtype)
         self.input_ids = batch_of_prompts(g["batch"], g["prompt"], device=run.device)
@@ -250,7 +252,7 @@ def run_main(run: Run, s: Session, providers: list[str]) -> dict[str, list[GenRe
     """Warm-up, then ``reps`` alternating rounds over ``providers`` (stream-disk once)."""
     g = s.g
     results: dict[str, list[GenResult]] = {p: [] for p in providers}
-    harness.progress(f"generate: warm-up ({', '.join(providers)}; full length where it fills an allocator cache)")
+    timing.progress(f"generate: warm-up ({', '.join(providers)}; full length where it fills an allocator cache)")
     for p in providers:
         try:
             # A full-length warm-up leaves the CUDA and pinned allocators holding every block a timed run needs
@@ -259,20 +261,19 @@ def run_main(run: Run, s: Session, providers: list[str]) -> dict[str, list[GenRe
         except Exception as e:  # noqa: BLE001 - a provider that cannot run here is reported, not fatal
             if p == "dynamic":
                 raise
-            harness.progress(f"generate: {p} cannot run: {type(e).__name__}: {e}")
+            timing.progress(f"generate: {p} cannot run: {type(e).__name__}: {e}")
             s.errors[p] = f"{type(e).__name__}: {e}"
             results.pop(p)
     order = [p for p in providers if p in results and p != "stream-disk"]
-    for rep in range(g["reps"]):
-        for p in (order if rep % 2 == 0 else order[::-1]):
-            r = s.measure(p, g["new"])
-            results[p].append(r)
-            harness.progress(f"generate: {p} rep {rep + 1}: {r.total_s:.3f} s (prefill {r.prefill_s * 1e3:.0f} ms, "
-                             f"{r.per_token_s * 1e3:.2f} ms/token, KV resident {r.kv_resident_bytes / GB:.2f} GB)")
+    for rep, p in timing.alternating(order, g["reps"]):
+        r = s.measure(p, g["new"])
+        results[p].append(r)
+        timing.progress(f"generate: {p} rep {rep + 1}: {r.total_s:.3f} s (prefill {r.prefill_s * 1e3:.0f} ms, "
+                        f"{r.per_token_s * 1e3:.2f} ms/token, KV resident {r.kv_resident_bytes / GB:.2f} GB)")
     if "stream-disk" in results:
         r = s.measure("stream-disk", g["new"])
         results["stream-disk"].append(r)
-        harness.progress(f"generate: stream-disk: {r.total_s:.3f} s")
+        timing.progress(f"generate: stream-disk: {r.total_s:.3f} s")
     x = f"B{g['batch']}/P{g['prompt']}/N{g['new']}"
     for p, rs in results.items():
         _record(run, "generate.e2e", p, x, rs, s.layout, g["batch"], g["prompt"] + g["new"])
@@ -292,8 +293,8 @@ def run_fig2(run: Run, s: Session) -> dict[int, dict]:
         run.add("generate.fig2", "dynamic", prompt, "prompt_time", "ms", r.prefill_s * 1e3)
         run.add("generate.fig2", "dynamic", prompt, "per_token_time", "ms", r.per_token_s * 1e3)
         run.add("generate.fig2", "dynamic", prompt, "prompt_over_token", "x", r.prefill_s / max(r.per_token_s, 1e-12))
-        harness.progress(f"generate: Fig. 2, prompt {prompt}: prefill {r.prefill_s * 1e3:.1f} ms, "
-                         f"{r.per_token_s * 1e3:.2f} ms/token")
+        timing.progress(f"generate: Fig. 2, prompt {prompt}: prefill {r.prefill_s * 1e3:.1f} ms, "
+                        f"{r.per_token_s * 1e3:.2f} ms/token")
     return points
 
 
@@ -366,12 +367,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = Run.from_argv("generate", argv, add_args, __doc__)
     g = _geometry(run)
     providers = ["dynamic"] + [p for p in run.args.providers.split(",") if p in PROVIDERS and p != "dynamic"]
-    h2d = harness.ceiling_memcpy(run, 64 * MiB if not run.quick else 1 * MiB, 16 if not run.quick else 2,
-                                 direction="h2d", bench="generate.ceiling", x="64MiBx16" if not run.quick else "1MiBx2").p50
+    h2d = ceilings.ceiling_memcpy(run, 64 * MiB if not run.quick else 1 * MiB, 16 if not run.quick else 2,
+                                  direction="h2d", bench="generate.ceiling", x="64MiBx16" if not run.quick else "1MiBx2").p50
     s = Session(run, g)
     try:
-        harness.progress(f"generate: {s.layout.num_layers} layers, B{g['batch']}, prompt {g['prompt']}, "
-                         f"{g['new']} new tokens, KV {s.kv_bytes / GB:.2f} GB")
+        timing.progress(f"generate: {s.layout.num_layers} layers, B{g['batch']}, prompt {g['prompt']}, "
+                        f"{g['new']} new tokens, KV {s.kv_bytes / GB:.2f} GB")
         results = run_main(run, s, providers)
         fig2 = run_fig2(run, s) if g["fig2"] else {}
         _summarize(run, s, results, fig2, h2d)

@@ -1,7 +1,7 @@
 """Prefix reuse: time to first token with a stored 90% prefix over full prefill, and the stores' throughput
 against the raw disk and pinned memcpy of the same bytes, in the same run.
 
-Model: the Llama-3-8B shape, bf16, ``--layers`` decoder layers (``harness.shared_model``); prompt:
+Model: the Llama-3-8B shape, bf16, ``--layers`` decoder layers (:func:`kvstream.bench.inputs.shared_model`); prompt:
 ``--prompt-tokens`` (8192) tokens of the shipped text. The first ``--stored-fraction`` (90%) of the
 prompt is prefilled once and stored in a :class:`~kvstream.RadixStore` (pinned host memory) and a
 :class:`~kvstream.ChunkFileStore` (``--chunk-tokens`` per file, on ``--disk-dir``; the file store keeps
@@ -21,7 +21,7 @@ Rows (``<out>/prefix.csv``), host clock between synchronizations, every provider
   ``ChunkFileStore(direct)`` (O_DIRECT, where the filesystem has it) update of the stored prefix from the
   GPU cache until durable (fsync of every file), and lookup + load of it onto the GPU from a cold page
   cache; time, GB/s and tokens/s; against ``raw-odirect`` (or ``raw-buffered``) writes
-  and reads of as many files of the same size, 16 MiB blocks (:func:`bench.harness.ceiling_disk`);
+  and reads of as many files of the same size, 16 MiB blocks (:func:`kvstream.bench.ceilings.ceiling_disk`);
 * ``prefix.radix.update`` / ``prefix.radix.load``: ``RadixStore`` update from the GPU and load to the GPU,
   against pinned ``memcpy`` of the same bytes.
 
@@ -41,8 +41,9 @@ from typing import Sequence
 
 import torch
 
-from . import harness
-from .harness import MiB, Run
+from . import ceilings, harness, inputs, timing
+from .harness import Run
+from .records import MiB
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -100,11 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     total, chunk, reps = (256, 16, 1) if run.quick else (a.prompt_tokens, a.chunk_tokens, a.reps)
     stored = int(total * a.stored_fraction)
     device = run.device
-    model = harness.shared_model(run)
+    model = inputs.shared_model(run)
     ids = batch_of_prompts(1, total, device=device)
     keys, values = _prefix_kv(model, ids[:, :stored])
-    per_token = harness.tensor_nbytes(keys + values) // stored
-    harness.progress(f"prefix: {total}-token prompt, {stored} stored ({per_token / MiB:.3f} MiB of KV per token)")
+    per_token = inputs.tensor_nbytes(keys + values) // stored
+    timing.progress(f"prefix: {total}-token prompt, {stored} stored ({per_token / MiB:.3f} MiB of KV per token)")
     root = run.disk_dir()
     try:
         radix = RadixStore(capacity_bytes=2 * stored * per_token)
@@ -126,8 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    stored, ms, radix_bytes)
         if run.is_cuda:
             layer_bytes = radix_bytes // len(keys)
-            harness.ceiling_memcpy(run, layer_bytes, len(keys), direction="d2h", bench="prefix.radix.update", x=stored)
-            harness.ceiling_memcpy(run, layer_bytes, len(keys), direction="h2d", bench="prefix.radix.load", x=stored)
+            ceilings.ceiling_memcpy(run, layer_bytes, len(keys), direction="d2h", bench="prefix.radix.update", x=stored)
+            ceilings.ceiling_memcpy(run, layer_bytes, len(keys), direction="h2d", bench="prefix.radix.load", x=stored)
 
         n_files = stored // chunk
         file_tokens = n_files * chunk
@@ -135,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         store_bytes = n_files * file_bytes
         x = round(file_bytes / MiB, 3)
         configs = {"ChunkFileStore": {}}
-        if harness.supports_direct_io(root):
+        if ceilings.supports_direct_io(root):
             configs["ChunkFileStore(direct)"] = {"direct": True}
         figures: dict[str, dict] = {}
         for label, kw in configs.items():
@@ -144,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             def write_all() -> None:
                 store.update_kv(ids[0, :stored], keys, values, overwrite=True)
-                harness.evict_tree(store.root)  # durable, as the raw writes (fsync), and out of the page cache
+                ceilings.evict_tree(store.root)  # durable, as the raw writes (fsync), and out of the page cache
 
             def read_all() -> None:
                 with store.fetch_prefix(ids, device=device) as m:
@@ -154,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             w_ms = run.time_host(write_all, reps=reps, warmup=1)
             w = run.add_time_and_bandwidth("prefix.store.write", label, x, w_ms, store_bytes, time_unit="s")
             run.add("prefix.store.write", label, x, "throughput", "tokens/s", w_ms.rate(file_tokens * 1e3))
-            r_ms = run.time_host(read_all, reps=reps, warmup=1, setup=lambda: harness.evict_tree(store.root))
+            r_ms = run.time_host(read_all, reps=reps, warmup=1, setup=lambda: ceilings.evict_tree(store.root))
             r = run.add_time_and_bandwidth("prefix.store.read", label, x, r_ms, store_bytes, time_unit="s")
             run.add("prefix.store.read", label, x, "throughput", "tokens/s", r_ms.rate(file_tokens * 1e3))
             with store.fetch_prefix(ids, device=device) as m:  # what is read back is what was written
@@ -171,9 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         raw_dir = root / "raw"
         raw_dir.mkdir()
-        raw_file_bytes = -(-file_bytes // harness.DIRECT_ALIGN_BYTES) * harness.DIRECT_ALIGN_BYTES
-        raw_w, raw_r, raw_label = harness.ceiling_disk(run, raw_dir, raw_file_bytes, n_files, bench="prefix.store",
-                                                       x=x, reps=reps)
+        raw_file_bytes = -(-file_bytes // ceilings.DIRECT_ALIGN_BYTES) * ceilings.DIRECT_ALIGN_BYTES
+        raw_w, raw_r, raw_label = ceilings.ceiling_disk(run, raw_dir, raw_file_bytes, n_files, bench="prefix.store",
+                                                        x=x, reps=reps)
 
         # -- time to first token -------------------------------------------------------------------------
         def full() -> torch.Tensor:
@@ -202,10 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             t_layerwise = run.time_host(lambda: reuse_layerwise(radix), reps=reps)
             run.add("prefix.ttft", "RadixStore layerwise", total, "time", "ms", t_layerwise)
         else:
-            harness.progress("prefix: StreamingCache.from_prefix takes no layerwise=; layer-wise TTFT not measured")
+            timing.progress("prefix: StreamingCache.from_prefix takes no layerwise=; layer-wise TTFT not measured")
         t_best, best_radix = ((t_layerwise, "RadixStore layerwise") if t_layerwise is not None
                               else (t_radix, "RadixStore"))
-        t_cold = run.time_host(lambda: reuse(files), reps=reps, setup=lambda: harness.evict_tree(files.root))
+        t_cold = run.time_host(lambda: reuse(files), reps=reps, setup=lambda: ceilings.evict_tree(files.root))
         run.add("prefix.ttft", f"{best_r} cold", total, "time", "ms", t_cold)
         t_warm = run.time_host(lambda: reuse(files), reps=reps)
         run.add("prefix.ttft", f"{best_r} warm", total, "time", "ms", t_warm)
@@ -215,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if t_layerwise is not None:
             same["RadixStore layerwise"] = bool(torch.equal(reuse_layerwise(radix), ref))
             if radix.pinned() != 0:
-                harness.progress(f"prefix: {radix.pinned()} RadixStore pins left after a layer-wise generate")
+                timing.progress(f"prefix: {radix.pinned()} RadixStore pins left after a layer-wise generate")
 
         detail = {"prompt_tokens": total, "stored_tokens": stored, "file_store_tokens": file_tokens,
                   "kv_bytes_per_token": per_token, "full_prefill_ms": t_full.p50, "radix_ttft_ms": t_radix.p50,
@@ -230,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run.summary("prefix_ttft_speedup", value=t_full.p50 / t_best.p50, unit="x", ceiling=None,
                     ceiling_of=f"full prefill of the same {total}-token prompt, same run", target=">= 5",
                     target_of="value", provider=best_radix, detail=detail)
-        fs = harness.fs_type(root)
+        fs = ceilings.fs_type(root)
         providers = {k: {f: v for f, v in d.items() if f != "store"} for k, d in figures.items()}
         disk_detail = {"filesystem": fs, "raw": raw_label, "chunk_tokens": chunk, "file_bytes": file_bytes,
                        "files": n_files, "raw_write_GBps": raw_w.p50, "raw_read_GBps": raw_r.p50,

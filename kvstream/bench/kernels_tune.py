@@ -2,13 +2,13 @@
 
 Run on the GPU machine (about 1-2 minutes of GPU time, 40 GB of GPU memory at the defaults)::
 
-    PYTHONPATH=$PWD python3 bench/kernels_tune.py                 # the table on stdout
-    PYTHONPATH=$PWD python3 bench/kernels_tune.py --csv bench/results/kernels_tune.csv
+    PYTHONPATH=$PWD python3 -m kvstream.bench.kernels_tune        # the table on stdout
+    PYTHONPATH=$PWD python3 -m kvstream.bench.kernels_tune --csv bench/results/kernels_tune.csv
 
 and on a CPU-only machine, as a smoke test of the script itself (tiny shapes under the Triton interpreter,
 correctness only, no timing)::
 
-    PYTHONPATH=$PWD python3 bench/kernels_tune.py --quick
+    PYTHONPATH=$PWD python3 -m kvstream.bench.kernels_tune --quick
 
 Sections (Llama-3-8B's KV: 32 layers, 8 KV heads, head_dim 128, bf16; issue 3's targets):
 
@@ -27,8 +27,8 @@ Sections (Llama-3-8B's KV: 32 layers, 8 KV heads, head_dim 128, bf16; issue 3's 
 
 ``vs_ceiling`` is over ``d2d-copy`` (pack, unpack, paged) or ``memcpy-d2h`` (decode); ``vs_torch`` over the
 reference. At the defaults the largest section holds about 35 GB of GPU memory; for ``--tokens 8192`` pass
-``--batch 8``. The decode target meets a floor: 2 MiB over PCIe at the ~55 GB/s DEVICE.md measured is
-about 38 us, so ``memcpy-d2h`` shows what any B16 decode step can reach.
+``--batch 8``. The decode target meets a floor: 2 MiB over PCIe at the ~55 GB/s of pinned D2H memcpy
+measured on the H100 machine (bench/NOTES.md) is about 38 us, so ``memcpy-d2h`` shows what any B16 decode step can reach.
 
 Timing: ``triton.testing.do_bench`` (median, 20th/80th percentiles, L2 flushed between repetitions).
 Every variant's output is compared with ``torch.equal`` to the reference before it is timed; a mismatch

@@ -29,8 +29,9 @@ from typing import Sequence
 
 import torch
 
-from . import harness
-from .harness import Run, Stat
+from . import harness, inputs, timing
+from .harness import Run
+from .timing import Stat
 
 LEVELS = (0, 1, 2, 3)
 #: Level 3 counts as best when its end-to-end time is within this fraction of the best other level.
@@ -61,12 +62,12 @@ def _timed_calls(run: Run, issue, streamer, reps: int) -> tuple[Stat, Stat]:
     issue()  # warm-up: kernels compiled, staging allocated
     streamer.wait()
     for _ in range(max(1, reps)):
-        harness.sync(run.device)
+        timing.sync(run.device)
         t0 = time.perf_counter()
         issue()
         t1 = time.perf_counter()
         streamer.wait()
-        harness.sync(run.device)
+        timing.sync(run.device)
         t2 = time.perf_counter()
         calls.append((t1 - t0) * 1e3)
         landed.append((t2 - t0) * 1e3)
@@ -80,8 +81,8 @@ def run_micro(run: Run, g: dict) -> dict:
     from kvstream.transports.host import HostTransport
 
     L, B, H, D, T = g["layers"], g["batch"], g["heads"], g["head_dim"], g["prompt"]
-    keys, values = harness.random_hf_cache(L, B, H, T, D, g["dtype"], run.device)
-    prefill_bytes = harness.tensor_nbytes(keys) + harness.tensor_nbytes(values)
+    keys, values = inputs.random_hf_cache(L, B, H, T, D, g["dtype"], run.device)
+    prefill_bytes = inputs.tensor_nbytes(keys) + inputs.tensor_nbytes(values)
     step_bytes = prefill_bytes // T
     transport = HostTransport(capacity_bytes=2 * prefill_bytes + 2 * g["steps"] * step_bytes + (64 << 20))
     regions = [Region(layers=(l, l + 1), tokens=(0, T)) for l in range(L)]
@@ -89,7 +90,7 @@ def run_micro(run: Run, g: dict) -> dict:
     for level in LEVELS:
         name = f"L{level}-{LEVEL_NAMES[level]}"
         streamer = KVStreamer(transport, level=level, device=run.device)
-        harness.progress(f"levels: micro, level {level} ({LEVEL_NAMES[level]})")
+        timing.progress(f"levels: micro, level {level} ({LEVEL_NAMES[level]})")
 
         def prefill() -> None:
             for l, r in enumerate(regions):
@@ -107,10 +108,10 @@ def run_micro(run: Run, g: dict) -> dict:
         run.add("levels.decode", name, level, "call_time", "us", dc)
         run.add_time_and_bandwidth("levels.decode", name, level, dl.scale(1e-3), step_bytes, time_unit="us",
                                    metric="landed_time")
-        harness.check_region(transport.fetch_new(f"p/l{L - 1}", "cpu"), keys[L - 1:], values[L - 1:], range(1), 0, T,
-                             f"level {level} prefill")
-        harness.check_region(transport.fetch_new(f"d/s{g['steps'] - 1}", "cpu"), keys, values, range(L), T - 1, T,
-                             f"level {level} decode step")
+        inputs.check_region(transport.fetch_new(f"p/l{L - 1}", "cpu"), keys[L - 1:], values[L - 1:], range(1), 0, T,
+                            f"level {level} prefill")
+        inputs.check_region(transport.fetch_new(f"d/s{g['steps'] - 1}", "cpu"), keys, values, range(L), T - 1, T,
+                            f"level {level} decode step")
         figures[level] = {"prefill_call_ms": pc.p50, "prefill_landed_ms": pl.p50, "decode_call_us": dc.p50,
                           "decode_landed_us": dl.p50}
         streamer.close()
@@ -118,7 +119,7 @@ def run_micro(run: Run, g: dict) -> dict:
             transport.delete(k)
     transport.close()
     del keys, values
-    harness.free_memory()
+    inputs.free_memory()
     return figures
 
 
@@ -140,8 +141,8 @@ def run_e2e(run: Run, g: dict) -> dict:
             run.add("levels.e2e", name, x, "per_token_time", "ms", r.per_token_s * 1e3)
             run.add("levels.e2e", name, x, "total_time", "s", r.total_s)
             out[x] = {"prefill_ms": r.prefill_s * 1e3, "per_token_ms": r.per_token_s * 1e3, "total_s": r.total_s}
-            harness.progress(f"levels: e2e {name}: {r.total_s:.3f} s (prefill {r.prefill_s * 1e3:.0f} ms, "
-                             f"{r.per_token_s * 1e3:.2f} ms/token)")
+            timing.progress(f"levels: e2e {name}: {r.total_s:.3f} s (prefill {r.prefill_s * 1e3:.0f} ms, "
+                            f"{r.per_token_s * 1e3:.2f} ms/token)")
     finally:
         s.close()
     return out
