@@ -81,8 +81,8 @@ from ..errors import ChunkNotFound, ConfigError, CorruptChunkError, LayoutError,
 from ..chunk import HEADER_BYTES, NO_CHECKSUM, ChunkHeader, byte_view, chunk_header, decode_frames, encode_frame
 from ..layout import Region, check_packed
 from .base import AllHandle, CompletedHandle, Handle, Transport
-from .remote import (POLL_MIN_S, AckedHandle, Acks, ChunkTimeout, KeyWaiter, Liveness, LoopbackTransport,
-                     check_pair, connect_pair, pair_namespace, poll)
+from .peer import (POLL_MIN_S, AckedHandle, Acks, ChunkTimeout, KeyWaiter, Liveness, LoopbackTransport,
+                   check_pair, connect_pair, pair_namespace, poll)
 
 #: ncclResult_t values read from ``comm.get_async_error()``.
 NCCL_SUCCESS = 0
