@@ -83,7 +83,7 @@ def launch(args: argparse.Namespace, results: Path) -> list[dict]:
     RuntimeError
         A worker failed or the run exceeded its time limit (the message has the worker's error output).
     """
-    from ..transports.remote import rendezvous_store
+    from ..transports.peer import rendezvous_store
 
     if args.workers < 2:
         raise ConfigError(f"--workers must be >= 2, got {args.workers}")

@@ -171,7 +171,7 @@ class Context:
     """One worker's process state: rank, device, store, the shared start time."""
 
     def __init__(self, args: argparse.Namespace):
-        from ..transports.remote import store_from_env
+        from ..transports.peer import store_from_env
 
         try:
             self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -197,13 +197,13 @@ class Context:
 
     def client(self):
         """A new connection to the rendezvous store (one per transport endpoint)."""
-        from ..transports.remote import rendezvous_store
+        from ..transports.peer import rendezvous_store
 
         return rendezvous_store(self.host, self.port, is_server=False, timeout_s=self.args.timeout)
 
     def barrier(self, name: str) -> None:
         """Wait until every rank reached ``name`` (bounded by ``--timeout``; ``PeerError`` after it)."""
-        from ..transports.remote import poll
+        from ..transports.peer import poll
 
         key = f"{self.prefix}/barrier/{name}"
         self.store.add(key, 1)

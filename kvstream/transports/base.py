@@ -19,7 +19,7 @@ Contract (checked by ``tests/transports/test_contract.py`` for every registered 
   Raises :class:`~kvstream.errors.ChunkNotFound` for a missing key and
   :class:`~kvstream.errors.LayoutError` if ``out`` does not match; a checksum mismatch raises
   :class:`~kvstream.errors.CorruptChunkError` (from ``fetch`` or from ``wait``).
-* ``describe(key)`` returns the stored chunk's :class:`~kvstream.layout.ChunkHeader` so a reader can
+* ``describe(key)`` returns the stored chunk's :class:`~kvstream.chunk.ChunkHeader` so a reader can
   allocate ``out``; ``contains``, ``delete`` (``True`` if something was removed) and ``keys(prefix)``
   are what their names say; ``close()`` first completes the flushes already in flight, is idempotent,
   and every call after it raises ``TransportError``.
@@ -37,6 +37,7 @@ import torch
 
 from ..errors import LayoutError, TransportError
 from ..chunk import ChunkHeader
+from ..cuda import Event
 from ..layout import Region
 
 
@@ -96,19 +97,19 @@ class FutureHandle(Handle):
 
 
 class EventHandle(Handle):
-    """A handle over a CUDA event recorded after the operation's last stream-ordered step.
+    """A handle over a :class:`kvstream.cuda.Event` recorded after the operation's last stream-ordered step.
 
     ``then`` (optional) is a handle for host work that must also finish (for example a disk write that
     starts when the event fires).
     """
 
-    def __init__(self, event: "torch.cuda.Event", then: Handle | None = None):
+    def __init__(self, event: Event, then: Handle | None = None):
         self._event = event
         self._then = then
 
     @property
-    def event(self) -> "torch.cuda.Event":
-        """The CUDA event; other streams may ``wait_event`` on it instead of blocking the host."""
+    def event(self) -> Event:
+        """The CUDA event; another stream waits for it with ``event.wait(stream)`` instead of blocking the host."""
         return self._event
 
     @property

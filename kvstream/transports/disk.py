@@ -1,7 +1,7 @@
 """Chunks as files in a directory on local disk or a shared filesystem.
 
 One file per key, ``<root>/<key>.kvc`` (a ``/`` in the key makes a subdirectory), holding a
-:class:`~kvstream.layout.ChunkHeader` frame (4096 bytes) followed by the payload. This is Vineyard's
+:class:`~kvstream.chunk.ChunkHeader` frame (4096 bytes) followed by the payload. This is Vineyard's
 file cache discipline (v6d ``modules/llm-cache``: write a temp file, then an atomic move) with
 DéjàVuLib's flush/fetch interface; DéjàVu itself only mmaps one file and calls ``msync``.
 
@@ -11,7 +11,7 @@ Design:
   it over ``<key>.kvc``: readers, other threads and other processes see the old file or the new one,
   never a torn one; the last rename wins. A failed write (a full disk: ``ENOSPC``/``EDQUOT``) deletes
   its temp file and raises :class:`~kvstream.errors.CapacityError`; the previous chunk stays.
-* **Verified reads.** The header carries the xxh3-64 of the payload (:func:`~kvstream.layout.payload_checksum`);
+* **Verified reads.** The header carries the xxh3-64 of the payload (:func:`~kvstream.chunk.payload_checksum`);
   ``fetch`` recomputes it and raises :class:`~kvstream.errors.CorruptChunkError` naming the key and
   file on a mismatch, a short file or a bad header.
 * **Large sequential I/O, no extra copies.** The payload moves in ``block_bytes`` (16 MiB) ``pwrite``
@@ -19,7 +19,7 @@ Design:
   through one pinned staging buffer, copied block by block on the stream captured at call time so the
   PCIe copy of block *i+1* overlaps the disk I/O of block *i*). The checksum runs on its own thread,
   block by block, beside the I/O (xxh3 releases the GIL). The 4096-byte header keeps the payload
-  aligned, so ``direct=True`` can use ``O_DIRECT`` (what the ``dd`` ceiling in DEVICE.md uses).
+  aligned, so ``direct=True`` can use ``O_DIRECT`` (as the ``dd`` ceiling of bench/NOTES.md's disk topic does).
 * **Background writes.** I/O runs on a pool of ``io_threads`` threads; handles are
   :class:`~kvstream.transports.base.FutureHandle`.
 """
@@ -41,14 +41,14 @@ import xxhash
 from ..errors import CapacityError, ChunkNotFound, ConfigError, CorruptChunkError, LayoutError, TransportError
 from ..chunk import CHECKSUM_PREFIX, HEADER_BYTES, ChunkHeader, byte_view, chunk_header, tensor_bytes
 from ..layout import Region, check_packed
-from ..cuda import host_empty
+from ..cuda import Event, host_empty
 from .base import FutureHandle, Handle, Transport
 
 #: File name suffix of a stored chunk.
 SUFFIX = ".kvc"
 #: Directory under the root that holds files being written (skipped by :meth:`DiskTransport.keys`).
 TMP_DIR = ".tmp"
-#: Default I/O size: the block size of the ``dd`` ceiling measured on the H100 machine (DEVICE.md).
+#: Default I/O size: the block size of the ``dd`` ceiling measured on the H100 machine (bench/NOTES.md, disk).
 DEFAULT_BLOCK_BYTES = 16 << 20
 #: O_DIRECT alignment of addresses, lengths and file offsets (one page; also the header size).
 ALIGN = 4096
@@ -267,8 +267,7 @@ class DiskTransport(Transport):
         whole = byte_view(chunk)
         for a, b in _blocks(proto.nbytes, self._block_bytes):
             src[a:b].copy_(whole[a:b], non_blocking=True)
-            events.append(torch.cuda.Event())
-            events[-1].record(stream)
+            events.append(Event(chunk.device).record(stream))
         try:
             return FutureHandle(self._submit(self._write, key, path, src, proto, events))
         except TransportError:
@@ -395,9 +394,7 @@ class DiskTransport(Transport):
             for f in pending:
                 f.result()
             if copied:  # ``dst`` must outlive the copies out of it; the handle means "in out"
-                done = torch.cuda.Event()
-                done.record(stream)
-                done.synchronize()
+                Event(stream.device).record(stream).synchronize()
         if hasher is not None:
             got = CHECKSUM_PREFIX + hasher.hexdigest()
             if got != header.checksum:

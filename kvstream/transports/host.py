@@ -2,15 +2,15 @@
 
 DéjàVu keeps every microbatch's KV in page-locked host memory and copies it with ``cudaMemcpyAsync``
 (msr-fiddle/dejavu, ``cache_utils.cc``: ``LocalCacheManager::flush/fetch``); page-locked memory is what
-lets those copies run asynchronously at full PCIe speed (DEVICE.md: 54.7 GB/s pinned vs 15.5 GB/s
-pageable, device to host, on the H100 machine).
+lets those copies run asynchronously at full PCIe speed (54.7 GB/s pinned against 15.5 GB/s pageable,
+device to host, measured on one H100 80GB over PCIe gen5 x16; the pinned figure is bench/NOTES.md's ceiling).
 
 Each flush copies the chunk into a fresh buffer from :func:`kvstream.cuda.host_empty`
 (cached ``cudaHostAlloc`` blocks) and swaps it in under a lock, so a replaced key flips from the old
 buffer to the new one atomically and a reader never sees a mix. Old buffers that an asynchronous copy
 still reads or writes are kept alive until that copy's CUDA event has fired.
 
-Checksums: host chunks carry ``checksum="none"`` in their :class:`~kvstream.layout.ChunkHeader`. Host
+Checksums: host chunks carry ``checksum="none"`` in their :class:`~kvstream.chunk.ChunkHeader`. Host
 memory is not a medium that corrupts silently the way a disk or a network can, and hashing every chunk
 (about 10-20 GB/s for xxh3 on one core) would cost more than the 50 GB/s PCIe copy it guards. A chunk
 written on to disk gets its xxh3 there (:class:`~kvstream.transports.disk.DiskTransport`).
@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import CapacityError, ChunkNotFound, ConfigError, LayoutError, TransportError
+from ..errors import CapacityError, ChunkNotFound, ConfigError, TransportError
 from ..chunk import NO_CHECKSUM, ChunkHeader, byte_view, chunk_header
 from ..layout import Region, check_packed
-from ..cuda import PinnedArena, host_empty
+from ..cuda import Event, PinnedArena, host_empty
 from .base import CompletedHandle, EventHandle, Handle, Transport
 
-def _done(event: "torch.cuda.Event | None") -> bool:
+
+def _done(event: Event | None) -> bool:
     return event is None or event.query()
 
 
@@ -38,7 +39,7 @@ class _Slot:
 
     header: ChunkHeader
     buf: torch.Tensor  # uint8 [nbytes], pinned when CUDA is in use
-    ready: "torch.cuda.Event | None" = None  # the flush's device-to-host copy
+    ready: Event | None = None  # the flush's device-to-host copy
     uses: list = field(default_factory=list)  # events of host-to-device fetches reading ``buf``
 
     def busy(self) -> bool:
@@ -180,8 +181,7 @@ class HostTransport(Transport):
             if chunk.is_cuda:
                 stream = torch.cuda.current_stream(chunk.device)
                 buf.copy_(byte_view(chunk), non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(stream)
+                event = Event(chunk.device).record(stream)
             else:
                 buf.copy_(byte_view(chunk))
         except BaseException:
@@ -219,10 +219,9 @@ class HostTransport(Transport):
                 # Enqueue under the lock so that the slot cannot be retired before its use is recorded.
                 stream = torch.cuda.current_stream(out.device)
                 if slot.ready is not None:
-                    stream.wait_event(slot.ready)
+                    slot.ready.wait(stream)
                 byte_view(out).copy_(slot.buf, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(stream)
+                event = Event(out.device).record(stream)
                 slot.uses = [e for e in slot.uses if not e.query()] + [event]
                 return EventHandle(event)
         slot.wait_ready()  # our reference keeps ``slot.buf`` alive through the copy

@@ -64,7 +64,7 @@ SERVE = ["serve", "--device", "cpu", "--requests", "200", "--rate", "2", "--prom
 
 
 def test_killed_token_worker_makes_the_prompt_worker_fail_fast(tmp_path):
-    from kvstream.transports.remote import rendezvous_store
+    from kvstream.transports.peer import rendezvous_store
 
     server = rendezvous_store("127.0.0.1", 0, is_server=True, timeout_s=60)
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(server.port), WORLD_SIZE="2",

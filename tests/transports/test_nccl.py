@@ -4,6 +4,7 @@ communicator; the real thing on two GPUs (``gpu2``)."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import queue
 import signal
@@ -21,9 +22,11 @@ import torch.distributed as dist
 from kvstream.errors import ChunkNotFound, ConfigError, CorruptChunkError, LayoutError, PeerError, TransportError
 from kvstream.chunk import HEADER_BYTES, ChunkHeader
 from kvstream.layout import Region
-from kvstream.transports import nccl as nccl_mod
+from kvstream import chunk as chunk_mod
 from kvstream.transports.nccl import NcclTransport, init_comm
-from kvstream.transports.remote import ChunkTimeout, LoopbackTransport, rendezvous_store
+from kvstream.transports.nccl import comm as comm_mod, endpoint as endpoint_mod, receiver as receiver_mod, \
+    sender as sender_mod
+from kvstream.transports.peer import ChunkTimeout, LoopbackTransport, rendezvous_store
 
 FAST = dict(timeout_s=10.0, heartbeat_s=0.05, dead_after_s=1.0)
 
@@ -126,7 +129,7 @@ class _Background:
 
 def _until_waiting(b, key):
     deadline = time.monotonic() + 10
-    while key not in b._pending:
+    while key not in b._endpoint._pending:
         assert time.monotonic() < deadline
         time.sleep(0.005)
 
@@ -199,7 +202,7 @@ def test_missing_key_times_out_and_is_withdrawn():
         with pytest.raises(ChunkNotFound):
             b.describe("never")
         assert time.monotonic() - t0 < 5
-        assert "never" not in b._pending
+        assert "never" not in b._endpoint._pending
         a.flush("never", torch.ones(1)).wait()
         assert torch.equal(b.fetch_new("never"), torch.ones(1))
     finally:
@@ -237,7 +240,7 @@ def test_silent_peer_is_declared_dead_and_the_communicator_aborted(seed):
         a.flush("k", torch.ones(2)).wait()
         job = _Background(lambda: b.fetch("never", torch.empty(2)))
         _until_waiting(b, "never")
-        a._live.stop()  # the sender goes silent: no heartbeats, no close
+        a._endpoint._live.stop()  # the sender goes silent: no heartbeats, no close
         t0 = time.monotonic()
         with pytest.raises(PeerError, match="no heartbeat"):
             job.result(timeout=30)
@@ -263,7 +266,7 @@ def test_header_bursts_are_coalesced(fake, seed):
     """Headers that queue up while a store write is in flight go out together in the next write."""
     a, b, _ = fake
     sets, entered, gate = [], threading.Event(), threading.Event()
-    real = a._store
+    real = a._endpoint._store
 
     def gated_set(k, v):
         sets.append(k)
@@ -272,7 +275,7 @@ def test_header_bursts_are_coalesced(fake, seed):
             gate.wait(10)
         real.set(k, v)
 
-    a._store = types.SimpleNamespace(set=gated_set, **{n: getattr(real, n) for n in ("check", "get", "add")})
+    a._endpoint._store = types.SimpleNamespace(set=gated_set, **{n: getattr(real, n) for n in ("check", "get", "add")})
     chunks = [torch.full((3,), float(i)) for i in range(6)]
     a.flush("k0", chunks[0])
     assert entered.wait(10)
@@ -317,8 +320,8 @@ class _FakeNccl:
 def _init_both(monkeypatch, **kw):
     """Both ranks' ``init_comm(**kw)`` against a fake ``nccl.core``; returns (fake, store, communicators)."""
     fake = _FakeNccl()
-    monkeypatch.setattr(nccl_mod, "_nccl", lambda: fake)
-    monkeypatch.setattr(torch.cuda, "device", lambda d: nccl_mod._nullcontext())
+    monkeypatch.setattr(comm_mod, "load_nccl", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
     store = dist.HashStore()
     got = []
     t = threading.Thread(target=lambda: got.append(init_comm(store, 1, "cpu", 5.0, **kw)))
@@ -345,7 +348,7 @@ def test_init_comm_exchanges_the_unique_id_through_the_store(monkeypatch):
 def test_gpu_loopback_round_trip_any_order(dtype, blocking_data):
     t = NcclTransport.loopback((0, 1), timeout_s=60, blocking_data=blocking_data)
     try:
-        assert (t.sender._data_comm is not t.sender._comm) == blocking_data
+        assert (t.sender._endpoint._data_comm is not t.sender._endpoint._comm) == blocking_data
         g = torch.Generator(device="cuda:0").manual_seed(3)
         chunks = {f"s/seg000000/layer{l:04d}": torch.randn(1, 2, 2, 8, 129, 128, device="cuda:0", generator=g).to(dtype)
                   for l in range(4)}
@@ -374,7 +377,7 @@ def test_gpu_loopback_round_trip_any_order(dtype, blocking_data):
 GPU_PEER = textwrap.dedent("""
     import sys, time, torch
     from kvstream.transports.nccl import NcclTransport
-    from kvstream.transports.remote import rendezvous_store
+    from kvstream.transports.peer import rendezvous_store
     port = int(sys.argv[1])
     torch.cuda.set_device(1)
     t = NcclTransport(rendezvous_store("127.0.0.1", port, is_server=False), 1, 0, role="send", device="cuda:1",
@@ -484,10 +487,10 @@ def test_back_to_back_flushes_cost_amortized_store_round_trips(monkeypatch, seed
 
 def test_settle_spins_without_sleeping_while_a_launch_is_in_progress(monkeypatch):
     """A non-blocking launch reports ncclInProgress for tens of microseconds: settle spins, it does not sleep."""
-    answers = [nccl_mod.NCCL_IN_PROGRESS] * 3 + [nccl_mod.NCCL_SUCCESS]
+    answers = [comm_mod.NCCL_IN_PROGRESS] * 3 + [comm_mod.NCCL_SUCCESS]
     comm = types.SimpleNamespace(get_async_error=lambda: answers.pop(0))
-    monkeypatch.setattr(nccl_mod, "poll", lambda *a: pytest.fail("settle fell back to sleeping polls"))
-    nccl_mod.settle(comm, time.monotonic() + 5, lambda: None, "send")
+    monkeypatch.setattr(comm_mod, "poll", lambda *a: pytest.fail("settle fell back to sleeping polls"))
+    comm_mod.settle(comm, time.monotonic() + 5, lambda: None, "send")
     assert answers == []
 
 
@@ -495,14 +498,15 @@ def test_receives_of_a_header_batch_are_one_launch(fake, monkeypatch, seed):
     """Every receive of one header batch is posted by one NCCL call (a group on the GPU), then settled once."""
     a, b, comms = fake
     launches = []
-    real = nccl_mod.settle
-    monkeypatch.setattr(nccl_mod, "settle", lambda comm, *r: (launches.append(comm), real(comm, *r))[1])
+    real = endpoint_mod.settle
+    monkeypatch.setattr(endpoint_mod, "settle", lambda comm, *r: (launches.append(comm), real(comm, *r))[1])
     chunks = {f"k{i}": torch.randn(3, 4) for i in range(5)}
-    raw = b"".join(nccl_mod.encode_frame(k, i + 1, a._encode_header(c, None, None)) for i, (k, c) in enumerate(chunks.items()))
-    frames = nccl_mod.decode_frames(raw, "test")
+    raw = b"".join(chunk_mod.encode_frame(k, i + 1, a._endpoint._encode_header(c, None, None))
+                   for i, (k, c) in enumerate(chunks.items()))
+    frames = chunk_mod.decode_frames(raw, "test")
     for k, c in chunks.items():
-        comms[0].links[(0, 1)].put(nccl_mod.byte_view(c).clone())
-    b._receive_batch(frames)
+        comms[0].links[(0, 1)].put(chunk_mod.byte_view(c).clone())
+    b._endpoint._receive_batch(frames)
     assert launches == [comms[1]]
     assert [n for op, n in comms[1].calls if op == "recv"] == [48] * 5
     assert all(torch.equal(b.fetch_new(k), c) for k, c in chunks.items())
@@ -564,7 +568,7 @@ def test_dead_peer_aborts_both_communicators(seed):
         a.flush("k", torch.ones(2)).wait()
         job = _Background(lambda: b.fetch("never", torch.empty(2)))
         _until_waiting(b, "never")
-        a._live.stop()  # the sender goes silent
+        a._endpoint._live.stop()  # the sender goes silent
         with pytest.raises(PeerError, match="no heartbeat"):
             job.result(timeout=30)
         assert setup[1].aborted.is_set() and data[1].aborted.is_set()
@@ -600,7 +604,7 @@ class _StuckEvent:
 def test_handle_waits_are_bounded_and_fail_the_link(seed):
     a, b, setup, data = _two_comm_pair(timeout_s=0.3)
     try:
-        handle = nccl_mod._OpHandle(b, _StuckEvent(), "receive of 'k'")
+        handle = endpoint_mod.OpHandle(b._endpoint, _StuckEvent(), "receive of 'k'")
         assert not handle.done()
         with pytest.raises(TimeoutError, match="still running after 0.05 s"):
             handle.wait(0.05)
@@ -618,9 +622,9 @@ def test_handle_waits_are_bounded_and_fail_the_link(seed):
 
 def test_wait_event_spins_then_polls_until_the_deadline():
     fired = iter([False] * 5 + [True])
-    assert nccl_mod.wait_event(types.SimpleNamespace(query=lambda: next(fired)), time.monotonic() + 5, lambda: None)
-    assert nccl_mod.wait_event(None, time.monotonic(), lambda: None)
-    assert not nccl_mod.wait_event(_StuckEvent(), time.monotonic() + 0.1, lambda: None)
+    assert comm_mod.wait_event(types.SimpleNamespace(query=lambda: next(fired)), time.monotonic() + 5, lambda: None)
+    assert comm_mod.wait_event(None, time.monotonic(), lambda: None)
+    assert not comm_mod.wait_event(_StuckEvent(), time.monotonic() + 0.1, lambda: None)
 
 
 def test_bounded_gives_up_at_the_deadline_and_disposes_of_a_late_result():
@@ -633,7 +637,7 @@ def test_bounded_gives_up_at_the_deadline_and_disposes_of_a_late_result():
 
     t0 = time.monotonic()
     with pytest.raises(PeerError, match="blocking communicator setup still running at its deadline"):
-        nccl_mod.bounded(stuck, time.monotonic() + 0.1, lambda: None, "blocking communicator setup",
+        comm_mod.bounded(stuck, time.monotonic() + 0.1, lambda: None, "blocking communicator setup",
                          on_late=disposed.append)
     assert time.monotonic() - t0 < 5
     release.set()
@@ -642,9 +646,9 @@ def test_bounded_gives_up_at_the_deadline_and_disposes_of_a_late_result():
         assert time.monotonic() < deadline
         time.sleep(0.01)
     assert disposed == [late]
-    assert nccl_mod.bounded(lambda: 5, time.monotonic() + 5, lambda: None, "x") == 5
+    assert comm_mod.bounded(lambda: 5, time.monotonic() + 5, lambda: None, "x") == 5
     with pytest.raises(PeerError, match="NCCL x failed: boom"):
-        nccl_mod.bounded(lambda: (_ for _ in ()).throw(RuntimeError("boom")), time.monotonic() + 5, lambda: None, "x")
+        comm_mod.bounded(lambda: (_ for _ in ()).throw(RuntimeError("boom")), time.monotonic() + 5, lambda: None, "x")
 
 
 def test_init_comm_blocking_uses_its_own_unique_id(monkeypatch):
@@ -655,7 +659,7 @@ def test_init_comm_blocking_uses_its_own_unique_id(monkeypatch):
 
 def test_blocking_data_false_keeps_one_communicator(fake, seed):
     a, b, comms = fake  # comm without data_comm: the old single-communicator path
-    assert not a.blocking_data and a._data_comm is a._comm
+    assert not a.blocking_data and a._endpoint._data_comm is a._endpoint._comm
     a.flush("k", torch.ones(4)).wait()
     assert comms[0].calls == [("send", 16)]  # no warm-up
 
@@ -668,9 +672,9 @@ def test_headers_are_encoded_once_per_shape_and_decoded_once_without_meta(fake, 
     without meta once. Every chunk still arrives with its own key, header and bytes."""
     a, b, _ = fake
     encoded, decoded = [], []
-    real_header, real_from = nccl_mod.chunk_header, nccl_mod.ChunkHeader.from_bytes
-    monkeypatch.setattr(nccl_mod, "chunk_header", lambda *args: (encoded.append(1), real_header(*args))[1])
-    monkeypatch.setattr(nccl_mod.ChunkHeader, "from_bytes",
+    real_header, real_from = sender_mod.chunk_header, receiver_mod.ChunkHeader.from_bytes
+    monkeypatch.setattr(sender_mod, "chunk_header", lambda *args: (encoded.append(1), real_header(*args))[1])
+    monkeypatch.setattr(receiver_mod.ChunkHeader, "from_bytes",
                         classmethod(lambda cls, raw, **kw: (decoded.append(1), real_from(raw, **kw))[1]))
     region = Region(layers=(0, 2), tokens=(0, 3))
     chunks = {f"k{i}": torch.randn(2, 3) for i in range(8)}
@@ -709,7 +713,7 @@ def test_bad_headers_raise_on_every_flush_and_take_no_sequence_number(fake, bad,
     for _ in range(2):
         with pytest.raises(LayoutError, match=match):
             a.flush("bad", args["chunk"], region=args["region"], meta=args["meta"])
-    assert a._send_seq == 1
+    assert a._endpoint._send_seq == 1
     a.flush("after", good).wait(5)
     assert b.keys() == ["after", "before"] and torch.equal(b.fetch_new("after"), good)
 
@@ -717,16 +721,16 @@ def test_bad_headers_raise_on_every_flush_and_take_no_sequence_number(fake, bad,
 def test_frames_round_trip_any_key_and_reject_truncation():
     header = ChunkHeader.for_tensor(torch.zeros(2, 3), checksum="none").to_bytes().rstrip(b"\x00")
     keys = ["a/b", "séance/层/layer0000", "lone\ud800surrogate", "k" * 5000]
-    raw = b"".join(nccl_mod.encode_frame(k, i + 1, header) for i, k in enumerate(keys))
-    assert nccl_mod.decode_frames(raw, "t") == [(k, i + 1, header) for i, k in enumerate(keys)]
-    assert nccl_mod.decode_frames(b"", "t") == []
-    one = nccl_mod.encode_frame("key", 7, header)
+    raw = b"".join(chunk_mod.encode_frame(k, i + 1, header) for i, k in enumerate(keys))
+    assert chunk_mod.decode_frames(raw, "t") == [(k, i + 1, header) for i, k in enumerate(keys)]
+    assert chunk_mod.decode_frames(b"", "t") == []
+    one = chunk_mod.encode_frame("key", 7, header)
     for cut in (1, len(one) - len(header) - 1, len(one) - 1):
         with pytest.raises(CorruptChunkError, match="truncated|bytes are left"):
-            nccl_mod.decode_frames(one[:cut], "t")
-    too_long = nccl_mod.encode_frame("key", 1, b"{" * (HEADER_BYTES + 1))
+            chunk_mod.decode_frames(one[:cut], "t")
+    too_long = chunk_mod.encode_frame("key", 1, b"{" * (HEADER_BYTES + 1))
     with pytest.raises(CorruptChunkError, match=f"headers are <= {HEADER_BYTES}"):
-        nccl_mod.decode_frames(too_long, "t")
+        chunk_mod.decode_frames(too_long, "t")
 
 
 def test_corrupt_header_batch_fails_the_link(fake):
@@ -734,7 +738,7 @@ def test_corrupt_header_batch_fails_the_link(fake):
     a, b, _ = fake
     job = _Background(lambda: b.fetch("k", torch.empty(2)))
     _until_waiting(b, "k")
-    a._store.set("hdr/1", nccl_mod.encode_frame("k", 1, b"{not json}"))
+    a._endpoint._store.set("hdr/1", chunk_mod.encode_frame("k", 1, b"{not a kvstream header}"))
     with pytest.raises(PeerError, match="malformed header|bad magic"):
         job.result()
     assert isinstance(b.peer_error, PeerError)
@@ -747,14 +751,14 @@ def test_fetch_registered_while_receives_are_posted_is_served(fake, monkeypatch,
     want = torch.randn(3, 4)
     out = torch.full((3, 4), -1.0)
     jobs = []
-    real_recv_all = b._recv_all
+    real_recv_all = b._endpoint._recv_all
 
     def recv_all_with_a_late_fetch(bufs, stream):
         jobs.append(_Background(lambda: b.fetch("late", out).wait(5)))
         _until_waiting(b, "late")
         real_recv_all(bufs, stream)
 
-    monkeypatch.setattr(b, "_recv_all", recv_all_with_a_late_fetch)
+    monkeypatch.setattr(b._endpoint, "_recv_all", recv_all_with_a_late_fetch)
     t0 = time.monotonic()
     a.flush("late", want).wait()
     jobs[0].result(timeout=5)
@@ -764,9 +768,9 @@ def test_fetch_registered_while_receives_are_posted_is_served(fake, monkeypatch,
 
 def test_settle_returns_after_one_call_on_success_and_raises_nccl_errors():
     calls = []
-    comm = types.SimpleNamespace(get_async_error=lambda: (calls.append(1), nccl_mod.NCCL_SUCCESS)[1])
-    nccl_mod.settle(comm, time.monotonic() + 5, lambda: None, "send")
+    comm = types.SimpleNamespace(get_async_error=lambda: (calls.append(1), comm_mod.NCCL_SUCCESS)[1])
+    comm_mod.settle(comm, time.monotonic() + 5, lambda: None, "send")
     assert calls == [1]
     bad = types.SimpleNamespace(get_async_error=lambda: 3, get_last_error=lambda: "boom")
     with pytest.raises(PeerError, match="NCCL send failed"):
-        nccl_mod.settle(bad, time.monotonic() + 5, lambda: None, "send")
+        comm_mod.settle(bad, time.monotonic() + 5, lambda: None, "send")

@@ -15,9 +15,9 @@ import torch
 
 from kvstream.errors import ChunkNotFound, ConfigError, CorruptChunkError, LayoutError, PeerError, TransportError
 from kvstream.layout import Region
-from kvstream.transports.remote import (ChunkTimeout, RemoteHostTransport, rendezvous_store, unwrap_header,
-                                        wrap_header)
-from kvstream.chunk import ChunkHeader
+from kvstream.transports.peer import ChunkTimeout, rendezvous_store
+from kvstream.transports.remote import RemoteHostTransport
+from kvstream.chunk import ChunkHeader, decode_frames, encode_frame
 
 FAST = dict(timeout_s=10.0, heartbeat_s=0.1, dead_after_s=1.5)
 
@@ -152,9 +152,52 @@ def test_corrupted_payload_raises_corrupt_chunk(pair):
 
 
 def test_wire_header_round_trip():
+    """A chunk is announced with one binary frame: seq, key and the unpadded header (the user's meta in it)."""
     h = ChunkHeader.for_tensor(torch.zeros(3), meta={"user": 1})
-    key, seq, back = unwrap_header(wrap_header(h, "a/b", 42), "test")
+    [(key, seq, raw)] = decode_frames(encode_frame("a/b", 42, h.to_bytes(pad=False)), "test")
+    back = ChunkHeader.from_bytes(raw, source="test", padded=False)
     assert (key, seq, back) == ("a/b", 42, h)
+
+
+def test_flushed_frame_carries_key_seq_and_user_meta(pair):
+    """What RemoteHostTransport writes to the store is one frame that decodes to the chunk's key, seq, header."""
+    a, b = pair
+    sets, real = [], a._store
+
+    class Recording:
+        def set(self, k, v):
+            sets.append((k, v))
+            real.set(k, v)
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    a._store = Recording()
+    chunk = torch.arange(6, dtype=torch.float16).view(2, 3)
+    a.flush("req/seg000000/layer0000", chunk, meta={"step": 3}).wait()
+    [(name, raw)] = [(k, v) for k, v in sets if k.startswith("hdr/")]
+    [(key, seq, header_bytes)] = decode_frames(raw, "test")
+    header = ChunkHeader.from_bytes(header_bytes, source="test", padded=False)
+    assert (name, key, seq) == ("hdr/0/1", "req/seg000000/layer0000", 1)
+    assert (header.shape, header.dtype, header.meta) == ((2, 3), torch.float16, {"step": 3})
+    assert header == b.describe("req/seg000000/layer0000")
+
+
+@pytest.mark.parametrize("raw, match", [
+    (encode_frame("k", 1, b"{not a kvstream header}"), "header 1 from rank 0: bad magic"),
+    (encode_frame("k", 1, b"KVS"), "header 1 from rank 0: truncated header"),
+    (encode_frame("k", 1, b"")[:-3], "header 1 from rank 0: truncated frame prefix"),
+    (encode_frame("k", 2, ChunkHeader.for_tensor(torch.zeros(1)).to_bytes(pad=False)), "carries sequence number 2"),
+    (encode_frame("k", 1, b"x") * 2, "2 frames under hdr/0/1, expected one"),
+])
+def test_corrupt_header_frame_fails_the_link_and_names_its_source(pair, raw, match):
+    """A frame that does not decode is a CorruptChunkError naming the header and the peer; the receiver stops
+    and every waiting or later fetch raises PeerError with that reason."""
+    a, b = pair
+    a._store.set("hdr/0/1", raw)
+    with pytest.raises(PeerError, match=match):
+        b.fetch("k", torch.empty(1), timeout=5)
+    assert isinstance(b.peer_error, PeerError) and match.split(": ")[-1] in str(b.peer_error)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -162,7 +205,8 @@ def test_wire_header_round_trip():
 # ------------------------------------------------------------------------------------------------------
 PEER = textwrap.dedent("""
     import sys, time, torch
-    from kvstream.transports.remote import RemoteHostTransport, rendezvous_store
+    from kvstream.transports.peer import rendezvous_store
+    from kvstream.transports.remote import RemoteHostTransport
     port, serve, n = int(sys.argv[1]), sys.argv[2] == "server", int(sys.argv[3])
     store = rendezvous_store("127.0.0.1", port, is_server=serve, timeout_s=20)
     if serve:  # keep the server object alive: the store lives in this process
