@@ -4,7 +4,7 @@ Design (after Vineyard's file cache, v6d ``modules/llm-cache``, and LMCache's ch
 
 * A sequence is cut into chunks of ``chunk_tokens`` tokens; chunk ``i`` is named by the chained hash of
   the whole prefix up to its end (:func:`~kvstream.stores.hashing.prefix_hashes`), laid out as nested
-  directories (``<root>/44/c3/44c3...kvc``). A trailing partial chunk is not stored. The longest stored
+  directories (key ``44/c3/44c3...``). A trailing partial chunk is not stored. The longest stored
   prefix is the run of chunk files that exist, from the first.
 * Files are written and read by :class:`~kvstream.transports.disk.DiskTransport`: a 4096-byte
   :class:`~kvstream.layout.ChunkHeader` (dtype, shape, region, xxh3 checksum) then the payload
@@ -16,9 +16,10 @@ Design (after Vineyard's file cache, v6d ``modules/llm-cache``, and LMCache's ch
 * A chunk that fails its checks at load time shortens the match to the chunks before it (the caller
   recomputes the rest) and is deleted, so the next update rewrites it; wrong KV is never returned.
 * **Access times** are recorded by the store itself: a successful read sets the file's mtime to now
-  (``os.utime``); atime is not relied on (``noatime``/``relatime`` mounts). The **GC** deletes chunk
-  files whose mtime is older than ``ttl_s`` (:meth:`ChunkFileStore.gc`, or every ``gc_interval_s`` on a
-  background thread), and temp files left by writers that died.
+  (``os.utime``); atime is not relied on (``noatime``/``relatime`` mounts). The **GC** walks the
+  transport's files (:meth:`~kvstream.transports.disk.DiskTransport.entries`) and deletes chunks whose
+  mtime is older than ``ttl_s`` (:meth:`ChunkFileStore.gc`, or every ``gc_interval_s`` on a background
+  thread), and temp files left by writers that died.
 * **Pins across processes and hosts.** A lookup first writes a pin file ``<root>/.pins/<host>-<pid>-<id>.pin``
   listing the chunk keys it is about to use (atomically, by rename), *then* checks which chunks exist.
   The GC never unlinks a chunk directly: it renames it to a grave in ``<root>/.tmp``, re-reads the pin
@@ -48,7 +49,7 @@ import torch
 
 from ..errors import CapacityError, ChunkNotFound, ConfigError, CorruptChunkError, LayoutError, TransportError
 from ..layout import KVLayout, Region
-from ..transports.disk import SUFFIX, TMP_DIR, DiskTransport
+from ..transports.disk import TMP_DIR, DiskTransport
 from .base import PinError, PrefixMatch, PrefixStore, check_kv, check_max_tokens, chunk_major, from_chunk_major
 from .hashing import as_token_ids, nested_path, prefix_hashes
 
@@ -392,13 +393,13 @@ class ChunkFileStore(PrefixStore):
         cutoff = now - ttl
         pinned = self._pinned_hashes(now, reap=True)
         removed = 0
-        for path, mtime in self._chunk_files():
-            if mtime >= cutoff:
+        for key, path, st in self._transport.entries():
+            if st.st_mtime >= cutoff or key.count("/") != self.dir_levels:
                 continue
-            hexkey = path.name[:-len(SUFFIX)]
+            hexkey = key.rsplit("/", 1)[-1]
             if hexkey in pinned:
                 continue
-            grave = self._tmp_dir / f"gc-{uuid.uuid4().hex}{SUFFIX}"
+            grave = self._tmp_dir / f"gc-{uuid.uuid4().hex}.grave"
             try:
                 os.rename(path, grave)
             except FileNotFoundError:
@@ -417,26 +418,6 @@ class ChunkFileStore(PrefixStore):
                 if e.stat().st_mtime < temp_cutoff:
                     os.unlink(e.path)
         return removed
-
-    def _chunk_files(self):
-        """``(path, mtime)`` of every chunk file, walking the nested directories."""
-        stack = [(self.root, 0)]
-        while stack:
-            directory, depth = stack.pop()
-            try:
-                entries = list(os.scandir(directory))
-            except FileNotFoundError:
-                continue
-            for e in entries:
-                if e.name.startswith("."):
-                    continue
-                try:
-                    if depth < self.dir_levels and e.is_dir(follow_symlinks=False):
-                        stack.append((e.path, depth + 1))
-                    elif depth == self.dir_levels and e.name.endswith(SUFFIX):
-                        yield Path(e.path), e.stat().st_mtime
-                except FileNotFoundError:
-                    continue
 
     def _gc_loop(self, interval_s: float) -> None:
         while not self._gc_stop.wait(interval_s):
