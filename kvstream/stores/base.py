@@ -118,37 +118,6 @@ def check_kv(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], n_tok
                     dtype=keys[0].dtype)
 
 
-def chunk_major(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], lo: int, hi: int,
-                chunk_tokens: int) -> torch.Tensor:
-    """Tokens ``[lo, hi)`` of per-layer KV as chunks: ``[n_chunks, layers, 2, 1, kv_heads, chunk_tokens, head_dim]``.
-
-    Each chunk ``[i]`` is a contiguous packed chunk (:data:`kvstream.layout.PACKED_AXES` order) of tokens
-    ``[lo + i*chunk_tokens, lo + (i+1)*chunk_tokens)``, so a file store writes it as is and a memory store
-    slices any run of chunks (``chunk_tokens=1``: of tokens) contiguously. One gather copy on the KV's
-    device (``torch.stack``); ``(hi - lo)`` must be a multiple of ``chunk_tokens``.
-    """
-    n = (hi - lo) // chunk_tokens
-    per_layer = []
-    for k, v in zip(keys, values):
-        heads, head_dim = k.shape[1], k.shape[3]
-        kc = k[0, :, lo:hi].unflatten(1, (n, chunk_tokens)).transpose(0, 1)  # [n, heads, chunk, head_dim]
-        vc = v[0, :, lo:hi].unflatten(1, (n, chunk_tokens)).transpose(0, 1)
-        per_layer.append(torch.stack((kc, vc), dim=1))  # [n, 2, heads, chunk, head_dim]
-    out = torch.stack(per_layer, dim=1)  # [n, layers, 2, heads, chunk, head_dim]
-    return out.unsqueeze(3)
-
-
-def from_chunk_major(chunks: torch.Tensor, n_tokens: int) -> torch.Tensor:
-    """Inverse of :func:`chunk_major`: ``[n_chunks, L, 2, 1, H, c, D]`` -> packed ``[L, 2, 1, H, n_tokens, D]``.
-
-    One copy on the chunks' device; ``n_tokens <= n_chunks * c`` (the last chunk may be cut).
-    """
-    n, layers, _, _, heads, c, head_dim = chunks.shape
-    full = torch.empty((layers, 2, 1, heads, n * c, head_dim), dtype=chunks.dtype, device=chunks.device)
-    full.view(layers, 2, 1, heads, n, c, head_dim).copy_(chunks.permute(1, 2, 3, 4, 0, 5, 6))
-    return full if n_tokens == n * c else full[:, :, :, :, :n_tokens]
-
-
 #: ``loader(device, matched_tokens) -> (packed [L, 2, 1, H, m, D], event or None)``; ``m <= matched_tokens``.
 Loader = Callable[[torch.device, int], "tuple[torch.Tensor, Any]"]
 
@@ -478,5 +447,4 @@ def check_max_tokens(max_tokens: int | None, n_ids: int) -> int:
     return min(n_ids, int(max_tokens))
 
 
-__all__ = ["PinError", "PrefixMatch", "PrefixStore", "kv_from_cache", "check_kv", "chunk_major", "from_chunk_major",
-           "check_max_tokens"]
+__all__ = ["PinError", "PrefixMatch", "PrefixStore", "kv_from_cache", "check_kv", "check_max_tokens"]

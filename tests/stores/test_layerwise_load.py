@@ -1,6 +1,6 @@
 """PrefixMatch.load_layers: layer-by-layer loads (one event per layer) give exactly what load() gives.
 
-CPU tests run the RadixStore's layer-wise path itself (pitched copies, staging, permute) synchronously;
+CPU tests run the RadixStore's layer-wise path itself (pitched copies, staging, pack) synchronously;
 GPU tests (``gpu``) run it on a side stream against a busy compute stream.
 """
 

@@ -4,9 +4,10 @@ Design (after SGLang's ``RadixCache`` and Vineyard's radix tree + blobs):
 
 * The tree (:mod:`.tree`) maps runs of token ids to slices of **blobs**: one host tensor written by one
   :meth:`RadixStore.update_kv`, token-major (``[tokens, layers, 2, 1, kv_heads, 1, head_dim]``: a
-  packed chunk per token), so that any run of tokens is one contiguous copy to the GPU; the device
-  puts the loaded tokens back in packed order with one gather. Blobs are page-locked (kvstream's
-  pinned allocator) when a GPU exists, so a match loads onto the GPU with asynchronous copies.
+  packed chunk per token), so that any run of tokens is one contiguous copy to the GPU. The kernels
+  move KV in and out of that order (:func:`kvstream.kernels.pack_tokens` and ``unpack_tokens`` read
+  and write a blob through per-layer strided views, :func:`token_major_views`). Blobs are page-locked
+  (kvstream's pinned allocator) when a GPU exists, so a match loads onto the GPU with asynchronous copies.
 * Lookup walks the tree for the longest prefix, touches every node on the path (LRU clock) and
   **pins** the deepest node: a pinned match survives any eviction between lookup and load.
 * Layer-wise loading (:meth:`~kvstream.stores.base.PrefixMatch.load_layers`, the loop of
@@ -14,7 +15,7 @@ Design (after SGLang's ``RadixCache`` and Vineyard's radix tree + blobs):
   token are one row of ``2 * kv_heads * head_dim`` elements, rows a token stride
   (``layers * 2 * kv_heads * head_dim``) apart. So per layer and per run of matched tokens, one pitched
   copy (``cudaMemcpy2DAsync``) brings that layer's rows into a device staging
-  ``[tokens, 2, kv_heads, head_dim]``, and one permute-copy on the same side stream puts them in the
+  ``[tokens, 2, kv_heads, head_dim]``, and one ``pack_tokens`` on the same side stream puts them in the
   final ``[2, 1, kv_heads, tokens, head_dim]``; then the layer's event.
 * Past ``capacity_bytes`` (the sum of live blobs' bytes), unpinned leaves go in least-recently-used
   order. An update that cannot fit after evicting everything unpinned stores the part that fits.
@@ -33,9 +34,10 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from ...errors import ConfigError, KVStreamError, LayoutError
-from ...layout import KVLayout
+from ...layout import KVLayout, Region
 from ...cuda import Event, host_empty, memcpy_2d_async
-from ..base import PrefixMatch, PrefixStore, check_kv, check_max_tokens, chunk_major, from_chunk_major
+from ...kernels import pack_tokens, unpack_tokens
+from ..base import PrefixMatch, PrefixStore, check_kv, check_max_tokens
 from ..hashing import as_token_ids
 from ..layerwise import LayerwiseLoad, enqueue_layers
 from .shared import SharedTree, remove_dir, shared_dir
@@ -50,11 +52,46 @@ def blob_shape(layout: KVLayout, n_tokens: int) -> tuple[int, ...]:
     return (int(n_tokens), layout.num_layers, 2, 1, layout.kv_heads, 1, layout.head_dim)
 
 
+def token_major_views(rows: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-layer HF-layout views of token-major rows, for the kernels to read or write them in place.
+
+    Parameters
+    ----------
+    rows : torch.Tensor
+        ``[tokens, layers, 2, 1, kv_heads, 1, head_dim]`` (:func:`blob_shape`), any device, contiguous.
+
+    Returns
+    -------
+    keys, values : list of torch.Tensor
+        Per layer ``[1, kv_heads, tokens, head_dim]`` views (no copy) with a token stride of
+        ``layers * 2 * kv_heads * head_dim`` elements and stride 1 on ``head_dim``.
+    """
+    hf = rows.select(5, 0).permute(1, 2, 3, 4, 0, 5)  # [layers, 2, 1, kv_heads, tokens, head_dim]
+    return [hf[l, 0] for l in range(hf.shape[0])], [hf[l, 1] for l in range(hf.shape[0])]
+
+
 def write_blob(blob: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], lo: int) -> None:
-    """Write positions ``[lo, lo + len(blob))`` of per-layer KV into a token-major blob (:func:`blob_shape`)."""
-    blob.copy_(chunk_major(keys, values, lo, lo + blob.shape[0], 1), non_blocking=keys[0].is_cuda)
-    if keys[0].is_cuda:
-        torch.cuda.current_stream(keys[0].device).synchronize()
+    """Write positions ``[lo, lo + len(blob))`` of per-layer KV into a token-major blob.
+
+    One ``pack_tokens`` on the KV's device, then one ``unpack_tokens`` into the blob's rows: directly on
+    the CPU; for CUDA KV into device rows first, copied to the (pinned) blob in one contiguous transfer.
+
+    Parameters
+    ----------
+    blob : torch.Tensor
+        ``[tokens, layers, 2, 1, kv_heads, 1, head_dim]`` host tensor (:func:`blob_shape`).
+    keys, values : sequence of torch.Tensor
+        Per layer ``[1, kv_heads, >= lo + tokens, head_dim]``, one device, stride 1 on ``head_dim``.
+    lo : int
+        First position to store.
+    """
+    n_tokens, layers = blob.shape[0], len(keys)
+    packed = pack_tokens(keys, values, Region(layers=(0, layers), tokens=(lo, lo + n_tokens)))
+    rows = blob if packed.device == blob.device else torch.empty(blob.shape, dtype=blob.dtype, device=packed.device)
+    unpack_tokens(packed, *token_major_views(rows), Region(layers=(0, layers), tokens=(0, n_tokens)))
+    if rows is not blob:
+        blob.copy_(rows, non_blocking=True)
+        torch.cuda.current_stream(packed.device).synchronize()
 
 
 class RadixStore(PrefixStore):
@@ -193,7 +230,7 @@ class RadixStore(PrefixStore):
 
     @staticmethod
     def _load_slices(slices, layout: KVLayout, n_tokens: int, device: torch.device):
-        """Copy the tokens of ``slices`` (token-major, contiguous runs) to ``device``, then gather to packed order."""
+        """Copy the tokens of ``slices`` (token-major, contiguous runs) to ``device``, then pack them there."""
         rows = torch.empty(blob_shape(layout, n_tokens), dtype=layout.dtype, device=device)
         non_blocking = device.type == "cuda"
         pos = 0
@@ -203,8 +240,9 @@ class RadixStore(PrefixStore):
                 break
             rows[pos:pos + take].copy_(blob[offset:offset + take], non_blocking=non_blocking)
             pos += take
+        packed = pack_tokens(*token_major_views(rows), Region(layers=(0, layout.num_layers), tokens=(0, n_tokens)))
         # release() waits for the event before the host blobs may be evicted
-        return from_chunk_major(rows, n_tokens), (Event(device).record() if non_blocking else None)
+        return packed, (Event(device).record() if non_blocking else None)
 
     @staticmethod
     def _load_layers(slices, layout: KVLayout, n_tokens: int, device: torch.device,
@@ -213,7 +251,7 @@ class RadixStore(PrefixStore):
 
         The staging is allocated here on the current stream (the compute stream), before
         :func:`~kvstream.stores.layerwise.enqueue_layers` makes ``stream`` wait for it. Per layer: one
-        ``memcpy_2d_async`` per run of tokens into the one staging buffer, one permute-copy into the
+        ``memcpy_2d_async`` per run of tokens into the one staging buffer, one ``pack_tokens`` into the
         layer's destination; consecutive nodes that slice one blob contiguously (the halves of a split)
         form one run. The staging is reused by every layer, which one in-order stream makes safe and
         costs nothing (the layers' copies run one after the other on the copy engine anyway).
@@ -240,13 +278,14 @@ class RadixStore(PrefixStore):
             pos += take
         if pos != n_tokens:
             raise KVStreamError(f"RadixStore: the matched nodes hold {pos} tokens, the match {n_tokens}")
-        unpermute = staging.permute(1, 2, 0, 3)  # [2, heads, tokens, head_dim]
+        staged_k, staged_v = token_major_views(staging.view(n_tokens, 1, 2, 1, heads, 1, head_dim))
+        one_layer = Region(layers=(0, 1), tokens=(0, n_tokens))
 
         def copy_layer(layer: int, kv: torch.Tensor) -> None:
             """Layer ``layer``'s rows of every run into the staging, then into ``kv`` in packed order."""
             for src, dst in pieces:
                 memcpy_2d_async(dst, src[:, layer], stream)
-            kv.view(2, heads, n_tokens, head_dim).copy_(unpermute)
+            pack_tokens(staged_k, staged_v, one_layer, out=kv.unsqueeze(0))
 
         return enqueue_layers(layout, n_tokens, device, stream, copy_layer), staging
 
@@ -357,4 +396,4 @@ class RadixStore(PrefixStore):
         return remove_dir(shared_dir(shared_name, shm_dir))
 
 
-__all__ = ["RadixStore", "blob_shape", "write_blob", "LOCAL_OWNER"]
+__all__ = ["RadixStore", "blob_shape", "token_major_views", "write_blob", "LOCAL_OWNER"]
