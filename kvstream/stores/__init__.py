@@ -8,14 +8,15 @@
 
 Both stores implement :class:`~kvstream.stores.base.PrefixStore`: ``query``, ``lookup`` (a pinned
 :class:`~kvstream.stores.base.PrefixMatch`, loaded at once or layer by layer as a
-:class:`~kvstream.stores.base.LayerwiseLoad`), ``fetch_prefix``, ``update`` and ``update_kv``.
+:class:`~kvstream.stores.layerwise.LayerwiseLoad`), ``fetch_prefix``, ``update`` and ``update_kv``.
 """
 
 from __future__ import annotations
 
-from .base import LayerwiseLoad, PinError, PrefixMatch, PrefixStore, kv_from_cache
+from .base import PinError, PrefixMatch, PrefixStore, kv_from_cache
 from .chunk_file import ChunkFileStore
 from .hashing import as_token_ids, nested_path, prefix_hashes
+from .layerwise import LayerwiseLoad
 from .radix import RadixStore
 
 __all__ = ["PrefixStore", "PrefixMatch", "LayerwiseLoad", "PinError", "RadixStore", "ChunkFileStore", "kv_from_cache", "prefix_hashes", "nested_path", "as_token_ids"]

@@ -16,12 +16,12 @@ The contract every store keeps:
   found missing or corrupt at load time *shortens* the match (``matched_tokens`` drops to what was
   read intact); wrong KV is never returned.
 * ``match.load_layers(device, stream=side)`` starts the same load layer by layer on a side stream and
-  returns a :class:`LayerwiseLoad` at once: per-layer tensors and one event per layer, so that prefill
-  of layer ``l`` waits only for layer ``l``'s copy while later layers still travel (layer-wise loading as
-  in LMCache's layer-wise mode and SGLang's HiCache). Stores that cannot do better load synchronously
-  and hand back completed events.
+  returns a :class:`~kvstream.stores.layerwise.LayerwiseLoad` at once: per-layer tensors and one event
+  per layer, so that prefill of layer ``l`` waits only for layer ``l``'s copy while later layers still
+  travel (:mod:`kvstream.stores.layerwise`). Stores that cannot do better load synchronously and hand
+  back completed events.
 * ``update_kv(token_ids, keys, values, start=...)`` stores KV; ``update(token_ids, cache)`` takes it
-  from a transformers ``DynamicCache`` (or kvstream's ``StreamingCache``) after ``generate``.
+  from a cache (:func:`kv_from_cache`) after ``generate``.
 """
 
 from __future__ import annotations
@@ -35,26 +35,27 @@ import torch
 
 from ..errors import ConfigError, KVStreamError, LayoutError, TransportError
 from ..layout import KVLayout, Region, check_hf_layers
-from ..cuda import Event, Stream, side_stream
+from ..cuda import Event, Stream
 from .hashing import as_token_ids
+from .layerwise import LayerLoader, LayerwiseLoad, load_stream
 
 
 class PinError(KVStreamError, RuntimeError):
     """A pin (reference count) was released twice, or a release would drive a count below zero."""
 
 
-# ----------------------------------------------------------------------------------------------------
-# KV in and out of caches
-# ----------------------------------------------------------------------------------------------------
-
 def kv_from_cache(cache: Any, max_tokens: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
-    """The per-layer keys and values of a transformers cache, and how many tokens they hold.
+    """The per-layer keys and values of a cache, and how many tokens they hold.
+
+    Reads any cache with the layer protocol of transformers' caches (``DynamicCache``, ``StaticCache``,
+    kvstream's ``StreamingCache``; nothing here imports transformers): ``cache.layers[i].keys`` and
+    ``.values`` are tensors, ``cache.layers[i].get_seq_length()`` (optional) counts the tokens seen.
 
     Parameters
     ----------
-    cache : transformers.DynamicCache (or a subclass such as kvstream's StreamingCache)
-        After ``generate``: ``cache.layers[i].keys`` / ``.values`` are ``[1, kv_heads, seq, head_dim]``.
-        ``generate`` leaves the KV of every token but the last one it produced.
+    cache : object
+        After ``generate``: ``cache.layers[i].keys`` / ``.values`` are ``[1, kv_heads, seq, head_dim]``
+        (``generate`` leaves the KV of every token but the last one it produced).
     max_tokens : int, optional
         Take at most this many tokens (the length of the ids the caller stores).
 
@@ -69,9 +70,9 @@ def kv_from_cache(cache: Any, max_tokens: int | None = None) -> tuple[list[torch
     Raises
     ------
     ConfigError
-        If a layer holds no per-token KV (linear-attention or dummy layers), or is a sliding-window
-        layer that already dropped tokens (its window is shorter than the sequence): a prefix store
-        must hold every token's KV, and those tokens are gone.
+        If the cache has no layers, a layer holds no per-token KV (linear-attention or dummy layers), or
+        is a sliding-window layer that already dropped tokens (its window is shorter than the sequence):
+        a prefix store must hold every token's KV, and those tokens are gone.
     """
     layers = getattr(cache, "layers", None)
     if not layers:
@@ -117,168 +118,8 @@ def check_kv(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], n_tok
                     dtype=keys[0].dtype)
 
 
-def chunk_major(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], lo: int, hi: int,
-                chunk_tokens: int) -> torch.Tensor:
-    """Tokens ``[lo, hi)`` of per-layer KV as chunks: ``[n_chunks, layers, 2, 1, kv_heads, chunk_tokens, head_dim]``.
-
-    Each chunk ``[i]`` is a contiguous packed chunk (:data:`kvstream.layout.PACKED_AXES` order) of tokens
-    ``[lo + i*chunk_tokens, lo + (i+1)*chunk_tokens)``, so a file store writes it as is and a memory store
-    slices any run of chunks (``chunk_tokens=1``: of tokens) contiguously. One gather copy on the KV's
-    device (``torch.stack``); ``(hi - lo)`` must be a multiple of ``chunk_tokens``.
-    """
-    n = (hi - lo) // chunk_tokens
-    per_layer = []
-    for k, v in zip(keys, values):
-        heads, head_dim = k.shape[1], k.shape[3]
-        kc = k[0, :, lo:hi].unflatten(1, (n, chunk_tokens)).transpose(0, 1)  # [n, heads, chunk, head_dim]
-        vc = v[0, :, lo:hi].unflatten(1, (n, chunk_tokens)).transpose(0, 1)
-        per_layer.append(torch.stack((kc, vc), dim=1))  # [n, 2, heads, chunk, head_dim]
-    out = torch.stack(per_layer, dim=1)  # [n, layers, 2, heads, chunk, head_dim]
-    return out.unsqueeze(3)
-
-
-def from_chunk_major(chunks: torch.Tensor, n_tokens: int) -> torch.Tensor:
-    """Inverse of :func:`chunk_major`: ``[n_chunks, L, 2, 1, H, c, D]`` -> packed ``[L, 2, 1, H, n_tokens, D]``.
-
-    One copy on the chunks' device; ``n_tokens <= n_chunks * c`` (the last chunk may be cut).
-    """
-    n, layers, _, _, heads, c, head_dim = chunks.shape
-    full = torch.empty((layers, 2, 1, heads, n * c, head_dim), dtype=chunks.dtype, device=chunks.device)
-    full.view(layers, 2, 1, heads, n, c, head_dim).copy_(chunks.permute(1, 2, 3, 4, 0, 5, 6))
-    return full if n_tokens == n * c else full[:, :, :, :, :n_tokens]
-
-
-def default_pin() -> bool:
-    """Pin host buffers when a CUDA device is present (page-locked memory only pays off for H2D/D2H copies)."""
-    return torch.cuda.is_available()
-
-
-# ----------------------------------------------------------------------------------------------------
-# The pinned match
-# ----------------------------------------------------------------------------------------------------
-
 #: ``loader(device, matched_tokens) -> (packed [L, 2, 1, H, m, D], event or None)``; ``m <= matched_tokens``.
 Loader = Callable[[torch.device, int], "tuple[torch.Tensor, Any]"]
-
-#: ``layer_loader(device, matched_tokens, stream) -> (LayerwiseLoad, hold)``; ``stream`` is a
-#: ``torch.cuda.Stream`` of ``device`` (``None`` on the CPU); the loader allocates on the current stream,
-#: then makes ``stream`` wait for the current stream before its first copy; ``hold`` is what the copies
-#: still use (device staging), kept by the match until :meth:`PrefixMatch.release`.
-LayerLoader = Callable[[torch.device, int, "torch.cuda.Stream | None"], "tuple[LayerwiseLoad, Any]"]
-
-#: Name of the process-wide side stream (:func:`kvstream.cuda.side_stream`) layer-wise loads use
-#: when the caller names none.
-PREFIX_STREAM = "kvstream-prefix"
-
-
-class LayerwiseLoad:
-    """A prefix load in flight, layer by layer: per-layer tensors that land in order, one event per layer.
-
-    Returned by :meth:`PrefixMatch.load_layers`. Layer ``l``'s tensors hold its KV once ``events[l]`` has
-    completed; before that they are allocated but (on a CUDA device) still being written by the side
-    stream. Read a layer only from a stream that waited for its event (:meth:`wait`), or after
-    :meth:`synchronize`. Events complete in layer order (one side stream, layer 0 first).
-
-    Attributes
-    ----------
-    keys, values : list of torch.Tensor
-        One ``[1, kv_heads, matched_tokens, head_dim]`` tensor per layer on the load device, dtype of the
-        stored KV. From a store that loads layer by layer, ``keys[l]`` and ``values[l]`` are the two
-        (contiguous) halves of one ``[2, 1, kv_heads, matched_tokens, head_dim]`` allocation made on the
-        stream that was current at :meth:`PrefixMatch.load_layers` (the compute stream); otherwise they
-        are :meth:`PrefixMatch.load`'s views of one packed tensor (stride 1 on ``head_dim``). The match
-        keeps this object (so a layer's memory cannot be reused while the side stream still writes it)
-        until :meth:`take` hands the layer over or the match is released; :meth:`take` from the compute
-        stream lets each layer's memory go as soon as the caller drops it.
-    events : list
-        One per layer, each with ``wait(stream=None)`` (make ``stream``, default the current stream, wait
-        without blocking the host), ``synchronize()`` (block the host) and ``query()`` (completed?):
-        :class:`kvstream.cuda.Event` objects; inert (always complete) on the CPU. A store that
-        loads synchronously gives every layer the same event.
-    matched_tokens : int
-        Tokens loaded (after a shortened read: what was read intact).
-    stream : torch.cuda.Stream or None
-        The side stream the copies were enqueued on (``None`` when the load was synchronous).
-
-    Examples
-    --------
-    >>> with store.lookup(input_ids, max_tokens=T - 1) as match:                       # doctest: +SKIP
-    ...     load = match.load_layers("cuda")         # returns at once; layer 0 is copied first
-    ...     for l in range(len(load)):
-    ...         k, v = load.take(l)                  # the compute stream waits for layer l only
-    ...         attend(k, v)
-    """
-
-    __slots__ = ("keys", "values", "events", "matched_tokens", "stream")
-
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], events: list[Any], matched_tokens: int,
-                 stream: "torch.cuda.Stream | None" = None):
-        if not len(keys) == len(values) == len(events):
-            raise LayoutError(f"LayerwiseLoad: {len(keys)} keys, {len(values)} values and {len(events)} events; "
-                              "expected one of each per layer")
-        self.keys = keys
-        self.values = values
-        self.events = events
-        self.matched_tokens = int(matched_tokens)
-        self.stream = stream
-
-    def __len__(self) -> int:
-        return len(self.events)
-
-    def wait(self, layer: int, stream: "Stream | torch.cuda.Stream | None" = None) -> None:
-        """Make ``stream`` (default: the current stream) wait for layer ``layer``'s copy; the host does not block."""
-        self.events[layer].wait(stream)
-
-    def take(self, layer: int, stream: "Stream | torch.cuda.Stream | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`wait` for layer ``layer``, then hand its ``(keys, values)`` over to the caller.
-
-        Afterwards ``keys[layer]`` and ``values[layer]`` are ``None`` here: neither this load nor its match
-        keeps the tensors alive, so they are freed when the caller drops them. Call it with the stream
-        that was current at :meth:`PrefixMatch.load_layers` (the default, when it still is): the
-        tensors were allocated there, and the caching allocator reuses their memory on that stream,
-        which now waits for the copy.
-
-        Raises
-        ------
-        ConfigError
-            If the layer was already taken.
-        """
-        k, v = self.keys[layer], self.values[layer]
-        if k is None:
-            raise ConfigError(f"LayerwiseLoad: layer {layer} was already taken")
-        self.wait(layer, stream)
-        self.keys[layer] = self.values[layer] = None
-        return k, v
-
-    def synchronize(self) -> None:
-        """Block the host until every layer has landed (the last layer's event: they complete in order)."""
-        if self.events:
-            self.events[-1].synchronize()
-
-    def ready(self) -> bool:
-        """Whether every layer has landed (never blocks)."""
-        return all(e.query() for e in self.events)
-
-    def __repr__(self) -> str:
-        return f"LayerwiseLoad(layers={len(self)}, matched_tokens={self.matched_tokens})"
-
-
-def _load_stream(device: torch.device, stream: Any) -> "torch.cuda.Stream | None":
-    """The torch view of the side stream a layer-wise load onto ``device`` uses (``None`` on the CPU)."""
-    if stream is not None and not isinstance(stream, (Stream, torch.cuda.Stream)):
-        raise TypeError("stream must be a kvstream.cuda.Stream or torch.cuda.Stream, "
-                        f"got {type(stream).__name__}")
-    if device.type != "cuda":
-        return None
-    if stream is None:
-        stream = side_stream(device, PREFIX_STREAM)
-    if isinstance(stream, Stream):
-        if not stream.is_cuda:
-            raise ConfigError(f"load_layers onto {device} needs a CUDA stream; got an inert one of {stream.device}")
-        stream = stream.torch_stream
-    if stream.device != device:
-        raise ConfigError(f"load_layers onto {device} was given a stream of {stream.device}")
-    return stream
 
 
 class PrefixMatch:
@@ -362,15 +203,12 @@ class PrefixMatch:
                     stream: "Stream | torch.cuda.Stream | None" = None) -> LayerwiseLoad:
         """Start loading the matched KV onto ``device`` layer by layer; returns before the copies finish.
 
-        On a CUDA device, every layer's destination (and any staging) is allocated on the **current**
-        stream (the compute stream); ``stream`` then waits for the current stream (so the allocations are
-        ordered before the copies) and receives each layer's copies, layer 0 first, followed by that
-        layer's event. Prefill of layer ``l`` needs only ``events[l]``: copies of later layers overlap the
-        computation of earlier ones (LMCache's layer-wise mode, SGLang's HiCache layer-wise loading).
-        A store that cannot load layer by layer (:class:`~kvstream.stores.chunk_file.ChunkFileStore`
-        reads whole chunk files) loads synchronously on the current stream through :meth:`load` and
-        returns one event, recorded after it, for every layer. On the CPU everything is synchronous and
-        the events are inert.
+        On a CUDA device, the copies go to ``stream`` after the work already enqueued on the current
+        stream, layer 0 first, each layer followed by its event (:func:`~.layerwise.enqueue_layers`);
+        prefill of layer ``l`` needs only ``events[l]``. A store that cannot load layer by layer
+        (:class:`~kvstream.stores.chunk_file.ChunkFileStore` reads whole chunk files) loads synchronously
+        on the current stream through :meth:`load` and returns one event, recorded after it, for every
+        layer. On the CPU everything is synchronous and the events are inert.
 
         Keep the match until the load is consumed: :meth:`release` blocks the host until the last
         layer has landed, then unpins the host memory the copies read. Until then the match also holds
@@ -415,7 +253,7 @@ class PrefixMatch:
         device = torch.device(device) if device is not None else torch.device("cpu")
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        side = _load_stream(device, stream)
+        side = load_stream(device, stream)
         if self._layer_loader is None or self.matched_tokens == 0:
             keys, values = self.load(device)
             self.keys = self.values = self.packed = None  # the caller owns them; don't hold the memory
@@ -473,10 +311,6 @@ class PrefixMatch:
                  else "pinned")
         return f"PrefixMatch(matched_tokens={self.matched_tokens}, {state})"
 
-
-# ----------------------------------------------------------------------------------------------------
-# The store interface
-# ----------------------------------------------------------------------------------------------------
 
 class PrefixStore(ABC):
     """Base class of the prefix stores: see the module docstring for the contract.
@@ -613,5 +447,4 @@ def check_max_tokens(max_tokens: int | None, n_ids: int) -> int:
     return min(n_ids, int(max_tokens))
 
 
-__all__ = ["PinError", "PrefixMatch", "LayerwiseLoad", "PREFIX_STREAM", "PrefixStore", "kv_from_cache", "check_kv",
-           "chunk_major", "from_chunk_major", "default_pin", "check_max_tokens"]
+__all__ = ["PinError", "PrefixMatch", "PrefixStore", "kv_from_cache", "check_kv", "check_max_tokens"]

@@ -4,21 +4,22 @@ Design (after Vineyard's file cache, v6d ``modules/llm-cache``, and LMCache's ch
 
 * A sequence is cut into chunks of ``chunk_tokens`` tokens; chunk ``i`` is named by the chained hash of
   the whole prefix up to its end (:func:`~kvstream.stores.hashing.prefix_hashes`), laid out as nested
-  directories (``<root>/44/c3/44c3...kvc``). A trailing partial chunk is not stored. The longest stored
+  directories (key ``44/c3/44c3...``). A trailing partial chunk is not stored. The longest stored
   prefix is the run of chunk files that exist, from the first.
 * Files are written and read by :class:`~kvstream.transports.disk.DiskTransport`: a 4096-byte
-  :class:`~kvstream.layout.ChunkHeader` (dtype, shape, region, xxh3 checksum) then the payload
-  ``[layers, 2, 1, kv_heads, chunk_tokens, head_dim]``, written to a temp file and renamed into place
-  (atomic), verified on every read. Several processes or hosts writing the same chunk each write their
-  own temp file; the last rename wins and readers only ever see a complete file (rename is the only
-  atomic operation assumed of the filesystem, as on NFS or Lustre). A full disk raises
-  :class:`~kvstream.errors.CapacityError` and leaves no partial file.
+  :class:`~kvstream.chunk.ChunkHeader` (dtype, shape, region, xxh3 checksum) then the payload
+  ``[layers, 2, 1, kv_heads, chunk_tokens, head_dim]`` (:func:`kvstream.kernels.pack_tokens`'s order),
+  written to a temp file and renamed into place (atomic), verified on every read. Several processes or
+  hosts writing the same chunk each write their own temp file; the last rename wins and readers only
+  ever see a complete file (rename is the only atomic operation assumed of the filesystem, as on NFS or
+  Lustre). A full disk raises :class:`~kvstream.errors.CapacityError` and leaves no partial file.
 * A chunk that fails its checks at load time shortens the match to the chunks before it (the caller
   recomputes the rest) and is deleted, so the next update rewrites it; wrong KV is never returned.
 * **Access times** are recorded by the store itself: a successful read sets the file's mtime to now
-  (``os.utime``); atime is not relied on (``noatime``/``relatime`` mounts). The **GC** deletes chunk
-  files whose mtime is older than ``ttl_s`` (:meth:`ChunkFileStore.gc`, or every ``gc_interval_s`` on a
-  background thread), and temp files left by writers that died.
+  (``os.utime``); atime is not relied on (``noatime``/``relatime`` mounts). The **GC** walks the
+  transport's files (:meth:`~kvstream.transports.disk.DiskTransport.entries`) and deletes chunks whose
+  mtime is older than ``ttl_s`` (:meth:`ChunkFileStore.gc`, or every ``gc_interval_s`` on a background
+  thread), and temp files left by writers that died.
 * **Pins across processes and hosts.** A lookup first writes a pin file ``<root>/.pins/<host>-<pid>-<id>.pin``
   listing the chunk keys it is about to use (atomically, by rename), *then* checks which chunks exist.
   The GC never unlinks a chunk directly: it renames it to a grave in ``<root>/.tmp``, re-reads the pin
@@ -48,8 +49,9 @@ import torch
 
 from ..errors import CapacityError, ChunkNotFound, ConfigError, CorruptChunkError, LayoutError, TransportError
 from ..layout import KVLayout, Region
-from ..transports.disk import SUFFIX, TMP_DIR, DiskTransport
-from .base import PinError, PrefixMatch, PrefixStore, check_kv, check_max_tokens, chunk_major, from_chunk_major
+from ..kernels import pack_tokens, unpack_tokens
+from ..transports.disk import TMP_DIR, DiskTransport
+from .base import PinError, PrefixMatch, PrefixStore, check_kv, check_max_tokens
 from .hashing import as_token_ids, nested_path, prefix_hashes
 
 logger = logging.getLogger(__name__)
@@ -248,22 +250,15 @@ class ChunkFileStore(PrefixStore):
 
         return PrefixMatch(matched, loader, releaser, source="ChunkFileStore")
 
-    def _fetch(self, key: str, out: torch.Tensor):
-        """``DiskTransport.fetch`` that waits out the GC's put-back window of a pinned chunk."""
+    @staticmethod
+    def _retry(op, key: str, *args):
+        """``op(key, *args)`` (a transport call) that waits out the GC's put-back window of a pinned chunk."""
         for delay in _RETRY_DELAYS_S:
             try:
-                return self._transport.fetch(key, out)
+                return op(key, *args)
             except ChunkNotFound:
                 time.sleep(delay)
-        return self._transport.fetch(key, out)
-
-    def _describe(self, key: str):
-        for delay in _RETRY_DELAYS_S:
-            try:
-                return self._transport.describe(key)
-            except ChunkNotFound:
-                time.sleep(delay)
-        return self._transport.describe(key)
+        return op(key, *args)
 
     def _drop_corrupt(self, key: str, error: Exception) -> None:
         logger.warning("ChunkFileStore: dropping corrupt chunk %s: %s", key, error)
@@ -274,7 +269,7 @@ class ChunkFileStore(PrefixStore):
         """Read chunks ``keys`` (in order) onto ``device``; stop at the first missing or corrupt one."""
         c = self.chunk_tokens
         try:
-            header = self._describe(keys[0])
+            header = self._retry(self._transport.describe, keys[0])
             shape = tuple(header.shape)
             if len(shape) != 6 or shape[1] != 2 or shape[2] != 1 or shape[4] != c:
                 raise CorruptChunkError(f"chunk {keys[0]}: shape {list(shape)} is not [layers, 2, 1, heads, {c}, "
@@ -288,7 +283,7 @@ class ChunkFileStore(PrefixStore):
         handles = []
         for i, key in enumerate(keys):
             try:
-                handles.append(self._fetch(key, buf[i]))
+                handles.append(self._retry(self._transport.fetch, key, buf[i]))
             except (ChunkNotFound, CorruptChunkError, LayoutError) as e:
                 handles.append(e)
                 break
@@ -308,7 +303,20 @@ class ChunkFileStore(PrefixStore):
                     os.utime(self.path(keys[i]))  # the access time GC goes by
             elif good == i and isinstance(error, CorruptChunkError):
                 self._drop_corrupt(keys[i], error)
-        return from_chunk_major(buf[:good], min(n_tokens, good * c))
+        return self._unchunk(buf[:good], min(n_tokens, good * c))
+
+    @staticmethod
+    def _unchunk(chunks: torch.Tensor, n_tokens: int) -> torch.Tensor:
+        """Chunks ``[n, L, 2, 1, H, c, D]`` in token order -> packed ``[L, 2, 1, H, n_tokens, D]`` (one copy each).
+
+        ``n_tokens <= n * c``: the result is a view of the first ``n_tokens`` of ``n * c`` tokens.
+        """
+        n, layers, _, _, heads, c, head_dim = chunks.shape
+        full = torch.empty((layers, 2, 1, heads, n * c, head_dim), dtype=chunks.dtype, device=chunks.device)
+        keys, values = [full[l, 0] for l in range(layers)], [full[l, 1] for l in range(layers)]
+        for i in range(n):
+            unpack_tokens(chunks[i], keys, values, Region(layers=(0, layers), tokens=(i * c, (i + 1) * c)))
+        return full if n_tokens == n * c else full[:, :, :, :, :n_tokens]
 
     def update_kv(self, token_ids: Any, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *,
                   start: int = 0, overwrite: bool = False) -> int:
@@ -346,15 +354,16 @@ class ChunkFileStore(PrefixStore):
         return (len(all_keys) - first) * c
 
     def _write_chunks(self, all_keys: list[str], todo: list[int], keys, values, layout: KVLayout, start: int) -> None:
-        c = self.chunk_tokens
-        lo, hi = todo[0], todo[-1] + 1
-        chunks = chunk_major(keys, values, lo * c - start, hi * c - start, c)
+        c, layers = self.chunk_tokens, layout.num_layers
+        chunks = torch.empty((len(todo), layers, 2, 1, layout.kv_heads, c, layout.head_dim), dtype=layout.dtype,
+                             device=keys[0].device)
         handles = []
-        for i in todo:
-            region = Region(layers=(0, layout.num_layers), tokens=(i * c, (i + 1) * c), batch=(0, 1),
-                            heads=(0, layout.kv_heads))
+        for j, i in enumerate(todo):
+            pack_tokens(keys, values, Region(layers=(0, layers), tokens=(i * c - start, (i + 1) * c - start)),
+                        out=chunks[j])
+            region = Region(layers=(0, layers), tokens=(i * c, (i + 1) * c), batch=(0, 1), heads=(0, layout.kv_heads))
             meta = {"prefix_key": all_keys[i].rsplit("/", 1)[-1], "namespace": self.namespace}
-            handles.append(self._transport.flush(all_keys[i], chunks[i - lo], region, meta))
+            handles.append(self._transport.flush(all_keys[i], chunks[j], region, meta))
         errors = []
         for h in handles:  # every write must finish before ``chunks`` may be freed
             try:
@@ -392,13 +401,13 @@ class ChunkFileStore(PrefixStore):
         cutoff = now - ttl
         pinned = self._pinned_hashes(now, reap=True)
         removed = 0
-        for path, mtime in self._chunk_files():
-            if mtime >= cutoff:
+        for key, path, st in self._transport.entries():
+            if st.st_mtime >= cutoff or key.count("/") != self.dir_levels:
                 continue
-            hexkey = path.name[:-len(SUFFIX)]
+            hexkey = key.rsplit("/", 1)[-1]
             if hexkey in pinned:
                 continue
-            grave = self._tmp_dir / f"gc-{uuid.uuid4().hex}{SUFFIX}"
+            grave = self._tmp_dir / f"gc-{uuid.uuid4().hex}.grave"
             try:
                 os.rename(path, grave)
             except FileNotFoundError:
@@ -417,26 +426,6 @@ class ChunkFileStore(PrefixStore):
                 if e.stat().st_mtime < temp_cutoff:
                     os.unlink(e.path)
         return removed
-
-    def _chunk_files(self):
-        """``(path, mtime)`` of every chunk file, walking the nested directories."""
-        stack = [(self.root, 0)]
-        while stack:
-            directory, depth = stack.pop()
-            try:
-                entries = list(os.scandir(directory))
-            except FileNotFoundError:
-                continue
-            for e in entries:
-                if e.name.startswith("."):
-                    continue
-                try:
-                    if depth < self.dir_levels and e.is_dir(follow_symlinks=False):
-                        stack.append((e.path, depth + 1))
-                    elif depth == self.dir_levels and e.name.endswith(SUFFIX):
-                        yield Path(e.path), e.stat().st_mtime
-                except FileNotFoundError:
-                    continue
 
     def _gc_loop(self, interval_s: float) -> None:
         while not self._gc_stop.wait(interval_s):

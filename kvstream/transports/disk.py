@@ -34,6 +34,7 @@ import os
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import xxhash
@@ -450,10 +451,40 @@ class DiskTransport(Transport):
     def keys(self, prefix: str = "") -> list[str]:
         """Every stored key starting with ``prefix``, sorted; walks only the directories that can match."""
         self._check_open()
+        return sorted(key for key, _ in self._walk(prefix))
+
+    def entries(self, prefix: str = "") -> Iterator[tuple[str, Path, os.stat_result]]:
+        """Every stored chunk whose key starts with ``prefix``, as ``(key, file, stat)``, in no set order.
+
+        For housekeeping by age and size (a store's garbage collection): ``stat`` is the file's
+        ``os.stat_result`` (``st_mtime``, ``st_atime``, ``st_size`` = 4096 header bytes + payload bytes),
+        taken while the walk passes it. A file removed meanwhile is skipped. The walk is lazy and,
+        like :meth:`keys`, visits only the directories that can match.
+
+        Raises
+        ------
+        TransportError
+            If the transport is closed.
+
+        Examples
+        --------
+        >>> old = [key for key, _, st in transport.entries("req-42/") if st.st_mtime < cutoff]  # doctest: +SKIP
+        """
+        self._check_open()
+        return self._entries(prefix)
+
+    def _entries(self, prefix: str) -> Iterator[tuple[str, Path, os.stat_result]]:
+        for key, e in self._walk(prefix):
+            try:
+                yield key, Path(e.path), e.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+
+    def _walk(self, prefix: str) -> Iterator[tuple[str, os.DirEntry]]:
+        """``(key, directory entry)`` of every chunk file whose key starts with ``prefix``."""
         dirs = prefix.split("/")[:-1]  # directories the prefix names in full
         if any(p in ("", ".", "..") for p in dirs) or (dirs and dirs[0] == TMP_DIR):
-            return []
-        found: list[str] = []
+            return
         stack = [(os.path.join(self._root, *dirs), "/".join(dirs))]
         while stack:
             directory, rel = stack.pop()
@@ -467,8 +498,7 @@ class DiskTransport(Transport):
                     if name != TMP_DIR and (name.startswith(prefix) or prefix.startswith(name + "/")):
                         stack.append((e.path, name))
                 elif e.name.endswith(SUFFIX) and name[:-len(SUFFIX)].startswith(prefix):
-                    found.append(name[:-len(SUFFIX)])
-        return sorted(found)
+                    yield name[:-len(SUFFIX)], e
 
     def drop_page_cache(self, key: str) -> None:
         """Ask the kernel to drop ``key``'s file from the page cache, so that the next fetch reads the disk.

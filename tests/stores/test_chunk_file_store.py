@@ -180,6 +180,18 @@ def test_gc_honours_other_processes_pins_until_their_lease_ends(store):
     assert not pin.exists() and not leftover.exists()
 
 
+def test_gc_leaves_files_of_other_depths_in_the_root_alone(store):
+    from kvstream.transports import DiskTransport
+
+    put(store, IDS)
+    other = DiskTransport(store.root)  # files under the same root that are not this store's chunks
+    for key in ("stray", "a/b/c/d"):
+        other.flush(key, torch.ones(3)).wait()
+    assert store.gc(ttl_s=0) == 4  # only the store's chunks, found at its directory depth
+    assert other.keys() == ["a/b/c/d", "stray"]
+    other.close()
+
+
 def test_background_gc(tmp_path):
     s = ChunkFileStore(tmp_path / "kv", chunk_tokens=C, ttl_s=0, gc_interval_s=0.05)
     put(s, IDS)

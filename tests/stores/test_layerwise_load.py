@@ -1,6 +1,6 @@
 """PrefixMatch.load_layers: layer-by-layer loads (one event per layer) give exactly what load() gives.
 
-CPU tests run the RadixStore's layer-wise path itself (pitched copies, staging, permute) synchronously;
+CPU tests run the RadixStore's layer-wise path itself (pitched copies, staging, pack) synchronously;
 GPU tests (``gpu``) run it on a side stream against a busy compute stream.
 """
 
@@ -13,10 +13,12 @@ import weakref
 import pytest
 import torch
 
-import kvstream.stores.radix as radix
+import kvstream.stores.radix.store as radix_store
 from kvstream.errors import ConfigError
 from kvstream.cuda import Event, Stream
+from kvstream.layout import KVLayout
 from kvstream.stores import ChunkFileStore, LayerwiseLoad, PinError, PrefixMatch, RadixStore
+from kvstream.stores.layerwise import enqueue_layers
 from store_helpers import prefix_kv
 
 A = list(range(100, 130))  # 30 tokens
@@ -89,14 +91,14 @@ def test_radix_layerwise_geometries_and_dtypes(layers, heads, head_dim, dtype):
 def test_one_pitched_copy_per_layer_and_blob_run(monkeypatch):
     layers = 3
     calls = []
-    real = radix.memcpy_2d_async
+    real = radix_store.memcpy_2d_async
 
     def counting(dst, src, stream=None):
         assert src.dim() == 2 and src.stride(1) == 1 and src.stride(0) == layers * src.shape[1]
         calls.append(src.shape[0])
         return real(dst, src, stream)
 
-    monkeypatch.setattr(radix, "memcpy_2d_async", counting)
+    monkeypatch.setattr(radix_store, "memcpy_2d_async", counting)
     s = _radix([A, B, C], layers=layers)
     for probe, runs in [(A, [30]), (B, [12, 6]), (C, [12, 6, 4]), (A[:20], [20])]:
         calls.clear()
@@ -231,6 +233,37 @@ def test_release_waits_for_the_last_layer_before_unpinning():
     assert log == [("wait", 1), ("synchronize", 2), ("unpin", None)]  # the last layer's event, then the pin
     gc.collect()
     assert staging_ref() is None
+
+
+def test_enqueue_layers_runs_the_store_copy_of_each_layer_in_order():
+    layout = KVLayout(num_layers=3, kv_heads=2, head_dim=5, dtype=torch.float16)
+    calls = []
+
+    def copy_layer(layer, kv):
+        calls.append((layer, tuple(kv.shape), kv.dtype, kv.is_contiguous()))
+        kv[0].fill_(layer)
+        kv[1].fill_(-layer)
+
+    load = enqueue_layers(layout, 7, torch.device("cpu"), None, copy_layer)
+    assert calls == [(l, (2, 1, 2, 7, 5), torch.float16, True) for l in range(3)]
+    assert len(load) == 3 and load.matched_tokens == 7 and load.stream is None and load.ready()
+    for l in range(3):
+        k, v = load.take(l)
+        assert k.shape == (1, 2, 7, 5) and torch.equal(k, torch.full_like(k, l)) and torch.equal(v, -torch.full_like(v, l))
+
+
+def test_enqueue_layers_passes_a_copy_error_on():
+    layout = KVLayout(num_layers=3, kv_heads=1, head_dim=2, dtype=torch.float32)
+    done = []
+
+    def copy_layer(layer, kv):
+        if layer == 1:
+            raise RuntimeError("disk gone")
+        done.append(layer)
+
+    with pytest.raises(RuntimeError, match="disk gone"):
+        enqueue_layers(layout, 4, torch.device("cpu"), None, copy_layer)
+    assert done == [0]
 
 
 def test_layerwise_load_checks_its_lists():

@@ -1,0 +1,399 @@
+"""The radix-tree prefix store: token ids in a radix tree whose nodes own KV in host memory.
+
+Design (after SGLang's ``RadixCache`` and Vineyard's radix tree + blobs):
+
+* The tree (:mod:`.tree`) maps runs of token ids to slices of **blobs**: one host tensor written by one
+  :meth:`RadixStore.update_kv`, token-major (``[tokens, layers, 2, 1, kv_heads, 1, head_dim]``: a
+  packed chunk per token), so that any run of tokens is one contiguous copy to the GPU. The kernels
+  move KV in and out of that order (:func:`kvstream.kernels.pack_tokens` and ``unpack_tokens`` read
+  and write a blob through per-layer strided views, :func:`token_major_views`). Blobs are page-locked
+  (kvstream's pinned allocator) when a GPU exists, so a match loads onto the GPU with asynchronous copies.
+* Lookup walks the tree for the longest prefix, touches every node on the path (LRU clock) and
+  **pins** the deepest node: a pinned match survives any eviction between lookup and load.
+* Layer-wise loading (:meth:`~kvstream.stores.base.PrefixMatch.load_layers`, the loop of
+  :func:`~kvstream.stores.layerwise.enqueue_layers`): in a token-major blob one layer's K and V of one
+  token are one row of ``2 * kv_heads * head_dim`` elements, rows a token stride
+  (``layers * 2 * kv_heads * head_dim``) apart. So per layer and per run of matched tokens, one pitched
+  copy (``cudaMemcpy2DAsync``) brings that layer's rows into a device staging
+  ``[tokens, 2, kv_heads, head_dim]``, and one ``pack_tokens`` on the same side stream puts them in the
+  final ``[2, 1, kv_heads, tokens, head_dim]``; then the layer's event.
+* Past ``capacity_bytes`` (the sum of live blobs' bytes), unpinned leaves go in least-recently-used
+  order. An update that cannot fit after evicting everything unpinned stores the part that fits.
+
+With ``shared_name=...`` the processes of one host share the store through shared memory (:mod:`.shared`);
+in-process (the default) nothing is serialized.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import uuid
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from ...errors import ConfigError, KVStreamError, LayoutError
+from ...layout import KVLayout, Region
+from ...cuda import Event, host_empty, memcpy_2d_async
+from ...kernels import pack_tokens, unpack_tokens
+from ..base import PrefixMatch, PrefixStore, check_kv, check_max_tokens
+from ..hashing import as_token_ids
+from ..layerwise import LayerwiseLoad, enqueue_layers
+from .shared import SharedTree, remove_dir, shared_dir
+from .tree import INSERT_OWNER, Tree
+
+#: Pin owner of an in-process store (a shared store names processes: :func:`.shared.owner_id`).
+LOCAL_OWNER = "local"
+
+
+def blob_shape(layout: KVLayout, n_tokens: int) -> tuple[int, ...]:
+    """The shape of a token-major blob of ``n_tokens`` tokens: ``[tokens, layers, 2, 1, kv_heads, 1, head_dim]``."""
+    return (int(n_tokens), layout.num_layers, 2, 1, layout.kv_heads, 1, layout.head_dim)
+
+
+def token_major_views(rows: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-layer HF-layout views of token-major rows, for the kernels to read or write them in place.
+
+    Parameters
+    ----------
+    rows : torch.Tensor
+        ``[tokens, layers, 2, 1, kv_heads, 1, head_dim]`` (:func:`blob_shape`), any device, contiguous.
+
+    Returns
+    -------
+    keys, values : list of torch.Tensor
+        Per layer ``[1, kv_heads, tokens, head_dim]`` views (no copy) with a token stride of
+        ``layers * 2 * kv_heads * head_dim`` elements and stride 1 on ``head_dim``.
+    """
+    hf = rows.select(5, 0).permute(1, 2, 3, 4, 0, 5)  # [layers, 2, 1, kv_heads, tokens, head_dim]
+    return [hf[l, 0] for l in range(hf.shape[0])], [hf[l, 1] for l in range(hf.shape[0])]
+
+
+def write_blob(blob: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], lo: int) -> None:
+    """Write positions ``[lo, lo + len(blob))`` of per-layer KV into a token-major blob.
+
+    One ``pack_tokens`` on the KV's device, then one ``unpack_tokens`` into the blob's rows: directly on
+    the CPU; for CUDA KV into device rows first, copied to the (pinned) blob in one contiguous transfer.
+
+    Parameters
+    ----------
+    blob : torch.Tensor
+        ``[tokens, layers, 2, 1, kv_heads, 1, head_dim]`` host tensor (:func:`blob_shape`).
+    keys, values : sequence of torch.Tensor
+        Per layer ``[1, kv_heads, >= lo + tokens, head_dim]``, one device, stride 1 on ``head_dim``.
+    lo : int
+        First position to store.
+    """
+    n_tokens, layers = blob.shape[0], len(keys)
+    packed = pack_tokens(keys, values, Region(layers=(0, layers), tokens=(lo, lo + n_tokens)))
+    rows = blob if packed.device == blob.device else torch.empty(blob.shape, dtype=blob.dtype, device=packed.device)
+    unpack_tokens(packed, *token_major_views(rows), Region(layers=(0, layers), tokens=(0, n_tokens)))
+    if rows is not blob:
+        blob.copy_(rows, non_blocking=True)
+        torch.cuda.current_stream(packed.device).synchronize()
+
+
+class RadixStore(PrefixStore):
+    """Prefix store over a radix tree of token ids, with KV in (pinned) host memory and LRU eviction.
+
+    Parameters
+    ----------
+    capacity_bytes : int
+        Most bytes of KV held (sum of live blobs; the pinned allocator may round each block up to its
+        size class). Least recently used unpinned leaves are evicted past it.
+    shared_name : str, optional
+        Share the store between the processes of one host under this name (:mod:`kvstream.stores.radix.shared`).
+        Every process passes the same ``capacity_bytes``. In-process when ``None`` (default).
+    shm_dir : str, optional
+        Where shared stores live (default ``/dev/shm``, the POSIX shared-memory tmpfs).
+    pin_memory : bool, optional
+        Page-lock in-process blobs (default: when a CUDA device is present).
+
+    Raises
+    ------
+    ConfigError
+        For a non-positive capacity, or a shared store that exists with another capacity.
+
+    Examples
+    --------
+    >>> store = RadixStore(capacity_bytes=1 << 30)
+    >>> out = model.generate(ids, past_key_values=cache, max_new_tokens=16)   # doctest: +SKIP
+    >>> store.update(out, cache)                                              # doctest: +SKIP
+    >>> store.query(out)                                                      # doctest: +SKIP
+    """
+
+    name = "radix"
+
+    def __init__(self, capacity_bytes: int, *, shared_name: str | None = None, shm_dir: str | None = None,
+                 pin_memory: bool | None = None):
+        super().__init__()
+        if not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
+            raise ConfigError(f"RadixStore capacity_bytes must be a positive int, got {capacity_bytes!r}")
+        self.capacity_bytes = capacity_bytes
+        self.shared_name = shared_name
+        self._pin = pin_memory
+        self._lock = threading.RLock()
+        self._data: dict[str, torch.Tensor] = {}  # blob name -> packed tensor (in-process) or its mapping
+        self._held = 0  # pins this process holds
+        self._shared: SharedTree | None = None
+        self._dir: str | None = None
+        self._owner = LOCAL_OWNER
+        if shared_name is not None:
+            self._dir = shared_dir(shared_name, shm_dir)
+            self._shared = SharedTree(self._dir, shared_name, capacity_bytes)
+            self._owner = self._shared.owner
+        self._tree = Tree() if self._shared is None else self._shared.tree
+
+    @contextlib.contextmanager
+    def _locked(self, write: bool) -> Iterator[Tree]:
+        """The tree, held by this thread (and, shared, by this process: see :meth:`SharedTree.locked`)."""
+        with self._lock:
+            self._check_open()
+            if self._shared is None:
+                yield self._tree
+                return
+            with self._shared.locked(write) as tree:
+                if tree is not self._tree:  # another process changed the index: forget blobs it evicted
+                    self._tree = tree
+                    for name in [n for n in self._data if n not in tree.blobs]:
+                        del self._data[name]
+                yield tree
+
+    # -- blob memory -------------------------------------------------------------------------------------
+    def _new_blob(self, layout: KVLayout, n_tokens: int) -> tuple[str, torch.Tensor]:
+        name = uuid.uuid4().hex
+        shape = blob_shape(layout, n_tokens)
+        if self._shared is None:
+            return name, host_empty(shape, layout.dtype, pin=self._pin)
+        nbytes = layout.bytes_per_token() * n_tokens
+        path = self._shared.create_blob(name, nbytes)
+        return name, self._shared.map_blob(path, nbytes, layout.dtype, shape, writable=True)
+
+    def _blob_tensor(self, name: str, tree: Tree) -> torch.Tensor:
+        t = self._data.get(name)
+        if t is None:  # shared mode: another process wrote it
+            tokens, nbytes, _ = tree.blobs[name]
+            t = self._shared.map_blob(self._shared.blob_path(name), nbytes, tree.layout.dtype,
+                                      blob_shape(tree.layout, tokens), writable=False)
+            self._data[name] = t
+        return t
+
+    def _free(self, names: list[str]) -> None:
+        for name in names:
+            self._data.pop(name, None)
+            if self._shared is not None:
+                self._shared.delete_blob(name)
+
+    # -- the store interface -----------------------------------------------------------------------------
+    def query(self, token_ids: Any) -> int:
+        """Tokens of the longest stored prefix of ``token_ids``; touches nothing, pins nothing."""
+        ids = as_token_ids(token_ids)
+        with self._locked(write=False) as tree:
+            return tree.walk(ids)[1]
+
+    def lookup(self, token_ids: Any, *, max_tokens: int | None = None) -> PrefixMatch:
+        """Find, touch (LRU) and pin the longest stored prefix; see :meth:`PrefixStore.lookup`."""
+        ids = as_token_ids(token_ids)
+        cap = check_max_tokens(max_tokens, len(ids))
+        with self._locked(write=True) as tree:
+            path, matched = tree.walk(ids[:cap])
+            if matched == 0:
+                return PrefixMatch(0, None, None, source="RadixStore")
+            tree.touch(path)
+            deepest = path[-1][0]
+            tree.pin(deepest, self._owner)
+            self._held += 1
+            slices = [(self._blob_tensor(node.blob, tree), node.offset, used) for node, used in path]
+            layout = tree.layout
+        node_id = deepest.id
+
+        def loader(device: torch.device, n_tokens: int):
+            """Copy the matched tokens onto a device; see PrefixMatch.load."""
+            return self._load_slices(slices, layout, n_tokens, device)
+
+        def layer_loader(device: torch.device, n_tokens: int, stream):
+            """Start the layer-by-layer copy of the match; see PrefixMatch.load_layers."""
+            return self._load_layers(slices, layout, n_tokens, device, stream)
+
+        def releaser() -> None:
+            """Unpin the match's deepest node."""
+            with self._lock:
+                if self._closed:  # close() already dropped this process's pins
+                    self._held -= 1
+                    return
+                with self._locked(write=True) as t:
+                    t.unpin(node_id, self._owner)
+                    self._held -= 1
+
+        return PrefixMatch(matched, loader, releaser, source="RadixStore", layer_loader=layer_loader)
+
+    @staticmethod
+    def _load_slices(slices, layout: KVLayout, n_tokens: int, device: torch.device):
+        """Copy the tokens of ``slices`` (token-major, contiguous runs) to ``device``, then pack them there."""
+        rows = torch.empty(blob_shape(layout, n_tokens), dtype=layout.dtype, device=device)
+        non_blocking = device.type == "cuda"
+        pos = 0
+        for blob, offset, used in slices:
+            take = min(used, n_tokens - pos)
+            if take <= 0:
+                break
+            rows[pos:pos + take].copy_(blob[offset:offset + take], non_blocking=non_blocking)
+            pos += take
+        packed = pack_tokens(*token_major_views(rows), Region(layers=(0, layout.num_layers), tokens=(0, n_tokens)))
+        # release() waits for the event before the host blobs may be evicted
+        return packed, (Event(device).record() if non_blocking else None)
+
+    @staticmethod
+    def _load_layers(slices, layout: KVLayout, n_tokens: int, device: torch.device,
+                     stream: "torch.cuda.Stream | None") -> tuple[LayerwiseLoad, torch.Tensor]:
+        """Enqueue the layer-wise load of ``slices`` on ``stream`` (see the module docstring); ``(load, staging)``.
+
+        The staging is allocated here on the current stream (the compute stream), before
+        :func:`~kvstream.stores.layerwise.enqueue_layers` makes ``stream`` wait for it. Per layer: one
+        ``memcpy_2d_async`` per run of tokens into the one staging buffer, one ``pack_tokens`` into the
+        layer's destination; consecutive nodes that slice one blob contiguously (the halves of a split)
+        form one run. The staging is reused by every layer, which one in-order stream makes safe and
+        costs nothing (the layers' copies run one after the other on the copy engine anyway).
+        """
+        heads, head_dim = layout.kv_heads, layout.head_dim
+        row = 2 * heads * head_dim  # one token's K and V of one layer, contiguous in a blob
+        staging = torch.empty((n_tokens, 2, heads, head_dim), dtype=layout.dtype, device=device)
+        staging_rows = staging.view(n_tokens, row)
+        runs: list[list] = []  # [blob, first token, tokens]: consecutive nodes cut from one blob merge into one run
+        pos = 0
+        for blob, offset, used in slices:
+            take = min(used, n_tokens - pos)
+            if take <= 0:
+                break
+            if runs and runs[-1][0] is blob and runs[-1][1] + runs[-1][2] == offset:
+                runs[-1][2] += take  # a split node's halves: one copy, not two
+            else:
+                runs.append([blob, offset, take])
+            pos += take
+        pieces = []  # (blob rows [take, layers, row] on the host, staging rows [take, row])
+        pos = 0
+        for blob, offset, take in runs:
+            pieces.append((blob[offset:offset + take].view(take, layout.num_layers, row), staging_rows[pos:pos + take]))
+            pos += take
+        if pos != n_tokens:
+            raise KVStreamError(f"RadixStore: the matched nodes hold {pos} tokens, the match {n_tokens}")
+        staged_k, staged_v = token_major_views(staging.view(n_tokens, 1, 2, 1, heads, 1, head_dim))
+        one_layer = Region(layers=(0, 1), tokens=(0, n_tokens))
+
+        def copy_layer(layer: int, kv: torch.Tensor) -> None:
+            """Layer ``layer``'s rows of every run into the staging, then into ``kv`` in packed order."""
+            for src, dst in pieces:
+                memcpy_2d_async(dst, src[:, layer], stream)
+            pack_tokens(staged_k, staged_v, one_layer, out=kv.unsqueeze(0))
+
+        return enqueue_layers(layout, n_tokens, device, stream, copy_layer), staging
+
+    def update_kv(self, token_ids: Any, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *,
+                  start: int = 0) -> int:
+        """Insert the KV of ``token_ids[start:]``; see :meth:`PrefixStore.update_kv`.
+
+        The store must already hold ``token_ids[:start]`` (otherwise nothing is stored: returns 0).
+        Tokens already stored are not copied again. If evicting every unpinned leaf still leaves too
+        little room, only the part that fits is stored; the return value says how much.
+        """
+        ids = as_token_ids(token_ids)
+        n = len(ids)
+        if not 0 <= start <= n:
+            raise ConfigError(f"start must be in [0, {n}], got {start}")
+        layout = check_kv(keys, values, n - start)
+        with self._locked(write=True) as tree:
+            if tree.layout is None:
+                tree.layout = layout
+            elif tree.layout != layout:
+                raise LayoutError(f"RadixStore holds KV of layout {tree.layout}, got {layout}")
+            path, matched = tree.walk(ids)
+            if matched < start:
+                return 0
+            tree.touch(path)
+            if matched == n:
+                return n - start
+            parent = tree.root
+            if path:
+                node, used = path[-1]
+                parent = tree.split(node, used) if used < len(node.edge) else node
+            per_token = layout.bytes_per_token()
+            want = n - matched
+            tree.pin(parent, INSERT_OWNER)
+            try:
+                self._free(tree.evict(want * per_token, self.capacity_bytes))
+            finally:
+                tree.unpin(parent.id, INSERT_OWNER)
+            fit = min(want, max(0, self.capacity_bytes - tree.used_bytes) // per_token)
+            if fit == 0:
+                return matched - start
+            name, blob = self._new_blob(layout, fit)
+            try:
+                write_blob(blob, keys, values, matched - start)
+            except BaseException:
+                self._free([name])
+                raise
+            self._data[name] = blob
+            tree.add_blob(name, fit, blob.numel() * blob.element_size())
+            tree.add_child(parent, tuple(ids[matched:matched + fit]), name, 0)
+            return matched + fit - start
+
+    def pinned(self) -> int:
+        """Pins this process holds (matches not yet released)."""
+        return self._held
+
+    def stats(self) -> dict:
+        """Counts for tests and tables: nodes, blobs, tokens, used/capacity bytes, pinned nodes, pins (all owners)."""
+        with self._locked(write=False) as tree:
+            return {**tree.stats(), "capacity_bytes": self.capacity_bytes}
+
+    def edges(self) -> list[tuple[int, ...]]:
+        """Every stored root-to-leaf token sequence (for tests and debugging), sorted."""
+        with self._locked(write=False) as tree:
+            return tree.sequences()
+
+    def close(self) -> None:
+        """Drop this process's view: its pins in a shared store are released, the files stay (see :meth:`unlink`).
+
+        Idempotent.
+        """
+        if self._closed:
+            return
+        if self._shared is not None:
+            with self._lock:
+                self._shared.close()
+        self._data.clear()
+        self._tree = Tree()
+        super().close()
+
+    def unlink(self) -> None:
+        """Delete a shared store's directory (blobs and index) for every process; like ``SharedMemory.unlink``.
+
+        Raises
+        ------
+        ConfigError
+            If the store is not shared.
+        """
+        if self._dir is None:
+            raise ConfigError("unlink() is for shared stores (shared_name=...)")
+        self.close()
+        remove_dir(self._dir)
+
+    @staticmethod
+    def shared_dir(shared_name: str, shm_dir: str | None = None) -> str:
+        """The directory of the shared store ``shared_name``: ``<shm_dir or /dev/shm>/kvstream-radix-<name>``.
+
+        Raises
+        ------
+        ConfigError
+            If the name is not a plain file name.
+        """
+        return shared_dir(shared_name, shm_dir)
+
+    @classmethod
+    def remove_shared(cls, shared_name: str, shm_dir: str | None = None) -> bool:
+        """Delete the shared store ``shared_name`` without attaching to it; ``True`` if it existed."""
+        return remove_dir(shared_dir(shared_name, shm_dir))
+
+
+__all__ = ["RadixStore", "blob_shape", "token_major_views", "write_blob", "LOCAL_OWNER"]
