@@ -77,7 +77,8 @@ def _timed_calls(run: Run, issue, streamer, reps: int) -> tuple[Stat, Stat]:
 def run_micro(run: Run, g: dict) -> dict:
     """Prefill and decode streaming at every level, no model. Returns ms figures per level."""
     from kvstream.layout import Region
-    from kvstream.streaming.streamer import LEVEL_NAMES, KVStreamer
+    from kvstream.streaming.levels import LEVEL_NAMES
+    from kvstream.streaming.streamer import KVStreamer
     from kvstream.transports.host import HostTransport
 
     L, B, H, D, T = g["layers"], g["batch"], g["heads"], g["head_dim"], g["prompt"]
@@ -125,7 +126,7 @@ def run_micro(run: Run, g: dict) -> dict:
 
 def run_e2e(run: Run, g: dict) -> dict:
     """generate with StreamingCache at every level against DynamicCache (the model shared with generate)."""
-    from kvstream.streaming.streamer import LEVEL_NAMES
+    from kvstream.streaming.levels import LEVEL_NAMES
 
     from .generate import Session
 
@@ -149,7 +150,7 @@ def run_e2e(run: Run, g: dict) -> dict:
 
 
 def _summarize(run: Run, micro: dict, e2e: dict) -> None:
-    naive, buffered, full = micro[0], micro[1], micro[3]
+    naive, buffered = micro[0], micro[1]
     speedup = naive["decode_landed_us"] / buffered["decode_landed_us"]
     if e2e:
         totals = {lv: e2e[lv]["total_s"] for lv in LEVELS}

@@ -42,11 +42,6 @@ def as_bits(t: torch.Tensor) -> torch.Tensor:
         raise LayoutError(f"Unsupported element size {t.element_size()} bytes ({t.dtype})") from None
 
 
-def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The integer dtype the kernels move ``dtype`` as."""
-    return _BITS_DTYPES[torch.empty((), dtype=dtype).element_size()]
-
-
 class _Cached:
     """A cached device table, the stream it was allocated on, and an event per other stream that read it."""
 

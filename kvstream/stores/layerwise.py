@@ -16,9 +16,10 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import ConfigError, LayoutError
-from ..layout import KVLayout
 from ..cuda import Event, Stream, side_stream
+from ..errors import ConfigError
+from ..layout import KVLayout
+from ..streaming.layerwise import LayerwiseLoad
 
 #: ``layer_loader(device, matched_tokens, stream) -> (LayerwiseLoad, hold)``; ``stream`` is a
 #: ``torch.cuda.Stream`` of ``device`` (``None`` on the CPU); the loader allocates on the current stream,
@@ -33,98 +34,6 @@ CopyLayer = Callable[[int, torch.Tensor], None]
 #: Name of the process-wide side stream (:func:`kvstream.cuda.side_stream`) layer-wise loads use
 #: when the caller names none.
 PREFIX_STREAM = "kvstream-prefix"
-
-
-class LayerwiseLoad:
-    """A prefix load in flight, layer by layer: per-layer tensors that land in order, one event per layer.
-
-    Returned by :meth:`PrefixMatch.load_layers`. Layer ``l``'s tensors hold its KV once ``events[l]`` has
-    completed; before that they are allocated but (on a CUDA device) still being written by the side
-    stream. Read a layer only from a stream that waited for its event (:meth:`wait`), or after
-    :meth:`synchronize`. Events complete in layer order (one side stream, layer 0 first).
-
-    Attributes
-    ----------
-    keys, values : list of torch.Tensor
-        One ``[1, kv_heads, matched_tokens, head_dim]`` tensor per layer on the load device, dtype of the
-        stored KV. From a store that loads layer by layer, ``keys[l]`` and ``values[l]`` are the two
-        (contiguous) halves of one ``[2, 1, kv_heads, matched_tokens, head_dim]`` allocation made on the
-        stream that was current at :meth:`PrefixMatch.load_layers` (the compute stream); otherwise they
-        are :meth:`PrefixMatch.load`'s views of one packed tensor (stride 1 on ``head_dim``). The match
-        keeps this object (so a layer's memory cannot be reused while the side stream still writes it)
-        until :meth:`take` hands the layer over or the match is released; :meth:`take` from the compute
-        stream lets each layer's memory go as soon as the caller drops it.
-    events : list
-        One per layer, each with ``wait(stream=None)`` (make ``stream``, default the current stream, wait
-        without blocking the host), ``synchronize()`` (block the host) and ``query()`` (completed?):
-        :class:`kvstream.cuda.Event` objects; inert (always complete) on the CPU. A store that
-        loads synchronously gives every layer the same event.
-    matched_tokens : int
-        Tokens loaded (after a shortened read: what was read intact).
-    stream : torch.cuda.Stream or None
-        The side stream the copies were enqueued on (``None`` when the load was synchronous).
-
-    Examples
-    --------
-    >>> with store.lookup(input_ids, max_tokens=T - 1) as match:                       # doctest: +SKIP
-    ...     load = match.load_layers("cuda")         # returns at once; layer 0 is copied first
-    ...     for l in range(len(load)):
-    ...         k, v = load.take(l)                  # the compute stream waits for layer l only
-    ...         attend(k, v)
-    """
-
-    __slots__ = ("keys", "values", "events", "matched_tokens", "stream")
-
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], events: list[Any], matched_tokens: int,
-                 stream: "torch.cuda.Stream | None" = None):
-        if not len(keys) == len(values) == len(events):
-            raise LayoutError(f"LayerwiseLoad: {len(keys)} keys, {len(values)} values and {len(events)} events; "
-                              "expected one of each per layer")
-        self.keys = keys
-        self.values = values
-        self.events = events
-        self.matched_tokens = int(matched_tokens)
-        self.stream = stream
-
-    def __len__(self) -> int:
-        return len(self.events)
-
-    def wait(self, layer: int, stream: "Stream | torch.cuda.Stream | None" = None) -> None:
-        """Make ``stream`` (default: the current stream) wait for layer ``layer``'s copy; the host does not block."""
-        self.events[layer].wait(stream)
-
-    def take(self, layer: int, stream: "Stream | torch.cuda.Stream | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`wait` for layer ``layer``, then hand its ``(keys, values)`` over to the caller.
-
-        Afterwards ``keys[layer]`` and ``values[layer]`` are ``None`` here: neither this load nor its match
-        keeps the tensors alive, so they are freed when the caller drops them. Call it with the stream
-        that was current at :meth:`PrefixMatch.load_layers` (the default, when it still is): the
-        tensors were allocated there, and the caching allocator reuses their memory on that stream,
-        which now waits for the copy.
-
-        Raises
-        ------
-        ConfigError
-            If the layer was already taken.
-        """
-        k, v = self.keys[layer], self.values[layer]
-        if k is None:
-            raise ConfigError(f"LayerwiseLoad: layer {layer} was already taken")
-        self.wait(layer, stream)
-        self.keys[layer] = self.values[layer] = None
-        return k, v
-
-    def synchronize(self) -> None:
-        """Block the host until every layer has landed (the last layer's event: they complete in order)."""
-        if self.events:
-            self.events[-1].synchronize()
-
-    def ready(self) -> bool:
-        """Whether every layer has landed (never blocks)."""
-        return all(e.query() for e in self.events)
-
-    def __repr__(self) -> str:
-        return f"LayerwiseLoad(layers={len(self)}, matched_tokens={self.matched_tokens})"
 
 
 def load_stream(device: torch.device, stream: Any) -> "torch.cuda.Stream | None":

@@ -19,7 +19,7 @@ class LayerwiseLoad:
     """A load in flight, layer by layer: per-layer tensors that land in order, one event per layer.
 
     Returned by :meth:`PrefixMatch.load_layers <kvstream.stores.base.PrefixMatch.load_layers>` and
-    :func:`kvstream.streaming.session.replay`. Layer ``l``'s tensors hold its KV once ``events[l]`` has
+    :func:`kvstream.streaming.replay.replay`. Layer ``l``'s tensors hold its KV once ``events[l]`` has
     completed; before that they are allocated but (on a CUDA device) still being written by the side
     stream. Read a layer only from a stream that waited for its event (:meth:`wait`), or after
     :meth:`synchronize`. Events complete in layer order (one side stream, layer 0 first).
@@ -28,7 +28,8 @@ class LayerwiseLoad:
     ----------
     keys, values : list of torch.Tensor
         One ``[batch, kv_heads, matched_tokens, head_dim]`` tensor per layer on the load device, dtype of the
-        stored KV (a prefix has batch 1). From a store that loads layer by layer, ``keys[l]`` and ``values[l]`` are the two
+        stored KV (a prefix has batch 1). From a store that loads layer by layer, ``keys[l]`` and
+        ``values[l]`` are the two
         (contiguous) halves of one ``[2, 1, kv_heads, matched_tokens, head_dim]`` allocation made on the
         stream that was current at :meth:`PrefixMatch.load_layers` (the compute stream); otherwise they
         are :meth:`PrefixMatch.load`'s views of one packed tensor (stride 1 on ``head_dim``). The match

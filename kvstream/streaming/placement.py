@@ -4,7 +4,7 @@ DéjàVu streams KV between workers whose parallel layouts differ: a prompt pipe
 token pipeline of depth 4, or tensor parallelism 4 feeding 2. DéjàVuLib's ``stream_out``/``stream_in``
 (msr-fiddle/dejavu, ``cache_utils.cc``) bucket layers by destination stage, but that branch is dead code
 there (every caller passes the same config). This module is the complete version, as a pure plan: which
-bytes go where. :func:`kvstream.streaming.streamer.stream_out`/``stream_in`` move them.
+bytes go where. :func:`kvstream.streaming.handoff.stream_out`/``stream_in`` move them.
 
 Ownership rules (the same on both sides)
 ----------------------------------------

@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
-import mmap
 import os
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,11 +38,13 @@ from typing import Iterator
 import torch
 import xxhash
 
-from ..errors import CapacityError, ChunkNotFound, ConfigError, CorruptChunkError, LayoutError, TransportError
 from ..chunk import CHECKSUM_PREFIX, HEADER_BYTES, ChunkHeader, byte_view, chunk_header, tensor_bytes
-from ..layout import Region, check_packed
 from ..cuda import Event, host_empty
+from ..errors import CapacityError, ChunkNotFound, ConfigError, CorruptChunkError, LayoutError, TransportError
+from ..layout import Region, check_packed
 from .base import FutureHandle, Handle, Transport
+from .diskio import (ALIGN, O_DIRECT, ShortRead, blocks, fsync_dir, page, probe_direct, pwrite_all, read_block,
+                     write_block)
 
 #: File name suffix of a stored chunk.
 SUFFIX = ".kvc"
@@ -51,47 +52,9 @@ SUFFIX = ".kvc"
 TMP_DIR = ".tmp"
 #: Default I/O size: the block size of the ``dd`` ceiling measured on the H100 machine (bench/NOTES.md, disk).
 DEFAULT_BLOCK_BYTES = 16 << 20
-#: O_DIRECT alignment of addresses, lengths and file offsets (one page; also the header size).
-ALIGN = 4096
 #: Payloads up to this size are hashed on the I/O thread; larger ones on the hash thread beside the I/O.
 HASH_INLINE_BYTES = 1 << 20
 _FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
-_O_DIRECT = getattr(os, "O_DIRECT", 0)
-
-
-class _ShortRead(Exception):
-    """The file ended before the payload did (turned into CorruptChunkError with the key)."""
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    """Write all of ``data`` at ``offset`` (``pwrite`` may write less than asked)."""
-    done = 0
-    while done < len(data):
-        done += os.pwrite(fd, data[done:], offset + done)
-
-
-def _preadinto_all(fd: int, buf: memoryview, offset: int) -> None:
-    """Fill all of ``buf`` from ``offset``; raises :class:`_ShortRead` at end of file."""
-    done = 0
-    while done < len(buf):
-        n = os.preadv(fd, [buf[done:]], offset + done)
-        if n == 0:
-            raise _ShortRead(offset + done)
-        done += n
-
-
-def _blocks(nbytes: int, block_bytes: int) -> list[tuple[int, int]]:
-    return [(a, min(a + block_bytes, nbytes)) for a in range(0, nbytes, block_bytes)]
-
-
-def _whole_pages_end(a: int, b: int, direct: bool) -> int:
-    """End of the part of ``[a, b)`` that O_DIRECT can move as is (whole pages); ``b`` without O_DIRECT."""
-    return a + (b - a) // ALIGN * ALIGN if direct else b
-
-
-def _page() -> memoryview:
-    """A zeroed, page-aligned 4096-byte buffer (anonymous mmap) for O_DIRECT headers and tails."""
-    return memoryview(mmap.mmap(-1, ALIGN))
 
 
 class DiskTransport(Transport):
@@ -150,7 +113,7 @@ class DiskTransport(Transport):
         if isinstance(block_bytes, bool) or not isinstance(block_bytes, int) or block_bytes <= 0 \
                 or block_bytes % ALIGN:
             raise ConfigError(f"DiskTransport block_bytes must be a positive multiple of {ALIGN}, got {block_bytes!r}")
-        if direct and not _O_DIRECT:
+        if direct and not O_DIRECT:
             raise ConfigError("DiskTransport(direct=True) needs O_DIRECT, which this platform lacks")
         self._root = Path(root)
         self._tmp = self._root / TMP_DIR
@@ -163,7 +126,7 @@ class DiskTransport(Transport):
         self._direct = bool(direct)
         self._verify = bool(verify)
         if self._direct:
-            self._probe_direct()
+            probe_direct(self._tmp, self._root)
         self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="kvstream-disk-io")
         # One thread, so the blocks of one payload are hashed in order (FIFO).
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="kvstream-disk-hash")
@@ -172,19 +135,6 @@ class DiskTransport(Transport):
     def root(self) -> Path:
         """The store's directory."""
         return self._root
-
-    def _probe_direct(self) -> None:
-        probe = self._tmp / f"probe-{uuid.uuid4().hex}.tmp"
-        try:
-            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_DIRECT, 0o644)
-            try:
-                _pwrite_all(fd, _page(), 0)
-            finally:
-                os.close(fd)
-        except OSError as e:
-            raise ConfigError(f"DiskTransport(direct=True): O_DIRECT does not work under {self._root}: {e}") from e
-        finally:
-            probe.unlink(missing_ok=True)
 
     # -- paths ---------------------------------------------------------------------------------------
     def _path(self, key: str) -> Path:
@@ -266,7 +216,7 @@ class DiskTransport(Transport):
         stream = torch.cuda.current_stream(chunk.device)
         src, events = self._staging(proto.nbytes), []
         whole = byte_view(chunk)
-        for a, b in _blocks(proto.nbytes, self._block_bytes):
+        for a, b in blocks(proto.nbytes, self._block_bytes):
             src[a:b].copy_(whole[a:b], non_blocking=True)
             events.append(Event(chunk.device).record(stream))
         try:
@@ -283,25 +233,25 @@ class DiskTransport(Transport):
         tmp = self._tmp / f"{uuid.uuid4().hex}-{os.getpid()}.tmp"
         fd, pending = -1, []
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | (_O_DIRECT if direct else 0),
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | (O_DIRECT if direct else 0),
                          0o644)
             hasher = xxhash.xxh3_64()
-            for i, (a, b) in enumerate(_blocks(nbytes, self._block_bytes)):
+            for i, (a, b) in enumerate(blocks(nbytes, self._block_bytes)):
                 if events:
                     events[i].synchronize()
                 self._hash(hasher, data[a:b], nbytes, pending)
-                self._write_block(fd, data, a, b, direct)
+                write_block(fd, data, a, b, direct)
             for f in pending:
                 f.result()
             header = dataclasses.replace(proto, checksum=CHECKSUM_PREFIX + hasher.hexdigest()).to_bytes()
             if direct:
-                page = _page()
-                page[:] = header
-                _pwrite_all(fd, page, 0)
+                first = page()
+                first[:] = header
+                pwrite_all(fd, first, 0)
                 if nbytes % ALIGN:
                     os.ftruncate(fd, HEADER_BYTES + nbytes)  # drop the tail block's padding
             else:
-                _pwrite_all(fd, memoryview(header), 0)
+                pwrite_all(fd, memoryview(header), 0)
             if self._fsync:
                 os.fsync(fd)
             os.close(fd)
@@ -325,27 +275,10 @@ class DiskTransport(Transport):
             raise
         if self._fsync:  # make the rename itself durable
             try:
-                self._fsync_dir(path.parent)
+                fsync_dir(path.parent)
             except OSError as e:
                 raise TransportError(f"Chunk {key!r} is in place at {path} but its directory could not be "
                                      f"synced: {e}") from e
-
-    @staticmethod
-    def _write_block(fd: int, data: memoryview, a: int, b: int, direct: bool) -> None:
-        mid = _whole_pages_end(a, b, direct)
-        _pwrite_all(fd, data[a:mid], HEADER_BYTES + a)
-        if mid < b:  # O_DIRECT and the payload's last partial page: pad it, truncate later
-            page = _page()
-            page[:b - mid] = data[mid:b]
-            _pwrite_all(fd, page, HEADER_BYTES + mid)
-
-    @staticmethod
-    def _fsync_dir(directory: Path) -> None:
-        fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     # -- fetch ---------------------------------------------------------------------------------------
     def fetch(self, key: str, out: torch.Tensor) -> Handle:
@@ -376,16 +309,16 @@ class DiskTransport(Transport):
         pending, copied = [], False
         try:
             if direct:
-                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | _O_DIRECT)
-            for a, b in _blocks(nbytes, self._block_bytes):
-                self._read_block(fd, data, a, b, direct)
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | O_DIRECT)
+            for a, b in blocks(nbytes, self._block_bytes):
+                read_block(fd, data, a, b, direct)
                 if hasher is not None:
                     self._hash(hasher, data[a:b], nbytes, pending)
                 if stream is not None:
                     with torch.cuda.stream(stream):
                         byte_view(out)[a:b].copy_(dst[a:b], non_blocking=True)
                     copied = True
-        except _ShortRead as e:
+        except ShortRead as e:
             raise CorruptChunkError(f"chunk {key!r} ({path}): file ends at byte {HEADER_BYTES + e.args[0]}, "
                                     f"the header says {HEADER_BYTES + nbytes}") from None
         except OSError as e:
@@ -401,17 +334,6 @@ class DiskTransport(Transport):
             if got != header.checksum:
                 raise CorruptChunkError(f"chunk {key!r} ({path}): payload checksum {got} does not match the "
                                         f"header's {header.checksum}")
-
-    @staticmethod
-    def _read_block(fd: int, data: memoryview, a: int, b: int, direct: bool) -> None:
-        mid = _whole_pages_end(a, b, direct)
-        _preadinto_all(fd, data[a:mid], HEADER_BYTES + a)
-        if mid < b:  # O_DIRECT and the payload's last partial page: read the page, keep its start
-            page = _page()
-            n = os.preadv(fd, [page], HEADER_BYTES + mid)
-            if n < b - mid:
-                raise _ShortRead(mid + n)
-            data[mid:b] = page[:b - mid]
 
     # -- the rest of the contract --------------------------------------------------------------------
     def describe(self, key: str) -> ChunkHeader:
@@ -524,4 +446,4 @@ class DiskTransport(Transport):
         self._hasher.shutdown(wait=True)
 
 
-__all__ = ["DiskTransport", "SUFFIX", "TMP_DIR", "DEFAULT_BLOCK_BYTES", "ALIGN"]
+__all__ = ["DiskTransport", "SUFFIX", "TMP_DIR", "DEFAULT_BLOCK_BYTES"]

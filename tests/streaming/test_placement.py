@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from kvstream.errors import ConfigError, LayoutError
 from kvstream.streaming.placement import Placement, PipelineConfig, localize, split_heads, split_layers, transfer_key
-from kvstream.streaming.streamer import stream_in, stream_out
+from kvstream.streaming.handoff import stream_in, stream_out
 from kvstream.transports.base import CompletedHandle, Transport
 from kvstream.errors import ChunkNotFound
 
@@ -248,7 +248,7 @@ def test_stream_through_a_streamer_and_point_to_point_transports(seed):
         for shared in (True, False):
             dst = [_empty_shard(p.dst_shard(r), 2, 9, 8, torch.bfloat16) for r in range(2)]
             for r, (k, v) in enumerate(src):
-                if shared:  # the streamer's own stream_out delegates to streamer.stream_out
+                if shared:  # the streamer's own stream_out delegates to handoff.stream_out
                     streamer.stream_out(p, r, k, v, session="s", tokens=(0, 9)).wait()
                 else:
                     stream_out({d: links[r, d] for d in range(2)}, p, r, k, v, session="s", tokens=(0, 9)).wait()

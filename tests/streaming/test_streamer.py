@@ -4,7 +4,8 @@ import torch
 import kvstream
 from kvstream.errors import ConfigError, LayoutError
 from kvstream.layout import Region
-from kvstream.streaming.streamer import KVStreamer, resolve_level
+from kvstream.streaming.levels import resolve_level
+from kvstream.streaming.streamer import KVStreamer
 
 
 def _cache(gen, layers=3, b=2, h=3, s=11, d=5, dtype=torch.float32, device="cpu"):

@@ -29,7 +29,8 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from ...errors import ConfigError, LayoutError
 from ...layout import KVLayout, Region
 from ...streaming.session import MANIFEST_FORMAT, Crop, Manifest, Repeat, Reset, SessionKeys, SessionRecorder
-from ...streaming.streamer import KVStreamer, resolve_level
+from ...streaming.levels import resolve_level
+from ...streaming.streamer import KVStreamer
 from ...transports.base import Transport
 from . import prefix as _prefix
 from .offload import Offloader

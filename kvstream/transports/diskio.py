@@ -1,0 +1,109 @@
+"""File I/O under :class:`~kvstream.transports.disk.DiskTransport`: whole-buffer ``pwrite``/``preadv``, block
+splitting and the page alignment ``O_DIRECT`` needs (the 4096-byte chunk header keeps payloads aligned)."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import uuid
+from pathlib import Path
+
+from ..chunk import HEADER_BYTES
+from ..errors import ConfigError
+
+#: O_DIRECT alignment of addresses, lengths and file offsets (one page; also the header size).
+ALIGN = 4096
+#: ``os.O_DIRECT`` where the platform has it, else 0.
+O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+class ShortRead(Exception):
+    """The file ended before the payload did (turned into CorruptChunkError with the key)."""
+
+
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (``pwrite`` may write less than asked)."""
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+def preadinto_all(fd: int, buf: memoryview, offset: int) -> None:
+    """Fill all of ``buf`` from ``offset``; raises :class:`ShortRead` at end of file."""
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n == 0:
+            raise ShortRead(offset + done)
+        done += n
+
+
+def blocks(nbytes: int, block_bytes: int) -> list[tuple[int, int]]:
+    """``[a, b)`` byte ranges of at most ``block_bytes`` covering ``nbytes``."""
+    return [(a, min(a + block_bytes, nbytes)) for a in range(0, nbytes, block_bytes)]
+
+
+def whole_pages_end(a: int, b: int, direct: bool) -> int:
+    """End of the part of ``[a, b)`` that O_DIRECT can move as is (whole pages); ``b`` without O_DIRECT."""
+    return a + (b - a) // ALIGN * ALIGN if direct else b
+
+
+def page() -> memoryview:
+    """A zeroed, page-aligned 4096-byte buffer (anonymous mmap) for O_DIRECT headers and tails."""
+    return memoryview(mmap.mmap(-1, ALIGN))
+
+
+def write_block(fd: int, data: memoryview, a: int, b: int, direct: bool) -> None:
+    """Write payload bytes ``[a, b)`` of ``data`` after the header (a padded last page under O_DIRECT)."""
+    mid = whole_pages_end(a, b, direct)
+    pwrite_all(fd, data[a:mid], HEADER_BYTES + a)
+    if mid < b:  # O_DIRECT and the payload's last partial page: pad it, truncate later
+        tail = page()
+        tail[:b - mid] = data[mid:b]
+        pwrite_all(fd, tail, HEADER_BYTES + mid)
+
+
+def fsync_dir(directory: Path) -> None:
+    """``fsync`` a directory, so that a rename inside it is durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_block(fd: int, data: memoryview, a: int, b: int, direct: bool) -> None:
+    """Read payload bytes ``[a, b)`` into ``data`` (the last partial page through a bounce page under O_DIRECT)."""
+    mid = whole_pages_end(a, b, direct)
+    preadinto_all(fd, data[a:mid], HEADER_BYTES + a)
+    if mid < b:  # O_DIRECT and the payload's last partial page: read the page, keep its start
+        tail = page()
+        n = os.preadv(fd, [tail], HEADER_BYTES + mid)
+        if n < b - mid:
+            raise ShortRead(mid + n)
+        data[mid:b] = tail[:b - mid]
+
+
+def probe_direct(tmp: Path, root: Path) -> None:
+    """Check that ``O_DIRECT`` writes work in the directory ``tmp`` (of the store at ``root``).
+
+    Raises
+    ------
+    ConfigError
+        If opening or writing with ``O_DIRECT`` fails there (tmpfs and some overlay filesystems).
+    """
+    probe = tmp / f"probe-{uuid.uuid4().hex}.tmp"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_DIRECT, 0o644)
+        try:
+            pwrite_all(fd, page(), 0)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise ConfigError(f"DiskTransport(direct=True): O_DIRECT does not work under {root}: {e}") from e
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+__all__ = ["ALIGN", "O_DIRECT", "ShortRead", "pwrite_all", "preadinto_all", "blocks", "whole_pages_end", "page",
+           "write_block", "read_block", "fsync_dir", "probe_direct"]
