@@ -4,31 +4,20 @@ a streamer or a bare transport per peer (DéjàVuLib's ``stream_out``/``stream_i
 
 from __future__ import annotations
 
-from typing import Mapping, Protocol, Sequence, Union
+from typing import Mapping, Sequence, Union
 
 import torch
 
 from .. import kernels
 from ..errors import ConfigError, LayoutError
-from ..layout import Region
-from ..transports.base import AllHandle, CompletedHandle, Handle, Transport
+from ..handles import AllHandle, CompletedHandle, Handle
 from .placement import Placement, Shard, localize, transfer_key
-
-
-class Streams(Protocol):
-    """What stream_out/stream_in need of a streamer (:class:`~kvstream.streaming.streamer.KVStreamer`):
-    ``scatter`` (pack and flush a region) and ``gather`` (fetch and unpack one)."""
-
-    def scatter(self, key: str, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], region: Region, *,
-                meta: dict | None = None) -> Handle: ...
-
-    def gather(self, key: str, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
-               region: Region) -> Handle: ...
+from .protocols import ChunkTransport, Streams
 
 
 #: What stream_out/stream_in move chunks through: a streamer (its scatter/gather, side stream and level),
 #: a Transport, or one of either per peer rank (point-to-point transports).
-Via = Union[Streams, Transport, Mapping[int, Union[Streams, Transport]]]
+Via = Union[Streams, ChunkTransport, Mapping[int, Union[Streams, ChunkTransport]]]
 
 
 def _target_for(via, peer: int):
@@ -90,11 +79,11 @@ def stream_out(via: Via, placement: Placement, rank: int, keys: Sequence[torch.T
     handles = []
     for t in placement.outgoing(rank, tokens, batch):
         target, key, local = _target_for(via, t.dst), transfer_key(session, t), localize(t.region, shard)
-        if isinstance(target, Transport):
+        if isinstance(target, Streams):
+            handles.append(target.scatter(key, keys, values, local, meta=meta))
+        else:
             chunk = kernels.pack_tokens(keys, values, local)
             handles.append(target.flush(key, chunk, region=t.region, meta=meta))
-        else:
-            handles.append(target.scatter(key, keys, values, local, meta=meta))
     return AllHandle(handles)
 
 
@@ -137,7 +126,7 @@ def stream_in(via: Via, placement: Placement, rank: int, keys: Sequence[torch.Te
     for t in placement.incoming(rank, tokens, batch):
         target, key = _target_for(via, t.src), transfer_key(session, t)
         local = localize(t.region, shard).resolve(batch_size=first.shape[0], kv_heads=first.shape[1])
-        if not isinstance(target, Transport):
+        if isinstance(target, Streams):
             target.gather(key, keys, values, local).wait()
             continue
         buf = torch.empty(local.packed_shape(first.shape[3]), dtype=first.dtype, device=first.device)

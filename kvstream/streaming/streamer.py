@@ -47,10 +47,11 @@ from .. import kernels
 from ..errors import ConfigError, LayoutError
 from ..layout import Region, check_hf_layers
 from ..cuda import Event, side_stream
-from ..transports.base import CompletedHandle, Handle, Transport
+from ..handles import CompletedHandle, Handle
 from .levels import copy_rows, resolve_level
 from .handoff import stream_in, stream_out
 from .placement import Placement
+from .protocols import ChunkTransport
 
 @dataclass
 class StreamStats:
@@ -75,7 +76,8 @@ class KVStreamer:
     Parameters
     ----------
     transport : Transport
-        Where chunks go (:class:`~kvstream.HostTransport`, :class:`~kvstream.DiskTransport`, ...).
+        Where chunks go (:class:`~kvstream.HostTransport`, :class:`~kvstream.DiskTransport`, ...): a
+        :class:`kvstream.transports.base.Transport` (the streamer uses its :class:`ChunkTransport` calls).
     level : int or str, optional
         0-3 (see the module docstring); default ``KVSTREAM_LEVEL`` or 3.
     device : torch.device or str, optional
@@ -91,9 +93,9 @@ class KVStreamer:
     >>> streamer.gather("req-1/prompt", keys2, values2, region).wait()                  # doctest: +SKIP
     """
 
-    def __init__(self, transport: Transport, *, level: int | str | None = None,
+    def __init__(self, transport: ChunkTransport, *, level: int | str | None = None,
                  device: torch.device | str | None = None):
-        if not isinstance(transport, Transport):
+        if not isinstance(transport, ChunkTransport):
             raise ConfigError(f"KVStreamer needs a kvstream Transport, got {type(transport).__name__}")
         self.transport = transport
         self.level = resolve_level(level)
@@ -111,7 +113,7 @@ class KVStreamer:
     # flush / fetch: one contiguous chunk
     # ------------------------------------------------------------------------------------------------
     def flush(self, key: str, chunk: torch.Tensor, region: Region | None = None, meta: dict | None = None) -> Handle:
-        """Flush one contiguous chunk through the transport (see :meth:`Transport.flush`)."""
+        """Flush one contiguous chunk through the transport (see :meth:`kvstream.transports.base.Transport.flush`)."""
         h = self.transport.flush(key, chunk, region=region, meta=meta)
         with self._lock:
             self.stats.chunks_out += 1
@@ -119,7 +121,7 @@ class KVStreamer:
         return h
 
     def fetch(self, key: str, out: torch.Tensor) -> Handle:
-        """Fetch one contiguous chunk into ``out`` (see :meth:`Transport.fetch`)."""
+        """Fetch one contiguous chunk into ``out`` (see :meth:`kvstream.transports.base.Transport.fetch`)."""
         h = self.transport.fetch(key, out)
         with self._lock:
             self.stats.chunks_in += 1
@@ -208,7 +210,7 @@ class KVStreamer:
         Raises
         ------
         ChunkNotFound, CorruptChunkError, PeerError
-            From :meth:`Transport.fetch`.
+            From the transport's ``fetch``.
         LayoutError
             If the stored chunk's shape or dtype does not fit the region.
         """
@@ -228,7 +230,7 @@ class KVStreamer:
         LayoutError
             If the region's tokens do not split evenly over the chunks, or a chunk does not fit its slice.
         ChunkNotFound, CorruptChunkError, PeerError
-            From :meth:`Transport.fetch`.
+            From the transport's ``fetch``.
         """
         region = check_hf_layers(keys, values, region)
         count, total = len(chunk_keys), len(region.tokens)

@@ -19,7 +19,8 @@ import importlib
 from collections.abc import Iterator, Mapping
 
 from ..errors import ConfigError
-from .base import AllHandle, CompletedHandle, EventHandle, FutureHandle, Handle, Transport
+from ..handles import AllHandle, CompletedHandle, EventHandle, FutureHandle, Handle
+from .base import Transport
 from .disk import DiskTransport
 from .host import HostTransport
 

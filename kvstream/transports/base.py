@@ -1,4 +1,4 @@
-"""The one small interface every transport implements, and the handles its calls return.
+"""The one small interface every transport implements (its calls return :mod:`kvstream.handles`).
 
 A transport ships *packed chunks* (contiguous tensors, see :mod:`kvstream.layout`) to a destination
 under a string key and brings them back. DéjàVuLib calls these two primitives ``flush`` and ``fetch``
@@ -6,7 +6,8 @@ under a string key and brings them back. DéjàVuLib calls these two primitives 
 
 Contract (checked by ``tests/transports/test_contract.py`` for every registered transport):
 
-* ``flush(key, chunk)`` stores a copy of ``chunk`` under ``key`` and returns a :class:`Handle`.
+* ``flush(key, chunk)`` stores a copy of ``chunk`` under ``key`` and returns a
+  :class:`~kvstream.handles.Handle`.
   ``chunk`` is a contiguous tensor on the CPU or a CUDA device.
 
   - For a **CUDA** chunk, every read the transport makes of ``chunk`` is enqueued on the *current CUDA
@@ -15,7 +16,7 @@ Contract (checked by ``tests/transports/test_contract.py`` for every registered 
   - For a **CPU** chunk, the caller must leave ``chunk`` unchanged until ``handle.done()``.
   - Flushing an existing key replaces it atomically: a reader sees the old chunk or the new, never a mix.
 * ``fetch(key, out)`` fills ``out`` (same shape and dtype as the stored chunk, CPU or CUDA, contiguous)
-  and returns a :class:`Handle`; the bytes are in ``out`` once ``handle.wait()`` returns.
+  and returns a :class:`~kvstream.handles.Handle`; the bytes are in ``out`` once ``handle.wait()`` returns.
   Raises :class:`~kvstream.errors.ChunkNotFound` for a missing key and
   :class:`~kvstream.errors.LayoutError` if ``out`` does not match; a checksum mismatch raises
   :class:`~kvstream.errors.CorruptChunkError` (from ``fetch`` or from ``wait``).
@@ -30,124 +31,14 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from concurrent.futures import Future
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 
-from ..errors import LayoutError, TransportError
 from ..chunk import ChunkHeader
-from ..cuda import Event
+from ..errors import LayoutError, TransportError
+from ..handles import AllHandle, Handle
 from ..layout import Region
-
-
-class Handle(ABC):
-    """An operation in flight. ``wait()`` blocks until it completed (and re-raises its error)."""
-
-    @abstractmethod
-    def wait(self, timeout: float | None = None) -> None:
-        """Block until the operation has completed; raise its error if it failed.
-
-        Parameters
-        ----------
-        timeout : float, optional
-            Seconds to wait at most. ``TimeoutError`` if the operation is still running then.
-        """
-
-    @abstractmethod
-    def done(self) -> bool:
-        """True when the operation has completed (successfully or not); never blocks."""
-
-    @property
-    def stream_ordered(self) -> bool:
-        """True when all of the operation's work was enqueued on the CUDA stream current at the call, before
-        the call returned: work enqueued later on that stream sees its result without a host wait."""
-        return False
-
-
-class CompletedHandle(Handle):
-    """A handle for an operation that already finished (or failed) by the time the call returned."""
-
-    def __init__(self, error: BaseException | None = None):
-        self._error = error
-
-    def wait(self, timeout: float | None = None) -> None:
-        """Return at once, raising the stored error if there is one."""
-        if self._error is not None:
-            raise self._error
-
-    def done(self) -> bool:
-        """Always ``True``."""
-        return True
-
-
-class FutureHandle(Handle):
-    """A handle over a ``concurrent.futures.Future`` (work on a background thread)."""
-
-    def __init__(self, future: Future):
-        self._future = future
-
-    def wait(self, timeout: float | None = None) -> None:
-        """Block until the future resolves; re-raise its exception."""
-        self._future.result(timeout=timeout)
-
-    def done(self) -> bool:
-        """Whether the future has resolved."""
-        return self._future.done()
-
-
-class EventHandle(Handle):
-    """A handle over a :class:`kvstream.cuda.Event` recorded after the operation's last stream-ordered step.
-
-    ``then`` (optional) is a handle for host work that must also finish (for example a disk write that
-    starts when the event fires).
-    """
-
-    def __init__(self, event: Event, then: Handle | None = None):
-        self._event = event
-        self._then = then
-
-    @property
-    def event(self) -> Event:
-        """The CUDA event; another stream waits for it with ``event.wait(stream)`` instead of blocking the host."""
-        return self._event
-
-    @property
-    def stream_ordered(self) -> bool:
-        """True unless trailing host work follows the event (see :attr:`Handle.stream_ordered`)."""
-        return self._then is None
-
-    def wait(self, timeout: float | None = None) -> None:
-        """Synchronize the event, then wait for the trailing host work if any."""
-        self._event.synchronize()
-        if self._then is not None:
-            self._then.wait(timeout)
-
-    def done(self) -> bool:
-        """Whether the event has fired and the trailing host work finished."""
-        return self._event.query() and (self._then is None or self._then.done())
-
-
-class AllHandle(Handle):
-    """A handle that completes when every one of ``handles`` has; ``wait`` raises the first error."""
-
-    def __init__(self, handles: Iterable[Handle]):
-        self._handles = list(handles)
-
-    def wait(self, timeout: float | None = None) -> None:
-        """Wait for each handle in turn; the first error is raised after all were waited for."""
-        first: BaseException | None = None
-        for h in self._handles:
-            try:
-                h.wait(timeout)
-            except BaseException as e:  # noqa: BLE001 - re-raised below
-                first = first or e
-        if first is not None:
-            raise first
-
-    def done(self) -> bool:
-        """Whether every handle is done."""
-        return all(h.done() for h in self._handles)
 
 
 class Transport(ABC):
@@ -270,4 +161,4 @@ class Transport(ABC):
         self.close()
 
 
-__all__ = ["Handle", "CompletedHandle", "FutureHandle", "EventHandle", "AllHandle", "Transport"]
+__all__ = ["Transport"]

@@ -42,7 +42,8 @@ from ..chunk import CHECKSUM_PREFIX, HEADER_BYTES, ChunkHeader, byte_view, chunk
 from ..cuda import Event, host_empty
 from ..errors import CapacityError, ChunkNotFound, ConfigError, CorruptChunkError, LayoutError, TransportError
 from ..layout import Region, check_packed
-from .base import FutureHandle, Handle, Transport
+from ..handles import FutureHandle, Handle
+from .base import Transport
 from .diskio import (ALIGN, O_DIRECT, ShortRead, blocks, fsync_dir, page, probe_direct, pwrite_all, read_block,
                      write_block)
 

@@ -26,7 +26,8 @@ from ..errors import CapacityError, ChunkNotFound, ConfigError, TransportError
 from ..chunk import NO_CHECKSUM, ChunkHeader, byte_view, chunk_header
 from ..layout import Region, check_packed
 from ..cuda import Event, PinnedArena, host_empty
-from .base import CompletedHandle, EventHandle, Handle, Transport
+from ..handles import CompletedHandle, EventHandle, Handle
+from .base import Transport
 
 
 def _done(event: Event | None) -> bool:

@@ -32,7 +32,8 @@ import torch
 from ..errors import ChunkNotFound, ConfigError, PeerError
 from ..chunk import ChunkHeader
 from ..layout import Region
-from .base import Handle, Transport
+from ..handles import Handle
+from .base import Transport
 
 #: Polling interval bounds of the receiver thread (seconds): it starts at the low end after each chunk
 #: and doubles while idle. 2 ms bounds the added latency of an idle receiver; a store check costs ~25 us.

@@ -46,7 +46,8 @@ import torch
 from ..errors import ConfigError, CorruptChunkError, PeerError, TransportError
 from ..chunk import ChunkHeader, byte_view, chunk_header, decode_frames, encode_frame, payload_checksum, tensor_bytes
 from ..layout import Region, check_packed
-from .base import CompletedHandle, FutureHandle, Handle, Transport
+from ..handles import CompletedHandle, FutureHandle, Handle
+from .base import Transport
 # rendezvous_store and store_from_env are re-exported: scripts pair them with this transport
 # (``from kvstream.transports.remote import RemoteHostTransport, rendezvous_store``).
 from .peer import (AckedHandle, Acks, ChunkTimeout, KeyWaiter, Liveness, LoopbackTransport, check_pair, connect_pair,

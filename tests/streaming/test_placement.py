@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from kvstream.errors import ConfigError, LayoutError
 from kvstream.streaming.placement import Placement, PipelineConfig, localize, split_heads, split_layers, transfer_key
 from kvstream.streaming.handoff import stream_in, stream_out
-from kvstream.transports.base import CompletedHandle, Transport
+from kvstream.handles import CompletedHandle
+from kvstream.transports.base import Transport
 from kvstream.errors import ChunkNotFound
 
 SENTINEL = -7777.0

@@ -11,7 +11,7 @@ from factories import random_chunk, same_bytes
 from kvstream.errors import CapacityError, ConfigError, LayoutError
 from kvstream.layout import Region
 from kvstream.transports import HostTransport
-from kvstream.transports.base import CompletedHandle, EventHandle
+from kvstream.handles import CompletedHandle, EventHandle
 from kvstream.chunk import NO_CHECKSUM
 
 

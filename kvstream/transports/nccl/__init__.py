@@ -33,7 +33,8 @@ import torch
 from ...chunk import ChunkHeader
 from ...errors import ConfigError, PeerError, TransportError
 from ...layout import Region
-from ..base import Handle, Transport
+from ...handles import Handle
+from ..base import Transport
 from ..peer import Acks, LoopbackTransport, check_pair, connect_pair
 from .comm import bounded, init_comm, settle, wait_event
 from .endpoint import Endpoint, LinkOptions

@@ -21,7 +21,7 @@ import torch
 
 from ...cuda import Event
 from ...errors import PeerError, TransportError
-from ..base import Handle
+from ...handles import Handle
 from ..peer import Acks, Liveness, pair_namespace
 from .comm import WATCHDOG_S, abort_all, bounded, init_comm, raw_stream, settle, wait_event
 

@@ -26,7 +26,8 @@ import torch
 from ...chunk import ChunkHeader, byte_view, decode_frames
 from ...errors import ChunkNotFound, LayoutError, PeerError, TransportError
 from ...layout import check_packed
-from ..base import AllHandle, CompletedHandle, Handle, Transport
+from ...handles import AllHandle, CompletedHandle, Handle
+from ..base import Transport
 from ..peer import ChunkTimeout, KeyWaiter
 from .comm import HEADER_CACHE, load_nccl, raw_stream
 from .endpoint import Endpoint, LinkOptions, OpHandle

@@ -27,7 +27,8 @@ import torch
 from ...chunk import NO_CHECKSUM, chunk_header, encode_frame
 from ...errors import PeerError
 from ...layout import Region
-from ..base import Handle, Transport
+from ...handles import Handle
+from ..base import Transport
 from ..peer import POLL_MIN_S, AckedHandle, poll
 from .comm import HEADER_CACHE, raw_stream
 from .endpoint import Endpoint, LinkOptions, OpHandle
