@@ -46,6 +46,7 @@ SUMMARY_KEYS: dict[str, str] = {
     "offload_vs_dynamic": "StreamingCache(offload=True) over DynamicCache, same run",
     "hf_offload_vs_dynamic": "HF's DynamicCache(offloading=True) over DynamicCache, same run (the peer)",
     "levels": "DéjàVuLib levels 0-3 (paper Fig. 7): buffered over naive, all over buffered",
+    "resume_host_vs_memcpy": "StreamingCache.load of a session from HostTransport onto the GPU over pinned memcpy",
     "prefix_ttft_speedup": "time to first token with a stored 90% prefix over full prefill (kvstream/bench/prefix.py)",
     "file_store_read_vs_raw": "chunk file store reads over raw disk reads (kvstream/bench/prefix.py)",
     "file_store_write_vs_raw": "chunk file store writes over raw disk writes (kvstream/bench/prefix.py)",

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 #: summary.json keys the core topics write.
 CORE_KEYS = ("pack_vs_copy", "pack_vs_torch", "decode_step_us", "d2h_vs_memcpy", "h2d_vs_memcpy", "disk_write_vs_raw",
-             "disk_read_vs_raw", "stream_overhead", "offload_vs_dynamic", "hf_offload_vs_dynamic", "levels")
+             "disk_read_vs_raw", "stream_overhead", "offload_vs_dynamic", "hf_offload_vs_dynamic", "levels",
+             "resume_host_vs_memcpy")
 ENTRY_FIELDS = ("value", "unit", "ceiling", "ceiling_of", "ratio", "target", "target_of", "pass", "device", "date",
                 "quick", "detail")
 

@@ -28,6 +28,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ...errors import ConfigError, LayoutError
 from ...layout import KVLayout, Region
+from ...streaming.layerwise import LayerwiseLoad
 from ...streaming.session import MANIFEST_FORMAT, Crop, Manifest, Repeat, Reset, SessionKeys, SessionRecorder
 from ...streaming.levels import resolve_level
 from ...streaming.streamer import KVStreamer
@@ -287,6 +288,13 @@ class StreamingCache(DynamicCache):
         d = self.streamer.stats.as_dict() if self.streamer is not None else {"chunks_out": 0, "bytes_out": 0}
         d["segments"] = len(self._recorder.segments)
         return d
+
+    @property
+    def pending_load(self) -> "LayerwiseLoad | None":
+        """The layer-wise load (a session from :meth:`load`, a prefix from :meth:`from_prefix`) whose layers the
+        model has not taken yet: ``events[i]`` fires when its ``i``-th layer has landed; ``None`` once the first
+        forward took every layer (or when nothing was loaded layer by layer)."""
+        return self._pending.load if self._pending is not None else None
 
     def session_manifest(self) -> Manifest:
         """The session's :class:`~kvstream.streaming.session.Manifest`: layout, batch, ordered segments."""
