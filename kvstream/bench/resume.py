@@ -65,6 +65,7 @@ def _stream_session(g: dict, transport, device: torch.device, session: str):
 
 
 def _check(live, loaded) -> None:
+    loaded.wait_loaded()
     for l, (a, b) in enumerate(zip(live.layers, loaded.layers)):
         if not (torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)):
             raise RuntimeError(f"StreamingCache.load: layer {l} differs from the cache that streamed it")

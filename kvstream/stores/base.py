@@ -16,10 +16,8 @@ The contract every store keeps:
   found missing or corrupt at load time *shortens* the match (``matched_tokens`` drops to what was
   read intact); wrong KV is never returned.
 * ``match.load_layers(device, stream=side)`` starts the same load layer by layer on a side stream and
-  returns a :class:`~kvstream.stores.layerwise.LayerwiseLoad` at once: per-layer tensors and one event
-  per layer, so that prefill of layer ``l`` waits only for layer ``l``'s copy while later layers still
-  travel (:mod:`kvstream.stores.layerwise`). Stores that cannot do better load synchronously and hand
-  back completed events.
+  returns a :class:`~kvstream.streaming.layerwise.LayerwiseLoad` at once (:mod:`kvstream.stores.layerwise`);
+  stores that cannot do better load synchronously and hand back completed events.
 * ``update_kv(token_ids, keys, values, start=...)`` stores KV; ``update(token_ids, cache)`` takes it
   from a cache (:func:`kv_from_cache`) after ``generate``.
 """
@@ -74,6 +72,9 @@ def kv_from_cache(cache: Any, max_tokens: int | None = None) -> tuple[list[torch
         is a sliding-window layer that already dropped tokens (its window is shorter than the sequence):
         a prefix store must hold every token's KV, and those tokens are gone.
     """
+    wait_loaded = getattr(cache, "wait_loaded", None)
+    if callable(wait_loaded):  # a cache loaded layer by layer (kvstream's StreamingCache): land every layer first
+        wait_loaded()
     layers = getattr(cache, "layers", None)
     if not layers:
         raise ConfigError(f"{type(cache).__name__} has no layers; expected a transformers DynamicCache after generate")

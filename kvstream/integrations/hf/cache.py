@@ -214,11 +214,18 @@ class StreamingCache(DynamicCache):
     # ------------------------------------------------------------------------------------------------
     # history-rewriting operations: applied, then recorded for replay
     # ------------------------------------------------------------------------------------------------
-    def _settle(self) -> None:
-        """Before history is rewritten or read as a whole: every loaded layer taken, the forward flushed."""
+    def wait_loaded(self) -> None:
+        """Take every layer of a layer-wise load (:meth:`load`, :meth:`from_prefix`): the current stream waits
+        for the copies (the host does not), and the layers hold their KV. ``generate`` needs no call (each
+        layer's first ``update`` takes it); code that reads ``cache.layers[i].keys`` before the first forward
+        does (until then those are meta placeholders)."""
         if self._pending is not None:
             self._pending.take()
             self._pending = None
+
+    def _settle(self) -> None:
+        """Before history is rewritten or read as a whole: every loaded layer taken, the forward flushed."""
+        self.wait_loaded()
         self._finish_forward()
 
     def _record_rows(self, kind: str, index: torch.Tensor) -> None:

@@ -17,10 +17,16 @@ from ...transports.base import Transport
 
 
 class PendingLoad:
-    """A layer-wise load installed in the cache's layers: each layer is taken (the compute stream waits
-    for its event) when the model first updates it; ``on_done`` runs once every layer was taken."""
+    """A layer-wise load installed in the cache's layers: each layer is taken when the model first updates it
+    (the compute stream waits for that layer's event, then the layer holds the landed tensors); ``on_done``
+    runs once every layer was taken.
 
-    def __init__(self, load: LayerwiseLoad, layer_ids: list[int], on_done: Callable[[], None] | None):
+    Until a layer is taken it holds *meta* tensors of the right shape and dtype: ``get_seq_length()`` and
+    the mask sizes are right, and any read of the data fails loudly instead of seeing bytes still in flight.
+    """
+
+    def __init__(self, cache: Any, load: LayerwiseLoad, layer_ids: list[int], on_done: Callable[[], None] | None):
+        self.cache = cache
         self.load = load
         self.slot = {l: i for i, l in enumerate(layer_ids)}
         self.left = set(layer_ids)
@@ -31,7 +37,10 @@ class PendingLoad:
         for l in ([layer_idx] if layer_idx is not None else sorted(self.left)):
             if l in self.left:
                 self.left.discard(l)
-                self.load.take(self.slot[l])
+                k, v = self.load.take(self.slot[l])
+                layer = self.cache.layers[l]
+                if not getattr(layer, "is_sliding", False):  # a sliding layer took its history at install
+                    layer.keys, layer.values = k, v
         if self.left:
             return False
         if self.on_done is not None:
@@ -49,20 +58,32 @@ class PendingLoad:
 
 
 def install(cache: Any, load: LayerwiseLoad, layer_ids: list[int], on_done: Callable[[], None] | None) -> None:
-    """Put a layer-wise load into the layers ``layer_ids``: each full-attention layer holds its landing
-    tensors now (so ``get_seq_length()`` is right) and ``update`` waits for its event; a sliding-window
-    layer waits at once and takes the history through its own ``update`` (which keeps its window)."""
+    """Put a layer-wise load into the layers ``layer_ids``: each full-attention layer holds meta placeholders of
+    the landing tensors' shape now (so ``get_seq_length()`` is right) and takes the tensors when ``update`` (or
+    ``wait_loaded``) makes the compute stream wait for its event; a sliding-window layer waits at once and
+    takes the history through its own ``update`` (which keeps its window). A load that already landed (no
+    side stream: on the CPU, or a synchronous load) is installed as is."""
+    landed = load.stream is None
     for i, l in enumerate(layer_ids):
         layer = cache.layers[l]
         k, v = load.keys[i], load.values[i]
         if getattr(layer, "is_sliding", False):
             load.wait(i)
             layer.update(k, v)
-        else:
+        elif landed:
             layer.keys, layer.values = k, v
             layer.dtype, layer.device = k.dtype, k.device
             layer.is_initialized = True
-    cache._pending = PendingLoad(load, layer_ids, on_done)
+        else:
+            layer.keys = torch.empty(k.shape, dtype=k.dtype, device="meta")
+            layer.values = torch.empty(v.shape, dtype=v.dtype, device="meta")
+            layer.dtype, layer.device = k.dtype, k.device
+            layer.is_initialized = True
+    if landed:
+        if on_done is not None:
+            on_done()
+        return
+    cache._pending = PendingLoad(cache, load, layer_ids, on_done)
 
 
 def load_session(cls: type, transport: Transport, session: str, *, config: Any, device: torch.device | str | None,
