@@ -72,9 +72,8 @@ def kv_from_cache(cache: Any, max_tokens: int | None = None) -> tuple[list[torch
         is a sliding-window layer that already dropped tokens (its window is shorter than the sequence):
         a prefix store must hold every token's KV, and those tokens are gone.
     """
-    wait_loaded = getattr(cache, "wait_loaded", None)
-    if callable(wait_loaded):  # a cache loaded layer by layer (kvstream's StreamingCache): land every layer first
-        wait_loaded()
+    if callable(getattr(cache, "wait_loaded", None)):  # a StreamingCache loaded layer by layer: land it first
+        cache.wait_loaded()
     layers = getattr(cache, "layers", None)
     if not layers:
         raise ConfigError(f"{type(cache).__name__} has no layers; expected a transformers DynamicCache after generate")
