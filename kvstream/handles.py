@@ -122,5 +122,10 @@ class AllHandle(Handle):
         """Whether every handle is done."""
         return all(h.done() for h in self._handles)
 
+    @property
+    def stream_ordered(self) -> bool:
+        """True when every handle is stream-ordered."""
+        return all(h.stream_ordered for h in self._handles)
+
 
 __all__ = ["Handle", "CompletedHandle", "FutureHandle", "EventHandle", "AllHandle"]

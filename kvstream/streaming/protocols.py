@@ -27,6 +27,9 @@ class ChunkTransport(Protocol):
     def fetch(self, key: str, out: torch.Tensor) -> Handle:
         """Fill ``out`` with the chunk stored under ``key``."""
 
+    def fetch_many(self, items: Sequence[tuple[str, torch.Tensor]]) -> Handle:
+        """Fetch several ``(key, out)`` pairs; one handle for all."""
+
     def fetch_new(self, key: str, device: torch.device | str = "cpu") -> torch.Tensor:
         """A new tensor holding the chunk stored under ``key``."""
 

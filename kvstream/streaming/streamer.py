@@ -239,10 +239,12 @@ class KVStreamer:
         first = keys[region.layers.start]
         layers, kv, b, h, _, d = region.packed_shape(first.shape[3])
         staging = torch.empty((count, layers, kv, b, h, total // count, d), dtype=first.dtype, device=first.device)
-        handles = [self.fetch(k, staging[j]) for j, k in enumerate(chunk_keys)]
-        for handle in handles:
-            if not handle.stream_ordered:
-                handle.wait()
+        handle = self.transport.fetch_many([(k, staging[j]) for j, k in enumerate(chunk_keys)])
+        with self._lock:
+            self.stats.chunks_in += count
+            self.stats.bytes_in += staging.numel() * staging.element_size()
+        if not handle.stream_ordered:
+            handle.wait()
         chunk = staging[0] if count == 1 else \
             staging.permute(1, 2, 3, 4, 0, 5, 6).contiguous().view(layers, kv, b, h, total, d)
         kernels.unpack_tokens(chunk, keys, values, region)

@@ -19,6 +19,7 @@ written on to disk gets its xxh3 there (:class:`~kvstream.transports.disk.DiskTr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -228,6 +229,31 @@ class HostTransport(Transport):
         slot.wait_ready()  # our reference keeps ``slot.buf`` alive through the copy
         byte_view(out).copy_(slot.buf)
         return CompletedHandle()
+
+    def fetch_many(self, items: Sequence[tuple[str, torch.Tensor]]) -> Handle:
+        """Fetch several ``(key, out)`` pairs; into CUDA tensors of one device, every copy is enqueued under one
+        lock on the current stream and one event follows them all (a batch of small chunks, such as a
+        session's decode steps, costs one event instead of one per chunk). Otherwise as single fetches."""
+        items = list(items)
+        for _, out in items:
+            self._check_chunk(out, "out")
+        devices = {out.device for _, out in items}
+        if len(devices) != 1 or not items[0][1].is_cuda:
+            return super().fetch_many(items)
+        device = items[0][1].device
+        with self._lock:
+            slots = [self._slot(key) for key, _ in items]
+            for (key, out), slot in zip(items, slots):
+                check_packed(out, slot.header.shape, slot.header.dtype, name=f"out for chunk {key!r}")
+            stream = torch.cuda.current_stream(device)
+            for (_, out), slot in zip(items, slots):
+                if slot.ready is not None:
+                    slot.ready.wait(stream)
+                byte_view(out).copy_(slot.buf, non_blocking=True)
+            event = Event(device).record(stream)
+            for slot in slots:
+                slot.uses = [e for e in slot.uses if not e.query()] + [event]
+        return EventHandle(event)
 
     def view(self, key: str) -> torch.Tensor:
         """The stored chunk itself, without a copy: a CPU tensor of the stored dtype and shape.

@@ -222,3 +222,29 @@ def test_gpu_flush_then_cpu_fetch_sees_the_new_bytes(seed):
     out = torch.zeros(16 << 20, dtype=torch.uint8)
     t.fetch("k", out).wait()
     assert same_bytes(out, data)
+
+
+@pytest.mark.gpu
+def test_gpu_fetch_many_is_one_stream_ordered_batch(seed):
+    t = HostTransport(capacity_bytes=1 << 24)
+    chunks = [torch.randn(4, 64, generator=seed).cuda() for _ in range(5)]
+    for i, c in enumerate(chunks):
+        t.flush(f"k{i}", c)
+    outs = [torch.full_like(c, float("nan")) for c in chunks]
+    h = t.fetch_many([(f"k{i}", o) for i, o in enumerate(outs)])
+    assert h.stream_ordered  # later work on this stream sees the bytes without a host wait
+    same = [torch.equal(o, c) for o, c in zip(outs, chunks)]  # enqueued after the copies, same stream
+    assert all(same)
+    with pytest.raises(LayoutError):
+        t.fetch_many([("k0", torch.empty(3, device="cuda"))])
+    t.close()
+
+
+def test_fetch_many_cpu_matches_single_fetches(seed):
+    t = HostTransport(capacity_bytes=1 << 20)
+    chunks = [torch.randn(3, 5, generator=seed) for _ in range(3)]
+    for i, c in enumerate(chunks):
+        t.flush(f"k{i}", c).wait()
+    outs = [torch.empty_like(c) for c in chunks]
+    t.fetch_many([(f"k{i}", o) for i, o in enumerate(outs)]).wait()
+    assert all(torch.equal(o, c) for o, c in zip(outs, chunks))
