@@ -9,17 +9,23 @@ instead, through ``AutoModelForCausalLM.from_pretrained(PATH)``.
 
 Prompts are real text shipped with the package (``kvstream/data/prompts.txt``) turned into token ids
 byte by byte (:func:`encode_text`): no tokenizer download needed, and every id is < 256, so any model
-with a vocabulary of 256 or more accepts them.
+with a vocabulary of 256 or more accepts them. A checkpoint directory that ships a tokenizer
+(:func:`load_tokenizer`) has the prompts encoded, and the output decoded, with it instead.
 """
 
 from __future__ import annotations
 
 import importlib.resources
+import os
+import warnings
 from typing import Any
 
 import torch
 
 from .errors import ConfigError
+
+#: Files of which a checkpoint directory holds at least one when it ships a tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 #: Architectures the tiny builders know, by short name.
 ARCHITECTURES = ("llama", "gpt2", "opt", "bloom", "qwen2", "mistral")
@@ -122,6 +128,19 @@ def build_model(config: Any, *, seed: int = 0, device: str | torch.device = "cpu
     return model
 
 
+def check_checkpoint(path: str) -> str:
+    """``path`` if it is a checkpoint directory (it holds a ``config.json``); what ``--model`` accepts.
+
+    Raises
+    ------
+    ConfigError
+        If it is not.
+    """
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"--model {path!r} is not a checkpoint directory with a config.json")
+    return path
+
+
 def load_model(path: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
     """Load a local checkpoint directory (``--model PATH``) with ``from_pretrained``; no network.
 
@@ -130,14 +149,29 @@ def load_model(path: str, *, device: str | torch.device = "cpu", dtype: torch.dt
     ConfigError
         If ``path`` is not a directory with a ``config.json``.
     """
-    import os
-
     import transformers as tf
 
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ConfigError(f"--model {path!r} is not a checkpoint directory with a config.json")
+    check_checkpoint(path)
     model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", local_files_only=True)
     return model.to(device).eval()
+
+
+def load_tokenizer(path: str | None) -> Any | None:
+    """The tokenizer of checkpoint directory ``path`` (``AutoTokenizer.from_pretrained``, offline), or ``None``.
+
+    ``None`` without a path, when the directory has none of :data:`TOKENIZER_FILES`, or when its tokenizer
+    does not load offline (a warning says why): then prompts are byte ids and outputs print as ids.
+    """
+    if not path or not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, ImportError, KeyError) as e:  # missing backend (sentencepiece), bad files
+        warnings.warn(f"--model {path!r}: its tokenizer does not load ({type(e).__name__}: {e}); prompts are byte "
+                      "ids and outputs print as ids", stacklevel=2)
+        return None
 
 
 def prompts() -> list[str]:
@@ -146,12 +180,15 @@ def prompts() -> list[str]:
     return [p.strip() for p in text.split("\n\n") if p.strip()]
 
 
-def encode_text(text: str, length: int | None = None) -> list[int]:
-    """Byte-level token ids of ``text`` (UTF-8 bytes, each id < 256).
+def encode_text(text: str, length: int | None = None, tokenizer: Any = None) -> list[int]:
+    """Token ids of ``text``: byte-level (UTF-8 bytes, each id < 256), or ``tokenizer``'s (no special tokens).
 
     With ``length``, the ids are cut or repeated (the text again) to exactly ``length`` tokens.
     """
-    ids = list(text.encode("utf-8"))
+    if tokenizer is not None:
+        ids = list(tokenizer.encode(text, add_special_tokens=False))
+    else:
+        ids = list(text.encode("utf-8"))
     if length is not None:
         if not ids:
             raise ConfigError("encode_text: empty text cannot fill a length")
@@ -161,17 +198,22 @@ def encode_text(text: str, length: int | None = None) -> list[int]:
     return ids
 
 
-def decode_ids(ids: list[int]) -> str:
-    """Inverse of :func:`encode_text` for ids < 256; larger ids (a random model's) show as U+FFFD."""
+def decode_ids(ids: list[int], tokenizer: Any = None) -> str:
+    """Inverse of :func:`encode_text`: ``tokenizer.decode`` (special tokens skipped), or bytes for ids < 256
+    (larger ids, a random model's, show as ``?``)."""
+    if tokenizer is not None:
+        return tokenizer.decode(ids, skip_special_tokens=True)
     return bytes(i if i < 256 else 63 for i in ids).decode("utf-8", errors="replace")
 
 
-def batch_of_prompts(batch_size: int, length: int, *, device: str | torch.device = "cpu") -> torch.Tensor:
-    """``[batch_size, length]`` int64 ids from the shipped prompts, one prompt per row (cycling)."""
+def batch_of_prompts(batch_size: int, length: int, *, device: str | torch.device = "cpu",
+                     tokenizer: Any = None) -> torch.Tensor:
+    """``[batch_size, length]`` int64 ids from the shipped prompts, one prompt per row (cycling); encoded
+    byte by byte, or with ``tokenizer`` (:func:`encode_text`)."""
     ps = prompts()
-    rows = [encode_text(ps[i % len(ps)], length) for i in range(batch_size)]
+    rows = [encode_text(ps[i % len(ps)], length, tokenizer) for i in range(batch_size)]
     return torch.tensor(rows, dtype=torch.long, device=device)
 
 
-__all__ = ["ARCHITECTURES", "tiny_config", "llama3_8b_config", "build_model", "load_model", "prompts",
-           "encode_text", "decode_ids", "batch_of_prompts"]
+__all__ = ["ARCHITECTURES", "tiny_config", "llama3_8b_config", "build_model", "check_checkpoint", "load_model",
+           "load_tokenizer", "TOKENIZER_FILES", "prompts", "encode_text", "decode_ids", "batch_of_prompts"]

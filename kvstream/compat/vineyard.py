@@ -11,7 +11,8 @@ Code written for Vineyard's Python API runs with its imports changed to this mod
 * :class:`FileCacheConfig` maps to :class:`~kvstream.stores.chunk_file.ChunkFileStore` (``chunk_size``
   tokens per file, ``hash_chunk_size`` — ``split_number`` in older releases — hex digits per
   directory level, two levels, ``root``, ``gc_interval`` and ``ttl`` in seconds).
-* :class:`KVTensor` is ``(ptr, nbytes)``: raw memory of one token's K or V of one layer. It exposes the
+* :class:`KVTensor` is ``(ptr, nbytes)``: raw memory of one token's K or V of one layer (a raw pointer,
+  as in Vineyard: what can be checked is, the rest is the caller's promise; see :class:`KVTensor`). It exposes the
   buffer protocol on every Python version (it is a ``ctypes`` array), so ``np.frombuffer(t)`` works on
   Python 3.11 too, where a Python class cannot define ``__buffer__``. For ``KVTensor(0, 0)`` entries,
   :meth:`KVCache.query` fills memory the tensor owns (Vineyard points them at its blobs; here the bytes
@@ -35,6 +36,12 @@ from ..errors import ConfigError, LayoutError
 from ..stores.chunk_file import ChunkFileStore
 from ..stores.radix import RadixStore
 
+#: Lowest address a KVTensor may point at: Linux maps nothing below ``vm.mmap_min_addr`` (65536 by default),
+#: so a smaller non-zero pointer is a bug (a length or an offset passed as the pointer), never memory.
+MIN_ADDRESS = 1 << 16
+#: One past the highest address of this process's pointer width.
+ADDRESS_LIMIT = 1 << (8 * ctypes.sizeof(ctypes.c_void_p))
+
 
 class KVTensor(ctypes.Array):
     """``nbytes`` bytes of raw memory at ``ptr``: one token's K or V of one layer (Vineyard's ``KVTensor``).
@@ -43,12 +50,26 @@ class KVTensor(ctypes.Array):
     empty slot that :meth:`KVCache.query` fills with memory the tensor owns. Either way the tensor has the
     buffer protocol (``np.frombuffer(t, dtype=...)``, ``memoryview(t)``, ``torch.frombuffer(t, ...)``).
 
+    A raw pointer is trusted as far as it must be (Vineyard's semantics). Checked: a null-page pointer
+    (``0 < ptr <`` :data:`MIN_ADDRESS`), a range past the address space, values too large for a C pointer or
+    size, and (by :class:`KVCache`, before any byte moves) ``nbytes`` against the cache's ``tensor_nbytes``.
+    **Not checkable**: that ``ptr`` points at live memory of at least ``nbytes`` bytes. A dangling pointer
+    (freed or unmapped memory) or a buffer shorter than ``nbytes`` makes :meth:`KVCache.update` copy
+    whatever lies there into the cache and :meth:`KVCache.query` overwrite it, or crash the process
+    (``SIGSEGV``). Keep the owner (the ndarray, the tensor) alive while the KVTensor is used.
+
     Parameters
     ----------
     ptr : int
         Address of the bytes (``ndarray.ctypes.data``, ``tensor.data_ptr()`` of a CPU tensor), or 0.
     nbytes : int
         Their size in bytes.
+
+    Raises
+    ------
+    ConfigError
+        A negative, non-integer or too large ``ptr`` or ``nbytes``, a pointer into the null page, or a
+        range that wraps past the end of the address space.
 
     Examples
     --------
@@ -62,15 +83,27 @@ class KVTensor(ctypes.Array):
     _length_ = 0
 
     def __new__(cls, ptr: int = 0, nbytes: int = 0):
-        ptr, nbytes = int(ptr), int(nbytes)
+        try:
+            ptr, nbytes = int(ptr), int(nbytes)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"KVTensor needs integer ptr and nbytes, got ptr={ptr!r}, nbytes={nbytes!r}") from e
         if nbytes < 0 or ptr < 0:
             raise ConfigError(f"KVTensor needs ptr >= 0 and nbytes >= 0, got ptr={ptr}, nbytes={nbytes}")
-        if ptr:
-            obj = _sized(nbytes).from_address(ptr)  # a view of the caller's memory
-            obj._filled = True
-        else:
-            obj = ctypes.Array.__new__(_sized(nbytes))  # zeroed memory the tensor owns
-            obj._filled = False
+        if 0 < ptr < MIN_ADDRESS:
+            raise ConfigError(f"KVTensor ptr={ptr:#x} points into the null page (below {MIN_ADDRESS:#x}), where no "
+                              "memory is ever mapped: pass an address such as ndarray.ctypes.data, or 0 for an "
+                              "empty slot")
+        if ptr + nbytes > ADDRESS_LIMIT:
+            raise ConfigError(f"KVTensor ptr={ptr:#x} with nbytes={nbytes} runs past the end of the address space")
+        try:
+            if ptr:
+                obj = _sized(nbytes).from_address(ptr)  # a view of the caller's memory
+                obj._filled = True
+            else:
+                obj = ctypes.Array.__new__(_sized(nbytes))  # zeroed memory the tensor owns
+                obj._filled = False
+        except OverflowError as e:
+            raise ConfigError(f"KVTensor nbytes={nbytes} is too large for this platform: {e}") from None
         return obj
 
     def __init__(self, ptr: int = 0, nbytes: int = 0):  # the fields were set by __new__
@@ -102,13 +135,17 @@ class KVTensor(ctypes.Array):
         if n:
             ctypes.memmove(ctypes.addressof(self), src.data_ptr(), n)
 
-    def _bytes(self, expected: int, where: str) -> torch.Tensor:
-        """The bytes as a ``uint8`` tensor (no copy), checked to be ``expected`` long."""
-        if not self._filled:
+    def _check(self, expected: int, where: str, *, filled: bool) -> None:
+        """Raise ``LayoutError`` unless a pointer tensor is ``expected`` bytes long (and, with ``filled``, that
+        the tensor has data: an empty slot cannot be stored)."""
+        if filled and not self._filled:
             raise LayoutError(f"{where}: KVTensor(0, 0) holds no data to store")
-        if ctypes.sizeof(self) != expected:
-            raise LayoutError(f"{where}: KVTensor has {ctypes.sizeof(self)} bytes, the cache expects "
+        if self._filled and ctypes.sizeof(self) != expected:
+            raise LayoutError(f"{where}: KVTensor at {self.ptr:#x} has {ctypes.sizeof(self)} bytes, the cache expects "
                               f"tensor_nbytes={expected}")
+
+    def _bytes(self, expected: int) -> torch.Tensor:
+        """The bytes as a ``uint8`` tensor (no copy); :meth:`_check` ran on them."""
         return torch.frombuffer(self, dtype=torch.uint8) if expected else torch.empty(0, dtype=torch.uint8)
 
     def __repr__(self) -> str:
@@ -292,7 +329,7 @@ class KVCache:
         ConfigError
             ``kv_cache_list`` does not have one entry per token, of ``layer`` pairs each.
         LayoutError
-            A KVTensor of the wrong size or an empty one.
+            A KVTensor of another size than ``tensor_nbytes``, or an empty one (checked before any copy).
         """
         prefix = list(prefix or [])
         tokens = list(tokens)
@@ -304,8 +341,8 @@ class KVCache:
         values = [torch.empty((1, 1, n, nb), dtype=torch.uint8) for _ in range(self.layer)]
         for i, per_layer in enumerate(kv_cache_list):
             for j, (k, v) in enumerate(per_layer):
-                keys[j][0, 0, i].copy_(k._bytes(nb, f"kv_cache_list[{i}][{j}][0]"))
-                values[j][0, 0, i].copy_(v._bytes(nb, f"kv_cache_list[{i}][{j}][1]"))
+                keys[j][0, 0, i].copy_(k._bytes(nb))
+                values[j][0, 0, i].copy_(v._bytes(nb))
         return self.store.update_kv(prefix + tokens, keys, values, start=len(prefix))
 
     def batched_update(self, prefixes: Sequence[Sequence[int] | None], tokens: Sequence[Sequence[int]],
@@ -329,7 +366,7 @@ class KVCache:
         ConfigError
             On a wrong number of arguments or a malformed ``kv_cache_list``.
         LayoutError
-            A KVTensor with a pointer but another size than ``tensor_nbytes``.
+            A KVTensor with a pointer but another size than ``tensor_nbytes`` (checked before any copy).
         """
         if len(args) == 2:
             prefix, (tokens, kv_cache_list) = [], args
@@ -365,6 +402,8 @@ class KVCache:
             for j, pair in enumerate(per_layer):
                 if len(pair) != 2 or not all(isinstance(t, KVTensor) for t in pair):
                     raise ConfigError(f"KVCache.{what}: kv_cache_list[{i}][{j}] must be a (KVTensor, KVTensor) pair")
+                for kv, t in enumerate(pair):
+                    t._check(self.tensor_nbytes, f"kv_cache_list[{i}][{j}][{kv}]", filled=what == "update")
 
     def close(self) -> None:
         """Close the underlying store (stops the file cache's GC thread). Idempotent."""
@@ -379,4 +418,4 @@ class KVCache:
                 pass
 
 
-__all__ = ["KVCache", "KVTensor", "FileCacheConfig", "VineyardCacheConfig"]
+__all__ = ["KVCache", "KVTensor", "FileCacheConfig", "VineyardCacheConfig", "MIN_ADDRESS"]

@@ -3,7 +3,8 @@
 Steps, each timed:
 
 1. build the embedded model (a transformers Llama from config with seeded weights: tiny on the CPU,
-   Llama-3-8B-shaped on a GPU) or load ``--model PATH``;
+   Llama-3-8B-shaped on a GPU) or load ``--model PATH`` (with its tokenizer, when the directory has one:
+   the prompts are encoded with it and the continuation prints as text; otherwise they are byte ids);
 2. generate from the shipped text prompts with a plain ``DynamicCache`` (no streaming): the reference
    time and tokens, and an uninterrupted run of twice the new tokens for the continuation check;
 3. generate again with :class:`~kvstream.StreamingCache` streaming every layer's KV to a
@@ -28,6 +29,8 @@ from typing import Any
 
 import torch
 
+from . import options
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -37,12 +40,15 @@ def _sync(device: torch.device) -> None:
 def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="kvstream demo", description=__doc__.splitlines()[0])
     p.add_argument("--model", help="a local checkpoint directory (config.json + weights); default: the embedded Llama")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when a GPU is present)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when a GPU is present)")
     p.add_argument("--store", help="directory of the disk store (default: a temporary directory, removed after)")
-    p.add_argument("--batch", type=int, help="requests in the batch (default: 4)")
-    p.add_argument("--prompt-tokens", type=int, help="prompt length in tokens (default: 256 on cpu, 1024 on cuda)")
-    p.add_argument("--new-tokens", type=int, help="tokens generated before and after the resume (default: 32 / 64)")
-    p.add_argument("--layers", type=int, help="decoder layers of the embedded model (default: 8 on cpu, 32 on cuda)")
+    p.add_argument("--batch", type=options.positive_int, help="requests in the batch (default: 4)")
+    p.add_argument("--prompt-tokens", type=options.positive_int,
+                   help="prompt length in tokens (default: 256 on cpu, 1024 on cuda)")
+    p.add_argument("--new-tokens", type=options.positive_int,
+                   help="tokens generated before and after the resume (default: 32 / 64)")
+    p.add_argument("--layers", type=options.positive_int,
+                   help="decoder layers of the embedded model (default: 8 on cpu, 32 on cuda)")
     p.add_argument("--level", default=None, help="DéjàVuLib streaming level 0-3 (default: KVSTREAM_LEVEL or 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the embedded model's weights")
     p.add_argument("--resume-from", help=argparse.SUPPRESS)  # internal: the fresh process's job file
@@ -50,12 +56,18 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    """The run's settings from the flags, each checked (``ConfigError`` naming the flag) before anything slow."""
+    from ..models import check_checkpoint
+    from ..streaming.levels import resolve_level
+
+    if args.model is not None:
+        check_checkpoint(args.model)
+    device = str(options.device(args.device))
     gpu = device.startswith("cuda")
+    if args.store is not None:
+        options.writable_dir(args.store, flag="--store")
     return {
-        "model": args.model, "device": device, "seed": args.seed, "level": args.level,
+        "model": args.model, "device": device, "seed": args.seed, "level": resolve_level(args.level, name="--level"),
         "batch": args.batch or 4,
         "prompt_tokens": args.prompt_tokens or (1024 if gpu else 256),
         "new_tokens": args.new_tokens or (64 if gpu else 32),
@@ -143,14 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     import kvstream
-    from ..models import batch_of_prompts
+    from ..models import batch_of_prompts, decode_ids, load_tokenizer
 
     console = Console()
     settings = _settings(args)
     device = torch.device(settings["device"])
     own_store = args.store is None
     store = args.store or tempfile.mkdtemp(prefix="kvstream-demo-")
-    os.makedirs(store, exist_ok=True)
     session = "demo"
     b, p, n = settings["batch"], settings["prompt_tokens"], settings["new_tokens"]
     ok = False
@@ -162,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             progress.update(task, description=f"model built: {type(model).__name__}, "
                             f"{model.config.num_hidden_layers} layers, {settings['dtype']} on {device}")
             progress.stop_task(task)
-            ids = batch_of_prompts(b, p, device=device)
+            tokenizer = load_tokenizer(settings["model"])
+            ids = batch_of_prompts(b, p, device=device, tokenizer=tokenizer)
 
             task = progress.add_task("warm-up (full-size generate, not timed)", total=None)
             _generate(model, ids, 4)
@@ -238,8 +250,12 @@ def main(argv: list[str] | None = None) -> int:
         t.add_row("continuation identical after resume", "[green]yes[/green]" if same_continuation else "[red]NO[/red]")
         console.print(t)
         tail = cont[0, p + n:].tolist()
-        console.print(f"continuation of request 0 after the resume (random weights: ids, not text): {tail[:16]} "
-                      f"... ({len(set(tail))} distinct ids in {len(tail)})")
+        if tokenizer is not None:
+            console.print(f"continuation of request 0 after the resume: {decode_ids(tail, tokenizer)!r}",
+                          markup=False)
+        else:
+            console.print(f"continuation of request 0 after the resume (byte-id prompts; the model's ids, not "
+                          f"text): {tail[:16]} ... ({len(set(tail))} distinct ids in {len(tail)})")
         return 0 if ok else 1
     finally:
         if own_store:

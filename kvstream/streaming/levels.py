@@ -18,8 +18,16 @@ LEVEL_NAMES = {0: "naive", 1: "buffered", 2: "layer-by-layer", 3: "all"}
 DEFAULT_LEVEL = 3
 
 
-def resolve_level(level: int | str | None = None) -> int:
+def resolve_level(level: int | str | None = None, *, name: str = "level") -> int:
     """The streaming level from the argument, else ``KVSTREAM_LEVEL``, else 3.
+
+    Parameters
+    ----------
+    level : int or str, optional
+        0-3 or a name (``"buffered"``); ``None`` reads ``KVSTREAM_LEVEL``.
+    name : str
+        What the caller calls the argument (``"--level"`` for a flag), for the error message; an error in
+        the environment variable names ``KVSTREAM_LEVEL``.
 
     Raises
     ------
@@ -27,16 +35,16 @@ def resolve_level(level: int | str | None = None) -> int:
         If the value is not 0, 1, 2 or 3 (names such as ``"buffered"`` are accepted too).
     """
     if level is None:
-        level = os.environ.get("KVSTREAM_LEVEL", DEFAULT_LEVEL)
+        level, name = os.environ.get("KVSTREAM_LEVEL", DEFAULT_LEVEL), "KVSTREAM_LEVEL"
     if isinstance(level, str):
         names = {v: k for k, v in LEVEL_NAMES.items()}
         level = names.get(level.strip().lower(), level)
     try:
         value = int(level)
     except (TypeError, ValueError):
-        raise ConfigError(f"KVSTREAM_LEVEL must be 0-3 or one of {list(LEVEL_NAMES.values())}, got {level!r}") from None
+        raise ConfigError(f"{name} must be 0-3 or one of {list(LEVEL_NAMES.values())}, got {level!r}") from None
     if value not in LEVEL_NAMES:
-        raise ConfigError(f"KVSTREAM_LEVEL must be 0-3 (naive, buffered, layer-by-layer, all), got {value}")
+        raise ConfigError(f"{name} must be 0-3 (naive, buffered, layer-by-layer, all), got {value}")
     return value
 
 

@@ -149,6 +149,15 @@ class Transport(ABC):
             raise LayoutError(f"{what} must be contiguous (a packed chunk), got shape {list(chunk.shape)} "
                               f"strides {chunk.stride()}")
 
+    def check_key(self, key: str) -> None:
+        """Raise :class:`~kvstream.errors.LayoutError` unless this transport can store a chunk under ``key``.
+
+        What ``flush`` checks first; callers that derive keys from a name (a cache's session) call it when
+        they are built, so that a bad name fails there and not at the first flush. Transports with stricter
+        keys override it (:class:`~kvstream.transports.disk.DiskTransport`: the key must map to a file safely).
+        """
+        self._check_key(key)
+
     @staticmethod
     def _check_key(key: str) -> None:
         if not isinstance(key, str) or not key or key.startswith("/") or ".." in key.split("/"):

@@ -152,8 +152,10 @@ class DiskTransport(Transport):
         return self._root.joinpath(*parts[:-1], parts[-1] + SUFFIX)
 
     def path(self, key: str) -> Path:
-        """The file that holds (or would hold) ``key``: ``<root>/<key>.kvc``."""
+        """The file that holds (or would hold) ``key``: ``<root>/<key>.kvc``; ``LayoutError`` for a bad key."""
         return self._path(key)
+
+    check_key = path  # Transport.check_key: a key is good if it maps to a file safely
 
     def _open(self, key: str) -> tuple[Path, int]:
         path = self._path(key)
@@ -196,8 +198,7 @@ class DiskTransport(Transport):
         return self._direct and buf.numel() > 0 and buf.data_ptr() % ALIGN == 0
 
     # -- flush ---------------------------------------------------------------------------------------
-    def flush(self, key: str, chunk: torch.Tensor, region: Region | None = None,
-              meta: dict | None = None) -> Handle:
+    def flush(self, key: str, chunk: torch.Tensor, region: Region | None = None, meta: dict | None = None) -> Handle:
         """Write ``chunk`` to ``<root>/<key>.kvc`` on an I/O thread; see :meth:`Transport.flush`.
 
         Raises
@@ -234,8 +235,7 @@ class DiskTransport(Transport):
         tmp = self._tmp / f"{uuid.uuid4().hex}-{os.getpid()}.tmp"
         fd, pending = -1, []
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | (O_DIRECT if direct else 0),
-                         0o644)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | (O_DIRECT if direct else 0), 0o644)
             hasher = xxhash.xxh3_64()
             for i, (a, b) in enumerate(blocks(nbytes, self._block_bytes)):
                 if events:

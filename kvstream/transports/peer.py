@@ -252,10 +252,20 @@ class Acks:
 
     def reached(self, seq: int, *, query: bool = True) -> bool:
         """Whether chunk ``seq`` has landed (reads the store unless ``query`` is False, it is known, or the
-        last read is younger than :data:`MIN_QUERY_INTERVAL_S`)."""
+        last read is younger than :data:`MIN_QUERY_INTERVAL_S`).
+
+        Raises
+        ------
+        PeerError
+            If the store cannot be read (its server died with the peer's process).
+        """
         if self.count < seq and query and time.monotonic() - self._queried >= self.MIN_QUERY_INTERVAL_S:
             self._queried = time.monotonic()
-            self.count = max(self.count, int(self._store.add(self._key, 0)))
+            try:
+                count = int(self._store.add(self._key, 0))
+            except Exception as e:  # noqa: BLE001 - torch's store errors (DistNetworkError, RuntimeError)
+                raise PeerError(f"Cannot read the acknowledgements ({self._key}) from the rendezvous store: {e}") from e
+            self.count = max(self.count, count)
         return self.count >= seq
 
     def wait(self, seq: int, deadline: float, check: Callable[[], None]) -> bool:
@@ -267,7 +277,10 @@ class AckedHandle(Handle):
     """A flush in flight: done when the local send finished (``sent``) and the peer acknowledged ``seq``.
 
     ``sent`` is a handle for the local part; ``transport`` provides ``acks`` (:class:`Acks`), ``timeout_s``,
-    ``closed`` and ``_raise_peer`` (raises :class:`PeerError` once the peer failed).
+    ``peer``, ``closed``, ``_raise_peer`` (raises :class:`PeerError` once the peer failed) and ``_fail(error)`` (marks
+    the link failed). Every wait polls the peer's liveness: a peer that dies or hangs during the send or
+    before its acknowledgement ends the wait with ``PeerError`` within the heartbeat deadline
+    (``dead_after_s``), whatever the underlying send's own timeout.
     """
 
     def __init__(self, transport: Any, sent: Handle, seq: int, what: str):
@@ -284,10 +297,20 @@ class AckedHandle(Handle):
         return self._t.acks.reached(self._seq, query=not self._t.closed) or self._t.peer_error is not None
 
     def wait(self, timeout: float | None = None) -> None:
-        """Wait for the send and the acknowledgement; ``TimeoutError`` after ``timeout``, ``PeerError`` if the peer failed."""
+        """Wait for the send and the acknowledgement; ``PeerError`` as soon as the peer failed.
+
+        ``TimeoutError`` after ``timeout``; without one the wait is bounded by the transport's ``timeout_s``,
+        and a send still running then fails the link (``PeerError``).
+        """
         limit = self._t.timeout_s if timeout is None else float(timeout)
         deadline = time.monotonic() + limit
-        self._sent.wait(timeout)
+        if not poll(self._sent.done, deadline, self._t._raise_peer):
+            if timeout is None:
+                self._t._fail(PeerError(f"{self._what}: still sending after {limit} s: peer rank "
+                                        f"{self._t.peer} is dead or hung"))
+                self._t._raise_peer()
+            raise TimeoutError(f"{self._what} still sending after {limit} s")
+        self._sent.wait(0)  # done: raises the send's error, if any
         if not self._t.acks.reached(self._seq, query=not self._t.closed):
             if not self._t.acks.wait(self._seq, deadline, self._t._raise_peer):
                 raise TimeoutError(f"{self._what} not acknowledged by the peer within {limit} s")

@@ -29,17 +29,24 @@ raises :class:`~kvstream.errors.PeerError` with the reason; chunks that arrived 
 peer that called :meth:`~RemoteHostTransport.close` writes an empty header after its last one, so waiting
 for a key it never sent ends at once.
 
+Every wait on the peer polls its liveness: a flush handle's ``wait()``, ``fetch``, ``describe`` and
+``close`` end with :class:`~kvstream.errors.PeerError` within ``dead_after_s`` of the peer's last heartbeat,
+also when its connection stays open (a hung process, a host gone from the network) and gloo's own send
+would wait its full timeout.
+
 Limits: each pair needs its own ``namespace`` per connection (store keys are not reused). A send to a
-peer that hangs mid-transfer blocks the sending thread up to the gloo timeout (``timeout_s``).
+peer that hangs mid-transfer keeps the (daemon) sending thread busy up to the gloo timeout (``timeout_s``);
+nobody waits for it, and later flushes fail at once.
 """
 
 from __future__ import annotations
 
 import datetime
+import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from concurrent.futures import Future
+from typing import Any, Callable
 
 import torch
 
@@ -51,7 +58,36 @@ from .base import Transport
 # rendezvous_store and store_from_env are re-exported: scripts pair them with this transport
 # (``from kvstream.transports.remote import RemoteHostTransport, rendezvous_store``).
 from .peer import (AckedHandle, Acks, ChunkTimeout, KeyWaiter, Liveness, LoopbackTransport, check_pair, connect_pair,
-                   pair_namespace, rendezvous_store, store_from_env)
+                   pair_namespace, poll, rendezvous_store, store_from_env)
+
+
+class _SendThread:
+    """One daemon thread running sends in submission order (what a one-worker executor does, minus the
+    join at interpreter exit: a send stuck on a dead peer must not hold the process up)."""
+
+    def __init__(self, name: str):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Queue ``fn(*args)``; the future resolves with its result or error."""
+        future: Future = Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def stop(self) -> None:
+        """Let the thread exit after the queued sends (without waiting for it)."""
+        self._jobs.put(None)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, args = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as e:  # noqa: BLE001 - handed to the future's waiter
+                    future.set_exception(e)
 
 class RemoteHostTransport(Transport):
     """Chunks to and from one peer process over torch.distributed (gloo), kept in host memory on arrival.
@@ -122,7 +158,7 @@ class RemoteHostTransport(Transport):
             group_peer = 1 - me
         self._group = group
         self._group_peer = peer if group_peer is None else int(group_peer)
-        self._sender = ThreadPoolExecutor(1, thread_name_prefix=f"kvstream-remote-send-{rank}")
+        self._sender = _SendThread(f"kvstream-remote-send-{rank}")
         self.acks = Acks(self._store, f"ack/{peer}")  # chunks the peer took in from us
         self._my_acks = Acks(self._store, f"ack/{rank}")  # chunks we took in from the peer
         self._live = Liveness(self._store, rank, peer, heartbeat_s=heartbeat_s, dead_after_s=dead_after_s,
@@ -229,12 +265,18 @@ class RemoteHostTransport(Transport):
             return sorted(k for k in self._chunks if k.startswith(prefix))
 
     def close(self) -> None:
-        """Finish pending sends, tell the peer we are done, stop the threads. Idempotent."""
+        """Finish pending sends, tell the peer we are done, stop the threads. Idempotent.
+
+        Pending sends and their acknowledgements are waited for up to ``timeout_s``, and not at all once the
+        peer failed (a dead peer ends the wait within ``dead_after_s``).
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        self._sender.shutdown(wait=True)
+        last = self._sender.submit(lambda: None)  # runs after every send queued before it
+        self._sender.stop()
+        poll(lambda: last.done() or self._live.error is not None, time.monotonic() + self.timeout_s, lambda: None)
         if self._live.error is None and not self._peer_closed:  # flushes in flight: wait for their acks
             try:
                 self.acks.wait(self._send_seq, time.monotonic() + self.timeout_s, self._raise_peer)
@@ -261,6 +303,10 @@ class RemoteHostTransport(Transport):
     def _wake(self) -> None:
         with self._cond:
             self._cond.notify_all()
+
+    def _fail(self, error: PeerError) -> None:
+        """Mark the link failed (every waiter and later call raises ``error``)."""
+        self._live.fail(error)
 
     def _raise_peer(self) -> None:
         if self._live.error is not None:

@@ -150,3 +150,46 @@ def test_errors(tmp_path):
     _, lst = _kv_list([1, 2], 2, 16, rng)
     with pytest.raises(ConfigError, match="multiple"):
         file_cache.update([1, 2], [3, 4], lst)  # a file cache's prefix is whole chunks
+
+
+_NULL_PAGE = r"""
+import numpy as np
+from kvstream.compat.vineyard import KVCache, KVTensor, VineyardCacheConfig
+from kvstream.errors import ConfigError
+cache = KVCache(VineyardCacheConfig("/x"), tensor_nbytes=16, layer=1)
+v = np.zeros(4, np.float32)
+try:
+    k = KVTensor(8, 16)                      # a length passed as the pointer
+    cache.update(None, [1], [[(k, KVTensor(v.ctypes.data, 16))]])
+except ConfigError as e:
+    print("ConfigError", e)
+"""
+
+
+def test_null_page_pointer_is_a_config_error_not_a_segfault():
+    out = subprocess.run([sys.executable, "-c", _NULL_PAGE], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])  # -11 (SIGSEGV) before the check
+    assert out.stdout.startswith("ConfigError") and "null page" in out.stdout
+
+
+@pytest.mark.parametrize("ptr,nbytes", [(1, 4), (65535, 4), (2 ** 64, 4), (2 ** 70, 1), (1 << 20, 2 ** 63),
+                                        (0, 2 ** 63), (2 ** 64 - 8, 16), ("x", 4), (None, 4)])
+def test_unusable_pointers_and_sizes_are_config_errors(ptr, nbytes):
+    with pytest.raises(ConfigError):
+        KVTensor(ptr, nbytes)
+
+
+def test_sizes_are_checked_before_any_byte_moves():
+    rng = np.random.default_rng(4)
+    cache = KVCache(VineyardCacheConfig("/x"), tensor_nbytes=16, layer=1)
+    arrays, lst = _kv_list([1, 2], 1, 16, rng)
+    assert cache.update(None, [1, 2], lst) == 2
+    big = np.zeros(8, np.float32)  # 32 bytes declared: would copy 16 bytes past a 16-byte buffer
+    got_arrays, got = _kv_list([1, 2], 1, 16, rng, fill=False)
+    got[1] = [(KVTensor(big.ctypes.data, 32), KVTensor(big.ctypes.data, 32))]
+    with pytest.raises(LayoutError, match="tensor_nbytes=16"):
+        cache.query([1, 2], got)
+    assert np.isnan(got_arrays[0][0][0]).all()  # the first entry was not filled either
+    with pytest.raises(LayoutError, match="tensor_nbytes=16"):
+        cache.update(None, [3, 4], [lst[0], [(KVTensor(big.ctypes.data, 32), KVTensor(big.ctypes.data, 32))]])
+    assert cache.query([3], [[(KVTensor(0, 0), KVTensor(0, 0))]]) == 0  # nothing of the refused update was stored

@@ -774,3 +774,29 @@ def test_settle_returns_after_one_call_on_success_and_raises_nccl_errors():
     bad = types.SimpleNamespace(get_async_error=lambda: 3, get_last_error=lambda: "boom")
     with pytest.raises(PeerError, match="NCCL send failed"):
         comm_mod.settle(bad, time.monotonic() + 5, lambda: None, "send")
+
+
+class _FailingRecvComm(FakeComm):
+    """A communicator whose receive fails (an NCCL error while the receiver thread posts a waiting fetch)."""
+
+    def recv(self, buf, peer, *, stream=None):
+        raise RuntimeError("ncclRemoteError: the peer's connection broke")
+
+
+def test_waiting_fetch_ends_when_its_receive_fails(seed):
+    links = {(0, 1): queue.Queue(), (1, 0): queue.Queue()}
+    store = dist.HashStore()
+    a = NcclTransport(store, 0, 1, role="send", device="cpu", comm=FakeComm(links, 0), **FAST)
+    b = NcclTransport(store, 1, 0, role="recv", device="cpu", comm=_FailingRecvComm(links, 1),
+                      **dict(FAST, fetch_timeout_s=60.0))
+    try:
+        job = _Background(lambda: b.fetch("k", torch.empty(4)))
+        _until_waiting(b, "k")
+        a.flush("k", torch.ones(4))  # the receiver thread takes the waiting fetch, then its receive fails
+        t0 = time.monotonic()
+        with pytest.raises(PeerError, match="ncclRemoteError"):
+            job.result(timeout=5)  # not the 60 s fetch timeout (and then forever)
+        assert time.monotonic() - t0 < 5
+    finally:
+        a.close()
+        b.close()

@@ -304,3 +304,65 @@ def test_concurrent_large_flushes_keep_sequence_order(pair):
         t.join(60)
     assert not errors, errors[:2]
     assert all(torch.equal(b.fetch_new(f"t{i}/{j}"), v) for (i, j), v in data.items())
+
+
+# ------------------------------------------------------------------------------------------------------
+# A receiver whose connection stays open when it stops: gloo's send would wait its whole timeout (30 s
+# here); the heartbeats must end every wait within dead_after_s (1.5 s).
+# ------------------------------------------------------------------------------------------------------
+SILENT_PEER = textwrap.dedent("""
+    import os, sys, time
+    from kvstream.transports.peer import rendezvous_store
+    from kvstream.transports.remote import RemoteHostTransport
+    store = rendezvous_store("127.0.0.1", int(sys.argv[1]), is_server=False, timeout_s=20)
+    t = RemoteHostTransport(store, 1, 0, timeout_s=30, heartbeat_s=0.1, dead_after_s=1.5)
+    if sys.argv[2] == "kill" and os.fork() == 0:  # a child keeps every socket open, reads nothing
+        time.sleep(600)
+        os._exit(0)
+    print("ready", flush=True)
+    time.sleep(600)
+""")
+
+
+def _bounded(fn, limit_s):
+    """Run ``fn`` on a thread; (what it raised or None, seconds taken), or fail if it is still running after
+    ``limit_s`` (the wait regressed to gloo's timeout: fail, do not hang)."""
+    result = {}
+
+    def run():
+        t0 = time.monotonic()
+        try:
+            fn()
+            result["error"] = None
+        except BaseException as e:  # noqa: BLE001 - returned to the test
+            result["error"] = e
+        result["s"] = time.monotonic() - t0
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(limit_s)
+    assert not thread.is_alive(), f"still waiting after {limit_s} s"
+    return result["error"], result["s"]
+
+
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_flush_wait_to_a_silent_peer_ends_within_the_heartbeat_deadline(how):
+    server = rendezvous_store("127.0.0.1", 0, is_server=True, timeout_s=20)
+    proc = subprocess.Popen([sys.executable, "-c", SILENT_PEER, str(server.port), how], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            start_new_session=True)
+    try:
+        t = RemoteHostTransport(rendezvous_store("127.0.0.1", server.port, is_server=False), 0, 1,
+                                timeout_s=30, heartbeat_s=0.1, dead_after_s=1.5)
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+        error, took = _bounded(lambda: t.flush("k", torch.ones(16)).wait(), 10)
+        assert isinstance(error, PeerError) and took < 8, (error, took)
+        assert "rank 1" in str(error)
+        error, took = _bounded(lambda: t.fetch("never", torch.empty(4), timeout=60), 5)
+        assert isinstance(error, PeerError) and not isinstance(error, ChunkTimeout) and took < 1
+        error, took = _bounded(t.close, 5)
+        assert error is None and took < 3
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)

@@ -103,6 +103,11 @@ class StreamingCache(DynamicCache):
             raise ConfigError(f"StreamingCache streams attention KV only; this config has layers {sorted(set(bad))}")
         if not isinstance(session, str) or not session or session.startswith("/") or ".." in session.split("/"):
             raise ConfigError(f"Invalid session name {session!r}: a non-empty relative key prefix without '..' parts")
+        if transport is not None and hasattr(transport, "check_key"):  # the transport's own key rules, now
+            try:
+                transport.check_key(SessionKeys(session).layer(0, 0))
+            except LayoutError as e:
+                raise ConfigError(f"Invalid session name {session!r} for {type(transport).__name__}: {e}") from None
         self.config = config
         self.transport = transport
         self.session = session

@@ -3,7 +3,7 @@
 A shared store is a directory in a tmpfs (``/dev/shm/kvstream-radix-<name>/``, i.e. POSIX shared memory):
 
 * ``blob-<name>`` files hold the blobs (token-major KV), reserved with ``posix_fallocate`` (a full tmpfs
-  is a :class:`~kvstream.errors.CapacityError`, not a ``SIGBUS``) and mapped with ``torch.from_file``;
+  is a :class:`~kvstream.errors.CapacityError`, not a ``SIGBUS``) and mapped with ``mmap``;
 * ``index.json`` holds the tree (:meth:`~kvstream.stores.radix.tree.Tree.to_json`) with the store's
   capacity and layout, replaced atomically (temp file + rename);
 * ``lock`` is the file every operation ``flock``\\ s exclusively (Vineyard serializes its tree the same
@@ -16,6 +16,15 @@ the next time any process takes the lock, so a crash cannot leak them. Blob file
 are unlinked; a process that still maps one keeps reading valid memory (Linux keeps unlinked pages until
 the last unmap). Each operation reads and writes the index, so metadata costs grow with the tree
 (Vineyard's etcd sync has the same cost on a larger scale).
+
+What is in the directory is not trusted further than it must be: the directory is created ``0700`` and
+refused (:class:`~kvstream.errors.ConfigError`) when it is a symlink, another user's, or writable by
+group or others; files are opened with ``O_NOFOLLOW``; only blob names the store writes
+(:data:`BLOB_NAME`, 32 hex digits) are ever opened or unlinked, and a blob that is missing, not a regular
+file or shorter than the index says is never mapped (:meth:`SharedTree.map_blob` raises
+:class:`~kvstream.errors.CorruptChunkError`; the store's lookup stops its match before it). Other entries
+(stray files, directories) are left alone. An index that does not decode into a consistent tree is a
+``CorruptChunkError`` naming the file.
 """
 
 from __future__ import annotations
@@ -24,19 +33,33 @@ import contextlib
 import errno
 import fcntl
 import json
+import mmap
 import os
+import re
 import shutil
+import stat
 import tempfile
+import uuid
 from typing import Iterator
 
 import torch
 
-from ...errors import CapacityError, ConfigError, TransportError
+from ...errors import CapacityError, ConfigError, CorruptChunkError, TransportError
 from ...layout import KVLayout
 from .tree import Tree
 
 #: Version of ``index.json``; a store of another version is refused.
 INDEX_FORMAT = 1
+#: The blob names the store writes (:func:`new_blob_name`); no other name in an index is opened or unlinked.
+BLOB_NAME = re.compile(r"[0-9a-f]{32}")
+#: Longest ``shared_name``: the directory name ``kvstream-radix-<name>`` must fit NAME_MAX (255 bytes).
+MAX_NAME_BYTES = 200
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def new_blob_name() -> str:
+    """A fresh blob name: 32 lowercase hex digits (:data:`BLOB_NAME`)."""
+    return uuid.uuid4().hex
 
 
 def _start_time(pid: int) -> str | None:
@@ -78,12 +101,43 @@ def shared_dir(shared_name: str, shm_dir: str | None = None) -> str:
     Raises
     ------
     ConfigError
-        If the name is not a plain file name.
+        If the name is not a plain file name (empty, with ``/`` or NUL, starting with ``.``, or longer than
+        :data:`MAX_NAME_BYTES` bytes).
     """
-    if not shared_name or "/" in shared_name or shared_name.startswith("."):
-        raise ConfigError(f"shared_name must be a plain name, got {shared_name!r}")
+    if (not isinstance(shared_name, str) or not shared_name or "/" in shared_name or "\x00" in shared_name
+            or shared_name.startswith(".") or len(shared_name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES):
+        raise ConfigError(f"shared_name must be a plain file name (no '/' or NUL, not starting with '.', at most "
+                          f"{MAX_NAME_BYTES} bytes), got {shared_name!r}")
     base = shm_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
     return os.path.join(base, f"kvstream-radix-{shared_name}")
+
+
+def secure_dir(directory: str) -> None:
+    """Create the store's directory ``0700`` if missing; refuse one that another user could have planted.
+
+    Raises
+    ------
+    ConfigError
+        If ``directory`` (or its parent) cannot be created, is a symlink or not a directory, belongs to
+        another user, or is writable by group or others. The message names the path and the fix.
+    """
+    try:
+        os.makedirs(os.path.dirname(directory), exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(directory, 0o700)
+        st = os.lstat(directory)
+    except OSError as e:
+        raise ConfigError(f"Shared RadixStore: cannot create its directory {directory}: {e}") from None
+    fix = f"remove it (RadixStore.remove_shared, or rm -r {directory}) or choose another shared_name or shm_dir"
+    if not stat.S_ISDIR(st.st_mode):
+        kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+        raise ConfigError(f"Shared RadixStore directory {directory} is {kind}: {fix}")
+    if st.st_uid != os.geteuid():
+        raise ConfigError(f"Shared RadixStore directory {directory} belongs to uid {st.st_uid}, not to this user "
+                          f"(uid {os.geteuid()}): {fix}")
+    if st.st_mode & 0o022:
+        raise ConfigError(f"Shared RadixStore directory {directory} is writable by group or others (mode "
+                          f"{stat.S_IMODE(st.st_mode):04o}): chmod 700 {directory}, or {fix}")
 
 
 def remove_dir(path: str) -> bool:
@@ -108,7 +162,10 @@ class SharedTree:
     Raises
     ------
     ConfigError
-        (From :meth:`locked`.) An index of another format, or of another capacity.
+        A directory that :func:`secure_dir` refuses, a lock file that cannot be opened, or (from
+        :meth:`locked`) an index of another format or capacity.
+    CorruptChunkError
+        (From :meth:`locked`.) An index that does not decode into a consistent tree.
     """
 
     def __init__(self, directory: str, name: str, capacity_bytes: int):
@@ -118,10 +175,19 @@ class SharedTree:
         self.owner = owner_id()
         self.tree = Tree()
         self._generation = -1
-        os.makedirs(directory, exist_ok=True)
-        self._lock_fd = os.open(os.path.join(directory, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        with self.locked(write=True):
-            self._remove_orphans()
+        secure_dir(directory)
+        lock = os.path.join(directory, "lock")
+        try:
+            self._lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600)
+        except OSError as e:
+            raise ConfigError(f"Shared RadixStore {name!r}: cannot open its lock file {lock}: {e}; remove the "
+                              f"store (RadixStore.remove_shared({name!r}))") from None
+        try:
+            with self.locked(write=True):
+                self._remove_orphans()
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
 
     @contextlib.contextmanager
     def locked(self, write: bool) -> Iterator[Tree]:
@@ -155,21 +221,61 @@ class SharedTree:
         raw = os.pread(self._lock_fd, 8, 0)
         generation = int.from_bytes(raw, "little") if len(raw) == 8 else 0
         if generation != self._generation:
-            if os.path.exists(self._index_path()):
-                with open(self._index_path(), "rb") as f:
-                    doc = json.load(f)
+            doc = self._read_index()
+            if doc is None:
+                self.tree = Tree()
+            else:
                 if doc.get("format") != INDEX_FORMAT:
                     raise ConfigError(f"{self.directory}: index format {doc.get('format')}, this kvstream reads "
                                       f"{INDEX_FORMAT}")
-                if int(doc["capacity_bytes"]) != self.capacity_bytes:
+                if doc.get("capacity_bytes") != self.capacity_bytes:
                     raise ConfigError(f"Shared RadixStore {self.name!r} has capacity_bytes="
-                                      f"{doc['capacity_bytes']}, this process asked for {self.capacity_bytes}")
-                self.tree = Tree.from_json(doc)
-                self.tree.layout = None if doc["layout"] is None else KVLayout.from_dict(doc["layout"])
-            else:
-                self.tree = Tree()
+                                      f"{doc.get('capacity_bytes')}, this process asked for {self.capacity_bytes}")
+                self.tree = self._decode_index(doc)
             self._generation = generation
         self._reap_dead_owners()
+
+    def _corrupt(self, what: str) -> CorruptChunkError:
+        return CorruptChunkError(f"Shared RadixStore {self.name!r}: {self._index_path()} {what}; remove the store "
+                                 f"(RadixStore.remove_shared({self.name!r})) and fill it again")
+
+    def _read_index(self) -> dict | None:
+        """The index document (``None`` if there is none yet), read without following a symlink."""
+        try:
+            fd = os.open(self._index_path(), os.O_RDONLY | _NOFOLLOW)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise self._corrupt(f"cannot be opened ({e.strerror})") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise self._corrupt("is not a regular file")
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                doc = json.load(f)
+        except (ValueError, RecursionError) as e:
+            raise self._corrupt(f"is not valid JSON ({type(e).__name__}: {e})") from None
+        finally:
+            os.close(fd)
+        if not isinstance(doc, dict):
+            raise self._corrupt("is not a JSON object")
+        return doc
+
+    def _decode_index(self, doc: dict) -> Tree:
+        """The tree of an index document, checked: every node slices a blob it fits in, every blob's bytes
+        are its tokens' (blob *names* are checked where a file is touched: :meth:`blob_path`)."""
+        try:
+            tree = Tree.from_json(doc)
+            tree.layout = None if doc["layout"] is None else KVLayout.from_dict(doc["layout"])
+            for name, (tokens, nbytes, _) in tree.blobs.items():
+                if not isinstance(name, str) or tokens <= 0 or nbytes != tokens * tree.layout.bytes_per_token():
+                    raise ValueError(f"blob {name!r}: {tokens} tokens in {nbytes} bytes")
+            for node in tree.nodes.values():
+                if node is not tree.root and not (0 <= node.offset and node.offset + len(node.edge)
+                                                  <= tree.blobs[node.blob][0]):
+                    raise ValueError(f"node {node.id} slices [{node.offset}, +{len(node.edge)}) of blob {node.blob!r}")
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RecursionError) as e:
+            raise self._corrupt(f"does not decode into a consistent tree ({type(e).__name__}: {e})") from None
+        return tree
 
     def _save_index(self) -> None:
         tree = self.tree.to_json()
@@ -177,7 +283,7 @@ class SharedTree:
                "next_id": tree["next_id"], "layout": None if self.tree.layout is None else self.tree.layout.to_dict(),
                "blobs": tree["blobs"], "nodes": tree["nodes"]}
         tmp = os.path.join(self.directory, f"index.{self.owner.replace(':', '-')}.tmp")
-        with open(tmp, "w") as f:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW, 0o600), "w") as f:
             json.dump(doc, f, separators=(",", ":"))
         os.replace(tmp, self._index_path())
         self._generation += 1
@@ -195,15 +301,31 @@ class SharedTree:
                     del node.pins[owner]
 
     def _remove_orphans(self) -> None:
-        """Blob files no index entry refers to: left by a process that died inside an update."""
-        for entry in os.scandir(self.directory):
-            if entry.name.startswith("blob-") and entry.name[5:] not in self.tree.blobs:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
+        """Blob files no index entry refers to: left by a process that died inside an update.
+
+        Only files (or symlinks, which ``unlink`` removes, never their targets) named like the blobs the
+        store writes; anything else in the directory is left alone.
+        """
+        with os.scandir(self.directory) as entries:
+            for entry in entries:
+                name = entry.name[5:]
+                if (entry.name.startswith("blob-") and BLOB_NAME.fullmatch(name) and name not in self.tree.blobs
+                        and not entry.is_dir(follow_symlinks=False)):
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
 
     # -- blob files --------------------------------------------------------------------------------------
     def blob_path(self, name: str) -> str:
-        """The file of blob ``name``."""
+        """The file of blob ``name``.
+
+        Raises
+        ------
+        CorruptChunkError
+            If ``name`` is not one the store writes (:data:`BLOB_NAME`): a planted index entry.
+        """
+        if not isinstance(name, str) or not BLOB_NAME.fullmatch(name):
+            raise CorruptChunkError(f"Shared RadixStore {self.name!r}: the index names blob {name!r}, which is not a "
+                                    f"name this store writes (32 hex digits); it is never opened")
         return os.path.join(self.directory, f"blob-{name}")
 
     def create_blob(self, name: str, nbytes: int) -> str:
@@ -217,7 +339,7 @@ class SharedTree:
             On another error creating the file.
         """
         path = self.blob_path(name)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
         try:
             os.posix_fallocate(fd, 0, nbytes)  # reserve tmpfs pages now: a full tmpfs is an error, not a SIGBUS
         except OSError as e:
@@ -230,16 +352,45 @@ class SharedTree:
         os.close(fd)
         return path
 
-    @staticmethod
-    def map_blob(path: str, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...], writable: bool) -> torch.Tensor:
-        """Map a blob file as a host tensor of ``shape`` and ``dtype`` (``nbytes`` long); shared when ``writable``."""
-        raw = torch.from_file(path, shared=writable, size=nbytes, dtype=torch.uint8)
-        return raw.view(dtype).view(shape)
+    def map_blob(self, name: str, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...],
+                 writable: bool) -> torch.Tensor:
+        """Map blob ``name``'s file as a host tensor of ``shape`` and ``dtype`` (``nbytes`` long).
+
+        Writable mappings are shared (the writer fills the blob); read-only ones are private. The file is
+        opened with ``O_NOFOLLOW`` and must be a regular file of at least ``nbytes`` bytes (a shorter one
+        would raise ``SIGBUS`` on access).
+
+        Raises
+        ------
+        CorruptChunkError
+            If the name is not one the store writes, or the file is missing, a symlink, not a regular file
+            or too short.
+        """
+        path = self.blob_path(name)
+        try:
+            fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | _NOFOLLOW)
+        except OSError as e:
+            raise CorruptChunkError(f"Shared RadixStore {self.name!r}: cannot open blob {path}: {e.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size < nbytes:
+                raise CorruptChunkError(f"Shared RadixStore {self.name!r}: blob {path} is not a regular file of "
+                                        f"{nbytes} bytes")
+            if nbytes == 0:
+                return torch.empty(shape, dtype=dtype)
+            mapped = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED if writable else mmap.MAP_PRIVATE,
+                               prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        return torch.frombuffer(mapped, dtype=torch.uint8).view(dtype).view(shape)  # the tensor keeps the map
 
     def delete_blob(self, name: str) -> None:
-        """Unlink blob ``name``'s file (processes that map it keep reading it)."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.blob_path(name))
+        """Unlink blob ``name``'s file (processes that map it keep reading it); a name the store does not
+        write is never unlinked, and a failed unlink leaves an orphan for the next attach to remove."""
+        if isinstance(name, str) and BLOB_NAME.fullmatch(name):
+            with contextlib.suppress(OSError):
+                os.unlink(self.blob_path(name))
 
 
-__all__ = ["SharedTree", "shared_dir", "remove_dir", "owner_id", "owner_alive", "INDEX_FORMAT"]
+__all__ = ["SharedTree", "shared_dir", "secure_dir", "remove_dir", "owner_id", "owner_alive", "new_blob_name",
+           "BLOB_NAME", "INDEX_FORMAT"]

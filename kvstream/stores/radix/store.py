@@ -27,21 +27,23 @@ in-process (the default) nothing is serialized.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
-import uuid
 from typing import Any, Iterator, Sequence
 
 import torch
 
-from ...errors import ConfigError, KVStreamError, LayoutError
+from ...errors import ConfigError, CorruptChunkError, KVStreamError, LayoutError
 from ...layout import KVLayout, Region
 from ...cuda import Event, host_empty, memcpy_2d_async
 from ...kernels import pack_tokens, unpack_tokens
 from ..base import PrefixMatch, PrefixStore, check_kv, check_max_tokens
 from ..hashing import as_token_ids
 from ..layerwise import LayerwiseLoad, enqueue_layers
-from .shared import SharedTree, remove_dir, shared_dir
+from .shared import SharedTree, new_blob_name, remove_dir, shared_dir
 from .tree import INSERT_OWNER, Tree
+
+logger = logging.getLogger(__name__)
 
 #: Pin owner of an in-process store (a shared store names processes: :func:`.shared.owner_id`).
 LOCAL_OWNER = "local"
@@ -162,22 +164,35 @@ class RadixStore(PrefixStore):
 
     # -- blob memory -------------------------------------------------------------------------------------
     def _new_blob(self, layout: KVLayout, n_tokens: int) -> tuple[str, torch.Tensor]:
-        name = uuid.uuid4().hex
+        name = new_blob_name()
         shape = blob_shape(layout, n_tokens)
         if self._shared is None:
             return name, host_empty(shape, layout.dtype, pin=self._pin)
         nbytes = layout.bytes_per_token() * n_tokens
-        path = self._shared.create_blob(name, nbytes)
-        return name, self._shared.map_blob(path, nbytes, layout.dtype, shape, writable=True)
+        self._shared.create_blob(name, nbytes)
+        return name, self._shared.map_blob(name, nbytes, layout.dtype, shape, writable=True)
 
     def _blob_tensor(self, name: str, tree: Tree) -> torch.Tensor:
+        """Blob ``name``'s tensor; shared mode maps another process's blob (``CorruptChunkError`` if it
+        cannot be: :meth:`SharedTree.map_blob`)."""
         t = self._data.get(name)
         if t is None:  # shared mode: another process wrote it
             tokens, nbytes, _ = tree.blobs[name]
-            t = self._shared.map_blob(self._shared.blob_path(name), nbytes, tree.layout.dtype,
-                                      blob_shape(tree.layout, tokens), writable=False)
+            t = self._shared.map_blob(name, nbytes, tree.layout.dtype, blob_shape(tree.layout, tokens), writable=False)
             self._data[name] = t
         return t
+
+    def _intact(self, path: list, tree: Tree) -> tuple[list, list]:
+        """The leading part of a walk's ``path`` whose blobs map, and its ``(blob, offset, used)`` slices: a
+        match stops before a blob that cannot be mapped (a shared store's damaged or planted file)."""
+        slices = []
+        for i, (node, used) in enumerate(path):
+            try:
+                slices.append((self._blob_tensor(node.blob, tree), node.offset, used))
+            except CorruptChunkError as e:
+                logger.warning("RadixStore: the match stops before a blob that cannot be read: %s", e)
+                return path[:i], slices
+        return path, slices
 
     def _free(self, names: list[str]) -> None:
         for name in names:
@@ -197,14 +212,14 @@ class RadixStore(PrefixStore):
         ids = as_token_ids(token_ids)
         cap = check_max_tokens(max_tokens, len(ids))
         with self._locked(write=True) as tree:
-            path, matched = tree.walk(ids[:cap])
+            path, slices = self._intact(tree.walk(ids[:cap])[0], tree)
+            matched = sum(used for _, used in path)
             if matched == 0:
                 return PrefixMatch(0, None, None, source="RadixStore")
             tree.touch(path)
             deepest = path[-1][0]
             tree.pin(deepest, self._owner)
             self._held += 1
-            slices = [(self._blob_tensor(node.blob, tree), node.offset, used) for node, used in path]
             layout = tree.layout
         node_id = deepest.id
 

@@ -32,6 +32,10 @@ from ..peer import ChunkTimeout, KeyWaiter
 from .comm import HEADER_CACHE, load_nccl, raw_stream
 from .endpoint import Endpoint, LinkOptions, OpHandle
 
+#: How often a fetch waiting for its receive to be posted checks the link (seconds): the bound on how late
+#: it notices a failure that the receiver thread could not hand to it.
+POST_POLL_S = 0.05
+
 
 @dataclass
 class _Arrived:
@@ -108,11 +112,11 @@ class Receiver(Endpoint):
                 if isinstance(entry, _Arrived):
                     handles.append(self._copy_out(key, entry, out))
                     continue
-                if not entry.posted.wait(max(0.0, deadline - time.monotonic())):
+                if not self._await_posted(entry, deadline):
                     if self._withdraw([entry]):
                         raise ChunkTimeout(f"{key!r} did not arrive from peer rank {self.peer} within "
                                            f"{self.fetch_timeout_s} s")
-                    entry.posted.wait()
+                    self._await_posted(entry, None)  # the receiver thread took it meanwhile
                 if entry.error is not None:
                     raise entry.error
                 handles.append(entry.op)
@@ -120,6 +124,19 @@ class Receiver(Endpoint):
             self._withdraw(waiting)
             raise
         return handles[0] if len(handles) == 1 else AllHandle(handles)
+
+    def _await_posted(self, entry: _Waiting, deadline: float | None) -> bool:
+        """Wait until the receiver thread posted ``entry``'s receive (True) or ``deadline`` passed (False),
+        checking the link every :data:`POST_POLL_S`: a fetch the receiver thread already took when the link
+        failed is never posted, so its wait ends with the link's ``PeerError`` (or ``TransportError`` once
+        closed)."""
+        while True:
+            left = POST_POLL_S if deadline is None else min(POST_POLL_S, deadline - time.monotonic())
+            if entry.posted.wait(max(0.0, left)):
+                return True
+            self._raise_error()
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
 
     def _copy_out(self, key: str, entry: _Arrived, out: torch.Tensor) -> Handle:
         check_packed(out, entry.header.shape, entry.header.dtype, name=f"out for {key!r}")
@@ -315,4 +332,4 @@ class Receiver(Endpoint):
         self._arrived.clear()
 
 
-__all__ = ["Receiver"]
+__all__ = ["Receiver", "POST_POLL_S"]
