@@ -6,6 +6,7 @@
     kvstream disagg      prompt/token disaggregation: start workers, check outputs
     kvstream serve       one disaggregation worker (under torchrun)
     kvstream plan        DéjàVu's prompt/token planner
+    kvstream pipeline    pipeline-parallel decoding (one process per stage), microbatch swapping
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "disagg": ("kvstream.serving.disagg", "prompt/token disaggregation: start workers and check outputs"),
     "serve": ("kvstream.serving.worker", "one disaggregation worker (prompt or token role)"),
     "plan": ("kvstream.serving.planner", "DéjàVu planner: split D machines into prompt and token workers"),
+    "pipeline": ("kvstream.serving.pipeline.cli", "pipeline-parallel decoding with microbatch swapping; checks outputs"),
 }
 
 

@@ -25,8 +25,19 @@ def _rows(t: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-class _HostMirror:
-    """One layer's KV history in pinned host memory, ``[B, H, capacity, D]`` for K and for V."""
+class HostMirror:
+    """One layer's KV history in pinned host memory, ``[B, H, capacity, D]`` for K and for V.
+
+    Parameters
+    ----------
+    like : torch.Tensor
+        A ``[B, H, T, D]`` KV tensor giving rows, heads, head_dim and dtype; pinned when it is on CUDA.
+    capacity : int
+        Tokens the host buffers hold before :meth:`append` grows them (a grow synchronizes).
+
+    Used by :class:`Offloader` (layer by layer within a forward) and by the pipeline engine's microbatch
+    swapping (:mod:`kvstream.serving.pipeline.swap`).
+    """
 
     def __init__(self, like: torch.Tensor, capacity: int):
         b, h, _, d = like.shape
@@ -113,7 +124,7 @@ class Offloader:
 
     def __init__(self, cache: Any):
         self._cache = cache
-        self._mirrors: dict[int, _HostMirror] = {}
+        self._mirrors: dict[int, HostMirror] = {}
         self._prefetched: dict[int, tuple] = {}
         self._side: Stream | None = None
         self._prefetch_stream: Stream | None = None
@@ -172,7 +183,7 @@ class Offloader:
                 keys, values = layer.update(k_new, v_new, *args, **kwargs)
         else:
             keys, values = layer.update(k_new, v_new, *args, **kwargs)
-            mirror = self._mirrors[layer_idx] = _HostMirror(keys, capacity=max(2 * keys.shape[2], 64))
+            mirror = self._mirrors[layer_idx] = HostMirror(keys, capacity=max(2 * keys.shape[2], 64))
         # the newest tokens go to host memory on the side stream, after the compute that made them
         if side is not None:
             side.wait_stream()
@@ -224,7 +235,7 @@ class Offloader:
         if not self._offloadable(layer):
             return
         k, v = layer.keys, layer.values
-        m = _HostMirror(k, capacity=max(2 * k.shape[2], 64))
+        m = HostMirror(k, capacity=max(2 * k.shape[2], 64))
         side, _ = self._streams(k.device)
         m.append(k, v, k.shape[2], side)
         if m.ready is not None:
@@ -233,4 +244,4 @@ class Offloader:
         layer.keys, layer.values = m.views()
 
 
-__all__ = ["Offloader"]
+__all__ = ["Offloader", "HostMirror"]

@@ -1,0 +1,1 @@
+"""A pipeline-parallel decoding engine on ``torch.distributed``, with DéjàVu's microbatch swapping."""
