@@ -22,7 +22,7 @@ import torch
 from ...errors import ConfigError
 from ...layout import KVLayout
 from ...streaming.placement import split_layers
-from ..loadgen import make_requests, microbatches, prompt_lengths, summarize
+from ..loadgen import Request, make_requests, microbatches, prompt_lengths, summarize
 from ..worker import generate, pad_left
 from .engine import StageRuntime, follow
 from .links import Env, Links
@@ -216,9 +216,9 @@ def run_stage(cfg: RunConfig, env: Env, progress: Callable[[int, int], None] | N
         if env.rank == 0:
             sched = Scheduler(rt, links, slots=cfg.microbatches, admission=admission(cfg, config, bandwidth),
                               progress=progress)
-            if cfg.warmup:
-                sched.run([[groups[0][0].__class__(id=-1, arrival_s=0.0, prompt_ids=groups[0][0].prompt_ids,
-                                                    max_new_tokens=2)]], record=False)
+            if cfg.warmup:  # the first microbatch's shape, two tokens, untimed and unlogged
+                sched.run([[Request(id=-1 - r.id, arrival_s=0.0, prompt_ids=r.prompt_ids, max_new_tokens=2)
+                            for r in groups[0]]], record=False)
             sched.run(groups)
             sched.stop()
         else:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -263,10 +263,5 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return pos.masked_fill(mask == 0, 0)
 
 
-def build_stage(build: Callable[[], torch.nn.Module], stage: int, num_stages: int) -> StageModel:
-    """Build the whole model with ``build()`` (seeded: the same weights in every process) and keep one stage."""
-    return StageModel(build(), stage, num_stages)
-
-
 __all__ = ["ARCHITECTURES", "Architecture", "architecture", "StageCache", "StageModel", "kv_bytes", "greedy",
-           "positions_from_mask", "build_stage"]
+           "positions_from_mask"]

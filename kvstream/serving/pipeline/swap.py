@@ -396,14 +396,15 @@ class SwapManager:
     def summary(self) -> dict:
         """Totals of the stage: peak and budget, swap bytes, compute and stall time, the ratio's spread."""
         self.resolve(block=True)
-        ratios = sorted(r.ratio for r in self.records if r.kind == "decode" and r.compute_s > 0)
+        records = [r for r in self.records if r.seq >= 0]  # warm-up steps carry negative numbers
+        ratios = sorted(r.ratio for r in records if r.kind == "decode" and r.compute_s > 0)
         return {"peak_kv_bytes": self.peak_bytes, "budget_bytes": self.budget_bytes, "swap": self.swap,
-                "swap_in_bytes": sum(r.swap_in_bytes for r in self.records),
-                "swap_out_bytes": sum(r.swap_out_bytes for r in self.records),
-                "compute_s": sum(r.compute_s for r in self.records), "stall_s": sum(r.stall_s for r in self.records),
+                "swap_in_bytes": sum(r.swap_in_bytes for r in records),
+                "swap_out_bytes": sum(r.swap_out_bytes for r in records),
+                "compute_s": sum(r.compute_s for r in records), "stall_s": sum(r.stall_s for r in records),
                 "bandwidth_bytes_per_s": self.bandwidth,
                 "ratio_p50": ratios[len(ratios) // 2] if ratios else None, "ratio_max": ratios[-1] if ratios else None,
-                "steps": [r.as_dict() for r in self.records]}
+                "steps": [r.as_dict() for r in records]}
 
 
 __all__ = ["SwapManager", "SlotKV", "StepRecord", "copy_in", "copy_out", "measure_bandwidth"]
