@@ -184,8 +184,10 @@ def check(cfg: RunConfig, groups: list, outputs: dict[int, list[int]], device: t
 
 
 def run_stage(cfg: RunConfig, env: Env, progress: Callable[[int, int], None] | None = None,
-              results: str | None = None) -> dict | None:
+              results: str | None = None, model: torch.nn.Module | None = None) -> dict | None:
     """Run this process's stage to the end. Stage 0 returns the run's summary document (others ``None``).
+
+    ``model`` (one stage only: benchmarks) reuses an already built whole model instead of building one.
 
     The document holds ``config``, ``summary`` (:func:`~kvstream.serving.loadgen.summarize`), ``stages``
     (each stage's :meth:`~kvstream.serving.pipeline.swap.SwapManager.summary`), ``checks`` and
@@ -203,7 +205,8 @@ def run_stage(cfg: RunConfig, env: Env, progress: Callable[[int, int], None] | N
     config = model_config(cfg)
     links = Links(env, device, cfg.timeout, cfg.batch)
     try:
-        model = build_model(cfg, device)
+        if model is None or env.world > 1:
+            model = build_model(cfg, device)
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         stage = StageModel(model, env.rank, env.world)
         bandwidth = cfg.pcie_gbps * 1e9 if cfg.pcie_gbps else measure_bandwidth(device)
