@@ -111,20 +111,21 @@ def launch(args: argparse.Namespace, results: Path) -> list[dict]:
             time.sleep(0.05)
         failed = failed if failed is not None else next((r for r, p in enumerate(procs) if p.returncode), None)
         if failed is not None or any(p.poll() is None for p in procs):
-            _stop(procs)
+            stop_workers(procs)
             rank = failed if failed is not None else next(r for r, p in enumerate(procs) if p.returncode != 0)
             logs[rank].seek(0)
             tail = logs[rank].read()[-3000:]
             what = f"exited with {procs[rank].returncode}" if failed is not None else "timed out"
             raise RuntimeError(f"worker rank {rank} {what}:\n{tail}")
     finally:
-        _stop(procs)
+        stop_workers(procs)
         for f in logs:
             f.close()
     return [json.loads((results / f"rank{r}.json").read_text()) for r in range(args.workers)]
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
+def stop_workers(procs: list[subprocess.Popen]) -> None:
+    """Terminate the processes still running; kill those that do not exit within :data:`GRACE_S`."""
     for p in procs:
         if p.poll() is None:
             p.terminate()
@@ -201,4 +202,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-__all__ = ["main", "run", "launch", "worker_argv", "planner_inputs"]
+__all__ = ["main", "run", "launch", "worker_argv", "planner_inputs", "stop_workers"]

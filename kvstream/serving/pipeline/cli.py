@@ -28,13 +28,10 @@ from typing import Sequence
 import torch
 
 from ...errors import ConfigError, KVStreamError
+from ..disagg import stop_workers
 from .links import Env, env_from_os
 from .report import plot, print_report, verdict
 from .run import RunConfig, run_stage, validate
-
-#: Seconds the launcher gives the other stages to exit after one failed.
-GRACE_S = 10.0
-
 
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line (and exit 2)."""
@@ -112,19 +109,6 @@ def _progress_writer(path: str):
     return write
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    end = time.monotonic() + GRACE_S
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, end - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
 def launch(cfg: RunConfig, results: Path, on_progress=None) -> dict:
     """Start one process per stage, wait for them (calling ``on_progress(done, tokens)``), return stage 0's
     summary document.
@@ -161,7 +145,7 @@ def launch(cfg: RunConfig, results: Path, on_progress=None) -> dict:
             time.sleep(0.1)
         failed = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
         if failed or any(p.poll() is None for p in procs):
-            _stop(procs)
+            stop_workers(procs)
             rank = failed[0] if failed else next(r for r, p in enumerate(procs) if p.returncode != 0)
             logs[rank].seek(0)
             lines = [line for line in logs[rank].read().splitlines() if line.strip()]
@@ -170,7 +154,7 @@ def launch(cfg: RunConfig, results: Path, on_progress=None) -> dict:
             what = f"exited with {procs[rank].returncode}" if failed else "timed out"
             raise RuntimeError(f"stage {rank} {what}: " + "\n".join(lines[-30:]))
     finally:
-        _stop(procs)
+        stop_workers(procs)
         for f in logs:
             f.close()
     return json.loads((results / "summary.json").read_text())

@@ -42,36 +42,19 @@ from .stages import StageCache, kv_bytes
 
 
 def copy_in(mirror: HostMirror, device: torch.device, stream: Stream | None) -> tuple[torch.Tensor, torch.Tensor, Any]:
-    """Start copying one layer's history from ``mirror`` to new device tensors ``[B, H, n, D]``.
+    """Start copying one layer's history from ``mirror`` to new device tensors ``[B, H, n, D]`` on ``stream``.
 
     Returns ``(keys, values, done)`` where ``done.wait()`` makes the compute stream (CUDA) or the host wait
     until the copy landed; ``done`` is ``None`` when the copy already finished (the CPU). Tests replace this
     function with a delayed one to check that no layer computes before its swap-in landed.
     """
-    if stream is None or not stream.is_cuda:
-        k, v = mirror.to_device(device, 0, None)
-        return k, v, None
-    if mirror.ready is not None:
-        stream.wait_event(mirror.ready)
-    with stream:
-        k, v = mirror.to_device(device, 0, stream)
-    compute = torch.cuda.current_stream(device)
-    k.record_stream(compute)
-    v.record_stream(compute)
-    return k, v, stream.record_event()
+    return mirror.prefetch(device, 0, stream)
 
 
 def copy_out(mirror: HostMirror, keys: torch.Tensor, values: torch.Tensor, n_new: int, stream: Stream | None) -> None:
     """Append the newest ``n_new`` tokens of device ``keys``/``values`` ``[B, H, n, D]`` to ``mirror``, on
     ``stream`` after the compute that made them (synchronously on the CPU)."""
-    if stream is None or not stream.is_cuda:
-        mirror.append(keys, values, n_new, None)
-        return
-    stream.wait_stream()
-    keys.record_stream(stream.torch_stream)
-    values.record_stream(stream.torch_stream)
-    with stream:
-        mirror.append(keys, values, n_new, stream)
+    mirror.append_after_compute(keys, values, n_new, stream)
 
 
 def measure_bandwidth(device: torch.device, nbytes: int = 64 << 20, reps: int = 3) -> float:

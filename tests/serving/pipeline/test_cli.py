@@ -74,3 +74,12 @@ def test_user_errors_print_one_line_and_exit_2(argv, message, capsys):
 def test_one_stage_runs_in_process_with_the_identical_line(capsys):
     assert main(["--device", "cpu", "--stages", "1", "--requests", "3", "--arch", "qwen2"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == "3/3 requests identical to single-process generate"
+
+
+@pytest.mark.gpu2
+def test_two_gpu_stages_over_nccl_float32_identical(tmp_path):
+    proc = _run("-m", "kvstream.cli", "pipeline", "--device", "cuda", "--stages", "2", "--microbatches", "4",
+                "--requests", "8", "--model", "tiny", "--dtype", "float32", "--prompt-tokens", "32",
+                "--output-tokens", "uniform:4:12", "--swap", "--kv-budget-mb", "0.06", "--results", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert _last_line(proc) == "8/8 requests identical to single-process generate"

@@ -197,3 +197,14 @@ def test_gpu_peak_memory_with_swapping_stays_within_one_microbatch_plus_the_budg
     assert st["peak_kv_bytes"] <= budget_mb << 20
     assert swapped - one <= budget_mb << 20
     assert swapped < all4
+
+
+@pytest.mark.gpu
+def test_gpu_swapping_one_stage_float32_identical_with_events_and_side_streams():
+    """The CUDA path (side streams, one event per layer, timing events): identical tokens in float32."""
+    doc = run_stage(RunConfig(device="cuda", stages=1, microbatches=4, requests=8, prompt_tokens=32,
+                              output_tokens="fixed:10", swap="on", kv_budget_mb=0.11), Env(0, 1, 0))
+    st = doc["stages"][0]
+    assert doc["identical"] == 8
+    assert st["swap_in_bytes"] > 0 and 0 < st["peak_kv_bytes"] <= 0.11 * (1 << 20)
+    assert all(s["compute_s"] > 0 for s in st["steps"])  # the timing events resolved
