@@ -115,6 +115,7 @@ class SlotKV:
         self.host_tokens = 0
         self.resident = True
         self.pending: dict[int, Any] = {}
+        self._last_in: Any = None  # the latest swap-in copy's completion
 
     # sizes --------------------------------------------------------------------------------------------
     def tokens(self) -> int:
@@ -182,14 +183,25 @@ class SlotKV:
             m.record.swap_in_bytes += k.numel() * k.element_size() + v.numel() * v.element_size()
             layer.keys, layer.values = k, v
             if done is not None:
-                self.pending[l] = done
+                self.pending[l] = self._last_in = done
         self.resident = True
+
+    def _settle_host(self) -> None:
+        """Block until no copy reads or writes the mirrors any more (before they are replaced or freed:
+        a freed pinned block is reused by the next allocation of its size)."""
+        if self._last_in is not None:
+            (self._last_in.synchronize if isinstance(self._last_in, Event) else self._last_in.wait)()
+            self._last_in = None
+        for mirror in self.mirrors.values():
+            if mirror.ready is not None:
+                mirror.ready.synchronize()
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only batch ``rows`` (int64 ``[n]``, CPU) on the device and in the mirrors."""
         for done in self.pending.values():
             self.manager.wait_swap_in(done)
         self.pending.clear()
+        self._settle_host()
         if self.resident:
             for layer in self.cache.kv_layers():
                 if kv_bytes(layer):
@@ -203,6 +215,7 @@ class SlotKV:
 
     def drop(self) -> None:
         """Free everything (the microbatch finished)."""
+        self._settle_host()
         if self.resident:
             for layer in self.cache.kv_layers():
                 self.manager.account(-kv_bytes(layer))
