@@ -27,7 +27,7 @@ from ..worker import generate, pad_left
 from .engine import StageRuntime, follow
 from .links import Env, Links
 from .scheduler import Admission, Scheduler
-from .stages import StageModel
+from .stages import StageModel, architecture
 from .swap import SwapManager, measure_bandwidth
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -135,7 +135,7 @@ def validate(cfg: RunConfig) -> None:
     Raises
     ------
     ConfigError
-        Bad sizes, more stages than layers, swapping without a budget, a microbatch whose KV alone does not
+        Bad sizes, an architecture the stages cannot split, more stages than layers, swapping without a budget, a microbatch whose KV alone does not
         fit the budget, or too few GPUs.
     """
     for name in ("stages", "microbatches", "batch", "requests"):
@@ -146,6 +146,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.kv_budget_mb is not None and not cfg.kv_budget_mb > 0:
         raise ConfigError(f"--kv-budget-mb must be > 0, got {cfg.kv_budget_mb}")
     config = model_config(cfg)
+    architecture(config)
     split_layers(int(config.num_hidden_layers), cfg.stages)
     if cfg.device == "cuda" and torch.cuda.device_count() < cfg.stages:
         raise ConfigError(f"--stages {cfg.stages} on cuda needs as many GPUs; {torch.cuda.device_count()} visible")
