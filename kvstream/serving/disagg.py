@@ -181,7 +181,16 @@ def run(args: argparse.Namespace) -> tuple[int, dict]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``kvstream disagg``. Returns 0 when every request completed with identical tokens, 1 otherwise, 2 for
-    bad arguments."""
+    bad arguments.
+
+    With ``--stages D`` (and ``--prompt-stages P``, default D) it runs on pipelines instead: a prompt
+    pipeline streams each layer's KV to the token pipeline's stage owning it
+    (:mod:`kvstream.serving.pipeline.disagg`; the options of ``kvstream pipeline``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--stages" or a.startswith("--stages=") for a in argv):
+        from .pipeline.cli import main as pipeline_main
+
+        return pipeline_main(argv, disaggregate=True)
     args = _parser().parse_args(argv)
     try:
         code, doc = run(args)

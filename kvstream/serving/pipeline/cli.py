@@ -29,6 +29,7 @@ import torch
 
 from ...errors import ConfigError, KVStreamError
 from ..disagg import stop_workers
+from .disagg import run_disagg_stage
 from .links import Env, env_from_os
 from .report import plot, print_report, verdict
 from .run import RunConfig, run_stage, validate
@@ -47,6 +48,9 @@ def parser(prog: str = "kvstream pipeline") -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="cpu or cuda (default: cuda if present)")
     p.add_argument("--stages", type=int, default=2, help="pipeline depth D: one process per stage (default 2)")
     p.add_argument("--microbatches", type=int, default=None, help="microbatches in flight M (default D, at least 2)")
+    p.add_argument("--prompt-stages", type=int, default=None,
+                   help="disaggregate: a prompt pipeline of this depth prefills, the D stages decode (kvstream disagg "
+                        "--stages D; default there: D)")
     p.add_argument("--batch", type=int, default=1, help="requests per microbatch (default 1)")
     p.add_argument("--requests", type=int, default=8, help="number of requests R (default 8)")
     p.add_argument("--rate", type=float, default=math.inf, help="Poisson arrival rate, requests/s (default: all at once)")
@@ -97,7 +101,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                      layers=args.layers, dtype=args.dtype or ("bfloat16" if cuda else "float32"), seed=args.seed,
                      swap=args.swap or "off", kv_budget_mb=args.kv_budget_mb, pcie_gbps=args.pcie_gbps,
                      check=args.check, warmup=cuda if args.warmup is None else args.warmup, timeout=args.timeout,
-                     threads=args.threads)
+                     threads=args.threads, prompt_stages=args.prompt_stages or 0)
 
 
 def _progress_writer(path: str):
@@ -123,15 +127,15 @@ def launch(cfg: RunConfig, results: Path, on_progress=None) -> dict:
     from ...transports.remote import free_port
 
     progress = results / "progress.json"
-    base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(cfg.stages),
+    base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(cfg.processes),
                 PYTHONUNBUFFERED="1")
     if cfg.device == "cpu":
         base["OMP_NUM_THREADS"] = str(cfg.threads)
     cmd = [sys.executable, "-m", "kvstream.serving.pipeline", "--config-json", json.dumps(cfg.to_json()),
            "--results", str(results), "--progress-file", str(progress), "--quiet"]
-    logs = [tempfile.TemporaryFile(mode="w+") for _ in range(cfg.stages)]
+    logs = [tempfile.TemporaryFile(mode="w+") for _ in range(cfg.processes)]
     procs = [subprocess.Popen(cmd, env=dict(base, RANK=str(r), LOCAL_RANK=str(r)), stdout=logs[r],
-                              stderr=subprocess.STDOUT, text=True) for r in range(cfg.stages)]
+                              stderr=subprocess.STDOUT, text=True) for r in range(cfg.processes)]
     deadline = time.monotonic() + 4 * cfg.timeout
     try:
         while any(p.poll() is None for p in procs):
@@ -166,12 +170,12 @@ def _run_with_progress(cfg: RunConfig, results: Path) -> dict:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[tokens]} tokens"),
                TimeElapsedColumn())
     with Progress(*columns, transient=True) as bar:
-        task = bar.add_task(f"{cfg.stages} stage(s) serving", total=cfg.requests, tokens=0)
+        task = bar.add_task(f"{cfg.processes} stage(s) serving", total=cfg.requests, tokens=0)
 
         def update(done: int, tokens: int) -> None:
             bar.update(task, completed=done, tokens=tokens)
 
-        if cfg.stages == 1:
+        if cfg.processes == 1:
             return run_stage(cfg, Env(0, 1, 0), progress=update, results=str(results))
         return launch(cfg, results, on_progress=update)
 
@@ -188,20 +192,27 @@ def _finish(doc: dict, args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``kvstream pipeline``: launch, run, check, report. Returns the exit code (module docstring)."""
-    args = parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, *, disaggregate: bool = False) -> int:
+    """``kvstream pipeline``: launch, run, check, report. Returns the exit code (module docstring).
+
+    ``disaggregate`` (``kvstream disagg --stages D``): a prompt pipeline of ``--prompt-stages`` (default D)
+    stages prefills and streams KV layer by layer to the D token stages (:mod:`.disagg`).
+    """
+    prog = "kvstream disagg" if disaggregate else "kvstream pipeline"
+    args = parser(prog).parse_args(argv)
     try:
+        if disaggregate and args.prompt_stages is None:
+            args.prompt_stages = args.stages
         cfg = config_from_args(args)
         validate(cfg)
         results = Path(args.results) if args.results else Path(tempfile.mkdtemp(prefix="kvstream-pipeline-"))
         results.mkdir(parents=True, exist_ok=True)
         doc = _run_with_progress(cfg, results)
     except ConfigError as e:
-        print(f"kvstream pipeline: {e}", file=sys.stderr)
+        print(f"{prog}: {e}", file=sys.stderr)
         return 2
     except (RuntimeError, KVStreamError) as e:
-        print(f"kvstream pipeline: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"{prog}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     return _finish(doc, args)
 
@@ -212,15 +223,16 @@ def stage_main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
         env = env_from_os()
-        if env.world != cfg.stages:
-            if args.config_json:
-                raise ConfigError(f"WORLD_SIZE {env.world} differs from --stages {cfg.stages}")
+        if env.world != cfg.processes:
+            if args.config_json or cfg.prompt_stages:
+                raise ConfigError(f"WORLD_SIZE {env.world} differs from the {cfg.processes} stages configured")
             cfg.stages = env.world  # under torchrun the job's size is the pipeline's depth
             cfg.microbatches = args.microbatches or max(2, env.world)
         if env.rank == 0 and not args.config_json:
             validate(cfg)
         progress = _progress_writer(args.progress_file) if args.progress_file else None
-        doc = run_stage(cfg, env, progress=progress, results=args.results)
+        run = run_disagg_stage if cfg.prompt_stages else run_stage
+        doc = run(cfg, env, progress=progress, results=args.results)
     except ConfigError as e:
         print(f"stage {os.environ.get('RANK', 0)}: {e}", file=sys.stderr)
         return 2

@@ -15,11 +15,11 @@ next tokens and sends them back to stage 0 over the ring). Stage 0's loop is
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from .links import DECODE, KIND_NAMES, PREFILL, RELEASE, STOP, Header, Links
+from .links import DECODE, JOIN, KIND_NAMES, PREFILL, RELEASE, STOP, Header, Links
 from .stages import StageModel, greedy, positions_from_mask
 from .swap import SlotKV, SwapManager
 
@@ -101,6 +101,25 @@ class StageRuntime:
         self.swap.end()
         return out
 
+    def join(self, h: Header, mask: torch.Tensor | None, receive: Callable[[Header, int], tuple]) -> None:
+        """A microbatch prefilled elsewhere joins slot ``h.slot`` (:mod:`.disagg`): its mask and positions as
+        after a prefill of ``h.tokens`` tokens, its KV layer by layer from ``receive(h, layer) -> (keys, values)``
+        (``[rows, kv_heads, h.tokens, head_dim]`` on the stage's device)."""
+        with torch.inference_mode():
+            kv = self.swap.new_slot(h.slot, self.stage.new_cache, h.cap_tokens)
+            dev_mask = None if mask is None else mask.to(self.device)
+            pos = positions_from_mask(dev_mask if dev_mask is not None else
+                                      torch.ones(h.rows, h.tokens, dtype=torch.long, device=self.device))
+            self.slots[h.slot] = SlotState(dev_mask, pos, kv)
+            self.swap.begin(h.seq, h.slot, "join", h.rows, h.tokens)
+            for l in self.stage.layers:
+                k, v = receive(h, l)
+                layer = kv.cache.layers[l]
+                self.swap.account(k.numel() * k.element_size() + v.numel() * v.element_size())
+                layer.lazy_initialization(k, v)
+                layer.keys, layer.values = k, v
+            self.swap.end()
+
     def release(self, slot: int) -> None:
         """Forget a finished microbatch and free its KV."""
         self.slots.pop(slot, None)
@@ -111,15 +130,21 @@ class StageRuntime:
         return int(self.swap.last_compute_s * 1e6)
 
 
-def follow(rt: StageRuntime, links: Links) -> None:
+def follow(rt: StageRuntime, links: Links, receive: Callable[[Header, int], tuple] | None = None) -> None:
     """The loop of a stage after the first: until ``STOP``, receive a step, run it, pass it on.
 
     The last stage sends the sampled tokens back to stage 0 (the ring) instead of passing hidden states.
-    ``RELEASE`` frees a finished microbatch on every stage; ``STOP`` ends every stage's loop in order.
+    ``RELEASE`` frees a finished microbatch on every stage; ``STOP`` ends every stage's loop in order;
+    ``JOIN`` installs a microbatch prefilled elsewhere, its KV from ``receive`` (:meth:`StageRuntime.join`).
     """
     stage = rt.stage
     while True:
         h, mask, keep, hidden = links.recv_prev(stage.dtype, stage.hidden_size)
+        if h.kind == JOIN:
+            rt.join(h, mask, receive)
+            if not stage.last:
+                links.send_next(h, mask)
+            continue
         if h.kind in (RELEASE, STOP):
             if h.kind == RELEASE:
                 rt.release(h.slot)

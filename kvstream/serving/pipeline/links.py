@@ -4,7 +4,8 @@ Every stage is one process of a ``torch.distributed`` job (``RANK``, ``WORLD_SIZ
 ``MASTER_ADDR``, ``MASTER_PORT``, as ``torchrun`` sets them; stage = rank). Two process groups:
 
 * **data** (NCCL on CUDA, gloo on the CPU): hidden states ``[B, T, hidden]`` from stage ``s`` to ``s + 1``;
-* **control** (always gloo, CPU tensors): a fixed-size int64 header per step (:class:`Header`), the
+* **control** (always gloo, its own communicator even on the CPU, so that a control receive posted
+  early never matches a data message of the same pair; CPU tensors): a fixed-size int64 header per step (:class:`Header`), the
   prompt's attention mask and the kept rows with it, and the *ring* from the last stage back to stage 0:
   the sampled tokens of a microbatch step.
 
@@ -24,9 +25,9 @@ import torch
 
 from ...errors import ConfigError
 
-#: Step kinds.
-PREFILL, DECODE, RELEASE, STOP = 1, 2, 3, 4
-KIND_NAMES = {PREFILL: "prefill", DECODE: "decode", RELEASE: "release", STOP: "stop"}
+#: Step kinds (``JOIN``: a microbatch prefilled elsewhere joins with its KV, :mod:`.disagg`).
+PREFILL, DECODE, RELEASE, STOP, JOIN = 1, 2, 3, 4, 5
+KIND_NAMES = {PREFILL: "prefill", DECODE: "decode", RELEASE: "release", STOP: "stop", JOIN: "join"}
 
 
 @dataclass
@@ -38,7 +39,9 @@ class Header:
     width or 1), ``has_mask`` (prefill: a ``[rows, tokens]`` mask follows), ``keep`` (decode: the number
     of kept-row indices that follow, or -1 for all rows), ``cap_tokens`` (prefill: prompt width plus the
     most tokens a row generates: host mirrors are sized once), ``t_step_us`` (the largest recent compute
-    time of a step over the stages passed, microseconds: stage 0's admission in ``--swap auto``).
+    time of a step over the stages passed, microseconds: stage 0's admission in ``--swap auto``),
+    ``group`` (the microbatch's index in the workload) and ``start_us`` (when its prefill started, µs
+    after the run's start: disaggregation's time to first token).
     """
 
     kind: int
@@ -50,6 +53,8 @@ class Header:
     keep: int = -1
     cap_tokens: int = 0
     t_step_us: int = 0
+    group: int = -1
+    start_us: int = 0
 
     def to_tensor(self) -> torch.Tensor:
         """The header as an int64 CPU tensor ``[HEADER_LEN]``."""
@@ -108,6 +113,8 @@ class Links:
         Bound on every receive (the groups' timeout).
     max_rows : int
         Most rows of a microbatch: ring messages have this fixed size (gloo matches sizes exactly).
+    ranks : range, optional
+        The ranks of this pipeline (default all): prompt and token pipelines of :mod:`.disagg` share one job.
 
     Raises
     ------
@@ -115,12 +122,13 @@ class Links:
         If the process group cannot be formed (the error from torch.distributed, in one line).
     """
 
-    def __init__(self, env: Env, device: torch.device, timeout_s: float, max_rows: int):
+    def __init__(self, env: Env, device: torch.device, timeout_s: float, max_rows: int, ranks: range | None = None):
         import torch.distributed as dist
 
         self.env, self.device, self.max_rows = env, device, int(max_rows)
-        self.prev = env.rank - 1 if env.rank > 0 else None
-        self.next = env.rank + 1 if env.rank < env.world - 1 else None
+        self.ranks = ranks if ranks is not None else range(env.world)
+        self.prev = env.rank - 1 if env.rank > self.ranks.start else None
+        self.next = env.rank + 1 if env.rank < self.ranks.stop - 1 else None
         self._pending: list[tuple] = []
         self.data = self.control = None
         if env.world == 1:
@@ -131,7 +139,7 @@ class Links:
         except (RuntimeError, ValueError) as e:
             raise ConfigError(f"cannot form the stages' process group ({backend}): {e}") from None
         self.data = dist.group.WORLD
-        self.control = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
+        self.control = dist.new_group(backend="gloo")  # its own communicator: never matched with data messages
 
     # sending ------------------------------------------------------------------------------------------
     def _isend(self, t: torch.Tensor, dst: int, group) -> None:
@@ -156,7 +164,7 @@ class Links:
         msg = torch.zeros(RING_LEN + self.max_rows, dtype=torch.int64)
         msg[:RING_LEN] = torch.tensor([slot, seq, t_step_us, tokens.numel()])
         msg[RING_LEN:RING_LEN + tokens.numel()] = tokens.to("cpu", torch.int64)
-        self._isend(msg, 0, self.control)
+        self._isend(msg, self.ranks.start, self.control)
 
     # receiving ----------------------------------------------------------------------------------------
     def recv_prev(self, dtype: torch.dtype, hidden_size: int
@@ -171,12 +179,14 @@ class Links:
         if h.kind in (RELEASE, STOP):
             return h, None, None, None
         mask = keep = None
-        if h.kind == PREFILL and h.has_mask:
+        if h.kind in (PREFILL, JOIN) and h.has_mask:
             mask = torch.empty(h.rows, h.tokens, dtype=torch.int64)
             dist.recv(mask, self.prev, group=self.control)
         if h.kind == DECODE and h.keep >= 0:
             keep = torch.empty(h.keep, dtype=torch.int64)
             dist.recv(keep, self.prev, group=self.control)
+        if h.kind == JOIN:
+            return h, mask, None, None
         hidden = torch.empty(h.rows, h.tokens, hidden_size, dtype=dtype, device=self.device)
         dist.recv(hidden, self.prev, group=self.data)
         return h, mask, keep, hidden
@@ -186,19 +196,41 @@ class Links:
         import torch.distributed as dist
 
         raw = torch.empty(RING_LEN + self.max_rows, dtype=torch.int64)
-        dist.recv(raw, self.env.world - 1, group=self.control)
+        dist.recv(raw, self.ranks.stop - 1, group=self.control)
         slot, seq, t_us, rows = (int(v) for v in raw[:RING_LEN].tolist())
         return slot, seq, t_us, raw[RING_LEN:RING_LEN + rows].clone()
 
-    def gather(self, doc: dict) -> list[dict] | None:
-        """Every stage's ``doc`` at stage 0 (``None`` elsewhere)."""
+    def send_tensor(self, t: torch.Tensor, dst: int) -> None:
+        """Send one tensor to any rank of the job over the data group (:mod:`.disagg`: KV to a token stage)."""
+        self._isend(t.contiguous(), dst, self.data)
+
+    def recv_tensor(self, shape, dtype: torch.dtype, src: int) -> torch.Tensor:
+        """Receive one tensor sent with :meth:`send_tensor`, on the stage's device."""
+        import torch.distributed as dist
+
+        out = torch.empty(shape, dtype=dtype, device=self.device)
+        dist.recv(out, src, group=self.data)
+        return out
+
+    def gather(self, doc: dict, dst: int = 0) -> list[dict] | None:
+        """Every rank's ``doc`` at rank ``dst`` (``None`` elsewhere)."""
         if self.env.world == 1:
             return [doc]
         import torch.distributed as dist
 
-        out = [None] * self.env.world if self.env.rank == 0 else None
-        dist.gather_object(doc, out, dst=0, group=self.control)
+        out = [None] * self.env.world if self.env.rank == dst else None
+        dist.gather_object(doc, out, dst=dst, group=self.control)
         return out
+
+    def broadcast(self, value, src: int = 0):
+        """``value`` of rank ``src`` on every rank (a picklable object)."""
+        if self.env.world == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=src, group=self.control)
+        return box[0]
 
     def close(self) -> None:
         """Wait for the sends in flight, then leave the process group."""
@@ -213,5 +245,5 @@ class Links:
                 dist.destroy_process_group()
 
 
-__all__ = ["Header", "HEADER_LEN", "RING_LEN", "PREFILL", "DECODE", "RELEASE", "STOP", "KIND_NAMES", "Env",
+__all__ = ["Header", "HEADER_LEN", "RING_LEN", "PREFILL", "DECODE", "RELEASE", "STOP", "JOIN", "KIND_NAMES", "Env",
            "env_from_os", "Links"]

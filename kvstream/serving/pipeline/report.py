@@ -49,6 +49,10 @@ def print_report(doc: dict) -> None:
     for row in stage_rows(doc):
         table.add_row(*row)
     Console().print(table)
+    for st in doc.get("prompt_stages", []):
+        total = sum(p["prefill_s"] for p in st["prefills"])
+        print(f"prompt stage {st['stage']} (layers {st['layers'][0]}-{st['layers'][1] - 1}): {len(st['prefills'])} "
+              f"prefills, {total:.3f} s, KV streamed layer by layer to the token stages")
 
 
 def plot(doc: dict, path: str | Path) -> Path:

@@ -40,7 +40,8 @@ class RunConfig:
 
     ``model`` is ``tiny`` (architecture ``arch``), ``llama3-8b`` or a checkpoint directory; ``swap`` is
     ``off``, ``on`` or ``auto``; ``kv_budget_mb`` bounds each stage's KV (MiB); ``pcie_gbps`` overrides the
-    measured ``B_pcie`` (GB/s). Lengths and arrivals as in :mod:`kvstream.serving.loadgen`.
+    measured ``B_pcie`` (GB/s); ``prompt_stages > 0`` disaggregates (:mod:`.disagg`: that many prompt
+    stages before the ``stages`` token stages). Lengths and arrivals as in :mod:`kvstream.serving.loadgen`.
     """
 
     device: str = "cpu"
@@ -65,6 +66,12 @@ class RunConfig:
     warmup: bool = False
     timeout: float = 300.0
     threads: int = 1
+    prompt_stages: int = 0
+
+    @property
+    def processes(self) -> int:
+        """Processes of the job: the token (or only) pipeline's stages plus the prompt pipeline's."""
+        return self.stages + self.prompt_stages
 
     @property
     def budget_bytes(self) -> int | None:
@@ -148,8 +155,10 @@ def validate(cfg: RunConfig) -> None:
     config = model_config(cfg)
     architecture(config)
     split_layers(int(config.num_hidden_layers), cfg.stages)
-    if cfg.device == "cuda" and torch.cuda.device_count() < cfg.stages:
-        raise ConfigError(f"--stages {cfg.stages} on cuda needs as many GPUs; {torch.cuda.device_count()} visible")
+    if cfg.prompt_stages:
+        split_layers(int(config.num_hidden_layers), cfg.prompt_stages)
+    if cfg.device == "cuda" and torch.cuda.device_count() < cfg.processes:
+        raise ConfigError(f"{cfg.processes} stages on cuda need as many GPUs; {torch.cuda.device_count()} visible")
     if cfg.swap != "off" and (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)):
         raise ConfigError("--swap supports full-attention layers only; this model has sliding-window layers")
     rule = admission(cfg, config, 1.0)
@@ -160,7 +169,8 @@ def validate(cfg: RunConfig) -> None:
                               f"{rule.need_bytes(worst) / MiB:.3f} MiB of KV on the largest stage")
 
 
-def _device(cfg: RunConfig, env: Env) -> torch.device:
+def device_for(cfg: RunConfig, env: Env) -> torch.device:
+    """This process's device (``cuda:LOCAL_RANK``, made current) or the CPU (``cfg.threads`` threads)."""
     if cfg.device == "cuda":
         dev = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(dev)
@@ -202,7 +212,7 @@ def run_stage(cfg: RunConfig, env: Env, progress: Callable[[int, int], None] | N
     CapacityError
         A stage's KV would pass its budget.
     """
-    device = _device(cfg, env)
+    device = device_for(cfg, env)
     config = model_config(cfg)
     links = Links(env, device, cfg.timeout, cfg.batch)
     try:
@@ -242,11 +252,16 @@ def run_stage(cfg: RunConfig, env: Env, progress: Callable[[int, int], None] | N
     out = {"config": cfg.to_json(), "summary": summarize(sched.completions), "stages": docs, "checks": checks,
            "requests": cfg.requests, "identical": sum(c["identical"] for c in checks),
            "completed": len(sched.completions)}
+    return write_summary(out, results)
+
+
+def write_summary(doc: dict, results: str | None) -> dict:
+    """Write ``doc`` to ``<results>/summary.json`` (when ``results`` is given) and return it."""
     if results:
         Path(results).mkdir(parents=True, exist_ok=True)
-        (Path(results) / "summary.json").write_text(json.dumps(out, indent=1))
-    return out
+        (Path(results) / "summary.json").write_text(json.dumps(doc, indent=1))
+    return doc
 
 
 __all__ = ["RunConfig", "DTYPES", "model_config", "build_model", "stage_token_bytes", "workload", "admission",
-           "validate", "check", "run_stage"]
+           "validate", "check", "run_stage", "device_for", "write_summary"]

@@ -122,10 +122,13 @@ class Scheduler:
         Who may join.
     progress : callable, optional
         ``progress(done_requests, generated_tokens)`` after every completion.
+    clock : callable, optional
+        Seconds since the run's start, shared with other processes (:mod:`.disagg`); default: this
+        process's clock from :meth:`run`.
     """
 
     def __init__(self, rt: StageRuntime, links: Links, *, slots: int, admission: Admission,
-                 progress: Callable[[int, int], None] | None = None):
+                 progress: Callable[[int, int], None] | None = None, clock: Callable[[], float] | None = None):
         if slots < 1:
             raise ConfigError(f"--microbatches must be >= 1, got {slots}")
         self.rt, self.links, self.admission = rt, links, admission
@@ -139,10 +142,11 @@ class Scheduler:
         self._seq = 0
         self._t0 = time.perf_counter()
         self._record = True
+        self._clock = clock
 
     def clock(self) -> float:
         """Seconds since the run's start."""
-        return time.perf_counter() - self._t0
+        return self._clock() if self._clock is not None else time.perf_counter() - self._t0
 
     # one microbatch -----------------------------------------------------------------------------------
     def _open(self, slot: int, group: list[Request]) -> None:
@@ -178,10 +182,13 @@ class Scheduler:
         mb = self.slots[slot]
         mb.in_flight = False
         self.t_step_s = t_step_us / 1e6
-        now = self.clock()
         if mb.first_s is None:
-            mb.first_s = now
-        toks = tokens.to("cpu").tolist()
+            mb.first_s = self.clock()
+        self._append(slot, tokens.to("cpu").tolist())
+
+    def _append(self, slot: int, toks: list[int]) -> None:
+        mb = self.slots[slot]
+        now = self.clock()
         still = []
         for pos, i in enumerate(mb.active):
             req = mb.requests[i]
@@ -243,7 +250,11 @@ class Scheduler:
                 slot, _, t_us, tokens = self.links.recv_ring()
                 self._arrived(slot, t_us, tokens)
             elif pending:
-                time.sleep(min(0.01, max(0.0, pending[0][-1].arrival_s - self.clock())))
+                self._idle(pending)
+
+    def _idle(self, pending: deque) -> None:
+        """Nothing to run: wait a little for the next arrival."""
+        time.sleep(min(0.01, max(0.0, pending[0][-1].arrival_s - self.clock())))
 
     def stop(self) -> None:
         """End every stage's loop."""

@@ -83,3 +83,19 @@ def test_two_gpu_stages_over_nccl_float32_identical(tmp_path):
                 "--output-tokens", "uniform:4:12", "--swap", "--kv-budget-mb", "0.06", "--results", str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert _last_line(proc) == "8/8 requests identical to single-process generate"
+
+
+def test_disagg_on_pipelines_two_prompt_stages_stream_to_one_token_stage_that_swaps(tmp_path):
+    """``kvstream disagg --stages 1 --prompt-stages 2``: each prompt stage streams its layers' KV to the one
+    token stage (placement: two sources), which decodes four microbatches under a budget that holds two."""
+    proc = _run("-m", "kvstream.cli", "disagg", "--device", "cpu", "--stages", "1", "--prompt-stages", "2",
+                "--microbatches", "4", "--requests", "6", "--arch", "opt", "--output-tokens", "fixed:30",
+                "--swap", "--kv-budget-mb", "0.3", "--results", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert _last_line(proc) == "6/6 requests identical to single-process generate"
+    doc = json.loads((tmp_path / "summary.json").read_text())
+    assert [p["layers"] for p in doc["prompt_stages"]] == [[0, 2], [2, 4]]
+    assert all(len(p["prefills"]) == 6 for p in doc["prompt_stages"])
+    (token,) = doc["stages"]
+    assert token["layers"] == [0, 4] and token["swap_in_bytes"] > 0 and token["peak_kv_bytes"] <= 0.3 * (1 << 20)
+    assert {s["kind"] for s in token["steps"]} == {"join", "decode"}  # no prefill on the token side
