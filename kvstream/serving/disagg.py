@@ -41,11 +41,10 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import ConfigError
+from .launch import stop_workers
 from .loadgen import Completion, report, summarize
 from .worker import add_workload_args, resolve_defaults
 
-#: Seconds the launcher gives the other workers to exit after one failed.
-GRACE_S = 10.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -124,20 +123,6 @@ def launch(args: argparse.Namespace, results: Path) -> list[dict]:
     return [json.loads((results / f"rank{r}.json").read_text()) for r in range(args.workers)]
 
 
-def stop_workers(procs: list[subprocess.Popen]) -> None:
-    """Terminate the processes still running; kill those that do not exit within :data:`GRACE_S`."""
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    end = time.monotonic() + GRACE_S
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, end - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
 def planner_inputs(docs: list[dict]) -> dict:
     """The planner's measured inputs from a disaggregated run: ``Y`` (plain prefill), ``t`` (decode step),
     ``N`` (mean output tokens) and ``m`` (prefill + KV streaming over plain prefill)."""
@@ -211,4 +196,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-__all__ = ["main", "run", "launch", "worker_argv", "planner_inputs", "stop_workers"]
+__all__ = ["main", "run", "launch", "worker_argv", "planner_inputs"]

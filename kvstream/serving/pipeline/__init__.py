@@ -11,6 +11,8 @@ By job, along one microbatch step:
 * :mod:`.links` — process groups from torchrun's environment and the step messages between stages;
 * :mod:`.scheduler` — stage 0: admission, round-robin microbatches, requests joining and leaving;
 * :mod:`.run` — a stage process from start to end, and the check against single-process ``generate``;
+* :mod:`.disagg` — prompt/token disaggregation on pipelines (``kvstream disagg --stages D``): prompt
+  stages stream each layer's KV to the token stage owning it, microbatches join the token pipeline;
 * :mod:`.cli` and :mod:`.report` — ``kvstream pipeline`` and ``python -m kvstream.serving.pipeline``.
 
 Example (one stage, in this process)::

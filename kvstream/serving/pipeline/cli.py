@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 
 from ...errors import ConfigError, KVStreamError
-from ..disagg import stop_workers
+from ..launch import stop_workers
 from .disagg import run_disagg_stage
 from .links import Env, env_from_os
 from .report import plot, print_report, verdict

@@ -141,21 +141,18 @@ class JoinScheduler(Scheduler):
         super().__init__(rt, links, **kw)
         self.receive, self.ready = receive, ready
         self._next = 0
+        self._note: list | None = None
 
-    def _admit(self, pending: deque) -> None:
-        while pending and None in self.slots:
-            active = [mb.requests for mb in self.slots if mb is not None]
-            if not self.admission.allows(pending[0], active, self.t_step_s):
-                if not active:
-                    raise ConfigError(f"a microbatch of {len(pending[0])} requests needs "
-                                      f"{self.admission.need_bytes(pending[0])} bytes of KV per stage, over the "
-                                      f"budget of {self.admission.budget_bytes} bytes")
-                return
-            note = self.ready.get(self._next, block=False)
-            if note is None:
-                return
-            self._join(self.slots.index(None), list(pending.popleft()), self._next, note)
-            self._next += 1
+    def _ready(self, group) -> bool:
+        """Whether the prompt pipeline announced the next group (kept for :meth:`_start`)."""
+        if self._note is None:
+            self._note = self.ready.get(self._next, block=False)
+        return self._note is not None
+
+    def _start(self, slot: int, group: list) -> None:
+        note, self._note = self._note, None
+        self._join(slot, group, self._next, note)
+        self._next += 1
 
     def _join(self, slot: int, group: list, j: int, note: list) -> None:
         ids, mask = pad_left(group, torch.device("cpu"))

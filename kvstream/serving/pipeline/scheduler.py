@@ -222,7 +222,7 @@ class Scheduler:
         return None
 
     def _admit(self, pending: deque) -> None:
-        while pending and pending[0][-1].arrival_s <= self.clock() and None in self.slots:
+        while pending and None in self.slots and self._ready(pending[0]):
             active = [mb.requests for mb in self.slots if mb is not None]
             if not self.admission.allows(pending[0], active, self.t_step_s):
                 if not active:
@@ -230,7 +230,15 @@ class Scheduler:
                                       f"{self.admission.need_bytes(pending[0])} bytes of KV per stage, over the "
                                       f"budget of {self.admission.budget_bytes} bytes")
                 return
-            self._open(self.slots.index(None), list(pending.popleft()))
+            self._start(self.slots.index(None), list(pending.popleft()))
+
+    def _ready(self, group: Sequence[Request]) -> bool:
+        """Whether the next group may start now: its last request arrived."""
+        return group[-1].arrival_s <= self.clock()
+
+    def _start(self, slot: int, group: list[Request]) -> None:
+        """Put the next group in a free slot (here: to be prefilled)."""
+        self._open(slot, group)
 
     def run(self, groups: Sequence[Sequence[Request]], *, record: bool = True) -> None:
         """Serve ``groups`` (microbatches, in arrival order) to completion; arrivals are relative to now.
