@@ -99,3 +99,12 @@ def test_disagg_on_pipelines_two_prompt_stages_stream_to_one_token_stage_that_sw
     (token,) = doc["stages"]
     assert token["layers"] == [0, 4] and token["swap_in_bytes"] > 0 and token["peak_kv_bytes"] <= 0.3 * (1 << 20)
     assert {s["kind"] for s in token["steps"]} == {"join", "decode"}  # no prefill on the token side
+
+
+@pytest.mark.gpu2
+def test_two_gpu_disagg_on_pipelines_float32_identical(tmp_path):
+    proc = _run("-m", "kvstream.cli", "disagg", "--device", "cuda", "--stages", "1", "--prompt-stages", "1",
+                "--microbatches", "2", "--requests", "6", "--model", "tiny", "--dtype", "float32", "--prompt-tokens",
+                "32", "--output-tokens", "uniform:4:12", "--results", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert _last_line(proc) == "6/6 requests identical to single-process generate"
