@@ -23,9 +23,16 @@ def _last_line(proc: subprocess.CompletedProcess) -> str:
     return proc.stdout.strip().splitlines()[-1]
 
 
-def test_two_stages_four_microbatches_eight_requests_identical(tmp_path):
-    proc = _run("-m", "kvstream.cli", "pipeline", "--device", "cpu", "--stages", "2", "--microbatches", "4",
-                "--requests", "8", "--results", str(tmp_path))
+def _launch(capsys, argv: list[str], disaggregate: bool = False) -> subprocess.CompletedProcess:
+    """The launcher in this process (saves an interpreter start); the stages are real processes."""
+    code = main(argv, disaggregate=disaggregate)
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out.out, out.err)
+
+
+def test_two_stages_four_microbatches_eight_requests_identical(tmp_path, capsys):
+    proc = _launch(capsys, ["--device", "cpu", "--stages", "2", "--microbatches", "4",
+                "--requests", "8", "--results", str(tmp_path)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert _last_line(proc) == "8/8 requests identical to single-process generate"
     doc = json.loads((tmp_path / "summary.json").read_text())
@@ -33,11 +40,11 @@ def test_two_stages_four_microbatches_eight_requests_identical(tmp_path):
     assert doc["summary"]["requests"] == 8 and "throughput" in proc.stdout and "peak KV" in proc.stdout
 
 
-def test_two_stages_swapping_under_a_small_budget_identical_and_within_it(tmp_path):
+def test_two_stages_swapping_under_a_small_budget_identical_and_within_it(tmp_path, capsys):
     png = tmp_path / "stall.png"
-    proc = _run("-m", "kvstream.cli", "pipeline", "--device", "cpu", "--stages", "3", "--microbatches", "4",
-                "--requests", "8", "--arch", "gpt2", "--layers", "6", "--swap", "--kv-budget-mb", "0.12",
-                "--results", str(tmp_path), "--plot", str(png))
+    proc = _launch(capsys, ["--device", "cpu", "--stages", "2", "--microbatches", "4",
+                "--requests", "8", "--arch", "gpt2", "--swap", "--kv-budget-mb", "0.12",
+                "--results", str(tmp_path), "--plot", str(png)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert _last_line(proc) == "8/8 requests identical to single-process generate"
     doc = json.loads((tmp_path / "summary.json").read_text())
@@ -85,12 +92,12 @@ def test_two_gpu_stages_over_nccl_float32_identical(tmp_path):
     assert _last_line(proc) == "8/8 requests identical to single-process generate"
 
 
-def test_disagg_on_pipelines_two_prompt_stages_stream_to_one_token_stage_that_swaps(tmp_path):
+def test_disagg_on_pipelines_two_prompt_stages_stream_to_one_token_stage_that_swaps(tmp_path, capsys):
     """``kvstream disagg --stages 1 --prompt-stages 2``: each prompt stage streams its layers' KV to the one
     token stage (placement: two sources), which decodes four microbatches under a budget that holds two."""
-    proc = _run("-m", "kvstream.cli", "disagg", "--device", "cpu", "--stages", "1", "--prompt-stages", "2",
-                "--microbatches", "4", "--requests", "6", "--arch", "opt", "--output-tokens", "fixed:30",
-                "--swap", "--kv-budget-mb", "0.3", "--results", str(tmp_path))
+    proc = _launch(capsys, ["--device", "cpu", "--stages", "1", "--prompt-stages", "2",
+                            "--microbatches", "4", "--requests", "6", "--arch", "opt", "--output-tokens", "fixed:30",
+                            "--swap", "--kv-budget-mb", "0.3", "--results", str(tmp_path)], disaggregate=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert _last_line(proc) == "6/6 requests identical to single-process generate"
     doc = json.loads((tmp_path / "summary.json").read_text())
