@@ -6,6 +6,7 @@
     kvstream disagg      prompt/token disaggregation: start workers, check outputs
     kvstream serve       one disaggregation worker (under torchrun)
     kvstream plan        DéjàVu's prompt/token planner
+    kvstream pipeline    pipeline-parallel decoding (one process per stage), microbatch swapping
     kvstream --version   the installed version
 
 User errors end in one line on stderr, ``kvstream: error: <what and the fix>``, and exit status 2: every
@@ -33,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "disagg": ("kvstream.serving.disagg", "prompt/token disaggregation: start workers and check outputs"),
     "serve": ("kvstream.serving.worker", "one disaggregation worker (prompt or token role)"),
     "plan": ("kvstream.serving.planner", "DéjàVu planner: split D machines into prompt and token workers"),
+    "pipeline": ("kvstream.serving.pipeline.cli", "pipeline-parallel decoding with microbatch swapping; checks outputs"),
 }
 
 

@@ -5,7 +5,11 @@
 * :mod:`.disagg` — ``kvstream disagg``: start the workers, run a load, check every output against
   single-process ``generate``, report throughput and normalized latency;
 * :mod:`.loadgen` — Poisson arrivals, prompt/output lengths, the metrics;
-* :mod:`.planner` — ``kvstream plan``: DéjàVu's split of D machines into prompt and token workers.
+* :mod:`.planner` — ``kvstream plan``: DéjàVu's split of D machines into prompt and token workers
+  (``--swap``: the largest microbatch with and without microbatch swapping);
+* :mod:`.pipeline` — ``kvstream pipeline``: a pipeline-parallel decoding engine (one process per stage)
+  with DéjàVu's microbatch swapping; ``kvstream disagg --stages D`` runs disaggregation on it;
+* :mod:`.launch` — what the launchers share (stopping the processes).
 
 The KV moves through point-to-point transports (:class:`~kvstream.transports.remote.RemoteHostTransport`,
 :class:`~kvstream.transports.nccl.NcclTransport`); :mod:`kvstream.streaming.placement` maps regions between

@@ -41,11 +41,10 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import ConfigError
+from .launch import stop_workers
 from .loadgen import Completion, report, summarize
 from .worker import add_workload_args, resolve_defaults
 
-#: Seconds the launcher gives the other workers to exit after one failed.
-GRACE_S = 10.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -111,30 +110,17 @@ def launch(args: argparse.Namespace, results: Path) -> list[dict]:
             time.sleep(0.05)
         failed = failed if failed is not None else next((r for r, p in enumerate(procs) if p.returncode), None)
         if failed is not None or any(p.poll() is None for p in procs):
-            _stop(procs)
+            stop_workers(procs)
             rank = failed if failed is not None else next(r for r, p in enumerate(procs) if p.returncode != 0)
             logs[rank].seek(0)
             tail = logs[rank].read()[-3000:]
             what = f"exited with {procs[rank].returncode}" if failed is not None else "timed out"
             raise RuntimeError(f"worker rank {rank} {what}:\n{tail}")
     finally:
-        _stop(procs)
+        stop_workers(procs)
         for f in logs:
             f.close()
     return [json.loads((results / f"rank{r}.json").read_text()) for r in range(args.workers)]
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    end = time.monotonic() + GRACE_S
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, end - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 def planner_inputs(docs: list[dict]) -> dict:
@@ -180,7 +166,16 @@ def run(args: argparse.Namespace) -> tuple[int, dict]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``kvstream disagg``. Returns 0 when every request completed with identical tokens, 1 otherwise, 2 for
-    bad arguments."""
+    bad arguments.
+
+    With ``--stages D`` (and ``--prompt-stages P``, default D) it runs on pipelines instead: a prompt
+    pipeline streams each layer's KV to the token pipeline's stage owning it
+    (:mod:`kvstream.serving.pipeline.disagg`; the options of ``kvstream pipeline``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--stages" or a.startswith("--stages=") for a in argv):
+        from .pipeline.cli import main as pipeline_main
+
+        return pipeline_main(argv, disaggregate=True)
     args = _parser().parse_args(argv)
     try:
         code, doc = run(args)

@@ -209,6 +209,61 @@ def plan(inputs: PlanInputs, memory: MemoryModel | None = None) -> Plan:
                 throughput_batches_per_s=min(prompt_rate, token_rate), bound=bound)
 
 
+@dataclass(frozen=True)
+class SwapPlan:
+    """The largest microbatch a pipeline holds with and without DéjàVu's swapping, and whether it hides.
+
+    Without swapping every stage holds the KV of all ``D`` microbatches in flight for its ``L/D`` layers:
+    ``B·S·k`` bytes per stage, so ``B_off = floor((M − W/D) / (S·k))``. With two slots per stage (DéjàVu
+    §4.2) a stage holds ``2·B·S·k/D``: ``B_on = floor(D·(M − W/D) / (2·S·k))``, at most ``D/2`` times
+    larger (no gain for ``D <= 2``). The prefetch hides when ``K <= B_pcie·t`` with ``K = B_on·S·k`` one
+    microbatch's KV and ``t`` its decode step on the whole model (given, or the HBM roofline
+    ``(W + K)/B_hbm``); ``ratio = K/(B_pcie·t)``. Sizes in bytes, times in seconds, rates in bytes/s.
+    """
+
+    batch_without_swap: int
+    batch_with_swap: int
+    microbatch_kv_bytes: int
+    token_time_s: float
+    ratio: float
+    hides: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+def swap_plan(*, machine_bytes: int, weight_bytes: int, kv_bytes_per_token: int, stages: int, seq_tokens: int,
+              token_time_s: float | None = None, pcie_bytes_per_s: float = 55e9, hbm_bytes_per_s: float = 4e12) -> SwapPlan:
+    """:class:`SwapPlan` for ``stages`` machines of ``machine_bytes`` each (see its docstring for the formulas).
+
+    Raises
+    ------
+    ConfigError
+        If a stage's share of the weights leaves no room, or a size is not positive.
+
+    Examples
+    --------
+    >>> p = swap_plan(machine_bytes=40 * GiB, weight_bytes=16 * GiB, kv_bytes_per_token=128 << 10, stages=4,
+    ...               seq_tokens=2048)
+    >>> (p.batch_without_swap, p.batch_with_swap)
+    (144, 288)
+    """
+    if min(machine_bytes, weight_bytes, kv_bytes_per_token, stages, seq_tokens) <= 0:
+        raise ConfigError("swap_plan: every size must be positive")
+    room = machine_bytes - weight_bytes / stages
+    if room <= 0:
+        raise ConfigError(f"{stages} machines of {machine_bytes / GiB:.2f} GiB cannot hold the weights "
+                          f"({weight_bytes / GiB:.2f} GiB) with room for KV")
+    seq_bytes = seq_tokens * kv_bytes_per_token
+    off, on = int(room // seq_bytes), int(stages * room // (2 * seq_bytes))
+    kv = on * seq_bytes
+    t = token_time_s if token_time_s else (weight_bytes + kv) / hbm_bytes_per_s
+    ratio = kv / (pcie_bytes_per_s * t)
+    return SwapPlan(batch_without_swap=off, batch_with_swap=on, microbatch_kv_bytes=kv, token_time_s=t, ratio=ratio,
+                    hides=ratio <= 1.0)
+
+
 def model_bytes(name: str, num_layers: int | None = None, dtype_bytes: int = 2) -> tuple[int, int]:
     """``(weight bytes, KV bytes per token)`` of an embedded model: ``llama3-8b`` or ``tiny``.
 
@@ -284,13 +339,44 @@ def _parser() -> argparse.ArgumentParser:
     mem.add_argument("--kv-bytes-per-token", type=int, help="k: KV bytes per token of all layers")
     mem.add_argument("--batch", type=int, help="B: sequences per microbatch (default 1)")
     mem.add_argument("--prompt-tokens", type=int, help="P: prompt length (default 1024)")
+    sw = p.add_argument_group("swapping (DéjàVu §4.2; with --swap: --machine-gib, --machines as D, --seq-tokens)")
+    sw.add_argument("--swap", action="store_true", help="plan microbatch swapping instead of the prompt/token split")
+    sw.add_argument("--seq-tokens", type=int, help="S: tokens a sequence holds at its longest (prompt + output)")
+    sw.add_argument("--pcie-gbps", type=float, default=55.0, help="B_pcie, GB/s per direction (default 55: H200)")
+    sw.add_argument("--hbm-gbps", type=float, default=4000.0, help="B_hbm for the roofline step time (default 4000)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON only")
     return p
+
+
+def _swap_main(args: argparse.Namespace) -> int:
+    if args.machine_gib is None or args.machines is None or args.seq_tokens is None:
+        raise ConfigError("--swap needs --machine-gib, --machines (the pipeline depth D) and --seq-tokens")
+    weight, kv = (None, None) if args.weight_gib and args.kv_bytes_per_token else model_bytes(args.model, args.layers)
+    p = swap_plan(machine_bytes=int(args.machine_gib * GiB), stages=args.machines, seq_tokens=args.seq_tokens,
+                  weight_bytes=int(args.weight_gib * GiB) if args.weight_gib else weight,
+                  kv_bytes_per_token=args.kv_bytes_per_token or kv, token_time_s=args.token_time_s,
+                  pcie_bytes_per_s=args.pcie_gbps * 1e9, hbm_bytes_per_s=args.hbm_gbps * 1e9)
+    if args.json:
+        print(json.dumps(p.as_dict(), indent=2))
+        return 0
+    _rows_table("DéjàVu swapping: largest microbatch per pipeline", [
+        ("pipeline depth D", f"{args.machines}"), ("largest microbatch without swap", f"{p.batch_without_swap}"),
+        ("largest microbatch with swap (2 slots)", f"{p.batch_with_swap}"),
+        ("microbatch KV K", f"{p.microbatch_kv_bytes / GiB:.3f} GiB"),
+        ("decode step t" + ("" if args.token_time_s else " (HBM roofline)"), f"{p.token_time_s:.4g} s"),
+        ("K / (B_pcie * t)", f"{p.ratio:.3g}"), ("swap-in hides", "yes" if p.hides else "no")])
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``kvstream plan``: print the prompt/token split. Returns 0, or 2 for bad or infeasible inputs."""
     args = _parser().parse_args(argv)
+    if args.swap:
+        try:
+            return _swap_main(args)
+        except ConfigError as e:
+            print(f"kvstream plan: {e}", file=sys.stderr)
+            return 2
     try:
         values: dict[str, Any] = load_results(args.results) if args.results else {}
         for name in _INPUT_FIELDS:
@@ -325,13 +411,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _print_table(inputs: PlanInputs, memory: MemoryModel | None, result: Plan) -> None:
+def _rows_table(title: str, rows: list[tuple[str, str]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="DéjàVu planner: prompt / token split", show_header=True)
+    table = Table(title=title, show_header=True)
     table.add_column("quantity")
     table.add_column("value", justify="right")
+    for k, v in rows:
+        table.add_row(k, v)
+    Console().print(table)
+
+
+def _print_table(inputs: PlanInputs, memory: MemoryModel | None, result: Plan) -> None:
     rows = [
         ("machines D", f"{inputs.machines}"),
         ("prompt time Y", f"{inputs.prompt_time_s:.4g} s"),
@@ -348,9 +440,7 @@ def _print_table(inputs: PlanInputs, memory: MemoryModel | None, result: Plan) -
         ("token side rate", f"{result.token_batches_per_s:.4g} batches/s"),
         ("predicted throughput", f"{result.throughput_batches_per_s:.4g} batches/s"),
     ]
-    for k, v in rows:
-        table.add_row(k, v)
-    Console().print(table)
+    _rows_table("DéjàVu planner: prompt / token split", rows)
 
 
-__all__ = ["PlanInputs", "MemoryModel", "Plan", "plan", "token_machines", "model_bytes", "load_results", "main"]
+__all__ = ["PlanInputs", "MemoryModel", "Plan", "plan", "SwapPlan", "swap_plan", "token_machines", "model_bytes", "load_results", "main"]

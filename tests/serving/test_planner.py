@@ -113,3 +113,31 @@ def test_cli_errors_exit_2(tmp_path, capsys):
     assert "missing planner inputs: token_time_s" in capsys.readouterr().err
     assert main(["--results", str(tmp_path / "none.json")]) == 2
     assert "Cannot read planner inputs" in capsys.readouterr().err
+
+
+def test_swap_plan_hand_computed():
+    from kvstream.serving.planner import swap_plan
+
+    # W = 16 GiB over 4 stages: 36 GiB of room per 40 GiB stage; a 2048-token sequence is 0.25 GiB of KV
+    p = swap_plan(machine_bytes=40 * GiB, weight_bytes=16 * GiB, kv_bytes_per_token=128 << 10, stages=4,
+                  seq_tokens=2048, token_time_s=0.05, pcie_bytes_per_s=55e9)
+    assert (p.batch_without_swap, p.batch_with_swap) == (144, 288)  # D/2 = 2x larger
+    assert p.microbatch_kv_bytes == 288 * 2048 * (128 << 10)
+    assert p.ratio == pytest.approx(p.microbatch_kv_bytes / (55e9 * 0.05)) and not p.hides
+    two = swap_plan(machine_bytes=40 * GiB, weight_bytes=16 * GiB, kv_bytes_per_token=128 << 10, stages=2,
+                    seq_tokens=2048)
+    assert two.batch_with_swap == two.batch_without_swap  # no gain with D = 2
+    small = swap_plan(machine_bytes=17 * GiB, weight_bytes=16 * GiB, kv_bytes_per_token=128 << 10, stages=1,
+                      seq_tokens=1024, token_time_s=0.1)
+    assert small.hides and small.ratio < 1
+    with pytest.raises(ConfigError, match="cannot hold the weights"):
+        swap_plan(machine_bytes=3 * GiB, weight_bytes=16 * GiB, kv_bytes_per_token=1, stages=4, seq_tokens=1)
+
+
+def test_plan_swap_cli(capsys):
+    assert main(["--swap", "--machine-gib", "40", "--machines", "4", "--seq-tokens", "2048", "--weight-gib", "16",
+                 "--kv-bytes-per-token", str(128 << 10), "--token-time", "0.05", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["batch_without_swap"], doc["batch_with_swap"], doc["hides"]) == (144, 288, False)
+    assert main(["--swap", "--machines", "4"]) == 2
+    assert "--swap needs --machine-gib" in capsys.readouterr().err

@@ -25,8 +25,19 @@ def _rows(t: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-class _HostMirror:
-    """One layer's KV history in pinned host memory, ``[B, H, capacity, D]`` for K and for V."""
+class HostMirror:
+    """One layer's KV history in pinned host memory, ``[B, H, capacity, D]`` for K and for V.
+
+    Parameters
+    ----------
+    like : torch.Tensor
+        A ``[B, H, T, D]`` KV tensor giving rows, heads, head_dim and dtype; pinned when it is on CUDA.
+    capacity : int
+        Tokens the host buffers hold before :meth:`append` grows them (a grow synchronizes).
+
+    Used by :class:`Offloader` (layer by layer within a forward) and by the pipeline engine's microbatch
+    swapping (:mod:`kvstream.serving.pipeline.swap`).
+    """
 
     def __init__(self, like: torch.Tensor, capacity: int):
         b, h, _, d = like.shape
@@ -85,6 +96,36 @@ class _HostMirror:
             out.append(buf)
         return out[0], out[1]
 
+    def append_after_compute(self, keys: torch.Tensor, values: torch.Tensor, n_new: int, stream: Stream | None) -> None:
+        """:meth:`append` on ``stream`` once the current stream's work so far (the compute that made the
+        tokens) is done; the device tensors are marked as used there. ``stream=None``: a plain append."""
+        if stream is None or not stream.is_cuda:
+            self.append(keys, values, n_new, None)
+            return
+        stream.wait_stream()
+        keys.record_stream(stream.torch_stream)
+        values.record_stream(stream.torch_stream)
+        with stream:
+            self.append(keys, values, n_new, stream)
+
+    def prefetch(self, device: torch.device, extra: int, stream: Stream | None) -> tuple[torch.Tensor, torch.Tensor, Event | None]:
+        """:meth:`to_device` on ``stream`` after the last append, for use on the current stream.
+
+        Returns ``(keys, values, ready)``: ``ready.wait()`` makes the current stream wait for the copy;
+        ``ready`` is ``None`` when the copy already finished (``stream=None``: a synchronous copy).
+        """
+        if stream is None or not stream.is_cuda:
+            k, v = self.to_device(device, extra, None)
+            return k, v, None
+        if self.ready is not None:
+            stream.wait_event(self.ready)
+        with stream:
+            k, v = self.to_device(device, extra, stream)
+        compute = torch.cuda.current_stream(device)
+        k.record_stream(compute)
+        v.record_stream(compute)
+        return k, v, stream.record_event()
+
     def apply(self, fn) -> None:
         """Replace both buffers by ``fn(view)`` (row ops such as index_select), keeping capacity semantics."""
         if self.ready is not None:
@@ -113,7 +154,7 @@ class Offloader:
 
     def __init__(self, cache: Any):
         self._cache = cache
-        self._mirrors: dict[int, _HostMirror] = {}
+        self._mirrors: dict[int, HostMirror] = {}
         self._prefetched: dict[int, tuple] = {}
         self._side: Stream | None = None
         self._prefetch_stream: Stream | None = None
@@ -172,16 +213,9 @@ class Offloader:
                 keys, values = layer.update(k_new, v_new, *args, **kwargs)
         else:
             keys, values = layer.update(k_new, v_new, *args, **kwargs)
-            mirror = self._mirrors[layer_idx] = _HostMirror(keys, capacity=max(2 * keys.shape[2], 64))
+            mirror = self._mirrors[layer_idx] = HostMirror(keys, capacity=max(2 * keys.shape[2], 64))
         # the newest tokens go to host memory on the side stream, after the compute that made them
-        if side is not None:
-            side.wait_stream()
-            keys.record_stream(side.torch_stream)
-            values.record_stream(side.torch_stream)
-            with side:
-                mirror.append(keys, values, n_new, side)
-        else:
-            mirror.append(keys, values, n_new, None)
+        mirror.append_after_compute(keys, values, n_new, side)
         layer.keys, layer.values = mirror.views()
         self._prefetch_next(layer_idx, device)
         return keys, values
@@ -196,18 +230,8 @@ class Offloader:
             return
         mirror = self._mirrors[nxt]
         _, pstream = self._streams(device)
-        if pstream is None:
-            k, v = mirror.to_device(device, 1, None)
-            self._prefetched[nxt] = (k, v, 1, None)
-            return
-        if mirror.ready is not None:
-            pstream.wait_event(mirror.ready)
-        with pstream:
-            k, v = mirror.to_device(device, 1, pstream)
-        compute = torch.cuda.current_stream(device)
-        k.record_stream(compute)
-        v.record_stream(compute)
-        self._prefetched[nxt] = (k, v, 1, pstream.record_event())
+        k, v, ready = mirror.prefetch(device, 1, pstream)
+        self._prefetched[nxt] = (k, v, 1, ready)
 
     def apply(self, fn) -> None:
         """Apply a batch-row operation (reorder, select, repeat) to every host mirror."""
@@ -224,7 +248,7 @@ class Offloader:
         if not self._offloadable(layer):
             return
         k, v = layer.keys, layer.values
-        m = _HostMirror(k, capacity=max(2 * k.shape[2], 64))
+        m = HostMirror(k, capacity=max(2 * k.shape[2], 64))
         side, _ = self._streams(k.device)
         m.append(k, v, k.shape[2], side)
         if m.ready is not None:
@@ -233,4 +257,4 @@ class Offloader:
         layer.keys, layer.values = m.views()
 
 
-__all__ = ["Offloader"]
+__all__ = ["Offloader", "HostMirror"]
