@@ -88,7 +88,7 @@ class _Side:
     """One process of the pair: store, the transport endpoint and the raw link."""
 
     def __init__(self, args, rank: int, port: int):
-        from kvstream.transports.remote import rendezvous_store
+        from kvstream.transports.peer import rendezvous_store
 
         self.args, self.rank, self.peer = args, rank, 1 - rank
         self.nccl = not args.quick
@@ -126,7 +126,7 @@ class _Side:
         import datetime
 
         import torch.distributed as dist
-        from kvstream.transports.remote import rendezvous_store
+        from kvstream.transports.peer import rendezvous_store
 
         client = rendezvous_store("127.0.0.1", port, is_server=False, timeout_s=120)
         return dist.ProcessGroupGloo(dist.PrefixStore("raw", client), self.rank, 2, datetime.timedelta(seconds=120))
@@ -268,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = Run.from_argv("nccl_handoff", argv, add_args, __doc__)
     if not run.quick and torch.cuda.device_count() < 2:
         raise SystemExit("kvstream.bench.nccl_handoff needs two GPUs (or --quick for the CPU smoke run)")
-    from kvstream.transports.remote import rendezvous_store
+    from kvstream.transports.peer import rendezvous_store
 
     server = rendezvous_store("127.0.0.1", 0, is_server=True, timeout_s=120)
     child_argv = ["--role", "recv", "--port", str(server.port), "--layers", str(run.args.layers), "--tokens",

@@ -203,7 +203,7 @@ def overhead(b: Bench) -> None:
            "context": ctx, "microbatches": 4})
 
 
-def plot(points: list[dict], path: Path) -> None:
+def plot_overlap(points: list[dict], path: Path) -> None:
     """``swap_overlap.png``: stall fraction and the ratio against context, with the predicted crossing."""
     import matplotlib
 
@@ -251,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                target="reported", target_of="value", detail=dict(e["detail"], target=e["target"]),
                                conditions=None if e["pass"] is None else {e["target"]: bool(e["pass"])}, env=env,
                                quick=b.quick)
-    plot(points, out / "swap_overlap.png")
+    plot_overlap(points, out / "swap_overlap.png")
     for name, entry in b.summary.items():
         print(f"{name}: {entry['value']:.4g} {entry['unit']} (target {entry['target']}, pass {entry['pass']})")
     print(f"results: {out}")

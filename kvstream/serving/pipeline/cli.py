@@ -124,7 +124,7 @@ def launch(cfg: RunConfig, results: Path, on_progress=None) -> dict:
     RuntimeError
         A stage failed or the run passed its time limit (with the stage's last output).
     """
-    from ...transports.remote import free_port
+    from ...transports.peer import free_port
 
     progress = results / "progress.json"
     base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(cfg.processes),

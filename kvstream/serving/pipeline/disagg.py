@@ -31,7 +31,7 @@ import torch
 from ...errors import ConfigError
 from ...layout import KVLayout
 from ...streaming.placement import Placement, PipelineConfig
-from ...transports.remote import rendezvous_store
+from ...transports.peer import rendezvous_store
 from ..loadgen import summarize
 from ..worker import pad_left
 from .engine import StageRuntime, follow
