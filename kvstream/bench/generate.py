@@ -42,6 +42,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import ceilings, harness, inputs, timing
+from ..integrations.hf.keywords import cache_kwargs
 from .harness import Run
 from .records import GB, MiB
 from .timing import Stat
@@ -125,7 +126,7 @@ def generate_once(model: torch.nn.Module, input_ids: torch.Tensor, make_cache: C
     cache = make_cache()
     probe = _probe_class()(device)
     t0 = time.perf_counter()
-    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,
+    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **cache_kwargs(cache),
                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
                          streamer=probe)
     if hasattr(cache, "wait"):

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ..layout import Region
+from ..errors import LayoutError
 from . import _checks, _launch, _tables
 
 #: Target bytes per program: 16 KiB is 8 x 16-byte loads in flight per thread at 4 warps, enough to cover
@@ -90,30 +91,81 @@ def _copy_tokens_kernel(table_ptr, chunk_ptr, starts_ptr, rows, heads, tokens, t
     _move_rows(base + cache_off, row_mask, chunk_ptr + chunk_row * HEAD_DIM, HEAD_DIM, BLOCK_D, UNPACK)
 
 
-def _launch_kernel(scan, batch, heads, tokens, t0, device_starts, chunk, unpack, block_rows, num_warps):
-    """Launch the kernel over the scanned entries for ``batch`` x ``heads`` x ``tokens`` rows from ``t0``."""
-    device = scan.device
-    _checks.check_backend(device, _copy_tokens_kernel)
+def _geometry(scan, batch, heads, tokens, elsize, block_rows):
+    """``(rows, block_d, block_rows, across_rows, tiles, grid)`` of a launch over the scanned entries."""
     rows = batch * heads * tokens
-    if rows == 0:
-        return
-    head_dim = scan.shape[3]
-    block_d = triton.next_power_of_2(head_dim)
+    block_d = triton.next_power_of_2(scan.shape[3])
     entries = len(scan.sizes)
     if block_rows is None:
-        block_rows = _launch.block_rows(rows, entries, block_d * chunk.element_size(), device, MAX_TILE_BYTES,
+        block_rows = _launch.block_rows(rows, entries, block_d * elsize, scan.device, MAX_TILE_BYTES,
                                         MIN_PROGRAMS_PER_SM)
     across_rows = tokens < block_rows and rows < 2**31 - block_rows
     tiles = triton.cdiv(tokens, block_rows)
     grid = (triton.cdiv(rows, block_rows) if across_rows else batch * heads * tiles, entries)
+    return rows, block_d, block_rows, across_rows, tiles, grid
+
+
+def _launch_kernel(scan, batch, heads, tokens, t0, device_starts, chunk, unpack, block_rows, num_warps):
+    """Launch the kernel over the scanned entries for ``batch`` x ``heads`` x ``tokens`` rows from ``t0``."""
+    device = scan.device
+    _checks.check_backend(device, _copy_tokens_kernel)
+    if batch * heads * tokens == 0:
+        return
+    rows, block_d, block_rows, across_rows, tiles, grid = _geometry(scan, batch, heads, tokens, chunk.element_size(),
+                                                                    block_rows)
     with _launch.launch_guard(device):
         table = _tables.table(scan.rows, _tables.TOKEN_COLS, device)
         _copy_tokens_kernel[grid](
             table, _tables.as_bits(chunk), device_starts if device_starts is not None else table,
             rows, heads, tokens, tiles, t0,
-            COLS=_tables.TOKEN_COLS, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=block_rows, ALIGN=scan.vector,
+            COLS=_tables.TOKEN_COLS, HEAD_DIM=scan.shape[3], BLOCK_D=block_d, BLOCK_R=block_rows, ALIGN=scan.vector,
             DEVICE_STARTS=device_starts is not None, UNPACK=unpack, ACROSS_ROWS=across_rows,
             num_warps=num_warps or NUM_WARPS)
+
+
+class NewestPlan:
+    """Triton side of :func:`kvstream.kernels.plan_newest` (documented there): the checks, pointer table and
+    launch geometry of one set of per-layer tensors, made once; :meth:`run` is one launch."""
+
+    def __init__(self, keys, values, layers, num_tokens, block_rows=None, num_warps=None):
+        ids, scan, resolved = _checks.newest_args(keys, values, layers, num_tokens, None)
+        _checks.check_backend(scan.device, _copy_tokens_kernel)
+        b, h, _, d = scan.shape
+        self.keys = [keys[l] for l in ids]  # kept alive: the table points at them
+        self.values = [values[l] for l in ids]
+        self.shape = (len(ids), 2, b, h, num_tokens, d)
+        self.dtype, self.device = scan.dtype, scan.device
+        self.num_tokens = num_tokens
+        self.capacity = min(scan.sizes)  # positions every layer holds
+        self._heads = h
+        self._geom = _geometry(scan, b, h, num_tokens, scan.dtype.itemsize, block_rows)
+        self._align = scan.vector
+        self._warps = num_warps or NUM_WARPS
+        with _launch.launch_guard(self.device):
+            self._table = _tables.table(scan.rows, _tables.TOKEN_COLS, self.device)
+
+    def run(self, start: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Pack positions ``[start, start + n)`` of every planned layer into ``out`` (a new chunk if ``None``).
+
+        Raises
+        ------
+        LayoutError
+            If the positions fall outside the planned tensors, or ``out`` does not fit.
+        """
+        n = self.num_tokens
+        if not 0 <= start <= self.capacity - n:
+            raise LayoutError(f"NewestPlan.run: tokens [{start}, {start + n}) fall outside the {self.capacity} "
+                              "positions of the planned tensors")
+        out = _checks.packed_out(out, self.shape, self.dtype, self.device)
+        rows, block_d, block_rows, across_rows, tiles, grid = self._geom
+        if rows:
+            with _launch.launch_guard(self.device):
+                _copy_tokens_kernel[grid](
+                    self._table, _tables.as_bits(out), self._table, rows, self._heads, n, tiles, start,
+                    COLS=_tables.TOKEN_COLS, HEAD_DIM=self.shape[5], BLOCK_D=block_d, BLOCK_R=block_rows,
+                    ALIGN=self._align, DEVICE_STARTS=False, UNPACK=False, ACROSS_ROWS=across_rows,
+                    num_warps=self._warps)
+        return out
 
 
 def _region(keys, values, region, chunk, unpack, block_rows, num_warps):

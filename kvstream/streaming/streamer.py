@@ -189,6 +189,30 @@ class KVStreamer:
             key, lambda: kernels.pack_newest(keys, values, num_tokens=num_tokens, layers=layers), None, meta,
             background and self.level >= 3)
 
+    def scatter_planned(self, key: str, plan, start: int, *, meta: dict | None = None,
+                        background: bool | None = None) -> Handle:
+        """Pack positions ``[start, start + n)`` of every layer of a :func:`kvstream.kernels.plan_newest` plan
+        (one launch, no per-layer host work) and flush them as one ``[L, 2, B, H, n, D]`` chunk.
+
+        The static-cache token path: the same chunk :meth:`scatter_newest` makes from a decode step's new
+        KV, read instead from buffers whose addresses never change. ``background`` defaults to
+        ``level == 3``; level 0 copies row by row like :meth:`scatter_newest`.
+
+        Raises
+        ------
+        LayoutError
+            If the positions fall outside the planned tensors.
+        """
+        n = plan.num_tokens
+        if self.level == 0:
+            b, h = plan.shape[2], plan.shape[3]
+            region = Region(layers=(0, len(plan.keys)), tokens=(start, start + n), batch=(0, b), heads=(0, h))
+            chunk = self._naive(plan.keys, plan.values, region, [start] * len(plan.keys))
+            return self._finish_sync(self.flush(key, chunk, meta=meta))
+        if background is None:
+            background = self.level >= 3
+        return self._pack_and_flush(key, lambda: plan.run(start), None, meta, background and self.level >= 3)
+
     def gather(self, key: str, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], region: Region) -> Handle:
         """Fetch the chunk under ``key`` and unpack it into ``region`` of the per-layer tensors.
 
