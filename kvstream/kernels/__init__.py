@@ -206,7 +206,9 @@ def plan_newest(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *,
     -------
     NewestPlan
         With ``run(start, out=None) -> torch.Tensor`` (raises :class:`LayoutError` for positions outside the
-        planned tensors), ``keys`` and ``values`` (the planned layers' tensors, in chunk order), ``shape``,
+        planned tensors), ``bind(keys, values) -> bool`` (point the plan at other tensors of the same
+        shapes, strides, dtype and device, such as a dynamic cache's new KV of the next step: only the
+        addresses change, so nothing is checked again; ``False`` when a tensor differs), ``keys`` and ``values`` (the planned layers' tensors, in chunk order), ``shape``,
         ``dtype``, ``device`` and ``capacity`` (positions every layer holds).
 
     Raises

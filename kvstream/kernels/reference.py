@@ -93,6 +93,16 @@ class NewestPlan:
         self.num_tokens = num_tokens
         self.capacity = min(scan.sizes)
 
+    def bind(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> bool:
+        """Point the plan at other tensors of the planned shapes, strides, dtype and device; ``False`` if
+        one differs (nothing changed)."""
+        sig = [(tuple(t.shape), t.stride(), t.dtype, t.device) for t in self.keys + self.values]
+        new = list(keys) + list(values)
+        if len(new) != len(sig) or any((tuple(t.shape), t.stride(), t.dtype, t.device) != s for t, s in zip(new, sig)):
+            return False
+        self.keys, self.values = list(keys), list(values)
+        return True
+
     def run(self, start: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Positions ``[start, start + n)`` of every planned layer as one chunk (``out`` if given)."""
         return pack_newest(self.keys, self.values, num_tokens=self.num_tokens, starts=int(start), out=out)

@@ -16,6 +16,8 @@ flattened, so tiny rows still make full tiles.
 
 from __future__ import annotations
 
+import array
+import ctypes
 from typing import Sequence
 
 import torch
@@ -123,6 +125,11 @@ def _launch_kernel(scan, batch, heads, tokens, t0, device_starts, chunk, unpack,
             num_warps=num_warps or NUM_WARPS)
 
 
+#: Pointer tables a plan keeps in flight for :meth:`NewestPlan.bind` (one per step; a slot is reused only
+#: once the launch that read it has run, so 16 steps of queue never wait).
+BIND_RING = 16
+
+
 class NewestPlan:
     """Triton side of :func:`kvstream.kernels.plan_newest` (documented there): the checks, pointer table and
     launch geometry of one set of per-layer tensors, made once; :meth:`run` is one launch."""
@@ -141,8 +148,49 @@ class NewestPlan:
         self._geom = _geometry(scan, b, h, num_tokens, scan.dtype.itemsize, block_rows)
         self._align = scan.vector
         self._warps = num_warps or NUM_WARPS
+        self._rows = scan.rows
+        self._sig = [(tuple(t.shape), t.stride()) for l in ids for t in (keys[l], values[l])]
+        self._ring = None  # pinned [BIND_RING, entries * TOKEN_COLS] int64, made by the first bind
+        self._read: list = [None] * BIND_RING  # the event after the launch that read each slot
+        self._slot = 0
+        self._bound_slot: int | None = None  # the ring slot the table is in (None: the cached planned table)
         with _launch.launch_guard(self.device):
             self._table = _tables.table(scan.rows, _tables.TOKEN_COLS, self.device)
+
+    def bind(self, keys, values) -> bool:
+        """Point the plan at other tensors with the planned shapes, strides, dtype and device (a dynamic
+        cache's new KV of a step). ``False`` (nothing changed) if one differs or is not aligned as planned.
+
+        Only addresses change, so the pointer table is patched on the host and written into a pinned slot
+        that the kernel reads in place: no validation pass, no table upload, no host sync.
+        """
+        if len(keys) != len(self.keys) or len(values) != len(self.values):
+            return False
+        rows, sig, cols = list(self._rows), self._sig, _tables.TOKEN_COLS
+        dtype, device, align = self.dtype, self.device, self._align * self.dtype.itemsize
+        i = 0
+        for k, v in zip(keys, values):
+            for t in (k, v):
+                shape, stride = sig[i]
+                addr = t.data_ptr()
+                if t.shape != shape or t.stride() != stride or addr % align or t.dtype != dtype or t.device != device:
+                    return False
+                rows[i * cols] = addr
+                i += 1
+        if device.type != "cuda":
+            table = torch.tensor(rows, dtype=torch.int64).view(-1, cols)
+        else:
+            if self._ring is None:
+                self._ring = torch.empty((BIND_RING, len(rows)), dtype=torch.int64, pin_memory=True)
+            slot, self._slot = self._slot, (self._slot + 1) % BIND_RING
+            if self._read[slot] is not None:
+                self._read[slot].synchronize()  # 16 steps behind: the oldest launch must have read it
+            table = self._ring[slot]
+            ctypes.memmove(table.data_ptr(), array.array("q", rows).buffer_info()[0], 8 * len(rows))
+            self._bound_slot = slot
+            table = table.view(-1, cols)
+        self._table, self.keys, self.values = table, list(keys), list(values)
+        return True
 
     def run(self, start: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Pack positions ``[start, start + n)`` of every planned layer into ``out`` (a new chunk if ``None``).
@@ -165,7 +213,17 @@ class NewestPlan:
                     COLS=_tables.TOKEN_COLS, HEAD_DIM=self.shape[5], BLOCK_D=block_d, BLOCK_R=block_rows,
                     ALIGN=self._align, DEVICE_STARTS=False, UNPACK=False, ACROSS_ROWS=across_rows,
                     num_warps=self._warps)
+                if self._bound_slot is not None:
+                    self._mark_read()
         return out
+
+    def _mark_read(self) -> None:
+        """Record, after the launch, the event that frees the bound table's ring slot."""
+        slot = self._bound_slot
+        event = self._read[slot]
+        if event is None:
+            event = self._read[slot] = torch.cuda.Event()
+        event.record()
 
 
 def _region(keys, values, region, chunk, unpack, block_rows, num_warps):

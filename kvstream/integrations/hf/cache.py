@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, StaticLayer
 
+from ... import kernels
 from ...errors import ConfigError, LayoutError
 from ...layout import KVLayout, Region
 from ...streaming.session import MANIFEST_FORMAT, Crop, Manifest, Repeat, Reset, SessionKeys, SessionRecorder
@@ -84,6 +85,7 @@ class _SessionStreaming:
         self._last_kv_layer: int | None = None
         self._batch: int | None = None
         self._geometry: tuple | None = None  # (kv_heads, head_dim, dtype) of the first layer seen
+        self._step_plan = None  # kernels.plan_newest of the last decode step's new KV
 
     def _forward_start(self, layer_idx: int, tokens: int) -> int:
         """The position a new forward of ``tokens`` tokens starts at (its first layer was just updated)."""
@@ -159,7 +161,14 @@ class _SessionStreaming:
                                  meta={"session": self.session, "layer": layer_idx})
             return
         key = self._recorder.end_step([p[0] for p in fwd.parts])  # the layers are in the manifest
-        streamer.scatter_newest(key, [p[2] for p in fwd.parts], [p[3] for p in fwd.parts], num_tokens=fwd.tokens)
+        ks, vs = [p[2] for p in fwd.parts], [p[3] for p in fwd.parts]
+        if streamer.level == 0:
+            streamer.scatter_newest(key, ks, vs, num_tokens=fwd.tokens)
+            return
+        plan = self._step_plan  # a step's new KV has the last step's shapes and strides: only addresses change
+        if plan is None or plan.num_tokens != fwd.tokens or not plan.bind(ks, vs):
+            plan = self._step_plan = kernels.plan_newest(ks, vs, num_tokens=fwd.tokens)
+        streamer.scatter_planned(key, plan, 0)
 
     # ------------------------------------------------------------------------------------------------
     # history-rewriting operations: applied, then recorded for replay
