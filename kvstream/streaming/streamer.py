@@ -107,6 +107,7 @@ class KVStreamer:
         self.stats = StreamStats()
         self._pending: deque = deque()  # handles of chunks in flight, in stream order
         self._reading: deque = deque()  # (event after a pack, the tensors it reads), in stream order
+        self._free_events: list = []  # fired events of _reading, recorded again
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------------------
@@ -318,11 +319,12 @@ class KVStreamer:
             pending.append(h)
         return h
 
-    def _keep_until_read(self, tensors: list, after: Event) -> None:
+    def _keep_until_read(self, tensors: list) -> None:
+        """Hold ``tensors`` until an event recorded now on the side stream has fired (events are reused)."""
         reading = self._reading
         while reading and reading[0][0].query():
-            reading.popleft()
-        reading.append((after, tensors))
+            self._free_events.append(reading.popleft()[0])
+        reading.append((self.side.record_event(self._free_events.pop() if self._free_events else None), tensors))
 
     def _naive(self, keys, values, region: Region, starts: Sequence[int]) -> torch.Tensor:
         """Level 0: the region copied row by row into a host chunk (:func:`copy_rows`), counted."""
@@ -346,7 +348,7 @@ class KVStreamer:
         self.side.wait_event(self._produced)
         with self.side:
             h = self.flush(key, chunk, region=region, meta=meta)
-            self._keep_until_read([chunk], self.side.record_event())
+            self._keep_until_read([chunk])
         return self._track(h)
 
 
