@@ -42,6 +42,7 @@ from typing import Sequence
 import torch
 
 from . import ceilings, harness, inputs, timing
+from ..integrations.hf.keywords import cache_kwargs
 from .harness import Run
 from .records import MiB
 
@@ -56,7 +57,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def _generate_one(model, ids: torch.Tensor, cache) -> torch.Tensor:
     with torch.inference_mode():
-        return model.generate(ids, past_key_values=cache, max_new_tokens=1, do_sample=False,
+        return model.generate(ids, **cache_kwargs(cache), max_new_tokens=1, do_sample=False,
                               attention_mask=torch.ones_like(ids), pad_token_id=0)
 
 
@@ -66,7 +67,7 @@ def _prefix_kv(model, ids: torch.Tensor):
 
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_kwargs(cache), use_cache=True)
     return [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
 
 

@@ -50,6 +50,9 @@ SUMMARY_KEYS: dict[str, str] = {
     "prefix_ttft_speedup": "time to first token with a stored 90% prefix over full prefill (kvstream/bench/prefix.py)",
     "file_store_read_vs_raw": "chunk file store reads over raw disk reads (kvstream/bench/prefix.py)",
     "file_store_write_vs_raw": "chunk file store writes over raw disk writes (kvstream/bench/prefix.py)",
+    "hook_step_host_us": "host time StreamingCache's hook adds per decode step over DynamicCache's updates, B1 and B16",
+    "static_hook_step_host_us": "the same for StreamingStaticCache over StaticCache",
+    "streamer_d2h_small_vs_memcpy": "KVStreamer D2H of 4 MiB chunks over cudaMemcpyAsync of the same bytes, same run",
     "nccl_handoff_vs_raw": "KV handoff over raw nccl4py send/recv of the same bytes (kvstream/bench/nccl_handoff.py)",
 }
 
@@ -210,7 +213,8 @@ def _locked_update(path: Path, update: Callable[[dict], None]) -> dict:
 def record_summary(out_dir: str | Path, key: str, *, value: float | None, unit: str, ceiling: float | None,
                    ceiling_of: str, target: str, target_of: str = "ratio", ratio: float | None = None,
                    conditions: dict[str, bool] | None = None, provider: str | None = None,
-                   detail: dict | None = None, env: dict[str, str] | None = None, quick: bool = False) -> dict:
+                   detail: dict | None = None, env: dict[str, str] | None = None, quick: bool = False,
+                   noisy: bool = False) -> dict:
     """Merge one entry into ``<out_dir>/summary.json`` (created if absent; other keys are kept).
 
     Parameters
@@ -242,6 +246,9 @@ def record_summary(out_dir: str | Path, key: str, *, value: float | None, unit: 
         :func:`environment` of the run (device, date, versions, git sha).
     quick : bool
         A ``--quick`` run: ``pass`` is ``None`` (no timing claims).
+    noisy : bool
+        The comparison's spread exceeds its effect (:func:`kvstream.bench.timing.compare`): recorded as
+        ``"noisy": true`` and never counted as met (``pass`` is ``False`` unless the run is quick).
 
     Returns
     -------
@@ -260,12 +267,15 @@ def record_summary(out_dir: str | Path, key: str, *, value: float | None, unit: 
     passed = check_target(target, ratio if target_of == "ratio" else value)
     if conditions and value is not None:  # a "reported" target with conditions passes on the conditions alone
         passed = (True if passed is None else passed) and all(conditions.values())
+    if noisy and passed:
+        passed = False
     if quick:
         passed = None
     env = env or {}
     entry = {
         "value": value, "unit": unit, "ceiling": ceiling, "ceiling_of": ceiling_of, "ratio": ratio,
-        "target": target, "target_of": target_of, "pass": passed, "conditions": conditions or {},
+        "target": target, "target_of": target_of, "pass": passed, "noisy": bool(noisy),
+        "conditions": conditions or {},
         "provider": provider, "detail": _jsonable(detail or {}), "quick": bool(quick),
         "device": env.get("device"), "date": env.get("date"), "git_sha": env.get("git_sha"),
         "torch": env.get("torch"), "triton": env.get("triton"), "transformers": env.get("transformers"),

@@ -112,3 +112,24 @@ def alternating(providers: Sequence[str], reps: int) -> Iterator[tuple[int, str]
     for rep in range(reps):
         for provider in (providers if rep % 2 == 0 else providers[::-1]):
             yield rep, provider
+
+
+def spread(samples: Sequence[float]) -> dict[str, float]:
+    """``{"median", "min", "max"}`` of ``samples`` (at least one)."""
+    s = sorted(samples)
+    return {"median": Stat.of(s).p50, "min": s[0], "max": s[-1]}
+
+
+def compare(ours: Sequence[float], base: Sequence[float]) -> dict[str, Any]:
+    """An end-to-end comparison of two sides measured in alternating repetitions (lower is better).
+
+    Returns both sides' median, min and max, the ``effect`` (median over median, minus 1) and ``noisy``:
+    True when either side's spread (max - min, relative to its median) exceeds the size of the effect, so
+    the difference cannot be told from the machine's noise (bench/NOTES.md: such a comparison is not
+    counted as met).
+    """
+    a, b = spread(ours), spread(base)
+    effect = a["median"] / b["median"] - 1
+    rel = max((a["max"] - a["min"]) / a["median"], (b["max"] - b["min"]) / b["median"])
+    return {"ours": a, "base": b, "effect": effect, "relative_spread": rel, "noisy": bool(rel > abs(effect)),
+            "reps": min(len(ours), len(base))}

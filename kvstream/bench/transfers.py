@@ -136,6 +136,17 @@ def _summarize(run: Run, cases: dict) -> None:
                             "KVStreamer_over_memcpy": {k: c[f"{d}_KVStreamer"] / c[f"{d}_memcpy"] for k, c in cases.items()}})
 
 
+def _summarize_small(run: Run, cases: dict) -> None:
+    """streamer_d2h_small_vs_memcpy: KVStreamer over memcpy at the smallest chunks measured (4 MiB by default)."""
+    small = min(cases, key=lambda k: cases[k]["chunk_bytes"])
+    f = cases[small]
+    run.summary("streamer_d2h_small_vs_memcpy", value=f["d2h_KVStreamer"], unit="GB/s", ceiling=f["d2h_memcpy"],
+                ceiling_of=f"cudaMemcpyAsync D2H of the same {f['chunks']} x {small} MiB, pinned, same run",
+                target=">= 0.90", target_of="ratio", provider=f"KVStreamer.scatter, {small} MiB chunks x {f['chunks']}",
+                detail={"by_chunk_MiB": {k: {"KVStreamer": c["d2h_KVStreamer"], "memcpy": c["d2h_memcpy"]}
+                                         for k, c in cases.items()}})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the transfers topic; returns the exit code."""
     run = Run.from_argv("transfers", argv, add_args, __doc__)
@@ -145,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f = bench_size(run, g, tokens)
         cases[str(round(f["chunk_bytes"] / MiB, 4))] = f
     _summarize(run, cases)
+    _summarize_small(run, cases)
     return run.finish()
 
 

@@ -168,8 +168,11 @@ class Event:
         if self.device.type == "cuda":
             cudart = _cudart()
             flags = cudart.cudaEventDefault if timing else cudart.cudaEventDisableTiming
-            with torch.cuda.device(self.device):
+            if self.device.index == torch.cuda.current_device():  # the common case: no device switch
                 self._raw = _check(cudart.cudaEventCreateWithFlags(flags), "cudaEventCreateWithFlags")
+            else:
+                with torch.cuda.device(self.device):
+                    self._raw = _check(cudart.cudaEventCreateWithFlags(flags), "cudaEventCreateWithFlags")
             self.handle = int(self._raw)
 
     @property

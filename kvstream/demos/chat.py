@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from ..integrations.hf.keywords import cache_kwargs
 from . import options
 
 #: Fewest timed runs of each side per turn: a median and a spread need three.
@@ -142,7 +143,7 @@ class _FirstToken:
 
 def _generate(model, ids: torch.Tensor, new_tokens: int, cache, streamer: _FirstToken) -> torch.Tensor:
     with torch.inference_mode():
-        return model.generate(ids, past_key_values=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        return model.generate(ids, **cache_kwargs(cache), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                               do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0,
                               streamer=streamer)
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from ..integrations.hf.keywords import cache_kwargs
 from . import options
 
 
@@ -98,7 +99,7 @@ def _generate(model, ids: torch.Tensor, new_tokens: int, cache=None) -> torch.Te
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   attention_mask=torch.ones_like(ids), pad_token_id=0)
     if cache is not None:
-        kwargs["past_key_values"] = cache
+        kwargs.update(cache_kwargs(cache))
     with torch.inference_mode():
         return model.generate(ids, **kwargs)
 

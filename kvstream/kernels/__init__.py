@@ -187,6 +187,43 @@ def unpack_newest(chunk: torch.Tensor, keys: Sequence[torch.Tensor], values: Seq
     _impl("unpack_newest", "tokens", backend, keys)(chunk, keys, values, starts, layers=layers)
 
 
+def plan_newest(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *, num_tokens: int = 1,
+                layers: range | Sequence[int] | None = None, backend: str = "auto"):
+    """Check tensors that never move (a StaticCache's buffers) once, for many :func:`pack_newest` calls.
+
+    FlashInfer's ``plan()`` once / ``run()`` per step: the plan validates the layers, builds their pointer
+    table on the device and sizes the launch; ``plan.run(start, out=None)`` then packs positions
+    ``[start, start + num_tokens)`` of every planned layer as one ``[L, 2, B, H, n, head_dim]`` chunk with
+    a single launch and no per-layer host work. The plan keeps references to the tensors; it is right as
+    long as they are the ones the cache holds (a cache that replaces its tensors makes a new plan).
+
+    Parameters
+    ----------
+    keys, values, num_tokens, layers, backend
+        As in :func:`pack_newest` (every layer must hold at least ``num_tokens`` positions).
+
+    Returns
+    -------
+    NewestPlan
+        With ``run(start, out=None) -> torch.Tensor`` (raises :class:`LayoutError` for positions outside the
+        planned tensors), ``bind(keys, values) -> bool`` (point the plan at other tensors of the same
+        shapes, strides, dtype and device, such as a dynamic cache's new KV of the next step: only the
+        addresses change, so nothing is checked again; ``False`` when a tensor differs), ``keys`` and ``values`` (the planned layers' tensors, in chunk order), ``shape``,
+        ``dtype``, ``device`` and ``capacity`` (positions every layer holds).
+
+    Raises
+    ------
+    LayoutError, ConfigError
+        As in :func:`pack_newest`.
+
+    Examples
+    --------
+    >>> plan = plan_newest([l.keys for l in cache.layers], [l.values for l in cache.layers])  # doctest: +SKIP
+    >>> step = plan.run(start=seq_len - 1)                                                     # doctest: +SKIP
+    """
+    return _impl("NewestPlan", "tokens", backend, keys)(keys, values, layers, num_tokens)
+
+
 def pack_blocks(key_caches: Sequence[torch.Tensor], value_caches: Sequence[torch.Tensor], block_ids, *,
                 layers: range | Sequence[int] | None = None, out: torch.Tensor | None = None,
                 backend: str = "auto") -> torch.Tensor:
@@ -244,5 +281,5 @@ def unpack_blocks(chunk: torch.Tensor, key_caches: Sequence[torch.Tensor], value
     _impl("unpack_blocks", "paged", backend, key_caches)(chunk, key_caches, value_caches, block_ids, layers=layers)
 
 
-__all__ = ["BACKENDS", "pack_tokens", "unpack_tokens", "pack_newest", "unpack_newest", "pack_blocks",
+__all__ = ["BACKENDS", "pack_tokens", "unpack_tokens", "pack_newest", "unpack_newest", "plan_newest", "pack_blocks",
            "unpack_blocks", "reference"]

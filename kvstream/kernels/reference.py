@@ -80,6 +80,34 @@ def pack_newest(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *,
     return out
 
 
+class NewestPlan:
+    """Twin of the Triton :class:`~kvstream.kernels.tokens.NewestPlan` (see :func:`kvstream.kernels.plan_newest`):
+    checks once, then :meth:`run` is :func:`pack_newest` at ``start`` on every planned layer."""
+
+    def __init__(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], layers=None, num_tokens: int = 1):
+        ids, scan, _ = _checks.newest_args(keys, values, layers, num_tokens, None)
+        b, h, _, d = scan.shape
+        self.keys, self.values = [keys[l] for l in ids], [values[l] for l in ids]
+        self.shape = (len(ids), 2, b, h, num_tokens, d)
+        self.dtype, self.device = scan.dtype, scan.device
+        self.num_tokens = num_tokens
+        self.capacity = min(scan.sizes)
+
+    def bind(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> bool:
+        """Point the plan at other tensors of the planned shapes, strides, dtype and device; ``False`` if
+        one differs (nothing changed)."""
+        sig = [(tuple(t.shape), t.stride(), t.dtype, t.device) for t in self.keys + self.values]
+        new = list(keys) + list(values)
+        if len(new) != len(sig) or any((tuple(t.shape), t.stride(), t.dtype, t.device) != s for t, s in zip(new, sig)):
+            return False
+        self.keys, self.values = list(keys), list(values)
+        return True
+
+    def run(self, start: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Positions ``[start, start + n)`` of every planned layer as one chunk (``out`` if given)."""
+        return pack_newest(self.keys, self.values, num_tokens=self.num_tokens, starts=int(start), out=out)
+
+
 def unpack_newest(chunk: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], starts,
                   *, layers: range | Sequence[int] | None = None) -> None:
     """Twin of :func:`kvstream.kernels.unpack_newest` (documented there):

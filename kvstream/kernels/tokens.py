@@ -16,6 +16,8 @@ flattened, so tiny rows still make full tiles.
 
 from __future__ import annotations
 
+import array
+import ctypes
 from typing import Sequence
 
 import torch
@@ -23,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ..layout import Region
+from ..errors import LayoutError
 from . import _checks, _launch, _tables
 
 #: Target bytes per program: 16 KiB is 8 x 16-byte loads in flight per thread at 4 warps, enough to cover
@@ -90,30 +93,137 @@ def _copy_tokens_kernel(table_ptr, chunk_ptr, starts_ptr, rows, heads, tokens, t
     _move_rows(base + cache_off, row_mask, chunk_ptr + chunk_row * HEAD_DIM, HEAD_DIM, BLOCK_D, UNPACK)
 
 
-def _launch_kernel(scan, batch, heads, tokens, t0, device_starts, chunk, unpack, block_rows, num_warps):
-    """Launch the kernel over the scanned entries for ``batch`` x ``heads`` x ``tokens`` rows from ``t0``."""
-    device = scan.device
-    _checks.check_backend(device, _copy_tokens_kernel)
+def _geometry(scan, batch, heads, tokens, elsize, block_rows):
+    """``(rows, block_d, block_rows, across_rows, tiles, grid)`` of a launch over the scanned entries."""
     rows = batch * heads * tokens
-    if rows == 0:
-        return
-    head_dim = scan.shape[3]
-    block_d = triton.next_power_of_2(head_dim)
+    block_d = triton.next_power_of_2(scan.shape[3])
     entries = len(scan.sizes)
     if block_rows is None:
-        block_rows = _launch.block_rows(rows, entries, block_d * chunk.element_size(), device, MAX_TILE_BYTES,
+        block_rows = _launch.block_rows(rows, entries, block_d * elsize, scan.device, MAX_TILE_BYTES,
                                         MIN_PROGRAMS_PER_SM)
     across_rows = tokens < block_rows and rows < 2**31 - block_rows
     tiles = triton.cdiv(tokens, block_rows)
     grid = (triton.cdiv(rows, block_rows) if across_rows else batch * heads * tiles, entries)
+    return rows, block_d, block_rows, across_rows, tiles, grid
+
+
+def _launch_kernel(scan, batch, heads, tokens, t0, device_starts, chunk, unpack, block_rows, num_warps):
+    """Launch the kernel over the scanned entries for ``batch`` x ``heads`` x ``tokens`` rows from ``t0``."""
+    device = scan.device
+    _checks.check_backend(device, _copy_tokens_kernel)
+    if batch * heads * tokens == 0:
+        return
+    rows, block_d, block_rows, across_rows, tiles, grid = _geometry(scan, batch, heads, tokens, chunk.element_size(),
+                                                                    block_rows)
     with _launch.launch_guard(device):
         table = _tables.table(scan.rows, _tables.TOKEN_COLS, device)
         _copy_tokens_kernel[grid](
             table, _tables.as_bits(chunk), device_starts if device_starts is not None else table,
             rows, heads, tokens, tiles, t0,
-            COLS=_tables.TOKEN_COLS, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=block_rows, ALIGN=scan.vector,
+            COLS=_tables.TOKEN_COLS, HEAD_DIM=scan.shape[3], BLOCK_D=block_d, BLOCK_R=block_rows, ALIGN=scan.vector,
             DEVICE_STARTS=device_starts is not None, UNPACK=unpack, ACROSS_ROWS=across_rows,
             num_warps=num_warps or NUM_WARPS)
+
+
+#: Pointer tables a plan keeps in flight for :meth:`NewestPlan.bind` (one per step; a slot is reused only
+#: once the launch that read it has run, so 16 steps of queue never wait).
+BIND_RING = 16
+
+
+class NewestPlan:
+    """Triton side of :func:`kvstream.kernels.plan_newest` (documented there): the checks, pointer table and
+    launch geometry of one set of per-layer tensors, made once; :meth:`run` is one launch."""
+
+    def __init__(self, keys, values, layers, num_tokens, block_rows=None, num_warps=None):
+        ids, scan, resolved = _checks.newest_args(keys, values, layers, num_tokens, None)
+        _checks.check_backend(scan.device, _copy_tokens_kernel)
+        b, h, _, d = scan.shape
+        self.keys = [keys[l] for l in ids]  # kept alive: the table points at them
+        self.values = [values[l] for l in ids]
+        self.shape = (len(ids), 2, b, h, num_tokens, d)
+        self.dtype, self.device = scan.dtype, scan.device
+        self.num_tokens = num_tokens
+        self.capacity = min(scan.sizes)  # positions every layer holds
+        self._heads = h
+        self._geom = _geometry(scan, b, h, num_tokens, scan.dtype.itemsize, block_rows)
+        self._align = scan.vector
+        self._warps = num_warps or NUM_WARPS
+        self._rows = scan.rows
+        self._sig = [(tuple(t.shape), t.stride()) for l in ids for t in (keys[l], values[l])]
+        self._ring = None  # pinned [BIND_RING, entries * TOKEN_COLS] int64, made by the first bind
+        self._read: list = [None] * BIND_RING  # the event after the launch that read each slot
+        self._slot = 0
+        self._bound_slot: int | None = None  # the ring slot the table is in (None: the cached planned table)
+        with _launch.launch_guard(self.device):
+            self._table = _tables.table(scan.rows, _tables.TOKEN_COLS, self.device)
+
+    def bind(self, keys, values) -> bool:
+        """Point the plan at other tensors with the planned shapes, strides, dtype and device (a dynamic
+        cache's new KV of a step). ``False`` (nothing changed) if one differs or is not aligned as planned.
+
+        Only addresses change, so the pointer table is patched on the host and written into a pinned slot
+        that the kernel reads in place: no validation pass, no table upload, no host sync.
+        """
+        if len(keys) != len(self.keys) or len(values) != len(self.values):
+            return False
+        rows, sig, cols = list(self._rows), self._sig, _tables.TOKEN_COLS
+        dtype, device, align = self.dtype, self.device, self._align * self.dtype.itemsize
+        i = 0
+        for k, v in zip(keys, values):
+            for t in (k, v):
+                shape, stride = sig[i]
+                addr = t.data_ptr()
+                if t.shape != shape or t.stride() != stride or addr % align or t.dtype != dtype or t.device != device:
+                    return False
+                rows[i * cols] = addr
+                i += 1
+        if device.type != "cuda":
+            table = torch.tensor(rows, dtype=torch.int64).view(-1, cols)
+        else:
+            if self._ring is None:
+                self._ring = torch.empty((BIND_RING, len(rows)), dtype=torch.int64, pin_memory=True)
+            slot, self._slot = self._slot, (self._slot + 1) % BIND_RING
+            if self._read[slot] is not None:
+                self._read[slot].synchronize()  # 16 steps behind: the oldest launch must have read it
+            table = self._ring[slot]
+            ctypes.memmove(table.data_ptr(), array.array("q", rows).buffer_info()[0], 8 * len(rows))
+            self._bound_slot = slot
+            table = table.view(-1, cols)
+        self._table, self.keys, self.values = table, list(keys), list(values)
+        return True
+
+    def run(self, start: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Pack positions ``[start, start + n)`` of every planned layer into ``out`` (a new chunk if ``None``).
+
+        Raises
+        ------
+        LayoutError
+            If the positions fall outside the planned tensors, or ``out`` does not fit.
+        """
+        n = self.num_tokens
+        if not 0 <= start <= self.capacity - n:
+            raise LayoutError(f"NewestPlan.run: tokens [{start}, {start + n}) fall outside the {self.capacity} "
+                              "positions of the planned tensors")
+        out = _checks.packed_out(out, self.shape, self.dtype, self.device)
+        rows, block_d, block_rows, across_rows, tiles, grid = self._geom
+        if rows:
+            with _launch.launch_guard(self.device):
+                _copy_tokens_kernel[grid](
+                    self._table, _tables.as_bits(out), self._table, rows, self._heads, n, tiles, start,
+                    COLS=_tables.TOKEN_COLS, HEAD_DIM=self.shape[5], BLOCK_D=block_d, BLOCK_R=block_rows,
+                    ALIGN=self._align, DEVICE_STARTS=False, UNPACK=False, ACROSS_ROWS=across_rows,
+                    num_warps=self._warps)
+                if self._bound_slot is not None:
+                    self._mark_read()
+        return out
+
+    def _mark_read(self) -> None:
+        """Record, after the launch, the event that frees the bound table's ring slot."""
+        slot = self._bound_slot
+        event = self._read[slot]
+        if event is None:
+            event = self._read[slot] = torch.cuda.Event()
+        event.record()
 
 
 def _region(keys, values, region, chunk, unpack, block_rows, num_warps):

@@ -3,7 +3,7 @@
 Roles (DéjàVu §3-4; msr-fiddle/dejavu ``ParallelGptDVFT.cc``):
 
 * **prompt** — waits for a microbatch's requests to arrive, prefills it with
-  ``model.generate(ids, max_new_tokens=1, past_key_values=StreamingCache(link, session="mb000007"))``, so
+  ``model.generate(ids, max_new_tokens=1, cache=StreamingCache(link, session="mb000007"))``, so
   each layer's KV streams to the token worker that owns the microbatch *while* later layers compute;
   ``cache.wait()`` writes the session manifest; then the first generated token and the ids go out as
   ``mb000007/meta``.
@@ -45,6 +45,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import ConfigError, KVStreamError, PeerError
+from ..integrations.hf.keywords import cache_kwargs
 from .loadgen import Completion, Request, make_requests, microbatches, prompt_lengths
 
 #: Store keys of the run live under this prefix (plus torchrun's run id and restart count when set, so
@@ -146,7 +147,7 @@ def pad_left(mb: Sequence[Request], device: torch.device) -> tuple[torch.Tensor,
 def generate(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, cache=None, streamer=None) -> torch.Tensor:
     """Greedy ``generate`` of exactly ``new_tokens`` tokens (EOS suppressed by ``min_new_tokens``)."""
     with torch.inference_mode():
-        return model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new_tokens,
+        return model.generate(ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=new_tokens,
                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, streamer=streamer)
 
 

@@ -394,7 +394,7 @@ class PrefixStore(ABC):
 
         Examples
         --------
-        >>> out = model.generate(ids, past_key_values=cache, max_new_tokens=32)    # doctest: +SKIP
+        >>> out = model.generate(ids, cache=cache, max_new_tokens=32)    # doctest: +SKIP
         >>> store.update(out, cache)                                              # doctest: +SKIP
         """
         self._check_open()

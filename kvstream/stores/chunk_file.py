@@ -95,7 +95,7 @@ class ChunkFileStore(PrefixStore):
     Examples
     --------
     >>> store = ChunkFileStore("/mnt/shared/kv", chunk_tokens=256, namespace="llama3-8b-bf16")  # doctest: +SKIP
-    >>> store.update(out, cache)                 # after model.generate(..., past_key_values=cache)  # doctest: +SKIP
+    >>> store.update(out, cache)                 # after model.generate(..., cache=cache)  # doctest: +SKIP
     >>> with store.fetch_prefix(next_ids, device="cuda", max_tokens=next_ids.shape[1] - 1) as m:  # doctest: +SKIP
     ...     print(m.matched_tokens)
     """

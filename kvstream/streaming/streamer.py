@@ -107,6 +107,7 @@ class KVStreamer:
         self.stats = StreamStats()
         self._pending: deque = deque()  # handles of chunks in flight, in stream order
         self._reading: deque = deque()  # (event after a pack, the tensors it reads), in stream order
+        self._free_events: list = []  # fired events of _reading, recorded again
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------------------
@@ -188,6 +189,30 @@ class KVStreamer:
         return self._pack_and_flush(
             key, lambda: kernels.pack_newest(keys, values, num_tokens=num_tokens, layers=layers), None, meta,
             background and self.level >= 3)
+
+    def scatter_planned(self, key: str, plan, start: int, *, meta: dict | None = None,
+                        background: bool | None = None) -> Handle:
+        """Pack positions ``[start, start + n)`` of every layer of a :func:`kvstream.kernels.plan_newest` plan
+        (one launch, no per-layer host work) and flush them as one ``[L, 2, B, H, n, D]`` chunk.
+
+        The static-cache token path: the same chunk :meth:`scatter_newest` makes from a decode step's new
+        KV, read instead from buffers whose addresses never change. ``background`` defaults to
+        ``level == 3``; level 0 copies row by row like :meth:`scatter_newest`.
+
+        Raises
+        ------
+        LayoutError
+            If the positions fall outside the planned tensors.
+        """
+        n = plan.num_tokens
+        if self.level == 0:
+            b, h = plan.shape[2], plan.shape[3]
+            region = Region(layers=(0, len(plan.keys)), tokens=(start, start + n), batch=(0, b), heads=(0, h))
+            chunk = self._naive(plan.keys, plan.values, region, [start] * len(plan.keys))
+            return self._finish_sync(self.flush(key, chunk, meta=meta))
+        if background is None:
+            background = self.level >= 3
+        return self._pack_and_flush(key, lambda: plan.run(start), None, meta, background and self.level >= 3)
 
     def gather(self, key: str, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], region: Region) -> Handle:
         """Fetch the chunk under ``key`` and unpack it into ``region`` of the per-layer tensors.
@@ -296,11 +321,12 @@ class KVStreamer:
             pending.append(h)
         return h
 
-    def _keep_until_read(self, tensors: list, after: Event) -> None:
+    def _keep_until_read(self, tensors: list) -> None:
+        """Hold ``tensors`` until an event recorded now on the side stream has fired (events are reused)."""
         reading = self._reading
         while reading and reading[0][0].query():
-            reading.popleft()
-        reading.append((after, tensors))
+            self._free_events.append(reading.popleft()[0])
+        reading.append((self.side.record_event(self._free_events.pop() if self._free_events else None), tensors))
 
     def _naive(self, keys, values, region: Region, starts: Sequence[int]) -> torch.Tensor:
         """Level 0: the region copied row by row into a host chunk (:func:`copy_rows`), counted."""
@@ -324,7 +350,7 @@ class KVStreamer:
         self.side.wait_event(self._produced)
         with self.side:
             h = self.flush(key, chunk, region=region, meta=meta)
-            self._keep_until_read([chunk], self.side.record_event())
+            self._keep_until_read([chunk])
         return self._track(h)
 
 

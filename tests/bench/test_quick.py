@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 #: summary.json keys the core topics write.
 CORE_KEYS = ("pack_vs_copy", "pack_vs_torch", "decode_step_us", "d2h_vs_memcpy", "h2d_vs_memcpy", "disk_write_vs_raw",
              "disk_read_vs_raw", "stream_overhead", "offload_vs_dynamic", "hf_offload_vs_dynamic", "levels",
-             "resume_host_vs_memcpy")
+             "resume_host_vs_memcpy", "hook_step_host_us", "static_hook_step_host_us", "streamer_d2h_small_vs_memcpy")
 ENTRY_FIELDS = ("value", "unit", "ceiling", "ceiling_of", "ratio", "target", "target_of", "pass", "device", "date",
                 "quick", "detail")
 
@@ -144,6 +144,20 @@ def test_alternating_reverses_every_other_round():
     assert list(timing.alternating(["a", "b", "c"], 3)) == [
         (0, "a"), (0, "b"), (0, "c"), (1, "c"), (1, "b"), (1, "a"), (2, "a"), (2, "b"), (2, "c")]
     assert list(timing.alternating(["a"], 0)) == []
+
+
+def test_compare_marks_a_spread_larger_than_the_effect_noisy():
+    clear = timing.compare([1.01, 1.011, 1.012, 1.01, 1.011], [1.0, 1.001, 1.0, 1.002, 1.001])
+    assert clear["noisy"] is False and clear["effect"] == pytest.approx(0.0105, abs=1e-3)
+    assert clear["ours"]["min"] == 1.01 and clear["base"]["max"] == 1.002 and clear["reps"] == 5
+    noisy = timing.compare([1.0, 1.3, 1.02, 1.01, 1.0], [1.0, 1.01, 1.0, 1.02, 1.0])
+    assert noisy["noisy"] is True
+
+
+def test_noisy_comparison_is_not_met(tmp_path):
+    e = records.record_summary(tmp_path, "x", value=0.01, unit="fraction", ceiling=1.0, ceiling_of="base",
+                               target="<= 0.02", target_of="value", noisy=True)
+    assert e["noisy"] is True and e["pass"] is False
 
 
 def test_stat_rate_keeps_quantiles_ordered():

@@ -5,12 +5,13 @@ import torch
 from transformers import DynamicCache
 
 import kvstream
+from kvstream.integrations.hf.keywords import cache_kwargs
 from kvstream.models import build_model, encode_text, prompts, tiny_config
 
 
 def _greedy(model, ids, cache, n=6):
     with torch.inference_mode():
-        return model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=n,
+        return model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(cache), max_new_tokens=n,
                               do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True)
 
 

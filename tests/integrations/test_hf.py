@@ -5,6 +5,7 @@ import torch
 from transformers import DynamicCache
 
 import kvstream
+from kvstream.integrations.hf.keywords import cache_kwargs
 from kvstream.models import batch_of_prompts, build_model, tiny_config
 
 ARCHS = ["llama", "gpt2", "opt", "bloom"]
@@ -26,7 +27,7 @@ def _inputs(batch=2, length=24, pad_rows=1):
 def _gen(model, ids, mask, cache, **kw):
     kw.setdefault("max_new_tokens", 6)
     with torch.inference_mode():
-        return model.generate(ids, attention_mask=mask, past_key_values=cache, pad_token_id=0,
+        return model.generate(ids, attention_mask=mask, **cache_kwargs(cache), pad_token_id=0,
                               return_dict_in_generate=True, output_scores=True, **kw)
 
 

@@ -171,3 +171,20 @@ def test_tensors_on_the_second_gpu(seed):
     kc, vc, _ = paged_layers(seed, layers=2, num_blocks=8, block_size=4, heads=2, head_dim=64, dtype=torch.float16,
                              device=dev)
     assert torch.equal(kernels.pack_blocks(kc, vc, [7, 1]), ref.pack_blocks(kc, vc, [7, 1]))
+
+
+@pytest.mark.gpu
+def test_plan_newest_matches_the_twin_at_every_start(seed):
+    keys, values, _ = hf_layers(seed, seq=[40, 40, 40], batch=3, heads=4, head_dim=128, dtype=torch.bfloat16,
+                                device=CUDA, kind="static")
+    plan = kernels.plan_newest(keys, values, num_tokens=2)
+    twin = ref.NewestPlan(keys, values, None, 2)
+    for start in (0, 17, 38):
+        assert torch.equal(plan.run(start), twin.run(start))
+    out, buf = sentinel_out(plan.shape, torch.bfloat16, "cpu", pin=True)
+    plan.run(5, out=out)  # zero-copy into pinned host memory
+    torch.cuda.synchronize()
+    assert torch.equal(out, twin.run(5).cpu())
+    assert_pads_untouched(buf)
+    with pytest.raises(LayoutError, match="outside"):
+        plan.run(39)

@@ -9,6 +9,7 @@ from transformers import DynamicCache
 from kvstream.errors import ConfigError, LayoutError
 from kvstream.models import build_model, encode_text, prompts, tiny_config
 from kvstream.integrations.hf.prefix import load_prefix_into
+from kvstream.integrations.hf.keywords import cache_kwargs
 from kvstream.stores import ChunkFileStore, RadixStore, kv_from_cache
 
 NEW_TOKENS = 6
@@ -16,7 +17,7 @@ NEW_TOKENS = 6
 
 def _generate(model, ids, cache=None):
     with torch.inference_mode():
-        return model.generate(ids, past_key_values=cache, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+        return model.generate(ids, **cache_kwargs(cache), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                               do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0)
 
 

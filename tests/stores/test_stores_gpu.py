@@ -8,6 +8,7 @@ from transformers import DynamicCache
 
 from kvstream.models import build_model, encode_text, prompts, tiny_config
 from kvstream.integrations.hf.prefix import load_prefix_into
+from kvstream.integrations.hf.keywords import cache_kwargs
 from kvstream.stores import ChunkFileStore, RadixStore
 from store_helpers import prefix_kv
 
@@ -74,7 +75,7 @@ def test_reuse_on_the_gpu_is_identical(tmp_path, cuda_device, kind):
         cache = DynamicCache(config=model.config)
         matched = load_prefix_into(cache, store, ids, device=cuda_device)
         assert (matched > 0) == (turn > 0)
-        out = model.generate(ids, past_key_values=cache, **kw)
+        out = model.generate(ids, **cache_kwargs(cache), **kw)
         assert torch.equal(out, ref)
         store.update(out, cache)
         history = out[0].tolist()

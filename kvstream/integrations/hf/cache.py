@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, StaticLayer
 
+from ... import kernels
 from ...errors import ConfigError, LayoutError
 from ...layout import KVLayout, Region
 from ...streaming.layerwise import LayerwiseLoad
@@ -39,7 +40,7 @@ from .resume import PendingLoad, install, load_session
 
 
 def _is_kv_layer(layer: Any) -> bool:
-    return isinstance(layer, DynamicLayer)
+    return isinstance(layer, (DynamicLayer, StaticLayer))
 
 
 def _supported(layer: Any) -> bool:
@@ -58,49 +59,18 @@ class _Forward:
     parts: list | None = None  # [(layer_idx, key, k_new, v_new)] kept until the chunk is packed
 
 
-class StreamingCache(DynamicCache):
-    """A transformers ``DynamicCache`` that streams each layer's new KV to a transport while ``generate`` runs.
+class _SessionStreaming:
+    """What both cache flavours share: the session record, the streamer, history-rewriting operations.
 
-    Parameters
-    ----------
-    config : transformers.PretrainedConfig, optional
-        The model's config (layer types, sliding windows). Without it layers are created lazily, as in
-        ``DynamicCache()``.
-    transport : Transport, optional
-        Where KV goes (:class:`~kvstream.HostTransport`, :class:`~kvstream.DiskTransport`, ...). ``None``:
-        no streaming (useful with ``offload=True`` alone or for a prefix-filled cache).
-    session : str
-        Key prefix of this request's chunks (``"req-42"``).
-    level : int or str, optional
-        DéjàVuLib level 0-3 (default ``KVSTREAM_LEVEL`` or 3); see :mod:`kvstream.streaming.levels`.
-    offload : bool
-        Keep only the layer in flight and the next one on the GPU; the rest in pinned host memory.
-    layer_chunk_min_tokens : int
-        Forwards with more new tokens than this stream one chunk per layer (prompt path); others one
-        chunk for all layers (decode path).
-
-    Raises
-    ------
-    ConfigError
-        If the config has layers whose state is not KV (linear attention, hybrid Mamba), which this
-        cache cannot stream, or the session name is not a relative key prefix.
-
-    Examples
-    --------
-    >>> transport = kvstream.DiskTransport("/tmp/kv")                                    # doctest: +SKIP
-    >>> cache = kvstream.StreamingCache(config=model.config, transport=transport, session="req-42")
-    >>> out = model.generate(input_ids, past_key_values=cache, max_new_tokens=64)
-    >>> cache.wait()
-    >>> cache2 = kvstream.StreamingCache.load(transport, session="req-42", config=model.config, device="cuda")
-    >>> more = model.generate(out, past_key_values=cache2, max_new_tokens=64)
+    A subclass puts this in front of a transformers ``Cache`` (``DynamicCache``, ``StaticCache``), calls
+    :meth:`_init_streaming` from its ``__init__`` and :meth:`_stream_new` from its ``update``.
     """
 
-    def __init__(self, config: Any = None, transport: Transport | None = None, session: str = "default", *,
-                 level: int | str | None = None, offload: bool = False, layer_chunk_min_tokens: int = 16):
-        super().__init__(config=config)
-        bad = [type(l).__name__ for l in self.layers if not _supported(l)]
-        if bad:
-            raise ConfigError(f"StreamingCache streams attention KV only; this config has layers {sorted(set(bad))}")
+    _offloader = None
+    _pending = None  # a layer-wise load (a prefix, a session) not yet taken
+
+    def _init_streaming(self, config: Any, transport: Transport | None, session: str, level: int | str | None,
+                        layer_chunk_min_tokens: int) -> None:
         if not isinstance(session, str) or not session or session.startswith("/") or ".." in session.split("/"):
             raise ConfigError(f"Invalid session name {session!r}: a non-empty relative key prefix without '..' parts")
         if transport is not None and hasattr(transport, "check_key"):  # the transport's own key rules, now
@@ -111,43 +81,26 @@ class StreamingCache(DynamicCache):
         self.config = config
         self.transport = transport
         self.session = session
-        self.offload = bool(offload)
         self.layer_chunk_min_tokens = int(layer_chunk_min_tokens)
         self.streamer: KVStreamer | None = None
         self._level = resolve_level(level) if transport is not None else level
         self._fwd: _Forward | None = None
-        self._pending: PendingLoad | None = None  # a layer-wise load (a prefix, a session) not yet taken
         self._recorder = SessionRecorder(session)
         self._kv_ids: list[int] = []
         self._kv_ids_for = -1
         self._last_kv_layer: int | None = None
         self._batch: int | None = None
         self._geometry: tuple | None = None  # (kv_heads, head_dim, dtype) of the first layer seen
-        self._offloader = Offloader(self) if self.offload else None
-        self.matched_tokens = 0
+        self._step_plan = None  # kernels.plan_newest of the last decode step's new KV
 
-    # ------------------------------------------------------------------------------------------------
-    # the hook
-    # ------------------------------------------------------------------------------------------------
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """``DynamicCache.update``, then stream the new ``key_states``/``value_states`` ``[B, H, T_new, D]``."""
-        if self._pending is not None and self._pending.take(layer_idx):
-            self._pending = None
-        if self._offloader is not None:
-            if self.layer_class_to_replicate is not None:
-                while len(self.layers) <= layer_idx:
-                    self.layers.append(self.layer_class_to_replicate())
-            keys, values = self._offloader.update(key_states, value_states, layer_idx, *args, **kwargs)
-        else:
-            keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        if self.transport is not None:
-            if self._level == 0 and keys.device == key_states.device and keys.shape[-2] >= key_states.shape[-2]:
-                # DéjàVuLib's naive baseline copies rows of the [B, H, S, D] cache; the new key_states are
-                # often a transposed [B, S, H, D] view, where every token would be its own row
-                n = key_states.shape[-2]
-                key_states, value_states = keys[:, :, keys.shape[-2] - n:], values[:, :, values.shape[-2] - n:]
-            self._stream_new(layer_idx, key_states, value_states)
-        return keys, values
+    def _forward_start(self, layer_idx: int, tokens: int) -> int:
+        """The position a new forward of ``tokens`` tokens starts at (its first layer was just updated)."""
+        return self.layers[layer_idx].get_seq_length() - tokens
+
+    def _seq_length(self) -> int:
+        """Position length of the cache, as an int (what the manifest records)."""
+        return int(self.get_seq_length())
+
 
     def _ensure_streamer(self, device: torch.device) -> KVStreamer:
         if self.streamer is None:
@@ -181,7 +134,7 @@ class StreamingCache(DynamicCache):
             self._batch = k.shape[0]
             self._geometry = (k.shape[1], k.shape[3], k.dtype)
         self._finish_forward()
-        start = self.layers[layer_idx].get_seq_length() - n
+        start = self._forward_start(layer_idx, n)
         mode = "layers" if n > self.layer_chunk_min_tokens else "all"
         seg = self._recorder.begin(mode, start, n, k.shape[0])
         fwd = self._fwd = _Forward(mode=mode, tokens=n, seg=seg, last_layer=layer_idx, parts=[])
@@ -214,7 +167,14 @@ class StreamingCache(DynamicCache):
                                  meta={"session": self.session, "layer": layer_idx})
             return
         key = self._recorder.end_step([p[0] for p in fwd.parts])  # the layers are in the manifest
-        streamer.scatter_newest(key, [p[2] for p in fwd.parts], [p[3] for p in fwd.parts], num_tokens=fwd.tokens)
+        ks, vs = [p[2] for p in fwd.parts], [p[3] for p in fwd.parts]
+        if streamer.level == 0:
+            streamer.scatter_newest(key, ks, vs, num_tokens=fwd.tokens)
+            return
+        plan = self._step_plan  # a step's new KV has the last step's shapes and strides: only addresses change
+        if plan is None or plan.num_tokens != fwd.tokens or not plan.bind(ks, vs):
+            plan = self._step_plan = kernels.plan_newest(ks, vs, num_tokens=fwd.tokens)
+        streamer.scatter_planned(key, plan, 0)
 
     # ------------------------------------------------------------------------------------------------
     # history-rewriting operations: applied, then recorded for replay
@@ -280,7 +240,7 @@ class StreamingCache(DynamicCache):
         if self._offloader is not None and self._offloader.active:
             raise ConfigError("StreamingCache(offload=True) does not support crop (assisted decoding)")
         super().crop(tokens_to_remove)
-        self._record(Crop(length=self.get_seq_length(), tokens=int(tokens_to_remove)))
+        self._record(Crop(length=self._seq_length(), tokens=int(tokens_to_remove)))
 
     def reset(self) -> None:
         """Clear the cache (as ``DynamicCache.reset``), and record it."""
@@ -313,7 +273,7 @@ class StreamingCache(DynamicCache):
         kv_heads, head_dim, dtype = self._geometry if self._geometry else (None, None, None)
         return Manifest(session=self.session, num_layers=len(self.layers), kv_layers=list(self._kv_layer_ids()),
                         kv_heads=kv_heads, head_dim=head_dim, dtype=dtype, batch=self._batch,
-                        seq_length=self.get_seq_length(), segments=list(self._recorder.segments))
+                        seq_length=self._seq_length(), segments=list(self._recorder.segments))
 
     def manifest(self) -> dict:
         """The session manifest as its JSON document (what :meth:`load` replays)."""
@@ -336,6 +296,90 @@ class StreamingCache(DynamicCache):
         """Fetch, parse and check ``session``'s manifest. Raises ``ChunkNotFound`` or ``CorruptChunkError``."""
         key = SessionKeys(session).manifest
         return Manifest.from_bytes(transport.fetch_new(key, "cpu"), source=key)
+
+    def layout(self) -> KVLayout:
+        """The :class:`~kvstream.layout.KVLayout` of what this cache holds (after the first update)."""
+        if self._geometry is None:
+            ids = self._kv_layer_ids()
+            if not ids or not self.layers[ids[0]].is_initialized:
+                raise LayoutError("StreamingCache.layout(): the cache is empty")
+            k = self.layers[ids[0]].keys
+            self._geometry = (k.shape[1], k.shape[3], k.dtype)
+        kv_heads, head_dim, dtype = self._geometry
+        return KVLayout(num_layers=len(self._kv_layer_ids()), kv_heads=kv_heads, head_dim=head_dim, dtype=dtype)
+
+
+class StreamingCache(_SessionStreaming, DynamicCache):
+    """A transformers ``DynamicCache`` that streams each layer's new KV to a transport while ``generate`` runs.
+
+    Parameters
+    ----------
+    config : transformers.PretrainedConfig, optional
+        The model's config (layer types, sliding windows). Without it layers are created lazily, as in
+        ``DynamicCache()``.
+    transport : Transport, optional
+        Where KV goes (:class:`~kvstream.HostTransport`, :class:`~kvstream.DiskTransport`, ...). ``None``:
+        no streaming (useful with ``offload=True`` alone or for a prefix-filled cache).
+    session : str
+        Key prefix of this request's chunks (``"req-42"``).
+    level : int or str, optional
+        DéjàVuLib level 0-3 (default ``KVSTREAM_LEVEL`` or 3); see :mod:`kvstream.streaming.levels`.
+    offload : bool
+        Keep only the layer in flight and the next one on the GPU; the rest in pinned host memory.
+    layer_chunk_min_tokens : int
+        Forwards with more new tokens than this stream one chunk per layer (prompt path); others one
+        chunk for all layers (decode path).
+
+    Raises
+    ------
+    ConfigError
+        If the config has layers whose state is not KV (linear attention, hybrid Mamba), which this
+        cache cannot stream, or the session name is not a relative key prefix.
+
+    Examples
+    --------
+    >>> transport = kvstream.DiskTransport("/tmp/kv")                                    # doctest: +SKIP
+    >>> cache = kvstream.StreamingCache(config=model.config, transport=transport, session="req-42")
+    >>> out = model.generate(input_ids, cache=cache, max_new_tokens=64)
+    >>> cache.wait()
+    >>> cache2 = kvstream.StreamingCache.load(transport, session="req-42", config=model.config, device="cuda")
+    >>> more = model.generate(out, cache=cache2, max_new_tokens=64)
+    """
+
+    def __init__(self, config: Any = None, transport: Transport | None = None, session: str = "default", *,
+                 level: int | str | None = None, offload: bool = False, layer_chunk_min_tokens: int = 16):
+        super().__init__(config=config)
+        bad = [type(l).__name__ for l in self.layers if not _supported(l)]
+        if bad:
+            raise ConfigError(f"StreamingCache streams attention KV only; this config has layers {sorted(set(bad))}")
+        self._init_streaming(config, transport, session, level, layer_chunk_min_tokens)
+        self.offload = bool(offload)
+        self._pending: PendingLoad | None = None  # a layer-wise load (a prefix, a session) not yet taken
+        self._offloader = Offloader(self) if self.offload else None
+        self.matched_tokens = 0
+
+    # ------------------------------------------------------------------------------------------------
+    # the hook
+    # ------------------------------------------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """``DynamicCache.update``, then stream the new ``key_states``/``value_states`` ``[B, H, T_new, D]``."""
+        if self._pending is not None and self._pending.take(layer_idx):
+            self._pending = None
+        if self._offloader is not None:
+            if self.layer_class_to_replicate is not None:
+                while len(self.layers) <= layer_idx:
+                    self.layers.append(self.layer_class_to_replicate())
+            keys, values = self._offloader.update(key_states, value_states, layer_idx, *args, **kwargs)
+        else:
+            keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if self.transport is not None:
+            if self._level == 0 and keys.device == key_states.device and keys.shape[-2] >= key_states.shape[-2]:
+                # DéjàVuLib's naive baseline copies rows of the [B, H, S, D] cache; the new key_states are
+                # often a transposed [B, S, H, D] view, where every token would be its own row
+                n = key_states.shape[-2]
+                key_states, value_states = keys[:, :, keys.shape[-2] - n:], values[:, :, values.shape[-2] - n:]
+            self._stream_new(layer_idx, key_states, value_states)
+        return keys, values
 
     @classmethod
     def load(cls, transport: Transport, session: str, *, config: Any = None, device: torch.device | str | None = None,
@@ -384,7 +428,7 @@ class StreamingCache(DynamicCache):
         """A cache pre-filled with the longest prefix of ``input_ids`` found in ``store``.
 
         ``cache.matched_tokens`` says how many tokens were found (at most ``T - 1``, so ``generate`` always
-        has a token to feed); ``model.generate(input_ids, past_key_values=cache)`` then prefills only the
+        has a token to feed); ``model.generate(input_ids, cache=cache)`` then prefills only the
         rest. ``store`` is a :class:`~kvstream.RadixStore` or :class:`~kvstream.ChunkFileStore`;
         ``input_ids`` a ``[1, T]`` tensor or a list of ids.
 
@@ -415,17 +459,5 @@ class StreamingCache(DynamicCache):
             install(cache, load, list(range(len(cache.layers))), on_done=match.release)
             cache.matched_tokens = int(load.matched_tokens)
         return cache
-
-    def layout(self) -> KVLayout:
-        """The :class:`~kvstream.layout.KVLayout` of what this cache holds (after the first update)."""
-        if self._geometry is None:
-            ids = self._kv_layer_ids()
-            if not ids or not self.layers[ids[0]].is_initialized:
-                raise LayoutError("StreamingCache.layout(): the cache is empty")
-            k = self.layers[ids[0]].keys
-            self._geometry = (k.shape[1], k.shape[3], k.dtype)
-        kv_heads, head_dim, dtype = self._geometry
-        return KVLayout(num_layers=len(self._kv_layer_ids()), kv_heads=kv_heads, head_dim=head_dim, dtype=dtype)
-
 
 __all__ = ["StreamingCache", "MANIFEST_FORMAT"]

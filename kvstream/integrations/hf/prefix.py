@@ -11,7 +11,7 @@ wraps the same steps, and can load layer by layer)::
 
     cache = DynamicCache(config=model.config)
     matched = load_prefix_into(cache, store, input_ids, device=model.device)
-    out = model.generate(input_ids, past_key_values=cache, max_new_tokens=64)
+    out = model.generate(input_ids, cache=cache, max_new_tokens=64)
     store.update(out, cache)        # keep this turn for the next one
 """
 

@@ -120,7 +120,7 @@ class RadixStore(PrefixStore):
     Examples
     --------
     >>> store = RadixStore(capacity_bytes=1 << 30)
-    >>> out = model.generate(ids, past_key_values=cache, max_new_tokens=16)   # doctest: +SKIP
+    >>> out = model.generate(ids, cache=cache, max_new_tokens=16)   # doctest: +SKIP
     >>> store.update(out, cache)                                              # doctest: +SKIP
     >>> store.query(out)                                                      # doctest: +SKIP
     """
