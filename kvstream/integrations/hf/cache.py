@@ -380,16 +380,18 @@ class StreamingCache(DynamicCache):
         ConfigError
             ``layerwise=True`` with a transport or sliding-window layers.
         LayoutError
-            The store's KV has another number of layers than the cache.
+            The store's KV has another number of layers, KV heads, ``head_dim`` or dtype than the cache and
+            ``config``, or the store holds another model's KV (its namespace is the fingerprint of the first
+            model it was used with: :mod:`kvstream.stores.identity`).
         """
         cache = cls(config=config, transport=transport, session=session, **kwargs)
         if device is None:
             device = input_ids.device if isinstance(input_ids, torch.Tensor) else torch.device("cpu")
         device = torch.device(device)
         if not _prefix.check_layerwise(layerwise, device, transport, cache.layers):
-            cache.matched_tokens = int(_prefix.load_prefix_into(cache, store, input_ids, device=device))
+            cache.matched_tokens = int(_prefix.load_prefix_into(cache, store, input_ids, device=device, config=config))
             return cache
-        found = _prefix.lookup_layers(store, input_ids, device, len(cache.layers))
+        found = _prefix.lookup_layers(store, input_ids, device, len(cache.layers), config)
         if found is not None:
             load, match = found
             install(cache, load, list(range(len(cache.layers))), on_done=match.release)

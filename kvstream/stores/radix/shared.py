@@ -166,6 +166,7 @@ class SharedTree:
                                       f"{doc['capacity_bytes']}, this process asked for {self.capacity_bytes}")
                 self.tree = Tree.from_json(doc)
                 self.tree.layout = None if doc["layout"] is None else KVLayout.from_dict(doc["layout"])
+                self.tree.namespace = doc.get("namespace", None if doc["layout"] is None else "")
             else:
                 self.tree = Tree()
             self._generation = generation
@@ -175,6 +176,7 @@ class SharedTree:
         tree = self.tree.to_json()
         doc = {"format": INDEX_FORMAT, "capacity_bytes": self.capacity_bytes, "tick": tree["tick"],
                "next_id": tree["next_id"], "layout": None if self.tree.layout is None else self.tree.layout.to_dict(),
+               "namespace": self.tree.namespace,
                "blobs": tree["blobs"], "nodes": tree["nodes"]}
         tmp = os.path.join(self.directory, f"index.{self.owner.replace(':', '-')}.tmp")
         with open(tmp, "w") as f:
