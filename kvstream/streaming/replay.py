@@ -3,7 +3,9 @@
 Before anything is allocated, every chunk the replay will read has its header checked against the
 manifest (:func:`check_chunks`): the run that wrote it, the model, and the shape and dtype the manifest
 claims. So a session whose name a later run reused is refused rather than replayed over the other run's
-chunks, and a small manifest cannot make the replay allocate what no stored chunk holds.
+chunks, and a small manifest cannot make the replay allocate what no stored chunk holds. The check runs
+again after the reads: a chunk replaced in between (a new run streaming under the name while the old
+session loads) fails it, so the reads got the bytes the first check vouched for.
 
 Every chunk goes through :meth:`KVStreamer.gather <kvstream.streaming.streamer.KVStreamer.gather>`
 (fetch into staging on the KV device, unpack with the kernels), so a load has the streamer's stats and
@@ -157,6 +159,9 @@ def replay(manifest: Manifest, streamer: KVStreamer, *, device: torch.device | s
             bufs, events = _replay_in_order(manifest, p.segments, streamer, bufs, slot, device)
         else:
             events = _replay_layerwise(manifest, p.segments, streamer, bufs, slot, device, side)
+    # A second look once every read was issued: a chunk that still belongs to its run now was that run's
+    # when it was read (a run writes each key once, before its manifest), so no replacement slipped in.
+    check_chunks(manifest, streamer.transport)
     keys = [b[0, :, :, :p.length] for b in bufs]
     values = [b[1, :, :, :p.length] for b in bufs]
     return LayerwiseLoad(keys, values, events, p.length, stream=side.torch_stream if side is not None else None)

@@ -19,10 +19,10 @@ header meta records its run and the model's :func:`~kvstream.layout.kv_fingerpri
 fingerprint, and carries an xxh3 of its own canonical JSON. A replay reads every chunk's header before
 it allocates anything and refuses a chunk of another run (a later run that reused the session name and
 died before writing its manifest), of another model, or of another shape than the manifest claims
-(:func:`kvstream.streaming.replay.replay`). Transports that persist chunks also check that each was
-written under the key asked for (:func:`kvstream.chunk.key_digest`). Two live caches must not stream
-one session name at the same time (a reader could meet a chunk replaced between its header check and
-its read).
+(:func:`kvstream.streaming.replay.replay`), and checks them again after reading (a chunk replaced
+meanwhile fails). Transports that persist chunks also check that each was written under the key asked
+for (:func:`kvstream.chunk.key_digest`). Two live caches should not stream one session name at once
+(their chunks overwrite each other; loads then fail cleanly).
 
 Positions: segments address tokens in *position space*, ``[start, start + tokens)`` of every layer's
 full history (a sliding-window layer keeps only its window of it; the replay rebuilds the whole history

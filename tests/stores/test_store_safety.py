@@ -19,21 +19,9 @@ from kvstream.stores import ChunkFileStore, RadixStore
 from kvstream.stores.chunk_file import PINS_DIR
 from store_helpers import assert_match_is_prefix_kv, prefix_kv
 
-C = 4
-IDS = list(range(100, 116))  # 4 full chunks
+from test_chunk_file_store import C, IDS, put, store  # noqa: F401  (store: the fixture)
+
 OTHER = list(range(200, 216))
-
-
-def put(store, ids):
-    keys, values = prefix_kv(ids)
-    return store.update_kv(ids, keys, values)
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = ChunkFileStore(tmp_path / "kv", chunk_tokens=C)
-    yield s
-    s.close()
 
 
 def test_a_chunk_file_copied_over_another_is_refused_and_dropped(store):

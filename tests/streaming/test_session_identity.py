@@ -160,3 +160,21 @@ def test_a_small_manifest_cannot_make_the_replay_allocate_what_no_chunk_holds(tr
     repeat = _sealed({**doc, "segments": doc["segments"] + [{"kind": "repeat", "repeats": 10 ** 6}]})
     with pytest.raises(CorruptChunkError, match="past any generate"):
         replay_mod.replay(repeat, kvstream.KVStreamer(transport), device="cpu")
+
+
+def test_a_chunk_replaced_while_the_session_loads_is_refused(transport, seed, monkeypatch):
+    """A new run streams under the name while the old session loads: the chunk checked before the read was
+    replaced before the read; the check after the reads catches it (no wrong KV in the loaded cache)."""
+    stream(transport, seed)
+    key = "req/seg000002/all"
+    newer = transport.fetch_new(key) + 1
+    real_fetch = type(transport).fetch
+
+    def fetch(self, k, out):
+        if k == key:
+            transport.flush(key, newer, meta={"session": "req", "run": "f" * 32}).wait()
+        return real_fetch(self, k, out)
+
+    monkeypatch.setattr(type(transport), "fetch", fetch)
+    with pytest.raises(CorruptChunkError, match="written by run"):
+        kvstream.StreamingCache.load(transport, "req", stream=False)

@@ -93,7 +93,8 @@ class StreamingCache(DynamicCache):
     old chunks; a :meth:`load` of the old manifest then refuses every chunk of the new run
     (``CorruptChunkError``) instead of replaying the old manifest over the new run's KV, even if the new
     run died before its :meth:`wait`. The first ``wait()`` of a fresh run deletes the chunks of the
-    manifest it replaced that it did not overwrite. Two live caches must not stream one session name.
+    manifest it replaced that it did not overwrite. A load of a session that a live run is overwriting
+    fails cleanly (the replay checks every chunk's run before and after reading it).
 
     Examples
     --------
