@@ -12,6 +12,8 @@ chunk hashes of :class:`~kvstream.stores.chunk_file.ChunkFileStore`, the tree of
   (:meth:`ModelScope.bind_model`, which :meth:`StreamingCache.from_prefix
   <kvstream.integrations.hf.cache.StreamingCache.from_prefix>`, ``load_prefix_into`` and ``update`` of a
   cache that carries a config call); until then it is unbound (namespace ``""``, as a model-free store).
+  KV stored while unbound is not another model's as far as the store can tell: the radix store keeps
+  it for the model it binds to; the file store's keys change with the namespace, so it is not found.
 
 A store bound to one model refuses another with :class:`~kvstream.errors.LayoutError` (one store object
 per model; several models may share one directory, each through its own store object).

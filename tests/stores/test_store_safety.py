@@ -80,6 +80,12 @@ def test_two_models_of_one_shape_do_not_share_prefixes_by_default(tmp_path):
     unbound = RadixStore(capacity_bytes=1 << 20)
     unbound.bind_model(b)
     assert unbound.fingerprint is not None and unbound.query(IDS) == 0
+    adopted = RadixStore(capacity_bytes=1 << 20)
+    adopted.update_kv(IDS, keys, values)  # stored before any model was known ...
+    adopted.bind_model(a)
+    assert adopted.query(IDS) == len(IDS)  # ... kept for the model the store binds to
+    with pytest.raises(LayoutError, match="another model"):
+        adopted.bind_model(b)
     with pytest.raises(LayoutError, match="config says"):
         unbound.update_kv(IDS, *prefix_kv(IDS, layers=4, heads=3, head_dim=16))  # not model b's geometry
 

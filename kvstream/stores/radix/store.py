@@ -198,10 +198,15 @@ class RadixStore(ModelScope, PrefixStore):
         return tree.layout is not None and (tree.namespace or "") != self.namespace
 
     def _on_bind(self, namespace: str) -> None:
-        with self._locked(write=False) as tree:
-            if tree.layout is not None and (tree.namespace or "") != namespace:
-                raise LayoutError(f"RadixStore holds KV of namespace {tree.namespace!r} (stored without this model's "
-                                  f"config, or another model's); it cannot take the model {namespace}: use a new store")
+        """KV stored before any model was known (namespace ``""``) is taken as this model's, as a store without
+        namespaces took it; KV of another model's namespace is refused."""
+        with self._locked(write=True) as tree:
+            if tree.layout is not None and tree.namespace:
+                if tree.namespace != namespace:
+                    raise LayoutError(f"RadixStore holds KV of namespace {tree.namespace!r} (another model's); it "
+                                      f"cannot take the model {namespace}: use one store per model")
+            elif tree.layout is not None:
+                tree.namespace = namespace
 
     def query(self, token_ids: Any) -> int:
         """Tokens of the longest stored prefix of ``token_ids``; touches nothing, pins nothing."""
