@@ -2,8 +2,15 @@
 
 A packed chunk (:mod:`kvstream.layout` says what its axes are) travels and rests as a
 :class:`ChunkHeader` followed by its payload bytes. The header is a fixed 4096-byte frame holding a magic
-number, the format version and a small JSON document (dtype, shape, region, payload bytes, checksum,
-meta). It is never pickled. 4096 bytes keep the payload aligned for direct I/O.
+number, the JSON length, an xxh3 of the JSON (so that no header field can be edited unnoticed) and a
+small JSON document (dtype, shape, region, payload bytes, payload checksum, the digest of the key it was
+written under, meta). It is never pickled. 4096 bytes keep the payload aligned for direct I/O.
+
+Reading a header validates it strictly before anything is allocated from it (:meth:`ChunkHeader.from_bytes`):
+types (an int is an int, not a float, string or bool), ranges (at most :data:`MAX_DIMS` dimensions, none
+negative, at most :data:`MAX_PAYLOAD_BYTES` of payload, ``nbytes == prod(shape) * itemsize``), known
+fields only, and a JSON document bounded by the frame (deep nesting is a :class:`CorruptChunkError`,
+never a ``RecursionError``). Every header problem is a :class:`CorruptChunkError`.
 
 Point-to-point transports announce each chunk with a *frame*: ``(sequence number, key, header)``
 (:func:`encode_frame` / :func:`decode_frames`), sent in batches; the receiver decodes the header and then
@@ -13,6 +20,7 @@ receives the payload.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -21,19 +29,29 @@ import torch
 import xxhash
 
 from .errors import CorruptChunkError, LayoutError
-from .layout import PACKED_AXES, Region, dtype_from_name, dtype_name
+from .layout import DTYPES, PACKED_AXES, Region, dtype_name
 
-#: Magic bytes at the start of every persisted chunk.
-CHUNK_MAGIC = b"KVSTRM\x00\x01"
+#: Magic bytes at the start of every persisted chunk (the last byte is the frame layout's version).
+CHUNK_MAGIC = b"KVSTRM\x00\x02"
+#: The magic of format-1 chunks (no header checksum, no key digest): refused with a clear message.
+_OLD_MAGIC = b"KVSTRM\x00\x01"
 #: Current chunk format version.
-CHUNK_FORMAT = 1
+CHUNK_FORMAT = 2
 #: Size of the header frame in bytes. 4096 keeps the payload aligned for O_DIRECT reads.
 HEADER_BYTES = 4096
 #: Prefix of every payload checksum kvstream writes (xxh3, 64 bits).
 CHECKSUM_PREFIX = "xxh3_64:"
 #: Checksum field of chunks that are not hashed (host memory: see :class:`kvstream.transports.host.HostTransport`).
 NO_CHECKSUM = "none"
-_PREFIX = struct.Struct("<8sI")  # magic, JSON length
+#: Most dimensions a chunk may have (a packed chunk has 6, a paged one 6, an index 1).
+MAX_DIMS = 8
+#: Most payload bytes one header may declare: 1 TiB, far past any chunk (a 256-token chunk of a
+#: 405B-parameter model is about 130 MiB), and small enough that a forged size is refused before it is allocated.
+MAX_PAYLOAD_BYTES = 1 << 40
+_PREFIX = struct.Struct("<8sIQ")  # magic, JSON length, xxh3_64 of the JSON bytes
+_DIGEST = re.compile(r"xxh3_64:[0-9a-f]{16}")
+_FIELDS = {"format", "dtype", "shape", "axes", "nbytes", "checksum", "region", "meta", "key"}
+_REGION_FIELDS = {"layers", "tokens", "batch", "heads"}
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -72,6 +90,46 @@ def payload_checksum(data: Any) -> str:
     return CHECKSUM_PREFIX + xxhash.xxh3_64_hexdigest(data)
 
 
+def key_digest(key: str) -> str:
+    """The digest of a chunk key that its header records: ``"xxh3_64:<16 hex digits>"`` of its UTF-8 bytes.
+
+    A reader compares it with the key it asked for, so a chunk copied or renamed to another key is
+    refused (:class:`CorruptChunkError`) instead of served as that key's KV.
+
+    Examples
+    --------
+    >>> key_digest("req-42/layer0000") == key_digest("req-42/layer0000") != key_digest("req-42/layer0001")
+    True
+    """
+    return CHECKSUM_PREFIX + xxhash.xxh3_64_hexdigest(key.encode("utf-8", "surrogatepass"))
+
+
+def _int_field(v: Any, what: str, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= hi:
+        raise CorruptChunkError(f"{what} must be an int in [0, {hi}], got {v!r}")
+    return v
+
+
+def _range_field(v: Any, what: str, optional: bool) -> list | None:
+    if v is None and optional:
+        return None
+    if not isinstance(v, list) or len(v) != 2:
+        raise CorruptChunkError(f"{what} must be a [start, stop] pair, got {v!r}")
+    a, b = (_int_field(x, what, MAX_PAYLOAD_BYTES) for x in v)
+    if b < a:
+        raise CorruptChunkError(f"{what} must have start <= stop, got {v!r}")
+    return [a, b]
+
+
+def _parse_region(doc: Any) -> Region | None:
+    if doc is None:
+        return None
+    if not isinstance(doc, dict) or not set(doc) <= _REGION_FIELDS:
+        raise CorruptChunkError(f"region must be an object with fields {sorted(_REGION_FIELDS)}, got {doc!r}")
+    parts = {name: _range_field(doc.get(name), f"region.{name}", name in ("batch", "heads")) for name in _REGION_FIELDS}
+    return Region(**parts)
+
+
 @dataclass(frozen=True)
 class ChunkHeader:
     """The self-describing header in front of every persisted chunk.
@@ -90,11 +148,15 @@ class ChunkHeader:
         Which part of a cache the payload holds.
     meta : dict, optional
         Small JSON-able extras (session, step, ...).
+    key_digest : str, optional
+        :func:`key_digest` of the key the chunk was written under (transports that persist chunks by
+        key record it, and check it on every read).
 
     Notes
     -----
-    On disk: ``CHUNK_MAGIC`` (8 bytes), the JSON length (uint32 little-endian), the JSON document, zero
-    padding to :data:`HEADER_BYTES`, then the payload. No pickle anywhere.
+    On disk: ``CHUNK_MAGIC`` (8 bytes), the JSON length (uint32 little-endian), the xxh3-64 of the JSON
+    bytes (uint64 little-endian), the JSON document, zero padding to :data:`HEADER_BYTES`, then the
+    payload. No pickle anywhere.
     """
 
     dtype: torch.dtype
@@ -103,6 +165,7 @@ class ChunkHeader:
     checksum: str
     region: Region | None = None
     meta: dict | None = None
+    key_digest: str | None = None
 
     @classmethod
     def for_tensor(cls, t: torch.Tensor, region: Region | None = None, meta: dict | None = None,
@@ -129,62 +192,120 @@ class ChunkHeader:
             "checksum": self.checksum,
             "region": None if self.region is None else self.region.to_dict(),
             "meta": self.meta,
+            "key": self.key_digest,
         }
         body = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
         if _PREFIX.size + len(body) > HEADER_BYTES:
             raise LayoutError(f"Chunk header JSON is {len(body)} bytes; at most {HEADER_BYTES - _PREFIX.size} fit")
-        out = _PREFIX.pack(CHUNK_MAGIC, len(body)) + body
+        out = _PREFIX.pack(CHUNK_MAGIC, len(body), xxhash.xxh3_64_intdigest(body)) + body
         return out + b"\x00" * (HEADER_BYTES - len(out)) if pad else out
 
     @classmethod
     def from_bytes(cls, raw: bytes | memoryview, *, source: str = "chunk", padded: bool = True) -> "ChunkHeader":
-        """Decode a header frame (``padded=False``: one encoded with ``to_bytes(pad=False)``).
+        """Decode and validate a header frame (``padded=False``: one encoded with ``to_bytes(pad=False)``).
+
+        Nothing is allocated from the header's numbers here; a caller that allocates ``nbytes`` checks it
+        against what it expects (a file's size, an ``out`` tensor's shape) first.
 
         Raises
         ------
         CorruptChunkError
-            If ``raw`` is short, the magic or version is wrong, or the JSON is malformed or inconsistent.
+            If ``raw`` is short, the magic or version is wrong, the header checksum does not match, the
+            JSON is malformed (nested too deep included), has unknown or mistyped fields, values out of
+            range, or ``nbytes`` other than ``prod(shape) * itemsize``.
         """
         raw = bytes(raw[:HEADER_BYTES])
         if len(raw) < (HEADER_BYTES if padded else _PREFIX.size):
             raise CorruptChunkError(f"{source}: truncated header ({len(raw)} of {HEADER_BYTES} bytes)")
-        magic, n = _PREFIX.unpack_from(raw)
+        magic, n, digest = _PREFIX.unpack_from(raw)
+        if magic == _OLD_MAGIC:
+            raise CorruptChunkError(f"{source}: a format-1 chunk (an older kvstream); this kvstream reads format "
+                                    f"{CHUNK_FORMAT}")
         if magic != CHUNK_MAGIC:
             raise CorruptChunkError(f"{source}: bad magic {magic!r}; not a kvstream chunk")
         if n > min(HEADER_BYTES, len(raw)) - _PREFIX.size:
             raise CorruptChunkError(f"{source}: header length {n} out of range")
+        body = raw[_PREFIX.size:_PREFIX.size + n]
+        if xxhash.xxh3_64_intdigest(body) != digest:
+            raise CorruptChunkError(f"{source}: header checksum mismatch (a header field was changed or damaged)")
         try:
-            doc = json.loads(raw[_PREFIX.size:_PREFIX.size + n])
-            if doc["format"] != CHUNK_FORMAT:
-                raise CorruptChunkError(f"{source}: chunk format {doc['format']} (this kvstream reads {CHUNK_FORMAT})")
-            dtype = dtype_from_name(doc["dtype"])
-            shape = tuple(int(s) for s in doc["shape"])
-            nbytes = int(doc["nbytes"])
-            region = None if doc.get("region") is None else Region.from_dict(doc["region"])
-            header = cls(dtype=dtype, shape=shape, nbytes=nbytes, checksum=str(doc["checksum"]), region=region,
-                         meta=doc.get("meta"))
-        except CorruptChunkError:
-            raise
-        except (ValueError, KeyError, TypeError, LayoutError) as e:
+            doc = json.loads(body)
+        except (ValueError, RecursionError) as e:
+            raise CorruptChunkError(f"{source}: malformed header JSON: {type(e).__name__}: {e}") from None
+        try:
+            return cls._from_doc(doc)
+        except CorruptChunkError as e:
             raise CorruptChunkError(f"{source}: malformed header: {e}") from None
+
+    @classmethod
+    def _from_doc(cls, doc: Any) -> "ChunkHeader":
+        """The header a decoded JSON document describes, every field checked (raises CorruptChunkError)."""
+        if not isinstance(doc, dict):
+            raise CorruptChunkError(f"the header must be a JSON object, got {type(doc).__name__}")
+        unknown = set(doc) - _FIELDS
+        if unknown:
+            raise CorruptChunkError(f"unknown fields {sorted(unknown)}")
+        if doc.get("format") != CHUNK_FORMAT or isinstance(doc.get("format"), bool):
+            raise CorruptChunkError(f"chunk format {doc.get('format')!r} (this kvstream reads {CHUNK_FORMAT})")
+        dtype = DTYPES.get(doc.get("dtype")) if isinstance(doc.get("dtype"), str) else None
+        if dtype is None:
+            raise CorruptChunkError(f"unknown dtype {doc.get('dtype')!r}; known: {sorted(DTYPES)}")
+        shape = doc.get("shape")
+        if not isinstance(shape, list) or len(shape) > MAX_DIMS:
+            raise CorruptChunkError(f"shape must be a list of at most {MAX_DIMS} ints, got {shape!r}")
+        shape = tuple(_int_field(s, "a shape entry", MAX_PAYLOAD_BYTES) for s in shape)
+        nbytes = _int_field(doc.get("nbytes"), "nbytes", MAX_PAYLOAD_BYTES)
         numel = 1
         for s in shape:
             numel *= s
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if numel * itemsize != nbytes:
-            raise CorruptChunkError(f"{source}: header says {nbytes} bytes but shape {list(shape)} of {dtype} needs "
-                                    f"{numel * itemsize}")
-        return header
+        if numel * dtype.itemsize != nbytes:
+            raise CorruptChunkError(f"nbytes is {nbytes} but shape {list(shape)} of {dtype} needs {numel * dtype.itemsize}")
+        axes = doc.get("axes")
+        if axes is not None and (not isinstance(axes, list) or len(axes) != len(shape)
+                                 or not all(isinstance(a, str) for a in axes)):
+            raise CorruptChunkError(f"axes must be null or one name per dimension, got {axes!r}")
+        checksum = doc.get("checksum")
+        if checksum != NO_CHECKSUM and not (isinstance(checksum, str) and _DIGEST.fullmatch(checksum)):
+            raise CorruptChunkError(f"unknown checksum {checksum!r}; expected {CHECKSUM_PREFIX}<16 hex digits> "
+                                    f"or {NO_CHECKSUM!r}")
+        key = doc.get("key")
+        if key is not None and not (isinstance(key, str) and _DIGEST.fullmatch(key)):
+            raise CorruptChunkError(f"key must be null or {CHECKSUM_PREFIX}<16 hex digits>, got {key!r}")
+        meta = doc.get("meta")
+        if meta is not None and not isinstance(meta, dict):
+            raise CorruptChunkError(f"meta must be null or an object, got {type(meta).__name__}")
+        try:
+            region = _parse_region(doc.get("region"))
+        except LayoutError as e:
+            raise CorruptChunkError(f"region: {e}") from None
+        return cls(dtype=dtype, shape=shape, nbytes=nbytes, checksum=checksum, region=region, meta=meta,
+                   key_digest=key)
 
 
-def chunk_header(chunk: torch.Tensor, region: Region | None, meta: dict | None, checksum: str) -> ChunkHeader:
+#: Deepest nesting of lists and objects a header's ``meta`` may have.
+MAX_META_DEPTH = 32
+
+
+def _depth(v: Any, limit: int) -> int:
+    """Nesting depth of a JSON value, counted no further than ``limit + 1``."""
+    if limit < 0 or not isinstance(v, (dict, list)):
+        return 0
+    items = v.values() if isinstance(v, dict) else v
+    return 1 + max((_depth(x, limit - 1) for x in items), default=0)
+
+
+def chunk_header(chunk: torch.Tensor, region: Region | None, meta: dict | None, checksum: str, *,
+                 key: str | None = None) -> ChunkHeader:
     """The :class:`ChunkHeader` of ``chunk`` with ``checksum``, checked to encode (JSON-able ``meta``, fits).
+
+    ``key``: the key the chunk is stored under, recorded as its :func:`key_digest` (for transports that
+    check it on read).
 
     Raises
     ------
     LayoutError
-        Unsupported dtype, ``region`` not a :class:`Region`, ``meta`` not a JSON-able dict, or a header
-        over :data:`HEADER_BYTES`.
+        Unsupported dtype, ``region`` not a :class:`Region`, ``meta`` not a JSON-able dict (or nested deeper
+        than :data:`MAX_META_DEPTH`), or a header over :data:`HEADER_BYTES`.
     """
     dtype_name(chunk.dtype)
     if region is not None and not isinstance(region, Region):
@@ -194,10 +315,13 @@ def chunk_header(chunk: torch.Tensor, region: Region | None, meta: dict | None, 
             raise LayoutError(f"meta must be a dict, got {type(meta).__name__}")
         try:
             meta = json.loads(json.dumps(meta))  # a private, JSON-clean copy
-        except (TypeError, ValueError) as e:
-            raise LayoutError(f"meta must be JSON-able: {e}") from None
+        except (TypeError, ValueError, RecursionError) as e:
+            raise LayoutError(f"meta must be JSON-able: {type(e).__name__}: {e}") from None
+        if _depth(meta, MAX_META_DEPTH) > MAX_META_DEPTH:
+            raise LayoutError(f"meta is nested deeper than {MAX_META_DEPTH} levels")
     header = ChunkHeader(dtype=chunk.dtype, shape=tuple(int(s) for s in chunk.shape),
-                         nbytes=chunk.numel() * chunk.element_size(), checksum=checksum, region=region, meta=meta)
+                         nbytes=chunk.numel() * chunk.element_size(), checksum=checksum, region=region, meta=meta,
+                         key_digest=None if key is None else key_digest(key))
     header.to_bytes()  # raises LayoutError if it would not fit a persisted chunk
     return header
 
@@ -243,5 +367,6 @@ def decode_frames(raw: bytes, source: str) -> list[tuple[str, int, bytes]]:
     return out
 
 
-__all__ = ["CHUNK_MAGIC", "CHUNK_FORMAT", "HEADER_BYTES", "CHECKSUM_PREFIX", "NO_CHECKSUM", "tensor_bytes",
-           "byte_view", "payload_checksum", "ChunkHeader", "chunk_header", "encode_frame", "decode_frames"]
+__all__ = ["CHUNK_MAGIC", "CHUNK_FORMAT", "HEADER_BYTES", "CHECKSUM_PREFIX", "NO_CHECKSUM", "MAX_DIMS",
+           "MAX_PAYLOAD_BYTES", "MAX_META_DEPTH", "tensor_bytes", "byte_view", "payload_checksum", "key_digest",
+           "ChunkHeader", "chunk_header", "encode_frame", "decode_frames"]

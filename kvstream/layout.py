@@ -25,6 +25,8 @@ What a chunk looks like in bytes (its header, checksums, wire frames) lives one 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -240,9 +242,7 @@ class KVLayout:
                 raise LayoutError(f"hidden_size {hidden} is not divisible by num_attention_heads {heads}")
             head_dim = hidden // heads
         if dtype is None:
-            dtype = getattr(config, "torch_dtype", None) or getattr(config, "dtype", None) or torch.float32
-            if isinstance(dtype, str):
-                dtype = dtype_from_name(dtype)
+            dtype = config_dtype(config) or torch.float32
         return cls(num_layers=num_layers, kv_heads=int(kv_heads), head_dim=int(head_dim), dtype=dtype)
 
     def bytes_per_token(self, batch_size: int = 1) -> int:
@@ -260,6 +260,68 @@ class KVLayout:
         """Inverse of :meth:`to_dict`."""
         return cls(num_layers=int(d["num_layers"]), kv_heads=int(d["kv_heads"]), head_dim=int(d["head_dim"]),
                    dtype=dtype_from_name(d["dtype"]))
+
+
+#: Config attributes that decide whether stored KV is valid for a model (read through each config's
+#: ``attribute_map``, so GPT-2's ``n_layer``/``n_head`` count): who the model is, its attention geometry,
+#: and its positions (rope base, scaling and partial rotary; the context length; sliding windows).
+FINGERPRINT_FIELDS: tuple[str, ...] = (
+    "architectures", "model_type", "_name_or_path", "num_hidden_layers", "hidden_size", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor",
+    "max_position_embeddings", "position_embedding_type", "sliding_window", "layer_types", "alibi",
+)
+
+
+def config_dtype(config: Any) -> torch.dtype | None:
+    """The dtype a transformers config declares (``config.dtype``, or ``torch_dtype`` of older versions), if any.
+
+    A config built in code often declares none (``None``), and ``model.to(dtype)`` does not update it.
+    """
+    declared = config.dtype if hasattr(config, "dtype") else getattr(config, "torch_dtype", None)
+    if isinstance(declared, str):
+        declared = DTYPES.get(declared.replace("torch.", ""))
+    return declared if isinstance(declared, torch.dtype) else None
+
+
+def kv_identity(config: Any) -> dict[str, Any]:
+    """The fields of :data:`FINGERPRINT_FIELDS` a config has, as a JSON-able dict (text config of a
+    multimodal model). No transformers import: attributes are read."""
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config(decoder=True)
+    out: dict[str, Any] = {"config_class": type(config).__name__}
+    for name in FINGERPRINT_FIELDS:
+        v = getattr(config, name, None)
+        if v is not None:
+            out[name] = v
+    return json.loads(json.dumps(out, sort_keys=True, default=str))
+
+
+def kv_fingerprint(config: Any, dtype: torch.dtype | None = None) -> str:
+    """A fingerprint of what makes KV valid for a model: 32 hex digits of BLAKE2b.
+
+    It covers the model's identity and geometry (:data:`FINGERPRINT_FIELDS`: architecture and
+    ``model_type``, ``_name_or_path``, layers, attention and KV heads, ``head_dim``, rope settings, context
+    length, sliding windows) and the KV ``dtype`` (default: :func:`config_dtype`; ``"unspecified"`` if the
+    config declares none). Two configs with one fingerprint produce interchangeable KV, as far as a config
+    can tell: two checkpoints with the same name and shape but other weights cannot be told apart.
+
+    Parameters
+    ----------
+    config : transformers.PretrainedConfig or any object with those attributes
+    dtype : torch.dtype, optional
+        Element type of the KV.
+
+    Examples
+    --------
+    >>> from kvstream.models import tiny_config
+    >>> a, b = tiny_config("llama"), tiny_config("llama")
+    >>> b._name_or_path = "another/model"
+    >>> kv_fingerprint(a, torch.float16) != kv_fingerprint(b, torch.float16) != kv_fingerprint(b, torch.float32)
+    True
+    """
+    dtype = dtype if dtype is not None else config_dtype(config)
+    doc = {"model": kv_identity(config), "dtype": dtype_name(dtype) if dtype is not None else "unspecified"}
+    return hashlib.blake2b(json.dumps(doc, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 
 def check_hf_layers(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], region: Region,
@@ -338,6 +400,10 @@ __all__ = [
     "dtype_from_name",
     "Region",
     "KVLayout",
+    "FINGERPRINT_FIELDS",
+    "config_dtype",
+    "kv_identity",
+    "kv_fingerprint",
     "check_hf_layers",
     "check_packed",
 ]

@@ -13,20 +13,23 @@ Design (after Vineyard's file cache, v6d ``modules/llm-cache``, and LMCache's ch
   hosts writing the same chunk each write their own temp file; the last rename wins and readers only
   ever see a complete file (rename is the only atomic operation assumed of the filesystem, as on NFS or
   Lustre). A full disk raises :class:`~kvstream.errors.CapacityError` and leaves no partial file.
-* A chunk that fails its checks at load time shortens the match to the chunks before it (the caller
-  recomputes the rest) and is deleted, so the next update rewrites it; wrong KV is never returned.
+* A chunk that fails its checks at load time (checksum, header, the key it was written under, the
+  model's geometry) shortens the match to the chunks before it (the caller recomputes the rest) and is
+  deleted, so the next update rewrites it and later requests do not fail on it again; wrong KV is never
+  returned. Every chunk's header is read before the match's memory is allocated.
+* **Which model.** Keys are hashed under the store's namespace: the fingerprint of the model's config
+  (:mod:`kvstream.stores.identity`), so another model never matches this one's prefixes.
 * **Access times** are recorded by the store itself: a successful read sets the file's mtime to now
   (``os.utime``); atime is not relied on (``noatime``/``relatime`` mounts). The **GC** walks the
   transport's files (:meth:`~kvstream.transports.disk.DiskTransport.entries`) and deletes chunks whose
   mtime is older than ``ttl_s`` (:meth:`ChunkFileStore.gc`, or every ``gc_interval_s`` on a background
   thread), and temp files left by writers that died.
-* **Pins across processes and hosts.** A lookup first writes a pin file ``<root>/.pins/<host>-<pid>-<id>.pin``
-  listing the chunk keys it is about to use (atomically, by rename), *then* checks which chunks exist.
-  The GC never unlinks a chunk directly: it renames it to a grave in ``<root>/.tmp``, re-reads the pin
+* **Pins across processes and hosts** (:mod:`.pins`). A lookup first writes a pin file listing the chunk
+  keys it is about to use, *then* checks which chunks exist; on a read-only or full disk it pins in this
+  process only and still serves. The GC never unlinks a chunk directly: it renames it to a grave in ``<root>/.tmp``, re-reads the pin
   files, and puts the chunk back if a pin appeared in between, so a chunk a lookup reported stays
   readable until the match is released. A reader that finds a pinned chunk missing during that short
-  window retries. A pin file older than ``pin_lease_s`` is taken as left by a dead reader and ignored
-  (and deleted) by the GC. On NFS, pin files must be visible to the GC host within the lease: mount
+  window retries. A pin file older than ``pin_lease_s`` is ignored (and deleted) by the GC. On NFS, pin files must be visible to the GC host within the lease: mount
   with a short attribute cache (``actimeo``) or keep ``ttl_s`` well above it; clocks of the hosts must
   agree to within a small fraction of ``ttl_s``.
 """
@@ -37,7 +40,6 @@ import contextlib
 import logging
 import math
 import os
-import socket
 import threading
 import time
 import uuid
@@ -50,21 +52,19 @@ import torch
 from ..errors import CapacityError, ChunkNotFound, ConfigError, CorruptChunkError, LayoutError, TransportError
 from ..layout import KVLayout, Region
 from ..kernels import pack_tokens, unpack_tokens
-from ..transports.disk import TMP_DIR, DiskTransport
+from ..transports.disk import TEMP_MAX_AGE_S, TMP_DIR, DiskTransport
+from ..transports.diskpaths import GRAVE_SUFFIX
 from .base import PinError, PrefixMatch, PrefixStore, check_kv, check_max_tokens
 from .hashing import as_token_ids, nested_path, prefix_hashes
+from .identity import ModelScope
+from .pins import PINS_DIR, PinFiles
 
 logger = logging.getLogger(__name__)
-
-#: Directory under the root holding pin files.
-PINS_DIR = ".pins"
-#: Temp files older than this (or than the TTL, if longer) are leftovers of a writer that died.
-TEMP_MAX_AGE_S = 3600.0
 #: Back-off (seconds) of a reader that finds a pinned chunk missing: the GC is putting it back.
 _RETRY_DELAYS_S = (0.002, 0.01, 0.05, 0.2)
 
 
-class ChunkFileStore(PrefixStore):
+class ChunkFileStore(ModelScope, PrefixStore):
     """Prefix store of fixed token chunks in files named by chained prefix hashes (local disk or a shared FS).
 
     Parameters
@@ -74,8 +74,13 @@ class ChunkFileStore(PrefixStore):
     chunk_tokens : int
         Tokens per chunk (Vineyard uses 16 or 32, LMCache 256). Smaller chunks match more of a prefix;
         larger ones make fewer, bigger files (faster I/O).
-    namespace : str
-        Mixed into every key: give each model its own (for example its name and dtype).
+    namespace : str, optional
+        Mixed into every key. Default: the fingerprint of ``config`` (or of the first model the store is
+        used with: :mod:`kvstream.stores.identity`). An explicit namespace is used as is.
+    config : transformers.PretrainedConfig, optional
+        The model whose KV the store holds: its fingerprint is the namespace, its geometry is checked.
+    dtype : torch.dtype, optional
+        The KV dtype (default: the one ``config`` declares, if any).
     dir_levels, dir_chars : int
         Nested directories: ``dir_levels`` levels named by ``dir_chars`` hex digits of the key each.
     ttl_s : float, optional
@@ -84,8 +89,9 @@ class ChunkFileStore(PrefixStore):
         Run :meth:`gc` on a background thread this often (needs ``ttl_s``).
     pin_lease_s : float
         Age after which the GC ignores a pin file (its reader is taken as dead).
-    fsync, io_threads, direct :
-        Passed to :class:`~kvstream.transports.disk.DiskTransport`.
+    fsync, io_threads, direct, temp_max_age_s :
+        Passed to :class:`~kvstream.transports.disk.DiskTransport` (the GC deletes temp files older than
+        ``temp_max_age_s``, writers that died mid-write left them).
 
     Raises
     ------
@@ -94,7 +100,7 @@ class ChunkFileStore(PrefixStore):
 
     Examples
     --------
-    >>> store = ChunkFileStore("/mnt/shared/kv", chunk_tokens=256, namespace="llama3-8b-bf16")  # doctest: +SKIP
+    >>> store = ChunkFileStore("/mnt/shared/kv", chunk_tokens=256, config=model.config)  # doctest: +SKIP
     >>> store.update(out, cache)                 # after model.generate(..., cache=cache)  # doctest: +SKIP
     >>> with store.fetch_prefix(next_ids, device="cuda", max_tokens=next_ids.shape[1] - 1) as m:  # doctest: +SKIP
     ...     print(m.matched_tokens)
@@ -102,11 +108,13 @@ class ChunkFileStore(PrefixStore):
 
     name = "chunk_file"
 
-    def __init__(self, root: str | os.PathLike, chunk_tokens: int = 256, *, namespace: str = "",
-                 dir_levels: int = 2, dir_chars: int = 2, ttl_s: float | None = None,
-                 gc_interval_s: float | None = None, pin_lease_s: float = 600.0, fsync: bool = False,
-                 io_threads: int = 4, direct: bool = False):
+    def __init__(self, root: str | os.PathLike, chunk_tokens: int = 256, *, namespace: str | None = None,
+                 config: Any = None, dtype: torch.dtype | None = None, dir_levels: int = 2, dir_chars: int = 2,
+                 ttl_s: float | None = None, gc_interval_s: float | None = None, pin_lease_s: float = 600.0,
+                 fsync: bool = False, io_threads: int = 4, direct: bool = False,
+                 temp_max_age_s: float = TEMP_MAX_AGE_S):
         super().__init__()
+        self._init_model(namespace, config, dtype)
         if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens <= 0:
             raise ConfigError(f"ChunkFileStore chunk_tokens must be a positive int, got {chunk_tokens!r}")
         if dir_levels < 0 or dir_chars <= 0 or dir_levels * dir_chars > 32:
@@ -120,15 +128,13 @@ class ChunkFileStore(PrefixStore):
             raise ConfigError(f"ChunkFileStore pin_lease_s must be > 0, got {pin_lease_s}")
         self.root = Path(root)
         self.chunk_tokens = chunk_tokens
-        self.namespace = namespace
         self.dir_levels, self.dir_chars = dir_levels, dir_chars
         self.ttl_s = ttl_s
         self.pin_lease_s = float(pin_lease_s)
-        self._transport = DiskTransport(self.root, fsync=fsync, io_threads=io_threads, direct=direct)
-        self._pins_dir = self.root / PINS_DIR
+        self._transport = DiskTransport(self.root, fsync=fsync, io_threads=io_threads, direct=direct,
+                                        temp_max_age_s=temp_max_age_s)
         self._tmp_dir = self.root / TMP_DIR
-        os.makedirs(self._pins_dir, exist_ok=True)
-        self._host = socket.gethostname().replace("/", "_")
+        self._pin_files = PinFiles(self.root / PINS_DIR, self._tmp_dir, self.pin_lease_s)
         self._lock = threading.Lock()
         self._pins: Counter[str] = Counter()  # chunk key -> pins this process holds
         self._held = 0
@@ -151,34 +157,14 @@ class ChunkFileStore(PrefixStore):
         return self._transport.path(key)
 
     # -- pins --------------------------------------------------------------------------------------------
-    def _write_pin(self, keys: list[str]) -> Path:
-        name = f"{self._host}-{os.getpid()}-{uuid.uuid4().hex}"
-        tmp = self._tmp_dir / f"pin-{name}.tmp"
-        tmp.write_text("\n".join(k.rsplit("/", 1)[-1] for k in keys))
-        final = self._pins_dir / f"{name}.pin"
-        os.replace(tmp, final)
-        return final
+    @property
+    def pin_file_failures(self) -> int:
+        """Lookups whose pin file the disk refused (read-only or full): pinned in this process only."""
+        return self._pin_files.failures
 
     def _pinned_hashes(self, now: float, *, reap: bool) -> set[str]:
-        """Hashes named by live pin files (any process, any host); stale ones are deleted when ``reap``."""
-        pinned: set[str] = set()
-        try:
-            entries = list(os.scandir(self._pins_dir))
-        except FileNotFoundError:
-            return pinned
-        for e in entries:
-            if not e.name.endswith(".pin"):
-                continue
-            try:
-                if now - e.stat().st_mtime > self.pin_lease_s:
-                    if reap:
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(e.path)
-                    continue
-                with open(e.path) as f:
-                    pinned.update(f.read().split())
-            except FileNotFoundError:  # released meanwhile
-                continue
+        """Hashes named by live pin files (any process, any host) and by this process's pins."""
+        pinned = self._pin_files.live(now, reap=reap)
         with self._lock:
             pinned.update(k.rsplit("/", 1)[-1] for k, n in self._pins.items() if n > 0)
         return pinned
@@ -216,7 +202,7 @@ class ChunkFileStore(PrefixStore):
         keys = self.keys_for(ids[:wanted * c])
         if not keys:
             return PrefixMatch(0, None, None, source="ChunkFileStore")
-        pin_file = self._write_pin(keys)  # before looking: see the module docstring
+        pin_file = self._pin_files.write([k.rsplit("/", 1)[-1] for k in keys])  # before looking: see pins.py
         found = 0
         for key in keys:
             if not self._transport.contains(key):
@@ -224,7 +210,7 @@ class ChunkFileStore(PrefixStore):
             found += 1
         matched = min(found * c, cap)
         if matched == 0:
-            pin_file.unlink(missing_ok=True)
+            PinFiles.release(pin_file)
             return PrefixMatch(0, None, None, source="ChunkFileStore")
         keys = keys[:found]
         with self._lock:
@@ -246,7 +232,7 @@ class ChunkFileStore(PrefixStore):
                     if self._pins[key] == 0:
                         del self._pins[key]
                 self._held -= 1
-            pin_file.unlink(missing_ok=True)
+            PinFiles.release(pin_file)
 
         return PrefixMatch(matched, loader, releaser, source="ChunkFileStore")
 
@@ -265,26 +251,42 @@ class ChunkFileStore(PrefixStore):
         with contextlib.suppress(TransportError):
             self._transport.delete(key)
 
+    def _headers(self, keys: list[str]) -> list:
+        """The headers of the leading run of ``keys`` that exist and fit one chunk layout of the bound model;
+        a corrupt or misfit chunk ends the run and is deleted. Nothing is allocated from a header first."""
+        headers: list = []
+        for key in keys:
+            try:
+                h = self._retry(self._transport.describe, key)
+                first = headers[0] if headers else h
+                if not self.expects(h.shape, h.dtype, self.chunk_tokens) or (h.shape, h.dtype) != (first.shape,
+                                                                                                   first.dtype):
+                    raise CorruptChunkError(f"chunk {key}: {h.dtype} {list(h.shape)} is not a [layers, 2, 1, heads, "
+                                            f"{self.chunk_tokens}, head_dim] chunk of this store's model")
+            except CorruptChunkError as e:
+                self._drop_corrupt(key, e)
+                break
+            except TransportError:  # missing, or behind a link: not this store's chunk
+                break
+            headers.append(h)
+        return headers
+
     def _load(self, keys: list[str], n_tokens: int, device: torch.device) -> torch.Tensor:
         """Read chunks ``keys`` (in order) onto ``device``; stop at the first missing or corrupt one."""
         c = self.chunk_tokens
-        try:
-            header = self._retry(self._transport.describe, keys[0])
-            shape = tuple(header.shape)
-            if len(shape) != 6 or shape[1] != 2 or shape[2] != 1 or shape[4] != c:
-                raise CorruptChunkError(f"chunk {keys[0]}: shape {list(shape)} is not [layers, 2, 1, heads, {c}, "
-                                        "head_dim]")
-        except ChunkNotFound:
+        headers = self._headers(keys)
+        if not headers:
             return torch.empty((0, 2, 1, 0, 0, 0))
-        except CorruptChunkError as e:
-            self._drop_corrupt(keys[0], e)
-            return torch.empty((0, 2, 1, 0, 0, 0))
-        buf = torch.empty((len(keys), *shape), dtype=header.dtype, device=device)
+        keys = keys[:len(headers)]
+        buf = torch.empty((len(keys), *headers[0].shape), dtype=headers[0].dtype, device=device)
         handles = []
         for i, key in enumerate(keys):
             try:
                 handles.append(self._retry(self._transport.fetch, key, buf[i]))
-            except (ChunkNotFound, CorruptChunkError, LayoutError) as e:
+            except (CorruptChunkError, LayoutError) as e:  # replaced meanwhile by a file that does not fit
+                handles.append(CorruptChunkError(str(e)))
+                break
+            except TransportError as e:
                 handles.append(e)
                 break
         good = 0
@@ -295,12 +297,11 @@ class ChunkFileStore(PrefixStore):
                 try:
                     h.wait()
                     error = None
-                except (CorruptChunkError, TransportError) as e:
+                except TransportError as e:
                     error = e
             if error is None and good == i:
                 good += 1
-                with contextlib.suppress(OSError):
-                    os.utime(self.path(keys[i]))  # the access time GC goes by
+                self._transport.touch(keys[i])  # the access time GC goes by
             elif good == i and isinstance(error, CorruptChunkError):
                 self._drop_corrupt(keys[i], error)
         return self._unchunk(buf[:good], min(n_tokens, good * c))
@@ -346,6 +347,7 @@ class ChunkFileStore(PrefixStore):
             raise ConfigError(f"ChunkFileStore.update_kv: start must be a multiple of chunk_tokens={c} in [0, {n}], "
                               f"got {start}")
         layout = check_kv(keys, values, n - start)
+        self.check_layout(layout)
         all_keys = self.keys_for(ids)
         first = start // c
         todo = [i for i in range(first, len(all_keys)) if overwrite or not self._transport.contains(all_keys[i])]
@@ -382,7 +384,8 @@ class ChunkFileStore(PrefixStore):
     def gc(self, *, ttl_s: float | None = None, now: float | None = None) -> int:
         """Delete chunks not accessed for ``ttl_s`` seconds (default: the store's), skipping pinned ones.
 
-        Also deletes temp files older than ``max(ttl_s, TEMP_MAX_AGE_S)`` and pin files past their lease.
+        Also deletes temp files older than ``temp_max_age_s`` (of writers that died) and pin files past
+        their lease.
 
         Returns
         -------
@@ -407,7 +410,7 @@ class ChunkFileStore(PrefixStore):
             hexkey = key.rsplit("/", 1)[-1]
             if hexkey in pinned:
                 continue
-            grave = self._tmp_dir / f"gc-{uuid.uuid4().hex}.grave"
+            grave = self._tmp_dir / f"gc-{uuid.uuid4().hex}{GRAVE_SUFFIX}"
             try:
                 os.rename(path, grave)
             except FileNotFoundError:
@@ -420,11 +423,7 @@ class ChunkFileStore(PrefixStore):
                 continue
             os.unlink(grave)
             removed += 1
-        temp_cutoff = now - max(ttl, TEMP_MAX_AGE_S)
-        for e in os.scandir(self._tmp_dir):
-            with contextlib.suppress(FileNotFoundError):
-                if e.stat().st_mtime < temp_cutoff:
-                    os.unlink(e.path)
+        self._transport.sweep_temp(now=now)
         return removed
 
     def _gc_loop(self, interval_s: float) -> None:

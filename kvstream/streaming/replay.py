@@ -1,5 +1,12 @@
 """Replay a session: its manifest and chunks back into per-layer KV tensors, layer by layer where it can.
 
+Before anything is allocated, every chunk the replay will read has its header checked against the
+manifest (:func:`check_chunks`): the run that wrote it, the model, and the shape and dtype the manifest
+claims. So a session whose name a later run reused is refused rather than replayed over the other run's
+chunks, and a small manifest cannot make the replay allocate what no stored chunk holds. The check runs
+again after the reads: a chunk replaced in between (a new run streaming under the name while the old
+session loads) fails it, so the reads got the bytes the first check vouched for.
+
 Every chunk goes through :meth:`KVStreamer.gather <kvstream.streaming.streamer.KVStreamer.gather>`
 (fetch into staging on the KV device, unpack with the kernels), so a load has the streamer's stats and
 its kernels. On a GPU the copies run on a side stream and each layer gets an event: a model that waits
@@ -17,11 +24,14 @@ from ..cuda import Event, side_stream
 from ..errors import CorruptChunkError
 from ..layout import Region
 from .layerwise import LayerwiseLoad
-from .session import Crop, Manifest, Prefill, Repeat, Rows, Segment, Step
+from .session import MODEL_META, RUN_META, Crop, Manifest, Prefill, Repeat, Rows, Segment, Step
 from .streamer import KVStreamer
 
 #: Name of the process-wide side stream (:func:`kvstream.cuda.side_stream`) session loads use.
 LOAD_STREAM = "kvstream-session-load"
+#: Most rows a session's batch may grow to, as a multiple of its first batch (``generate`` expands by
+#: ``num_beams * num_return_sequences``, far below): a repeat or selection past it is a corrupt manifest.
+MAX_ROW_GROWTH = 4096
 
 
 @dataclass
@@ -50,7 +60,7 @@ def plan(manifest: Manifest) -> _Plan:
     """
     p = _Plan()
     where = f"{manifest.session}/manifest"
-    max_rows = (manifest.batch or 1) * 4096  # beam search and num_return_sequences stay far below
+    max_rows = (manifest.batch or 1) * MAX_ROW_GROWTH
     for i, seg in enumerate(manifest.segments):
         if isinstance(seg, (Prefill, Step)):
             if seg.start != p.length:
@@ -119,7 +129,8 @@ def replay(manifest: Manifest, streamer: KVStreamer, *, device: torch.device | s
     Raises
     ------
     ChunkNotFound, CorruptChunkError, PeerError
-        From the transport, or a manifest whose segments contradict each other.
+        From the transport, or a manifest whose segments contradict each other, or a chunk of another run
+        or model or shape than the manifest says (:func:`check_chunks`).
     LayoutError
         A chunk whose shape or dtype does not fit the manifest.
     """
@@ -130,6 +141,7 @@ def replay(manifest: Manifest, streamer: KVStreamer, *, device: torch.device | s
     kv = manifest.kv_layers
     if p.batch is None or p.capacity == 0 or not kv:
         return LayerwiseLoad([], [], [], 0)
+    check_chunks(manifest, streamer.transport)
     if layerwise is None:
         layerwise = device.type == "cuda"
     # A rewritten history replays on the current stream: its row operations allocate new buffers, which
@@ -147,6 +159,9 @@ def replay(manifest: Manifest, streamer: KVStreamer, *, device: torch.device | s
             bufs, events = _replay_in_order(manifest, p.segments, streamer, bufs, slot, device)
         else:
             events = _replay_layerwise(manifest, p.segments, streamer, bufs, slot, device, side)
+    # A second look once every read was issued: a chunk that still belongs to its run now was that run's
+    # when it was read (a run writes each key once, before its manifest), so no replacement slipped in.
+    check_chunks(manifest, streamer.transport)
     keys = [b[0, :, :, :p.length] for b in bufs]
     values = [b[1, :, :, :p.length] for b in bufs]
     return LayerwiseLoad(keys, values, events, p.length, stream=side.torch_stream if side is not None else None)
@@ -180,6 +195,47 @@ def _gather_steps(streamer: KVStreamer, steps: list, bufs: list, slot: dict) -> 
 def _gather_prefill(streamer: KVStreamer, seg: Prefill, layer: int, bufs: list, slot: dict) -> None:
     b = bufs[slot[layer]]
     streamer.gather(seg.keys[layer], [b[0]], [b[1]], Region(layers=(0, 1), tokens=(seg.start, seg.start + seg.tokens)))
+
+
+def check_chunks(manifest: Manifest, transport) -> None:
+    """Check the header of every chunk a replay of ``manifest`` reads (``transport.describe``): written by the
+    run the manifest names for its segment, for the manifest's model, and (data chunks) of the shape and
+    dtype the segment claims.
+
+    Raises
+    ------
+    CorruptChunkError
+        For a chunk that fails, naming it and what it holds.
+    ChunkNotFound
+        A chunk is missing.
+    """
+    acting = {id(seg) for seg in plan(manifest).segments}
+    where = f"{manifest.session}/manifest"
+    for i, seg in enumerate(manifest.segments):
+        if id(seg) not in acting:
+            continue
+        if isinstance(seg, Prefill):
+            want = [(seg.keys[l], (1, 2, seg.batch, manifest.kv_heads, seg.tokens, manifest.head_dim)) for l in seg.keys]
+        elif isinstance(seg, Step):
+            want = [(seg.key, (len(seg.layers), 2, seg.batch, manifest.kv_heads, seg.tokens, manifest.head_dim))]
+        elif isinstance(seg, Rows):
+            want = [(seg.key, None)]
+        else:
+            continue
+        run = manifest.run_of(i)
+        for key, shape in want:
+            header = transport.describe(key)
+            meta = header.meta or {}
+            if run is not None and meta.get(RUN_META) != run:
+                raise CorruptChunkError(f"{where}: chunk {key!r} was written by run {meta.get(RUN_META)!r}, not by run "
+                                        f"{run} that this manifest says wrote it (a later run reused the session name "
+                                        "and stopped before writing its manifest)")
+            if manifest.model is not None and meta.get(MODEL_META) != manifest.model:
+                raise CorruptChunkError(f"{where}: chunk {key!r} holds KV of model {meta.get(MODEL_META)!r}, the "
+                                        f"session's is {manifest.model}")
+            if shape is not None and (tuple(header.shape) != shape or header.dtype != manifest.dtype):
+                raise CorruptChunkError(f"{where}: chunk {key!r} holds {header.dtype} {list(header.shape)}, the "
+                                        f"manifest claims {manifest.dtype} {list(shape)}")
 
 
 def _check_layers(manifest: Manifest, seg: Segment, slot: dict) -> None:
@@ -242,4 +298,4 @@ def _replay_in_order(manifest: Manifest, segments: list, streamer: KVStreamer, b
     return bufs, [done] * len(bufs)
 
 
-__all__ = ["LOAD_STREAM", "STEP_GROUP_BYTES", "plan", "replay"]
+__all__ = ["LOAD_STREAM", "MAX_ROW_GROWTH", "STEP_GROUP_BYTES", "plan", "check_chunks", "replay"]

@@ -11,9 +11,13 @@ Design:
   it over ``<key>.kvc``: readers, other threads and other processes see the old file or the new one,
   never a torn one; the last rename wins. A failed write (a full disk: ``ENOSPC``/``EDQUOT``) deletes
   its temp file and raises :class:`~kvstream.errors.CapacityError`; the previous chunk stays.
-* **Verified reads.** The header carries the xxh3-64 of the payload (:func:`~kvstream.chunk.payload_checksum`);
-  ``fetch`` recomputes it and raises :class:`~kvstream.errors.CorruptChunkError` naming the key and
-  file on a mismatch, a short file or a bad header.
+* **Verified reads.** The header carries the payload's xxh3-64 and the digest of the key it was written
+  under; ``fetch`` checks key and file size before reading, then the checksum, and raises
+  :class:`~kvstream.errors.CorruptChunkError` naming key and file on a mismatch, a short or sparse file,
+  a bad header, or a chunk copied or renamed from another key.
+* **No links.** Paths are walked from the root's descriptor without following links (:mod:`.diskpaths`):
+  nothing is written or read outside the root. Temp files of killed writers are deleted once older than
+  ``temp_max_age_s`` (at open and by :meth:`DiskTransport.sweep_temp`).
 * **Large sequential I/O, no extra copies.** The payload moves in ``block_bytes`` (16 MiB) ``pwrite``
   / ``preadv`` calls straight from the chunk's memory or into ``out``'s (a CUDA chunk or ``out`` goes
   through one pinned staging buffer, copied block by block on the stream captured at call time so the
@@ -26,10 +30,12 @@ Design:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import fcntl
 import os
+import stat
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -40,17 +46,14 @@ import xxhash
 
 from ..chunk import CHECKSUM_PREFIX, HEADER_BYTES, ChunkHeader, byte_view, chunk_header, tensor_bytes
 from ..cuda import Event, host_empty
-from ..errors import CapacityError, ChunkNotFound, ConfigError, CorruptChunkError, LayoutError, TransportError
+from ..errors import CapacityError, ChunkNotFound, ConfigError, CorruptChunkError, TransportError
 from ..layout import Region, check_packed
 from ..handles import FutureHandle, Handle
 from .base import Transport
-from .diskio import (ALIGN, O_DIRECT, ShortRead, blocks, fsync_dir, page, probe_direct, pwrite_all, read_block,
-                     write_block)
+from .diskio import (ALIGN, O_DIRECT, SPARSE_CHECK_BYTES, ShortRead, blocks, page, probe_direct, pwrite_all, read_block,
+                     read_header, write_block)
+from .diskpaths import SUFFIX, TEMP_MAX_AGE_S, TMP_DIR, DiskRoot, key_parts
 
-#: File name suffix of a stored chunk.
-SUFFIX = ".kvc"
-#: Directory under the root that holds files being written (skipped by :meth:`DiskTransport.keys`).
-TMP_DIR = ".tmp"
 #: Default I/O size: the block size of the ``dd`` ceiling measured on the H100 machine (bench/NOTES.md, disk).
 DEFAULT_BLOCK_BYTES = 16 << 20
 #: Payloads up to this size are hashed on the I/O thread; larger ones on the hash thread beside the I/O.
@@ -77,6 +80,9 @@ class DiskTransport(Transport):
         and ``out``) and page-aligned CPU tensors; other CPU tensors take the buffered path.
     verify : bool
         Check the payload's xxh3 on every fetch.
+    temp_max_age_s : float
+        Temp files older than this are a dead writer's; they are deleted when the transport opens and by
+        :meth:`sweep_temp`.
 
     Raises
     ------
@@ -107,7 +113,8 @@ class DiskTransport(Transport):
     name = "disk"
 
     def __init__(self, root: str | os.PathLike, *, fsync: bool = False, io_threads: int = 4,
-                 block_bytes: int = DEFAULT_BLOCK_BYTES, direct: bool = False, verify: bool = True):
+                 block_bytes: int = DEFAULT_BLOCK_BYTES, direct: bool = False, verify: bool = True,
+                 temp_max_age_s: float = TEMP_MAX_AGE_S):
         super().__init__()
         if isinstance(io_threads, bool) or not isinstance(io_threads, int) or io_threads < 1:
             raise ConfigError(f"DiskTransport io_threads must be an int >= 1, got {io_threads!r}")
@@ -116,18 +123,22 @@ class DiskTransport(Transport):
             raise ConfigError(f"DiskTransport block_bytes must be a positive multiple of {ALIGN}, got {block_bytes!r}")
         if direct and not O_DIRECT:
             raise ConfigError("DiskTransport(direct=True) needs O_DIRECT, which this platform lacks")
+        if isinstance(temp_max_age_s, bool) or not isinstance(temp_max_age_s, (int, float)) or temp_max_age_s < 0:
+            raise ConfigError(f"DiskTransport temp_max_age_s must be a number >= 0, got {temp_max_age_s!r}")
         self._root = Path(root)
-        self._tmp = self._root / TMP_DIR
-        try:
-            os.makedirs(self._tmp, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"DiskTransport cannot create its directory {self._tmp}: {e}") from e
+        self._dirs = DiskRoot(self._root)
+        self.temp_max_age_s = float(temp_max_age_s)
+        self._dirs.sweep_temp(self.temp_max_age_s)
         self._fsync = bool(fsync)
         self._block_bytes = block_bytes
         self._direct = bool(direct)
         self._verify = bool(verify)
         if self._direct:
-            probe_direct(self._tmp, self._root)
+            try:
+                probe_direct(self._root / TMP_DIR, self._root)
+            except ConfigError:
+                self._dirs.close()
+                raise
         self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="kvstream-disk-io")
         # One thread, so the blocks of one payload are hashed in order (FIFO).
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="kvstream-disk-hash")
@@ -138,17 +149,13 @@ class DiskTransport(Transport):
         return self._root
 
     # -- paths ---------------------------------------------------------------------------------------
-    def _path(self, key: str) -> Path:
-        """The file of ``key``; raises LayoutError for keys that cannot map to one safely."""
+    def _parts(self, key: str) -> list[str]:
+        """The path parts of ``key``; raises LayoutError for keys that cannot map to a file safely."""
         self._check_key(key)
-        parts = key.split("/")
-        for p in parts:
-            if p in ("", ".", "..") or "\x00" in p or len(p.encode()) > 250:
-                raise LayoutError(f"Invalid chunk key {key!r}: part {p!r} is empty, '.', '..', has NUL or is too long")
-        if parts[0] == TMP_DIR:
-            raise LayoutError(f"Invalid chunk key {key!r}: {TMP_DIR!r} is the store's temp directory")
-        if any(p.endswith(SUFFIX) for p in parts[:-1]):
-            raise LayoutError(f"Invalid chunk key {key!r}: a directory part may not end in {SUFFIX!r}")
+        return key_parts(key)
+
+    def _path(self, key: str) -> Path:
+        parts = self._parts(key)
         return self._root.joinpath(*parts[:-1], parts[-1] + SUFFIX)
 
     def path(self, key: str) -> Path:
@@ -158,25 +165,15 @@ class DiskTransport(Transport):
     check_key = path  # Transport.check_key: a key is good if it maps to a file safely
 
     def _open(self, key: str) -> tuple[Path, int]:
-        path = self._path(key)
+        """``(file, read descriptor)`` of ``key``, reached without following links."""
+        parts = self._parts(key)
+        path = self._root.joinpath(*parts[:-1], parts[-1] + SUFFIX)
         try:
-            return path, os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except (FileNotFoundError, NotADirectoryError):
+            return path, self._dirs.open_chunk(parts)
+        except ChunkNotFound:
             raise ChunkNotFound(f"No chunk {key!r} in DiskTransport at {self._root} (no file {path})") from None
         except OSError as e:
             raise TransportError(f"Cannot open chunk {key!r} ({path}): {e}") from e
-
-    @staticmethod
-    def _read_header(fd: int, key: str, path: Path) -> ChunkHeader:
-        source = f"chunk {key!r} ({path})"
-        header = ChunkHeader.from_bytes(os.pread(fd, HEADER_BYTES, 0), source=source)
-        size = os.fstat(fd).st_size
-        if size != HEADER_BYTES + header.nbytes:
-            raise CorruptChunkError(f"{source}: file is {size} bytes, the header says {HEADER_BYTES} + "
-                                    f"{header.nbytes} (truncated or overwritten)")
-        if not header.checksum.startswith(CHECKSUM_PREFIX):
-            raise CorruptChunkError(f"{source}: unknown checksum {header.checksum!r}; expected {CHECKSUM_PREFIX}...")
-        return header
 
     def _submit(self, fn, *args) -> Future:
         try:
@@ -210,11 +207,11 @@ class DiskTransport(Transport):
             From ``wait()``: another I/O error, same guarantees.
         """
         self._check_open()
-        path = self._path(key)
+        parts = self._parts(key)
         self._check_chunk(chunk)
-        proto = chunk_header(chunk, region, meta, CHECKSUM_PREFIX + "0" * 16)
+        proto = chunk_header(chunk, region, meta, CHECKSUM_PREFIX + "0" * 16, key=key)
         if not chunk.is_cuda:
-            return FutureHandle(self._submit(self._write, key, path, byte_view(chunk), proto, []))
+            return FutureHandle(self._submit(self._write, key, parts, byte_view(chunk), proto, []))
         stream = torch.cuda.current_stream(chunk.device)
         src, events = self._staging(proto.nbytes), []
         whole = byte_view(chunk)
@@ -222,20 +219,23 @@ class DiskTransport(Transport):
             src[a:b].copy_(whole[a:b], non_blocking=True)
             events.append(Event(chunk.device).record(stream))
         try:
-            return FutureHandle(self._submit(self._write, key, path, src, proto, events))
+            return FutureHandle(self._submit(self._write, key, parts, src, proto, events))
         except TransportError:
             for e in events[-1:]:
                 e.synchronize()  # ``src`` must outlive the copies into it
             raise
 
-    def _write(self, key: str, path: Path, src: torch.Tensor, proto: ChunkHeader, events: list) -> None:
+    def _write(self, key: str, parts: list[str], src: torch.Tensor, proto: ChunkHeader, events: list) -> None:
         nbytes = proto.nbytes
         data = tensor_bytes(src)
         direct = self._direct_ok(src)
-        tmp = self._tmp / f"{uuid.uuid4().hex}-{os.getpid()}.tmp"
+        path = self._root.joinpath(*parts[:-1], parts[-1] + SUFFIX)
+        tmp = f"{uuid.uuid4().hex}-{os.getpid()}.tmp"
         fd, pending = -1, []
+        tmp_fd = self._dirs.tmp_fd
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | (O_DIRECT if direct else 0), 0o644)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | (O_DIRECT if direct else 0),
+                         0o644, dir_fd=tmp_fd)
             hasher = xxhash.xxh3_64()
             for i, (a, b) in enumerate(blocks(nbytes, self._block_bytes)):
                 if events:
@@ -257,8 +257,7 @@ class DiskTransport(Transport):
                 os.fsync(fd)
             os.close(fd)
             fd = -1
-            os.makedirs(path.parent, exist_ok=True)
-            os.replace(tmp, path)
+            self._dirs.place(tmp, parts, fsync=self._fsync)
         except BaseException as e:
             for f in pending:
                 f.result()  # the hash thread must be done with ``data`` before it is freed
@@ -266,7 +265,8 @@ class DiskTransport(Transport):
                 events[-1].synchronize()
             if fd >= 0:
                 os.close(fd)
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=tmp_fd)
             if isinstance(e, OSError):
                 what = (f"chunk {key!r} ({nbytes} bytes) to {path}; nothing was stored and the previous "
                         f"version, if any, is intact: {e}")
@@ -274,12 +274,6 @@ class DiskTransport(Transport):
                     raise CapacityError(f"Disk full writing {what}") from e
                 raise TransportError(f"I/O error writing {what}") from e
             raise
-        if self._fsync:  # make the rename itself durable
-            try:
-                fsync_dir(path.parent)
-            except OSError as e:
-                raise TransportError(f"Chunk {key!r} is in place at {path} but its directory could not be "
-                                     f"synced: {e}") from e
 
     # -- fetch ---------------------------------------------------------------------------------------
     def fetch(self, key: str, out: torch.Tensor) -> Handle:
@@ -293,7 +287,7 @@ class DiskTransport(Transport):
         self._check_chunk(out, "out")
         path, fd = self._open(key)
         try:
-            header = self._read_header(fd, key, path)
+            header = read_header(fd, key, path)
             check_packed(out, header.shape, header.dtype, name=f"out for chunk {key!r}")
             stream = torch.cuda.current_stream(out.device) if out.is_cuda else None
             return FutureHandle(self._submit(self._read, key, path, fd, header, out, stream))
@@ -350,31 +344,57 @@ class DiskTransport(Transport):
         self._check_open()
         path, fd = self._open(key)
         try:
-            return self._read_header(fd, key, path)
+            return read_header(fd, key, path)
         finally:
             os.close(fd)
 
     def contains(self, key: str) -> bool:
-        """Whether ``<root>/<key>.kvc`` exists (files appear only complete, by rename)."""
+        """Whether ``<root>/<key>.kvc`` exists as a regular file (files appear only complete, by rename);
+        ``False`` for one behind a symbolic link, which ``fetch`` refuses."""
         self._check_open()
-        return self._path(key).is_file()
+        parts = self._parts(key)
+        try:
+            return self._dirs.in_dir(parts, lambda dfd, name: stat.S_ISREG(
+                os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode), missing=False)
+        except TransportError:
+            return False
 
     def delete(self, key: str) -> bool:
         """Unlink ``<root>/<key>.kvc``; ``True`` if it existed. Fetches already started still complete."""
         self._check_open()
-        path = self._path(key)
-        try:
-            path.unlink()
+
+        def unlink(dfd: int, name: str) -> bool:
+            os.unlink(name, dir_fd=dfd)
             return True
-        except (FileNotFoundError, NotADirectoryError):
-            return False
+
+        try:
+            return self._dirs.in_dir(self._parts(key), unlink, missing=False)
         except OSError as e:
-            raise TransportError(f"Cannot delete chunk {key!r} ({path}): {e}") from e
+            raise TransportError(f"Cannot delete chunk {key!r} ({self._path(key)}): {e}") from e
+
+    def touch(self, key: str) -> bool:
+        """Set ``key``'s file's mtime to now (a store's access time); ``False`` if it is missing or cannot be."""
+        self._check_open()
+
+        def utime(dfd: int, name: str) -> bool:
+            os.utime(name, dir_fd=dfd, follow_symlinks=False)
+            return True
+
+        try:
+            return self._dirs.in_dir(self._parts(key), utime, missing=False)
+        except (OSError, TransportError):
+            return False
+
+    def sweep_temp(self, max_age_s: float | None = None, now: float | None = None) -> int:
+        """Delete temp files (of writers that died mid-flush) older than ``max_age_s`` (default
+        ``temp_max_age_s``) seconds; returns how many. Best effort on a read-only disk."""
+        self._check_open()
+        return self._dirs.sweep_temp(self.temp_max_age_s if max_age_s is None else max_age_s, now)
 
     def keys(self, prefix: str = "") -> list[str]:
         """Every stored key starting with ``prefix``, sorted; walks only the directories that can match."""
         self._check_open()
-        return sorted(key for key, _ in self._walk(prefix))
+        return sorted(key for key, _ in self._dirs.walk(prefix))
 
     def entries(self, prefix: str = "") -> Iterator[tuple[str, Path, os.stat_result]]:
         """Every stored chunk whose key starts with ``prefix``, as ``(key, file, stat)``, in no set order.
@@ -382,7 +402,7 @@ class DiskTransport(Transport):
         For housekeeping by age and size (a store's garbage collection): ``stat`` is the file's
         ``os.stat_result`` (``st_mtime``, ``st_atime``, ``st_size`` = 4096 header bytes + payload bytes),
         taken while the walk passes it. A file removed meanwhile is skipped. The walk is lazy and,
-        like :meth:`keys`, visits only the directories that can match.
+        like :meth:`keys`, visits only the directories that can match; it never enters a link.
 
         Raises
         ------
@@ -397,31 +417,11 @@ class DiskTransport(Transport):
         return self._entries(prefix)
 
     def _entries(self, prefix: str) -> Iterator[tuple[str, Path, os.stat_result]]:
-        for key, e in self._walk(prefix):
+        for key, e in self._dirs.walk(prefix):
             try:
                 yield key, Path(e.path), e.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
-
-    def _walk(self, prefix: str) -> Iterator[tuple[str, os.DirEntry]]:
-        """``(key, directory entry)`` of every chunk file whose key starts with ``prefix``."""
-        dirs = prefix.split("/")[:-1]  # directories the prefix names in full
-        if any(p in ("", ".", "..") for p in dirs) or (dirs and dirs[0] == TMP_DIR):
-            return
-        stack = [(os.path.join(self._root, *dirs), "/".join(dirs))]
-        while stack:
-            directory, rel = stack.pop()
-            try:
-                entries = list(os.scandir(directory))
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            for e in entries:
-                name = f"{rel}/{e.name}" if rel else e.name
-                if e.is_dir(follow_symlinks=False):
-                    if name != TMP_DIR and (name.startswith(prefix) or prefix.startswith(name + "/")):
-                        stack.append((e.path, name))
-                elif e.name.endswith(SUFFIX) and name[:-len(SUFFIX)].startswith(prefix):
-                    yield name[:-len(SUFFIX)], e
 
     def drop_page_cache(self, key: str) -> None:
         """Ask the kernel to drop ``key``'s file from the page cache, so that the next fetch reads the disk.
@@ -445,6 +445,7 @@ class DiskTransport(Transport):
             self._closed = True
         self._io.shutdown(wait=True)
         self._hasher.shutdown(wait=True)
+        self._dirs.close()
 
 
-__all__ = ["DiskTransport", "SUFFIX", "TMP_DIR", "DEFAULT_BLOCK_BYTES"]
+__all__ = ["DiskTransport", "SUFFIX", "TMP_DIR", "TEMP_MAX_AGE_S", "DEFAULT_BLOCK_BYTES", "SPARSE_CHECK_BYTES"]

@@ -1,5 +1,6 @@
 """File I/O under :class:`~kvstream.transports.disk.DiskTransport`: whole-buffer ``pwrite``/``preadv``, block
-splitting and the page alignment ``O_DIRECT`` needs (the 4096-byte chunk header keeps payloads aligned)."""
+splitting, the page alignment ``O_DIRECT`` needs (the 4096-byte chunk header keeps payloads aligned), and
+the checks of a chunk file's header against its key and size before anything is read into memory."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ import os
 import uuid
 from pathlib import Path
 
-from ..chunk import HEADER_BYTES
-from ..errors import ConfigError
+from ..chunk import CHECKSUM_PREFIX, HEADER_BYTES, ChunkHeader, key_digest
+from ..errors import ConfigError, CorruptChunkError
 
 #: O_DIRECT alignment of addresses, lengths and file offsets (one page; also the header size).
 ALIGN = 4096
 #: ``os.O_DIRECT`` where the platform has it, else 0.
 O_DIRECT = getattr(os, "O_DIRECT", 0)
+#: Payloads from this size on must occupy at least half their file's bytes on disk: a sparse file that
+#: declares gigabytes is refused before anything that large is allocated (kvstream writes every byte).
+SPARSE_CHECK_BYTES = 16 << 20
 
 
 class ShortRead(Exception):
@@ -63,15 +67,6 @@ def write_block(fd: int, data: memoryview, a: int, b: int, direct: bool) -> None
         pwrite_all(fd, tail, HEADER_BYTES + mid)
 
 
-def fsync_dir(directory: Path) -> None:
-    """``fsync`` a directory, so that a rename inside it is durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def read_block(fd: int, data: memoryview, a: int, b: int, direct: bool) -> None:
     """Read payload bytes ``[a, b)`` into ``data`` (the last partial page through a bounce page under O_DIRECT)."""
     mid = whole_pages_end(a, b, direct)
@@ -82,6 +77,31 @@ def read_block(fd: int, data: memoryview, a: int, b: int, direct: bool) -> None:
         if n < b - mid:
             raise ShortRead(mid + n)
         data[mid:b] = tail[:b - mid]
+
+
+def read_header(fd: int, key: str, path: Path) -> ChunkHeader:
+    """The validated header of ``key``'s open chunk file ``path``: checked to be written under ``key``, to
+    match the file's size (a sparse file of a large payload refused) and to carry an xxh3 checksum.
+
+    Raises
+    ------
+    CorruptChunkError
+        On any of these, or a malformed header (:meth:`ChunkHeader.from_bytes`).
+    """
+    source = f"chunk {key!r} ({path})"
+    header = ChunkHeader.from_bytes(os.pread(fd, HEADER_BYTES, 0), source=source)
+    if header.key_digest != key_digest(key):
+        raise CorruptChunkError(f"{source}: the chunk was written under another key (copied or renamed)")
+    st = os.fstat(fd)
+    if st.st_size != HEADER_BYTES + header.nbytes:
+        raise CorruptChunkError(f"{source}: file is {st.st_size} bytes, the header says {HEADER_BYTES} + "
+                                f"{header.nbytes} (truncated or overwritten)")
+    if header.nbytes >= SPARSE_CHECK_BYTES and 0 < st.st_blocks * 512 < st.st_size // 2:
+        raise CorruptChunkError(f"{source}: a sparse file ({st.st_blocks * 512} of {st.st_size} bytes on disk); "
+                                "kvstream writes every byte of a chunk")
+    if not header.checksum.startswith(CHECKSUM_PREFIX):
+        raise CorruptChunkError(f"{source}: unknown checksum {header.checksum!r}; expected {CHECKSUM_PREFIX}...")
+    return header
 
 
 def probe_direct(tmp: Path, root: Path) -> None:
@@ -105,5 +125,5 @@ def probe_direct(tmp: Path, root: Path) -> None:
         probe.unlink(missing_ok=True)
 
 
-__all__ = ["ALIGN", "O_DIRECT", "ShortRead", "pwrite_all", "preadinto_all", "blocks", "whole_pages_end", "page",
-           "write_block", "read_block", "fsync_dir", "probe_direct"]
+__all__ = ["ALIGN", "O_DIRECT", "SPARSE_CHECK_BYTES", "ShortRead", "read_header", "pwrite_all", "preadinto_all", "blocks", "whole_pages_end", "page",
+           "write_block", "read_block", "probe_direct"]

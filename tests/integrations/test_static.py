@@ -67,8 +67,11 @@ def test_tokens_scores_and_session_match(model, host, level, prompt):
     a, b = _session_chunks(host, f"s{level}-{prompt}"), _session_chunks(host, f"d{level}-{prompt}")
     assert a.keys() == b.keys() and len(a) == 5 + (4 if prompt > 16 else 1)
     assert all(a[k].shape == b[k].shape for k in a)
-    ma = json.dumps(cache.manifest()).replace(f'"s{level}-{prompt}', '"S')
-    assert ma == json.dumps(dyn.manifest()).replace(f'"d{level}-{prompt}', '"S')
+    def same_form(doc, name):  # a run's own id (random) and the checksum over it differ by design
+        doc = {k: v for k, v in doc.items() if k not in ("run", "runs", "checksum")}
+        return json.dumps(doc).replace(f'"{name}', '"S')
+
+    assert same_form(cache.manifest(), f"s{level}-{prompt}") == same_form(dyn.manifest(), f"d{level}-{prompt}")
 
 
 def test_load_either_into_either(model, host):

@@ -225,3 +225,30 @@ def test_layerwise_load_on_the_gpu_matches_the_cpu_load(seed, cuda_device):
     forward(gpu, seed, 2, 1, device=cuda_device)  # the first update of each layer takes it
     assert gpu._pending is None and gpu.get_seq_length() == cpu.get_seq_length() + 1
     host.close()
+
+
+@pytest.mark.parametrize("then", ["crop", "reorder", "select", "repeat"])
+@pytest.mark.parametrize("removed", range(0, 24))
+def test_every_crop_value_replays_to_the_live_cache(host, seed, removed, then):
+    """crop(-n) for every n a 23-token cache allows (crop(0) included: assisted decoding ends with it), then
+    another rewrite and more tokens; the replay equals the live cache bit for bit (issue 13, item 4)."""
+    cache = kvstream.StreamingCache(transport=host, session=f"crop-{removed}-{then}")
+    forward(cache, seed, 2, 20)
+    for _ in range(3):
+        forward(cache, seed, 2, 1)
+    cache.crop(-removed if removed else 0)
+    assert cache.get_seq_length() == 23 - removed
+    batch = 2
+    if then == "crop":
+        cache.crop(0)
+    elif then == "reorder":
+        cache.reorder_cache(torch.tensor([1, 0]))
+    elif then == "select":
+        cache.batch_select_indices(torch.tensor([1]))
+        batch = 1 if removed < 23 else 2  # row operations of an empty cache change nothing (as transformers')
+    else:
+        cache.batch_repeat_interleave(3)
+        batch = 6 if removed < 23 else 2
+    forward(cache, seed, batch, 1)
+    forward(cache, seed, batch, 18)
+    check_same_cache(cache, roundtrip(cache, host))

@@ -20,6 +20,7 @@ ended with: :meth:`StreamingCache.wait` writes the manifest, :meth:`StreamingCac
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +28,8 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, StaticLayer
 
 from ... import kernels
-from ...errors import ConfigError, LayoutError
-from ...layout import KVLayout, Region
+from ...errors import ConfigError, KVStreamError, LayoutError
+from ...layout import KVLayout, Region, kv_fingerprint
 from ...streaming.layerwise import LayerwiseLoad
 from ...streaming.session import MANIFEST_FORMAT, Crop, Manifest, Repeat, Reset, SessionKeys, SessionRecorder
 from ...streaming.levels import resolve_level
@@ -36,7 +37,7 @@ from ...streaming.streamer import KVStreamer
 from ...transports.base import Transport
 from . import prefix as _prefix
 from .offload import Offloader
-from .resume import PendingLoad, install, load_session
+from .resume import PendingLoad, install, load_session, read_manifest, replaced_keys
 
 
 def _is_kv_layer(layer: Any) -> bool:
@@ -85,6 +86,12 @@ class _SessionStreaming:
         self.streamer: KVStreamer | None = None
         self._level = resolve_level(level) if transport is not None else level
         self._fwd: _Forward | None = None
+        self._pending: PendingLoad | None = None  # a layer-wise load (a prefix, a session) not yet taken
+        self.run_id = uuid.uuid4().hex
+        self._runs = [(0, self.run_id)]  # (first segment, run) of the session's runs (a loaded cache adds its own)
+        self._model: str | None = None  # kv_fingerprint of config and KV dtype, from the first chunk
+        self._chunk_meta: dict = {"session": session, "run": self.run_id}
+        self._committed = False  # a manifest of this run was written
         self._recorder = SessionRecorder(session)
         self._kv_ids: list[int] = []
         self._kv_ids_for = -1
@@ -101,6 +108,13 @@ class _SessionStreaming:
         """Position length of the cache, as an int (what the manifest records)."""
         return int(self.get_seq_length())
 
+
+    def _first_chunk(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+        """The session's geometry and the model fingerprint every chunk's meta carries, from its first chunk."""
+        self._batch, self._geometry = batch, (kv_heads, head_dim, dtype)
+        if self.config is not None and self._model is None:
+            self._model = kv_fingerprint(self.config, dtype)
+            self._chunk_meta = {**self._chunk_meta, "model": self._model}
 
     def _ensure_streamer(self, device: torch.device) -> KVStreamer:
         if self.streamer is None:
@@ -131,8 +145,7 @@ class _SessionStreaming:
             return
         self._ensure_streamer(k.device)
         if self._batch is None:
-            self._batch = k.shape[0]
-            self._geometry = (k.shape[1], k.shape[3], k.dtype)
+            self._first_chunk(k.shape[0], k.shape[1], k.shape[3], k.dtype)
         self._finish_forward()
         start = self._forward_start(layer_idx, n)
         mode = "layers" if n > self.layer_chunk_min_tokens else "all"
@@ -152,7 +165,7 @@ class _SessionStreaming:
         key = self._recorder.prefill_key(fwd.seg, layer_idx)
         if self.streamer.level >= 2:
             self.streamer.scatter(key, [k], [v], Region(layers=(0, 1), tokens=(0, fwd.tokens)),
-                                  meta={"session": self.session, "layer": layer_idx})
+                                  meta={**self._chunk_meta, "layer": layer_idx})
         else:
             fwd.parts.append((layer_idx, key, k, v))
 
@@ -164,17 +177,17 @@ class _SessionStreaming:
         if fwd.mode == "layers":
             for layer_idx, key, k, v in fwd.parts:
                 streamer.scatter(key, [k], [v], Region(layers=(0, 1), tokens=(0, fwd.tokens)),
-                                 meta={"session": self.session, "layer": layer_idx})
+                                 meta={**self._chunk_meta, "layer": layer_idx})
             return
         key = self._recorder.end_step([p[0] for p in fwd.parts])  # the layers are in the manifest
         ks, vs = [p[2] for p in fwd.parts], [p[3] for p in fwd.parts]
         if streamer.level == 0:
-            streamer.scatter_newest(key, ks, vs, num_tokens=fwd.tokens)
+            streamer.scatter_newest(key, ks, vs, num_tokens=fwd.tokens, meta=self._chunk_meta)
             return
         plan = self._step_plan  # a step's new KV has the last step's shapes and strides: only addresses change
         if plan is None or plan.num_tokens != fwd.tokens or not plan.bind(ks, vs):
             plan = self._step_plan = kernels.plan_newest(ks, vs, num_tokens=fwd.tokens)
-        streamer.scatter_planned(key, plan, 0)
+        streamer.scatter_planned(key, plan, 0, meta=self._chunk_meta)
 
     # ------------------------------------------------------------------------------------------------
     # history-rewriting operations: applied, then recorded for replay
@@ -201,7 +214,8 @@ class _SessionStreaming:
             index = index.nonzero().flatten()
         idx = index.to("cpu", torch.int64).contiguous()
         key = self._recorder.rows(kind, idx.numel())
-        self._ensure_streamer(index.device if index.is_cuda else torch.device("cpu")).flush(key, idx).wait()
+        self._ensure_streamer(index.device if index.is_cuda else torch.device("cpu")).flush(
+            key, idx, meta=self._chunk_meta).wait()
 
     def _record(self, seg) -> None:
         if self.transport is not None:
@@ -273,7 +287,8 @@ class _SessionStreaming:
         kv_heads, head_dim, dtype = self._geometry if self._geometry else (None, None, None)
         return Manifest(session=self.session, num_layers=len(self.layers), kv_layers=list(self._kv_layer_ids()),
                         kv_heads=kv_heads, head_dim=head_dim, dtype=dtype, batch=self._batch,
-                        seq_length=self._seq_length(), segments=list(self._recorder.segments))
+                        seq_length=self._seq_length(), segments=list(self._recorder.segments),
+                        run=self.run_id, runs=list(self._runs), model=self._model)
 
     def manifest(self) -> dict:
         """The session manifest as its JSON document (what :meth:`load` replays)."""
@@ -282,6 +297,9 @@ class _SessionStreaming:
     def wait(self) -> None:
         """Block until every chunk has landed, then write the session manifest (``S/manifest``).
 
+        The first ``wait()`` of a fresh run that replaces another run's manifest then deletes that run's
+        chunks (best effort; see the class notes).
+
         Raises the first transport error of any chunk (for example ``CapacityError``).
         """
         self._settle()
@@ -289,13 +307,23 @@ class _SessionStreaming:
             return
         if self.streamer is not None:
             self.streamer.wait()
-        self.transport.flush(SessionKeys(self.session).manifest, self.session_manifest().to_bytes()).wait()
+        manifest = self.session_manifest()
+        fresh = not self._committed and len(self._runs) == 1
+        replaced = replaced_keys(self.transport, self.session) if fresh else []
+        self.transport.flush(SessionKeys(self.session).manifest, manifest.to_bytes()).wait()
+        self._committed = True
+        ours = set(manifest.keys())
+        for key in replaced:
+            if key not in ours:
+                try:
+                    self.transport.delete(key)
+                except KVStreamError:
+                    break
 
     @classmethod
     def read_manifest(cls, transport: Transport, session: str) -> Manifest:
         """Fetch, parse and check ``session``'s manifest. Raises ``ChunkNotFound`` or ``CorruptChunkError``."""
-        key = SessionKeys(session).manifest
-        return Manifest.from_bytes(transport.fetch_new(key, "cpu"), source=key)
+        return read_manifest(transport, session)
 
     def layout(self) -> KVLayout:
         """The :class:`~kvstream.layout.KVLayout` of what this cache holds (after the first update)."""
@@ -335,6 +363,17 @@ class StreamingCache(_SessionStreaming, DynamicCache):
     ConfigError
         If the config has layers whose state is not KV (linear attention, hybrid Mamba), which this
         cache cannot stream, or the session name is not a relative key prefix.
+
+    Notes
+    -----
+    Every cache is a fresh *run* of its session (:attr:`run_id`, random): each chunk's header records
+    the run and the model's fingerprint, and so does the manifest (which run wrote which segments).
+    A cache that reuses the name of a session that exists starts such a fresh run and overwrites the
+    old chunks; a :meth:`load` of the old manifest then refuses every chunk of the new run
+    (``CorruptChunkError``) instead of replaying the old manifest over the new run's KV, even if the new
+    run died before its :meth:`wait`. The first ``wait()`` of a fresh run deletes the chunks of the
+    manifest it replaced that it did not overwrite. A load of a session that a live run is overwriting
+    fails cleanly (the replay checks every chunk's run before and after reading it).
 
     Examples
     --------
@@ -416,7 +455,8 @@ class StreamingCache(_SessionStreaming, DynamicCache):
         CorruptChunkError
             A chunk fails its checksum or the manifest is malformed.
         LayoutError
-            The stored KV does not match ``config`` (layer count).
+            The stored KV does not match ``config``: its KV layers, KV heads, ``head_dim``, dtype (where the
+            config declares one), or the model fingerprint the session was streamed with.
         """
         return load_session(cls, transport, session, config=config, device=device, level=level, offload=offload,
                             stream=stream, layerwise=layerwise)
@@ -444,16 +484,18 @@ class StreamingCache(_SessionStreaming, DynamicCache):
         ConfigError
             ``layerwise=True`` with a transport or sliding-window layers.
         LayoutError
-            The store's KV has another number of layers than the cache.
+            The store's KV has another number of layers, KV heads, ``head_dim`` or dtype than the cache and
+            ``config``, or the store holds another model's KV (its namespace is the fingerprint of the first
+            model it was used with: :mod:`kvstream.stores.identity`).
         """
         cache = cls(config=config, transport=transport, session=session, **kwargs)
         if device is None:
             device = input_ids.device if isinstance(input_ids, torch.Tensor) else torch.device("cpu")
         device = torch.device(device)
         if not _prefix.check_layerwise(layerwise, device, transport, cache.layers):
-            cache.matched_tokens = int(_prefix.load_prefix_into(cache, store, input_ids, device=device))
+            cache.matched_tokens = int(_prefix.load_prefix_into(cache, store, input_ids, device=device, config=config))
             return cache
-        found = _prefix.lookup_layers(store, input_ids, device, len(cache.layers))
+        found = _prefix.lookup_layers(store, input_ids, device, len(cache.layers), config)
         if found is not None:
             load, match = found
             install(cache, load, list(range(len(cache.layers))), on_done=match.release)

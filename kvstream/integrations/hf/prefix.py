@@ -24,11 +24,27 @@ import torch
 from ...errors import ConfigError, LayoutError
 from ...stores.base import PrefixMatch, PrefixStore
 from ...stores.hashing import as_token_ids
+from ...stores.identity import check_config_kv
 from ...streaming.layerwise import LayerwiseLoad
 
 
+def bind_store(store: PrefixStore, config: Any) -> None:
+    """Tie ``store`` to the model of ``config`` (its default namespace), or check it is tied to it;
+    stores without model scoping are left alone (:mod:`kvstream.stores.identity`)."""
+    bind = getattr(store, "bind_model", None)
+    if config is not None and bind is not None:
+        bind(config)
+
+
+def check_loaded(keys: list, config: Any, store: PrefixStore) -> None:
+    """Check a loaded match ``keys`` (per layer ``[1, H, m, D]``) against ``config``. Raises LayoutError."""
+    if config is not None and keys:
+        check_config_kv(config, kv_heads=int(keys[0].shape[1]), head_dim=int(keys[0].shape[3]), dtype=keys[0].dtype,
+                        layers=len(keys), where=f"the KV {type(store).__name__} holds for this prefix")
+
+
 def load_prefix_into(cache: Any, store: PrefixStore, input_ids: Any, *,
-                     device: torch.device | str | None = None) -> int:
+                     device: torch.device | str | None = None, config: Any = None) -> int:
     """Fill the empty ``cache`` with the KV of the longest prefix of ``input_ids`` that ``store`` holds.
 
     Parameters
@@ -42,6 +58,9 @@ def load_prefix_into(cache: Any, store: PrefixStore, input_ids: Any, *,
     device : torch.device or str, optional
         Where the model runs (the cache's tensors go there); default: the device of ``input_ids`` if it
         is a tensor, else the CPU.
+    config : transformers.PretrainedConfig, optional
+        The model's config (default: ``cache.config`` where the cache has one). The store is tied to its
+        fingerprint (another model's KV never matches) and the loaded KV is checked against it.
 
     Returns
     -------
@@ -53,7 +72,8 @@ def load_prefix_into(cache: Any, store: PrefixStore, input_ids: Any, *,
     ConfigError
         If the cache is not empty.
     LayoutError
-        If the stored KV has another number of layers than the cache.
+        If the stored KV has another number of layers than the cache, or another geometry or dtype than
+        ``config``, or the store holds another model's KV.
 
     Examples
     --------
@@ -67,9 +87,12 @@ def load_prefix_into(cache: Any, store: PrefixStore, input_ids: Any, *,
         device = input_ids.device if isinstance(input_ids, torch.Tensor) else torch.device("cpu")
     if len(ids) < 2:
         return 0
+    config = config if config is not None else getattr(cache, "config", None)
+    bind_store(store, config)
     with store.fetch_prefix(ids, device=device, max_tokens=len(ids) - 1) as match:
         if match.matched_tokens == 0:
             return 0
+        check_loaded(match.keys, config, store)
         layers = getattr(cache, "layers", None) or []
         if getattr(cache, "layer_class_to_replicate", None) is None and len(layers) != len(match.keys):
             raise LayoutError(f"The store holds KV of {len(match.keys)} layers, the cache has {len(layers)}")
@@ -78,8 +101,8 @@ def load_prefix_into(cache: Any, store: PrefixStore, input_ids: Any, *,
         return match.matched_tokens
 
 
-def lookup_layers(store: PrefixStore, input_ids: Any, device: torch.device,
-                  num_layers: int) -> tuple[LayerwiseLoad, PrefixMatch] | None:
+def lookup_layers(store: PrefixStore, input_ids: Any, device: torch.device, num_layers: int,
+                  config: Any = None) -> tuple[LayerwiseLoad, PrefixMatch] | None:
     """Look ``input_ids`` up and start loading the match layer by layer onto ``device``.
 
     Returns ``(load, match)`` — the caller releases ``match`` once every layer was taken — or ``None`` when
@@ -88,11 +111,13 @@ def lookup_layers(store: PrefixStore, input_ids: Any, device: torch.device,
     Raises
     ------
     LayoutError
-        If the store's KV has another number of layers than ``num_layers``.
+        If the store's KV has another number of layers than ``num_layers``, or does not fit ``config``
+        (see :func:`load_prefix_into`).
     """
     ids = as_token_ids(input_ids, what="input_ids")
     if len(ids) < 2:
         return None
+    bind_store(store, config)
     match = store.lookup(ids, max_tokens=len(ids) - 1)
     if match.matched_tokens == 0:
         match.release()
@@ -101,6 +126,7 @@ def lookup_layers(store: PrefixStore, input_ids: Any, device: torch.device,
         load = match.load_layers(device)
         if len(load.keys) != num_layers:
             raise LayoutError(f"The store holds KV of {len(load.keys)} layers, the cache has {num_layers}")
+        check_loaded(load.keys, config, store)
     except BaseException:
         match.release()
         raise
@@ -126,4 +152,4 @@ def check_layerwise(layerwise: bool | None, device: torch.device, transport: Any
     return bool(layerwise)
 
 
-__all__ = ["load_prefix_into", "lookup_layers", "check_layerwise"]
+__all__ = ["load_prefix_into", "lookup_layers", "check_layerwise", "bind_store", "check_loaded"]

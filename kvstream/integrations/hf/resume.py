@@ -8,10 +8,12 @@ from typing import Any, Callable
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from ...errors import LayoutError
+from ...errors import CorruptChunkError, KVStreamError, LayoutError
+from ...layout import kv_fingerprint
+from ...stores.identity import check_config_kv
 from ...streaming.layerwise import LayerwiseLoad
 from ...streaming.replay import replay
-from ...streaming.session import SessionRecorder
+from ...streaming.session import MAX_MANIFEST_BYTES, Manifest, SessionKeys, SessionRecorder
 from ...streaming.streamer import KVStreamer
 from ...transports.base import Transport
 
@@ -86,11 +88,66 @@ def install(cache: Any, load: LayerwiseLoad, layer_ids: list[int], on_done: Call
     cache._pending = PendingLoad(cache, load, layer_ids, on_done)
 
 
+def read_manifest(transport: Transport, session: str) -> Manifest:
+    """Fetch, parse and check ``session``'s manifest (its size checked before it is fetched).
+
+    Raises
+    ------
+    ChunkNotFound
+        No manifest.
+    CorruptChunkError
+        A manifest over :data:`~kvstream.streaming.session.MAX_MANIFEST_BYTES`, malformed, or failing its checksum.
+    """
+    key = SessionKeys(session).manifest
+    nbytes = transport.describe(key).nbytes
+    if nbytes > MAX_MANIFEST_BYTES:
+        raise CorruptChunkError(f"{key} is {nbytes} bytes, over {MAX_MANIFEST_BYTES}")
+    return Manifest.from_bytes(transport.fetch_new(key, "cpu"), source=key)
+
+
+def replaced_keys(transport: Transport, session: str) -> list[str]:
+    """The chunk keys of ``session``'s stored manifest, which a fresh run is about to replace (none if
+    there is none, it cannot be read, or the transport cannot tell: a point-to-point sender)."""
+    try:
+        if not transport.contains(SessionKeys(session).manifest):
+            return []
+        return read_manifest(transport, session).keys()
+    except KVStreamError:
+        return []
+
+
+def check_session_model(manifest: Manifest, config: Any) -> None:
+    """Check a stored session against the config it is loaded with: KV heads, ``head_dim``, dtype (where
+    the config declares one) and the model fingerprint it was streamed with. Raises LayoutError."""
+    if config is None or manifest.kv_heads is None:
+        return
+    where = f"session {manifest.session!r}"
+    check_config_kv(config, kv_heads=manifest.kv_heads, head_dim=manifest.head_dim, dtype=manifest.dtype, where=where)
+    if manifest.model is not None and manifest.model != kv_fingerprint(config, manifest.dtype):
+        raise LayoutError(f"{where} was streamed by another model (fingerprint {manifest.model}, this config's "
+                          f"is {kv_fingerprint(config, manifest.dtype)}): its KV is not valid for this one")
+
+
+def continue_record(cache: Any, manifest: Manifest) -> None:
+    """Make ``cache`` (a fresh run of ``manifest``'s session) continue the session's record: its segments,
+    the runs that wrote them (this run starts after them), the model fingerprint, batch and geometry."""
+    cache._recorder = SessionRecorder(manifest.session, manifest.segments)
+    n = len(manifest.segments)  # runs that recorded no segment drop out of the list
+    cache._runs = [(first, run) for first, run in manifest.runs if first < n] + [(n, cache.run_id)]
+    if manifest.model is not None:
+        cache._model = manifest.model
+        cache._chunk_meta = {**cache._chunk_meta, "model": manifest.model}
+    cache._batch = manifest.batch
+    if manifest.kv_heads is not None:
+        cache._geometry = (manifest.kv_heads, manifest.head_dim, manifest.dtype)
+
+
 def load_session(cls: type, transport: Transport, session: str, *, config: Any, device: torch.device | str | None,
                  level: int | str | None, offload: bool, stream: bool, layerwise: bool | None) -> Any:
     """:meth:`StreamingCache.load <kvstream.integrations.hf.cache.StreamingCache.load>`: read the manifest,
     build a ``cls`` cache, replay the chunks into it, continue the session's record."""
     manifest = cls.read_manifest(transport, session)
+    check_session_model(manifest, config)
     device = torch.device(device or "cpu")
     cache = cls(config=config, transport=transport if stream else None, session=session, level=level,
                 offload=offload)
@@ -103,10 +160,7 @@ def load_session(cls: type, transport: Transport, session: str, *, config: Any, 
     load = replay(manifest, streamer, device=device, layerwise=False if offload else layerwise)
     if load.keys:
         install(cache, load, kv_ids, on_done=None)
-    cache._recorder = SessionRecorder(session, manifest.segments)
-    cache._batch = manifest.batch
-    if manifest.kv_heads is not None:
-        cache._geometry = (manifest.kv_heads, manifest.head_dim, manifest.dtype)
+    continue_record(cache, manifest)
     if cache._offloader is not None:
         cache._settle()
         for l in kv_ids:
@@ -114,4 +168,5 @@ def load_session(cls: type, transport: Transport, session: str, *, config: Any, 
     return cache
 
 
-__all__ = ["PendingLoad", "install", "load_session"]
+__all__ = ["PendingLoad", "install", "read_manifest", "replaced_keys", "check_session_model", "continue_record",
+           "load_session"]

@@ -27,10 +27,10 @@ from transformers.cache_utils import StaticCache, StaticLayer
 
 from ... import kernels
 from ...errors import ConfigError, LayoutError
-from ...streaming.session import SessionRecorder
 from ...transports.base import Transport
 from . import ops
 from .cache import StreamingCache, _SessionStreaming
+from .resume import continue_record
 
 
 class StreamingStaticCache(_SessionStreaming, StaticCache):
@@ -132,10 +132,10 @@ class StreamingStaticCache(_SessionStreaming, StaticCache):
         streamer = self.streamer or self._ensure_streamer(device)
         plan = self._plan(n, keys, values)
         if self._batch is None:
-            self._batch, self._geometry = plan.shape[2], (plan.shape[3], plan.shape[5], plan.dtype)
+            self._first_chunk(plan.shape[2], plan.shape[3], plan.shape[5], plan.dtype)
         start = self._forward_start(None, n)
         self._recorder.begin("all", start, n, self._batch)
-        streamer.scatter_planned(self._recorder.end_step(self._kv_ids), plan, start)
+        streamer.scatter_planned(self._recorder.end_step(self._kv_ids), plan, start, meta=self._chunk_meta)
 
     def _settle(self) -> None:
         super()._settle()
@@ -175,10 +175,7 @@ class StreamingStaticCache(_SessionStreaming, StaticCache):
         for l in manifest.kv_layers:
             if src.layers[l].is_initialized and src.layers[l].keys.shape[-2]:
                 cache.layers[l].update(src.layers[l].keys, src.layers[l].values)
-        cache._recorder = SessionRecorder(session, manifest.segments)
-        cache._batch = manifest.batch
-        if manifest.kv_heads is not None:
-            cache._geometry = (manifest.kv_heads, manifest.head_dim, manifest.dtype)
+        continue_record(cache, manifest)
         cache._host_len = manifest.seq_length
         return cache
 

@@ -266,6 +266,7 @@ class SharedTree:
         try:
             tree = Tree.from_json(doc)
             tree.layout = None if doc["layout"] is None else KVLayout.from_dict(doc["layout"])
+            tree.namespace = doc.get("namespace", None if doc["layout"] is None else "")
             for name, (tokens, nbytes, _) in tree.blobs.items():
                 if not isinstance(name, str) or tokens <= 0 or nbytes != tokens * tree.layout.bytes_per_token():
                     raise ValueError(f"blob {name!r}: {tokens} tokens in {nbytes} bytes")
@@ -281,6 +282,7 @@ class SharedTree:
         tree = self.tree.to_json()
         doc = {"format": INDEX_FORMAT, "capacity_bytes": self.capacity_bytes, "tick": tree["tick"],
                "next_id": tree["next_id"], "layout": None if self.tree.layout is None else self.tree.layout.to_dict(),
+               "namespace": self.tree.namespace,
                "blobs": tree["blobs"], "nodes": tree["nodes"]}
         tmp = os.path.join(self.directory, f"index.{self.owner.replace(':', '-')}.tmp")
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _NOFOLLOW, 0o600), "w") as f:

@@ -39,6 +39,7 @@ from ...cuda import Event, host_empty, memcpy_2d_async
 from ...kernels import pack_tokens, unpack_tokens
 from ..base import PrefixMatch, PrefixStore, check_kv, check_max_tokens
 from ..hashing import as_token_ids
+from ..identity import ModelScope
 from ..layerwise import LayerwiseLoad, enqueue_layers
 from .shared import SharedTree, new_blob_name, remove_dir, shared_dir
 from .tree import INSERT_OWNER, Tree
@@ -96,7 +97,7 @@ def write_blob(blob: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequenc
         torch.cuda.current_stream(packed.device).synchronize()
 
 
-class RadixStore(PrefixStore):
+class RadixStore(ModelScope, PrefixStore):
     """Prefix store over a radix tree of token ids, with KV in (pinned) host memory and LRU eviction.
 
     Parameters
@@ -111,6 +112,10 @@ class RadixStore(PrefixStore):
         Where shared stores live (default ``/dev/shm``, the POSIX shared-memory tmpfs).
     pin_memory : bool, optional
         Page-lock in-process blobs (default: when a CUDA device is present).
+    namespace, config, dtype : optional
+        Which model's KV the store holds (:mod:`kvstream.stores.identity`): an explicit namespace, or the
+        fingerprint of ``config`` (default: of the first model the store is used with). The tree holds
+        one namespace: lookups of another match nothing, updates of another raise ``LayoutError``.
 
     Raises
     ------
@@ -128,8 +133,10 @@ class RadixStore(PrefixStore):
     name = "radix"
 
     def __init__(self, capacity_bytes: int, *, shared_name: str | None = None, shm_dir: str | None = None,
-                 pin_memory: bool | None = None):
+                 pin_memory: bool | None = None, namespace: str | None = None, config: Any = None,
+                 dtype: torch.dtype | None = None):
         super().__init__()
+        self._init_model(namespace, config, dtype)
         if not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
             raise ConfigError(f"RadixStore capacity_bytes must be a positive int, got {capacity_bytes!r}")
         self.capacity_bytes = capacity_bytes
@@ -201,18 +208,33 @@ class RadixStore(PrefixStore):
                 self._shared.delete_blob(name)
 
     # -- the store interface -----------------------------------------------------------------------------
+    def _other_model(self, tree: Tree) -> bool:
+        """Whether the tree holds KV of another namespace than this store's (another model)."""
+        return tree.layout is not None and (tree.namespace or "") != self.namespace
+
+    def _on_bind(self, namespace: str) -> None:
+        """KV stored before any model was known (namespace ``""``) is taken as this model's, as a store without
+        namespaces took it; KV of another model's namespace is refused."""
+        with self._locked(write=True) as tree:
+            if tree.layout is not None and tree.namespace:
+                if tree.namespace != namespace:
+                    raise LayoutError(f"RadixStore holds KV of namespace {tree.namespace!r} (another model's); it "
+                                      f"cannot take the model {namespace}: use one store per model")
+            elif tree.layout is not None:
+                tree.namespace = namespace
+
     def query(self, token_ids: Any) -> int:
         """Tokens of the longest stored prefix of ``token_ids``; touches nothing, pins nothing."""
         ids = as_token_ids(token_ids)
         with self._locked(write=False) as tree:
-            return tree.walk(ids)[1]
+            return 0 if self._other_model(tree) else tree.walk(ids)[1]
 
     def lookup(self, token_ids: Any, *, max_tokens: int | None = None) -> PrefixMatch:
         """Find, touch (LRU) and pin the longest stored prefix; see :meth:`PrefixStore.lookup`."""
         ids = as_token_ids(token_ids)
         cap = check_max_tokens(max_tokens, len(ids))
         with self._locked(write=True) as tree:
-            path, slices = self._intact(tree.walk(ids[:cap])[0], tree)
+            path, slices = ([], []) if self._other_model(tree) else self._intact(tree.walk(ids[:cap])[0], tree)
             matched = sum(used for _, used in path)
             if matched == 0:
                 return PrefixMatch(0, None, None, source="RadixStore")
@@ -317,9 +339,13 @@ class RadixStore(PrefixStore):
         if not 0 <= start <= n:
             raise ConfigError(f"start must be in [0, {n}], got {start}")
         layout = check_kv(keys, values, n - start)
+        self.check_layout(layout)
         with self._locked(write=True) as tree:
             if tree.layout is None:
-                tree.layout = layout
+                tree.layout, tree.namespace = layout, self.namespace
+            elif self._other_model(tree):
+                raise LayoutError(f"RadixStore holds KV of namespace {tree.namespace!r}, this store's is "
+                                  f"{self.namespace!r} (another model): use one store per model")
             elif tree.layout != layout:
                 raise LayoutError(f"RadixStore holds KV of layout {tree.layout}, got {layout}")
             path, matched = tree.walk(ids)

@@ -73,6 +73,8 @@ class Tree:
     layout : object or None
         What the store keeps with the tree (its :class:`~kvstream.layout.KVLayout`); the tree does not
         look at it.
+    namespace : str or None
+        The namespace (model fingerprint) of the KV in the tree, set with the layout; not looked at either.
     """
 
     def __init__(self) -> None:
@@ -83,6 +85,7 @@ class Tree:
         self.tick = 0
         self.next_id = 1
         self.layout: Any = None
+        self.namespace: str | None = None
 
     # -- matching --------------------------------------------------------------------------------------
     def walk(self, ids: Sequence[int]) -> tuple[list[tuple[Node, int]], int]:
