@@ -7,7 +7,7 @@
   by chained prefix hashes, on local disk or a shared filesystem; TTL garbage collection.
 
 Both stores implement :class:`~kvstream.stores.base.PrefixStore`: ``query``, ``lookup`` (a pinned
-:class:`~kvstream.stores.base.PrefixMatch`, loaded at once or layer by layer as a
+:class:`~kvstream.stores.match.PrefixMatch`, loaded at once or layer by layer as a
 :class:`~kvstream.stores.layerwise.LayerwiseLoad`), ``fetch_prefix``, ``update`` and ``update_kv``.
 """
 

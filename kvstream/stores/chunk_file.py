@@ -15,6 +15,8 @@ Design (after Vineyard's file cache, v6d ``modules/llm-cache``, and LMCache's ch
   Lustre). A full disk raises :class:`~kvstream.errors.CapacityError` and leaves no partial file.
 * A chunk that fails its checks at load time shortens the match to the chunks before it (the caller
   recomputes the rest) and is deleted, so the next update rewrites it; wrong KV is never returned.
+  Each header also carries one checksum per layer, so loads read every layer of every file in
+  parallel and verify each before it moves on to the device (:mod:`.chunk_read`).
 * **Access times** are recorded by the store itself: a successful read sets the file's mtime to now
   (``os.utime``); atime is not relied on (``noatime``/``relatime`` mounts). The **GC** walks the
   transport's files (:meth:`~kvstream.transports.disk.DiskTransport.entries`) and deletes chunks whose
@@ -47,11 +49,15 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import CapacityError, ChunkNotFound, ConfigError, CorruptChunkError, LayoutError, TransportError
+from ..chunk import slice_checksums
+from ..errors import CapacityError, ChunkNotFound, ConfigError, CorruptChunkError, TransportError
 from ..layout import KVLayout, Region
-from ..kernels import pack_tokens, unpack_tokens
+from ..kernels import pack_tokens
 from ..transports.disk import TMP_DIR, DiskTransport
+from ..transports.slices import DEFAULT_QUEUE_DEPTH
 from .base import PinError, PrefixMatch, PrefixStore, check_kv, check_max_tokens
+from .chunk_read import ChunkReads, probe_fetch
+from .cost import Calibration, TierCost, device_copy_Bps
 from .hashing import as_token_ids, nested_path, prefix_hashes
 
 logger = logging.getLogger(__name__)
@@ -60,8 +66,8 @@ logger = logging.getLogger(__name__)
 PINS_DIR = ".pins"
 #: Temp files older than this (or than the TTL, if longer) are leftovers of a writer that died.
 TEMP_MAX_AGE_S = 3600.0
-#: Back-off (seconds) of a reader that finds a pinned chunk missing: the GC is putting it back.
-_RETRY_DELAYS_S = (0.002, 0.01, 0.05, 0.2)
+#: File beside the store holding its measured read cost (:mod:`kvstream.stores.cost`), by host and options.
+COST_FILE = ".kvstream-cost.json"
 
 
 class ChunkFileStore(PrefixStore):
@@ -84,8 +90,11 @@ class ChunkFileStore(PrefixStore):
         Run :meth:`gc` on a background thread this often (needs ``ttl_s``).
     pin_lease_s : float
         Age after which the GC ignores a pin file (its reader is taken as dead).
-    fsync, io_threads, direct :
-        Passed to :class:`~kvstream.transports.disk.DiskTransport`.
+    fsync, io_threads, direct, queue_depth :
+        Passed to :class:`~kvstream.transports.disk.DiskTransport` (``queue_depth``: reads in flight of a load).
+    slice_checksums : bool
+        Write a checksum per layer into each chunk's header (default), so that loads verify and copy
+        layer by layer (:mod:`.chunk_read`); ``False`` writes files as before, loaded whole and at once.
 
     Raises
     ------
@@ -105,7 +114,8 @@ class ChunkFileStore(PrefixStore):
     def __init__(self, root: str | os.PathLike, chunk_tokens: int = 256, *, namespace: str = "",
                  dir_levels: int = 2, dir_chars: int = 2, ttl_s: float | None = None,
                  gc_interval_s: float | None = None, pin_lease_s: float = 600.0, fsync: bool = False,
-                 io_threads: int = 4, direct: bool = False):
+                 io_threads: int = 4, direct: bool = False, queue_depth: int = DEFAULT_QUEUE_DEPTH,
+                 slice_checksums: bool = True):
         super().__init__()
         if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens <= 0:
             raise ConfigError(f"ChunkFileStore chunk_tokens must be a positive int, got {chunk_tokens!r}")
@@ -124,7 +134,11 @@ class ChunkFileStore(PrefixStore):
         self.dir_levels, self.dir_chars = dir_levels, dir_chars
         self.ttl_s = ttl_s
         self.pin_lease_s = float(pin_lease_s)
-        self._transport = DiskTransport(self.root, fsync=fsync, io_threads=io_threads, direct=direct)
+        self.slice_checksums = bool(slice_checksums)
+        self._transport = DiskTransport(self.root, fsync=fsync, io_threads=io_threads, direct=direct,
+                                        queue_depth=queue_depth)
+        self._calibration = Calibration(self.root / COST_FILE, f"{socket.gethostname()}:"
+                                        f"{'direct' if direct else 'buffered'}:qd{queue_depth}")
         self._pins_dir = self.root / PINS_DIR
         self._tmp_dir = self.root / TMP_DIR
         os.makedirs(self._pins_dir, exist_ok=True)
@@ -230,13 +244,29 @@ class ChunkFileStore(PrefixStore):
         with self._lock:
             self._pins.update(keys)
             self._held += 1
+        reads: list[ChunkReads] = []  # the match's reads, once started (prefetch or load)
+        header = None
+        with contextlib.suppress(ChunkNotFound, CorruptChunkError):
+            header = self._transport.describe(keys[0])
 
-        def loader(device: torch.device, n_tokens: int):
-            """Read the pinned chunks of the match onto a device; see PrefixMatch.load."""
-            return self._load(keys[:math.ceil(n_tokens / c)], n_tokens, device), None
+        def read(start: int) -> ChunkReads:
+            """The match's reads from token ``start`` (a multiple of the chunk size), started on first use."""
+            if not reads:
+                reads.append(self._reads(keys[start // c:math.ceil(matched / c)]))
+            return reads[0]
+
+        def loader(device: torch.device, n_tokens: int, start: int = 0):
+            """Read tokens ``[start, n_tokens)`` of the match onto a device; see PrefixMatch.load."""
+            return read(start).packed(device, n_tokens - start), None
+
+        def layer_loader(device: torch.device, n_tokens: int, stream, start: int = 0):
+            """Read tokens ``[start, n_tokens)``, verified, then copy them layer by layer; see PrefixMatch.load_layers."""
+            return read(start).layered(device, n_tokens - start, stream, start)
 
         def releaser() -> None:
-            """Release this match's pins on its chunks (never below zero)."""
+            """Wait for reads still in flight, then release this match's pins on its chunks (never below zero)."""
+            for r in reads:
+                r.close()
             with self._lock:
                 for key in keys:
                     if self._pins[key] <= 0:
@@ -248,75 +278,36 @@ class ChunkFileStore(PrefixStore):
                 self._held -= 1
             pin_file.unlink(missing_ok=True)
 
-        return PrefixMatch(matched, loader, releaser, source="ChunkFileStore")
-
-    @staticmethod
-    def _retry(op, key: str, *args):
-        """``op(key, *args)`` (a transport call) that waits out the GC's put-back window of a pinned chunk."""
-        for delay in _RETRY_DELAYS_S:
-            try:
-                return op(key, *args)
-            except ChunkNotFound:
-                time.sleep(delay)
-        return op(key, *args)
+        layered = header is None or slice_checksums(header) is not None  # no per-layer checksums: whole-file loads
+        per_token = None if header is None else header.nbytes // c
+        return PrefixMatch(matched, loader, releaser, source="ChunkFileStore", prefetcher=read,
+                           layer_loader=layer_loader if layered else None, store=self, granularity=c,
+                           bytes_per_token=per_token)
 
     def _drop_corrupt(self, key: str, error: Exception) -> None:
         logger.warning("ChunkFileStore: dropping corrupt chunk %s: %s", key, error)
         with contextlib.suppress(TransportError):
             self._transport.delete(key)
 
-    def _load(self, keys: list[str], n_tokens: int, device: torch.device) -> torch.Tensor:
-        """Read chunks ``keys`` (in order) onto ``device``; stop at the first missing or corrupt one."""
-        c = self.chunk_tokens
-        try:
-            header = self._retry(self._transport.describe, keys[0])
-            shape = tuple(header.shape)
-            if len(shape) != 6 or shape[1] != 2 or shape[2] != 1 or shape[4] != c:
-                raise CorruptChunkError(f"chunk {keys[0]}: shape {list(shape)} is not [layers, 2, 1, heads, {c}, "
-                                        "head_dim]")
-        except ChunkNotFound:
-            return torch.empty((0, 2, 1, 0, 0, 0))
-        except CorruptChunkError as e:
-            self._drop_corrupt(keys[0], e)
-            return torch.empty((0, 2, 1, 0, 0, 0))
-        buf = torch.empty((len(keys), *shape), dtype=header.dtype, device=device)
-        handles = []
-        for i, key in enumerate(keys):
-            try:
-                handles.append(self._retry(self._transport.fetch, key, buf[i]))
-            except (ChunkNotFound, CorruptChunkError, LayoutError) as e:
-                handles.append(e)
-                break
-        good = 0
-        for i, h in enumerate(handles):  # wait for every read in flight before touching buf
-            if isinstance(h, Exception):
-                error = h
-            else:
-                try:
-                    h.wait()
-                    error = None
-                except (CorruptChunkError, TransportError) as e:
-                    error = e
-            if error is None and good == i:
-                good += 1
-                with contextlib.suppress(OSError):
-                    os.utime(self.path(keys[i]))  # the access time GC goes by
-            elif good == i and isinstance(error, CorruptChunkError):
-                self._drop_corrupt(keys[i], error)
-        return self._unchunk(buf[:good], min(n_tokens, good * c))
+    def _touch(self, key: str) -> None:
+        with contextlib.suppress(OSError):
+            os.utime(self.path(key))  # the access time GC goes by
 
-    @staticmethod
-    def _unchunk(chunks: torch.Tensor, n_tokens: int) -> torch.Tensor:
-        """Chunks ``[n, L, 2, 1, H, c, D]`` in token order -> packed ``[L, 2, 1, H, n_tokens, D]`` (one copy each).
+    def _reads(self, keys: list[str]) -> ChunkReads:
+        return ChunkReads(self._transport, keys, self.chunk_tokens, drop=self._drop_corrupt, touch=self._touch,
+                          observe=self._calibration.observe)
 
-        ``n_tokens <= n * c``: the result is a view of the first ``n_tokens`` of ``n * c`` tokens.
-        """
-        n, layers, _, _, heads, c, head_dim = chunks.shape
-        full = torch.empty((layers, 2, 1, heads, n * c, head_dim), dtype=chunks.dtype, device=chunks.device)
-        keys, values = [full[l, 0] for l in range(layers)], [full[l, 1] for l in range(layers)]
-        for i in range(n):
-            unpack_tokens(chunks[i], keys, values, Region(layers=(0, layers), tokens=(i * c, (i + 1) * c)))
-        return full if n_tokens == n * c else full[:, :, :, :, :n_tokens]
+    def read_cost(self, device: torch.device | str) -> TierCost:
+        """The measured cost of a load onto ``device``: :attr:`tier_cost` if set, else this disk's fetch rate
+        (measured once with a probe file, then cached beside the store in ``.kvstream-cost.json`` per host
+        and I/O options, and replaced when observed loads drift) and the device's copy rate."""
+        if self.tier_cost is not None:
+            return self.tier_cost
+        fetch = self._calibration.get()
+        if fetch is None:
+            fetch = self._calibration.set(*probe_fetch(self._transport), "probe")
+        return TierCost(fetch_Bps=fetch["fetch_Bps"], copy_Bps=device_copy_Bps(torch.device(device)),
+                        latency_s=fetch.get("latency_s", 0.0))
 
     def update_kv(self, token_ids: Any, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *,
                   start: int = 0, overwrite: bool = False) -> int:
@@ -363,7 +354,7 @@ class ChunkFileStore(PrefixStore):
                         out=chunks[j])
             region = Region(layers=(0, layers), tokens=(i * c, (i + 1) * c), batch=(0, 1), heads=(0, layout.kv_heads))
             meta = {"prefix_key": all_keys[i].rsplit("/", 1)[-1], "namespace": self.namespace}
-            handles.append(self._transport.flush(all_keys[i], chunks[j], region, meta))
+            handles.append(self._transport.flush(all_keys[i], chunks[j], region, meta, slices=self.slice_checksums))
         errors = []
         for h in handles:  # every write must finish before ``chunks`` may be freed
             try:
@@ -446,4 +437,4 @@ class ChunkFileStore(PrefixStore):
         super().close()
 
 
-__all__ = ["ChunkFileStore", "PINS_DIR", "TEMP_MAX_AGE_S"]
+__all__ = ["ChunkFileStore", "PINS_DIR", "TEMP_MAX_AGE_S", "COST_FILE"]

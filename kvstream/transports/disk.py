@@ -13,7 +13,8 @@ Design:
   its temp file and raises :class:`~kvstream.errors.CapacityError`; the previous chunk stays.
 * **Verified reads.** The header carries the xxh3-64 of the payload (:func:`~kvstream.chunk.payload_checksum`);
   ``fetch`` recomputes it and raises :class:`~kvstream.errors.CorruptChunkError` naming the key and
-  file on a mismatch, a short file or a bad header.
+  file on a mismatch, a short file or a bad header. With ``flush(slices=True)`` each layer has its own
+  checksum too, and :meth:`DiskTransport.fetch_slices` reads and verifies layers in parallel (:mod:`.slices`).
 * **Large sequential I/O, no extra copies.** The payload moves in ``block_bytes`` (16 MiB) ``pwrite``
   / ``preadv`` calls straight from the chunk's memory or into ``out``'s (a CUDA chunk or ``out`` goes
   through one pinned staging buffer, copied block by block on the stream captured at call time so the
@@ -27,8 +28,6 @@ Design:
 from __future__ import annotations
 
 import dataclasses
-import errno
-import fcntl
 import os
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,14 +37,15 @@ from typing import Iterator
 import torch
 import xxhash
 
-from ..chunk import CHECKSUM_PREFIX, HEADER_BYTES, ChunkHeader, byte_view, chunk_header, tensor_bytes
+from ..chunk import CHECKSUM_PREFIX, HEADER_BYTES, ChunkHeader, byte_view, chunk_header, slice_checksums, tensor_bytes
 from ..cuda import Event, host_empty
-from ..errors import CapacityError, ChunkNotFound, ConfigError, CorruptChunkError, LayoutError, TransportError
+from ..errors import ChunkNotFound, ConfigError, CorruptChunkError, LayoutError, TransportError
 from ..layout import Region, check_packed
 from ..handles import FutureHandle, Handle
 from .base import Transport
-from .diskio import (ALIGN, O_DIRECT, ShortRead, blocks, fsync_dir, page, probe_direct, pwrite_all, read_block,
-                     write_block)
+from .diskio import (ALIGN, O_DIRECT, ShortRead, blocks, chunk_entries, fsync_dir, probe_direct, read_block,
+                     set_direct, walk_chunks, write_block, write_error, write_header)
+from .slices import DEFAULT_QUEUE_DEPTH, SliceHasher, read_slices, slice_placeholder
 
 #: File name suffix of a stored chunk.
 SUFFIX = ".kvc"
@@ -55,7 +55,6 @@ TMP_DIR = ".tmp"
 DEFAULT_BLOCK_BYTES = 16 << 20
 #: Payloads up to this size are hashed on the I/O thread; larger ones on the hash thread beside the I/O.
 HASH_INLINE_BYTES = 1 << 20
-_FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 
 
 class DiskTransport(Transport):
@@ -77,6 +76,8 @@ class DiskTransport(Transport):
         and ``out``) and page-aligned CPU tensors; other CPU tensors take the buffered path.
     verify : bool
         Check the payload's xxh3 on every fetch.
+    queue_depth : int
+        Slice reads in flight at once (:meth:`fetch_slices`; :mod:`kvstream.transports.slices`).
 
     Raises
     ------
@@ -107,10 +108,12 @@ class DiskTransport(Transport):
     name = "disk"
 
     def __init__(self, root: str | os.PathLike, *, fsync: bool = False, io_threads: int = 4,
-                 block_bytes: int = DEFAULT_BLOCK_BYTES, direct: bool = False, verify: bool = True):
+                 block_bytes: int = DEFAULT_BLOCK_BYTES, direct: bool = False, verify: bool = True,
+                 queue_depth: int = DEFAULT_QUEUE_DEPTH):
         super().__init__()
-        if isinstance(io_threads, bool) or not isinstance(io_threads, int) or io_threads < 1:
-            raise ConfigError(f"DiskTransport io_threads must be an int >= 1, got {io_threads!r}")
+        for name, v in (("io_threads", io_threads), ("queue_depth", queue_depth)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"DiskTransport {name} must be an int >= 1, got {v!r}")
         if isinstance(block_bytes, bool) or not isinstance(block_bytes, int) or block_bytes <= 0 \
                 or block_bytes % ALIGN:
             raise ConfigError(f"DiskTransport block_bytes must be a positive multiple of {ALIGN}, got {block_bytes!r}")
@@ -131,6 +134,7 @@ class DiskTransport(Transport):
         self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="kvstream-disk-io")
         # One thread, so the blocks of one payload are hashed in order (FIFO).
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="kvstream-disk-hash")
+        self._readers = ThreadPoolExecutor(queue_depth, thread_name_prefix="kvstream-disk-read")
 
     @property
     def root(self) -> Path:
@@ -182,10 +186,6 @@ class DiskTransport(Transport):
         except RuntimeError:  # the pool was shut down by a concurrent close()
             raise TransportError("DiskTransport is closed") from None
 
-    def _staging(self, nbytes: int) -> torch.Tensor:
-        """Pinned, page-aligned host bytes for CUDA transfers."""
-        return host_empty(nbytes, pin=True)
-
     def _hash(self, hasher, data: memoryview, nbytes: int, pending: list) -> None:
         if nbytes <= HASH_INLINE_BYTES:
             hasher.update(data)
@@ -197,8 +197,11 @@ class DiskTransport(Transport):
 
     # -- flush ---------------------------------------------------------------------------------------
     def flush(self, key: str, chunk: torch.Tensor, region: Region | None = None,
-              meta: dict | None = None) -> Handle:
+              meta: dict | None = None, *, slices: bool = False) -> Handle:
         """Write ``chunk`` to ``<root>/<key>.kvc`` on an I/O thread; see :meth:`Transport.flush`.
+
+        ``slices=True`` also checksums each slice of the payload along its first axis (a packed chunk's
+        layers) into the header's meta, so that :meth:`fetch_slices` can verify slices one by one.
 
         Raises
         ------
@@ -211,11 +214,13 @@ class DiskTransport(Transport):
         self._check_open()
         path = self._path(key)
         self._check_chunk(chunk)
+        if slices:
+            meta = slice_placeholder(meta, chunk.shape[0] if chunk.dim() else 1)
         proto = chunk_header(chunk, region, meta, CHECKSUM_PREFIX + "0" * 16)
         if not chunk.is_cuda:
             return FutureHandle(self._submit(self._write, key, path, byte_view(chunk), proto, []))
         stream = torch.cuda.current_stream(chunk.device)
-        src, events = self._staging(proto.nbytes), []
+        src, events = host_empty(proto.nbytes, pin=True), []
         whole = byte_view(chunk)
         for a, b in blocks(proto.nbytes, self._block_bytes):
             src[a:b].copy_(whole[a:b], non_blocking=True)
@@ -233,6 +238,7 @@ class DiskTransport(Transport):
         direct = self._direct_ok(src)
         tmp = self._tmp / f"{uuid.uuid4().hex}-{os.getpid()}.tmp"
         fd, pending = -1, []
+        sliced = SliceHasher(proto, data, self._hasher.submit if nbytes > HASH_INLINE_BYTES else None)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | (O_DIRECT if direct else 0),
                          0o644)
@@ -241,18 +247,13 @@ class DiskTransport(Transport):
                 if events:
                     events[i].synchronize()
                 self._hash(hasher, data[a:b], nbytes, pending)
+                sliced.feed(b)
                 write_block(fd, data, a, b, direct)
             for f in pending:
                 f.result()
-            header = dataclasses.replace(proto, checksum=CHECKSUM_PREFIX + hasher.hexdigest()).to_bytes()
-            if direct:
-                first = page()
-                first[:] = header
-                pwrite_all(fd, first, 0)
-                if nbytes % ALIGN:
-                    os.ftruncate(fd, HEADER_BYTES + nbytes)  # drop the tail block's padding
-            else:
-                pwrite_all(fd, memoryview(header), 0)
+            header = dataclasses.replace(proto, checksum=CHECKSUM_PREFIX + hasher.hexdigest(),
+                                         meta=sliced.meta(proto.meta)).to_bytes()
+            write_header(fd, header, nbytes, direct)
             if self._fsync:
                 os.fsync(fd)
             os.close(fd)
@@ -262,17 +263,14 @@ class DiskTransport(Transport):
         except BaseException as e:
             for f in pending:
                 f.result()  # the hash thread must be done with ``data`` before it is freed
+            sliced.wait()
             if events:
                 events[-1].synchronize()
             if fd >= 0:
                 os.close(fd)
             tmp.unlink(missing_ok=True)
             if isinstance(e, OSError):
-                what = (f"chunk {key!r} ({nbytes} bytes) to {path}; nothing was stored and the previous "
-                        f"version, if any, is intact: {e}")
-                if e.errno in _FULL_DISK:
-                    raise CapacityError(f"Disk full writing {what}") from e
-                raise TransportError(f"I/O error writing {what}") from e
+                raise write_error(e, key, nbytes, path) from e
             raise
         if self._fsync:  # make the rename itself durable
             try:
@@ -303,14 +301,14 @@ class DiskTransport(Transport):
 
     def _read(self, key: str, path: Path, fd: int, header: ChunkHeader, out: torch.Tensor, stream) -> None:
         nbytes = header.nbytes
-        dst = self._staging(nbytes) if stream is not None else byte_view(out)
+        dst = host_empty(nbytes, pin=True) if stream is not None else byte_view(out)
         data = tensor_bytes(dst)
         direct = self._direct_ok(dst)
         hasher = xxhash.xxh3_64() if self._verify else None
         pending, copied = [], False
         try:
             if direct:
-                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | O_DIRECT)
+                set_direct(fd)
             for a, b in blocks(nbytes, self._block_bytes):
                 read_block(fd, data, a, b, direct)
                 if hasher is not None:
@@ -335,6 +333,35 @@ class DiskTransport(Transport):
             if got != header.checksum:
                 raise CorruptChunkError(f"chunk {key!r} ({path}): payload checksum {got} does not match the "
                                         f"header's {header.checksum}")
+
+    def fetch_slices(self, key: str, out: torch.Tensor) -> list[Handle]:
+        """Read chunk ``key`` into the contiguous CPU tensor ``out`` (its stored shape) slice by slice, in parallel.
+
+        Slice ``s`` is ``out[s]`` (a packed chunk's layer ``s``), read by one of ``queue_depth`` threads
+        (``O_DIRECT`` with ``direct=True`` when page-aligned) and verified against its own checksum
+        (:mod:`kvstream.transports.slices`). Opening and the header checks happen here, as in :meth:`fetch`.
+        A chunk written without ``slices=True`` is read and verified whole: every handle completes with it.
+
+        Returns one handle per slice; ``handles[s].wait()`` returns once ``out[s]`` holds verified bytes, and
+        raises :class:`CorruptChunkError` (short file, checksum mismatch) or ``TransportError``. Raises
+        ``ChunkNotFound``, ``CorruptChunkError`` (header) or ``LayoutError`` (``out``) at once, as :meth:`fetch`.
+        """
+        self._check_open()
+        self._check_chunk(out, "out")
+        if out.device.type != "cpu":
+            raise LayoutError(f"fetch_slices reads into host memory; out is on {out.device}")
+        path, fd = self._open(key)
+        try:
+            header = self._read_header(fd, key, path)
+            check_packed(out, header.shape, header.dtype, name=f"out for chunk {key!r}")
+            checksums = slice_checksums(header, source=f"chunk {key!r} ({path})")
+            if checksums is None:
+                return [FutureHandle(self._submit(self._read, key, path, fd, header, out, None))] * len(out)
+        except BaseException:
+            os.close(fd)
+            raise
+        return [FutureHandle(f) for f in read_slices(self._readers, fd, header, tensor_bytes(out), checksums, key=key,
+                                                     path=path, direct=self._direct_ok(out), verify=self._verify)]
 
     # -- the rest of the contract --------------------------------------------------------------------
     def describe(self, key: str) -> ChunkHeader:
@@ -374,7 +401,7 @@ class DiskTransport(Transport):
     def keys(self, prefix: str = "") -> list[str]:
         """Every stored key starting with ``prefix``, sorted; walks only the directories that can match."""
         self._check_open()
-        return sorted(key for key, _ in self._walk(prefix))
+        return sorted(key for key, _ in walk_chunks(self._root, prefix, SUFFIX, TMP_DIR))
 
     def entries(self, prefix: str = "") -> Iterator[tuple[str, Path, os.stat_result]]:
         """Every stored chunk whose key starts with ``prefix``, as ``(key, file, stat)``, in no set order.
@@ -382,46 +409,14 @@ class DiskTransport(Transport):
         For housekeeping by age and size (a store's garbage collection): ``stat`` is the file's
         ``os.stat_result`` (``st_mtime``, ``st_atime``, ``st_size`` = 4096 header bytes + payload bytes),
         taken while the walk passes it. A file removed meanwhile is skipped. The walk is lazy and,
-        like :meth:`keys`, visits only the directories that can match.
-
-        Raises
-        ------
-        TransportError
-            If the transport is closed.
+        like :meth:`keys`, visits only the directories that can match. Raises ``TransportError`` if closed.
 
         Examples
         --------
         >>> old = [key for key, _, st in transport.entries("req-42/") if st.st_mtime < cutoff]  # doctest: +SKIP
         """
         self._check_open()
-        return self._entries(prefix)
-
-    def _entries(self, prefix: str) -> Iterator[tuple[str, Path, os.stat_result]]:
-        for key, e in self._walk(prefix):
-            try:
-                yield key, Path(e.path), e.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-
-    def _walk(self, prefix: str) -> Iterator[tuple[str, os.DirEntry]]:
-        """``(key, directory entry)`` of every chunk file whose key starts with ``prefix``."""
-        dirs = prefix.split("/")[:-1]  # directories the prefix names in full
-        if any(p in ("", ".", "..") for p in dirs) or (dirs and dirs[0] == TMP_DIR):
-            return
-        stack = [(os.path.join(self._root, *dirs), "/".join(dirs))]
-        while stack:
-            directory, rel = stack.pop()
-            try:
-                entries = list(os.scandir(directory))
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            for e in entries:
-                name = f"{rel}/{e.name}" if rel else e.name
-                if e.is_dir(follow_symlinks=False):
-                    if name != TMP_DIR and (name.startswith(prefix) or prefix.startswith(name + "/")):
-                        stack.append((e.path, name))
-                elif e.name.endswith(SUFFIX) and name[:-len(SUFFIX)].startswith(prefix):
-                    yield name[:-len(SUFFIX)], e
+        return chunk_entries(self._root, prefix, SUFFIX, TMP_DIR)
 
     def drop_page_cache(self, key: str) -> None:
         """Ask the kernel to drop ``key``'s file from the page cache, so that the next fetch reads the disk.
@@ -444,6 +439,7 @@ class DiskTransport(Transport):
                 return
             self._closed = True
         self._io.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
         self._hasher.shutdown(wait=True)
 
 

@@ -3,13 +3,16 @@ splitting and the page alignment ``O_DIRECT`` needs (the 4096-byte chunk header 
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import mmap
 import os
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 from ..chunk import HEADER_BYTES
-from ..errors import ConfigError
+from ..errors import CapacityError, ConfigError, TransportError
 
 #: O_DIRECT alignment of addresses, lengths and file offsets (one page; also the header size).
 ALIGN = 4096
@@ -63,6 +66,33 @@ def write_block(fd: int, data: memoryview, a: int, b: int, direct: bool) -> None
         pwrite_all(fd, tail, HEADER_BYTES + mid)
 
 
+def write_header(fd: int, header: bytes, nbytes: int, direct: bool) -> None:
+    """Write the 4096-byte ``header`` at offset 0 (through a page under O_DIRECT, then drop the padding of a
+    payload of ``nbytes`` that does not end on a page)."""
+    if not direct:
+        pwrite_all(fd, memoryview(header), 0)
+        return
+    first = page()
+    first[:] = header
+    pwrite_all(fd, first, 0)
+    if nbytes % ALIGN:
+        os.ftruncate(fd, HEADER_BYTES + nbytes)  # drop the tail block's padding
+
+
+def write_error(e: OSError, key: str, nbytes: int, path: Path) -> TransportError:
+    """The error to raise for ``e`` from writing chunk ``key``: :class:`CapacityError` for a full disk
+    (``ENOSPC``/``EDQUOT``), else :class:`TransportError`; the caller removed the temp file."""
+    what = f"chunk {key!r} ({nbytes} bytes) to {path}; nothing was stored and the previous version, if any, is intact: {e}"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CapacityError(f"Disk full writing {what}")
+    return TransportError(f"I/O error writing {what}")
+
+
+def set_direct(fd: int) -> None:
+    """Turn ``O_DIRECT`` on for the open file ``fd`` (its reads bypass the page cache)."""
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | O_DIRECT)
+
+
 def fsync_dir(directory: Path) -> None:
     """``fsync`` a directory, so that a rename inside it is durable."""
     fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
@@ -105,5 +135,38 @@ def probe_direct(tmp: Path, root: Path) -> None:
         probe.unlink(missing_ok=True)
 
 
+def walk_chunks(root: str | os.PathLike, prefix: str, suffix: str, tmp_dir: str) -> Iterator[tuple[str, os.DirEntry]]:
+    """``(key, directory entry)`` of every chunk file (``<key><suffix>``) under ``root`` whose key starts with
+    ``prefix``; walks only the directories that can match and never ``tmp_dir`` or a symlinked directory."""
+    dirs = prefix.split("/")[:-1]  # directories the prefix names in full
+    if any(p in ("", ".", "..") for p in dirs) or (dirs and dirs[0] == tmp_dir):
+        return
+    stack = [(os.path.join(root, *dirs), "/".join(dirs))]
+    while stack:
+        directory, rel = stack.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for e in entries:
+            name = f"{rel}/{e.name}" if rel else e.name
+            if e.is_dir(follow_symlinks=False):
+                if name != tmp_dir and (name.startswith(prefix) or prefix.startswith(name + "/")):
+                    stack.append((e.path, name))
+            elif e.name.endswith(suffix) and name[:-len(suffix)].startswith(prefix):
+                yield name[:-len(suffix)], e
+
+
+def chunk_entries(root: str | os.PathLike, prefix: str, suffix: str,
+                  tmp_dir: str) -> Iterator[tuple[str, Path, os.stat_result]]:
+    """:func:`walk_chunks` as ``(key, file, stat)``, skipping files removed while the walk runs."""
+    for key, e in walk_chunks(root, prefix, suffix, tmp_dir):
+        try:
+            yield key, Path(e.path), e.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+
+
 __all__ = ["ALIGN", "O_DIRECT", "ShortRead", "pwrite_all", "preadinto_all", "blocks", "whole_pages_end", "page",
-           "write_block", "read_block", "fsync_dir", "probe_direct"]
+           "write_block", "read_block", "fsync_dir", "probe_direct", "walk_chunks", "chunk_entries",
+           "write_header", "set_direct", "write_error"]

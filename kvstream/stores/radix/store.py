@@ -10,7 +10,7 @@ Design (after SGLang's ``RadixCache`` and Vineyard's radix tree + blobs):
   (kvstream's pinned allocator) when a GPU exists, so a match loads onto the GPU with asynchronous copies.
 * Lookup walks the tree for the longest prefix, touches every node on the path (LRU clock) and
   **pins** the deepest node: a pinned match survives any eviction between lookup and load.
-* Layer-wise loading (:meth:`~kvstream.stores.base.PrefixMatch.load_layers`, the loop of
+* Layer-wise loading (:meth:`~kvstream.stores.match.PrefixMatch.load_layers`, the loop of
   :func:`~kvstream.stores.layerwise.enqueue_layers`): in a token-major blob one layer's K and V of one
   token are one row of ``2 * kv_heads * head_dim`` elements, rows a token stride
   (``layers * 2 * kv_heads * head_dim``) apart. So per layer and per run of matched tokens, one pitched
@@ -68,6 +68,17 @@ def token_major_views(rows: torch.Tensor) -> tuple[list[torch.Tensor], list[torc
     """
     hf = rows.select(5, 0).permute(1, 2, 3, 4, 0, 5)  # [layers, 2, 1, kv_heads, tokens, head_dim]
     return [hf[l, 0] for l in range(hf.shape[0])], [hf[l, 1] for l in range(hf.shape[0])]
+
+
+def window(slices: list, start: int) -> list:
+    """``(blob, offset, used)`` runs of a match without its first ``start`` tokens."""
+    out = []
+    for blob, offset, used in slices:
+        skip = min(start, used)
+        start -= skip
+        if used > skip:
+            out.append((blob, offset + skip, used - skip))
+    return out
 
 
 def write_blob(blob: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], lo: int) -> None:
@@ -208,13 +219,13 @@ class RadixStore(PrefixStore):
             layout = tree.layout
         node_id = deepest.id
 
-        def loader(device: torch.device, n_tokens: int):
-            """Copy the matched tokens onto a device; see PrefixMatch.load."""
-            return self._load_slices(slices, layout, n_tokens, device)
+        def loader(device: torch.device, n_tokens: int, start: int = 0):
+            """Copy tokens ``[start, n_tokens)`` of the match onto a device; see PrefixMatch.load."""
+            return self._load_slices(window(slices, start), layout, n_tokens - start, device)
 
-        def layer_loader(device: torch.device, n_tokens: int, stream):
-            """Start the layer-by-layer copy of the match; see PrefixMatch.load_layers."""
-            return self._load_layers(slices, layout, n_tokens, device, stream)
+        def layer_loader(device: torch.device, n_tokens: int, stream, start: int = 0):
+            """Start the layer-by-layer copy of tokens ``[start, n_tokens)``; see PrefixMatch.load_layers."""
+            return self._load_layers(window(slices, start), layout, n_tokens - start, device, stream, start)
 
         def releaser() -> None:
             """Unpin the match's deepest node."""
@@ -226,7 +237,8 @@ class RadixStore(PrefixStore):
                     t.unpin(node_id, self._owner)
                     self._held -= 1
 
-        return PrefixMatch(matched, loader, releaser, source="RadixStore", layer_loader=layer_loader)
+        return PrefixMatch(matched, loader, releaser, source="RadixStore", layer_loader=layer_loader, store=self,
+                           bytes_per_token=layout.bytes_per_token())
 
     @staticmethod
     def _load_slices(slices, layout: KVLayout, n_tokens: int, device: torch.device):
@@ -246,7 +258,7 @@ class RadixStore(PrefixStore):
 
     @staticmethod
     def _load_layers(slices, layout: KVLayout, n_tokens: int, device: torch.device,
-                     stream: "torch.cuda.Stream | None") -> tuple[LayerwiseLoad, torch.Tensor]:
+                     stream: "torch.cuda.Stream | None", start: int = 0) -> tuple[LayerwiseLoad, torch.Tensor]:
         """Enqueue the layer-wise load of ``slices`` on ``stream`` (see the module docstring); ``(load, staging)``.
 
         The staging is allocated here on the current stream (the compute stream), before
@@ -287,7 +299,7 @@ class RadixStore(PrefixStore):
                 memcpy_2d_async(dst, src[:, layer], stream)
             pack_tokens(staged_k, staged_v, one_layer, out=kv.unsqueeze(0))
 
-        return enqueue_layers(layout, n_tokens, device, stream, copy_layer), staging
+        return enqueue_layers(layout, n_tokens, device, stream, copy_layer, start=start), staging
 
     def update_kv(self, token_ids: Any, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *,
                   start: int = 0) -> int:
@@ -396,4 +408,4 @@ class RadixStore(PrefixStore):
         return remove_dir(shared_dir(shared_name, shm_dir))
 
 
-__all__ = ["RadixStore", "blob_shape", "token_major_views", "write_blob", "LOCAL_OWNER"]
+__all__ = ["RadixStore", "blob_shape", "token_major_views", "window", "write_blob", "LOCAL_OWNER"]

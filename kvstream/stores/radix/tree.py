@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from ..base import PinError
+from ..match import PinError
 
 #: Owner of the pin an insert holds on its parent while it evicts (the parent must not go).
 INSERT_OWNER = "__insert__"
