@@ -39,6 +39,7 @@ _LAZY = {
     "StreamingCache": "kvstream.integrations.hf.cache",
     "RadixStore": "kvstream.stores.radix",
     "ChunkFileStore": "kvstream.stores.chunk_file",
+    "TieredStore": "kvstream.stores.tiered",
     "PrefixStore": "kvstream.stores.base",
     "load_prefix_into": "kvstream.integrations.hf.prefix",
 }

@@ -76,6 +76,7 @@ class PrefixMatch:
         self.bytes_per_token = bytes_per_token
         self._prefetcher = prefetcher
         self._prefetched: int | None = None
+        self._after: list[Callable[[], None]] = []
         self.keys: list[torch.Tensor] | None = None
         self.values: list[torch.Tensor] | None = None
         self.packed: torch.Tensor | None = None
@@ -266,6 +267,12 @@ class PrefixMatch:
         self._hold = None  # a layer-wise load's tensors and staging: no copy writes or reads them any more
         if self._releaser is not None:
             self._releaser()
+        for fn in self._after:
+            fn()
+
+    def after_release(self, fn: Callable[[], None]) -> None:
+        """Run ``fn()`` once the match is released (after its pins: a tiered store promotes the prefix then)."""
+        self._after.append(fn)
 
     def __enter__(self) -> "PrefixMatch":
         return self

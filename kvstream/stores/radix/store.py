@@ -19,6 +19,8 @@ Design (after SGLang's ``RadixCache`` and Vineyard's radix tree + blobs):
   final ``[2, 1, kv_heads, tokens, head_dim]``; then the layer's event.
 * Past ``capacity_bytes`` (the sum of live blobs' bytes), unpinned leaves go in least-recently-used
   order. An update that cannot fit after evicting everything unpinned stores the part that fits.
+  ``on_evict`` (set by a write-back :class:`~kvstream.stores.tiered.TieredStore`) receives each leaf's
+  whole sequence and KV before it goes; a leaf it fails to take stays.
 
 With ``shared_name=...`` the processes of one host share the store through shared memory (:mod:`.shared`);
 in-process (the default) nothing is serialized.
@@ -27,6 +29,7 @@ in-process (the default) nothing is serialized.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import uuid
 from typing import Any, Iterator, Sequence
@@ -42,6 +45,8 @@ from ..hashing import as_token_ids
 from ..layerwise import LayerwiseLoad, enqueue_layers
 from .shared import SharedTree, remove_dir, shared_dir
 from .tree import INSERT_OWNER, Tree
+
+logger = logging.getLogger(__name__)
 
 #: Pin owner of an in-process store (a shared store names processes: :func:`.shared.owner_id`).
 LOCAL_OWNER = "local"
@@ -155,6 +160,10 @@ class RadixStore(PrefixStore):
             self._shared = SharedTree(self._dir, shared_name, capacity_bytes)
             self._owner = self._shared.owner
         self._tree = Tree() if self._shared is None else self._shared.tree
+        #: ``on_evict(token_ids, keys, values)``, called with a leaf's root-to-leaf sequence and its KV
+        #: (per-layer ``[1, kv_heads, T, head_dim]`` host views) before eviction drops it; if it raises,
+        #: the leaf is kept. ``None``: evict silently.
+        self.on_evict = None
 
     @contextlib.contextmanager
     def _locked(self, write: bool) -> Iterator[Tree]:
@@ -333,7 +342,8 @@ class RadixStore(PrefixStore):
             want = n - matched
             tree.pin(parent, INSERT_OWNER)
             try:
-                self._free(tree.evict(want * per_token, self.capacity_bytes))
+                self._free(tree.evict(want * per_token, self.capacity_bytes,
+                                      keep=None if self.on_evict is None else lambda leaf: self._demote(leaf, tree)))
             finally:
                 tree.unpin(parent.id, INSERT_OWNER)
             fit = min(want, max(0, self.capacity_bytes - tree.used_bytes) // per_token)
@@ -349,6 +359,19 @@ class RadixStore(PrefixStore):
             tree.add_blob(name, fit, blob.numel() * blob.element_size())
             tree.add_child(parent, tuple(ids[matched:matched + fit]), name, 0)
             return matched + fit - start
+
+    def _demote(self, leaf, tree: Tree) -> bool:
+        """Hand a leaf about to be evicted to :attr:`on_evict`; ``True`` (keep the leaf) if that fails."""
+        path = tree.path_to(leaf)
+        ids = [t for node in path for t in node.edge]
+        rows = torch.cat([self._blob_tensor(n.blob, tree)[n.offset:n.offset + len(n.edge)] for n in path])
+        keys, values = token_major_views(rows)
+        try:
+            self.on_evict(ids, keys, values)
+        except Exception as e:  # noqa: BLE001 - keep the leaf; the update stores less, nothing is lost
+            logger.warning("RadixStore: keeping a %d-token leaf its lower tier could not take: %s", len(ids), e)
+            return True
+        return False
 
     def pinned(self) -> int:
         """Pins this process holds (matches not yet released)."""
