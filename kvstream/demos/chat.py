@@ -36,7 +36,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda (Llama-3-8B shapes)")
     p.add_argument("--dtype", help="float32 (default: an exact check) or bfloat16")
     p.add_argument("--layers", type=int, help="decoder layers of the embedded model (default: 4 on cpu, 32 on cuda)")
-    p.add_argument("--store", choices=("radix", "file"), default="radix", help="prefix store (default: radix)")
+    p.add_argument("--store", choices=("radix", "file", "tiered"), default="radix",
+                   help="prefix store (default: radix; tiered: host memory in front of the files)")
+    p.add_argument("--plan", action="store_true", help="reuse by measured cost (StreamingCache.from_prefix(model=...):"
+                   " load, recompute or both at once) instead of always loading")
     p.add_argument("--root", help="directory of the file store (default: a temporary directory, removed after)")
     p.add_argument("--chunk-tokens", type=int, default=16, help="tokens per file-store chunk (default: 16)")
     p.add_argument("--turns", type=int, default=4, help="conversation turns (default: 4)")
@@ -91,12 +94,14 @@ def _generate(model, ids: torch.Tensor, new_tokens: int, cache, streamer: _First
 
 
 def _make_store(args: argparse.Namespace, namespace: str):
-    from ..stores import ChunkFileStore, RadixStore
+    from ..stores import ChunkFileStore, RadixStore, TieredStore
 
     if args.store == "radix":
         return RadixStore(capacity_bytes=8 << 30), None
     root = args.root or tempfile.mkdtemp(prefix="kvstream-chat-")
-    return ChunkFileStore(root, chunk_tokens=args.chunk_tokens, namespace=namespace), (None if args.root else root)
+    files = ChunkFileStore(root, chunk_tokens=args.chunk_tokens, namespace=namespace)
+    store = files if args.store == "file" else TieredStore([RadixStore(capacity_bytes=8 << 30), files])
+    return store, (None if args.root else root)
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -104,6 +109,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     from transformers import DynamicCache
 
     from ..models import encode_text, prompts
+    from ..integrations.hf.cache import StreamingCache
     from ..integrations.hf.prefix import load_prefix_into
 
     device = torch.device(args.device)
@@ -131,15 +137,19 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
             streamer = _FirstToken(device)
             t0 = time.perf_counter()
-            cache = DynamicCache(config=model.config)
-            matched = load_prefix_into(cache, store, ids, device=device)
+            if args.plan:
+                cache = StreamingCache.from_prefix(store, ids, model=model, device=device)
+                matched, plan = cache.matched_tokens, cache.reuse_plan.choice
+            else:
+                cache = DynamicCache(config=model.config)
+                matched, plan = load_prefix_into(cache, store, ids, device=device), "load"
             out = _generate(model, ids, args.new_tokens, cache, streamer)
             ttft_reuse = streamer.at - t0
 
             t0 = time.perf_counter()
             stored = store.update(out, cache)
             update_s = time.perf_counter() - t0
-            results.append({"turn": turn + 1, "prompt_tokens": ids.shape[1], "matched_tokens": matched,
+            results.append({"turn": turn + 1, "prompt_tokens": ids.shape[1], "matched_tokens": matched, "plan": plan,
                             "prefilled_tokens": ids.shape[1] - matched, "ttft_full_s": ttft_full,
                             "ttft_reuse_s": ttft_reuse, "store_update_s": update_s, "stored_tokens": stored,
                             "identical": bool(torch.equal(ref, out))})
@@ -163,11 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     dtype = args.dtype or "float32"
     t = Table(title=f"kvstream chat-demo — {args.model or args.arch} on {args.device} ({dtype}), "
                     f"{args.store} store, {args.new_tokens} new tokens per turn")
-    for col in ("turn", "prompt tokens", "matched", "prefilled", "TTFT no reuse", "TTFT reuse", "speed-up",
+    for col in ("turn", "prompt tokens", "matched", "plan", "prefilled", "TTFT no reuse", "TTFT reuse", "speed-up",
                 "identical", "store update"):
         t.add_column(col, justify="right")
     for r in results:
-        t.add_row(str(r["turn"]), str(r["prompt_tokens"]), str(r["matched_tokens"]), str(r["prefilled_tokens"]),
+        t.add_row(str(r["turn"]), str(r["prompt_tokens"]), str(r["matched_tokens"]), r["plan"], str(r["prefilled_tokens"]),
                   f"{r['ttft_full_s'] * 1e3:.1f} ms", f"{r['ttft_reuse_s'] * 1e3:.1f} ms",
                   f"{r['ttft_full_s'] / max(r['ttft_reuse_s'], 1e-9):.2f}x",
                   "[green]yes[/green]" if r["identical"] else "[red]NO[/red]", f"{r['store_update_s'] * 1e3:.1f} ms")
