@@ -3,8 +3,9 @@
 :class:`TieredStore` is a :class:`~kvstream.stores.base.PrefixStore` over a list of stores, for example
 ``TieredStore([RadixStore(...), ChunkFileStore(...)])``:
 
-* **Lookups go down the tiers.** Every tier is looked up (and pinned) from the top; the longest match
-  wins, the upper tier on a tie, and the others are released at once. The match is the winning tier's
+* **Lookups go down the tiers.** Every tier is looked up (and pinned) from the top, unless an unpinned
+  ``query`` shows it cannot beat the match in hand; the longest match wins, the upper tier on a tie,
+  and the others are released at once. The match is the winning tier's
   own :class:`~kvstream.stores.match.PrefixMatch` (its pins, its loads, ``match.store`` its tier, whose
   ``read_cost`` prices it), so every guarantee of that tier holds unchanged.
 * **Hot prefixes move up.** A match that came from a lower tier is promoted once it is released: a
@@ -103,6 +104,8 @@ class TieredStore(PrefixStore):
         cap = check_max_tokens(max_tokens, len(ids))
         best, best_tier = None, 0
         for i, tier in enumerate(self.tiers):
+            if best is not None and min(tier.query(ids), cap) <= best.matched_tokens:
+                continue  # this tier cannot beat the match in hand: no pin, no load
             m = tier.lookup(ids, max_tokens=cap)
             if best is None or m.matched_tokens > best.matched_tokens:
                 if best is not None:

@@ -194,3 +194,24 @@ def test_calibration_is_replaced_when_observed_loads_drift(tmp_path):
             break
     assert drifted and cal.get()["how"] == "observed" and cal.get()["fetch_Bps"] > 1.25e9
     assert Calibration(tmp_path / "cost.json", "host:buffered").get()["fetch_Bps"] == cal.get()["fetch_Bps"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("store_kind", ["radix", "file"])
+def test_gpu_split_is_identical_to_no_reuse(store_kind, tmp_path, cuda_device, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # an exact float32 comparison
+    model = build_model(tiny_config("llama"), seed=3, device=cuda_device)
+    store = (kvstream.RadixStore(capacity_bytes=8 << 20) if store_kind == "radix"
+             else kvstream.ChunkFileStore(tmp_path / "kv", chunk_tokens=8))
+    ids = torch.tensor([encode_text(prompts()[0], 60)], device=cuda_device)
+    cache = DynamicCache(config=model.config)
+    out = _greedy(model, ids, cache)
+    store.update(out, cache)
+    nxt = torch.cat([out, torch.tensor([encode_text(prompts()[1], 10)], device=cuda_device)], dim=1)
+    ref = _greedy(model, nxt, DynamicCache(config=model.config))
+    for x in (8, 32):
+        cache = kvstream.StreamingCache.from_prefix(store, nxt, model=model, front_tokens=x)  # layer-wise on a GPU
+        assert cache.reuse_plan.choice == "split" and cache._pending is not None
+        assert torch.equal(_greedy(model, nxt, cache), ref)
+        assert store.pinned() == 0 and cache.reuse_plan.actual_s > 0
+    store.close()

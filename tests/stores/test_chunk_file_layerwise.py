@@ -159,3 +159,23 @@ def test_read_cost_is_probed_once_and_cached_beside_the_store(tmp_path):
     again.tier_cost = TierCost(fetch_Bps=1.0, copy_Bps=2.0)
     assert again.read_cost("cpu").fetch_Bps == 1.0
     again.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("start", [0, 8])
+def test_gpu_layerwise_file_load_is_bit_exact(tmp_path, cuda_device, start):
+    s = ChunkFileStore(tmp_path / "kv", chunk_tokens=C)
+    keys, values = prefix_kv(IDS)
+    s.update_kv(IDS, [k.to(cuda_device) for k in keys], [v.to(cuda_device) for v in values])  # written from the GPU
+    _corrupt(s, chunk=4, layer=1)
+    with s.lookup(IDS) as m:
+        m.prefetch(start=start)
+        load = m.load_layers(cuda_device, start=start)
+        assert load.matched_tokens == 16 and load.start == start and load.stream is not None
+        want_k, want_v = _expect(start, 16)
+        for l in range(LAYERS):
+            k, v = load.take(l)
+            assert k.is_cuda and torch.equal(k.cpu(), want_k[l]) and torch.equal(v.cpu(), want_v[l])
+    with s.fetch_prefix(IDS, device=cuda_device) as m:
+        assert m.matched_tokens == 16 and torch.equal(m.keys[1].cpu(), _expect(0, 16)[0][1])
+    s.close()
