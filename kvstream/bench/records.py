@@ -47,8 +47,12 @@ SUMMARY_KEYS: dict[str, str] = {
     "hf_offload_vs_dynamic": "HF's DynamicCache(offloading=True) over DynamicCache, same run (the peer)",
     "levels": "DéjàVuLib levels 0-3 (paper Fig. 7): buffered over naive, all over buffered",
     "prefix_ttft_speedup": "time to first token with a stored 90% prefix over full prefill (kvstream/bench/prefix.py)",
-    "file_store_read_vs_raw": "chunk file store reads over raw disk reads (kvstream/bench/prefix.py)",
+    "file_store_read_vs_raw": "chunk file store reads over parallel raw reads of the same files at the transport's "
+                              "queue depth (kvstream/bench/prefix.py)",
     "file_store_write_vs_raw": "chunk file store writes over raw disk writes (kvstream/bench/prefix.py)",
+    "file_store_ttft_vs_prefill": "full prefill over the planned file-store TTFT, cold (kvstream/bench/prefix_ttft.py)",
+    "tiered_ttft_speedup": "TieredStore TTFT speedup (prefix in the host tier) against the RadixStore figure",
+    "reuse_plan_error": "|predicted - measured| / measured TTFT of the planned reuse, median over 1k-16k prompts",
     "nccl_handoff_vs_raw": "KV handoff over raw nccl4py send/recv of the same bytes (kvstream/bench/nccl_handoff.py)",
 }
 
