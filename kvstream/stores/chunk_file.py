@@ -246,7 +246,7 @@ class ChunkFileStore(PrefixStore):
             self._held += 1
         reads: list[ChunkReads] = []  # the match's reads, once started (prefetch or load)
         header = None
-        with contextlib.suppress(ChunkNotFound, CorruptChunkError):
+        with contextlib.suppress(ChunkNotFound, CorruptChunkError, TransportError):  # the reads will tell
             header = self._transport.describe(keys[0])
 
         def read(start: int) -> ChunkReads:

@@ -29,7 +29,7 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -211,7 +211,7 @@ class ReusePlan:
 
     def as_dict(self) -> dict:
         """The plan as a JSON-able dict (with ``actual_s``)."""
-        d = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}  # no deep copy of the clock
         d["actual_s"] = self.actual_s
         return d
 
