@@ -42,6 +42,7 @@ _LAZY = {
     "cache_keyword": "kvstream.integrations.hf.keywords",
     "RadixStore": "kvstream.stores.radix",
     "ChunkFileStore": "kvstream.stores.chunk_file",
+    "TieredStore": "kvstream.stores.tiered",
     "PrefixStore": "kvstream.stores.base",
     "load_prefix_into": "kvstream.integrations.hf.prefix",
 }

@@ -327,6 +327,55 @@ def chunk_header(chunk: torch.Tensor, region: Region | None, meta: dict | None, 
 
 
 # ----------------------------------------------------------------------------------------------------
+# Slice checksums: the payload's equal parts along its first axis (a packed chunk's layers), hashed one by one
+# ----------------------------------------------------------------------------------------------------
+
+#: Meta key of the slice checksums: one string of 16 hex digits (xxh3-64) per slice, concatenated.
+SLICE_CHECKSUMS = "slice_xxh3"
+_SLICE_HEX = 16
+
+
+def slice_bounds(header: ChunkHeader) -> tuple[int, int]:
+    """``(slices, bytes per slice)`` of a payload cut along its first axis (a packed chunk: one slice per layer).
+
+    Raises
+    ------
+    LayoutError
+        If the payload has no first axis.
+    """
+    if not header.shape:
+        raise LayoutError("a 0-d payload has no slices")
+    n = int(header.shape[0])
+    return n, (header.nbytes // n if n else 0)
+
+
+def slice_digests(data: Any, slices: int) -> str:
+    """The :data:`SLICE_CHECKSUMS` value of ``data`` (buffer protocol) cut into ``slices`` equal parts."""
+    view = memoryview(data).cast("B")
+    size = len(view) // slices if slices else 0
+    return "".join(xxhash.xxh3_64_hexdigest(view[i * size:(i + 1) * size]) for i in range(slices))
+
+
+def slice_checksums(header: ChunkHeader, *, source: str = "chunk") -> list[str] | None:
+    """The per-slice checksums a header carries (``"xxh3_64:<hex>"`` each), or ``None`` if it has none.
+
+    Chunks written before slice checksums existed carry none: only their whole payload can be verified.
+
+    Raises
+    ------
+    CorruptChunkError
+        If the header's slice checksums are malformed or do not count one per slice.
+    """
+    raw = (header.meta or {}).get(SLICE_CHECKSUMS)
+    if raw is None:
+        return None
+    n, _ = slice_bounds(header)
+    if not isinstance(raw, str) or len(raw) != n * _SLICE_HEX or any(c not in "0123456789abcdef" for c in raw):
+        raise CorruptChunkError(f"{source}: malformed {SLICE_CHECKSUMS} in its header (expected {n} xxh3-64 digests)")
+    return [CHECKSUM_PREFIX + raw[i * _SLICE_HEX:(i + 1) * _SLICE_HEX] for i in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------------
 # The wire frame: (sequence number, key, header), in batches
 # ----------------------------------------------------------------------------------------------------
 
@@ -369,4 +418,5 @@ def decode_frames(raw: bytes, source: str) -> list[tuple[str, int, bytes]]:
 
 __all__ = ["CHUNK_MAGIC", "CHUNK_FORMAT", "HEADER_BYTES", "CHECKSUM_PREFIX", "NO_CHECKSUM", "MAX_DIMS",
            "MAX_PAYLOAD_BYTES", "MAX_META_DEPTH", "tensor_bytes", "byte_view", "payload_checksum", "key_digest",
-           "ChunkHeader", "chunk_header", "encode_frame", "decode_frames"]
+           "ChunkHeader", "chunk_header", "encode_frame", "decode_frames", "SLICE_CHECKSUMS", "slice_bounds",
+           "slice_digests", "slice_checksums"]

@@ -4,6 +4,7 @@
   set before ``triton`` is imported anywhere: this file is imported first.
 * ``gpu`` tests are skipped without a GPU, ``gpu2`` tests without two.
 * ``seed`` seeds torch in a fixture, never at import.
+* Every test caches kvstream's measurements (``KVSTREAM_CACHE_DIR``) in its own temporary directory.
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu2)
         elif "gpu" in item.keywords and _GPUS < 1:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _measurement_cache(tmp_path_factory, monkeypatch):
+    """Measured prefill times and copy rates go to a fresh directory, never ~/.cache/kvstream."""
+    monkeypatch.setenv("KVSTREAM_CACHE_DIR", str(tmp_path_factory.mktemp("kvstream-cache")))
 
 
 @pytest.fixture

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -195,3 +197,37 @@ def ceiling_disk(run: Run, directory: str | Path, file_bytes: int, num_files: in
         p.unlink(missing_ok=True)
     buf.close()
     return w, r, provider
+
+
+def raw_parallel_read(paths: list[Path], *, piece_bytes: int, queue_depth: int, direct: bool) -> int:
+    """Read every file of ``paths`` whole in ``piece_bytes`` reads, ``queue_depth`` of them in flight.
+
+    The disk's best for reading files like a :class:`~kvstream.transports.disk.DiskTransport` at its
+    queue depth (``fetch_slices``): threads each ``preadv`` one piece into their own page-aligned buffer,
+    ``O_DIRECT`` when ``direct`` (every file size and ``piece_bytes`` a multiple of 4096). Returns the
+    bytes read.
+    """
+    sizes = [os.path.getsize(p) for p in paths]
+    if direct and (piece_bytes % DIRECT_ALIGN_BYTES or any(s % DIRECT_ALIGN_BYTES for s in sizes)):
+        raise ValueError("raw_parallel_read(direct=True) needs page-multiple pieces and file sizes")
+    flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
+    fds = [os.open(p, flags) for p in paths]
+    local = threading.local()
+
+    def read(fd: int, offset: int, n: int) -> int:
+        buf = getattr(local, "buf", None)
+        if buf is None:
+            buf = local.buf = mmap.mmap(-1, -(-piece_bytes // DIRECT_ALIGN_BYTES) * DIRECT_ALIGN_BYTES)
+        return os.preadv(fd, [memoryview(buf)[:n]], offset)
+
+    try:
+        with ThreadPoolExecutor(queue_depth) as pool:
+            futures = [pool.submit(read, fd, off, min(piece_bytes, size - off))
+                       for fd, size in zip(fds, sizes) for off in range(0, size, piece_bytes)]
+            total = sum(f.result() for f in futures)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    if total != sum(sizes):
+        raise OSError(f"raw_parallel_read read {total} of {sum(sizes)} bytes")
+    return total

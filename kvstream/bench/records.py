@@ -48,11 +48,15 @@ SUMMARY_KEYS: dict[str, str] = {
     "levels": "DéjàVuLib levels 0-3 (paper Fig. 7): buffered over naive, all over buffered",
     "resume_host_vs_memcpy": "StreamingCache.load of a session from HostTransport onto the GPU over pinned memcpy",
     "prefix_ttft_speedup": "time to first token with a stored 90% prefix over full prefill (kvstream/bench/prefix.py)",
-    "file_store_read_vs_raw": "chunk file store reads over raw disk reads (kvstream/bench/prefix.py)",
+    "file_store_read_vs_raw": "chunk file store reads over parallel raw reads of the same files at the transport's "
+                              "queue depth (kvstream/bench/prefix.py)",
     "file_store_write_vs_raw": "chunk file store writes over raw disk writes (kvstream/bench/prefix.py)",
     "hook_step_host_us": "host time StreamingCache's hook adds per decode step over DynamicCache's updates, B1 and B16",
     "static_hook_step_host_us": "the same for StreamingStaticCache over StaticCache",
     "streamer_d2h_small_vs_memcpy": "KVStreamer D2H of 4 MiB chunks over cudaMemcpyAsync of the same bytes, same run",
+    "file_store_ttft_vs_prefill": "full prefill over the planned file-store TTFT, cold (kvstream/bench/prefix_ttft.py)",
+    "tiered_ttft_speedup": "TieredStore TTFT speedup (prefix in the host tier) against the RadixStore figure",
+    "reuse_plan_error": "|predicted - measured| / measured TTFT of the planned reuse, median over 1k-16k prompts",
     "nccl_handoff_vs_raw": "KV handoff over raw nccl4py send/recv of the same bytes (kvstream/bench/nccl_handoff.py)",
 }
 

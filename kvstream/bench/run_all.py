@@ -24,7 +24,8 @@ from . import harness, inputs, plot, records, timing
 TOPICS: tuple[str, ...] = ("kernels", "transfers", "disk", "hook", "generate", "levels")
 #: Other helpers' topics that ``all`` runs when their script exists (nccl_handoff only with two GPUs).
 EXTRA_TOPICS: tuple[str, ...] = ("resume", "prefix", "pipeline", "nccl_handoff")
-_NOT_TOPICS = {"__init__", "ceilings", "cli", "harness", "inputs", "plot", "records", "run_all", "timing"}
+_NOT_TOPICS = {"__init__", "ceilings", "cli", "harness", "inputs", "plot", "prefix_ttft", "records", "run_all",
+               "timing"}
 
 
 def available_topics() -> list[str]:

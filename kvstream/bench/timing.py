@@ -114,10 +114,36 @@ def alternating(providers: Sequence[str], reps: int) -> Iterator[tuple[int, str]
             yield rep, provider
 
 
+def time_alternating(fns: dict[str, Callable[[], Any]], *, device: torch.device, reps: int, warmup: int = 1,
+                     setups: dict[str, Callable[[], Any]] | None = None) -> dict[str, list[float]]:
+    """Wall-clock milliseconds of every ``fns[name]()``, ``reps`` rounds in :func:`alternating` order.
+
+    Each call is preceded by its untimed ``setups[name]()`` (dropping the page cache, say) and bracketed by
+    synchronizations of ``device``; ``warmup`` untimed calls of each come first. Returns the samples by name,
+    for :meth:`Stat.of` and :func:`spread`.
+    """
+    setups = setups or {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            if name in setups:
+                setups[name]()
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _, name in alternating(list(fns), max(1, reps)):
+        if name in setups:
+            setups[name]()
+        sync(device)
+        t0 = time.perf_counter()
+        fns[name]()
+        sync(device)
+        samples[name].append((time.perf_counter() - t0) * 1e3)
+    return samples
+
+
 def spread(samples: Sequence[float]) -> dict[str, float]:
-    """``{"median", "min", "max"}`` of ``samples`` (at least one)."""
+    """``{"median", "min", "max", "n"}`` of ``samples`` (at least one), for a summary's detail."""
     s = sorted(samples)
-    return {"median": Stat.of(s).p50, "min": s[0], "max": s[-1]}
+    return {"median": Stat.of(s).p50, "min": s[0], "max": s[-1], "n": len(s)}
 
 
 def compare(ours: Sequence[float], base: Sequence[float]) -> dict[str, Any]:

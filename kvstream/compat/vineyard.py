@@ -8,6 +8,8 @@ Code written for Vineyard's Python API runs with its imports changed to this mod
   tree, LRU). Its socket, block size, sync interval and object names are accepted and recorded; there is
   no server. ``shared=True`` (a kvstream extra) shares the store between the processes of one host
   under ``llm_cache_object_name``, as Vineyard's named objects are shared.
+* A list of configs (a kvstream extra), fastest first, makes the stores tiers of one
+  :class:`~kvstream.stores.tiered.TieredStore` (host memory in front of files; ``tier_write=``).
 * :class:`FileCacheConfig` maps to :class:`~kvstream.stores.chunk_file.ChunkFileStore` (``chunk_size``
   tokens per file, ``hash_chunk_size`` — ``split_number`` in older releases — hex digits per
   directory level, two levels, ``root``, ``gc_interval`` and ``ttl`` in seconds).
@@ -35,6 +37,7 @@ import torch
 from ..errors import ConfigError, LayoutError
 from ..stores.chunk_file import ChunkFileStore
 from ..stores.radix import RadixStore
+from ..stores.tiered import TieredStore
 
 #: Lowest address a KVTensor may point at: Linux maps nothing below ``vm.mmap_min_addr`` (65536 by default),
 #: so a smaller non-zero pointer is a bug (a length or an offset passed as the pointer), never memory.
@@ -240,6 +243,26 @@ class FileCacheConfig:
 KVCacheList = Sequence[Sequence[tuple[KVTensor, KVTensor]]]
 
 
+def _store(cache_config: Any, nbytes: int, cache_capacity: int, layer: int, rank: int | None,
+           world_size: int | None) -> tuple[RadixStore | ChunkFileStore, int]:
+    """The store of one Vineyard config and its chunk size (see :class:`KVCache`)."""
+    if isinstance(cache_config, VineyardCacheConfig):
+        capacity_bytes = cache_capacity * layer * 2 * nbytes
+        return RadixStore(capacity_bytes, pin_memory=False,
+                          shared_name=cache_config.llm_cache_object_name if cache_config.shared else None), \
+            cache_config.block_size
+    if isinstance(cache_config, FileCacheConfig):
+        root = cache_config.root
+        if rank is not None and world_size is not None:
+            root = os.path.join(root, f"{world_size}-{rank}")
+        interval = cache_config.gc_interval if cache_config.gc_interval and cache_config.gc_interval > 0 else None
+        return ChunkFileStore(root, cache_config.chunk_size, namespace=f"vineyard:{layer}x{nbytes}",
+                              dir_chars=cache_config.hash_chunk_size, ttl_s=cache_config.ttl,
+                              gc_interval_s=interval), cache_config.chunk_size
+    raise ConfigError(f"KVCache cache_config must be a VineyardCacheConfig or FileCacheConfig (or a list of them), "
+                      f"got {type(cache_config).__name__}")
+
+
 class KVCache:
     """Vineyard's ``KVCache`` on a kvstream prefix store.
 
@@ -255,6 +278,10 @@ class KVCache:
         Layers per token.
     rank, world_size : int, optional
         With a file config, the files go under ``<root>/<world_size>-<rank>`` (as in Vineyard).
+    tier_write : {"through", "back"}
+        kvstream extra: with a list of configs (fastest first, e.g. ``[VineyardCacheConfig(...),
+        FileCacheConfig(...)]``) the stores become tiers of one :class:`~kvstream.stores.tiered.TieredStore`,
+        written through or back.
 
     Raises
     ------
@@ -271,7 +298,7 @@ class KVCache:
 
     def __init__(self, cache_config: VineyardCacheConfig | FileCacheConfig | None = None, tensor_nbytes: int | None = None,
                  cache_capacity: int = 1024, layer: int = 1, rank: int | None = None, world_size: int | None = None,
-                 *, tensor_bytes: int | None = None):
+                 *, tensor_bytes: int | None = None, tier_write: str = "through"):
         if tensor_nbytes is not None and tensor_bytes is not None and tensor_nbytes != tensor_bytes:
             raise ConfigError(f"KVCache: tensor_nbytes={tensor_nbytes} and tensor_bytes={tensor_bytes} differ")
         nbytes = tensor_nbytes if tensor_nbytes is not None else (tensor_bytes if tensor_bytes is not None else 1024)
@@ -282,24 +309,20 @@ class KVCache:
         self.tensor_nbytes = nbytes
         self.cache_capacity = cache_capacity
         self.layer = layer
-        self.store: RadixStore | ChunkFileStore
-        if isinstance(cache_config, VineyardCacheConfig):
-            capacity_bytes = cache_capacity * layer * 2 * nbytes
-            self.store = RadixStore(capacity_bytes, pin_memory=False,
-                                    shared_name=cache_config.llm_cache_object_name if cache_config.shared else None)
-            self.chunk_size = cache_config.block_size
-        elif isinstance(cache_config, FileCacheConfig):
-            root = cache_config.root
-            if rank is not None and world_size is not None:
-                root = os.path.join(root, f"{world_size}-{rank}")
-            interval = cache_config.gc_interval if cache_config.gc_interval and cache_config.gc_interval > 0 else None
-            self.store = ChunkFileStore(root, cache_config.chunk_size, namespace=f"vineyard:{layer}x{nbytes}",
-                                        dir_chars=cache_config.hash_chunk_size, ttl_s=cache_config.ttl,
-                                        gc_interval_s=interval)
-            self.chunk_size = cache_config.chunk_size
+        self.store: RadixStore | ChunkFileStore | TieredStore
+        if isinstance(cache_config, (list, tuple)):  # kvstream extra: tiers, fastest first
+            stores = []
+            try:
+                for c in cache_config:
+                    stores.append(_store(c, nbytes, cache_capacity, layer, rank, world_size)[0])
+                self.store = TieredStore(stores, write=tier_write)
+            except BaseException:
+                for st in stores:
+                    st.close()
+                raise
+            self.chunk_size = max(getattr(st, "chunk_tokens", 1) for st in stores)
         else:
-            raise ConfigError(f"KVCache cache_config must be a VineyardCacheConfig or FileCacheConfig, got "
-                              f"{type(cache_config).__name__}")
+            self.store, self.chunk_size = _store(cache_config, nbytes, cache_capacity, layer, rank, world_size)
 
     def __repr__(self) -> str:
         return (f"KVCache(cache_config={self.cache_config!r}, tensor_nbytes={self.tensor_nbytes}, "

@@ -51,7 +51,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                    help="float32 (default: an exact check), bfloat16 or float16")
     p.add_argument("--layers", type=options.positive_int,
                    help="decoder layers of the embedded model (default: 4 on cpu, 32 on cuda)")
-    p.add_argument("--store", choices=("radix", "file"), default="radix", help="prefix store (default: radix)")
+    p.add_argument("--store", choices=("radix", "file", "tiered"), default="radix",
+                   help="prefix store (default: radix; tiered: host memory in front of the files)")
+    p.add_argument("--plan", action="store_true", help="reuse by measured cost (StreamingCache.from_prefix(model=...):"
+                   " load, recompute or both at once) instead of always loading")
     p.add_argument("--root", help="directory of the file store (default: a temporary directory, removed after)")
     p.add_argument("--chunk-tokens", type=options.positive_int, default=16,
                    help="tokens per file-store chunk (default: 16)")
@@ -149,12 +152,14 @@ def _generate(model, ids: torch.Tensor, new_tokens: int, cache, streamer: _First
 
 
 def _make_store(args: argparse.Namespace, namespace: str):
-    from ..stores import ChunkFileStore, RadixStore
+    from ..stores import ChunkFileStore, RadixStore, TieredStore
 
     if args.store == "radix":
         return RadixStore(capacity_bytes=8 << 30), None
     root = args.root or tempfile.mkdtemp(prefix="kvstream-chat-")
-    return ChunkFileStore(root, chunk_tokens=args.chunk_tokens, namespace=namespace), (None if args.root else root)
+    files = ChunkFileStore(root, chunk_tokens=args.chunk_tokens, namespace=namespace)
+    store = files if args.store == "file" else TieredStore([RadixStore(capacity_bytes=8 << 30), files])
+    return store, (None if args.root else root)
 
 
 def _ttft_full(model, ids: torch.Tensor, new_tokens: int, device: torch.device) -> tuple[torch.Tensor, float]:
@@ -167,16 +172,24 @@ def _ttft_full(model, ids: torch.Tensor, new_tokens: int, device: torch.device) 
     return out, streamer.at - t0
 
 
-def _ttft_reuse(model, store, ids: torch.Tensor, new_tokens: int, device: torch.device):
-    """Look the prompt up, load the match into a fresh cache and generate: tokens, cache, matched tokens, TTFT."""
+def _ttft_reuse(model, store, ids: torch.Tensor, new_tokens: int, device: torch.device, plan: bool = False):
+    """Look the prompt up, fill a fresh cache from the match and generate: tokens, cache, matched tokens, TTFT.
+
+    ``plan``: by measured cost (:meth:`StreamingCache.from_prefix` with ``model=``: load, recompute or both
+    at once); otherwise the match is always loaded."""
     from transformers import DynamicCache
 
+    from ..integrations.hf.cache import StreamingCache
     from ..integrations.hf.prefix import load_prefix_into
 
     streamer = _FirstToken(device)
     t0 = time.perf_counter()
-    cache = DynamicCache(config=model.config)
-    matched = load_prefix_into(cache, store, ids, device=device)
+    if plan:
+        cache = StreamingCache.from_prefix(store, ids, model=model, device=device)
+        matched = cache.matched_tokens
+    else:
+        cache = DynamicCache(config=model.config)
+        matched = load_prefix_into(cache, store, ids, device=device)
     out = _generate(model, ids, new_tokens, cache, streamer)
     return out, cache, matched, streamer.at - t0
 
@@ -226,7 +239,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             for r in range(args.repeats):  # alternating, the order flipped every round
                 for reuse in ((False, True) if r % 2 == 0 else (True, False)):
                     if reuse:
-                        out, cache, m, t = _ttft_reuse(model, store, ids, args.new_tokens, device)
+                        out, cache, m, t = _ttft_reuse(model, store, ids, args.new_tokens, device, args.plan)
                         outs.append(out)
                         reuse_s.append(t)
                         matched.add(m)
@@ -239,7 +252,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             stored = store.update(out, cache)
             update_s = time.perf_counter() - t0
             reply = out[0, ids.shape[1]:].tolist()
+            plan = cache.reuse_plan.choice if getattr(cache, "reuse_plan", None) is not None else "load"
             results.append({"turn": turn + 1, "prompt_tokens": ids.shape[1], "matched_tokens": matched_tokens,
+                            "plan": plan,
                             "prefilled_tokens": ids.shape[1] - matched_tokens,
                             **_summary(full_s, reuse_s, matched_tokens),
                             "store_update_s": update_s, "stored_tokens": stored,
@@ -284,11 +299,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"{args.store} store, {args.new_tokens} new tokens per turn",
               caption=f"TTFT: median of {args.repeats} alternating runs of each side (min-max); a speed-up is "
                       "noisy when the two ranges overlap, and none (—) is claimed for a turn that reused nothing")
-    for col in ("turn", "prompt tokens", "matched", "prefilled", "TTFT no reuse", "TTFT reuse", "speed-up",
+    for col in ("turn", "prompt tokens", "matched", "plan", "prefilled", "TTFT no reuse", "TTFT reuse", "speed-up",
                 "identical", "store update"):
         t.add_column(col, justify="right")
     for r in results:
-        t.add_row(str(r["turn"]), str(r["prompt_tokens"]), str(r["matched_tokens"]), str(r["prefilled_tokens"]),
+        t.add_row(str(r["turn"]), str(r["prompt_tokens"]), str(r["matched_tokens"]), r["plan"], str(r["prefilled_tokens"]),
                   _ms_spread(r["ttft_full_s"], r["ttft_full_runs_s"]),
                   _ms_spread(r["ttft_reuse_s"], r["ttft_reuse_runs_s"]), _speedup(r),
                   "[green]yes[/green]" if r["identical"] else "[red]NO[/red]", f"{r['store_update_s'] * 1e3:.1f} ms")

@@ -20,26 +20,24 @@ The contract every store keeps:
   stores that cannot do better load synchronously and hand back completed events.
 * ``update_kv(token_ids, keys, values, start=...)`` stores KV; ``update(token_ids, cache)`` takes it
   from a cache (:func:`kv_from_cache`) after ``generate``.
+* ``read_cost(device)`` is the store's measured :class:`~kvstream.stores.cost.TierCost` (what a load
+  costs, against recomputing: :func:`~kvstream.stores.cost.plan_reuse`); ``store.tier_cost`` overrides it.
+
+:class:`PrefixMatch` and :class:`PinError` live in :mod:`kvstream.stores.match`.
 """
 
 from __future__ import annotations
 
-import threading
-import warnings
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
-from ..errors import ConfigError, KVStreamError, LayoutError, TransportError
+from ..errors import ConfigError, LayoutError, TransportError
 from ..layout import KVLayout, Region, check_hf_layers
-from ..cuda import Event, Stream
+from .cost import TierCost, device_copy_Bps
 from .hashing import as_token_ids
-from .layerwise import LayerLoader, LayerwiseLoad, load_stream
-
-
-class PinError(KVStreamError, RuntimeError):
-    """A pin (reference count) was released twice, or a release would drive a count below zero."""
+from .match import Loader, PinError, Prefetcher, PrefixMatch
 
 
 def kv_from_cache(cache: Any, max_tokens: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
@@ -118,200 +116,6 @@ def check_kv(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], n_tok
                     dtype=keys[0].dtype)
 
 
-#: ``loader(device, matched_tokens) -> (packed [L, 2, 1, H, m, D], event or None)``; ``m <= matched_tokens``.
-Loader = Callable[[torch.device, int], "tuple[torch.Tensor, Any]"]
-
-
-class PrefixMatch:
-    """The longest stored prefix of a sequence, pinned in its store until :meth:`release`.
-
-    Returned by :meth:`PrefixStore.lookup` and :meth:`PrefixStore.fetch_prefix`; use it as a context
-    manager so the pins are always released.
-
-    Attributes
-    ----------
-    matched_tokens : int
-        Tokens of the prefix whose KV the store holds (after :meth:`load`: whose KV was read intact).
-    keys, values : list of torch.Tensor or None
-        After :meth:`load`: one ``[1, kv_heads, matched_tokens, head_dim]`` tensor per layer, views of
-        :attr:`packed` (``None`` before).
-    packed : torch.Tensor or None
-        After :meth:`load`: ``[layers, 2, 1, kv_heads, matched_tokens, head_dim]`` on the load device.
-        (:meth:`load_layers` returns its tensors in a :class:`LayerwiseLoad` and leaves these ``None``.)
-
-    Examples
-    --------
-    >>> with store.fetch_prefix(input_ids, device="cuda", max_tokens=T - 1) as match:   # doctest: +SKIP
-    ...     for i in range(len(match.keys)):
-    ...         cache.update(match.keys[i], match.values[i], i)
-    """
-
-    def __init__(self, matched_tokens: int, loader: Loader | None, releaser: Callable[[], None] | None,
-                 *, source: str = "store", layer_loader: LayerLoader | None = None):
-        self.matched_tokens = int(matched_tokens)
-        self.keys: list[torch.Tensor] | None = None
-        self.values: list[torch.Tensor] | None = None
-        self.packed: torch.Tensor | None = None
-        self._loader = loader
-        self._layer_loader = layer_loader
-        self._releaser = releaser
-        self._event = None
-        self._layerwise = False
-        self._hold: Any = None
-        self._released = False
-        self._source = source
-        self._lock = threading.Lock()
-
-    @property
-    def released(self) -> bool:
-        """Whether the pins were released."""
-        return self._released
-
-    def load(self, device: torch.device | str | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Read the matched KV onto ``device`` (default: CPU) and return ``(keys, values)``.
-
-        A chunk found missing or corrupt shortens :attr:`matched_tokens` to the intact prefix before it.
-        Copies to a CUDA device are enqueued on the current stream; :meth:`release` waits for them
-        before unpinning the host memory they read.
-
-        Raises
-        ------
-        PinError
-            If the match was already released (its data may be gone).
-        """
-        if self._released:
-            raise PinError(f"{self._source}: load() after release(); look the prefix up again")
-        if self._layerwise:
-            raise ConfigError(f"{self._source}: this match was loaded layer-wise; a match is loaded once")
-        device = torch.device(device) if device is not None else torch.device("cpu")
-        if self.matched_tokens == 0 or self._loader is None:
-            self.matched_tokens = 0
-            self.keys, self.values, self.packed = [], [], None
-            return self.keys, self.values
-        packed, event = self._loader(device, self.matched_tokens)
-        self._event = event
-        self.packed = packed
-        self.matched_tokens = int(packed.shape[4])
-        if self.matched_tokens == 0:
-            self.keys, self.values = [], []
-        else:
-            self.keys = [packed[i, 0] for i in range(packed.shape[0])]
-            self.values = [packed[i, 1] for i in range(packed.shape[0])]
-        return self.keys, self.values
-
-    def load_layers(self, device: torch.device | str | None = None, *,
-                    stream: "Stream | torch.cuda.Stream | None" = None) -> LayerwiseLoad:
-        """Start loading the matched KV onto ``device`` layer by layer; returns before the copies finish.
-
-        On a CUDA device, the copies go to ``stream`` after the work already enqueued on the current
-        stream, layer 0 first, each layer followed by its event (:func:`~.layerwise.enqueue_layers`);
-        prefill of layer ``l`` needs only ``events[l]``. A store that cannot load layer by layer
-        (:class:`~kvstream.stores.chunk_file.ChunkFileStore` reads whole chunk files) loads synchronously
-        on the current stream through :meth:`load` and returns one event, recorded after it, for every
-        layer. On the CPU everything is synchronous and the events are inert.
-
-        Keep the match until the load is consumed: :meth:`release` blocks the host until the last
-        layer has landed, then unpins the host memory the copies read. Until then the match also holds
-        the returned load (so no layer's memory is reused while it is written); take each layer with
-        :meth:`LayerwiseLoad.take` to let layers go one by one.
-
-        Parameters
-        ----------
-        device : torch.device or str, optional
-            Where the KV goes (default: CPU).
-        stream : kvstream.cuda.Stream or torch.cuda.Stream, optional
-            The side stream of ``device`` for the copies; default: the process-wide side stream
-            ``side_stream(device, "kvstream-prefix")``. Ignored on the CPU.
-
-        Returns
-        -------
-        LayerwiseLoad
-            Per-layer ``keys``/``values`` ``[1, kv_heads, matched_tokens, head_dim]``, per-layer ``events``
-            and ``matched_tokens`` (which also updates :attr:`matched_tokens`). Empty when nothing matched.
-
-        Raises
-        ------
-        PinError
-            If the match was already released.
-        ConfigError
-            If the match was already loaded, or ``stream`` belongs to another device.
-        TypeError
-            If ``stream`` is not a stream.
-
-        Examples
-        --------
-        >>> with store.lookup(ids, max_tokens=T - 1) as match:                          # doctest: +SKIP
-        ...     load = match.load_layers("cuda", stream=side_stream("cuda", "kvstream-prefix"))
-        ...     for l in range(len(load)):
-        ...         k, v = load.take(l)
-        ...         cache.update(k, v, l)
-        """
-        if self._released:
-            raise PinError(f"{self._source}: load_layers() after release(); look the prefix up again")
-        if self._layerwise or self.packed is not None or self.keys is not None:
-            raise ConfigError(f"{self._source}: this match was already loaded; a match is loaded once")
-        device = torch.device(device) if device is not None else torch.device("cpu")
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        side = load_stream(device, stream)
-        if self._layer_loader is None or self.matched_tokens == 0:
-            keys, values = self.load(device)
-            self.keys = self.values = self.packed = None  # the caller owns them; don't hold the memory
-            self._layerwise = True
-            done = Event(device).record()  # after load()'s copies on the current stream (inert on the CPU)
-            return LayerwiseLoad(keys, values, [done] * len(keys), self.matched_tokens)
-        self._layerwise = True
-        result, hold = self._layer_loader(device, self.matched_tokens, side)
-        if result.events:
-            self._event = result.events[-1]  # one stream, layers in order: the last one implies all
-        self._hold = (result, hold)
-        self.matched_tokens = result.matched_tokens
-        return result
-
-    def release(self) -> None:
-        """Unpin what the match holds (after any in-flight copy from it has finished).
-
-        After :meth:`load_layers` this blocks the host until the last layer's copy has landed; call it
-        once the load was consumed (for ``generate``: after the first forward has enqueued every layer).
-
-        Raises
-        ------
-        PinError
-            On a second call: pins are counted and never go negative.
-        """
-        with self._lock:
-            if self._released:
-                raise PinError(f"{self._source}: match of {self.matched_tokens} tokens released twice")
-            self._released = True
-        if self._event is not None:
-            self._event.synchronize()
-            self._event = None
-        self._hold = None  # a layer-wise load's tensors and staging: no copy writes or reads them any more
-        if self._releaser is not None:
-            self._releaser()
-
-    def __enter__(self) -> "PrefixMatch":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if not self._released:
-            self.release()
-
-    def __del__(self):  # pragma: no cover - exercised through gc in tests, timing varies
-        if not getattr(self, "_released", True):
-            warnings.warn(f"{self._source}: a PrefixMatch was garbage-collected without release(); releasing its pins",
-                          ResourceWarning, stacklevel=2)
-            try:
-                self.release()
-            except Exception:  # noqa: BLE001 - a finalizer must not raise
-                pass
-
-    def __repr__(self) -> str:
-        state = ("released" if self._released else "loaded" if self.packed is not None or self._layerwise
-                 else "pinned")
-        return f"PrefixMatch(matched_tokens={self.matched_tokens}, {state})"
-
-
 class PrefixStore(ABC):
     """Base class of the prefix stores: see the module docstring for the contract.
 
@@ -324,6 +128,8 @@ class PrefixStore(ABC):
 
     def __init__(self) -> None:
         self._closed = False
+        #: A fixed :class:`~kvstream.stores.cost.TierCost` for :meth:`read_cost` (``None``: measure it).
+        self.tier_cost: TierCost | None = None
 
     @abstractmethod
     def lookup(self, token_ids: Any, *, max_tokens: int | None = None) -> PrefixMatch:
@@ -418,6 +224,17 @@ class PrefixStore(ABC):
             raise
         return match
 
+    def read_cost(self, device: torch.device | str) -> TierCost:
+        """What loading from this store onto ``device`` costs: :attr:`tier_cost` if set, else measured.
+
+        The base class holds its KV in host memory: no fetch, the host-to-device copy bandwidth
+        (:func:`~kvstream.stores.cost.device_copy_Bps`, measured once per device and cached). Stores that
+        must read their bytes first (files) add their measured fetch rate.
+        """
+        if self.tier_cost is not None:
+            return self.tier_cost
+        return TierCost(fetch_Bps=None, copy_Bps=device_copy_Bps(torch.device(device)))
+
     def close(self) -> None:
         """Release resources. Idempotent; later calls raise ``TransportError``."""
         self._closed = True
@@ -447,4 +264,5 @@ def check_max_tokens(max_tokens: int | None, n_ids: int) -> int:
     return min(n_ids, int(max_tokens))
 
 
-__all__ = ["PinError", "PrefixMatch", "PrefixStore", "kv_from_cache", "check_kv", "check_max_tokens"]
+__all__ = ["PinError", "PrefixMatch", "PrefixStore", "Loader", "Prefetcher", "kv_from_cache", "check_kv",
+           "check_max_tokens"]

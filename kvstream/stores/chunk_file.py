@@ -16,7 +16,9 @@ Design (after Vineyard's file cache, v6d ``modules/llm-cache``, and LMCache's ch
 * A chunk that fails its checks at load time (checksum, header, the key it was written under, the
   model's geometry) shortens the match to the chunks before it (the caller recomputes the rest) and is
   deleted, so the next update rewrites it and later requests do not fail on it again; wrong KV is never
-  returned. Every chunk's header is read before the match's memory is allocated.
+  returned. The first chunk's header is checked against the bound model before the match's memory is
+  allocated. Each header also carries one checksum per layer, so loads read every layer of every file in
+  parallel and verify each before it moves on to the device (:mod:`.chunk_read`).
 * **Which model.** Keys are hashed under the store's namespace: the fingerprint of the model's config
   (:mod:`kvstream.stores.identity`), so another model never matches this one's prefixes.
 * **Access times** are recorded by the store itself: a successful read sets the file's mtime to now
@@ -40,6 +42,7 @@ import contextlib
 import logging
 import math
 import os
+import socket
 import threading
 import time
 import uuid
@@ -49,19 +52,23 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import CapacityError, ChunkNotFound, ConfigError, CorruptChunkError, LayoutError, TransportError
+from ..chunk import slice_checksums
+from ..errors import CapacityError, ChunkNotFound, ConfigError, CorruptChunkError, TransportError
+from ..kernels import pack_tokens
 from ..layout import KVLayout, Region
-from ..kernels import pack_tokens, unpack_tokens
 from ..transports.disk import TEMP_MAX_AGE_S, TMP_DIR, DiskTransport
 from ..transports.diskpaths import GRAVE_SUFFIX
+from ..transports.slices import DEFAULT_QUEUE_DEPTH
 from .base import PinError, PrefixMatch, PrefixStore, check_kv, check_max_tokens
+from .chunk_read import ChunkReads, probe_fetch
+from .cost import Calibration, TierCost, device_copy_Bps
 from .hashing import as_token_ids, nested_path, prefix_hashes
 from .identity import ModelScope
 from .pins import PINS_DIR, PinFiles
 
 logger = logging.getLogger(__name__)
-#: Back-off (seconds) of a reader that finds a pinned chunk missing: the GC is putting it back.
-_RETRY_DELAYS_S = (0.002, 0.01, 0.05, 0.2)
+#: File beside the store holding its measured read cost (:mod:`kvstream.stores.cost`), by host and options.
+COST_FILE = ".kvstream-cost.json"
 
 
 class ChunkFileStore(ModelScope, PrefixStore):
@@ -89,9 +96,12 @@ class ChunkFileStore(ModelScope, PrefixStore):
         Run :meth:`gc` on a background thread this often (needs ``ttl_s``).
     pin_lease_s : float
         Age after which the GC ignores a pin file (its reader is taken as dead).
-    fsync, io_threads, direct, temp_max_age_s :
+    fsync, io_threads, direct, temp_max_age_s, queue_depth :
         Passed to :class:`~kvstream.transports.disk.DiskTransport` (the GC deletes temp files older than
-        ``temp_max_age_s``, writers that died mid-write left them).
+        ``temp_max_age_s``, writers that died mid-write left them; ``queue_depth``: reads in flight of a load).
+    slice_checksums : bool
+        Write a checksum per layer into each chunk's header (default), so that loads verify and copy
+        layer by layer (:mod:`.chunk_read`); ``False`` writes files as before, loaded whole and at once.
 
     Raises
     ------
@@ -112,7 +122,8 @@ class ChunkFileStore(ModelScope, PrefixStore):
                  config: Any = None, dtype: torch.dtype | None = None, dir_levels: int = 2, dir_chars: int = 2,
                  ttl_s: float | None = None, gc_interval_s: float | None = None, pin_lease_s: float = 600.0,
                  fsync: bool = False, io_threads: int = 4, direct: bool = False,
-                 temp_max_age_s: float = TEMP_MAX_AGE_S):
+                 temp_max_age_s: float = TEMP_MAX_AGE_S, queue_depth: int = DEFAULT_QUEUE_DEPTH,
+                 slice_checksums: bool = True):
         super().__init__()
         self._init_model(namespace, config, dtype)
         if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens <= 0:
@@ -131,8 +142,11 @@ class ChunkFileStore(ModelScope, PrefixStore):
         self.dir_levels, self.dir_chars = dir_levels, dir_chars
         self.ttl_s = ttl_s
         self.pin_lease_s = float(pin_lease_s)
+        self.slice_checksums = bool(slice_checksums)
         self._transport = DiskTransport(self.root, fsync=fsync, io_threads=io_threads, direct=direct,
-                                        temp_max_age_s=temp_max_age_s)
+                                        temp_max_age_s=temp_max_age_s, queue_depth=queue_depth)
+        self._calibration = Calibration(self.root / COST_FILE, f"{socket.gethostname()}:"
+                                        f"{'direct' if direct else 'buffered'}:qd{queue_depth}")
         self._tmp_dir = self.root / TMP_DIR
         self._pin_files = PinFiles(self.root / PINS_DIR, self._tmp_dir, self.pin_lease_s)
         self._lock = threading.Lock()
@@ -216,13 +230,29 @@ class ChunkFileStore(ModelScope, PrefixStore):
         with self._lock:
             self._pins.update(keys)
             self._held += 1
+        reads: list[ChunkReads] = []  # the match's reads, once started (prefetch or load)
+        header = None
+        with contextlib.suppress(ChunkNotFound, CorruptChunkError, TransportError):  # the reads will tell
+            header = self._transport.describe(keys[0])
 
-        def loader(device: torch.device, n_tokens: int):
-            """Read the pinned chunks of the match onto a device; see PrefixMatch.load."""
-            return self._load(keys[:math.ceil(n_tokens / c)], n_tokens, device), None
+        def read(start: int) -> ChunkReads:
+            """The match's reads from token ``start`` (a multiple of the chunk size), started on first use."""
+            if not reads:
+                reads.append(self._reads(keys[start // c:math.ceil(matched / c)]))
+            return reads[0]
+
+        def loader(device: torch.device, n_tokens: int, start: int = 0):
+            """Read tokens ``[start, n_tokens)`` of the match onto a device; see PrefixMatch.load."""
+            return read(start).packed(device, n_tokens - start), None
+
+        def layer_loader(device: torch.device, n_tokens: int, stream, start: int = 0):
+            """Read tokens ``[start, n_tokens)``, verified, then copy them layer by layer; see PrefixMatch.load_layers."""
+            return read(start).layered(device, n_tokens - start, stream, start)
 
         def releaser() -> None:
-            """Release this match's pins on its chunks (never below zero)."""
+            """Wait for reads still in flight, then release this match's pins on its chunks (never below zero)."""
+            for r in reads:
+                r.close()
             with self._lock:
                 for key in keys:
                     if self._pins[key] <= 0:
@@ -234,90 +264,33 @@ class ChunkFileStore(ModelScope, PrefixStore):
                 self._held -= 1
             PinFiles.release(pin_file)
 
-        return PrefixMatch(matched, loader, releaser, source="ChunkFileStore")
-
-    @staticmethod
-    def _retry(op, key: str, *args):
-        """``op(key, *args)`` (a transport call) that waits out the GC's put-back window of a pinned chunk."""
-        for delay in _RETRY_DELAYS_S:
-            try:
-                return op(key, *args)
-            except ChunkNotFound:
-                time.sleep(delay)
-        return op(key, *args)
+        layered = header is None or slice_checksums(header) is not None  # no per-layer checksums: whole-file loads
+        per_token = None if header is None else header.nbytes // c
+        return PrefixMatch(matched, loader, releaser, source="ChunkFileStore", prefetcher=read,
+                           layer_loader=layer_loader if layered else None, store=self, granularity=c,
+                           bytes_per_token=per_token)
 
     def _drop_corrupt(self, key: str, error: Exception) -> None:
         logger.warning("ChunkFileStore: dropping corrupt chunk %s: %s", key, error)
         with contextlib.suppress(TransportError):
             self._transport.delete(key)
 
-    def _headers(self, keys: list[str]) -> list:
-        """The headers of the leading run of ``keys`` that exist and fit one chunk layout of the bound model;
-        a corrupt or misfit chunk ends the run and is deleted. Nothing is allocated from a header first."""
-        headers: list = []
-        for key in keys:
-            try:
-                h = self._retry(self._transport.describe, key)
-                first = headers[0] if headers else h
-                if not self.expects(h.shape, h.dtype, self.chunk_tokens) or (h.shape, h.dtype) != (first.shape,
-                                                                                                   first.dtype):
-                    raise CorruptChunkError(f"chunk {key}: {h.dtype} {list(h.shape)} is not a [layers, 2, 1, heads, "
-                                            f"{self.chunk_tokens}, head_dim] chunk of this store's model")
-            except CorruptChunkError as e:
-                self._drop_corrupt(key, e)
-                break
-            except TransportError:  # missing, or behind a link: not this store's chunk
-                break
-            headers.append(h)
-        return headers
+    def _reads(self, keys: list[str]) -> ChunkReads:
+        return ChunkReads(self._transport, keys, self.chunk_tokens, drop=self._drop_corrupt,
+                          touch=self._transport.touch, observe=self._calibration.observe,
+                          expects=lambda shape, dtype: self.expects(shape, dtype, self.chunk_tokens))
 
-    def _load(self, keys: list[str], n_tokens: int, device: torch.device) -> torch.Tensor:
-        """Read chunks ``keys`` (in order) onto ``device``; stop at the first missing or corrupt one."""
-        c = self.chunk_tokens
-        headers = self._headers(keys)
-        if not headers:
-            return torch.empty((0, 2, 1, 0, 0, 0))
-        keys = keys[:len(headers)]
-        buf = torch.empty((len(keys), *headers[0].shape), dtype=headers[0].dtype, device=device)
-        handles = []
-        for i, key in enumerate(keys):
-            try:
-                handles.append(self._retry(self._transport.fetch, key, buf[i]))
-            except (CorruptChunkError, LayoutError) as e:  # replaced meanwhile by a file that does not fit
-                handles.append(CorruptChunkError(str(e)))
-                break
-            except TransportError as e:
-                handles.append(e)
-                break
-        good = 0
-        for i, h in enumerate(handles):  # wait for every read in flight before touching buf
-            if isinstance(h, Exception):
-                error = h
-            else:
-                try:
-                    h.wait()
-                    error = None
-                except TransportError as e:
-                    error = e
-            if error is None and good == i:
-                good += 1
-                self._transport.touch(keys[i])  # the access time GC goes by
-            elif good == i and isinstance(error, CorruptChunkError):
-                self._drop_corrupt(keys[i], error)
-        return self._unchunk(buf[:good], min(n_tokens, good * c))
-
-    @staticmethod
-    def _unchunk(chunks: torch.Tensor, n_tokens: int) -> torch.Tensor:
-        """Chunks ``[n, L, 2, 1, H, c, D]`` in token order -> packed ``[L, 2, 1, H, n_tokens, D]`` (one copy each).
-
-        ``n_tokens <= n * c``: the result is a view of the first ``n_tokens`` of ``n * c`` tokens.
-        """
-        n, layers, _, _, heads, c, head_dim = chunks.shape
-        full = torch.empty((layers, 2, 1, heads, n * c, head_dim), dtype=chunks.dtype, device=chunks.device)
-        keys, values = [full[l, 0] for l in range(layers)], [full[l, 1] for l in range(layers)]
-        for i in range(n):
-            unpack_tokens(chunks[i], keys, values, Region(layers=(0, layers), tokens=(i * c, (i + 1) * c)))
-        return full if n_tokens == n * c else full[:, :, :, :, :n_tokens]
+    def read_cost(self, device: torch.device | str) -> TierCost:
+        """The measured cost of a load onto ``device``: :attr:`tier_cost` if set, else this disk's fetch rate
+        (measured once with a probe file, then cached beside the store in ``.kvstream-cost.json`` per host
+        and I/O options, and replaced when observed loads drift) and the device's copy rate."""
+        if self.tier_cost is not None:
+            return self.tier_cost
+        fetch = self._calibration.get()
+        if fetch is None:
+            fetch = self._calibration.set(*probe_fetch(self._transport), "probe")
+        return TierCost(fetch_Bps=fetch["fetch_Bps"], copy_Bps=device_copy_Bps(torch.device(device)),
+                        latency_s=fetch.get("latency_s", 0.0))
 
     def update_kv(self, token_ids: Any, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *,
                   start: int = 0, overwrite: bool = False) -> int:
@@ -365,7 +338,7 @@ class ChunkFileStore(ModelScope, PrefixStore):
                         out=chunks[j])
             region = Region(layers=(0, layers), tokens=(i * c, (i + 1) * c), batch=(0, 1), heads=(0, layout.kv_heads))
             meta = {"prefix_key": all_keys[i].rsplit("/", 1)[-1], "namespace": self.namespace}
-            handles.append(self._transport.flush(all_keys[i], chunks[j], region, meta))
+            handles.append(self._transport.flush(all_keys[i], chunks[j], region, meta, slices=self.slice_checksums))
         errors = []
         for h in handles:  # every write must finish before ``chunks`` may be freed
             try:
@@ -445,4 +418,4 @@ class ChunkFileStore(ModelScope, PrefixStore):
         super().close()
 
 
-__all__ = ["ChunkFileStore", "PINS_DIR", "TEMP_MAX_AGE_S"]
+__all__ = ["ChunkFileStore", "PINS_DIR", "TEMP_MAX_AGE_S", "COST_FILE"]

@@ -70,7 +70,7 @@ def load_stream(device: torch.device, stream: Any) -> "torch.cuda.Stream | None"
 
 
 def enqueue_layers(layout: KVLayout, n_tokens: int, device: torch.device, stream: "torch.cuda.Stream | None",
-                   copy_layer: CopyLayer) -> LayerwiseLoad:
+                   copy_layer: CopyLayer, *, start: int = 0) -> LayerwiseLoad:
     """Allocate every layer's destination, then enqueue layer by layer, on ``stream``, its copies and its event.
 
     The destinations are allocated on the **current** stream (the compute stream); ``stream`` then waits
@@ -92,6 +92,8 @@ def enqueue_layers(layout: KVLayout, n_tokens: int, device: torch.device, stream
     copy_layer : callable
         See :data:`CopyLayer`. Whatever else it writes (staging) must be allocated before this call, on
         the compute stream, and kept by the caller until the load has landed.
+    start : int
+        The first token's position in the prefix (the load holds tokens ``[start, start + n_tokens)``).
 
     Returns
     -------
@@ -121,7 +123,8 @@ def enqueue_layers(layout: KVLayout, n_tokens: int, device: torch.device, stream
         if stream is not None:  # copies in flight read the source: let them finish before unwinding
             stream.synchronize()
         raise
-    return LayerwiseLoad([kv[0] for kv in kvs], [kv[1] for kv in kvs], events, n_tokens, stream=stream)
+    return LayerwiseLoad([kv[0] for kv in kvs], [kv[1] for kv in kvs], events, start + n_tokens, stream=stream,
+                         start=start)
 
 
 __all__ = ["LayerwiseLoad", "LayerLoader", "CopyLayer", "PREFIX_STREAM", "load_stream", "enqueue_layers"]

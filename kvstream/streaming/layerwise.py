@@ -18,7 +18,7 @@ from ..errors import ConfigError, LayoutError
 class LayerwiseLoad:
     """A load in flight, layer by layer: per-layer tensors that land in order, one event per layer.
 
-    Returned by :meth:`PrefixMatch.load_layers <kvstream.stores.base.PrefixMatch.load_layers>` and
+    Returned by :meth:`PrefixMatch.load_layers <kvstream.stores.match.PrefixMatch.load_layers>` and
     :func:`kvstream.streaming.replay.replay`. Layer ``l``'s tensors hold its KV once ``events[l]`` has
     completed; before that they are allocated but (on a CUDA device) still being written by the side
     stream. Read a layer only from a stream that waited for its event (:meth:`wait`), or after
@@ -42,7 +42,10 @@ class LayerwiseLoad:
         :class:`kvstream.cuda.Event` objects; inert (always complete) on the CPU. A store that
         loads synchronously gives every layer the same event.
     matched_tokens : int
-        Tokens loaded (a prefix after a shortened read: what was read intact; a session: its length).
+        End of the tokens loaded (a prefix after a shortened read: what was read intact; a session: its length).
+    start : int
+        First token loaded: the tensors hold tokens ``[start, matched_tokens)`` (0 unless a prefix was
+        loaded from ``start`` on, the load half of a compute/load split).
     stream : torch.cuda.Stream or None
         The side stream the copies were enqueued on (``None`` when the load was synchronous).
 
@@ -55,10 +58,10 @@ class LayerwiseLoad:
     ...         attend(k, v)
     """
 
-    __slots__ = ("keys", "values", "events", "matched_tokens", "stream")
+    __slots__ = ("keys", "values", "events", "matched_tokens", "stream", "start")
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], events: list[Any], matched_tokens: int,
-                 stream: "torch.cuda.Stream | None" = None):
+                 stream: "torch.cuda.Stream | None" = None, *, start: int = 0):
         if not len(keys) == len(values) == len(events):
             raise LayoutError(f"LayerwiseLoad: {len(keys)} keys, {len(values)} values and {len(events)} events; "
                               "expected one of each per layer")
@@ -67,6 +70,7 @@ class LayerwiseLoad:
         self.events = events
         self.matched_tokens = int(matched_tokens)
         self.stream = stream
+        self.start = int(start)
 
     def __len__(self) -> int:
         return len(self.events)
@@ -106,7 +110,7 @@ class LayerwiseLoad:
         return all(e.query() for e in self.events)
 
     def __repr__(self) -> str:
-        return f"LayerwiseLoad(layers={len(self)}, matched_tokens={self.matched_tokens})"
+        return f"LayerwiseLoad(layers={len(self)}, start={self.start}, matched_tokens={self.matched_tokens})"
 
 
 __all__ = ["LayerwiseLoad"]

@@ -14,7 +14,8 @@ Design:
 * **Verified reads.** The header carries the payload's xxh3-64 and the digest of the key it was written
   under; ``fetch`` checks key and file size before reading, then the checksum, and raises
   :class:`~kvstream.errors.CorruptChunkError` naming key and file on a mismatch, a short or sparse file,
-  a bad header, or a chunk copied or renamed from another key.
+  a bad header, or a chunk copied or renamed from another key. With ``flush(slices=True)`` each layer
+  has its own checksum too, and :meth:`DiskTransport.fetch_slices` reads and verifies layers in parallel.
 * **No links.** Paths are walked from the root's descriptor without following links (:mod:`.diskpaths`):
   nothing is written or read outside the root. Temp files of killed writers are deleted once older than
   ``temp_max_age_s`` (at open and by :meth:`DiskTransport.sweep_temp`).
@@ -24,18 +25,14 @@ Design:
   PCIe copy of block *i+1* overlaps the disk I/O of block *i*). The checksum runs on its own thread,
   block by block, beside the I/O (xxh3 releases the GIL). The 4096-byte header keeps the payload
   aligned, so ``direct=True`` can use ``O_DIRECT`` (as the ``dd`` ceiling of bench/NOTES.md's disk topic does).
-* **Background writes.** I/O runs on a pool of ``io_threads`` threads; handles are
-  :class:`~kvstream.transports.base.FutureHandle`.
+* **Background I/O.** A pool of ``io_threads`` threads; handles are :class:`~kvstream.handles.FutureHandle`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
-import fcntl
 import os
-import stat
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -44,21 +41,21 @@ from typing import Iterator
 import torch
 import xxhash
 
-from ..chunk import CHECKSUM_PREFIX, HEADER_BYTES, ChunkHeader, byte_view, chunk_header, tensor_bytes
+from ..chunk import CHECKSUM_PREFIX, HEADER_BYTES, ChunkHeader, byte_view, chunk_header, slice_checksums, tensor_bytes
 from ..cuda import Event, host_empty
-from ..errors import CapacityError, ChunkNotFound, ConfigError, CorruptChunkError, TransportError
+from ..errors import ChunkNotFound, ConfigError, CorruptChunkError, LayoutError, TransportError
 from ..layout import Region, check_packed
 from ..handles import FutureHandle, Handle
 from .base import Transport
-from .diskio import (ALIGN, O_DIRECT, SPARSE_CHECK_BYTES, ShortRead, blocks, page, probe_direct, pwrite_all, read_block,
-                     read_header, write_block)
+from .diskio import (ALIGN, O_DIRECT, SPARSE_CHECK_BYTES, ShortRead, blocks, probe_direct, read_block, read_header,
+                     set_direct, write_block, write_error, write_header)
 from .diskpaths import SUFFIX, TEMP_MAX_AGE_S, TMP_DIR, DiskRoot, key_parts
+from .slices import DEFAULT_QUEUE_DEPTH, SliceHasher, read_slices, slice_placeholder
 
 #: Default I/O size: the block size of the ``dd`` ceiling measured on the H100 machine (bench/NOTES.md, disk).
 DEFAULT_BLOCK_BYTES = 16 << 20
 #: Payloads up to this size are hashed on the I/O thread; larger ones on the hash thread beside the I/O.
 HASH_INLINE_BYTES = 1 << 20
-_FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 
 
 class DiskTransport(Transport):
@@ -80,6 +77,8 @@ class DiskTransport(Transport):
         and ``out``) and page-aligned CPU tensors; other CPU tensors take the buffered path.
     verify : bool
         Check the payload's xxh3 on every fetch.
+    queue_depth : int
+        Slice reads in flight at once (:meth:`fetch_slices`; :mod:`kvstream.transports.slices`).
     temp_max_age_s : float
         Temp files older than this are a dead writer's; they are deleted when the transport opens and by
         :meth:`sweep_temp`.
@@ -114,10 +113,11 @@ class DiskTransport(Transport):
 
     def __init__(self, root: str | os.PathLike, *, fsync: bool = False, io_threads: int = 4,
                  block_bytes: int = DEFAULT_BLOCK_BYTES, direct: bool = False, verify: bool = True,
-                 temp_max_age_s: float = TEMP_MAX_AGE_S):
+                 temp_max_age_s: float = TEMP_MAX_AGE_S, queue_depth: int = DEFAULT_QUEUE_DEPTH):
         super().__init__()
-        if isinstance(io_threads, bool) or not isinstance(io_threads, int) or io_threads < 1:
-            raise ConfigError(f"DiskTransport io_threads must be an int >= 1, got {io_threads!r}")
+        for name, v in (("io_threads", io_threads), ("queue_depth", queue_depth)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"DiskTransport {name} must be an int >= 1, got {v!r}")
         if isinstance(block_bytes, bool) or not isinstance(block_bytes, int) or block_bytes <= 0 \
                 or block_bytes % ALIGN:
             raise ConfigError(f"DiskTransport block_bytes must be a positive multiple of {ALIGN}, got {block_bytes!r}")
@@ -142,6 +142,7 @@ class DiskTransport(Transport):
         self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="kvstream-disk-io")
         # One thread, so the blocks of one payload are hashed in order (FIFO).
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="kvstream-disk-hash")
+        self._readers = ThreadPoolExecutor(queue_depth, thread_name_prefix="kvstream-disk-read")
 
     @property
     def root(self) -> Path:
@@ -181,10 +182,6 @@ class DiskTransport(Transport):
         except RuntimeError:  # the pool was shut down by a concurrent close()
             raise TransportError("DiskTransport is closed") from None
 
-    def _staging(self, nbytes: int) -> torch.Tensor:
-        """Pinned, page-aligned host bytes for CUDA transfers."""
-        return host_empty(nbytes, pin=True)
-
     def _hash(self, hasher, data: memoryview, nbytes: int, pending: list) -> None:
         if nbytes <= HASH_INLINE_BYTES:
             hasher.update(data)
@@ -195,8 +192,12 @@ class DiskTransport(Transport):
         return self._direct and buf.numel() > 0 and buf.data_ptr() % ALIGN == 0
 
     # -- flush ---------------------------------------------------------------------------------------
-    def flush(self, key: str, chunk: torch.Tensor, region: Region | None = None, meta: dict | None = None) -> Handle:
+    def flush(self, key: str, chunk: torch.Tensor, region: Region | None = None, meta: dict | None = None, *,
+              slices: bool = False) -> Handle:
         """Write ``chunk`` to ``<root>/<key>.kvc`` on an I/O thread; see :meth:`Transport.flush`.
+
+        ``slices=True`` also checksums each slice of the payload along its first axis (a packed chunk's
+        layers) into the header's meta, so that :meth:`fetch_slices` can verify slices one by one.
 
         Raises
         ------
@@ -209,11 +210,13 @@ class DiskTransport(Transport):
         self._check_open()
         parts = self._parts(key)
         self._check_chunk(chunk)
+        if slices:
+            meta = slice_placeholder(meta, chunk.shape[0] if chunk.dim() else 1)
         proto = chunk_header(chunk, region, meta, CHECKSUM_PREFIX + "0" * 16, key=key)
         if not chunk.is_cuda:
             return FutureHandle(self._submit(self._write, key, parts, byte_view(chunk), proto, []))
         stream = torch.cuda.current_stream(chunk.device)
-        src, events = self._staging(proto.nbytes), []
+        src, events = host_empty(proto.nbytes, pin=True), []
         whole = byte_view(chunk)
         for a, b in blocks(proto.nbytes, self._block_bytes):
             src[a:b].copy_(whole[a:b], non_blocking=True)
@@ -233,6 +236,7 @@ class DiskTransport(Transport):
         tmp = f"{uuid.uuid4().hex}-{os.getpid()}.tmp"
         fd, pending = -1, []
         tmp_fd = self._dirs.tmp_fd
+        sliced = SliceHasher(proto, data, self._hasher.submit if nbytes > HASH_INLINE_BYTES else None)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | (O_DIRECT if direct else 0),
                          0o644, dir_fd=tmp_fd)
@@ -241,18 +245,13 @@ class DiskTransport(Transport):
                 if events:
                     events[i].synchronize()
                 self._hash(hasher, data[a:b], nbytes, pending)
+                sliced.feed(b)
                 write_block(fd, data, a, b, direct)
             for f in pending:
                 f.result()
-            header = dataclasses.replace(proto, checksum=CHECKSUM_PREFIX + hasher.hexdigest()).to_bytes()
-            if direct:
-                first = page()
-                first[:] = header
-                pwrite_all(fd, first, 0)
-                if nbytes % ALIGN:
-                    os.ftruncate(fd, HEADER_BYTES + nbytes)  # drop the tail block's padding
-            else:
-                pwrite_all(fd, memoryview(header), 0)
+            header = dataclasses.replace(proto, checksum=CHECKSUM_PREFIX + hasher.hexdigest(),
+                                         meta=sliced.meta(proto.meta)).to_bytes()
+            write_header(fd, header, nbytes, direct)
             if self._fsync:
                 os.fsync(fd)
             os.close(fd)
@@ -261,6 +260,7 @@ class DiskTransport(Transport):
         except BaseException as e:
             for f in pending:
                 f.result()  # the hash thread must be done with ``data`` before it is freed
+            sliced.wait()
             if events:
                 events[-1].synchronize()
             if fd >= 0:
@@ -268,11 +268,7 @@ class DiskTransport(Transport):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp, dir_fd=tmp_fd)
             if isinstance(e, OSError):
-                what = (f"chunk {key!r} ({nbytes} bytes) to {path}; nothing was stored and the previous "
-                        f"version, if any, is intact: {e}")
-                if e.errno in _FULL_DISK:
-                    raise CapacityError(f"Disk full writing {what}") from e
-                raise TransportError(f"I/O error writing {what}") from e
+                raise write_error(e, key, nbytes, path) from e
             raise
 
     # -- fetch ---------------------------------------------------------------------------------------
@@ -297,14 +293,14 @@ class DiskTransport(Transport):
 
     def _read(self, key: str, path: Path, fd: int, header: ChunkHeader, out: torch.Tensor, stream) -> None:
         nbytes = header.nbytes
-        dst = self._staging(nbytes) if stream is not None else byte_view(out)
+        dst = host_empty(nbytes, pin=True) if stream is not None else byte_view(out)
         data = tensor_bytes(dst)
         direct = self._direct_ok(dst)
         hasher = xxhash.xxh3_64() if self._verify else None
         pending, copied = [], False
         try:
             if direct:
-                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | O_DIRECT)
+                set_direct(fd)
             for a, b in blocks(nbytes, self._block_bytes):
                 read_block(fd, data, a, b, direct)
                 if hasher is not None:
@@ -330,6 +326,34 @@ class DiskTransport(Transport):
                 raise CorruptChunkError(f"chunk {key!r} ({path}): payload checksum {got} does not match the "
                                         f"header's {header.checksum}")
 
+    def fetch_slices(self, key: str, out: torch.Tensor) -> list[Handle]:
+        """Read chunk ``key`` into the contiguous CPU tensor ``out`` (its stored shape) slice by slice, in parallel.
+
+        Slice ``s`` is ``out[s]`` (a packed chunk's layer ``s``), read by one of ``queue_depth`` threads
+        (``O_DIRECT`` with ``direct=True`` when page-aligned) and verified against its own checksum
+        (:mod:`kvstream.transports.slices`); opening and the header checks (key, size) are :meth:`fetch`'s. A
+        chunk written without ``slices=True`` is read and verified whole: every handle completes with it.
+        Returns one handle per slice: ``handles[s].wait()`` returns once ``out[s]`` holds verified bytes, or
+        raises ``CorruptChunkError`` / ``TransportError``; ``ChunkNotFound``, a header ``CorruptChunkError``
+        or a ``LayoutError`` (``out``) raise at once.
+        """
+        self._check_open()
+        self._check_chunk(out, "out")
+        if out.device.type != "cpu":
+            raise LayoutError(f"fetch_slices reads into host memory; out is on {out.device}")
+        path, fd = self._open(key)
+        try:
+            header = read_header(fd, key, path)
+            check_packed(out, header.shape, header.dtype, name=f"out for chunk {key!r}")
+            checksums = slice_checksums(header, source=f"chunk {key!r} ({path})")
+            if checksums is None:
+                return [FutureHandle(self._submit(self._read, key, path, fd, header, out, None))] * len(out)
+        except BaseException:
+            os.close(fd)
+            raise
+        return [FutureHandle(f) for f in read_slices(self._readers, fd, header, tensor_bytes(out), checksums, key=key,
+                                                     path=path, direct=self._direct_ok(out), verify=self._verify)]
+
     # -- the rest of the contract --------------------------------------------------------------------
     def describe(self, key: str) -> ChunkHeader:
         """The stored chunk's header; reads the 4096-byte header frame only (and the file size).
@@ -354,34 +378,23 @@ class DiskTransport(Transport):
         self._check_open()
         parts = self._parts(key)
         try:
-            return self._dirs.in_dir(parts, lambda dfd, name: stat.S_ISREG(
-                os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode), missing=False)
+            return self._dirs.is_file(parts)
         except TransportError:
             return False
 
     def delete(self, key: str) -> bool:
         """Unlink ``<root>/<key>.kvc``; ``True`` if it existed. Fetches already started still complete."""
         self._check_open()
-
-        def unlink(dfd: int, name: str) -> bool:
-            os.unlink(name, dir_fd=dfd)
-            return True
-
         try:
-            return self._dirs.in_dir(self._parts(key), unlink, missing=False)
+            return self._dirs.unlink(self._parts(key))
         except OSError as e:
             raise TransportError(f"Cannot delete chunk {key!r} ({self._path(key)}): {e}") from e
 
     def touch(self, key: str) -> bool:
         """Set ``key``'s file's mtime to now (a store's access time); ``False`` if it is missing or cannot be."""
         self._check_open()
-
-        def utime(dfd: int, name: str) -> bool:
-            os.utime(name, dir_fd=dfd, follow_symlinks=False)
-            return True
-
         try:
-            return self._dirs.in_dir(self._parts(key), utime, missing=False)
+            return self._dirs.touch(self._parts(key))
         except (OSError, TransportError):
             return False
 
@@ -397,31 +410,16 @@ class DiskTransport(Transport):
         return sorted(key for key, _ in self._dirs.walk(prefix))
 
     def entries(self, prefix: str = "") -> Iterator[tuple[str, Path, os.stat_result]]:
-        """Every stored chunk whose key starts with ``prefix``, as ``(key, file, stat)``, in no set order.
-
-        For housekeeping by age and size (a store's garbage collection): ``stat`` is the file's
-        ``os.stat_result`` (``st_mtime``, ``st_atime``, ``st_size`` = 4096 header bytes + payload bytes),
-        taken while the walk passes it. A file removed meanwhile is skipped. The walk is lazy and,
-        like :meth:`keys`, visits only the directories that can match; it never enters a link.
-
-        Raises
-        ------
-        TransportError
-            If the transport is closed.
+        """Every stored chunk whose key starts with ``prefix``, as ``(key, file, stat)``, in no set order: for
+        housekeeping by age and size (``st_mtime``, ``st_size`` = 4096 header bytes + payload bytes). Lazy;
+        visits only the directories that can match and never enters a link. ``TransportError`` if closed.
 
         Examples
         --------
         >>> old = [key for key, _, st in transport.entries("req-42/") if st.st_mtime < cutoff]  # doctest: +SKIP
         """
         self._check_open()
-        return self._entries(prefix)
-
-    def _entries(self, prefix: str) -> Iterator[tuple[str, Path, os.stat_result]]:
-        for key, e in self._dirs.walk(prefix):
-            try:
-                yield key, Path(e.path), e.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
+        return self._dirs.entries(prefix)
 
     def drop_page_cache(self, key: str) -> None:
         """Ask the kernel to drop ``key``'s file from the page cache, so that the next fetch reads the disk.
@@ -444,6 +442,7 @@ class DiskTransport(Transport):
                 return
             self._closed = True
         self._io.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
         self._hasher.shutdown(wait=True)
         self._dirs.close()
 

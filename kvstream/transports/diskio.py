@@ -4,13 +4,15 @@ the checks of a chunk file's header against its key and size before anything is 
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import mmap
 import os
 import uuid
 from pathlib import Path
 
 from ..chunk import CHECKSUM_PREFIX, HEADER_BYTES, ChunkHeader, key_digest
-from ..errors import ConfigError, CorruptChunkError
+from ..errors import CapacityError, ConfigError, CorruptChunkError, TransportError
 
 #: O_DIRECT alignment of addresses, lengths and file offsets (one page; also the header size).
 ALIGN = 4096
@@ -65,6 +67,34 @@ def write_block(fd: int, data: memoryview, a: int, b: int, direct: bool) -> None
         tail = page()
         tail[:b - mid] = data[mid:b]
         pwrite_all(fd, tail, HEADER_BYTES + mid)
+
+
+def write_header(fd: int, header: bytes, nbytes: int, direct: bool) -> None:
+    """Write the 4096-byte ``header`` at offset 0 (through a page under O_DIRECT, then drop the padding of a
+    payload of ``nbytes`` that does not end on a page)."""
+    if not direct:
+        pwrite_all(fd, memoryview(header), 0)
+        return
+    first = page()
+    first[:] = header
+    pwrite_all(fd, first, 0)
+    if nbytes % ALIGN:
+        os.ftruncate(fd, HEADER_BYTES + nbytes)  # drop the tail block's padding
+
+
+def write_error(e: OSError, key: str, nbytes: int, path: Path) -> TransportError:
+    """The error to raise for ``e`` from writing chunk ``key``: :class:`CapacityError` for a full disk
+    (``ENOSPC``/``EDQUOT``), else :class:`TransportError`; the caller removed the temp file."""
+    what = (f"chunk {key!r} ({nbytes} bytes) to {path}; nothing was stored and the previous version, if any, "
+            f"is intact: {e}")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CapacityError(f"Disk full writing {what}")
+    return TransportError(f"I/O error writing {what}")
+
+
+def set_direct(fd: int) -> None:
+    """Turn ``O_DIRECT`` on for the open file ``fd`` (its reads bypass the page cache)."""
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | O_DIRECT)
 
 
 def read_block(fd: int, data: memoryview, a: int, b: int, direct: bool) -> None:
@@ -125,5 +155,6 @@ def probe_direct(tmp: Path, root: Path) -> None:
         probe.unlink(missing_ok=True)
 
 
-__all__ = ["ALIGN", "O_DIRECT", "SPARSE_CHECK_BYTES", "ShortRead", "read_header", "pwrite_all", "preadinto_all", "blocks", "whole_pages_end", "page",
-           "write_block", "read_block", "probe_direct"]
+__all__ = ["ALIGN", "O_DIRECT", "SPARSE_CHECK_BYTES", "ShortRead", "read_header", "pwrite_all", "preadinto_all",
+           "blocks", "whole_pages_end", "page", "write_block", "write_header", "write_error", "set_direct",
+           "read_block", "probe_direct"]

@@ -264,5 +264,34 @@ class DiskRoot:
                 elif e.name.endswith(SUFFIX) and name[:-len(SUFFIX)].startswith(prefix):
                     yield name[:-len(SUFFIX)], e
 
+    def entries(self, prefix: str) -> Iterator[tuple[str, Path, os.stat_result]]:
+        """:meth:`walk` as ``(key, file, stat)`` (the stat taken as the walk passes); files removed meanwhile
+        are skipped."""
+        for key, e in self.walk(prefix):
+            try:
+                yield key, Path(e.path), e.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+
+    def is_file(self, parts: list[str]) -> bool:
+        """Whether the key with ``parts`` is a regular file (not a link); ``False`` if missing."""
+        return self.in_dir(parts, lambda dfd, name: stat.S_ISREG(os.stat(name, dir_fd=dfd,
+                                                                         follow_symlinks=False).st_mode),
+                           missing=False)
+
+    def unlink(self, parts: list[str]) -> bool:
+        """Unlink the key with ``parts``; ``True`` if it existed."""
+        def op(dfd: int, name: str) -> bool:
+            os.unlink(name, dir_fd=dfd)
+            return True
+        return self.in_dir(parts, op, missing=False)
+
+    def touch(self, parts: list[str]) -> bool:
+        """Set the key's file's mtime to now; ``False`` if it is missing."""
+        def op(dfd: int, name: str) -> bool:
+            os.utime(name, dir_fd=dfd, follow_symlinks=False)
+            return True
+        return self.in_dir(parts, op, missing=False)
+
 
 __all__ = ["SUFFIX", "TMP_DIR", "TEMP_MAX_AGE_S", "GRAVE_SUFFIX", "key_parts", "DiskRoot"]

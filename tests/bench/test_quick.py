@@ -98,6 +98,17 @@ def test_quick_summary_has_every_key_and_field(quick_run):
 
 
 @pytest.mark.slow
+def test_quick_prefix_topic_writes_the_reuse_keys(quick_run):
+    out, _ = quick_run
+    doc = json.loads((out / "summary.json").read_text())
+    for key in ("prefix_ttft_speedup", "file_store_read_vs_raw", "file_store_ttft_vs_prefill", "tiered_ttft_speedup",
+                "reuse_plan_error"):
+        assert doc[key]["value"] is not None and doc[key]["pass"] is None, key
+    assert doc["file_store_ttft_vs_prefill"]["detail"]["plan"]["choice"] in ("load", "split", "recompute")
+    assert doc["file_store_read_vs_raw"]["detail"]["raw"].startswith("raw-")
+
+
+@pytest.mark.slow
 def test_quick_suite_draws_the_plots(quick_run):
     pytest.importorskip("matplotlib")
     out, _ = quick_run

@@ -193,3 +193,28 @@ def test_sizes_are_checked_before_any_byte_moves():
     with pytest.raises(LayoutError, match="tensor_nbytes=16"):
         cache.update(None, [3, 4], [lst[0], [(KVTensor(big.ctypes.data, 32), KVTensor(big.ctypes.data, 32))]])
     assert cache.query([3], [[(KVTensor(0, 0), KVTensor(0, 0))]]) == 0  # nothing of the refused update was stored
+
+
+@pytest.mark.parametrize("write", ["through", "back"])
+def test_a_list_of_configs_makes_tiers(write, tmp_path):
+    from kvstream.stores import ChunkFileStore, TieredStore
+
+    rng = np.random.default_rng(3)
+    cache = KVCache([VineyardCacheConfig("/x.sock"), FileCacheConfig(chunk_size=2, root=str(tmp_path / "kv"))],
+                    tensor_nbytes=8, cache_capacity=6, layer=2, tier_write=write)
+    assert isinstance(cache.store, TieredStore) and cache.chunk_size == 2
+    upper, lower = cache.store.tiers
+    assert isinstance(upper, RadixStore) and isinstance(lower, ChunkFileStore)
+    arrays, lst = _kv_list([1, 2, 3, 4], 2, 8, rng)
+    assert cache.update(None, [1, 2, 3, 4], lst) == 4
+    assert lower.query([1, 2, 3, 4]) == (4 if write == "through" else 0)
+    _, other = _kv_list([7, 8, 9, 10], 2, 8, rng)
+    cache.update(None, [7, 8, 9, 10], other)  # past the memory tier's 6 tokens: [1, 2, 3, 4] is evicted
+    assert upper.query([1, 2, 3, 4]) < 4 and lower.query([1, 2, 3, 4]) == 4  # ...but kept below
+    slots = [[(KVTensor(0, 0), KVTensor(0, 0)) for _ in range(2)] for _ in range(4)]
+    assert cache.query([1, 2, 3, 4], slots) == 4
+    for i in range(4):
+        for j in range(2):
+            assert np.array_equal(np.frombuffer(slots[i][j][0], dtype=np.float32), arrays[i][j][0])
+    cache.close()
+    assert upper.closed and lower.closed

@@ -6,11 +6,12 @@ import torch
 
 import kvstream
 from kvstream.models import build_model, encode_text, prompts, tiny_config
+from kvstream.integrations.hf.keywords import cache_kwargs
 
 
 def _generate(model, ids, cache, n, **kw):
     with torch.inference_mode():
-        return model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=n,
+        return model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(cache), max_new_tokens=n,
                               min_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
 
 

@@ -9,12 +9,13 @@ import torch
 import kvstream
 from kvstream.errors import LayoutError
 from kvstream.models import build_model, encode_text, prompts, tiny_config
+from kvstream.integrations.hf.keywords import cache_kwargs
 
 
 def _turn(model, store, ids):
     cache = kvstream.StreamingCache.from_prefix(store, ids, config=model.config, layerwise=False)
     with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=4,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(cache), max_new_tokens=4,
                              do_sample=False, pad_token_id=0)
     store.update(out, cache)
     return cache.matched_tokens, out

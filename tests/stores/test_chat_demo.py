@@ -27,3 +27,16 @@ def test_chat_demo_runs_and_reuses(tmp_path, store, arch, capsys):
         assert t["matched_tokens"] == expected
         assert t["prefilled_tokens"] == t["prompt_tokens"] - expected
     assert "TTFT reuse" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("plan", [False, True])
+def test_chat_demo_with_tiers(tmp_path, plan):
+    out = tmp_path / "turns.json"
+    argv = ["chat-demo", "--store", "tiered", "--turns", "3", "--turn-tokens", "24", "--new-tokens", "4",
+            "--layers", "2", "--chunk-tokens", "8", "--root", str(tmp_path / "kv"), "--json", str(out)]
+    assert main(argv + (["--plan"] if plan else [])) == 0
+    turns = json.loads(out.read_text())
+    assert all(t["identical"] for t in turns)
+    if not plan:  # the host tier holds the whole conversation so far
+        assert [t["matched_tokens"] for t in turns[1:]] == [b["prompt_tokens"] + 3 for b in turns[:-1]]
+    assert all(t["plan"] in ("load", "split", "recompute", "none") for t in turns)

@@ -37,7 +37,8 @@ from ...streaming.streamer import KVStreamer
 from ...transports.base import Transport
 from . import prefix as _prefix
 from .offload import Offloader
-from .resume import PendingLoad, install, load_session, read_manifest, replaced_keys
+from .resume import PendingLoad, load_session, read_manifest, replaced_keys
+from .reuse import fill_from_prefix
 
 
 def _is_kv_layer(layer: Any) -> bool:
@@ -69,6 +70,8 @@ class _SessionStreaming:
 
     _offloader = None
     _pending = None  # a layer-wise load (a prefix, a session) not yet taken
+    #: How ``from_prefix`` filled this cache (a :class:`~kvstream.stores.cost.ReusePlan`; ``None`` otherwise).
+    reuse_plan: Any = None
 
     def _init_streaming(self, config: Any, transport: Transport | None, session: str, level: int | str | None,
                         layer_chunk_min_tokens: int) -> None:
@@ -464,13 +467,22 @@ class StreamingCache(_SessionStreaming, DynamicCache):
     @classmethod
     def from_prefix(cls, store: Any, input_ids: Any, *, config: Any = None, device: torch.device | str | None = None,
                     transport: Transport | None = None, session: str = "default", layerwise: bool | None = None,
+                    model: Any = None, prefill: Any = None, reuse: str = "auto", front_tokens: int | None = None,
                     **kwargs) -> "StreamingCache":
-        """A cache pre-filled with the longest prefix of ``input_ids`` found in ``store``.
+        """A cache pre-filled, by measured cost, from the longest prefix of ``input_ids`` found in ``store``.
 
-        ``cache.matched_tokens`` says how many tokens were found (at most ``T - 1``, so ``generate`` always
-        has a token to feed); ``model.generate(input_ids, cache=cache)`` then prefills only the
-        rest. ``store`` is a :class:`~kvstream.RadixStore` or :class:`~kvstream.ChunkFileStore`;
-        ``input_ids`` a ``[1, T]`` tensor or a list of ids.
+        The stored prefix is used only when loading it is predicted faster than recomputing it
+        (:mod:`kvstream.integrations.hf.reuse`): the store tier's measured read cost against the model's
+        prefill time (measured on first use with ``model=``, or given as ``prefill=``). With ``model=`` the
+        plan may also *split*: recompute the prefix's first tokens while the tier loads the rest, both at
+        once. The decision is ``cache.reuse_plan`` (:class:`~kvstream.stores.cost.ReusePlan`: tokens loaded
+        and recomputed, predicted and actual time). Without ``model=`` or ``prefill=`` whatever matched
+        is loaded, as before.
+
+        ``cache.matched_tokens`` says how many tokens the cache holds (at most ``T - 1``, so ``generate``
+        always has a token to feed); ``model.generate(input_ids, cache=cache)`` then prefills
+        only the rest. ``store`` is a :class:`~kvstream.RadixStore`, :class:`~kvstream.ChunkFileStore` or
+        :class:`~kvstream.TieredStore`; ``input_ids`` a ``[1, T]`` tensor or a list of ids.
 
         ``layerwise`` (default: on a CUDA device, without a transport, with no sliding-window layers):
         return before the prefix has landed. Each layer's host-to-device copy runs on a side stream in
@@ -479,27 +491,38 @@ class StreamingCache(_SessionStreaming, DynamicCache):
         store's pins are released once every layer was taken. With a transport the prefix goes through
         ``update`` instead, so that it is streamed into the session like any other KV.
 
+        Parameters
+        ----------
+        model : transformers.PreTrainedModel, optional
+            The model ``generate`` will run: its prefill time is measured once (cached per model and
+            device) and the compute/load split becomes possible.
+        prefill : kvstream.stores.cost.PrefillTime, optional
+            The model's prefill time, given instead of measured (tests, a known device).
+        reuse : {"auto", "load"}
+            ``"auto"``: by cost; ``"load"``: load whatever matched (the plan is still recorded).
+        front_tokens : int, optional
+            Force a split: recompute this many tokens (rounded down to the tier's granularity), load the
+            rest of the stored prefix (needs ``model=``).
+
         Raises
         ------
         ConfigError
-            ``layerwise=True`` with a transport or sliding-window layers.
+            ``layerwise=True`` with a transport or sliding-window layers; ``front_tokens`` without a model;
+            an unknown ``reuse``.
         LayoutError
             The store's KV has another number of layers, KV heads, ``head_dim`` or dtype than the cache and
             ``config``, or the store holds another model's KV (its namespace is the fingerprint of the first
             model it was used with: :mod:`kvstream.stores.identity`).
         """
+        if config is None and model is not None:
+            config = model.config
         cache = cls(config=config, transport=transport, session=session, **kwargs)
         if device is None:
             device = input_ids.device if isinstance(input_ids, torch.Tensor) else torch.device("cpu")
         device = torch.device(device)
-        if not _prefix.check_layerwise(layerwise, device, transport, cache.layers):
-            cache.matched_tokens = int(_prefix.load_prefix_into(cache, store, input_ids, device=device, config=config))
-            return cache
-        found = _prefix.lookup_layers(store, input_ids, device, len(cache.layers), config)
-        if found is not None:
-            load, match = found
-            install(cache, load, list(range(len(cache.layers))), on_done=match.release)
-            cache.matched_tokens = int(load.matched_tokens)
+        layered = _prefix.check_layerwise(layerwise, device, transport, cache.layers)
+        fill_from_prefix(cache, store, input_ids, device=device, layerwise=layered, model=model, prefill=prefill,
+                         reuse=reuse, front_tokens=front_tokens, config=config)
         return cache
 
 __all__ = ["StreamingCache", "MANIFEST_FORMAT"]

@@ -10,7 +10,7 @@ Design (after SGLang's ``RadixCache`` and Vineyard's radix tree + blobs):
   (kvstream's pinned allocator) when a GPU exists, so a match loads onto the GPU with asynchronous copies.
 * Lookup walks the tree for the longest prefix, touches every node on the path (LRU clock) and
   **pins** the deepest node: a pinned match survives any eviction between lookup and load.
-* Layer-wise loading (:meth:`~kvstream.stores.base.PrefixMatch.load_layers`, the loop of
+* Layer-wise loading (:meth:`~kvstream.stores.match.PrefixMatch.load_layers`, the loop of
   :func:`~kvstream.stores.layerwise.enqueue_layers`): in a token-major blob one layer's K and V of one
   token are one row of ``2 * kv_heads * head_dim`` elements, rows a token stride
   (``layers * 2 * kv_heads * head_dim``) apart. So per layer and per run of matched tokens, one pitched
@@ -19,6 +19,8 @@ Design (after SGLang's ``RadixCache`` and Vineyard's radix tree + blobs):
   final ``[2, 1, kv_heads, tokens, head_dim]``; then the layer's event.
 * Past ``capacity_bytes`` (the sum of live blobs' bytes), unpinned leaves go in least-recently-used
   order. An update that cannot fit after evicting everything unpinned stores the part that fits.
+  ``on_evict`` (set by a write-back :class:`~kvstream.stores.tiered.TieredStore`) receives each leaf's
+  whole sequence and KV before it goes; a leaf it fails to take stays.
 
 With ``shared_name=...`` the processes of one host share the store through shared memory (:mod:`.shared`);
 in-process (the default) nothing is serialized.
@@ -71,6 +73,17 @@ def token_major_views(rows: torch.Tensor) -> tuple[list[torch.Tensor], list[torc
     """
     hf = rows.select(5, 0).permute(1, 2, 3, 4, 0, 5)  # [layers, 2, 1, kv_heads, tokens, head_dim]
     return [hf[l, 0] for l in range(hf.shape[0])], [hf[l, 1] for l in range(hf.shape[0])]
+
+
+def window(slices: list, start: int) -> list:
+    """``(blob, offset, used)`` runs of a match without its first ``start`` tokens."""
+    out = []
+    for blob, offset, used in slices:
+        skip = min(start, used)
+        start -= skip
+        if used > skip:
+            out.append((blob, offset + skip, used - skip))
+    return out
 
 
 def write_blob(blob: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], lo: int) -> None:
@@ -153,6 +166,10 @@ class RadixStore(ModelScope, PrefixStore):
             self._shared = SharedTree(self._dir, shared_name, capacity_bytes)
             self._owner = self._shared.owner
         self._tree = Tree() if self._shared is None else self._shared.tree
+        #: ``on_evict(token_ids, keys, values)``, called with a leaf's root-to-leaf sequence and its KV
+        #: (per-layer ``[1, kv_heads, T, head_dim]`` host views) before eviction drops it; if it raises,
+        #: the leaf is kept. ``None``: evict silently.
+        self.on_evict = None
 
     @contextlib.contextmanager
     def _locked(self, write: bool) -> Iterator[Tree]:
@@ -245,13 +262,13 @@ class RadixStore(ModelScope, PrefixStore):
             layout = tree.layout
         node_id = deepest.id
 
-        def loader(device: torch.device, n_tokens: int):
-            """Copy the matched tokens onto a device; see PrefixMatch.load."""
-            return self._load_slices(slices, layout, n_tokens, device)
+        def loader(device: torch.device, n_tokens: int, start: int = 0):
+            """Copy tokens ``[start, n_tokens)`` of the match onto a device; see PrefixMatch.load."""
+            return self._load_slices(window(slices, start), layout, n_tokens - start, device)
 
-        def layer_loader(device: torch.device, n_tokens: int, stream):
-            """Start the layer-by-layer copy of the match; see PrefixMatch.load_layers."""
-            return self._load_layers(slices, layout, n_tokens, device, stream)
+        def layer_loader(device: torch.device, n_tokens: int, stream, start: int = 0):
+            """Start the layer-by-layer copy of tokens ``[start, n_tokens)``; see PrefixMatch.load_layers."""
+            return self._load_layers(window(slices, start), layout, n_tokens - start, device, stream, start)
 
         def releaser() -> None:
             """Unpin the match's deepest node."""
@@ -263,7 +280,8 @@ class RadixStore(ModelScope, PrefixStore):
                     t.unpin(node_id, self._owner)
                     self._held -= 1
 
-        return PrefixMatch(matched, loader, releaser, source="RadixStore", layer_loader=layer_loader)
+        return PrefixMatch(matched, loader, releaser, source="RadixStore", layer_loader=layer_loader, store=self,
+                           bytes_per_token=layout.bytes_per_token())
 
     @staticmethod
     def _load_slices(slices, layout: KVLayout, n_tokens: int, device: torch.device):
@@ -283,7 +301,7 @@ class RadixStore(ModelScope, PrefixStore):
 
     @staticmethod
     def _load_layers(slices, layout: KVLayout, n_tokens: int, device: torch.device,
-                     stream: "torch.cuda.Stream | None") -> tuple[LayerwiseLoad, torch.Tensor]:
+                     stream: "torch.cuda.Stream | None", start: int = 0) -> tuple[LayerwiseLoad, torch.Tensor]:
         """Enqueue the layer-wise load of ``slices`` on ``stream`` (see the module docstring); ``(load, staging)``.
 
         The staging is allocated here on the current stream (the compute stream), before
@@ -324,7 +342,7 @@ class RadixStore(ModelScope, PrefixStore):
                 memcpy_2d_async(dst, src[:, layer], stream)
             pack_tokens(staged_k, staged_v, one_layer, out=kv.unsqueeze(0))
 
-        return enqueue_layers(layout, n_tokens, device, stream, copy_layer), staging
+        return enqueue_layers(layout, n_tokens, device, stream, copy_layer, start=start), staging
 
     def update_kv(self, token_ids: Any, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *,
                   start: int = 0) -> int:
@@ -362,7 +380,8 @@ class RadixStore(ModelScope, PrefixStore):
             want = n - matched
             tree.pin(parent, INSERT_OWNER)
             try:
-                self._free(tree.evict(want * per_token, self.capacity_bytes))
+                self._free(tree.evict(want * per_token, self.capacity_bytes,
+                                      keep=None if self.on_evict is None else lambda leaf: self._demote(leaf, tree)))
             finally:
                 tree.unpin(parent.id, INSERT_OWNER)
             fit = min(want, max(0, self.capacity_bytes - tree.used_bytes) // per_token)
@@ -378,6 +397,19 @@ class RadixStore(ModelScope, PrefixStore):
             tree.add_blob(name, fit, blob.numel() * blob.element_size())
             tree.add_child(parent, tuple(ids[matched:matched + fit]), name, 0)
             return matched + fit - start
+
+    def _demote(self, leaf, tree: Tree) -> bool:
+        """Hand a leaf about to be evicted to :attr:`on_evict`; ``True`` (keep the leaf) if that fails."""
+        path = tree.path_to(leaf)
+        ids = [t for node in path for t in node.edge]
+        rows = torch.cat([self._blob_tensor(n.blob, tree)[n.offset:n.offset + len(n.edge)] for n in path])
+        keys, values = token_major_views(rows)
+        try:
+            self.on_evict(ids, keys, values)
+        except Exception as e:  # noqa: BLE001 - keep the leaf; the update stores less, nothing is lost
+            logger.warning("RadixStore: keeping a %d-token leaf its lower tier could not take: %s", len(ids), e)
+            return True
+        return False
 
     def pinned(self) -> int:
         """Pins this process holds (matches not yet released)."""
@@ -437,4 +469,4 @@ class RadixStore(ModelScope, PrefixStore):
         return remove_dir(shared_dir(shared_name, shm_dir))
 
 
-__all__ = ["RadixStore", "blob_shape", "token_major_views", "write_blob", "LOCAL_OWNER"]
+__all__ = ["RadixStore", "blob_shape", "token_major_views", "window", "write_blob", "LOCAL_OWNER"]

@@ -10,9 +10,9 @@ are counted per owner (a process), so that the shared mode can drop the pins of 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from ..base import PinError
+from ..match import PinError
 
 #: Owner of the pin an insert holds on its parent while it evicts (the parent must not go).
 INSERT_OWNER = "__insert__"
@@ -147,15 +147,19 @@ class Tree:
         """Forget a blob."""
         self.used_bytes -= self.blobs.pop(name)[1]
 
-    def evict(self, need_bytes: int, capacity_bytes: int) -> list[str]:
+    def evict(self, need_bytes: int, capacity_bytes: int, keep: Callable[[Node], bool] | None = None) -> list[str]:
         """Remove unpinned leaves, least recently used first, until ``need_bytes`` more fit.
 
         A parent whose last child went becomes a leaf and may go next (empty branches are pruned).
-        Returns the names of blobs that lost their last node (the caller frees their memory).
+        ``keep(leaf)``, called before a leaf goes (while its path is intact), may return ``True`` to keep
+        it (a write-back store whose lower tier could not take it). Returns the names of blobs that lost
+        their last node (the caller frees their memory).
         """
         freed: list[str] = []
+        kept: set[int] = set()
         while self.used_bytes + need_bytes > capacity_bytes:
-            leaves = sorted((n for n in self.nodes.values() if n is not self.root and not n.children and not n.pins),
+            leaves = sorted((n for n in self.nodes.values()
+                             if n is not self.root and not n.children and not n.pins and n.id not in kept),
                             key=lambda n: (n.last_access, n.id))
             if not leaves:
                 break
@@ -163,6 +167,9 @@ class Tree:
             for leaf in leaves:
                 if self.used_bytes + need_bytes <= capacity_bytes:
                     break
+                if keep is not None and keep(leaf):
+                    kept.add(leaf.id)
+                    continue
                 del leaf.parent.children[leaf.edge[0]]
                 del self.nodes[leaf.id]
                 blob = self.blobs[leaf.blob]
@@ -207,6 +214,15 @@ class Tree:
             node.pins.pop(owner, None)
 
     # -- reading it out ----------------------------------------------------------------------------------
+    @staticmethod
+    def path_to(node: Node) -> list[Node]:
+        """The nodes from the root's child down to ``node``."""
+        path = []
+        while node.parent is not None:
+            path.append(node)
+            node = node.parent
+        return path[::-1]
+
     def sequences(self) -> list[tuple[int, ...]]:
         """Every root-to-leaf token sequence, sorted."""
         out: list[tuple[int, ...]] = []
