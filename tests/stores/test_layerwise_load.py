@@ -13,7 +13,7 @@ import weakref
 import pytest
 import torch
 
-import kvstream.stores.radix.store as radix_store
+import kvstream.stores.radix.blobs as radix_store
 from kvstream.errors import ConfigError
 from kvstream.cuda import Event, Stream
 from kvstream.layout import KVLayout

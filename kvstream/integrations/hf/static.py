@@ -29,7 +29,8 @@ from ... import kernels
 from ...errors import ConfigError, LayoutError
 from ...transports.base import Transport
 from . import ops
-from .cache import StreamingCache, _SessionStreaming
+from .base import _SessionStreaming
+from .cache import StreamingCache
 from .resume import continue_record
 
 
