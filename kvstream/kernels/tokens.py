@@ -186,7 +186,8 @@ class NewestPlan:
             if self._read[slot] is not None:
                 self._read[slot].synchronize()  # 16 steps behind: the oldest launch must have read it
             table = self._ring[slot]
-            ctypes.memmove(table.data_ptr(), array.array("q", rows).buffer_info()[0], 8 * len(rows))
+            packed = array.array("q", rows)  # named: it must outlive the copy out of it
+            ctypes.memmove(table.data_ptr(), packed.buffer_info()[0], 8 * len(rows))
             self._bound_slot = slot
             table = table.view(-1, cols)
         self._table, self.keys, self.values = table, list(keys), list(values)

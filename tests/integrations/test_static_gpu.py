@@ -21,6 +21,7 @@ def _gen(model, ids, cache, new=8, **kw):
 
 def _check_session(host, session, ref_cache, model, seq):
     back = kvstream.StreamingCache.load(host, session, config=model.config, device=CUDA, stream=False)
+    back.wait_loaded()  # the layers land on a side stream; read them only after
     for l, layer in enumerate(back.layers):
         assert torch.equal(layer.keys, ref_cache.layers[l].keys[:, :, :seq])
         assert torch.equal(layer.values, ref_cache.layers[l].values[:, :, :seq])

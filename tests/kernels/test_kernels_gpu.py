@@ -188,3 +188,26 @@ def test_plan_newest_matches_the_twin_at_every_start(seed):
     assert_pads_untouched(buf)
     with pytest.raises(LayoutError, match="outside"):
         plan.run(39)
+
+
+@pytest.mark.gpu
+def test_plan_bind_follows_new_tensors_through_the_ring(seed):
+    from kvstream.kernels.tokens import BIND_RING
+
+    def step_kv():
+        ks = [torch.randn(3, 1, 4, 128, generator=seed).to(torch.bfloat16).to(CUDA).transpose(1, 2) for _ in range(3)]
+        vs = [torch.randn(3, 1, 4, 128, generator=seed).to(torch.bfloat16).to(CUDA).transpose(1, 2) for _ in range(3)]
+        return ks, vs
+
+    keys, values = step_kv()
+    plan = kernels.plan_newest(keys, values, num_tokens=1)
+    outs, expected = [], []
+    for _ in range(2 * BIND_RING + 3):  # every ring slot reused: each launch must read its own step's table
+        keys, values = step_kv()
+        assert plan.bind(keys, values)
+        outs.append(plan.run(0))
+        expected.append(ref.pack_newest(keys, values, num_tokens=1))
+    torch.cuda.synchronize()
+    assert all(torch.equal(o, e) for o, e in zip(outs, expected))
+    other = [torch.randn(3, 4, 2, 128, device=CUDA, dtype=torch.bfloat16) for _ in range(3)]
+    assert not plan.bind(other, other)  # another shape: the plan stays as it was
