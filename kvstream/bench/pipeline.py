@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=5, help="alternating repetitions of the overhead comparison")
     p.add_argument("--pcie-gbps", type=float, default=None, help="B_pcie, GB/s (default: measured)")
     p.add_argument("--out", default=None, help="output directory (default bench/results; --quick: temp)")
-    p.add_argument("--device", default=None, help="ignored: cuda when there is a GPU (run_all passes it)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is a GPU, the CPU with --quick)")
     p.add_argument("--disk-dir", default=None, help="ignored (run_all passes it)")
     return p
 
@@ -71,10 +71,11 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace):
         self.args, self.quick = args, args.quick
-        self.device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
+        # --quick: the CPU unless a device is asked for (run_all's GPU smoke run passes --device cuda)
+        self.device = torch.device(args.device or ("cpu" if args.quick or not torch.cuda.is_available() else "cuda"))
         cuda = self.device.type == "cuda"
         self.base = dict(device=self.device.type, stages=1, model="tiny" if self.quick else "llama3-8b",
-                         layers=4 if self.quick else args.layers, dtype="bfloat16" if cuda else "float32",
+                         layers=4 if self.quick else args.layers, dtype="bfloat16" if cuda and not self.quick else "float32",
                          batch=2 if self.quick else args.batch, check=False, warmup=cuda, rate=math.inf)
         self.new_tokens = 6 if self.quick else args.new_tokens
         self.model = build_model(RunConfig(**self.base), self.device)
