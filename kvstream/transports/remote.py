@@ -112,6 +112,12 @@ class RemoteHostTransport(Transport):
         Heartbeat interval and silence after which the peer counts as dead (see the module docstring).
     verify : bool
         Check every arriving payload against its xxh3 checksum (``CorruptChunkError`` on mismatch).
+    on_chunk : callable, optional
+        ``on_chunk(key, header, payload) -> bool``, called on the receiver thread with every chunk that
+        arrived intact (``payload``: uint8 CPU ``[nbytes]``), *before* it is acknowledged: a flush's handle on
+        the peer completes only after it returned. Returning ``True`` takes the chunk over (it is not kept
+        here: ``fetch`` will not see it). What a replica holder uses to file chunks as they land
+        (:mod:`kvstream.serving.failover`). An exception fails the link like a receive error.
 
     Raises
     ------
@@ -132,7 +138,8 @@ class RemoteHostTransport(Transport):
 
     def __init__(self, store, rank: int, peer: int, *, group=None, group_peer: int | None = None,
                  namespace: str = "kvstream/remote", timeout_s: float = 60.0, fetch_timeout_s: float | None = None,
-                 heartbeat_s: float = 0.5, dead_after_s: float = 5.0, verify: bool = True):
+                 heartbeat_s: float = 0.5, dead_after_s: float = 5.0, verify: bool = True,
+                 on_chunk: Callable[[str, ChunkHeader, torch.Tensor], bool] | None = None):
         super().__init__()
         import torch.distributed as dist
 
@@ -140,6 +147,7 @@ class RemoteHostTransport(Transport):
         if timeout_s <= 0:
             raise ConfigError(f"timeout_s must be > 0, got {timeout_s}")
         self.rank, self.peer, self.timeout_s, self.verify = rank, peer, float(timeout_s), bool(verify)
+        self._on_chunk = on_chunk
         self.fetch_timeout_s = self.timeout_s if fetch_timeout_s is None else float(fetch_timeout_s)
         self._store = dist.PrefixStore(pair_namespace(namespace, rank, peer), store)
         self._cond = threading.Condition(self._lock)
@@ -358,6 +366,9 @@ class RemoteHostTransport(Transport):
         if self.verify and payload_checksum(tensor_bytes(buf)) != header.checksum:
             bad = CorruptChunkError(f"Chunk {key!r} from peer rank {self.peer} failed its checksum "
                                     f"({header.checksum}, {header.nbytes} bytes)")
+        if bad is None and self._on_chunk is not None and self._on_chunk(key, header, buf):
+            self._my_acks.bump()
+            return
         with self._cond:
             if bad is None:
                 self._chunks[key] = (header, buf)

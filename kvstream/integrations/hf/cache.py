@@ -120,7 +120,7 @@ class StreamingCache(_SessionStreaming, DynamicCache):
     @classmethod
     def load(cls, transport: Transport, session: str, *, config: Any = None, device: torch.device | str | None = None,
              level: int | str | None = None, offload: bool = False, stream: bool = True,
-             layerwise: bool | None = None) -> "StreamingCache":
+             layerwise: bool | None = None, recover: bool = False) -> "StreamingCache":
         """Rebuild a session's cache from its stored chunks (the same class, still streaming).
 
         The chunks are replayed through a :class:`~kvstream.streaming.streamer.KVStreamer` (its ``gather``
@@ -144,6 +144,13 @@ class StreamingCache(_SessionStreaming, DynamicCache):
             Keep streaming new tokens into the same session (``True``), or load only.
         layerwise : bool, optional
             Return before the KV has landed, layer by layer (default: on a CUDA device).
+        recover : bool
+            Load what the session holds now even if its producer died before :meth:`wait` wrote the
+            manifest (a ``generate`` killed mid-decode): the stored manifest, if its chunks are intact, and
+            then every whole segment streamed after it, in order, up to the first that did not land
+            (:func:`~kvstream.integrations.hf.resume.acked_manifest`). Needs ``config``. The loaded
+            ``get_seq_length()`` says how many positions came back; feed ``generate`` the prompt and the
+            tokens generated so far, and it computes only the positions past them.
 
         Raises
         ------
@@ -156,7 +163,7 @@ class StreamingCache(_SessionStreaming, DynamicCache):
             config declares one), or the model fingerprint the session was streamed with.
         """
         return load_session(cls, transport, session, config=config, device=device, level=level, offload=offload,
-                            stream=stream, layerwise=layerwise)
+                            stream=stream, layerwise=layerwise, recover=recover)
 
     @classmethod
     def from_prefix(cls, store: Any, input_ids: Any, *, config: Any = None, device: torch.device | str | None = None,

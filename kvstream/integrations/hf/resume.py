@@ -8,11 +8,12 @@ from typing import Any, Callable
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from ...errors import CorruptChunkError, KVStreamError, LayoutError
+from ...errors import ChunkNotFound, ConfigError, CorruptChunkError, KVStreamError, LayoutError
 from ...layout import kv_fingerprint
 from ...stores.identity import check_config_kv
 from ...streaming.layerwise import LayerwiseLoad
-from ...streaming.replay import replay
+from ...streaming.recover import recover_manifest
+from ...streaming.replay import check_chunks, replay
 from ...streaming.session import MAX_MANIFEST_BYTES, Manifest, SessionKeys, SessionRecorder
 from ...streaming.streamer import KVStreamer
 from ...transports.base import Transport
@@ -142,15 +143,36 @@ def continue_record(cache: Any, manifest: Manifest) -> None:
         cache._geometry = (manifest.kv_heads, manifest.head_dim, manifest.dtype)
 
 
+def acked_manifest(transport: Transport, session: str, *, num_layers: int, kv_layers: list[int]) -> Manifest:
+    """The manifest of what ``session`` holds on ``transport`` now: the stored manifest (when its chunks are all
+    its runs'), followed by the whole segments streamed after it; or, without a usable manifest (the
+    producer was killed before :meth:`~kvstream.integrations.hf.cache.StreamingCache.wait`), the whole
+    segments from the start (:func:`~kvstream.streaming.recover.recover_manifest`)."""
+    base = None
+    try:
+        base = read_manifest(transport, session)
+        check_chunks(base, transport)
+    except (ChunkNotFound, CorruptChunkError):
+        base = None
+    return recover_manifest(transport, session, num_layers=num_layers, kv_layers=kv_layers, base=base)
+
+
 def load_session(cls: type, transport: Transport, session: str, *, config: Any, device: torch.device | str | None,
-                 level: int | str | None, offload: bool, stream: bool, layerwise: bool | None) -> Any:
-    """:meth:`StreamingCache.load <kvstream.integrations.hf.cache.StreamingCache.load>`: read the manifest,
-    build a ``cls`` cache, replay the chunks into it, continue the session's record."""
-    manifest = cls.read_manifest(transport, session)
-    check_session_model(manifest, config)
+                 level: int | str | None, offload: bool, stream: bool, layerwise: bool | None,
+                 recover: bool = False) -> Any:
+    """:meth:`StreamingCache.load <kvstream.integrations.hf.cache.StreamingCache.load>`: read the manifest (or,
+    with ``recover``, :func:`acked_manifest`), build a ``cls`` cache, replay the chunks into it, continue the
+    session's record."""
     device = torch.device(device or "cpu")
     cache = cls(config=config, transport=transport if stream else None, session=session, level=level,
                 offload=offload)
+    if recover:
+        if config is None:
+            raise ConfigError("StreamingCache.load(recover=True) needs config= (the layers whose chunks to look for)")
+        manifest = acked_manifest(transport, session, num_layers=len(cache.layers), kv_layers=cache._kv_layer_ids())
+    else:
+        manifest = cls.read_manifest(transport, session)
+    check_session_model(manifest, config)
     kv_ids = manifest.kv_layers
     if config is not None and cache._kv_layer_ids() != kv_ids:
         raise LayoutError(f"{session}: stored KV has layers {kv_ids}, the config's cache has {cache._kv_layer_ids()}")
@@ -169,4 +191,4 @@ def load_session(cls: type, transport: Transport, session: str, *, config: Any, 
 
 
 __all__ = ["PendingLoad", "install", "read_manifest", "replaced_keys", "check_session_model", "continue_record",
-           "load_session"]
+           "acked_manifest", "load_session"]

@@ -13,21 +13,46 @@ Data flows one way on every data pair (``s -> s + 1``), so NCCL sends never wait
 same pair; the ring goes over gloo. Sends are ``isend`` (nothing blocks on a busy receiver; handles are
 kept until they complete); receives block, bounded by the groups' timeout. With ``WORLD_SIZE = 1`` no
 group is made and no link is used: the one stage is first and last.
+
+Gloo completes a send or a receive only inside its ``wait()`` (``is_completed()`` stays false until then),
+so sends in flight are waited for once more than :data:`MAX_PENDING` are outstanding (the oldest first).
+
+Links can also run over groups made elsewhere (``groups=``: two gloo groups, as the failover engine makes
+one pair per configuration, :mod:`kvstream.serving.failover`): CUDA tensors then cross through host memory,
+and with ``interrupt`` every receive runs on a thread of its own while the caller waits, calling
+``interrupt()`` (which raises to abandon the wait). An abandoned gloo receive cannot be cancelled (and
+``abort()`` does not wake it), so :meth:`Links.abort` sends :data:`CLOSE` downstream — the next rank's
+pending receive ends with :class:`LinkClosed` — before it aborts both communicators; a receive from a
+rank that died ends when its connection closes.
 """
 
 from __future__ import annotations
 
 import os
+import queue
+import threading
+import time
 from dataclasses import dataclass, fields
 from datetime import timedelta
 
 import torch
 
-from ...errors import ConfigError
+from ...errors import ConfigError, PeerError
 
-#: Step kinds (``JOIN``: a microbatch prefilled elsewhere joins with its KV, :mod:`.disagg`).
-PREFILL, DECODE, RELEASE, STOP, JOIN = 1, 2, 3, 4, 5
-KIND_NAMES = {PREFILL: "prefill", DECODE: "decode", RELEASE: "release", STOP: "stop", JOIN: "join"}
+#: Step kinds (``JOIN``: a microbatch prefilled elsewhere joins with its KV, :mod:`.disagg`; ``CLOSE``: the
+#: sender left this configuration, nothing more comes).
+PREFILL, DECODE, RELEASE, STOP, JOIN, CLOSE = 1, 2, 3, 4, 5, 6
+KIND_NAMES = {PREFILL: "prefill", DECODE: "decode", RELEASE: "release", STOP: "stop", JOIN: "join", CLOSE: "close"}
+#: Sends in flight before the oldest is waited for (gloo reports a send complete only in ``wait()``).
+MAX_PENDING = 64
+
+
+#: Sends (and their groups) of configurations that were left: gloo needs them alive until the peer took them.
+_ABANDONED: list = []
+
+
+class LinkClosed(PeerError):
+    """The previous rank left this configuration (it sent :data:`CLOSE`): nothing more comes on these links."""
 
 
 @dataclass
@@ -67,8 +92,43 @@ class Header:
 
 
 HEADER_LEN = len(fields(Header))
-#: Ring message prefix: slot, seq, t_step_us, rows; the rows' tokens follow.
+#: Ring message prefix: slot, seq, t_step_us, rows; the rows' tokens follow (slot -1: :data:`CLOSE`).
 RING_LEN = 4
+
+
+class _Receiver:
+    """A thread that runs receives one after the other, so that the caller can wait for each while calling an
+    ``interrupt`` (a gloo receive completes only inside its blocking ``wait()``)."""
+
+    def __init__(self):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="kvstream-links-recv", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            buf, src, group, done, box = job
+            try:
+                group.recv([buf], src, 0).wait()
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
+                box.append(e)
+            done.set()
+
+    def recv(self, buf: torch.Tensor, src: int, group, interrupt, timeout_s: float) -> None:
+        """Receive into ``buf``; raises what ``interrupt()`` raises, the receive's error, or TimeoutError."""
+        done, box = threading.Event(), []
+        self._jobs.put((buf, src, group, done, box))
+        deadline = time.monotonic() + timeout_s
+        while not done.wait(0.002):
+            interrupt()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing from rank {src} within {timeout_s} s")
+        if box:
+            raise box[0]
+
+    def stop(self) -> None:
+        """Let the thread end after the receive it may be blocked in."""
+        self._jobs.put(None)
 
 
 @dataclass(frozen=True)
@@ -115,6 +175,14 @@ class Links:
         Most rows of a microbatch: ring messages have this fixed size (gloo matches sizes exactly).
     ranks : range, optional
         The ranks of this pipeline (default all): prompt and token pipelines of :mod:`.disagg` share one job.
+    groups : (ProcessGroup, ProcessGroup), optional
+        Gloo groups ``(data, control)`` of ``env.world`` ranks made by the caller (who also destroys them):
+        no process group is initialized here, CUDA tensors go through host memory.
+    interrupt : callable, optional
+        Called while a receive waits; raises to abandon it (a reconfiguration).
+    header : type
+        The step header class (:class:`Header` or a dataclass subclass with more int fields; one with a
+        ``payload`` field sends hidden states only when it is 1).
 
     Raises
     ------
@@ -122,16 +190,26 @@ class Links:
         If the process group cannot be formed (the error from torch.distributed, in one line).
     """
 
-    def __init__(self, env: Env, device: torch.device, timeout_s: float, max_rows: int, ranks: range | None = None):
+    def __init__(self, env: Env, device: torch.device, timeout_s: float, max_rows: int, ranks: range | None = None,
+                 *, groups: tuple | None = None, interrupt=None, header: type = Header):
         import torch.distributed as dist
 
         self.env, self.device, self.max_rows = env, device, int(max_rows)
+        self.timeout_s = float(timeout_s)
         self.ranks = ranks if ranks is not None else range(env.world)
         self.prev = env.rank - 1 if env.rank > self.ranks.start else None
         self.next = env.rank + 1 if env.rank < self.ranks.stop - 1 else None
         self._pending: list[tuple] = []
         self.data = self.control = None
+        self.header, self.interrupt = header, interrupt
+        self._header_len = len(fields(header))
+        self._owned = groups is None
+        self._staged = groups is not None and device.type == "cuda"
+        self._receiver = _Receiver() if interrupt is not None and env.world > 1 else None
         if env.world == 1:
+            return
+        if groups is not None:
+            self.data, self.control = groups
             return
         backend = "nccl" if device.type == "cuda" else "gloo"
         try:
@@ -143,10 +221,23 @@ class Links:
 
     # sending ------------------------------------------------------------------------------------------
     def _isend(self, t: torch.Tensor, dst: int, group) -> None:
-        import torch.distributed as dist
-
-        self._pending.append((dist.isend(t, dst, group=group), t))
+        if self._staged and t.is_cuda:
+            t = t.to("cpu")
+        self._pending.append((group.send([t], dst, 0), t))
         self._pending = [(w, x) for w, x in self._pending if not w.is_completed()]
+        while len(self._pending) > MAX_PENDING:
+            self._pending.pop(0)[0].wait()
+
+    def _recv(self, t: torch.Tensor, src: int, group) -> torch.Tensor:
+        """Receive into ``t`` (through host memory when staged; on the receiver thread with ``interrupt``)."""
+        buf = torch.empty_like(t, device="cpu") if self._staged and t.is_cuda else t
+        if self._receiver is not None:
+            self._receiver.recv(buf, src, group, self.interrupt, self.timeout_s)
+        else:
+            group.recv([buf], src, 0).wait()
+        if buf is not t:
+            t.copy_(buf)
+        return t
 
     def send_next(self, header: Header, mask: torch.Tensor | None = None, keep: torch.Tensor | None = None,
                   hidden: torch.Tensor | None = None) -> None:
@@ -167,37 +258,34 @@ class Links:
         self._isend(msg, self.ranks.start, self.control)
 
     # receiving ----------------------------------------------------------------------------------------
-    def recv_prev(self, dtype: torch.dtype, hidden_size: int
+    def recv_prev(self, dtype: torch.dtype, hidden_size: int | None
                   ) -> tuple[Header, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Receive a step from the previous stage: ``(header, mask, keep, hidden)`` (absent parts ``None``;
-        ``hidden`` on the stage's device)."""
-        import torch.distributed as dist
-
-        raw = torch.empty(HEADER_LEN, dtype=torch.int64)
-        dist.recv(raw, self.prev, group=self.control)
-        h = Header.from_tensor(raw)
+        ``hidden`` on the stage's device: ``[rows, tokens, hidden_size]``, or ``[rows, tokens]`` token ids
+        when ``hidden_size`` is ``None``)."""
+        h = self.header.from_tensor(self._recv(torch.empty(self._header_len, dtype=torch.int64), self.prev,
+                                               self.control))
+        if h.kind == CLOSE:
+            raise LinkClosed(f"rank {self.prev} left this configuration")
         if h.kind in (RELEASE, STOP):
             return h, None, None, None
         mask = keep = None
         if h.kind in (PREFILL, JOIN) and h.has_mask:
-            mask = torch.empty(h.rows, h.tokens, dtype=torch.int64)
-            dist.recv(mask, self.prev, group=self.control)
+            mask = self._recv(torch.empty(h.rows, h.tokens, dtype=torch.int64), self.prev, self.control)
         if h.kind == DECODE and h.keep >= 0:
-            keep = torch.empty(h.keep, dtype=torch.int64)
-            dist.recv(keep, self.prev, group=self.control)
-        if h.kind == JOIN:
-            return h, mask, None, None
-        hidden = torch.empty(h.rows, h.tokens, hidden_size, dtype=dtype, device=self.device)
-        dist.recv(hidden, self.prev, group=self.data)
+            keep = self._recv(torch.empty(h.keep, dtype=torch.int64), self.prev, self.control)
+        if h.kind == JOIN or not getattr(h, "payload", 1):
+            return h, mask, keep, None
+        shape = (h.rows, h.tokens) if hidden_size is None else (h.rows, h.tokens, hidden_size)
+        hidden = self._recv(torch.empty(shape, dtype=dtype, device=self.device), self.prev, self.data)
         return h, mask, keep, hidden
 
     def recv_ring(self) -> tuple[int, int, int, torch.Tensor]:
         """Receive one step's tokens at stage 0: ``(slot, seq, t_step_us, tokens [rows] int64)``."""
-        import torch.distributed as dist
-
-        raw = torch.empty(RING_LEN + self.max_rows, dtype=torch.int64)
-        dist.recv(raw, self.ranks.stop - 1, group=self.control)
+        raw = self._recv(torch.empty(RING_LEN + self.max_rows, dtype=torch.int64), self.ranks.stop - 1, self.control)
         slot, seq, t_us, rows = (int(v) for v in raw[:RING_LEN].tolist())
+        if slot == -1:
+            raise LinkClosed(f"rank {self.ranks.stop - 1} left this configuration")
         return slot, seq, t_us, raw[RING_LEN:RING_LEN + rows].clone()
 
     def send_tensor(self, t: torch.Tensor, dst: int) -> None:
@@ -206,11 +294,7 @@ class Links:
 
     def recv_tensor(self, shape, dtype: torch.dtype, src: int) -> torch.Tensor:
         """Receive one tensor sent with :meth:`send_tensor`, on the stage's device."""
-        import torch.distributed as dist
-
-        out = torch.empty(shape, dtype=dtype, device=self.device)
-        dist.recv(out, src, group=self.data)
-        return out
+        return self._recv(torch.empty(shape, dtype=dtype, device=self.device), src, self.data)
 
     def gather(self, doc: dict, dst: int = 0) -> list[dict] | None:
         """Every rank's ``doc`` at rank ``dst`` (``None`` elsewhere)."""
@@ -232,12 +316,36 @@ class Links:
         dist.broadcast_object_list(box, src=src, group=self.control)
         return box[0]
 
+    def abort(self) -> None:
+        """Leave this configuration (groups made elsewhere): send :data:`CLOSE` downstream (the next rank, or
+        the ring's first from the last) without waiting for it (a gloo send completes only once the peer
+        posts its receive, which a peer that left never does), then abort both communicators."""
+        self._pending = []
+        if self.env.world == 1:
+            return
+        close = None
+        if self.next is not None:
+            close = (self.header(CLOSE).to_tensor(), self.next)
+        elif self.env.rank != self.ranks.start:
+            close = (torch.zeros(RING_LEN + self.max_rows, dtype=torch.int64), self.ranks.start)
+            close[0][0] = -1
+        if close is not None:
+            try:  # kept referenced: a gloo operation must outlive its Work
+                _ABANDONED.append((self.control.send([close[0]], close[1], 0), close[0], self.control, self.data))
+            except RuntimeError:
+                pass  # the next rank is gone already
+        for group in (self.data, self.control):
+            if group is not None and hasattr(group, "abort"):
+                group.abort()
+        if self._receiver is not None:
+            self._receiver.stop()
+
     def close(self) -> None:
-        """Wait for the sends in flight, then leave the process group."""
+        """Wait for the sends in flight, then leave the process group (one this object made)."""
         for work, _ in self._pending:
             work.wait()
         self._pending = []
-        if self.env.world > 1:
+        if self.env.world > 1 and self._owned:
             import torch.distributed as dist
 
             if dist.is_initialized():
@@ -245,5 +353,5 @@ class Links:
                 dist.destroy_process_group()
 
 
-__all__ = ["Header", "HEADER_LEN", "RING_LEN", "PREFILL", "DECODE", "RELEASE", "STOP", "JOIN", "KIND_NAMES", "Env",
-           "env_from_os", "Links"]
+__all__ = ["Header", "HEADER_LEN", "RING_LEN", "MAX_PENDING", "PREFILL", "DECODE", "RELEASE", "STOP", "JOIN", "CLOSE",
+           "KIND_NAMES", "LinkClosed", "Env", "env_from_os", "Links"]

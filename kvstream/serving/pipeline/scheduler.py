@@ -112,8 +112,9 @@ class Scheduler:
 
     Parameters
     ----------
-    rt : StageRuntime
-        Stage 0's runtime.
+    rt : StageRuntime or None
+        Stage 0's runtime (``None``: a scheduler that computes nothing itself, as the failover controller,
+        which overrides :meth:`_run` and :meth:`_finished`).
     links : Links
         Its links (unused with one stage).
     slots : int
@@ -127,12 +128,12 @@ class Scheduler:
         process's clock from :meth:`run`.
     """
 
-    def __init__(self, rt: StageRuntime, links: Links, *, slots: int, admission: Admission,
+    def __init__(self, rt: StageRuntime | None, links: Links, *, slots: int, admission: Admission,
                  progress: Callable[[int, int], None] | None = None, clock: Callable[[], float] | None = None):
         if slots < 1:
             raise ConfigError(f"--microbatches must be >= 1, got {slots}")
         self.rt, self.links, self.admission = rt, links, admission
-        self.single = rt.stage.last
+        self.single = rt is not None and rt.stage.last
         self.slots: list[Microbatch | None] = [None] * slots
         self.progress = progress
         self.completions: list[Completion] = []
@@ -155,19 +156,23 @@ class Scheduler:
                                       active=list(range(len(group))), tokens={r.id: [] for r in group})
 
     def _launch(self, slot: int) -> None:
-        mb = self.slots[slot]
         self._seq += 1
-        seq = self._seq if self._record else -self._seq
+        self._run(slot, *self._next_step(slot, self._seq if self._record else -self._seq))
+
+    def _next_step(self, slot: int, seq: int) -> tuple[Header, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The next step of ``slot``'s microbatch: ``(header, token ids [rows, T], prompt mask, kept rows)``."""
+        mb = self.slots[slot]
         if mb.next_ids is None:
             mb.start_s = self.clock()
             h = Header(PREFILL, slot=slot, seq=seq, rows=len(mb.requests), tokens=mb.width,
                        has_mask=int(mb.mask is not None), cap_tokens=mb.cap_tokens)
-            x, mask, keep = mb.ids, mb.mask, None
-        else:
-            keep = mb.keep
-            h = Header(DECODE, slot=slot, seq=seq, rows=len(mb.active), tokens=1,
-                       keep=-1 if keep is None else keep.numel())
-            x, mask = mb.next_ids, None
+            return h, mb.ids, mb.mask, None
+        keep = mb.keep
+        h = Header(DECODE, slot=slot, seq=seq, rows=len(mb.active), tokens=1, keep=-1 if keep is None else keep.numel())
+        return h, mb.next_ids, None, keep
+
+    def _run(self, slot: int, h: Header, x: torch.Tensor, mask: torch.Tensor | None, keep: torch.Tensor | None) -> None:
+        """Run the step on stage 0 and pass it on (one stage: its tokens are back at once)."""
         out = self.rt.step(h, x.to(self.rt.device), mask, keep)
         self._last = slot
         if self.single:
@@ -175,7 +180,7 @@ class Scheduler:
             return
         h.t_step_us = self.rt.t_step_us()
         self.links.send_next(h, mask, keep, out)
-        mb.in_flight = True
+        self.slots[slot].in_flight = True
 
     def _arrived(self, slot: int, t_step_us: int, tokens: torch.Tensor) -> None:
         """A step's tokens came back: append them; rows that are done leave; an empty microbatch frees its slot."""
@@ -204,13 +209,17 @@ class Scheduler:
                     self.progress(len(self.completions), sum(c.output_tokens for c in self.completions))
         if not still:
             self.slots[slot] = None
-            self.rt.release(slot)
-            if not self.single:
-                self.links.send_next(Header(RELEASE, slot=slot))
+            self._finished(slot)
             return
         mb.keep = None if len(still) == len(mb.active) else torch.tensor([p for p, _ in still], dtype=torch.int64)
         mb.next_ids = torch.tensor([[toks[p]] for p, _ in still], dtype=torch.int64)
         mb.active = [i for _, i in still]
+
+    def _finished(self, slot: int) -> None:
+        """Every row of ``slot``'s microbatch is done: free it on every stage."""
+        self.rt.release(slot)
+        if not self.single:
+            self.links.send_next(Header(RELEASE, slot=slot))
 
     # the loop -----------------------------------------------------------------------------------------
     def _pick(self) -> int | None:
@@ -255,10 +264,14 @@ class Scheduler:
             if slot is not None:
                 self._launch(slot)
             elif any(mb is not None and mb.in_flight for mb in self.slots):
-                slot, _, t_us, tokens = self.links.recv_ring()
-                self._arrived(slot, t_us, tokens)
+                self._receive()
             elif pending:
                 self._idle(pending)
+
+    def _receive(self) -> None:
+        """Wait for the next step's tokens over the ring."""
+        slot, _, t_us, tokens = self.links.recv_ring()
+        self._arrived(slot, t_us, tokens)
 
     def _idle(self, pending: deque) -> None:
         """Nothing to run: wait a little for the next arrival."""

@@ -152,8 +152,10 @@ class SlotKV:
         self.manager.account(kv_bytes(self.cache.layers[layer_idx]) + new)
 
     def after_update(self, layer_idx: int, old_bytes: int) -> None:
-        """The layer's old tensors are gone: uncount them."""
+        """The layer's old tensors are gone: uncount them; then tell the manager's ``on_layer`` (if any)."""
         self.manager.account(-old_bytes)
+        if self.manager.on_layer is not None:
+            self.manager.on_layer(self.slot, layer_idx, self.cache.layers[layer_idx])
 
     # moves --------------------------------------------------------------------------------------------
     def evict(self) -> None:
@@ -239,15 +241,19 @@ class SwapManager:
         KV bytes of one token of one row on this stage (all its layers, K and V): sizes a prefill's growth.
     bandwidth_bytes_per_s : float
         ``B_pcie`` of the logged ratio.
+    on_layer : callable, optional
+        ``on_layer(slot, layer_idx, cache_layer)`` after every layer's update, on the compute thread, while
+        later layers are still to run (the failover replication streams a prompt's KV layer by layer from it).
     """
 
     def __init__(self, device: torch.device, *, budget_bytes: int | None, swap: bool, token_bytes: int,
-                 bandwidth_bytes_per_s: float):
+                 bandwidth_bytes_per_s: float, on_layer: Any = None):
         self.device = torch.device(device)
         self.budget_bytes = budget_bytes
         self.swap = bool(swap)
         self.token_bytes = int(token_bytes)
         self.bandwidth = float(bandwidth_bytes_per_s)
+        self.on_layer = on_layer
         self.slots: dict[int, SlotKV] = {}
         self.resident_bytes = 0
         self.peak_bytes = 0
