@@ -76,8 +76,9 @@ def pack_tokens(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], re
     region : kvstream.layout.Region
         Contiguous layers and tokens, optional contiguous batch rows and heads (default all).
     out : torch.Tensor, optional
-        Contiguous ``[L, 2, B, H, T, head_dim]`` of the KV dtype, on the KV device or, for CUDA KV, in pinned
-        host memory (written directly by the kernel).
+        Contiguous ``[L, 2, B, H, T, head_dim]`` (``[L, B, H, T, head_dim_k + head_dim_v]`` when keys and values
+        have different head dims) of the KV dtype, on the KV device or, for CUDA KV, in pinned host memory
+        (written directly by the kernel).
     backend : {"auto", "triton", "torch"}
         See the module docstring.
 

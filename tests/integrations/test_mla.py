@@ -10,35 +10,15 @@ from transformers import DynamicCache, StaticCache
 import kvstream
 from kvstream.chunk import HEAD_DIMS
 from kvstream.errors import ConfigError, CorruptChunkError
-from kvstream.integrations.hf.keywords import cache_kwargs
 from kvstream.layout import KVLayout, packed_kv
 from kvstream.models import batch_of_prompts, build_model, tiny_config
 
-MAX_LEN = 48
+from test_static import MAX_LEN, _gen, _same, host  # noqa: F401 - host is a fixture
 
 
 @pytest.fixture(scope="module")
 def model():
     return build_model(tiny_config("deepseek_v3"), seed=7)
-
-
-@pytest.fixture
-def host():
-    t = kvstream.HostTransport(capacity_bytes=64 << 20)
-    yield t
-    t.close()
-
-
-def _gen(model, ids, cache, new=6, **kw):
-    with torch.inference_mode():
-        return model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(cache), pad_token_id=0,
-                              max_new_tokens=new, min_new_tokens=new, do_sample=False, return_dict_in_generate=True,
-                              output_scores=True, **kw)
-
-
-def _same(a, b):
-    assert torch.equal(a.sequences, b.sequences)
-    assert len(a.scores) == len(b.scores) and all(torch.equal(x, y) for x, y in zip(a.scores, b.scores))
 
 
 def _same_kv(a, b):

@@ -7,24 +7,18 @@ from transformers import DynamicCache
 
 import kvstream
 from kvstream.errors import ConfigError
-from kvstream.integrations.hf.keywords import cache_kwargs
 from kvstream.integrations.hf.offload import spread_order
 from kvstream.models import batch_of_prompts, build_model, tiny_config
 
+from test_static import _gen  # generate for exactly ``new`` tokens (default 6), with scores
+
 LAYERS = 8
-PROMPT, NEW = 20, 6
+PROMPT, NEW = 20, 6  # NEW: _gen's default
 
 
 @pytest.fixture(scope="module")
 def model():
     return build_model(tiny_config("llama", num_layers=LAYERS), seed=7)
-
-
-def _gen(model, ids, cache, new=NEW, **kw):
-    with torch.inference_mode():
-        return model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(cache), pad_token_id=0,
-                              max_new_tokens=new, min_new_tokens=new, do_sample=False, return_dict_in_generate=True,
-                              output_scores=True, **kw)
 
 
 def _layer_bytes(config, batch, tokens):
