@@ -15,67 +15,45 @@ Three shapes matter in kvstream:
 
   A decode step (the newest token of every layer) is the same order with ``tokens == 1``.
 
+  Keys and values of different head dims (MLA: DeepSeek-V2/V3 cache a latent of ``kv_lora_rank`` and a
+  rotary key of ``qk_rope_head_dim`` per token) cannot share a ``head_dim`` axis. Their chunk keeps every
+  axis but ``kv`` and puts each row's keys and then its values side by side on the last one
+  (:data:`PACKED_SPLIT_AXES`, :func:`packed_kv_shape`)::
+
+      [layers, batch, kv_heads, tokens, head_dim_k + head_dim_v]         # from the HF layout
+      [layers, blocks, block_size, kv_heads, head_dim_k + head_dim_v]    # from the paged layout
+
+  so that tokens, rows and heads stay tensor axes (slices, concatenation and the per-layer checksums work
+  as for the other form), and :func:`packed_kv` gives the K and V parts of either form. The chunk header
+  records the two head dims (:mod:`kvstream.chunk`). Chunks of one head dim keep the first form.
+
 A :class:`Region` says which part of an HF-layout cache a chunk holds: contiguous ranges of layers,
 batch rows, KV heads and tokens. Contiguous ranges cover every use: a pipeline stage owns contiguous
 layers, a microbatch contiguous rows, a tensor-parallel rank contiguous heads.
 
 What a chunk looks like in bytes (its header, checksums, wire frames) lives one floor up, in
-:mod:`kvstream.chunk`.
+:mod:`kvstream.chunk`. The dtype names (:mod:`kvstream.dtypes`) and the model fingerprint
+(:mod:`kvstream.fingerprint`) live one floor down; this module re-exports them.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
+from .dtypes import DTYPES, config_dtype, dtype_from_name, dtype_name
 from .errors import LayoutError
+from .fingerprint import FINGERPRINT_FIELDS, kv_fingerprint, kv_identity
 
 #: Axis order of a packed chunk taken from the HF layout.
 PACKED_AXES: tuple[str, ...] = ("layer", "kv", "batch", "head", "token", "head_dim")
 #: Axis order of a packed chunk taken from the paged layout.
 PACKED_PAGED_AXES: tuple[str, ...] = ("layer", "kv", "block", "block_token", "head", "head_dim")
-
-#: dtypes a KV chunk may have, by the name written into headers.
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-    "float8_e4m3fn": torch.float8_e4m3fn,
-    "float8_e5m2": torch.float8_e5m2,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "int32": torch.int32,
-    "int64": torch.int64,
-}
-_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """Name of ``dtype`` as written into chunk headers (``torch.bfloat16`` -> ``"bfloat16"``).
-
-    Raises
-    ------
-    LayoutError
-        If kvstream does not ship chunks of this dtype.
-    """
-    try:
-        return _DTYPE_NAMES[dtype]
-    except KeyError:
-        raise LayoutError(f"Unsupported KV dtype {dtype}; supported: {sorted(DTYPES)}") from None
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    """Inverse of :func:`dtype_name`. Raises :class:`LayoutError` for an unknown name."""
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise LayoutError(f"Unknown KV dtype name {name!r}; known: {sorted(DTYPES)}") from None
-
+#: Axis order of a packed chunk of keys and values with different head dims (HF layout): each row's
+#: ``head_dim_k`` keys, then its ``head_dim_v`` values, on the last axis.
+PACKED_SPLIT_AXES: tuple[str, ...] = ("layer", "batch", "head", "token", "kv_head_dim")
 
 def _as_range(value: range | Sequence[int] | None, what: str) -> range | None:
     if value is None:
@@ -91,6 +69,56 @@ def _as_range(value: range | Sequence[int] | None, what: str) -> range | None:
     if r.start < 0 or r.stop < r.start:
         raise LayoutError(f"{what} must satisfy 0 <= start <= stop, got [{r.start}, {r.stop})")
     return r
+
+
+def packed_kv_shape(layers: int, middle: Sequence[int], head_dim: int,
+                    head_dim_v: int | None = None) -> tuple[int, ...]:
+    """Shape of a packed chunk: ``[L, 2, *middle, D]``, or ``[L, *middle, Dk + Dv]`` when ``head_dim_v``
+    differs from ``head_dim`` (see the module docstring).
+
+    ``middle`` is ``(batch, kv_heads, tokens)`` for the HF layout and ``(blocks, block_size, kv_heads)`` for
+    the paged one.
+
+    Examples
+    --------
+    >>> packed_kv_shape(32, (16, 8, 1), 128)
+    (32, 2, 16, 8, 1, 128)
+    >>> packed_kv_shape(61, (1, 1, 1), 512, 64)
+    (61, 1, 1, 1, 576)
+    """
+    middle = tuple(int(m) for m in middle)
+    if head_dim_v is None or head_dim_v == head_dim:
+        return (int(layers), 2, *middle, int(head_dim))
+    return (int(layers), *middle, int(head_dim) + int(head_dim_v))
+
+
+def packed_kv(chunk: torch.Tensor, head_dim_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and the values of a packed chunk, as views (no copy).
+
+    Parameters
+    ----------
+    chunk : torch.Tensor
+        A 6-D packed chunk ``[L, 2, ...]`` (keys at ``[:, 0]``, values at ``[:, 1]``), or a 5-D one of split
+        head dims ``[L, ..., Dk + Dv]`` (keys the first ``head_dim_k`` elements of the last axis).
+    head_dim_k : int, optional
+        Keys' head dim; needed for a 5-D chunk.
+
+    Returns
+    -------
+    (torch.Tensor, torch.Tensor)
+        ``[L, ..., Dk]`` and ``[L, ..., Dv]``, on the chunk's device.
+
+    Raises
+    ------
+    LayoutError
+        For a chunk of another rank, or a 5-D chunk without a ``head_dim_k`` that splits its last axis.
+    """
+    if chunk.dim() == 6:
+        return chunk[:, 0], chunk[:, 1]
+    if chunk.dim() == 5 and head_dim_k is not None and 0 < head_dim_k < chunk.shape[4]:
+        return chunk[..., :head_dim_k], chunk[..., head_dim_k:]
+    raise LayoutError(f"Not a packed chunk: shape {list(chunk.shape)} (expected [L, 2, ..., head_dim], or "
+                      f"[L, ..., head_dim_k + head_dim_v] with head_dim_k given; got head_dim_k={head_dim_k})")
 
 
 @dataclass(frozen=True)
@@ -152,8 +180,9 @@ class Region:
             raise LayoutError(f"Region heads [{heads.start}, {heads.stop}) exceed kv_heads {kv_heads}")
         return Region(layers=self.layers, tokens=self.tokens, batch=batch, heads=heads)
 
-    def packed_shape(self, head_dim: int) -> tuple[int, int, int, int, int, int]:
-        """Shape of the packed chunk of this region, in :data:`PACKED_AXES` order.
+    def packed_shape(self, head_dim: int, head_dim_v: int | None = None) -> tuple[int, ...]:
+        """Shape of the packed chunk of this region, in :data:`PACKED_AXES` order (in
+        :data:`PACKED_SPLIT_AXES` order when ``head_dim_v`` differs from ``head_dim``: :func:`packed_kv_shape`).
 
         Raises
         ------
@@ -162,7 +191,8 @@ class Region:
         """
         if not self.is_resolved:
             raise LayoutError("Region.packed_shape needs explicit batch and heads; call resolve() first")
-        return (len(self.layers), 2, len(self.batch), len(self.heads), len(self.tokens), int(head_dim))
+        return packed_kv_shape(len(self.layers), (len(self.batch), len(self.heads), len(self.tokens)), head_dim,
+                               head_dim_v)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form: each range as ``[start, stop]`` (or ``None``)."""
@@ -192,27 +222,44 @@ class KVLayout:
     kv_heads : int
         Key/value heads per layer (grouped-query attention: fewer than attention heads).
     head_dim : int
-        Elements per head.
+        Elements per head of the keys (and of the values, unless ``head_dim_v`` says otherwise).
     dtype : torch.dtype
         Element type of the cache.
+    head_dim_v : int, optional
+        Elements per head of the values when they differ from the keys' (MLA); ``None``: ``head_dim``.
 
     Examples
     --------
     >>> KVLayout(num_layers=32, kv_heads=8, head_dim=128, dtype=torch.bfloat16).bytes_per_token(batch_size=1)
     131072
+    >>> KVLayout(num_layers=61, kv_heads=1, head_dim=512, dtype=torch.bfloat16, head_dim_v=64).bytes_per_token()
+    70272
     """
 
     num_layers: int
     kv_heads: int
     head_dim: int
     dtype: torch.dtype = torch.float16
+    head_dim_v: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "kv_heads", "head_dim"):
+        if self.head_dim_v is None:
+            object.__setattr__(self, "head_dim_v", self.head_dim)
+        for name in ("num_layers", "kv_heads", "head_dim", "head_dim_v"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise LayoutError(f"KVLayout.{name} must be a positive int, got {v!r}")
         dtype_name(self.dtype)
+
+    @property
+    def head_dim_k(self) -> int:
+        """Elements per head of the keys (``head_dim``)."""
+        return self.head_dim
+
+    @property
+    def split(self) -> bool:
+        """Whether keys and values have different head dims (chunks in :data:`PACKED_SPLIT_AXES` order)."""
+        return self.head_dim_v != self.head_dim
 
     @classmethod
     def from_config(cls, config: Any, dtype: torch.dtype | None = None) -> "KVLayout":
@@ -220,7 +267,11 @@ class KVLayout:
 
         Uses ``num_hidden_layers``, ``num_key_value_heads`` (falling back to ``num_attention_heads``) and
         ``head_dim`` (falling back to ``hidden_size // num_attention_heads``); the names go through each
-        config's ``attribute_map``, so GPT-2's ``n_layer``/``n_head`` work too.
+        config's ``attribute_map``, so GPT-2's ``n_layer``/``n_head`` work too. A ``v_head_dim`` other than
+        ``head_dim`` becomes ``head_dim_v``. An MLA config (one with ``kv_lora_rank``: DeepSeek-V2/V3,
+        MiniCPM3, ...) caches what transformers 5 caches for it: one head of the compressed latent
+        (``kv_lora_rank`` elements, the "keys") and of the rotary key (``qk_rope_head_dim``, the "values"),
+        as ``DeepseekV3Attention`` does in transformers 5.17 and 5.24.
 
         Raises
         ------
@@ -234,6 +285,11 @@ class KVLayout:
             heads = int(config.num_attention_heads)
         except AttributeError as e:
             raise LayoutError(f"Config {type(config).__name__} lacks layer/head counts: {e}") from None
+        if dtype is None:
+            dtype = config_dtype(config) or torch.float32
+        if getattr(config, "kv_lora_rank", None):
+            return cls(num_layers=num_layers, kv_heads=1, head_dim=int(config.kv_lora_rank), dtype=dtype,
+                       head_dim_v=int(config.qk_rope_head_dim))
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None)
         if not head_dim:
@@ -241,87 +297,28 @@ class KVLayout:
             if hidden % heads:
                 raise LayoutError(f"hidden_size {hidden} is not divisible by num_attention_heads {heads}")
             head_dim = hidden // heads
-        if dtype is None:
-            dtype = config_dtype(config) or torch.float32
-        return cls(num_layers=num_layers, kv_heads=int(kv_heads), head_dim=int(head_dim), dtype=dtype)
+        head_dim_v = getattr(config, "v_head_dim", None) or head_dim
+        return cls(num_layers=num_layers, kv_heads=int(kv_heads), head_dim=int(head_dim), dtype=dtype,
+                   head_dim_v=int(head_dim_v))
 
     def bytes_per_token(self, batch_size: int = 1) -> int:
         """Bytes of K and V for one token of every layer, for ``batch_size`` rows."""
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return self.num_layers * 2 * batch_size * self.kv_heads * self.head_dim * itemsize
+        return self.num_layers * batch_size * self.kv_heads * (self.head_dim + self.head_dim_v) * itemsize
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return {"num_layers": self.num_layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim,
-                "dtype": dtype_name(self.dtype)}
+        """JSON-ready form (``head_dim_v`` only when it differs from ``head_dim``)."""
+        d = {"num_layers": self.num_layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim,
+             "dtype": dtype_name(self.dtype)}
+        if self.split:
+            d["head_dim_v"] = self.head_dim_v
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "KVLayout":
         """Inverse of :meth:`to_dict`."""
         return cls(num_layers=int(d["num_layers"]), kv_heads=int(d["kv_heads"]), head_dim=int(d["head_dim"]),
-                   dtype=dtype_from_name(d["dtype"]))
-
-
-#: Config attributes that decide whether stored KV is valid for a model (read through each config's
-#: ``attribute_map``, so GPT-2's ``n_layer``/``n_head`` count): who the model is, its attention geometry,
-#: and its positions (rope base, scaling and partial rotary; the context length; sliding windows).
-FINGERPRINT_FIELDS: tuple[str, ...] = (
-    "architectures", "model_type", "_name_or_path", "num_hidden_layers", "hidden_size", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor",
-    "max_position_embeddings", "position_embedding_type", "sliding_window", "layer_types", "alibi",
-)
-
-
-def config_dtype(config: Any) -> torch.dtype | None:
-    """The dtype a transformers config declares (``config.dtype``, or ``torch_dtype`` of older versions), if any.
-
-    A config built in code often declares none (``None``), and ``model.to(dtype)`` does not update it.
-    """
-    declared = config.dtype if hasattr(config, "dtype") else getattr(config, "torch_dtype", None)
-    if isinstance(declared, str):
-        declared = DTYPES.get(declared.replace("torch.", ""))
-    return declared if isinstance(declared, torch.dtype) else None
-
-
-def kv_identity(config: Any) -> dict[str, Any]:
-    """The fields of :data:`FINGERPRINT_FIELDS` a config has, as a JSON-able dict (text config of a
-    multimodal model). No transformers import: attributes are read."""
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config(decoder=True)
-    out: dict[str, Any] = {"config_class": type(config).__name__}
-    for name in FINGERPRINT_FIELDS:
-        v = getattr(config, name, None)
-        if v is not None:
-            out[name] = v
-    return json.loads(json.dumps(out, sort_keys=True, default=str))
-
-
-def kv_fingerprint(config: Any, dtype: torch.dtype | None = None) -> str:
-    """A fingerprint of what makes KV valid for a model: 32 hex digits of BLAKE2b.
-
-    It covers the model's identity and geometry (:data:`FINGERPRINT_FIELDS`: architecture and
-    ``model_type``, ``_name_or_path``, layers, attention and KV heads, ``head_dim``, rope settings, context
-    length, sliding windows) and the KV ``dtype`` (default: :func:`config_dtype`; ``"unspecified"`` if the
-    config declares none). Two configs with one fingerprint produce interchangeable KV, as far as a config
-    can tell: two checkpoints with the same name and shape but other weights cannot be told apart.
-
-    Parameters
-    ----------
-    config : transformers.PretrainedConfig or any object with those attributes
-    dtype : torch.dtype, optional
-        Element type of the KV.
-
-    Examples
-    --------
-    >>> from kvstream.models import tiny_config
-    >>> a, b = tiny_config("llama"), tiny_config("llama")
-    >>> b._name_or_path = "another/model"
-    >>> kv_fingerprint(a, torch.float16) != kv_fingerprint(b, torch.float16) != kv_fingerprint(b, torch.float32)
-    True
-    """
-    dtype = dtype if dtype is not None else config_dtype(config)
-    doc = {"model": kv_identity(config), "dtype": dtype_name(dtype) if dtype is not None else "unspecified"}
-    return hashlib.blake2b(json.dumps(doc, sort_keys=True).encode(), digest_size=16).hexdigest()
+                   dtype=dtype_from_name(d["dtype"]), head_dim_v=int(d.get("head_dim_v", d["head_dim"])))
 
 
 def check_hf_layers(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], region: Region,
@@ -332,8 +329,9 @@ def check_hf_layers(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]
     ----------
     keys, values : sequence of torch.Tensor
         One tensor per model layer (indexable by the region's layer ids), each ``[batch, kv_heads, seq,
-        head_dim]`` with stride 1 on ``head_dim``; all on one device, of one dtype, with equal batch,
-        ``kv_heads`` and ``head_dim``. ``seq`` may differ between layers (sliding windows) but must reach
+        head_dim]`` with stride 1 on ``head_dim``; all on one device, of one dtype, with equal batch and
+        ``kv_heads``; every key tensor of one ``head_dim`` and every value tensor of one (the two may
+        differ: MLA). ``seq`` may differ between layers (sliding windows) but must reach
         ``region.tokens.stop`` on every layer in the region.
     region : Region
         The part to pack or unpack.
@@ -358,9 +356,10 @@ def check_hf_layers(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]
     if first.dim() != 4:
         raise LayoutError(f"Invalid shape of {name}[{region.layers.start}]: expected [batch, kv_heads, seq, head_dim], "
                           f"got {list(first.shape)}")
-    b, h, _, d = first.shape
+    b, h, _, dk = first.shape
+    dv = values[region.layers.start].shape[-1] if values[region.layers.start].dim() == 4 else dk
     for l in region.layers:
-        for kind, t in (("keys", keys[l]), ("values", values[l])):
+        for kind, t, d in (("keys", keys[l], dk), ("values", values[l], dv)):
             if t.dim() != 4 or t.shape[0] != b or t.shape[1] != h or t.shape[3] != d:
                 raise LayoutError(f"Invalid shape of {kind}[{l}]: expected [{b}, {h}, >={region.tokens.stop}, {d}], "
                                   f"got {list(t.shape)}")
@@ -395,6 +394,9 @@ def check_packed(chunk: torch.Tensor, shape: Sequence[int], dtype: torch.dtype, 
 __all__ = [
     "PACKED_AXES",
     "PACKED_PAGED_AXES",
+    "PACKED_SPLIT_AXES",
+    "packed_kv_shape",
+    "packed_kv",
     "DTYPES",
     "dtype_name",
     "dtype_from_name",

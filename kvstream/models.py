@@ -28,7 +28,7 @@ from .errors import ConfigError
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 #: Architectures the tiny builders know, by short name.
-ARCHITECTURES = ("llama", "gpt2", "opt", "bloom", "qwen2", "mistral")
+ARCHITECTURES = ("llama", "gpt2", "opt", "bloom", "qwen2", "mistral", "deepseek_v3")
 
 
 #: Weight std of the embedded models. transformers' default (0.02) makes tiny random GPT-2/OPT/BLOOM models
@@ -42,8 +42,10 @@ def tiny_config(arch: str = "llama", *, num_layers: int = 4, vocab_size: int = 3
 
     Parameters
     ----------
-    arch : {"llama", "gpt2", "opt", "bloom", "qwen2", "mistral"}
-        The transformers architecture.
+    arch : {"llama", "gpt2", "opt", "bloom", "qwen2", "mistral", "deepseek_v3"}
+        The transformers architecture. ``deepseek_v3`` is multi-head latent attention with a mixture of
+        experts: its cache holds one head of a 16-element latent as keys and of an 8-element rotary key as
+        values (K and V of different head dims).
     num_layers : int
         Decoder layers.
     vocab_size : int
@@ -80,6 +82,13 @@ def tiny_config(arch: str = "llama", *, num_layers: int = 4, vocab_size: int = 3
                             max_position_embeddings=1024, word_embed_proj_dim=64, **common)
     if arch == "bloom":
         return tf.BloomConfig(hidden_size=64, n_layer=num_layers, n_head=4, **common)
+    if arch == "deepseek_v3":
+        return tf.DeepseekV3Config(hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                                   num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=4,
+                                   n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=1,
+                                   topk_group=1, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16,
+                                   qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=8,
+                                   max_position_embeddings=1024, **common)
     raise ConfigError(f"Unknown architecture {arch!r}; known: {ARCHITECTURES}")
 
 

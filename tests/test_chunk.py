@@ -105,3 +105,45 @@ def test_a_writer_refuses_meta_no_reader_could_parse():
     loop["self"] = loop
     with pytest.raises(LayoutError, match="JSON-able"):
         chunk_header(torch.zeros(1), None, loop, "none")
+
+
+# ----------------------------------------------------------------------------------------------------
+# K and V of different head dims (issue 14, item 4)
+# ----------------------------------------------------------------------------------------------------
+
+def test_a_chunk_of_one_head_dim_is_byte_identical_to_before_head_dims_existed():
+    """Header and payload digests of this chunk as the parent commit of the change (1947f27) wrote them."""
+    from kvstream import kernels
+    from kvstream.chunk import payload_checksum, with_head_dims
+
+    g = torch.Generator().manual_seed(0)
+    keys = [torch.randn(2, 2, 5, 8, generator=g) for _ in range(3)]
+    values = [torch.randn(2, 2, 5, 8, generator=g) for _ in range(3)]
+    region = Region(layers=(0, 3), tokens=(1, 4))
+    chunk = kernels.pack_tokens(keys, values, region, backend="torch")
+    meta = {"session": "s", "layer": 0}
+    assert with_head_dims(meta, 8, 8) is meta
+    h = chunk_header(chunk, region.resolve(2, 2), with_head_dims(meta, 8, 8), payload_checksum(chunk),
+                     key="s/seg000000/layer0000")
+    assert xxhash.xxh3_64_hexdigest(h.to_bytes()) == "f473c7550ab0a72f"
+    assert xxhash.xxh3_64_hexdigest(chunk.numpy().tobytes()) == "a370ab09d87ad355"
+    assert h.head_dims == (8, 8)
+
+
+def test_split_head_dims_round_trip_and_are_checked():
+    from kvstream.chunk import HEAD_DIMS, with_head_dims
+    from kvstream.layout import PACKED_SPLIT_AXES
+
+    chunk = torch.zeros(3, 2, 1, 4, 24)
+    h = chunk_header(chunk, None, with_head_dims({"layer": 1}, 16, 8), "none")
+    back = ChunkHeader.from_bytes(h.to_bytes())
+    assert back.head_dims == (16, 8) and back.meta == {"layer": 1, HEAD_DIMS: [16, 8]}
+    assert json.loads(h.to_bytes(pad=False)[20:])["axes"] == list(PACKED_SPLIT_AXES)
+    for bad in ([16, 16], [8, 8, 8], [16, 9], [16.0, 8], [True, 23], [-8, 32]):
+        with pytest.raises(LayoutError, match="head dims"):
+            chunk_header(chunk, None, {HEAD_DIMS: bad}, "none")
+        doc = _doc(shape=[3, 2, 1, 4, 24], nbytes=chunk.numel() * 4, meta={HEAD_DIMS: bad})
+        with pytest.raises(CorruptChunkError, match="head dims"):
+            ChunkHeader.from_bytes(_raw(doc))
+    with pytest.raises(LayoutError, match="head dims"):  # a 6-D chunk has no split
+        chunk_header(torch.zeros(3, 2, 1, 1, 4, 12), None, {HEAD_DIMS: [16, 8]}, "none")

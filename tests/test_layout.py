@@ -85,3 +85,16 @@ def test_header_roundtrip_and_corruption(dtype, seed):
     bad[i + 9] = ord("9")  # nbytes no longer matches the shape
     with pytest.raises(CorruptChunkError):
         ChunkHeader.from_bytes(bytes(bad))
+
+
+def test_layout_of_k_and_v_of_different_head_dims():
+    from kvstream.models import tiny_config
+
+    mla = KVLayout.from_config(tiny_config("deepseek_v3"), dtype=torch.bfloat16)
+    assert (mla.kv_heads, mla.head_dim_k, mla.head_dim_v, mla.split) == (1, 16, 8, True)
+    assert KVLayout.from_dict(mla.to_dict()) == mla and mla.to_dict()["head_dim_v"] == 8
+    one = KVLayout(num_layers=2, kv_heads=2, head_dim=8)
+    assert one.head_dim_v == 8 and not one.split and "head_dim_v" not in one.to_dict()
+    assert mla.bytes_per_token(3) == 4 * 3 * 1 * (16 + 8) * 2
+    with pytest.raises(LayoutError, match="head_dim_v"):
+        KVLayout(num_layers=2, kv_heads=2, head_dim=8, head_dim_v=0)

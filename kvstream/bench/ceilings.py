@@ -156,15 +156,19 @@ def evict_tree(root: str | Path) -> None:
 
 
 def ceiling_disk(run: Run, directory: str | Path, file_bytes: int, num_files: int, *, bench: str, x: Any,
-                 reps: int = 2) -> tuple[Stat, Stat, str]:
-    """Raw disk write and read of ``num_files`` files of ``file_bytes`` each in ``directory``, 16 MiB blocks.
+                 reps: int = 2, queue_depths: tuple[int, ...] = (1, 4, 16)) -> tuple[Stat, Stat, str]:
+    """The disk's best raw write and read of ``num_files`` files of ``file_bytes`` each in ``directory``.
 
-    ``O_DIRECT`` where the filesystem allows it (provider ``raw-odirect``, like ``dd oflag=direct``), else
-    buffered I/O with fsync and page-cache eviction (provider ``raw-buffered``). Writes include the fsync.
+    Every queue depth of ``queue_depths`` is measured (``1``: one stream of 16 MiB blocks, like ``dd``;
+    ``q > 1``: ``q`` files written, or 16 MiB pieces read, in flight at once from threads, which is how
+    :class:`~kvstream.transports.disk.DiskTransport` moves a batch of chunks), ``O_DIRECT`` where the
+    filesystem allows it (providers ``raw-odirect-qd<q>``), else buffered I/O with fsync and page-cache
+    eviction (``raw-buffered-qd<q>``). Writes include the fsync. A ceiling the measured thing beats is no
+    ceiling, so the best depth is the ceiling.
 
     Returns
     -------
-    (write GB/s, read GB/s, provider)
+    (write GB/s, read GB/s, provider): the best of each and a label naming the depths.
 
     Raises
     ------
@@ -175,28 +179,50 @@ def ceiling_disk(run: Run, directory: str | Path, file_bytes: int, num_files: in
         raise ValueError(f"file_bytes must be a multiple of {DIRECT_ALIGN_BYTES}, got {file_bytes}")
     directory = Path(directory)
     direct = supports_direct_io(directory)
-    provider = "raw-odirect" if direct else "raw-buffered"
-    buf = aligned_buffer(min(RAW_DISK_BLOCK_BYTES, file_bytes))
+    kind = "raw-odirect" if direct else "raw-buffered"
+    block = min(RAW_DISK_BLOCK_BYTES, file_bytes)
     paths = [directory / f"raw{i:04d}.bin" for i in range(num_files)]
+    local = threading.local()
 
-    def write_all() -> None:
-        for p in paths:
-            raw_write(p, file_bytes, buf, direct=direct)
+    def buffer():
+        if getattr(local, "buf", None) is None:
+            local.buf = aligned_buffer(block)
+        return local.buf
 
-    def read_all() -> None:
-        for p in paths:
-            if raw_read(p, buf, direct=direct) != file_bytes:
-                raise OSError(f"raw read of {p} returned a wrong size")
+    def write_all(q: int) -> None:
+        with ThreadPoolExecutor(q) as pool:  # each thread writes from its own page-aligned buffer
+            for f in [pool.submit(lambda p=p: raw_write(p, file_bytes, buffer(), direct=direct)) for p in paths]:
+                f.result()
 
+    def read_all(q: int) -> None:
+        if not direct:
+            evict_tree(directory)
+        if q == 1:
+            for p in paths:
+                if raw_read(p, buf, direct=direct) != file_bytes:
+                    raise OSError(f"raw read of {p} returned a wrong size")
+        else:
+            raw_parallel_read(paths, piece_bytes=block, queue_depth=q, direct=direct)
+
+    buf = aligned_buffer(block)
     total = file_bytes * num_files
-    w = run.add_time_and_bandwidth(f"{bench}.write", provider, x, run.time_host(write_all, reps=reps, warmup=0),
-                                   total, time_unit="s")
-    r = run.add_time_and_bandwidth(f"{bench}.read", provider, x, run.time_host(read_all, reps=reps, warmup=0),
-                                   total, time_unit="s")
+    best_w = best_r = None
+    for q in queue_depths:
+        provider = f"{kind}-qd{q}"
+        if q == 1:
+            w_ms = run.time_host(lambda: [raw_write(p, file_bytes, buf, direct=direct) for p in paths], reps=reps,
+                                 warmup=0)
+        else:
+            w_ms = run.time_host(lambda q=q: write_all(q), reps=reps, warmup=0)
+        w = run.add_time_and_bandwidth(f"{bench}.write", provider, x, w_ms, total, time_unit="s")
+        r = run.add_time_and_bandwidth(f"{bench}.read", provider, x, run.time_host(lambda q=q: read_all(q), reps=reps,
+                                                                                    warmup=0), total, time_unit="s")
+        best_w = w if best_w is None or w.p50 > best_w.p50 else best_w
+        best_r = r if best_r is None or r.p50 > best_r.p50 else best_r
     for p in paths:
         p.unlink(missing_ok=True)
     buf.close()
-    return w, r, provider
+    return best_w, best_r, f"{kind} (best of queue depths {', '.join(map(str, queue_depths))})"
 
 
 def raw_parallel_read(paths: list[Path], *, piece_bytes: int, queue_depth: int, direct: bool) -> int:

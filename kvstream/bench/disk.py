@@ -3,8 +3,10 @@ same disk, in the same run.
 
 Chunks are one layer's prefill KV, ``[1, 2, B, H, T, D]`` bf16 (64 MiB at B16, H8, T1024, D128), ``--chunks``
 of them (1 GiB by default), in pinned host memory (so the disk alone is measured; a ``from-cuda`` row adds
-the device copies). The raw ceiling writes the same number of files of the same size with 16 MiB
-``O_DIRECT`` writes, as ``dd`` did on the H100 machine (1.9 GB/s write, 1.1 GB/s read; bench/NOTES.md).
+the device copies). The raw ceiling is the disk's best: the same number of files of the same size in 16 MiB
+``O_DIRECT`` blocks at queue depths 1 (one stream, like ``dd``), 4 (the transport's ``io_threads``) and 16
+(:func:`kvstream.bench.ceilings.ceiling_disk`); one stream alone proved weaker than the disk (the transport
+beat it 1.3-2x), which made it no ceiling.
 
 Timing, host clock, every provider alike: writes run until every file is durable (the transport's handles,
 then an fsync of every file it wrote — a no-op for ``fsync=True``); reads start with every file dropped from
@@ -12,11 +14,12 @@ the page cache (fsync + ``POSIX_FADV_DONTNEED``), so they hit the disk.
 
 Rows (``<out>/disk.csv``), x = chunk MiB, time (s) and bandwidth (GB/s):
 
-* ``disk.write`` / ``disk.read``: ``raw-odirect`` (or ``raw-buffered`` where the filesystem has no O_DIRECT),
+* ``disk.write`` / ``disk.read``: ``raw-odirect-qd<q>`` (or ``raw-buffered-qd<q>`` without O_DIRECT),
   ``DiskTransport`` (defaults), ``DiskTransport(direct,fsync)`` (O_DIRECT and fsync, where O_DIRECT works),
   ``DiskTransport(from-cuda)`` / ``(to-cuda)`` (device chunks, the better configuration; GPU only).
 
-Summary keys: ``disk_write_vs_raw``, ``disk_read_vs_raw`` (the better host-chunk configuration over raw).
+Summary keys: ``disk_write_vs_raw``, ``disk_read_vs_raw`` (the better host-chunk configuration over the best
+raw depth).
 The filesystem type is printed and kept in the summary detail.
 """
 

@@ -11,7 +11,9 @@ after a short warm-up:
   while generate runs, until ``cache.wait()`` returns (every chunk landed, manifest written);
 * ``offload`` — ``StreamingCache(offload=True)`` (no transport): only the layers in flight on the GPU;
 * ``hf-offload`` — transformers' own ``DynamicCache(offloading=True)`` (the peer);
-* ``stream-disk`` — ``StreamingCache`` to a ``DiskTransport`` (one repetition; the paper's Fig. 25).
+* ``stream-disk`` — ``StreamingCache`` to a ``DiskTransport`` (one repetition; the paper's Fig. 25);
+* ``static`` — transformers' ``StaticCache`` (HF's fast path, eager), the reference of
+* ``stream-static`` — ``StreamingStaticCache`` streaming to a ``HostTransport``.
 
 Bytes: KV per token is ``L*2*H*D*2`` = 128 KiB per row at 32 layers, so a run streams
 ``B*(P+N)*128 KiB`` = 4.46 GB at B16, P2000, N128 (81 ms of PCIe at 55 GB/s against seconds of generate).
@@ -26,8 +28,9 @@ token), per-token time, and KV resident on the GPU at step boundaries above the 
 Rows (``<out>/generate.csv``): ``generate.e2e`` (x = ``B16/P2000/N128``; metrics total_time s,
 prefill_time ms, per_token_time ms, kv_resident GB, peak_memory GB), ``generate.fig2`` (the paper's Fig. 2:
 prompt time and per-token time vs prompt length, ``dynamic``), ``generate.ceiling`` (pinned H2D memcpy).
-Summary keys: ``stream_overhead``, ``offload_vs_dynamic``, ``hf_offload_vs_dynamic`` (planner inputs Y, t,
-m in ``stream_overhead``'s detail).
+Summary keys: ``stream_overhead``, ``static_stream_overhead``, ``offload_vs_dynamic``,
+``hf_offload_vs_dynamic`` (planner inputs Y, t, m in ``stream_overhead``'s detail), each with
+``--summary-suffix`` appended (``_b1`` for the B1 run).
 """
 
 from __future__ import annotations
@@ -47,9 +50,9 @@ from .harness import Run
 from .records import GB, MiB
 from .timing import Stat
 
-PROVIDERS = ("dynamic", "stream-host", "offload", "hf-offload", "stream-disk")
+PROVIDERS = ("dynamic", "stream-host", "offload", "hf-offload", "stream-disk", "static", "stream-static")
 #: Providers warmed up with a full-length run (the others — PCIe-bound offloads, the one disk run — with 2 tokens).
-WARM_FULL = ("dynamic", "stream-host")
+WARM_FULL = ("dynamic", "stream-host", "static", "stream-static")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -62,6 +65,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fig2-prompts", default="512,1024,2048,4096", help="prompt lengths of Fig. 2 ('' to skip)")
     p.add_argument("--fig2-new-tokens", type=int, default=16, help="tokens generated per Fig. 2 point")
     p.add_argument("--disk-fsync", action="store_true", help="stream-disk with DiskTransport(fsync=True)")
+    p.add_argument("--summary-suffix", default="", help="appended to every summary key (e.g. _b1)")
 
 
 def _geometry(run: Run) -> dict:
@@ -197,6 +201,21 @@ class Session:
 
         if provider == "dynamic":
             return (lambda: DynamicCache(config=cfg)), no_cleanup
+        if provider == "static":
+            from transformers import StaticCache
+
+            n = self.g["prompt"] + self.g["new"]
+            return (lambda: StaticCache(config=cfg, max_cache_len=n)), no_cleanup
+        if provider == "stream-static":
+            from kvstream.integrations.hf import StreamingStaticCache
+
+            t, n = self.host_transport(), self.g["prompt"] + self.g["new"]
+
+            def cleanup_static() -> None:
+                for k in t.keys(session + "/"):
+                    t.delete(k)
+
+            return (lambda: StreamingStaticCache(cfg, n, t, session=session, level=level)), cleanup_static
         if provider == "hf-offload":
             return (lambda: DynamicCache(config=cfg, offloading=True)), no_cleanup
         if provider == "offload":
@@ -301,6 +320,13 @@ def run_fig2(run: Run, s: Session) -> dict[int, dict]:
 
 def _summarize(run: Run, s: Session, results: dict[str, list[GenResult]], fig2: dict, h2d_GBps: float) -> None:
     g = s.g
+    suffix = getattr(run.args, "summary_suffix", "") or ""
+    summary = run.summary
+
+    def keyed(key: str, **kw):
+        return summary(key + suffix, **kw)
+
+    run = _Keyed(run, keyed)
     dyn = results["dynamic"]
     t_dyn = _median(dyn, "total_s")
     ref_tokens = dyn[0].tokens
@@ -349,6 +375,7 @@ def _summarize(run: Run, s: Session, results: dict[str, list[GenResult]], fig2: 
                                 peak_GB=max(r.peak_bytes for r in off) / GB,
                                 dynamic_peak_GB=max(r.peak_bytes for r in dyn) / GB,
                                 h2d_GBps=h2d_GBps, pcie_floor_s=floor, pcie_floor_ratio=floor / t_dyn))
+    _static_summary(run, s, results, base_detail, same)
     for key, p, of in (("stream_overhead", "stream-host", "fraction"), ("offload_vs_dynamic", "offload", "s"),
                        ("hf_offload_vs_dynamic", "hf-offload", "s")):
         if p not in results:  # could not run here: say so in the entry rather than leave it out
@@ -364,6 +391,33 @@ def _summarize(run: Run, s: Session, results: dict[str, list[GenResult]], fig2: 
                     detail=dict(base_detail, hf_offload_total_s=[r.total_s for r in hf], tokens_identical=same("hf-offload"),
                                 kv_layers_resident=max(r.kv_resident_bytes for r in hf) / layer_bytes,
                                 peak_GB=max(r.peak_bytes for r in hf) / GB))
+
+
+class _Keyed:
+    """``run`` with its ``summary`` replaced (the topic's keys get ``--summary-suffix``)."""
+
+    def __init__(self, run: Run, summary):
+        self._run, self.summary = run, summary
+
+    def __getattr__(self, name):
+        return getattr(self._run, name)
+
+
+def _static_summary(run, s: "Session", results: dict, base_detail: dict, same) -> None:
+    """static_stream_overhead: StreamingStaticCache -> HostTransport over StaticCache, alternating runs."""
+    if "static" not in results or "stream-static" not in results:
+        return
+    st, ref = results["stream-static"], results["static"]
+    cmp = timing.compare([r.total_s for r in st], [r.total_s for r in ref])
+    t_ref = _median(ref, "total_s")
+    run.summary("static_stream_overhead", value=_median(st, "total_s") / t_ref - 1, unit="fraction", ceiling=t_ref,
+                ceiling_of="StaticCache without streaming, eager, same run (seconds)",
+                ratio=_median(st, "total_s") / t_ref, target="<= 0.02", target_of="value",
+                noisy=cmp["noisy"] and not run.quick, conditions={"tokens_identical_to_static": all(
+                    torch.equal(r.tokens, ref[0].tokens) for r in st)},
+                provider="StreamingStaticCache -> HostTransport (eager)",
+                detail=dict(base_detail, comparison=cmp, static_total_s=[r.total_s for r in ref],
+                            stream_static_total_s=[r.total_s for r in st]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

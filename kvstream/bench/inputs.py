@@ -73,22 +73,26 @@ def free_memory() -> None:
 _MODELS: dict[tuple, torch.nn.Module] = {}
 
 
-def shared_model(run: Run) -> torch.nn.Module:
+def shared_model(run: Run, layers: int | None = None) -> torch.nn.Module:
     """The benchmark model, built once per process and reused across topics.
 
-    Full runs: the Llama-3-8B shape with ``--layers`` decoder layers, bf16, built directly on the GPU
-    (``kvstream.models.build_model``; 16 GB of weights at 32 layers). ``--quick``: a tiny Llama, float32.
+    Full runs: the Llama-3-8B shape with ``layers`` (default ``--layers``) decoder layers, bf16, built
+    directly on the GPU (``kvstream.models.build_model``; 16 GB of weights at 32 layers). ``--quick``: a
+    tiny Llama of ``layers`` (default: at most 2) layers, float32. A model of another shape replaces the one
+    held.
     """
     from kvstream.models import build_model, llama3_8b_config, tiny_config
 
-    key = (run.quick, run.args.layers, str(run.device))
+    if layers is None:
+        layers = min(run.args.layers, 2) if run.quick else run.args.layers
+    key = (run.quick, layers, str(run.device))
     if key not in _MODELS:
         _MODELS.clear()
         free_memory()
         if run.quick:
-            cfg, dtype = tiny_config("llama", num_layers=min(run.args.layers, 2)), torch.float32
+            cfg, dtype = tiny_config("llama", num_layers=layers), torch.float32
         else:
-            cfg = llama3_8b_config(num_layers=run.args.layers)
+            cfg = llama3_8b_config(num_layers=layers)
             dtype = torch.bfloat16 if run.is_cuda else torch.float32
         progress(f"building {'tiny llama' if run.quick else 'Llama-3-8B-shaped'} model, {cfg.num_hidden_layers} layers, "
                  f"{dtype} on {run.device}")

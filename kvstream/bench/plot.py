@@ -16,7 +16,7 @@ Each CSV holds every run appended; a plot uses the latest run of each bench (the
 * ``levels.png`` — the paper's Fig. 7: levels 0-3, decode step and prefill landed time, end to end.
 
 Another topic (``kvstream/bench/<name>.py``) draws its own CSV by defining ``plot(data, plt, out) -> list[Path]``,
-where ``data`` is :func:`read_latest` of its CSV; :func:`series`, :func:`lines`, :func:`bars` and
+where ``data`` is :func:`read_latest` of its CSV; :func:`series`, :func:`lines`, :func:`bars`, :func:`title` and
 :func:`save` help.
 """
 
@@ -109,7 +109,7 @@ def by_provider(s: Series) -> Series:
     return {"": [(provider, *pts[0][1:]) for provider, pts in s.items() if pts]}
 
 
-def _title(fig, rows: list[dict], what: str) -> None:
+def title(fig, rows: list[dict], what: str) -> None:
     r = rows[0]
     fig.suptitle(f"{what}\n{r['device']} · {r['date']} · torch {r['torch']} · {r['git_sha']}", fontsize=9)
 
@@ -127,7 +127,7 @@ def plot_kernels(data: dict, plt, out: Path) -> list[Path]:
             ax.set_title(bench.split(".")[1])
             ax.set_xlabel("tokens in the region")
         axes[0].set_ylabel("GB/s (read + written)")
-        _title(fig, data["kernels.pack"], "pack/unpack vs device-to-device copy")
+        title(fig, data["kernels.pack"], "pack/unpack vs device-to-device copy")
         made.append(save(fig, plt, out / "kernels_bandwidth.png"))
     if "kernels.decode_step" in data:
         rows = data["kernels.decode_step"]
@@ -137,7 +137,7 @@ def plot_kernels(data: dict, plt, out: Path) -> list[Path]:
         ax.set_xlabel("batch")
         ax.set_ylabel("µs per decode step (all layers, landed in pinned host)")
         ax.legend(fontsize=8)
-        _title(fig, rows, "decode step")
+        title(fig, rows, "decode step")
         made.append(save(fig, plt, out / "kernels_decode_step.png"))
     return made
 
@@ -152,7 +152,7 @@ def plot_transfers(data: dict, plt, out: Path) -> list[Path]:
         ax.set_title(bench.split(".")[1].upper())
         ax.set_xlabel("chunk MiB")
     axes[0].set_ylabel("GB/s")
-    _title(fig, data["transfers.d2h"], "packed chunks to/from pinned host vs cudaMemcpyAsync")
+    title(fig, data["transfers.d2h"], "packed chunks to/from pinned host vs cudaMemcpyAsync")
     return [save(fig, plt, out / "transfers.png")]
 
 
@@ -167,7 +167,7 @@ def plot_disk(data: dict, plt, out: Path) -> list[Path]:
             s.setdefault(provider, []).extend((bench.split(".")[1], *p[1:]) for p in pts)
     bars(ax, s)
     ax.set_ylabel("GB/s")
-    _title(fig, data["disk.write"], "DiskTransport vs raw O_DIRECT, same disk")
+    title(fig, data["disk.write"], "DiskTransport vs raw O_DIRECT, same disk")
     return [save(fig, plt, out / "disk.png")]
 
 
@@ -187,14 +187,14 @@ def plot_generate(data: dict, plt, out: Path) -> list[Path]:
         axes[0].set_ylabel("end-to-end s (generate + wait)")
         bars(axes[1], by_provider(series(rows, "kv_resident")))
         axes[1].set_ylabel("GB of KV resident on the GPU (decode)")
-        _title(fig, rows, f"HF generate {rows[0]['x']}: streaming and offload vs DynamicCache")
+        title(fig, rows, f"HF generate {rows[0]['x']}: streaming and offload vs DynamicCache")
         made.append(save(fig, plt, out / "generate_overhead.png"))
         fig25 = {p: v for p, v in total.items() if p in ("dynamic", "stream-host", "stream-disk")}
         if fig25:
             fig, ax = plt.subplots(figsize=(6, 4))
             bars(ax, by_provider(fig25), annotate=ratios(fig25))
             ax.set_ylabel("end-to-end s")
-            _title(fig, rows, "Fig. 25: no streaming vs streaming to host vs to disk")
+            title(fig, rows, "Fig. 25: no streaming vs streaming to host vs to disk")
             made.append(save(fig, plt, out / "fig25_end_to_end.png"))
     rows = data.get("generate.fig2")
     if rows:
@@ -205,7 +205,7 @@ def plot_generate(data: dict, plt, out: Path) -> list[Path]:
         bars(ax, s, logy=True)
         ax.set_xlabel("prompt tokens")
         ax.set_ylabel("ms")
-        _title(fig, rows, "Fig. 2: prompt time vs per-token time")
+        title(fig, rows, "Fig. 2: prompt time vs per-token time")
         made.append(save(fig, plt, out / "fig2_prompt_vs_token.png"))
     return made
 
@@ -223,7 +223,7 @@ def plot_levels(data: dict, plt, out: Path) -> list[Path]:
         ax.tick_params(axis="x", labelsize=7)
         ax.set_title(f"{bench.split('.')[1]}: {metric}")
         ax.set_ylabel(_unit(data[bench], metric))
-    _title(fig, data[panels[0][0]], "Fig. 7: DéjàVuLib levels (0 naive, 1 buffered, 2 layer-by-layer, 3 all)")
+    title(fig, data[panels[0][0]], "Fig. 7: DéjàVuLib levels (0 naive, 1 buffered, 2 layer-by-layer, 3 all)")
     return [save(fig, plt, out / "levels.png")]
 
 

@@ -45,6 +45,8 @@ SUMMARY_KEYS: dict[str, str] = {
     "stream_overhead": "HF generate streaming all KV to host: extra time over no streaming (fraction)",
     "offload_vs_dynamic": "StreamingCache(offload=True) over DynamicCache, same run",
     "hf_offload_vs_dynamic": "HF's DynamicCache(offloading=True) over DynamicCache, same run (the peer)",
+    "offload_budget": "StreamingCache(offload=True, gpu_budget_bytes=50 % of the layers) over DynamicCache, against "
+                      "the PCIe floor's prediction (kvstream/bench/offload.py)",
     "levels": "DéjàVuLib levels 0-3 (paper Fig. 7): buffered over naive, all over buffered",
     "resume_host_vs_memcpy": "StreamingCache.load of a session from HostTransport onto the GPU over pinned memcpy",
     "prefix_ttft_speedup": "time to first token with a stored 90% prefix over full prefill (kvstream/bench/prefix.py)",

@@ -23,7 +23,7 @@ from . import harness, inputs, plot, records, timing
 #: The core topics, in the order ``all`` runs them (generate before levels: levels reuses its model).
 TOPICS: tuple[str, ...] = ("kernels", "transfers", "disk", "hook", "generate", "levels")
 #: Other helpers' topics that ``all`` runs when their script exists (nccl_handoff only with two GPUs).
-EXTRA_TOPICS: tuple[str, ...] = ("resume", "prefix", "pipeline", "nccl_handoff")
+EXTRA_TOPICS: tuple[str, ...] = ("resume", "prefix", "pipeline", "offload", "nccl_handoff")
 _NOT_TOPICS = {"__init__", "ceilings", "cli", "harness", "inputs", "plot", "prefix_ttft", "records", "run_all",
                "timing"}
 

@@ -12,7 +12,10 @@ op                        from / to                                            c
 ``pack_blocks``           paged blocks by id (vLLM/FlashInfer NHD)              ``[L, 2, nb, block_size, H, head_dim]``
 ========================  ===================================================  ==================================
 
-each with its ``unpack_*`` inverse. ``backend`` picks the implementation: ``"auto"`` runs the Triton kernels
+each with its ``unpack_*`` inverse. Keys and values of different head dims (MLA: per layer ``[B, H, S, Dk]``
+and ``[B, H, S, Dv]``) pack in the same launch into ``[L, B, H, T, Dk + Dv]`` (``[L, nb, block_size, H,
+Dk + Dv]`` paged): each row's keys, then its values (:data:`kvstream.layout.PACKED_SPLIT_AXES`;
+:func:`kvstream.layout.packed_kv` gives the two parts). ``backend`` picks the implementation: ``"auto"`` runs the Triton kernels
 for CUDA tensors and the torch twins (:mod:`kvstream.kernels.reference`) for CPU tensors; ``"triton"``
 forces the kernels (on CPU tensors only under ``TRITON_INTERPRET=1``, else :class:`ConfigError`);
 ``"torch"`` forces the twins. Both produce identical bytes.
@@ -73,8 +76,9 @@ def pack_tokens(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], re
     region : kvstream.layout.Region
         Contiguous layers and tokens, optional contiguous batch rows and heads (default all).
     out : torch.Tensor, optional
-        Contiguous ``[L, 2, B, H, T, head_dim]`` of the KV dtype, on the KV device or, for CUDA KV, in pinned
-        host memory (written directly by the kernel).
+        Contiguous ``[L, 2, B, H, T, head_dim]`` (``[L, B, H, T, head_dim_k + head_dim_v]`` when keys and values
+        have different head dims) of the KV dtype, on the KV device or, for CUDA KV, in pinned host memory
+        (written directly by the kernel).
     backend : {"auto", "triton", "torch"}
         See the module docstring.
 
@@ -209,7 +213,8 @@ def plan_newest(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *,
         planned tensors), ``bind(keys, values) -> bool`` (point the plan at other tensors of the same
         shapes, strides, dtype and device, such as a dynamic cache's new KV of the next step: only the
         addresses change, so nothing is checked again; ``False`` when a tensor differs), ``keys`` and ``values`` (the planned layers' tensors, in chunk order), ``shape``,
-        ``dtype``, ``device`` and ``capacity`` (positions every layer holds).
+        ``head_dims`` (``(head_dim_k, head_dim_v)``), ``dtype``, ``device`` and ``capacity`` (positions every
+        layer holds).
 
     Raises
     ------

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from ..errors import ConfigError, LayoutError
-from ..layout import check_hf_layers, check_packed
+from ..layout import check_hf_layers, check_packed, packed_kv_shape
 from ._tables import scan_layers
 
 #: Grid axis 1 indexes table entries; CUDA caps grid axes 1 and 2 at 65535.
@@ -71,8 +71,9 @@ def check_layer_list(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor
     """Check that the selected layers' key and value tensors agree; return the common shape, dtype, device.
 
     Every tensor must be 4-D, with stride 1 on its last axis (``head_dim``) and the same size as the first
-    key tensor on every axis but ``free_axis``: axis 2 (``seq``) for the HF layout, whose sliding-window
-    layers hold fewer positions, and axis 0 (``num_blocks``) for the paged layout.
+    key tensor on every axis but ``free_axis`` (axis 2, ``seq``, for the HF layout, whose sliding-window
+    layers hold fewer positions; axis 0, ``num_blocks``, for the paged layout) and, for value tensors, the
+    last one: values have the first value tensor's ``head_dim`` (MLA's differs from the keys').
 
     Returns
     -------
@@ -94,13 +95,14 @@ def check_layer_list(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor
         axes = "[batch, kv_heads, seq, head_dim]" if free_axis == 2 else "[num_blocks, block_size, kv_heads, head_dim]"
         raise LayoutError(f"Invalid shape of {names[0]}[{ids[0]}]: expected {axes}, got {list(shape)}")
     free = free_axis
-    expected = [str(s) for s in shape]
-    expected[free] = "*"
+    first_v = values[ids[0]]
+    shape_v = shape[:3] + (first_v.shape[3] if first_v.dim() == 4 else shape[3],)
     dtype, device = first.dtype, first.device
     for l in ids:
-        for kind, t in ((names[0], keys[l]), (names[1], values[l])):
+        for kind, t, want in ((names[0], keys[l], shape), (names[1], values[l], shape_v)):
             s = t.shape
-            if len(s) != 4 or any(s[a] != shape[a] for a in range(4) if a != free):
+            if len(s) != 4 or any(s[a] != want[a] for a in range(4) if a != free):
+                expected = ["*" if a == free else str(want[a]) for a in range(4)]
                 raise LayoutError(f"Invalid shape of {kind}[{l}]: expected [{', '.join(expected)}], got {list(s)}")
             if t.dtype != dtype:
                 raise LayoutError(f"{kind}[{l}] has dtype {t.dtype}, expected {dtype}")
@@ -286,12 +288,26 @@ def newest_args(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], la
     return ids, scan, resolve_starts(starts, ids, seq, num_tokens, scan.device)
 
 
+def newest_shape(ids: list[int], scan, num_tokens: int) -> tuple[int, ...]:
+    """The chunk shape of ``num_tokens`` tokens of the layers ``ids`` scanned in ``scan`` (HF layout)."""
+    b, h, _, d = scan.shape
+    return packed_kv_shape(len(ids), (b, h, num_tokens), d, scan.head_dim_v)
+
+
+def paged_shape(ids: list[int], scan, num_ids: int) -> tuple[int, ...]:
+    """The chunk shape of ``num_ids`` blocks of the layers ``ids`` scanned in ``scan`` (paged layout)."""
+    _, block_size, heads, head_dim = scan.shape
+    return packed_kv_shape(len(ids), (num_ids, block_size, heads), head_dim, scan.head_dim_v)
+
+
 def chunk_tokens(chunk: torch.Tensor) -> int:
-    """Tokens per layer (``n``) of a ``[L, 2, B, H, n, head_dim]`` chunk. Raises :class:`LayoutError` if not 6-D."""
-    if not isinstance(chunk, torch.Tensor) or chunk.dim() != 6:
+    """Tokens per layer (``n``) of a ``[L, 2, B, H, n, head_dim]`` chunk (or ``[L, B, H, n, Dk + Dv]``: K and V
+    of different head dims). Raises :class:`LayoutError` for a tensor of another rank."""
+    if not isinstance(chunk, torch.Tensor) or chunk.dim() not in (5, 6):
         got = list(chunk.shape) if isinstance(chunk, torch.Tensor) else type(chunk).__name__
-        raise LayoutError(f"chunk must be a 6-D [L, 2, B, H, n, head_dim] tensor, got {got}")
-    return chunk.shape[4]
+        raise LayoutError(f"chunk must be a 6-D [L, 2, B, H, n, head_dim] tensor (5-D [L, B, H, n, head_dim_k + "
+                          f"head_dim_v] for K and V of different head dims), got {got}")
+    return chunk.shape[chunk.dim() - 2]
 
 
 def paged_args(key_caches: Sequence[torch.Tensor], value_caches: Sequence[torch.Tensor], block_ids, layers,

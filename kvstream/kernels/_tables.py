@@ -131,6 +131,7 @@ class Scan(NamedTuple):
     shape: tuple[int, ...]  #: the first tensor's shape
     dtype: torch.dtype
     device: torch.device
+    head_dim_v: int        #: the value tensors' head_dim (``shape[3]`` unless K and V differ: MLA)
 
 
 def scan_layers(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], ids: list[int], free_axis: int,
@@ -145,7 +146,8 @@ def scan_layers(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], id
     Parameters
     ----------
     keys, values : sequence of torch.Tensor
-        Per-layer 4-D tensors with ``head_dim`` last.
+        Per-layer 4-D tensors with ``head_dim`` last (one ``head_dim`` for every key tensor and one for every
+        value tensor; the two may differ).
     ids : list of int
         Selected layers, in chunk order (already range-checked).
     free_axis : int
@@ -161,23 +163,25 @@ def scan_layers(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], id
     """
     if len(keys) != len(values):
         return None
-    first = keys[ids[0]]
-    if not isinstance(first, torch.Tensor) or first.dim() != 4:
+    first, first_v = keys[ids[0]], values[ids[0]]
+    if not isinstance(first, torch.Tensor) or first.dim() != 4 or not isinstance(first_v, torch.Tensor) \
+            or first_v.dim() != 4:
         return None
     shape = tuple(first.shape)
     dtype, device, es = first.dtype, first.device, first.element_size()
     hf = free_axis == 2
     n0, n1, head_dim = (shape[0], shape[1], shape[3]) if hf else (shape[1], shape[2], shape[3])
+    head_dim_v = first_v.shape[3]
     o0, o1 = offsets
     rows: list[int] = []
     elems: list[int] = []
     sizes: list[int] = []
     try:
         for l in ids:
-            for t in (keys[l], values[l]):
+            for t, want in ((keys[l], head_dim), (values[l], head_dim_v)):
                 x0, x1, x2, d = t.shape
                 s0, s1, s2, s3 = t.stride()
-                if d != head_dim or (s3 != 1 and d > 1) or t.dtype != dtype or t.device != device:
+                if d != want or (s3 != 1 and d > 1) or t.dtype != dtype or t.device != device:
                     return None
                 if hf:
                     if x0 != n0 or x1 != n1:
@@ -200,4 +204,4 @@ def scan_layers(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], id
                 sizes.append(free)
     except (ValueError, TypeError, AttributeError):  # not 4-D, not a tensor
         return None
-    return Scan(rows, sizes, vector_elems(es, elems), shape, dtype, device)
+    return Scan(rows, sizes, vector_elems(es, elems), shape, dtype, device, head_dim_v)

@@ -4,7 +4,8 @@ Paged caches are vLLM/FlashInfer "NHD": per layer ``[num_blocks, block_size, kv_
 strides with ``head_dim`` stride 1 (so views such as ``kv[:, 0]`` of FlashInfer's
 ``[num_blocks, 2, block_size, kv_heads, head_dim]`` work). A request's KV lives in the blocks its block table
 names; the chunk holds them in block-table order: ``[L, 2, num_ids, block_size, kv_heads, head_dim]``
-(:data:`kvstream.layout.PACKED_PAGED_AXES`).
+(:data:`kvstream.layout.PACKED_PAGED_AXES`), or ``[L, num_ids, block_size, kv_heads, head_dim_k + head_dim_v]``
+when keys and values have different head dims (as :mod:`.tokens` does it).
 
 Grid: axis 1 walks the table entries (layer, K/V); axis 0 walks (id, tile): a program copies ``BLOCK_R``
 rows — ``(block token, head)`` pairs, one ``head_dim`` vector each — of one block. ``block_size`` and
@@ -35,7 +36,8 @@ NUM_WARPS = 4
 @triton.jit(do_not_specialize=["num_ids", "tiles"])
 def _copy_blocks_kernel(table_ptr, chunk_ptr, ids_ptr, num_ids, tiles,
                         COLS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                        BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, ALIGN: tl.constexpr, UNPACK: tl.constexpr):
+                        BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, ALIGN: tl.constexpr, UNPACK: tl.constexpr,
+                        HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr):
     entry = tl.program_id(1)  # 2 * layer + (0: K, 1: V)
     j = tl.program_id(0) // tiles  # which id; a program copies BLOCK_R (block token, head) rows of its block
     rr = (tl.program_id(0) % tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -51,14 +53,22 @@ def _copy_blocks_kernel(table_ptr, chunk_ptr, ids_ptr, num_ids, tiles,
     if ALIGN > 1:  # the launcher checked every address and stride: 16-byte vector loads/stores
         base = tl.multiple_of(base, ALIGN * (chunk_ptr.dtype.element_ty.primitive_bitwidth // 8))  # bytes
         cache_off = tl.multiple_of(cache_off, ALIGN)
-    chunk_row = (entry.to(tl.int64) * num_ids + j) * (BLOCK_SIZE * HEADS) + rr
-    _move_rows(base + cache_off, row_mask, chunk_ptr + chunk_row * HEAD_DIM, HEAD_DIM, BLOCK_D, UNPACK)
+    if HEAD_DIM_V == HEAD_DIM:  # [L, 2, nb, block_size, H, D]
+        chunk_row = (entry.to(tl.int64) * num_ids + j) * (BLOCK_SIZE * HEADS) + rr
+        _move_rows(base + cache_off, row_mask, chunk_ptr + chunk_row * HEAD_DIM, HEAD_DIM, BLOCK_D, UNPACK)
+    else:  # [L, nb, block_size, H, Dk + Dv]: a row's keys, then its values
+        chunk_row = ((entry // 2).to(tl.int64) * num_ids + j) * (BLOCK_SIZE * HEADS) + rr
+        row_ptr = chunk_ptr + chunk_row * (HEAD_DIM + HEAD_DIM_V)
+        if entry % 2 == 0:
+            _move_rows(base + cache_off, row_mask, row_ptr, HEAD_DIM, BLOCK_D, UNPACK)
+        else:
+            _move_rows(base + cache_off, row_mask, row_ptr + HEAD_DIM, HEAD_DIM_V, BLOCK_DV, UNPACK)
 
 
 def _blocks(key_caches, value_caches, block_ids, layers, chunk, unpack, block_rows, num_warps):
     ids, scan, block_ids = _checks.paged_args(key_caches, value_caches, block_ids, layers, unique=unpack)
     _, block_size, heads, head_dim = scan.shape
-    shape = (len(ids), 2, block_ids.numel(), block_size, heads, head_dim)
+    shape = _checks.paged_shape(ids, scan, block_ids.numel())
     if unpack:
         _checks.check_chunk(chunk, shape, scan.dtype, scan.device)
     else:
@@ -67,18 +77,20 @@ def _blocks(key_caches, value_caches, block_ids, layers, chunk, unpack, block_ro
     _checks.check_backend(device, _copy_blocks_kernel)
     if chunk.numel() == 0:
         return chunk
-    block_d = triton.next_power_of_2(head_dim)
+    block_d, block_dv = triton.next_power_of_2(head_dim), triton.next_power_of_2(scan.head_dim_v)
     entries = 2 * len(ids)
     if block_rows is None:
-        block_rows = _launch.block_rows(block_size * heads, entries * block_ids.numel(), block_d * chunk.element_size(),
-                                        device, MAX_TILE_BYTES, MIN_PROGRAMS_PER_SM)
+        block_rows = _launch.block_rows(block_size * heads, entries * block_ids.numel(),
+                                        max(block_d, block_dv) * chunk.element_size(), device, MAX_TILE_BYTES,
+                                        MIN_PROGRAMS_PER_SM)
     tiles = triton.cdiv(block_size * heads, block_rows)
     with _launch.launch_guard(device):
         table = _tables.table(scan.rows, _tables.PAGED_COLS, device)
         _copy_blocks_kernel[(block_ids.numel() * tiles, entries)](
             table, _tables.as_bits(chunk), block_ids, block_ids.numel(), tiles,
             COLS=_tables.PAGED_COLS, BLOCK_SIZE=block_size, HEADS=heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
-            BLOCK_R=block_rows, ALIGN=scan.vector, UNPACK=unpack, num_warps=num_warps or NUM_WARPS)
+            BLOCK_R=block_rows, ALIGN=scan.vector, UNPACK=unpack, HEAD_DIM_V=scan.head_dim_v, BLOCK_DV=block_dv,
+            num_warps=num_warps or NUM_WARPS)
     return chunk
 
 

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from ..layout import Region, check_hf_layers
+from ..layout import Region, check_hf_layers, packed_kv
 from . import _checks
 
 
@@ -35,12 +35,14 @@ def pack_tokens(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], re
     """Twin of :func:`kvstream.kernels.pack_tokens` (documented there): ``out[i, 0] = keys[l][b, h, t]``,
     ``out[i, 1]`` from ``values``, for the ``i``-th layer ``l`` of the region."""
     region = check_hf_layers(keys, values, region)
-    first = keys[region.layers.start]
-    out = _checks.packed_out(out, region.packed_shape(first.shape[3]), first.dtype, first.device)
+    first, dk = keys[region.layers.start], keys[region.layers.start].shape[3]
+    out = _checks.packed_out(out, region.packed_shape(dk, values[region.layers.start].shape[3]), first.dtype,
+                             first.device)
+    out_k, out_v = packed_kv(out, dk)
     b, h, t = _region_slices(region)
     for i, l in enumerate(region.layers):
-        out[i, 0].copy_(keys[l][b, h, t])
-        out[i, 1].copy_(values[l][b, h, t])
+        out_k[i].copy_(keys[l][b, h, t])
+        out_v[i].copy_(values[l][b, h, t])
     return out
 
 
@@ -49,12 +51,14 @@ def unpack_tokens(chunk: torch.Tensor, keys: Sequence[torch.Tensor], values: Seq
     """Twin of :func:`kvstream.kernels.unpack_tokens` (documented there): ``keys[l][b, h, t] = chunk[i, 0]``
     and likewise for ``values``."""
     region = check_hf_layers(keys, values, region)
-    first = keys[region.layers.start]
-    _checks.check_chunk(chunk, region.packed_shape(first.shape[3]), first.dtype, first.device)
+    first, dk = keys[region.layers.start], keys[region.layers.start].shape[3]
+    _checks.check_chunk(chunk, region.packed_shape(dk, values[region.layers.start].shape[3]), first.dtype,
+                        first.device)
+    in_k, in_v = packed_kv(chunk, dk)
     b, h, t = _region_slices(region)
     for i, l in enumerate(region.layers):
-        keys[l][b, h, t].copy_(chunk[i, 0])
-        values[l][b, h, t].copy_(chunk[i, 1])
+        keys[l][b, h, t].copy_(in_k[i])
+        values[l][b, h, t].copy_(in_v[i])
 
 
 def _host_starts(starts) -> list[int]:
@@ -72,11 +76,11 @@ def pack_newest(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *,
     ids, scan, resolved = _checks.newest_args(keys, values, layers, num_tokens, starts)
     if isinstance(resolved, torch.Tensor):
         return pack_newest(keys, values, num_tokens=num_tokens, layers=ids, starts=resolved.tolist(), out=out)
-    b, h, _, d = scan.shape
-    out = _checks.packed_out(out, (len(ids), 2, b, h, num_tokens, d), scan.dtype, scan.device)
+    out = _checks.packed_out(out, _checks.newest_shape(ids, scan, num_tokens), scan.dtype, scan.device)
+    out_k, out_v = packed_kv(out, scan.shape[3])
     for i, (l, s) in enumerate(zip(ids, resolved)):
-        out[i, 0].copy_(keys[l][:, :, s:s + num_tokens])
-        out[i, 1].copy_(values[l][:, :, s:s + num_tokens])
+        out_k[i].copy_(keys[l][:, :, s:s + num_tokens])
+        out_v[i].copy_(values[l][:, :, s:s + num_tokens])
     return out
 
 
@@ -86,9 +90,9 @@ class NewestPlan:
 
     def __init__(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], layers=None, num_tokens: int = 1):
         ids, scan, _ = _checks.newest_args(keys, values, layers, num_tokens, None)
-        b, h, _, d = scan.shape
         self.keys, self.values = [keys[l] for l in ids], [values[l] for l in ids]
-        self.shape = (len(ids), 2, b, h, num_tokens, d)
+        self.head_dims = (scan.shape[3], scan.head_dim_v)
+        self.shape = _checks.newest_shape(ids, scan, num_tokens)
         self.dtype, self.device = scan.dtype, scan.device
         self.num_tokens = num_tokens
         self.capacity = min(scan.sizes)
@@ -117,11 +121,11 @@ def unpack_newest(chunk: torch.Tensor, keys: Sequence[torch.Tensor], values: Seq
     """
     num_tokens = _checks.chunk_tokens(chunk)
     ids, scan, resolved = _checks.newest_args(keys, values, layers, num_tokens, _host_starts(starts))
-    b, h, _, d = scan.shape
-    _checks.check_chunk(chunk, (len(ids), 2, b, h, num_tokens, d), scan.dtype, scan.device)
+    _checks.check_chunk(chunk, _checks.newest_shape(ids, scan, num_tokens), scan.dtype, scan.device)
+    in_k, in_v = packed_kv(chunk, scan.shape[3])
     for i, (l, s) in enumerate(zip(ids, resolved)):
-        keys[l][:, :, s:s + num_tokens].copy_(chunk[i, 0])
-        values[l][:, :, s:s + num_tokens].copy_(chunk[i, 1])
+        keys[l][:, :, s:s + num_tokens].copy_(in_k[i])
+        values[l][:, :, s:s + num_tokens].copy_(in_v[i])
 
 
 def _host_ids(block_ids):
@@ -135,10 +139,11 @@ def pack_blocks(key_caches: Sequence[torch.Tensor], value_caches: Sequence[torch
     Unlike the kernel, it reads device block ids back to the host (a sync) and checks them.
     """
     ids, scan, block_ids = _checks.paged_args(key_caches, value_caches, _host_ids(block_ids), layers, unique=False)
-    out = _checks.packed_out(out, (len(ids), 2, block_ids.numel(), *scan.shape[1:]), scan.dtype, scan.device)
+    out = _checks.packed_out(out, _checks.paged_shape(ids, scan, block_ids.numel()), scan.dtype, scan.device)
+    out_k, out_v = packed_kv(out, scan.shape[3])
     for i, l in enumerate(ids):
-        out[i, 0].copy_(key_caches[l][block_ids])
-        out[i, 1].copy_(value_caches[l][block_ids])
+        out_k[i].copy_(key_caches[l][block_ids])
+        out_v[i].copy_(value_caches[l][block_ids])
     return out
 
 
@@ -151,7 +156,8 @@ def unpack_blocks(chunk: torch.Tensor, key_caches: Sequence[torch.Tensor], value
     repeats).
     """
     ids, scan, block_ids = _checks.paged_args(key_caches, value_caches, _host_ids(block_ids), layers, unique=True)
-    _checks.check_chunk(chunk, (len(ids), 2, block_ids.numel(), *scan.shape[1:]), scan.dtype, scan.device)
+    _checks.check_chunk(chunk, _checks.paged_shape(ids, scan, block_ids.numel()), scan.dtype, scan.device)
+    in_k, in_v = packed_kv(chunk, scan.shape[3])
     for i, l in enumerate(ids):
-        key_caches[l][block_ids] = chunk[i, 0].to(scan.device)
-        value_caches[l][block_ids] = chunk[i, 1].to(scan.device)
+        key_caches[l][block_ids] = in_k[i].to(scan.device)
+        value_caches[l][block_ids] = in_v[i].to(scan.device)

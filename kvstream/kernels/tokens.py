@@ -11,7 +11,10 @@ Two uses share one kernel:
 Grid: axis 1 walks the table entries (layer, K/V); axis 0 walks tiles of ``BLOCK_R`` *rows* (one
 ``head_dim`` vector each). A long prefill range gives each program ``BLOCK_R`` consecutive tokens of one
 (batch, head); a decode step of fewer tokens than ``BLOCK_R`` gives it ``(batch, head, token)`` rows
-flattened, so tiny rows still make full tiles.
+flattened, so tiny rows still make full tiles. Keys and values of different head dims (MLA) are one
+launch too: the head dims are compile-time constants, a K entry moves ``HEAD_DIM`` elements of each row and
+a V entry ``HEAD_DIM_V``, into the two parts of the chunk's last axis (:data:`kvstream.layout.PACKED_SPLIT_AXES`);
+with one head dim that branch is not compiled.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def _move_rows(cache_rows, row_mask, chunk_rows, HEAD_DIM: tl.constexpr, BLOCK_D
 def _copy_tokens_kernel(table_ptr, chunk_ptr, starts_ptr, rows, heads, tokens, tiles, t0,
                         COLS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
                         ALIGN: tl.constexpr, DEVICE_STARTS: tl.constexpr, UNPACK: tl.constexpr,
-                        ACROSS_ROWS: tl.constexpr):
+                        ACROSS_ROWS: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr):
     entry = tl.program_id(1)  # 2 * layer + (0: K, 1: V), the order of the chunk's (layer, kv) axes
     if ACROSS_ROWS:
         # Few tokens (decode): a tile spans several (batch, head) rows; int32 divisions per row, rows < 2**31.
@@ -89,22 +92,31 @@ def _copy_tokens_kernel(table_ptr, chunk_ptr, starts_ptr, rows, heads, tokens, t
     if ALIGN > 1:  # the launcher checked every address and stride: 16-byte vector loads/stores
         base = tl.multiple_of(base, ALIGN * (chunk_ptr.dtype.element_ty.primitive_bitwidth // 8))  # bytes
         cache_off = tl.multiple_of(cache_off, ALIGN)
-    chunk_row = (entry.to(tl.int64) * (rows // tokens) + bh) * tokens + t
-    _move_rows(base + cache_off, row_mask, chunk_ptr + chunk_row * HEAD_DIM, HEAD_DIM, BLOCK_D, UNPACK)
+    if HEAD_DIM_V == HEAD_DIM:  # [L, 2, B, H, T, D]: one row of HEAD_DIM per (entry, batch, head, token)
+        chunk_row = (entry.to(tl.int64) * (rows // tokens) + bh) * tokens + t
+        _move_rows(base + cache_off, row_mask, chunk_ptr + chunk_row * HEAD_DIM, HEAD_DIM, BLOCK_D, UNPACK)
+    else:  # [L, B, H, T, Dk + Dv]: a row's keys, then its values
+        chunk_row = ((entry // 2).to(tl.int64) * (rows // tokens) + bh) * tokens + t
+        row_ptr = chunk_ptr + chunk_row * (HEAD_DIM + HEAD_DIM_V)
+        if entry % 2 == 0:
+            _move_rows(base + cache_off, row_mask, row_ptr, HEAD_DIM, BLOCK_D, UNPACK)
+        else:
+            _move_rows(base + cache_off, row_mask, row_ptr + HEAD_DIM, HEAD_DIM_V, BLOCK_DV, UNPACK)
 
 
 def _geometry(scan, batch, heads, tokens, elsize, block_rows):
-    """``(rows, block_d, block_rows, across_rows, tiles, grid)`` of a launch over the scanned entries."""
+    """``(rows, block_d, block_rows, across_rows, tiles, grid, block_dv)`` of a launch over the scanned entries."""
     rows = batch * heads * tokens
     block_d = triton.next_power_of_2(scan.shape[3])
+    block_dv = triton.next_power_of_2(scan.head_dim_v)
     entries = len(scan.sizes)
     if block_rows is None:
-        block_rows = _launch.block_rows(rows, entries, block_d * elsize, scan.device, MAX_TILE_BYTES,
+        block_rows = _launch.block_rows(rows, entries, max(block_d, block_dv) * elsize, scan.device, MAX_TILE_BYTES,
                                         MIN_PROGRAMS_PER_SM)
     across_rows = tokens < block_rows and rows < 2**31 - block_rows
     tiles = triton.cdiv(tokens, block_rows)
     grid = (triton.cdiv(rows, block_rows) if across_rows else batch * heads * tiles, entries)
-    return rows, block_d, block_rows, across_rows, tiles, grid
+    return rows, block_d, block_rows, across_rows, tiles, grid, block_dv
 
 
 def _launch_kernel(scan, batch, heads, tokens, t0, device_starts, chunk, unpack, block_rows, num_warps):
@@ -113,8 +125,8 @@ def _launch_kernel(scan, batch, heads, tokens, t0, device_starts, chunk, unpack,
     _checks.check_backend(device, _copy_tokens_kernel)
     if batch * heads * tokens == 0:
         return
-    rows, block_d, block_rows, across_rows, tiles, grid = _geometry(scan, batch, heads, tokens, chunk.element_size(),
-                                                                    block_rows)
+    rows, block_d, block_rows, across_rows, tiles, grid, block_dv = _geometry(scan, batch, heads, tokens,
+                                                                              chunk.element_size(), block_rows)
     with _launch.launch_guard(device):
         table = _tables.table(scan.rows, _tables.TOKEN_COLS, device)
         _copy_tokens_kernel[grid](
@@ -122,7 +134,7 @@ def _launch_kernel(scan, batch, heads, tokens, t0, device_starts, chunk, unpack,
             rows, heads, tokens, tiles, t0,
             COLS=_tables.TOKEN_COLS, HEAD_DIM=scan.shape[3], BLOCK_D=block_d, BLOCK_R=block_rows, ALIGN=scan.vector,
             DEVICE_STARTS=device_starts is not None, UNPACK=unpack, ACROSS_ROWS=across_rows,
-            num_warps=num_warps or NUM_WARPS)
+            HEAD_DIM_V=scan.head_dim_v, BLOCK_DV=block_dv, num_warps=num_warps or NUM_WARPS)
 
 
 #: Pointer tables a plan keeps in flight for :meth:`NewestPlan.bind` (one per step; a slot is reused only
@@ -140,7 +152,8 @@ class NewestPlan:
         b, h, _, d = scan.shape
         self.keys = [keys[l] for l in ids]  # kept alive: the table points at them
         self.values = [values[l] for l in ids]
-        self.shape = (len(ids), 2, b, h, num_tokens, d)
+        self.head_dims = (d, scan.head_dim_v)
+        self.shape = _checks.newest_shape(ids, scan, num_tokens)
         self.dtype, self.device = scan.dtype, scan.device
         self.num_tokens = num_tokens
         self.capacity = min(scan.sizes)  # positions every layer holds
@@ -206,14 +219,14 @@ class NewestPlan:
             raise LayoutError(f"NewestPlan.run: tokens [{start}, {start + n}) fall outside the {self.capacity} "
                               "positions of the planned tensors")
         out = _checks.packed_out(out, self.shape, self.dtype, self.device)
-        rows, block_d, block_rows, across_rows, tiles, grid = self._geom
+        rows, block_d, block_rows, across_rows, tiles, grid, block_dv = self._geom
         if rows:
             with _launch.launch_guard(self.device):
                 _copy_tokens_kernel[grid](
                     self._table, _tables.as_bits(out), self._table, rows, self._heads, n, tiles, start,
-                    COLS=_tables.TOKEN_COLS, HEAD_DIM=self.shape[5], BLOCK_D=block_d, BLOCK_R=block_rows,
+                    COLS=_tables.TOKEN_COLS, HEAD_DIM=self.head_dims[0], BLOCK_D=block_d, BLOCK_R=block_rows,
                     ALIGN=self._align, DEVICE_STARTS=False, UNPACK=False, ACROSS_ROWS=across_rows,
-                    num_warps=self._warps)
+                    HEAD_DIM_V=self.head_dims[1], BLOCK_DV=block_dv, num_warps=self._warps)
                 if self._bound_slot is not None:
                     self._mark_read()
         return out
@@ -229,7 +242,7 @@ class NewestPlan:
 
 def _region(keys, values, region, chunk, unpack, block_rows, num_warps):
     region, scan = _checks.region_args(keys, values, region)
-    shape = region.packed_shape(scan.shape[3])
+    shape = region.packed_shape(scan.shape[3], scan.head_dim_v)
     if unpack:
         _checks.check_chunk(chunk, shape, scan.dtype, scan.device)
     else:
@@ -241,8 +254,8 @@ def _region(keys, values, region, chunk, unpack, block_rows, num_warps):
 
 def _newest(keys, values, layers, num_tokens, starts, chunk, unpack, block_rows, num_warps):
     ids, scan, resolved = _checks.newest_args(keys, values, layers, num_tokens, starts)
-    b, h, _, d = scan.shape
-    shape = (len(ids), 2, b, h, num_tokens, d)
+    b, h = scan.shape[:2]
+    shape = _checks.newest_shape(ids, scan, num_tokens)
     if unpack:
         _checks.check_chunk(chunk, shape, scan.dtype, scan.device)
     else:

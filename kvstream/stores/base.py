@@ -105,13 +105,18 @@ def check_kv(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], n_tok
     Raises
     ------
     LayoutError
-        On a mismatch between layers, a batch other than 1, or fewer than ``n_tokens`` tokens.
+        On a mismatch between layers, a batch other than 1, fewer than ``n_tokens`` tokens, or keys and
+        values of different head dims (MLA), which the prefix stores' chunk and blob layouts do not hold.
     """
     if len(keys) == 0:
         raise LayoutError("No layers given: keys is empty")
     region = check_hf_layers(keys, values, Region(layers=(0, len(keys)), tokens=(0, n_tokens)))
     if len(region.batch) != 1:
         raise LayoutError(f"Prefix stores hold one sequence: keys have batch {len(region.batch)}, expected 1")
+    if values[0].shape[3] != keys[0].shape[3]:
+        raise LayoutError(f"Prefix stores hold keys and values of one head_dim; these have {keys[0].shape[3]} and "
+                          f"{values[0].shape[3]} (multi-head latent attention): stream the session instead "
+                          "(StreamingCache with a transport, then StreamingCache.load)")
     return KVLayout(num_layers=len(keys), kv_heads=len(region.heads), head_dim=int(keys[0].shape[3]),
                     dtype=keys[0].dtype)
 

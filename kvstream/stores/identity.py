@@ -33,34 +33,46 @@ from ..layout import KVLayout, config_dtype, dtype_name, kv_fingerprint, kv_iden
 def config_geometry(config: Any) -> tuple[int, int, int] | None:
     """``(layers, kv_heads, head_dim)`` a config gives its KV (:meth:`KVLayout.from_config`), or ``None``
     when it lacks the attributes."""
+    layout = config_layout(config)
+    return None if layout is None else (layout.num_layers, layout.kv_heads, layout.head_dim)
+
+
+def config_layout(config: Any) -> KVLayout | None:
+    """:meth:`KVLayout.from_config` of ``config`` (float32 unless it declares a dtype), or ``None`` when it
+    lacks the attributes."""
     try:
-        layout = KVLayout.from_config(config, torch.float32)
-    except (LayoutError, TypeError, ValueError):
+        return KVLayout.from_config(config, torch.float32)
+    except (LayoutError, TypeError, ValueError, AttributeError):
         return None
-    return layout.num_layers, layout.kv_heads, layout.head_dim
 
 
 def check_config_kv(config: Any, *, kv_heads: int, head_dim: int, dtype: torch.dtype, layers: int | None = None,
-                    where: str = "stored KV") -> None:
-    """Check KV about to be loaded into a model against its config: KV heads, ``head_dim``, the layer count
-    (``layers``, when given) and the dtype (when the config declares one).
+                    where: str = "stored KV", head_dim_v: int | None = None) -> None:
+    """Check KV about to be loaded into a model against its config: KV heads, the keys' ``head_dim`` and the
+    values' ``head_dim_v`` (default: ``head_dim``), the layer count (``layers``, when given) and the dtype
+    (when the config declares one).
 
     Raises
     ------
     LayoutError
         On a mismatch, naming both sides (at load time, not as a shape error inside attention later).
     """
-    geometry = config_geometry(config)
-    if geometry is not None:
-        want_layers, want_heads, want_dim = geometry
-        if (kv_heads, head_dim) != (want_heads, want_dim) or (layers is not None and layers != want_layers):
+    want = config_layout(config)
+    if want is not None:
+        head_dim_v = head_dim if head_dim_v is None else head_dim_v
+        if (kv_heads, head_dim, head_dim_v) != (want.kv_heads, want.head_dim, want.head_dim_v) or \
+                (layers is not None and layers != want.num_layers):
             have = f"{layers} layers x " if layers is not None else ""
-            raise LayoutError(f"{where} is {have}{kv_heads} KV heads x head_dim {head_dim}; the config "
-                              f"({type(config).__name__}) has {want_layers} layers x {want_heads} KV heads x head_dim "
-                              f"{want_dim}")
+            raise LayoutError(f"{where} is {have}{kv_heads} KV heads x head_dim {_dims(head_dim, head_dim_v)}; the "
+                              f"config ({type(config).__name__}) has {want.num_layers} layers x {want.kv_heads} KV "
+                              f"heads x head_dim {_dims(want.head_dim, want.head_dim_v)}")
     declared = config_dtype(config)
     if declared is not None and declared != dtype:
         raise LayoutError(f"{where} is {dtype}, the config declares {declared}")
+
+
+def _dims(head_dim: int, head_dim_v: int) -> str:
+    return str(head_dim) if head_dim == head_dim_v else f"{head_dim} (keys) / {head_dim_v} (values)"
 
 
 class ModelScope:
@@ -165,4 +177,4 @@ class ModelScope:
         return super().update(token_ids, cache)
 
 
-__all__ = ["ModelScope", "config_geometry", "check_config_kv"]
+__all__ = ["ModelScope", "config_geometry", "config_layout", "check_config_kv"]

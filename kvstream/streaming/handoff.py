@@ -9,6 +9,7 @@ from typing import Mapping, Sequence, Union
 import torch
 
 from .. import kernels
+from ..chunk import with_head_dims
 from ..errors import ConfigError, LayoutError
 from ..handles import AllHandle, CompletedHandle, Handle
 from .placement import Placement, Shard, localize, transfer_key
@@ -83,7 +84,8 @@ def stream_out(via: Via, placement: Placement, rank: int, keys: Sequence[torch.T
             handles.append(target.scatter(key, keys, values, local, meta=meta))
         else:
             chunk = kernels.pack_tokens(keys, values, local)
-            handles.append(target.flush(key, chunk, region=t.region, meta=meta))
+            handles.append(target.flush(key, chunk, region=t.region,
+                                        meta=with_head_dims(meta, keys[0].shape[3], values[0].shape[3])))
     return AllHandle(handles)
 
 
@@ -129,7 +131,8 @@ def stream_in(via: Via, placement: Placement, rank: int, keys: Sequence[torch.Te
         if isinstance(target, Streams):
             target.gather(key, keys, values, local).wait()
             continue
-        buf = torch.empty(local.packed_shape(first.shape[3]), dtype=first.dtype, device=first.device)
+        buf = torch.empty(local.packed_shape(first.shape[3], values[0].shape[3]), dtype=first.dtype,
+                          device=first.device)
         pending.append((target.fetch(key, buf), buf, local))
     for handle, buf, local in pending:
         handle.wait()

@@ -12,7 +12,7 @@ import torch
 
 from ..cuda import host_empty, memcpy_async
 from ..errors import ConfigError
-from ..layout import Region
+from ..layout import Region, packed_kv
 
 LEVEL_NAMES = {0: "naive", 1: "buffered", 2: "layer-by-layer", 3: "all"}
 DEFAULT_LEVEL = 3
@@ -54,25 +54,27 @@ def copy_rows(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], regi
     (pinned) host chunk, then a wait for all of them.
 
     ``starts[i]`` is the first position of the ``i``-th layer of the region (layers of different lengths:
-    the newest tokens). Returns the chunk ``region.packed_shape(head_dim)`` and the number of copies.
+    the newest tokens). Returns the chunk ``region.packed_shape(head_dim, head_dim_v)`` and the number of
+    copies (keys and values of different head dims sit side by side in the chunk's rows: a copy per token).
     """
-    first = keys[region.layers.start]
+    first, dk = keys[region.layers.start], keys[region.layers.start].shape[3]
     n = len(region.tokens)
-    shape = region.packed_shape(first.shape[3])
+    shape = region.packed_shape(dk, values[region.layers.start].shape[3])
     chunk = host_empty(shape, first.dtype, pin=first.device.type == "cuda")
+    parts = packed_kv(chunk, dk)
     copies = 0
     for li, l in enumerate(region.layers):
         s = starts[li]
-        for kv, src in enumerate((keys[l], values[l])):
-            rows_contig = src.stride(2) == src.shape[3] or n == 1
+        for part, src in zip(parts, (keys[l], values[l])):
+            rows_contig = (src.stride(2) == src.shape[3] and part.stride(-2) == part.shape[-1]) or n == 1
             for bi, b in enumerate(region.batch):
                 for hi, h in enumerate(region.heads):
                     if rows_contig:
-                        memcpy_async(chunk[li, kv, bi, hi], src[b, h, s:s + n])
+                        memcpy_async(part[li, bi, hi], src[b, h, s:s + n])
                         copies += 1
                     else:  # a row per token
                         for t in range(n):
-                            memcpy_async(chunk[li, kv, bi, hi, t], src[b, h, s + t])
+                            memcpy_async(part[li, bi, hi, t], src[b, h, s + t])
                             copies += 1
     if first.device.type == "cuda":
         torch.cuda.current_stream(first.device).synchronize()

@@ -74,7 +74,8 @@ def recover_manifest(transport: ChunkTransport, session: str, *, num_layers: int
         pos, batch = 0, None
     else:
         manifest = Manifest(session=session, num_layers=base.num_layers, kv_layers=list(base.kv_layers),
-                            kv_heads=base.kv_heads, head_dim=base.head_dim, dtype=base.dtype, batch=base.batch,
+                            kv_heads=base.kv_heads, head_dim=base.head_dim, head_dim_v=base.head_dim_v,
+                            dtype=base.dtype, batch=base.batch,
                             segments=list(base.segments), runs=list(base.runs), model=base.model)
         done = plan(base)
         pos, batch = done.length, done.batch
@@ -103,6 +104,7 @@ def recover_manifest(transport: ChunkTransport, session: str, *, num_layers: int
             if manifest.kv_heads is None:
                 first = next(iter(headers.values()))
                 manifest.kv_heads, manifest.head_dim, manifest.dtype = first.shape[3], first.shape[5], first.dtype
+                manifest.head_dim_v = manifest.head_dim
                 manifest.batch, manifest.model = seg.batch, (first.meta or {}).get(MODEL_META)
             batch, pos = seg.batch, pos + seg.tokens
         manifest.segments.append(seg)

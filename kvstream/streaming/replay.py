@@ -22,7 +22,7 @@ import torch
 
 from ..cuda import Event, side_stream
 from ..errors import CorruptChunkError
-from ..layout import Region
+from ..layout import Region, packed_kv_shape
 from .layerwise import LayerwiseLoad
 from .session import MODEL_META, RUN_META, Crop, Manifest, Prefill, Repeat, Rows, Segment, Step
 from .streamer import KVStreamer
@@ -148,10 +148,9 @@ def replay(manifest: Manifest, streamer: KVStreamer, *, device: torch.device | s
     # must belong to the stream that reads them.
     side = side_stream(device, LOAD_STREAM) if layerwise and device.type == "cuda" and not p.rewrites else None
     slot = {l: i for i, l in enumerate(kv)}
-    shape = (2, p.first_batch, manifest.kv_heads, p.capacity, manifest.head_dim)
     # Destinations are allocated on the current (compute) stream, which will read them; the side stream
     # waits for these allocations before writing.
-    bufs = [torch.empty(shape, dtype=manifest.dtype, device=device) for _ in kv]
+    bufs = [_buffers(manifest, p.first_batch, p.capacity, device) for _ in kv]
     if side is not None:
         side.wait_stream()
     with side if side is not None else contextlib.nullcontext():
@@ -162,9 +161,20 @@ def replay(manifest: Manifest, streamer: KVStreamer, *, device: torch.device | s
     # A second look once every read was issued: a chunk that still belongs to its run now was that run's
     # when it was read (a run writes each key once, before its manifest), so no replacement slipped in.
     check_chunks(manifest, streamer.transport)
-    keys = [b[0, :, :, :p.length] for b in bufs]
-    values = [b[1, :, :, :p.length] for b in bufs]
+    keys = [k[:, :, :p.length] for k, _ in bufs]
+    values = [v[:, :, :p.length] for _, v in bufs]
     return LayerwiseLoad(keys, values, events, p.length, stream=side.torch_stream if side is not None else None)
+
+
+def _buffers(manifest: Manifest, batch: int, capacity: int, device: torch.device) -> tuple:
+    """One layer's ``(keys, values)`` ``[batch, H, capacity, D]`` destinations: the halves of one
+    ``[2, ...]`` allocation, or two allocations when keys and values have different head dims."""
+    shape = (batch, manifest.kv_heads, capacity)
+    if manifest.head_dim_v == manifest.head_dim:
+        kv = torch.empty((2, *shape, manifest.head_dim), dtype=manifest.dtype, device=device)
+        return kv[0], kv[1]
+    return (torch.empty((*shape, manifest.head_dim), dtype=manifest.dtype, device=device),
+            torch.empty((*shape, manifest.head_dim_v), dtype=manifest.dtype, device=device))
 
 
 #: Most bytes of decode steps staged for one batched gather (:meth:`KVStreamer.gather_many`).
@@ -180,7 +190,8 @@ def _gather_steps(streamer: KVStreamer, steps: list, bufs: list, slot: dict) -> 
         first = steps[i]
         ks = [bufs[slot[l]][0] for l in first.layers]
         vs = [bufs[slot[l]][1] for l in first.layers]
-        step_bytes = 2 * len(ks) * ks[0][0:first.batch, :, :first.tokens].numel() * ks[0].element_size()
+        step_bytes = len(ks) * sum(t[0:first.batch, :, :first.tokens].numel() for t in (ks[0], vs[0])) \
+            * ks[0].element_size()
         j = i + 1
         while (j < len(steps) and steps[j].layers == first.layers and steps[j].batch == first.batch
                and steps[j].tokens == first.tokens and steps[j].start == first.start + (j - i) * first.tokens
@@ -193,8 +204,8 @@ def _gather_steps(streamer: KVStreamer, steps: list, bufs: list, slot: dict) -> 
 
 
 def _gather_prefill(streamer: KVStreamer, seg: Prefill, layer: int, bufs: list, slot: dict) -> None:
-    b = bufs[slot[layer]]
-    streamer.gather(seg.keys[layer], [b[0]], [b[1]], Region(layers=(0, 1), tokens=(seg.start, seg.start + seg.tokens)))
+    k, v = bufs[slot[layer]]
+    streamer.gather(seg.keys[layer], [k], [v], Region(layers=(0, 1), tokens=(seg.start, seg.start + seg.tokens)))
 
 
 def check_chunks(manifest: Manifest, transport) -> None:
@@ -211,13 +222,18 @@ def check_chunks(manifest: Manifest, transport) -> None:
     """
     acting = {id(seg) for seg in plan(manifest).segments}
     where = f"{manifest.session}/manifest"
+    dims = (manifest.head_dim, manifest.head_dim_v)
+
+    def packed(layers: int, seg) -> tuple:
+        return packed_kv_shape(layers, (seg.batch, manifest.kv_heads, seg.tokens), *dims)
+
     for i, seg in enumerate(manifest.segments):
         if id(seg) not in acting:
             continue
         if isinstance(seg, Prefill):
-            want = [(seg.keys[l], (1, 2, seg.batch, manifest.kv_heads, seg.tokens, manifest.head_dim)) for l in seg.keys]
+            want = [(seg.keys[l], packed(1, seg)) for l in seg.keys]
         elif isinstance(seg, Step):
-            want = [(seg.key, (len(seg.layers), 2, seg.batch, manifest.kv_heads, seg.tokens, manifest.head_dim))]
+            want = [(seg.key, packed(len(seg.layers), seg))]
         elif isinstance(seg, Rows):
             want = [(seg.key, None)]
         else:
@@ -233,9 +249,11 @@ def check_chunks(manifest: Manifest, transport) -> None:
             if manifest.model is not None and meta.get(MODEL_META) != manifest.model:
                 raise CorruptChunkError(f"{where}: chunk {key!r} holds KV of model {meta.get(MODEL_META)!r}, the "
                                         f"session's is {manifest.model}")
-            if shape is not None and (tuple(header.shape) != shape or header.dtype != manifest.dtype):
-                raise CorruptChunkError(f"{where}: chunk {key!r} holds {header.dtype} {list(header.shape)}, the "
-                                        f"manifest claims {manifest.dtype} {list(shape)}")
+            if shape is not None and (tuple(header.shape) != shape or header.dtype != manifest.dtype
+                                      or header.head_dims != dims):
+                raise CorruptChunkError(f"{where}: chunk {key!r} holds {header.dtype} {list(header.shape)} (head dims "
+                                        f"{header.head_dims}), the manifest claims {manifest.dtype} {list(shape)} "
+                                        f"(head dims {dims})")
 
 
 def _check_layers(manifest: Manifest, seg: Segment, slot: dict) -> None:
@@ -270,9 +288,9 @@ def _replay_in_order(manifest: Manifest, segments: list, streamer: KVStreamer, b
     remake the buffers."""
     transport = streamer.transport
     for seg in segments:
-        if isinstance(seg, (Prefill, Step)) and bufs and bufs[0].shape[1] != seg.batch:
+        if isinstance(seg, (Prefill, Step)) and bufs and bufs[0][0].shape[0] != seg.batch:
             # after a reset the cache is refilled with another batch (plan() checked it starts at 0)
-            bufs = [b.new_empty((2, seg.batch) + tuple(b.shape[2:])) for b in bufs]
+            bufs = [_buffers(manifest, seg.batch, k.shape[2], device) for k, _ in bufs]
         if isinstance(seg, Prefill):
             _check_layers(manifest, seg, slot)
             for l in sorted(seg.keys):
@@ -285,13 +303,14 @@ def _replay_in_order(manifest: Manifest, segments: list, streamer: KVStreamer, b
             if index.dtype != torch.int64 or index.dim() != 1 or index.numel() != seg.rows:
                 raise CorruptChunkError(f"{seg.key}: expected {seg.rows} int64 row indices, got {index.dtype} "
                                         f"{list(index.shape)}")
-            rows = bufs[0].shape[1] if bufs else 0
+            rows = bufs[0][0].shape[0] if bufs else 0
             if seg.rows and (int(index.min()) < 0 or int(index.max()) >= rows):
                 raise CorruptChunkError(f"{seg.key}: row indices outside the cache's {rows} rows")
             index = index.to(device)
-            bufs = [b.index_select(1, index) for b in bufs]
+            bufs = [(k.index_select(0, index), v.index_select(0, index)) for k, v in bufs]
         elif isinstance(seg, Repeat):
-            bufs = [b.repeat_interleave(seg.repeats, dim=1) for b in bufs]
+            bufs = [(k.repeat_interleave(seg.repeats, dim=0), v.repeat_interleave(seg.repeats, dim=0))
+                    for k, v in bufs]
         # Crop and Reset only move the end of the history (the plan tracks it): later segments overwrite
         # the positions past it, and positions past the final length are never read.
     done = Event(device).record()

@@ -13,6 +13,9 @@ Keys on the transport for session ``S`` (:class:`SessionKeys`)::
     S/seg{n:06d}/all            a short forward, every KV layer:     [L, 2, B, H, T, D]   (Step)
     S/seg{n:06d}/index          int64 row indices of a reorder/select                    (Rows)
 
+(keys and values of different head dims, MLA: ``[1, B, H, T, Dk + Dv]`` and ``[L, B, H, T, Dk + Dv]``,
+:func:`kvstream.layout.packed_kv_shape`; the manifest records ``head_dim_v`` then.)
+
 Identity: every cache that streams is a fresh *run* with a random id (32 hex digits). Each chunk's
 header meta records its run and the model's :func:`~kvstream.layout.kv_fingerprint` (``{"session",
 "run", "model"}``); the manifest records which run wrote which segments (:attr:`Manifest.runs`) and the
@@ -28,6 +31,8 @@ Positions: segments address tokens in *position space*, ``[start, start + tokens
 full history (a sliding-window layer keeps only its window of it; the replay rebuilds the whole history
 and the layer trims itself). A crop records the position length it left, so replay follows whatever
 convention the installed transformers used for ``crop``'s argument.
+
+The segments themselves live in :mod:`kvstream.streaming.segments` (re-exported here).
 """
 
 from __future__ import annotations
@@ -35,13 +40,15 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Sequence, Union
+from typing import Any, Sequence
 
 import torch
 
 from ..chunk import payload_checksum
 from ..errors import CorruptChunkError, LayoutError
 from ..layout import dtype_from_name
+from .segments import (Crop, Prefill, Repeat, Reset, Rows, Segment, Step, int_field, segment_from_dict,
+                       segment_to_dict, str_field)
 
 #: Version of the manifest document (2: runs, model fingerprint, document checksum).
 MANIFEST_FORMAT = 2
@@ -56,137 +63,6 @@ RUN_META, MODEL_META = "run", "model"
 #: Bounds of the geometry a manifest may declare (far past any model: Llama-3-405B has 8 KV heads of 128).
 MAX_KV_HEADS, MAX_HEAD_DIM, MAX_BATCH = 1 << 12, 1 << 14, 1 << 20
 _HEX32 = re.compile(r"[0-9a-f]{32}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Segments
-# ----------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Prefill:
-    """A long forward streamed one chunk per layer: ``keys[l]`` holds ``[1, 2, batch, H, tokens, D]``."""
-
-    start: int
-    tokens: int
-    batch: int
-    keys: dict[int, str]
-    kind: str = field(default="layers", init=False)
-
-
-@dataclass(frozen=True)
-class Step:
-    """A short forward (a decode step) streamed as one chunk of every listed layer: ``[L, 2, batch, H, tokens, D]``."""
-
-    start: int
-    tokens: int
-    batch: int
-    key: str
-    layers: tuple[int, ...]
-    kind: str = field(default="all", init=False)
-
-
-@dataclass(frozen=True)
-class Rows:
-    """Batch rows reordered (beam search, ``kind="reorder"``) or selected (``kind="select"``): row ``r`` of the
-    cache after it is row ``index[r]`` before; ``key`` holds the int64 ``index`` of ``rows`` entries."""
-
-    kind: str
-    key: str
-    rows: int
-
-
-@dataclass(frozen=True)
-class Repeat:
-    """Every batch row repeated ``repeats`` times in place (``repeat_interleave`` on the batch axis)."""
-
-    repeats: int
-    kind: str = field(default="repeat", init=False)
-
-
-@dataclass(frozen=True)
-class Crop:
-    """The newest tokens dropped: every layer's position length is ``length`` afterwards (``tokens``: the
-    argument ``crop`` was called with, kept for the record)."""
-
-    length: int
-    tokens: int
-    kind: str = field(default="crop", init=False)
-
-
-@dataclass(frozen=True)
-class Reset:
-    """The cache was emptied."""
-
-    kind: str = field(default="reset", init=False)
-
-
-Segment = Union[Prefill, Step, Rows, Repeat, Crop, Reset]
-
-
-def _int(doc: dict, name: str, where: str, lo: int = 0, hi: int | None = None) -> int:
-    v = doc.get(name)
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
-        bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise CorruptChunkError(f"{where}: field {name!r} must be an int {bound}, got {v!r}")
-    return v
-
-
-def _str(doc: dict, name: str, where: str) -> str:
-    v = doc.get(name)
-    if not isinstance(v, str) or not v:
-        raise CorruptChunkError(f"{where}: field {name!r} must be a non-empty string, got {v!r}")
-    return v
-
-
-def segment_to_dict(seg: Segment) -> dict:
-    """The JSON form of a segment (``kind`` plus its fields; layer ids of a Prefill as string keys)."""
-    if isinstance(seg, Prefill):
-        return {"kind": "layers", "start": seg.start, "tokens": seg.tokens, "batch": seg.batch,
-                "keys": {str(l): k for l, k in seg.keys.items()}}
-    if isinstance(seg, Step):
-        return {"kind": "all", "start": seg.start, "tokens": seg.tokens, "batch": seg.batch, "key": seg.key,
-                "layers": list(seg.layers)}
-    if isinstance(seg, Rows):
-        return {"kind": seg.kind, "key": seg.key, "rows": seg.rows}
-    if isinstance(seg, Repeat):
-        return {"kind": "repeat", "repeats": seg.repeats}
-    if isinstance(seg, Crop):
-        return {"kind": "crop", "length": seg.length, "tokens": seg.tokens}
-    return {"kind": "reset"}
-
-
-def segment_from_dict(doc: Any, where: str, num_layers: int) -> Segment:
-    """Inverse of :func:`segment_to_dict`, checking every field. Raises :class:`CorruptChunkError`."""
-    if not isinstance(doc, dict):
-        raise CorruptChunkError(f"{where}: a segment must be a JSON object, got {type(doc).__name__}")
-    kind = doc.get("kind")
-    if kind == "layers":
-        keys = doc.get("keys")
-        if not isinstance(keys, dict):
-            raise CorruptChunkError(f"{where}: field 'keys' must be an object of layer -> key")
-        parsed = {}
-        for l, k in keys.items():
-            if not (isinstance(l, str) and l.isdigit() and int(l) < num_layers) or not isinstance(k, str) or not k:
-                raise CorruptChunkError(f"{where}: bad layer key entry {l!r}: {k!r}")
-            parsed[int(l)] = k
-        return Prefill(_int(doc, "start", where), _int(doc, "tokens", where, 1), _int(doc, "batch", where, 1), parsed)
-    if kind == "all":
-        layers = doc.get("layers")
-        if not isinstance(layers, list) or not layers or len(set(map(str, layers))) != len(layers) or not all(
-                isinstance(l, int) and not isinstance(l, bool) and 0 <= l < num_layers for l in layers):
-            raise CorruptChunkError(f"{where}: field 'layers' must list distinct layer ids in [0, {num_layers})")
-        return Step(_int(doc, "start", where), _int(doc, "tokens", where, 1), _int(doc, "batch", where, 1),
-                    _str(doc, "key", where), tuple(layers))
-    if kind in ("reorder", "select"):
-        return Rows(kind, _str(doc, "key", where), _int(doc, "rows", where))
-    if kind == "repeat":
-        return Repeat(_int(doc, "repeats", where, 1))
-    if kind == "crop":
-        return Crop(_int(doc, "length", where), int(doc.get("tokens", 0)) if isinstance(doc.get("tokens", 0), int)
-                    else 0)
-    if kind == "reset":
-        return Reset()
-    raise CorruptChunkError(f"{where}: unknown segment kind {kind!r}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -206,7 +82,10 @@ class Manifest:
     kv_layers : list of int
         Layers that hold KV, ascending.
     kv_heads, head_dim : int or None
-        Geometry of every KV layer (``None`` while nothing was streamed).
+        Geometry of every KV layer (``None`` while nothing was streamed); ``head_dim`` is the keys'.
+    head_dim_v : int or None
+        The values' head dim (``head_dim`` unless they differ: MLA). A manifest without one (every
+        manifest of one head dim, and those written before it existed) has ``head_dim``'s.
     dtype : torch.dtype or None
         Element type of the KV.
     batch : int or None
@@ -238,6 +117,11 @@ class Manifest:
     run: str | None = None
     runs: list = field(default_factory=list)
     model: str | None = None
+    head_dim_v: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.head_dim_v is None:
+            self.head_dim_v = self.head_dim
 
     def to_dict(self) -> dict:
         """The JSON document (what :meth:`to_bytes` encodes), with its ``checksum``."""
@@ -249,6 +133,8 @@ class Manifest:
                "seq_length": self.seq_length, "run": self.run, "runs": [[int(i), r] for i, r in self.runs],
                "model": self.model,
                "segments": [segment_to_dict(s) for s in self.segments]}
+        if self.head_dim_v != self.head_dim:  # only then: a manifest of one head dim is as it was
+            doc["head_dim_v"] = self.head_dim_v
         doc["checksum"] = _doc_checksum(doc)
         return doc
 
@@ -272,7 +158,7 @@ class Manifest:
         if doc.get("format") != MANIFEST_FORMAT:
             raise CorruptChunkError(f"{source}: unknown manifest format {doc.get('format')!r} "
                                     f"(this kvstream reads {MANIFEST_FORMAT})")
-        num_layers = _int(doc, "num_layers", source, 1, 1 << 16)
+        num_layers = int_field(doc, "num_layers", source, 1, 1 << 16)
         kv = doc.get("kv_layers")
         if not isinstance(kv, list) or not all(isinstance(l, int) and not isinstance(l, bool) for l in kv) \
                 or kv != sorted(set(kv)) or (kv and not 0 <= kv[0] <= kv[-1] < num_layers):
@@ -287,17 +173,18 @@ class Manifest:
                 or [r[0] for r in runs] != sorted({r[0] for r in runs}):
             raise CorruptChunkError(f"{source}: field 'runs' must list at most {MAX_RUNS} [first segment, run id] "
                                     "pairs in ascending order of their first segments")
-        m = cls(session=_str(doc, "session", source), num_layers=num_layers, kv_layers=list(kv),
-                seq_length=_int(doc, "seq_length", source), runs=[(i, r) for i, r in runs],
+        m = cls(session=str_field(doc, "session", source), num_layers=num_layers, kv_layers=list(kv),
+                seq_length=int_field(doc, "seq_length", source), runs=[(i, r) for i, r in runs],
                 run=_hex_or_none(doc, "run", source), model=_hex_or_none(doc, "model", source))
         if doc.get("kv_heads") is not None or segs:
-            m.kv_heads = _int(doc, "kv_heads", source, 1, MAX_KV_HEADS)
-            m.head_dim = _int(doc, "head_dim", source, 1, MAX_HEAD_DIM)
+            m.kv_heads = int_field(doc, "kv_heads", source, 1, MAX_KV_HEADS)
+            m.head_dim = int_field(doc, "head_dim", source, 1, MAX_HEAD_DIM)
+            m.head_dim_v = int_field(doc, "head_dim_v", source, 1, MAX_HEAD_DIM) if "head_dim_v" in doc else m.head_dim
             try:
                 m.dtype = dtype_from_name(doc.get("dtype"))
             except LayoutError as e:
                 raise CorruptChunkError(f"{source}: {e}") from None
-            m.batch = _int(doc, "batch", source, 1, MAX_BATCH)
+            m.batch = int_field(doc, "batch", source, 1, MAX_BATCH)
         m.segments = [segment_from_dict(s, f"{source} segment {i}", num_layers) for i, s in enumerate(segs)]
         if doc.get("checksum") != _doc_checksum(doc):
             raise CorruptChunkError(f"{source}: document checksum {doc.get('checksum')!r} does not match its "

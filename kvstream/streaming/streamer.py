@@ -44,6 +44,7 @@ from typing import Sequence
 import torch
 
 from .. import kernels
+from ..chunk import with_head_dims
 from ..errors import ConfigError, LayoutError
 from ..layout import Region, check_hf_layers
 from ..cuda import Event, side_stream
@@ -142,7 +143,8 @@ class KVStreamer:
             Per-layer ``[batch, kv_heads, seq, head_dim]`` tensors (any strides, ``head_dim`` contiguous),
             on this streamer's device.
         region : Region
-            What to send; the chunk is ``region.packed_shape(head_dim)``.
+            What to send; the chunk is ``region.packed_shape(head_dim, head_dim_v)`` (the keys' and the values'
+            head dims; the chunk's meta records them when they differ: :data:`kvstream.chunk.HEAD_DIMS`).
         background : bool, optional
             Run on the side stream without blocking (default: ``level >= 2``). Levels 0 and 1 always
             block until the chunk has landed.
@@ -158,6 +160,7 @@ class KVStreamer:
             If the tensors do not fit the region.
         """
         region = check_hf_layers(keys, values, region)
+        meta = with_head_dims(meta, keys[region.layers.start].shape[3], values[region.layers.start].shape[3])
         if self.level == 0:
             chunk = self._naive(keys, values, region, [region.tokens.start] * len(region.layers))
             return self._finish_sync(self.flush(key, chunk, region=region, meta=meta))
@@ -172,13 +175,15 @@ class KVStreamer:
         """Pack the newest ``num_tokens`` tokens of every layer (one launch) and flush them as one chunk.
 
         This is DéjàVuLib's token path: after a decode step, the step's KV of all local layers goes out in a
-        single chunk ``[L, 2, B, H, num_tokens, D]``. Layer ``l``'s newest tokens are
-        ``[seq_l - num_tokens, seq_l)``, so layers of different lengths (sliding windows) are fine.
+        single chunk ``[L, 2, B, H, num_tokens, D]`` (``[L, B, H, num_tokens, Dk + Dv]`` for K and V of
+        different head dims). Layer ``l``'s newest tokens are ``[seq_l - num_tokens, seq_l)``, so layers of
+        different lengths (sliding windows) are fine.
 
         ``background`` defaults to ``level == 3`` (decode steps stream in the background only at level 3).
         """
         layers = range(0, len(keys)) if layers is None else layers
         b, h, _, d = keys[layers.start].shape
+        meta = with_head_dims(meta, d, values[layers.start].shape[-1])
         if self.level == 0:
             region = Region(layers=layers, tokens=(0, num_tokens), batch=(0, b), heads=(0, h))
             starts = [keys[l].shape[2] - num_tokens for l in layers]
@@ -205,8 +210,9 @@ class KVStreamer:
             If the positions fall outside the planned tensors.
         """
         n = plan.num_tokens
+        meta = with_head_dims(meta, *plan.head_dims)
         if self.level == 0:
-            b, h = plan.shape[2], plan.shape[3]
+            b, h = plan.keys[0].shape[0], plan.keys[0].shape[1]
             region = Region(layers=(0, len(plan.keys)), tokens=(start, start + n), batch=(0, b), heads=(0, h))
             chunk = self._naive(plan.keys, plan.values, region, [start] * len(plan.keys))
             return self._finish_sync(self.flush(key, chunk, meta=meta))
@@ -223,7 +229,7 @@ class KVStreamer:
             Per-layer ``[batch, kv_heads, seq, head_dim]`` tensors (any strides, ``head_dim`` contiguous),
             written in place; ``seq >= region.tokens.stop``.
         region : Region
-            Where the chunk goes; the stored chunk must be ``region.packed_shape(head_dim)``.
+            Where the chunk goes; the stored chunk must be ``region.packed_shape(head_dim, head_dim_v)``.
 
         Returns
         -------
@@ -262,16 +268,22 @@ class KVStreamer:
         if count == 0 or total % count:
             raise LayoutError(f"gather_many: {total} tokens do not split into {count} equal chunks")
         first = keys[region.layers.start]
-        layers, kv, b, h, _, d = region.packed_shape(first.shape[3])
-        staging = torch.empty((count, layers, kv, b, h, total // count, d), dtype=first.dtype, device=first.device)
+        shape = list(region.packed_shape(first.shape[3], values[region.layers.start].shape[3]))
+        tok = len(shape) - 2  # the token axis (the kv axis is there only when K and V share a head_dim)
+        shape[tok] = total // count
+        staging = torch.empty((count, *shape), dtype=first.dtype, device=first.device)
         handle = self.transport.fetch_many([(k, staging[j]) for j, k in enumerate(chunk_keys)])
         with self._lock:
             self.stats.chunks_in += count
             self.stats.bytes_in += staging.numel() * staging.element_size()
         if not handle.stream_ordered:
             handle.wait()
-        chunk = staging[0] if count == 1 else \
-            staging.permute(1, 2, 3, 4, 0, 5, 6).contiguous().view(layers, kv, b, h, total, d)
+        if count == 1:
+            chunk = staging[0]
+        else:  # [J, ..., n, d] -> [..., J, n, d] -> [..., J * n, d]
+            order = [*range(1, tok + 1), 0, *range(tok + 1, len(shape) + 1)]
+            shape[tok] = total
+            chunk = staging.permute(*order).contiguous().view(shape)
         kernels.unpack_tokens(chunk, keys, values, region)
         return CompletedHandle()
 

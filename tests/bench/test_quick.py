@@ -8,6 +8,7 @@ in ``bench/results``. The pure helpers of records, timing and ceilings are check
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -106,6 +107,22 @@ def test_quick_prefix_topic_writes_the_reuse_keys(quick_run):
         assert doc[key]["value"] is not None and doc[key]["pass"] is None, key
     assert doc["file_store_ttft_vs_prefill"]["detail"]["plan"]["choice"] in ("load", "split", "recompute")
     assert doc["file_store_read_vs_raw"]["detail"]["raw"].startswith("raw-")
+
+
+@pytest.mark.slow
+def test_quick_offload_topic_writes_its_key_and_plot(quick_run):
+    out, _ = quick_run
+    entry = json.loads((out / "summary.json").read_text())["offload_budget"]
+    assert entry["value"] is not None and entry["ceiling"] is not None and entry["pass"] is None
+    fractions = entry["detail"]["fractions"]
+    assert sorted(fractions, key=int) == ["0", "25", "50", "75", "100"]
+    assert all(f["tokens_identical"] for f in fractions.values())
+    with open(out / "offload.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["bench"], r["provider"]) for r in rows} >= {("offload.e2e", "kvstream"), ("offload.e2e", "pcie-floor"),
+                                                           ("offload.ref", "dynamic")}
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "offload_budget.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow

@@ -25,8 +25,9 @@ def rand(gen: torch.Generator, shape, dtype: torch.dtype, device) -> torch.Tenso
 KINDS = ("contiguous", "static", "bshd", "sliced", "unaligned")
 
 
-def hf_layers(gen, *, seq, batch, heads, head_dim, dtype, device, kind="contiguous"):
-    """Per-layer K and V tensors ``[batch, heads, seq[l], head_dim]`` stored as ``kind``:
+def hf_layers(gen, *, seq, batch, heads, head_dim, dtype, device, kind="contiguous", head_dim_v=None):
+    """Per-layer K and V tensors ``[batch, heads, seq[l], head_dim]`` (V: ``head_dim_v`` if given: MLA) stored
+    as ``kind``:
 
     * ``contiguous`` — DynamicCache;
     * ``static`` — StaticCache: a ``[B, H, seq + 3, D]`` buffer viewed to ``[:, :, :seq]``;
@@ -39,21 +40,21 @@ def hf_layers(gen, *, seq, batch, heads, head_dim, dtype, device, kind="contiguo
     """
     keys, values, bases = [], [], []
     for s in seq:
-        for out in (keys, values):
+        for out, d in ((keys, head_dim), (values, head_dim_v or head_dim)):
             if kind == "contiguous":
-                base = rand(gen, (batch, heads, s, head_dim), dtype, device)
+                base = rand(gen, (batch, heads, s, d), dtype, device)
                 view = base
             elif kind == "static":
-                base = rand(gen, (batch, heads, s + 3, head_dim), dtype, device)
+                base = rand(gen, (batch, heads, s + 3, d), dtype, device)
                 view = base[:, :, :s]
             elif kind == "bshd":
-                base = rand(gen, (batch, s, heads, head_dim), dtype, device)
+                base = rand(gen, (batch, s, heads, d), dtype, device)
                 view = base.transpose(1, 2)
             elif kind == "unaligned":
-                base = rand(gen, (batch * heads * s * head_dim + 1,), dtype, device)
-                view = base[1:].view(batch, heads, s, head_dim)
+                base = rand(gen, (batch * heads * s * d + 1,), dtype, device)
+                view = base[1:].view(batch, heads, s, d)
             elif kind == "sliced":
-                base = rand(gen, (batch + 2, heads + 1, s + 2, head_dim), dtype, device)
+                base = rand(gen, (batch + 2, heads + 1, s + 2, d), dtype, device)
                 view = base[1:batch + 1, 1:heads + 1, 2:s + 2]
             else:
                 raise ValueError(kind)
@@ -62,10 +63,11 @@ def hf_layers(gen, *, seq, batch, heads, head_dim, dtype, device, kind="contiguo
     return keys, values, bases
 
 
-def paged_layers(gen, *, layers, num_blocks, block_size, heads, head_dim, dtype, device, kind="nhd"):
+def paged_layers(gen, *, layers, num_blocks, block_size, heads, head_dim, dtype, device, kind="nhd",
+                 head_dim_v=None):
     """Per-layer paged caches ``[num_blocks, block_size, heads, head_dim]``:
 
-    * ``nhd`` — one contiguous tensor per layer and K/V;
+    * ``nhd`` — one contiguous tensor per layer and K/V (V of ``head_dim_v`` if given);
     * ``flashinfer`` — ``[num_blocks, 2, block_size, H, D]`` per layer, K = ``[:, 0]``, V = ``[:, 1]``;
     * ``vllm`` — ``[2, num_blocks, block_size, H, D]`` per layer, K = ``[0]``, V = ``[1]``.
 
@@ -75,7 +77,7 @@ def paged_layers(gen, *, layers, num_blocks, block_size, heads, head_dim, dtype,
     for _ in range(layers):
         if kind == "nhd":
             k = rand(gen, (num_blocks, block_size, heads, head_dim), dtype, device)
-            v = rand(gen, (num_blocks, block_size, heads, head_dim), dtype, device)
+            v = rand(gen, (num_blocks, block_size, heads, head_dim_v or head_dim), dtype, device)
             bases += [k, v]
         elif kind == "flashinfer":
             base = rand(gen, (num_blocks, 2, block_size, heads, head_dim), dtype, device)

@@ -105,12 +105,20 @@ _PTX_SCRIPT = textwrap.dedent("""
                     {"table_ptr": "*i64", "chunk_ptr": "*i16", "starts_ptr": "*i64", "rows": "i64", "heads": "i32",
                      "tokens": "i32", "tiles": "i32", "t0": "i64"},
                     {"COLS": 6, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_R": 64, "ALIGN": align,
-                     "DEVICE_STARTS": False, "UNPACK": unpack, "ACROSS_ROWS": across})
+                     "DEVICE_STARTS": False, "UNPACK": unpack, "ACROSS_ROWS": across, "HEAD_DIM_V": 128,
+                     "BLOCK_DV": 128})
         out[f"paged-{align}"] = compile_(
             paged._copy_blocks_kernel,
             {"table_ptr": "*i64", "chunk_ptr": "*i16", "ids_ptr": "*i32", "num_ids": "i32", "tiles": "i32"},
             {"COLS": 5, "BLOCK_SIZE": 16, "HEADS": 8, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_R": 64, "ALIGN": align,
-             "UNPACK": False})
+             "UNPACK": False, "HEAD_DIM_V": 128, "BLOCK_DV": 128})
+    for unpack in (False, True):  # DeepSeek-V3's latent (512) and rotary key (64): K and V of different head dims
+        out[f"split-{unpack}"] = compile_(
+            tokens._copy_tokens_kernel,
+            {"table_ptr": "*i64", "chunk_ptr": "*i16", "starts_ptr": "*i64", "rows": "i64", "heads": "i32",
+             "tokens": "i32", "tiles": "i32", "t0": "i64"},
+            {"COLS": 6, "HEAD_DIM": 512, "BLOCK_D": 512, "BLOCK_R": 16, "ALIGN": 8, "DEVICE_STARTS": False,
+             "UNPACK": unpack, "ACROSS_ROWS": True, "HEAD_DIM_V": 64, "BLOCK_DV": 64})
     print(json.dumps(out))
 """)
 
@@ -136,3 +144,6 @@ def test_kernels_compile_to_16_byte_loads_and_stores():
             assert unaligned.get("ld.global.b16" if unpack == "False" else "st.global.b16", 0) == 64, unaligned
     assert got["paged-8"].get("ld.global.v4.b32", 0) == 8 and got["paged-8"].get("st.global.v4.b32", 0) == 8
     assert got["paged-1"].get("ld.global.b16", 0) == 64
+    for unpack in ("False", "True"):  # both parts of a split row move in 16-byte vectors too
+        ops = got[f"split-{unpack}"]
+        assert ops.keys() - {"ld.global.v4.b32", "st.global.v4.b32", "ld.global.b64"} == set(), ops

@@ -99,11 +99,12 @@ def test_empty_region_launches_nothing(seed, device, region):
     assert kernels.pack_newest(keys, values, num_tokens=0, backend="triton").shape == (2, 2, 2, 2, 0, 8)
 
 
+@pytest.mark.parametrize("head_dim_v", [None, 16], ids=["one-head-dim", "values-16"])  # 16: K and V differ (MLA)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", ["contiguous", "static", "bshd"])
-def test_newest_matches_reference_with_sliding_window_layers(seed, device, kind, dtype):
+def test_newest_matches_reference_with_sliding_window_layers(seed, device, kind, dtype, head_dim_v):
     keys, values, bases = hf_layers(seed, seq=[9, 4, 9, 5], batch=2, heads=3, head_dim=8, dtype=dtype,
-                                    device=device, kind=kind)
+                                    device=device, kind=kind, head_dim_v=head_dim_v)
     for args in (dict(), dict(num_tokens=3), dict(layers=[3, 0]), dict(starts=[0, 1, 8, 4]), dict(starts=2),
                  dict(starts=torch.tensor([1, 0, 2, 3], dtype=torch.int32)), dict(layers=range(1, 3), starts=[3, 5])):
         expected = ref.pack_newest(keys, values, **args)

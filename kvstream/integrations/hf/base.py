@@ -27,9 +27,15 @@ def _is_kv_layer(layer: Any) -> bool:
     return isinstance(layer, (DynamicLayer, StaticLayer))
 
 
+#: The cache layers :class:`~kvstream.integrations.hf.cache.StreamingCache` streams, by exact class: DynamicLayer
+#: and its sliding-window subclass hold KV and nothing else; DummyLayer (shared-KV / MLP-only layers) holds
+#: none. Other subclasses hold more than KV (DynamicIndexedLayer the indexer keys of sparse attention, the
+#: hybrid layers a recurrent state), which a stored session would silently lose.
+SUPPORTED_DYNAMIC = ("DynamicLayer", "DynamicSlidingWindowLayer", "DummyLayer")
+
+
 def _supported(layer: Any) -> bool:
-    # DynamicLayer and its sliding-window subclass hold KV; DummyLayer (shared-KV / MLP-only layers) holds none.
-    return isinstance(layer, DynamicLayer) or type(layer).__name__ == "DummyLayer"
+    return type(layer).__name__ in SUPPORTED_DYNAMIC
 
 
 @dataclass
@@ -82,7 +88,7 @@ class _SessionStreaming:
         self._kv_ids_for = -1
         self._last_kv_layer: int | None = None
         self._batch: int | None = None
-        self._geometry: tuple | None = None  # (kv_heads, head_dim, dtype) of the first layer seen
+        self._geometry: tuple | None = None  # (kv_heads, head_dim, head_dim_v, dtype) of the first layer seen
         self._step_plan = None  # kernels.plan_newest of the last decode step's new KV
 
     def _forward_start(self, layer_idx: int, tokens: int) -> int:
@@ -94,9 +100,9 @@ class _SessionStreaming:
         return int(self.get_seq_length())
 
 
-    def _first_chunk(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+    def _first_chunk(self, batch: int, kv_heads: int, head_dim: int, head_dim_v: int, dtype: torch.dtype) -> None:
         """The session's geometry and the model fingerprint every chunk's meta carries, from its first chunk."""
-        self._batch, self._geometry = batch, (kv_heads, head_dim, dtype)
+        self._batch, self._geometry = batch, (kv_heads, head_dim, head_dim_v, dtype)
         if self.config is not None and self._model is None:
             self._model = kv_fingerprint(self.config, dtype)
             self._chunk_meta = {**self._chunk_meta, "model": self._model}
@@ -130,7 +136,7 @@ class _SessionStreaming:
             return
         self._ensure_streamer(k.device)
         if self._batch is None:
-            self._first_chunk(k.shape[0], k.shape[1], k.shape[3], k.dtype)
+            self._first_chunk(k.shape[0], k.shape[1], k.shape[3], v.shape[3], k.dtype)
         self._finish_forward()
         start = self._forward_start(layer_idx, n)
         mode = "layers" if n > self.layer_chunk_min_tokens else "all"
@@ -269,11 +275,11 @@ class _SessionStreaming:
 
     def session_manifest(self) -> Manifest:
         """The session's :class:`~kvstream.streaming.session.Manifest`: layout, batch, ordered segments."""
-        kv_heads, head_dim, dtype = self._geometry if self._geometry else (None, None, None)
+        kv_heads, head_dim, head_dim_v, dtype = self._geometry if self._geometry else (None, None, None, None)
         return Manifest(session=self.session, num_layers=len(self.layers), kv_layers=list(self._kv_layer_ids()),
                         kv_heads=kv_heads, head_dim=head_dim, dtype=dtype, batch=self._batch,
                         seq_length=self._seq_length(), segments=list(self._recorder.segments),
-                        run=self.run_id, runs=list(self._runs), model=self._model)
+                        run=self.run_id, runs=list(self._runs), model=self._model, head_dim_v=head_dim_v)
 
     def manifest(self) -> dict:
         """The session manifest as its JSON document (what :meth:`load` replays)."""
@@ -316,10 +322,11 @@ class _SessionStreaming:
             ids = self._kv_layer_ids()
             if not ids or not self.layers[ids[0]].is_initialized:
                 raise LayoutError("StreamingCache.layout(): the cache is empty")
-            k = self.layers[ids[0]].keys
-            self._geometry = (k.shape[1], k.shape[3], k.dtype)
-        kv_heads, head_dim, dtype = self._geometry
-        return KVLayout(num_layers=len(self._kv_layer_ids()), kv_heads=kv_heads, head_dim=head_dim, dtype=dtype)
+            k, v = self.layers[ids[0]].keys, self.layers[ids[0]].values
+            self._geometry = (k.shape[1], k.shape[3], v.shape[3], k.dtype)
+        kv_heads, head_dim, head_dim_v, dtype = self._geometry
+        return KVLayout(num_layers=len(self._kv_layer_ids()), kv_heads=kv_heads, head_dim=head_dim, dtype=dtype,
+                        head_dim_v=head_dim_v)
 
 
-__all__ = ["_SessionStreaming", "MANIFEST_FORMAT"]
+__all__ = ["_SessionStreaming", "MANIFEST_FORMAT", "SUPPORTED_DYNAMIC"]

@@ -28,7 +28,7 @@ from transformers.cache_utils import DynamicCache
 from ...errors import ConfigError
 from ...transports.base import Transport
 from . import prefix as _prefix
-from .base import MANIFEST_FORMAT, _SessionStreaming, _supported
+from .base import MANIFEST_FORMAT, SUPPORTED_DYNAMIC, _SessionStreaming, _supported
 from .offload import Offloader
 from .resume import load_session
 from .reuse import fill_from_prefix
@@ -51,6 +51,12 @@ class StreamingCache(_SessionStreaming, DynamicCache):
         DéjàVuLib level 0-3 (default ``KVSTREAM_LEVEL`` or 3); see :mod:`kvstream.streaming.levels`.
     offload : bool
         Keep only the layer in flight and the next one on the GPU; the rest in pinned host memory.
+    gpu_budget_bytes : int, optional
+        With ``offload=True``: bytes of KV that may stay on the GPU. As many layers as fit keep their KV
+        resident (as ``DynamicCache`` does) and only the rest is offloaded, spread over the depth so that
+        each offloaded layer's prefetch runs while the layers before it compute: the cost grows with the
+        offloaded fraction (:class:`~kvstream.integrations.hf.offload.Offloader` says what is counted).
+        ``None``: offload every full-attention layer.
     layer_chunk_min_tokens : int
         Forwards with more new tokens than this stream one chunk per layer (prompt path); others one
         chunk for all layers (decode path).
@@ -58,8 +64,10 @@ class StreamingCache(_SessionStreaming, DynamicCache):
     Raises
     ------
     ConfigError
-        If the config has layers whose state is not KV (linear attention, hybrid Mamba), which this
-        cache cannot stream, or the session name is not a relative key prefix.
+        If the config has cache layers this cache cannot stream (linear attention, hybrid Mamba, the
+        indexer cache of sparse attention: the message names their classes), the session name is not a
+        relative key prefix, or ``gpu_budget_bytes`` is given without ``offload=True`` (or is not a
+        non-negative int).
 
     Notes
     -----
@@ -83,16 +91,26 @@ class StreamingCache(_SessionStreaming, DynamicCache):
     """
 
     def __init__(self, config: Any = None, transport: Transport | None = None, session: str = "default", *,
-                 level: int | str | None = None, offload: bool = False, layer_chunk_min_tokens: int = 16):
+                 level: int | str | None = None, offload: bool = False, layer_chunk_min_tokens: int = 16,
+                 gpu_budget_bytes: int | None = None):
         super().__init__(config=config)
         bad = [type(l).__name__ for l in self.layers if not _supported(l)]
         if bad:
-            raise ConfigError(f"StreamingCache streams attention KV only; this config has layers {sorted(set(bad))}")
+            raise ConfigError(f"StreamingCache streams attention KV only ({', '.join(SUPPORTED_DYNAMIC)} layers); "
+                              f"this config has cache layers {sorted(set(bad))}")
+        if gpu_budget_bytes is not None and not offload:
+            raise ConfigError("gpu_budget_bytes needs offload=True (it says how much of the KV stays on the GPU)")
         self._init_streaming(config, transport, session, level, layer_chunk_min_tokens)
         self.offload = bool(offload)
         self._pending = None  # a layer-wise load (a prefix, a session) not yet taken
-        self._offloader = Offloader(self) if self.offload else None
+        self._offloader = Offloader(self, gpu_budget_bytes) if self.offload else None
         self.matched_tokens = 0
+
+    @property
+    def offloaded_layers(self) -> list[int]:
+        """The layers whose KV history lives in pinned host memory (``offload=True``), ascending; the other
+        layers keep theirs on the GPU."""
+        return self._offloader.offloaded_layers if self._offloader is not None else []
 
     # ------------------------------------------------------------------------------------------------
     # the hook
@@ -120,7 +138,8 @@ class StreamingCache(_SessionStreaming, DynamicCache):
     @classmethod
     def load(cls, transport: Transport, session: str, *, config: Any = None, device: torch.device | str | None = None,
              level: int | str | None = None, offload: bool = False, stream: bool = True,
-             layerwise: bool | None = None, recover: bool = False) -> "StreamingCache":
+             layerwise: bool | None = None, gpu_budget_bytes: int | None = None,
+             recover: bool = False) -> "StreamingCache":
         """Rebuild a session's cache from its stored chunks (the same class, still streaming).
 
         The chunks are replayed through a :class:`~kvstream.streaming.streamer.KVStreamer` (its ``gather``
@@ -138,8 +157,9 @@ class StreamingCache(_SessionStreaming, DynamicCache):
             The model's config (must match the one that streamed).
         device : torch.device or str, optional
             Where the KV goes (``"cuda"``); default the CPU.
-        level, offload
-            As for the constructor (``offload=True`` loads synchronously, then moves the KV to host memory).
+        level, offload, gpu_budget_bytes
+            As for the constructor (``offload=True`` loads synchronously, then moves the KV of the layers the
+            budget does not keep to host memory).
         stream : bool
             Keep streaming new tokens into the same session (``True``), or load only.
         layerwise : bool, optional
@@ -163,7 +183,8 @@ class StreamingCache(_SessionStreaming, DynamicCache):
             config declares one), or the model fingerprint the session was streamed with.
         """
         return load_session(cls, transport, session, config=config, device=device, level=level, offload=offload,
-                            stream=stream, layerwise=layerwise, recover=recover)
+                            stream=stream, layerwise=layerwise, gpu_budget_bytes=gpu_budget_bytes,
+                            recover=recover)
 
     @classmethod
     def from_prefix(cls, store: Any, input_ids: Any, *, config: Any = None, device: torch.device | str | None = None,

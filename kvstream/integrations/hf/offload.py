@@ -1,9 +1,17 @@
-"""Offloading: every layer's KV history in pinned host memory, only the layer in flight and the next on the GPU.
+"""Offloading: KV history in pinned host memory, only the layers in flight on the GPU; within a budget, the
+layers that fit stay resident.
 
-Each step only the *new* tokens cross device→host (appended to the layer's host mirror on a side stream),
-plus one host→device prefetch per layer, of layer ``l + 1`` while layer ``l`` computes. HF's own
-offloaded cache instead copies each whole layer both ways every step (``Cache.offload/prefetch`` in
-transformers' ``cache_utils.py``).
+Each step only the *new* tokens cross device→host (appended to the layer's :class:`~.mirror.HostMirror` on
+a side stream), plus one host→device prefetch per offloaded layer, of the next offloaded layer while the
+layers before it compute. HF's own offloaded cache instead copies each whole layer both ways every step
+(``Cache.offload/prefetch`` in transformers' ``cache_utils.py``).
+
+With ``gpu_budget_bytes`` (:class:`Offloader`) the layers whose KV fits in the budget stay on the GPU as
+``DynamicCache`` keeps them, and only the rest is offloaded, so the cost grows with the offloaded fraction.
+The offloaded layers are spread evenly over the depth (:func:`spread_order`): while the resident layers
+between two offloaded ones compute, the next offloaded layer's copy runs, so a step costs about
+``max(compute, offloaded bytes / PCIe bandwidth)`` rather than their sum (with the offloaded layers in one
+block, their copies would have no compute to hide behind).
 """
 
 from __future__ import annotations
@@ -13,161 +21,90 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from ...cuda import Event, Stream, host_empty, memcpy_2d_async, side_stream
+from ...cuda import Stream, side_stream
+from ...errors import ConfigError
+from .mirror import HostMirror
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor | None:
-    """``[B, H, T, D]`` as a ``[B * H, T * D]`` view with one row pitch, or ``None`` if no such view exists."""
-    b, h, n, d = t.shape
-    try:
-        return t.view(b * h, n * d)
-    except RuntimeError:
-        return None
+def spread_order(ids: list[int]) -> list[int]:
+    """``ids`` in an order whose every prefix is spread evenly over them: each next id is the one farthest from
+    those before it, counted around the ring of positions (a step's last offloaded layer and the next
+    step's first one have the layers between them, wrapping around, to hide a copy); ties go to the lower id.
 
-
-class HostMirror:
-    """One layer's KV history in pinned host memory, ``[B, H, capacity, D]`` for K and for V.
-
-    Parameters
-    ----------
-    like : torch.Tensor
-        A ``[B, H, T, D]`` KV tensor giving rows, heads, head_dim and dtype; pinned when it is on CUDA.
-    capacity : int
-        Tokens the host buffers hold before :meth:`append` grows them (a grow synchronizes).
-
-    Used by :class:`Offloader` (layer by layer within a forward) and by the pipeline engine's microbatch
-    swapping (:mod:`kvstream.serving.pipeline.swap`).
+    Examples
+    --------
+    >>> spread_order(list(range(8)))
+    [0, 4, 2, 6, 1, 3, 5, 7]
     """
-
-    def __init__(self, like: torch.Tensor, capacity: int):
-        b, h, _, d = like.shape
-        self.shape = (b, h, d)
-        self.dtype = like.dtype
-        self.n = 0
-        self.k = host_empty((b, h, capacity, d), like.dtype, pin=like.is_cuda)
-        self.v = host_empty((b, h, capacity, d), like.dtype, pin=like.is_cuda)
-        self.ready: Event | None = None  # the last append's completion
-
-    @property
-    def capacity(self) -> int:
-        """Tokens the host buffers can hold before they grow."""
-        return self.k.shape[2]
-
-    def _grow(self, need: int) -> None:
-        if need <= self.capacity:
-            return
-        if self.ready is not None:
-            self.ready.synchronize()
-        cap = max(need, 2 * self.capacity)
-        b, h, d = self.shape
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = host_empty((b, h, cap, d), self.dtype, pin=old.is_pinned())
-            new[:, :, :self.n].copy_(old[:, :, :self.n])
-            setattr(self, name, new)
-
-    def append(self, keys: torch.Tensor, values: torch.Tensor, n_new: int, stream: Stream | None) -> None:
-        """Copy the newest ``n_new`` tokens of the device tensors ``keys``/``values`` ``[B, H, n + n_new, D]``."""
-        self._grow(self.n + n_new)
-        b, h, d = self.shape
-        for src, dst in ((keys, self.k), (values, self.v)):
-            s = src[:, :, self.n:self.n + n_new]
-            t = dst[:, :, self.n:self.n + n_new]
-            s2, t2 = _rows(s), _rows(t)
-            if s2 is not None and t2 is not None:
-                memcpy_2d_async(t2, s2, stream)
-            else:  # rows not expressible as one pitched copy (an unusual stride): let torch copy
-                t.copy_(s, non_blocking=True)
-        if stream is not None and stream.is_cuda:
-            self.ready = stream.record_event()
-        self.n += n_new
-
-    def views(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Host views ``[B, H, n, D]`` of the stored history, keys and values."""
-        return self.k[:, :, :self.n], self.v[:, :, :self.n]
-
-    def to_device(self, device: torch.device, extra: int, stream: Stream | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Device tensors ``[B, H, n + extra, D]`` whose first ``n`` tokens are this history (copied on ``stream``)."""
-        b, h, d = self.shape
-        out = []
-        for src in (self.k, self.v):
-            buf = torch.empty(b, h, self.n + extra, d, dtype=self.dtype, device=device)
-            memcpy_2d_async(_rows(buf[:, :, :self.n]), _rows(src[:, :, :self.n]), stream)
-            out.append(buf)
-        return out[0], out[1]
-
-    def append_after_compute(self, keys: torch.Tensor, values: torch.Tensor, n_new: int, stream: Stream | None) -> None:
-        """:meth:`append` on ``stream`` once the current stream's work so far (the compute that made the
-        tokens) is done; the device tensors are marked as used there. ``stream=None``: a plain append."""
-        if stream is None or not stream.is_cuda:
-            self.append(keys, values, n_new, None)
-            return
-        stream.wait_stream()
-        keys.record_stream(stream.torch_stream)
-        values.record_stream(stream.torch_stream)
-        with stream:
-            self.append(keys, values, n_new, stream)
-
-    def prefetch(self, device: torch.device, extra: int, stream: Stream | None) -> tuple[torch.Tensor, torch.Tensor, Event | None]:
-        """:meth:`to_device` on ``stream`` after the last append, for use on the current stream.
-
-        Returns ``(keys, values, ready)``: ``ready.wait()`` makes the current stream wait for the copy;
-        ``ready`` is ``None`` when the copy already finished (``stream=None``: a synchronous copy).
-        """
-        if stream is None or not stream.is_cuda:
-            k, v = self.to_device(device, extra, None)
-            return k, v, None
-        if self.ready is not None:
-            stream.wait_event(self.ready)
-        with stream:
-            k, v = self.to_device(device, extra, stream)
-        compute = torch.cuda.current_stream(device)
-        k.record_stream(compute)
-        v.record_stream(compute)
-        return k, v, stream.record_event()
-
-    def apply(self, fn) -> None:
-        """Replace both buffers by ``fn(view)`` (row ops such as index_select), keeping capacity semantics."""
-        if self.ready is not None:
-            self.ready.synchronize()
-        k, v = fn(self.k[:, :, :self.n]), fn(self.v[:, :, :self.n])
-        self.shape = (k.shape[0], k.shape[1], k.shape[3])
-        self.n = 0
-        cap = max(k.shape[2], 1)
-        self.k = host_empty((*k.shape[:2], cap, k.shape[3]), k.dtype, pin=self.k.is_pinned())
-        self.v = host_empty((*v.shape[:2], cap, v.shape[3]), v.dtype, pin=self.v.is_pinned())
-        self.k[:, :, :k.shape[2]].copy_(k)
-        self.v[:, :, :v.shape[2]].copy_(v)
-        self.n = k.shape[2]
+    n = len(ids)
+    if n == 0:
+        return []
+    gap = [min(j, n - j) for j in range(n)]  # distance of each position to the chosen ones (position 0 first)
+    order = [0]
+    while len(order) < n:
+        nxt = max(range(n), key=lambda j: (gap[j], -j))
+        order.append(nxt)
+        gap = [min(g, abs(j - nxt), n - abs(j - nxt)) for j, g in enumerate(gap)]
+    return [ids[j] for j in order]
 
 
 class Offloader:
-    """The offload state of one :class:`~kvstream.integrations.hf.cache.StreamingCache`: host mirrors,
-    prefetched layers and the two side streams (``kvstream-offload`` for device→host appends,
-    ``kvstream-prefetch`` for host→device prefetches).
+    """The offload state of one :class:`~kvstream.integrations.hf.cache.StreamingCache`: which layers live in
+    host memory, their host mirrors, prefetched layers and the two side streams (``kvstream-offload`` for
+    device→host appends, ``kvstream-prefetch`` for host→device prefetches).
 
     Parameters
     ----------
     cache : StreamingCache
         The cache whose ``layers`` this offloads (read through ``cache.layers`` and ``cache._kv_layer_ids()``).
+    gpu_budget_bytes : int, optional
+        Bytes of KV the full-attention layers may keep on the GPU. Before each forward the layers that do
+        not fit (all layers hold the same tokens, so ``budget // bytes of one layer`` fit) move to host
+        memory, the first ones of :func:`spread_order` first; a layer once offloaded stays offloaded (until
+        ``reset``). The streaming working set comes on top: while a forward runs, at most two offloaded
+        layers are on the GPU (the one computing and the next, prefetched), and a resident layer briefly
+        holds its old and new KV while ``DynamicLayer.update`` concatenates. Sliding-window layers
+        (bounded by their window) are never offloaded and not counted. ``None``: offload every
+        full-attention layer.
+
+    Raises
+    ------
+    ConfigError
+        If ``gpu_budget_bytes`` is not a non-negative int.
     """
 
-    def __init__(self, cache: Any):
+    def __init__(self, cache: Any, gpu_budget_bytes: int | None = None):
+        if gpu_budget_bytes is not None and (isinstance(gpu_budget_bytes, bool) or not isinstance(gpu_budget_bytes, int)
+                                             or gpu_budget_bytes < 0):
+            raise ConfigError(f"gpu_budget_bytes must be a non-negative int of bytes, got {gpu_budget_bytes!r}")
         self._cache = cache
+        self.gpu_budget_bytes = gpu_budget_bytes
         self._mirrors: dict[int, HostMirror] = {}
+        self._host_ids: list[int] = []  # layers with a mirror, ascending
         self._prefetched: dict[int, tuple] = {}
         self._side: Stream | None = None
         self._prefetch_stream: Stream | None = None
+        self._order: list[int] = []  # offloadable layers in the order they are offloaded
+        self._planned: set[int] = set()  # layers to offload: a prefix of _order
+        self._plan_key: tuple | None = None
 
     @property
     def active(self) -> bool:
         """Whether any layer's history lives in host memory."""
         return bool(self._mirrors)
 
+    @property
+    def offloaded_layers(self) -> list[int]:
+        """The layers whose history lives in host memory, ascending."""
+        return list(self._host_ids)
+
     def clear(self) -> None:
-        """Forget every mirror and prefetch (the cache was reset)."""
+        """Forget every mirror, prefetch and plan (the cache was reset)."""
         self._mirrors.clear()
+        self._host_ids.clear()
         self._prefetched.clear()
+        self._planned.clear()
+        self._plan_key = None
 
     @staticmethod
     def _offloadable(layer: Any) -> bool:
@@ -181,17 +118,41 @@ class Offloader:
             self._prefetch_stream = side_stream(device, "kvstream-prefetch")
         return self._side, self._prefetch_stream
 
+    def _plan(self, layer: Any, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        """Extend the set of offloaded layers to what the budget needs once this forward's tokens are in."""
+        tokens = layer.get_seq_length() + k_new.shape[-2]
+        ids = self._cache._kv_layer_ids()
+        key = (tokens, k_new.shape[0], len(ids))
+        if key == self._plan_key:
+            return
+        self._plan_key = key
+        if len(self._order) != len(ids) or not self._order:
+            self._order = spread_order([i for i in ids if self._offloadable(self._cache.layers[i])])
+        if self.gpu_budget_bytes is None:
+            count = len(self._order)
+        else:
+            b, h = k_new.shape[0], k_new.shape[1]
+            layer_bytes = b * h * tokens * (k_new.shape[-1] + v_new.shape[-1]) * k_new.element_size()
+            count = len(self._order) - min(len(self._order), self.gpu_budget_bytes // max(layer_bytes, 1))
+        if count > len(self._planned):
+            self._planned.update(self._order[:count])
+
     def update(self, k_new: torch.Tensor, v_new: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """The layer's ``update`` with its history in host memory: returns device ``(keys, values)``
-        ``[B, H, n + n_new, D]`` for this forward, appends the new tokens to the host mirror on a side stream
-        and prefetches the next layer."""
+        """The layer's ``update``: ``DynamicLayer.update`` for a resident layer; for an offloaded one (or one
+        the budget offloads now) its history comes from host memory, and the device ``(keys, values)``
+        ``[B, H, n + n_new, D]`` for this forward are returned while the new tokens go to the host mirror on a
+        side stream and the next offloaded layer is prefetched."""
         layer = self._cache.layers[layer_idx]
         if not self._offloadable(layer):
             return layer.update(k_new, v_new, *args, **kwargs)
+        mirror = self._mirrors.get(layer_idx)
+        if mirror is None:
+            self._plan(layer, k_new, v_new)
+            if layer_idx not in self._planned:
+                return layer.update(k_new, v_new, *args, **kwargs)
         device = k_new.device
         side, _ = self._streams(device)
         n_new = k_new.shape[-2]
-        mirror = self._mirrors.get(layer_idx)
         if mirror is not None and mirror.n > 0:
             pf = self._prefetched.pop(layer_idx, None)
             if pf is None:  # not prefetched: fetch now on the current stream
@@ -211,21 +172,26 @@ class Offloader:
             else:
                 layer.keys, layer.values = kbuf[:, :, :mirror.n], vbuf[:, :, :mirror.n]
                 keys, values = layer.update(k_new, v_new, *args, **kwargs)
-        else:
+        else:  # the layer's first update, or a resident layer the budget offloads now: all its tokens go
             keys, values = layer.update(k_new, v_new, *args, **kwargs)
-            mirror = self._mirrors[layer_idx] = HostMirror(keys, capacity=max(2 * keys.shape[2], 64))
-        # the newest tokens go to host memory on the side stream, after the compute that made them
-        mirror.append_after_compute(keys, values, n_new, side)
+            mirror = self._add_mirror(layer_idx, keys, values)
+        # the tokens the host lacks go to host memory on the side stream, after the compute that made them
+        mirror.append_after_compute(keys, values, keys.shape[-2] - mirror.n, side)
         layer.keys, layer.values = mirror.views()
         self._prefetch_next(layer_idx, device)
         return keys, values
 
+    def _add_mirror(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> HostMirror:
+        mirror = self._mirrors[layer_idx] = HostMirror(keys, capacity=max(2 * keys.shape[2], 64), values_like=values)
+        self._host_ids = sorted(self._mirrors)
+        self._planned.add(layer_idx)
+        return mirror
+
     def _prefetch_next(self, layer_idx: int, device: torch.device) -> None:
-        ids = [i for i in self._cache._kv_layer_ids() if self._offloadable(self._cache.layers[i]) and i in self._mirrors]
+        ids = self._host_ids
         if not ids:
             return
-        later = [i for i in ids if i > layer_idx]
-        nxt = later[0] if later else ids[0]
+        nxt = next((i for i in ids if i > layer_idx), ids[0])
         if nxt == layer_idx or nxt in self._prefetched:
             return
         mirror = self._mirrors[nxt]
@@ -243,18 +209,21 @@ class Offloader:
             self._cache.layers[l].keys, self._cache.layers[l].values = m.views()
 
     def adopt(self, layer_idx: int) -> None:
-        """Move a layer's device KV (a loaded session) into a host mirror; the layer then views the mirror."""
+        """Move a layer's device KV (a loaded session) into a host mirror if the budget offloads it; the layer
+        then views the mirror."""
         layer = self._cache.layers[layer_idx]
         if not self._offloadable(layer):
             return
         k, v = layer.keys, layer.values
-        m = HostMirror(k, capacity=max(2 * k.shape[2], 64))
+        self._plan(layer, k[:, :, :0], v[:, :, :0])
+        if layer_idx not in self._planned:
+            return
+        m = self._add_mirror(layer_idx, k, v)
         side, _ = self._streams(k.device)
         m.append(k, v, k.shape[2], side)
         if m.ready is not None:
             m.ready.synchronize()
-        self._mirrors[layer_idx] = m
         layer.keys, layer.values = m.views()
 
 
-__all__ = ["Offloader", "HostMirror"]
+__all__ = ["Offloader", "HostMirror", "spread_order"]

@@ -118,12 +118,13 @@ def replaced_keys(transport: Transport, session: str) -> list[str]:
 
 
 def check_session_model(manifest: Manifest, config: Any) -> None:
-    """Check a stored session against the config it is loaded with: KV heads, ``head_dim``, dtype (where
-    the config declares one) and the model fingerprint it was streamed with. Raises LayoutError."""
+    """Check a stored session against the config it is loaded with: KV heads, the keys' and values' head dims,
+    dtype (where the config declares one) and the model fingerprint it was streamed with. Raises LayoutError."""
     if config is None or manifest.kv_heads is None:
         return
     where = f"session {manifest.session!r}"
-    check_config_kv(config, kv_heads=manifest.kv_heads, head_dim=manifest.head_dim, dtype=manifest.dtype, where=where)
+    check_config_kv(config, kv_heads=manifest.kv_heads, head_dim=manifest.head_dim, dtype=manifest.dtype, where=where,
+                    head_dim_v=manifest.head_dim_v)
     if manifest.model is not None and manifest.model != kv_fingerprint(config, manifest.dtype):
         raise LayoutError(f"{where} was streamed by another model (fingerprint {manifest.model}, this config's "
                           f"is {kv_fingerprint(config, manifest.dtype)}): its KV is not valid for this one")
@@ -140,7 +141,7 @@ def continue_record(cache: Any, manifest: Manifest) -> None:
         cache._chunk_meta = {**cache._chunk_meta, "model": manifest.model}
     cache._batch = manifest.batch
     if manifest.kv_heads is not None:
-        cache._geometry = (manifest.kv_heads, manifest.head_dim, manifest.dtype)
+        cache._geometry = (manifest.kv_heads, manifest.head_dim, manifest.head_dim_v, manifest.dtype)
 
 
 def acked_manifest(transport: Transport, session: str, *, num_layers: int, kv_layers: list[int]) -> Manifest:
@@ -159,13 +160,13 @@ def acked_manifest(transport: Transport, session: str, *, num_layers: int, kv_la
 
 def load_session(cls: type, transport: Transport, session: str, *, config: Any, device: torch.device | str | None,
                  level: int | str | None, offload: bool, stream: bool, layerwise: bool | None,
-                 recover: bool = False) -> Any:
+                 gpu_budget_bytes: int | None = None, recover: bool = False) -> Any:
     """:meth:`StreamingCache.load <kvstream.integrations.hf.cache.StreamingCache.load>`: read the manifest (or,
     with ``recover``, :func:`acked_manifest`), build a ``cls`` cache, replay the chunks into it, continue the
     session's record."""
     device = torch.device(device or "cpu")
     cache = cls(config=config, transport=transport if stream else None, session=session, level=level,
-                offload=offload)
+                offload=offload, gpu_budget_bytes=gpu_budget_bytes)
     if recover:
         if config is None:
             raise ConfigError("StreamingCache.load(recover=True) needs config= (the layers whose chunks to look for)")

@@ -133,7 +133,7 @@ class StreamingStaticCache(_SessionStreaming, StaticCache):
         streamer = self.streamer or self._ensure_streamer(device)
         plan = self._plan(n, keys, values)
         if self._batch is None:
-            self._first_chunk(plan.shape[2], plan.shape[3], plan.shape[5], plan.dtype)
+            self._first_chunk(*plan.keys[0].shape[:2], *plan.head_dims, plan.dtype)
         start = self._forward_start(None, n)
         self._recorder.begin("all", start, n, self._batch)
         streamer.scatter_planned(self._recorder.end_step(self._kv_ids), plan, start, meta=self._chunk_meta)

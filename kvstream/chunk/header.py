@@ -1,20 +1,6 @@
-"""The only home of kvstream's chunk format: the header, its checksums, byte views, and the wire frame.
+"""The chunk header: a fixed 4096-byte frame in front of every persisted chunk, its checksums and byte views.
 
-A packed chunk (:mod:`kvstream.layout` says what its axes are) travels and rests as a
-:class:`ChunkHeader` followed by its payload bytes. The header is a fixed 4096-byte frame holding a magic
-number, the JSON length, an xxh3 of the JSON (so that no header field can be edited unnoticed) and a
-small JSON document (dtype, shape, region, payload bytes, payload checksum, the digest of the key it was
-written under, meta). It is never pickled. 4096 bytes keep the payload aligned for direct I/O.
-
-Reading a header validates it strictly before anything is allocated from it (:meth:`ChunkHeader.from_bytes`):
-types (an int is an int, not a float, string or bool), ranges (at most :data:`MAX_DIMS` dimensions, none
-negative, at most :data:`MAX_PAYLOAD_BYTES` of payload, ``nbytes == prod(shape) * itemsize``), known
-fields only, and a JSON document bounded by the frame (deep nesting is a :class:`CorruptChunkError`,
-never a ``RecursionError``). Every header problem is a :class:`CorruptChunkError`.
-
-Point-to-point transports announce each chunk with a *frame*: ``(sequence number, key, header)``
-(:func:`encode_frame` / :func:`decode_frames`), sent in batches; the receiver decodes the header and then
-receives the payload.
+See :mod:`kvstream.chunk` for the format.
 """
 
 from __future__ import annotations
@@ -28,8 +14,8 @@ from typing import Any
 import torch
 import xxhash
 
-from .errors import CorruptChunkError, LayoutError
-from .layout import DTYPES, PACKED_AXES, Region, dtype_name
+from ..errors import CorruptChunkError, LayoutError
+from ..layout import DTYPES, PACKED_AXES, PACKED_SPLIT_AXES, Region, dtype_name
 
 #: Magic bytes at the start of every persisted chunk (the last byte is the frame layout's version).
 CHUNK_MAGIC = b"KVSTRM\x00\x02"
@@ -52,6 +38,32 @@ _PREFIX = struct.Struct("<8sIQ")  # magic, JSON length, xxh3_64 of the JSON byte
 _DIGEST = re.compile(r"xxh3_64:[0-9a-f]{16}")
 _FIELDS = {"format", "dtype", "shape", "axes", "nbytes", "checksum", "region", "meta", "key"}
 _REGION_FIELDS = {"layers", "tokens", "batch", "heads"}
+#: Meta key of a chunk whose keys and values have different head dims: ``[head_dim_k, head_dim_v]``; the
+#: payload is ``[..., head_dim_k + head_dim_v]`` (:data:`kvstream.layout.PACKED_SPLIT_AXES`).
+HEAD_DIMS = "head_dims"
+
+
+def with_head_dims(meta: dict | None, head_dim_k: int, head_dim_v: int) -> dict | None:
+    """``meta`` as a chunk of keys of ``head_dim_k`` and values of ``head_dim_v`` elements per head records it:
+    unchanged when the two are equal, else with :data:`HEAD_DIMS` added (a new dict)."""
+    if head_dim_k == head_dim_v:
+        return meta
+    return {**(meta or {}), HEAD_DIMS: [int(head_dim_k), int(head_dim_v)]}
+
+
+def _check_head_dims(meta: dict | None, shape: tuple, error: type) -> tuple[int, int] | None:
+    """The ``(head_dim_k, head_dim_v)`` of :data:`HEAD_DIMS` in ``meta`` checked against ``shape`` (``None``
+    without the key); raises ``error`` unless they are two different positive ints splitting a 5-D shape's
+    last axis."""
+    dims = (meta or {}).get(HEAD_DIMS)
+    if dims is None:
+        return None
+    ok = isinstance(dims, list) and len(dims) == 2 and all(isinstance(d, int) and not isinstance(d, bool) and d > 0
+                                                           for d in dims)
+    if not ok or dims[0] == dims[1] or len(shape) != 5 or shape[4] != dims[0] + dims[1]:
+        raise error(f"meta[{HEAD_DIMS!r}] must be two different positive head dims splitting the last axis of a "
+                    f"5-D chunk, got {dims!r} for shape {list(shape)}")
+    return dims[0], dims[1]
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -167,6 +179,15 @@ class ChunkHeader:
     meta: dict | None = None
     key_digest: str | None = None
 
+    @property
+    def head_dims(self) -> tuple[int, int] | None:
+        """``(head_dim_k, head_dim_v)`` of a packed KV chunk: its :data:`HEAD_DIMS` (a split chunk), else the
+        last axis of a 6-D one twice; ``None`` for other payloads."""
+        dims = (self.meta or {}).get(HEAD_DIMS)
+        if dims is not None:
+            return int(dims[0]), int(dims[1])
+        return (self.shape[5], self.shape[5]) if len(self.shape) == 6 else None
+
     @classmethod
     def for_tensor(cls, t: torch.Tensor, region: Region | None = None, meta: dict | None = None,
                    checksum: str | None = None) -> "ChunkHeader":
@@ -187,7 +208,8 @@ class ChunkHeader:
             "format": CHUNK_FORMAT,
             "dtype": dtype_name(self.dtype),
             "shape": [int(s) for s in self.shape],
-            "axes": list(PACKED_AXES) if len(self.shape) == 6 else None,
+            "axes": list(PACKED_AXES) if len(self.shape) == 6 else
+                    list(PACKED_SPLIT_AXES) if HEAD_DIMS in (self.meta or {}) else None,
             "nbytes": int(self.nbytes),
             "checksum": self.checksum,
             "region": None if self.region is None else self.region.to_dict(),
@@ -274,6 +296,7 @@ class ChunkHeader:
         meta = doc.get("meta")
         if meta is not None and not isinstance(meta, dict):
             raise CorruptChunkError(f"meta must be null or an object, got {type(meta).__name__}")
+        _check_head_dims(meta, shape, CorruptChunkError)
         try:
             region = _parse_region(doc.get("region"))
         except LayoutError as e:
@@ -305,7 +328,8 @@ def chunk_header(chunk: torch.Tensor, region: Region | None, meta: dict | None, 
     ------
     LayoutError
         Unsupported dtype, ``region`` not a :class:`Region`, ``meta`` not a JSON-able dict (or nested deeper
-        than :data:`MAX_META_DEPTH`), or a header over :data:`HEADER_BYTES`.
+        than :data:`MAX_META_DEPTH`, or with :data:`HEAD_DIMS` that do not split the chunk's last axis), or a
+        header over :data:`HEADER_BYTES`.
     """
     dtype_name(chunk.dtype)
     if region is not None and not isinstance(region, Region):
@@ -319,6 +343,7 @@ def chunk_header(chunk: torch.Tensor, region: Region | None, meta: dict | None, 
             raise LayoutError(f"meta must be JSON-able: {type(e).__name__}: {e}") from None
         if _depth(meta, MAX_META_DEPTH) > MAX_META_DEPTH:
             raise LayoutError(f"meta is nested deeper than {MAX_META_DEPTH} levels")
+        _check_head_dims(meta, tuple(chunk.shape), LayoutError)
     header = ChunkHeader(dtype=chunk.dtype, shape=tuple(int(s) for s in chunk.shape),
                          nbytes=chunk.numel() * chunk.element_size(), checksum=checksum, region=region, meta=meta,
                          key_digest=None if key is None else key_digest(key))
@@ -326,97 +351,6 @@ def chunk_header(chunk: torch.Tensor, region: Region | None, meta: dict | None, 
     return header
 
 
-# ----------------------------------------------------------------------------------------------------
-# Slice checksums: the payload's equal parts along its first axis (a packed chunk's layers), hashed one by one
-# ----------------------------------------------------------------------------------------------------
-
-#: Meta key of the slice checksums: one string of 16 hex digits (xxh3-64) per slice, concatenated.
-SLICE_CHECKSUMS = "slice_xxh3"
-_SLICE_HEX = 16
-
-
-def slice_bounds(header: ChunkHeader) -> tuple[int, int]:
-    """``(slices, bytes per slice)`` of a payload cut along its first axis (a packed chunk: one slice per layer).
-
-    Raises
-    ------
-    LayoutError
-        If the payload has no first axis.
-    """
-    if not header.shape:
-        raise LayoutError("a 0-d payload has no slices")
-    n = int(header.shape[0])
-    return n, (header.nbytes // n if n else 0)
-
-
-def slice_digests(data: Any, slices: int) -> str:
-    """The :data:`SLICE_CHECKSUMS` value of ``data`` (buffer protocol) cut into ``slices`` equal parts."""
-    view = memoryview(data).cast("B")
-    size = len(view) // slices if slices else 0
-    return "".join(xxhash.xxh3_64_hexdigest(view[i * size:(i + 1) * size]) for i in range(slices))
-
-
-def slice_checksums(header: ChunkHeader, *, source: str = "chunk") -> list[str] | None:
-    """The per-slice checksums a header carries (``"xxh3_64:<hex>"`` each), or ``None`` if it has none.
-
-    Chunks written before slice checksums existed carry none: only their whole payload can be verified.
-
-    Raises
-    ------
-    CorruptChunkError
-        If the header's slice checksums are malformed or do not count one per slice.
-    """
-    raw = (header.meta or {}).get(SLICE_CHECKSUMS)
-    if raw is None:
-        return None
-    n, _ = slice_bounds(header)
-    if not isinstance(raw, str) or len(raw) != n * _SLICE_HEX or any(c not in "0123456789abcdef" for c in raw):
-        raise CorruptChunkError(f"{source}: malformed {SLICE_CHECKSUMS} in its header (expected {n} xxh3-64 digests)")
-    return [CHECKSUM_PREFIX + raw[i * _SLICE_HEX:(i + 1) * _SLICE_HEX] for i in range(n)]
-
-
-# ----------------------------------------------------------------------------------------------------
-# The wire frame: (sequence number, key, header), in batches
-# ----------------------------------------------------------------------------------------------------
-
-#: A frame's fixed prefix: sequence number, key length and header length in bytes (little-endian).
-_FRAME = struct.Struct("<QII")
-
-
-def encode_frame(key: str, seq: int, header: bytes) -> bytes:
-    """One chunk's announcement: the prefix (seq, key bytes, header bytes), the key (UTF-8), then ``header``
-    (:meth:`ChunkHeader.to_bytes` with ``pad=False``). Frames concatenate into a batch."""
-    kb = key.encode("utf-8", "surrogatepass")
-    return _FRAME.pack(seq, len(kb), len(header)) + kb + header
-
-
-def decode_frames(raw: bytes, source: str) -> list[tuple[str, int, bytes]]:
-    """Split a batch of frames into ``(key, seq, header bytes)`` (inverse of :func:`encode_frame`).
-
-    Raises
-    ------
-    CorruptChunkError
-        If a frame is truncated, or a header is longer than :data:`HEADER_BYTES`.
-    """
-    out, at, end = [], 0, len(raw)
-    while at < end:
-        if end - at < _FRAME.size:
-            raise CorruptChunkError(f"{source}: truncated frame prefix at byte {at} of {end}")
-        seq, nk, nh = _FRAME.unpack_from(raw, at)
-        at += _FRAME.size
-        if nh > HEADER_BYTES or at + nk + nh > end:
-            raise CorruptChunkError(f"{source}: frame at byte {at - _FRAME.size} claims a {nk}-byte key and a "
-                                    f"{nh}-byte header; {end - at} bytes are left (headers are <= {HEADER_BYTES})")
-        try:
-            key = raw[at:at + nk].decode("utf-8", "surrogatepass")
-        except UnicodeDecodeError as e:
-            raise CorruptChunkError(f"{source}: frame key is not UTF-8: {e}") from None
-        out.append((key, seq, raw[at + nk:at + nk + nh]))
-        at += nk + nh
-    return out
-
-
 __all__ = ["CHUNK_MAGIC", "CHUNK_FORMAT", "HEADER_BYTES", "CHECKSUM_PREFIX", "NO_CHECKSUM", "MAX_DIMS",
-           "MAX_PAYLOAD_BYTES", "MAX_META_DEPTH", "tensor_bytes", "byte_view", "payload_checksum", "key_digest",
-           "ChunkHeader", "chunk_header", "encode_frame", "decode_frames", "SLICE_CHECKSUMS", "slice_bounds",
-           "slice_digests", "slice_checksums"]
+           "MAX_PAYLOAD_BYTES", "MAX_META_DEPTH", "HEAD_DIMS", "with_head_dims", "tensor_bytes", "byte_view",
+           "payload_checksum", "key_digest", "ChunkHeader", "chunk_header"]
