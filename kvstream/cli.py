@@ -7,6 +7,7 @@
     kvstream serve       one disaggregation worker (under torchrun)
     kvstream plan        DéjàVu's prompt/token planner
     kvstream pipeline    pipeline-parallel decoding (one process per stage), microbatch swapping
+    kvstream failover    kill pipeline stages, recover from KV replicas, check every output
     kvstream --version   the installed version
 
 User errors end in one line on stderr, ``kvstream: error: <what and the fix>``, and exit status 2: every
@@ -35,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("kvstream.serving.worker", "one disaggregation worker (prompt or token role)"),
     "plan": ("kvstream.serving.planner", "DéjàVu planner: split D machines into prompt and token workers"),
     "pipeline": ("kvstream.serving.pipeline.cli", "pipeline-parallel decoding with microbatch swapping; checks outputs"),
+    "failover": ("kvstream.serving.failover.cli", "kill stages, recover from KV replicas, check every output"),
 }
 
 

@@ -23,7 +23,7 @@ from ...handles import AllHandle, Handle
 from ...streaming.recover import recover_manifest
 from ...streaming.session import Manifest, SessionKeys
 from ...transports.host import HostTransport
-from .replicator import OUTBOX_BYTES, RELEASE
+from .replicator import OUTBOX_BYTES, OUTPUT, RELEASE
 
 
 class ReplicaStore:
@@ -61,6 +61,10 @@ class ReplicaStore:
             self.drop(key[: -len(RELEASE)])
             return True
         self.store.flush(key, payload.view(header.dtype).view(header.shape), meta=header.meta)
+        if f"/{OUTPUT}/" in key:  # a step's output: the two newest of a session are kept
+            older = sorted(k for k in self.store.keys(key.rsplit("/", 1)[0] + "/") if k < key)
+            for k in older[:-1]:
+                self.store.delete(k)
         with self._lock:
             self.peak_bytes = max(self.peak_bytes, self.store.used_bytes)
         if self.on_change is not None:
@@ -99,11 +103,13 @@ class ReplicaStore:
         return recover_manifest(self.store, session, num_layers=num_layers, kv_layers=kv_layers)
 
     def send(self, names: list[str], transport: Any, *, num_layers: int, kv_layers: list[int]) -> Handle:
-        """Send ``names``' manifests (``<session>/manifest``, first) and chunks through ``transport`` (to a
-        replacement that restores them); one handle for all."""
+        """Send ``names``' kept step outputs, manifests (``<session>/manifest``) and chunks, in that order,
+        through ``transport`` (to a replacement that restores them); one handle for all."""
         handles = []
         for name in names:
             m = self.manifest(name, num_layers=num_layers, kv_layers=kv_layers)
+            for key in self.store.keys(f"{name}/{OUTPUT}/"):  # first: they are there once the manifest is
+                handles.append(transport.flush(key, self.store.view(key), meta=self.store.describe(key).meta))
             handles.append(transport.flush(SessionKeys(name).manifest, m.to_bytes()))
             for key in m.keys():
                 handles.append(transport.flush(key, self.store.view(key), meta=self.store.describe(key).meta))

@@ -3,7 +3,8 @@
 Each microbatch on a stage is one *session* (:mod:`kvstream.streaming.session` keys and segments) named
 ``ft/p<phase>/s<stage>/g<group>``: the prompt's KV one chunk per layer, sent from the cache hook right after
 that layer's update (while the later layers compute); each decode step's newest token of all the stage's
-layers in one chunk; a row selection when requests leave. A :class:`~kvstream.streaming.streamer.KVStreamer`
+layers in one chunk; a row selection when requests leave; and after each step its output (``<session>/out/
+<step>``: the hidden states passed on, or the last stage's token ids), the step's last chunk. A :class:`~kvstream.streaming.streamer.KVStreamer`
 at level 3 packs each chunk on the compute stream and copies it to pinned host memory on a side stream,
 gated on a CUDA event (the compute stream never waits), into a local *outbox*
 (:class:`~kvstream.transports.host.HostTransport`). One thread forwards the outbox, in order, to the
@@ -43,11 +44,18 @@ OUTBOX_BYTES = 1 << 36
 PUBLISH_S = 0.02
 #: Key suffix of the marker that frees a session at its holder.
 RELEASE = "release"
+#: Key part of a step's output chunks (:func:`output_key`).
+OUTPUT = "out"
 
 
 def session_name(phase: int, stage: int, group: int) -> str:
     """The replica session of microbatch ``group`` on ``stage`` in ``phase``."""
     return f"ft/p{phase}/s{stage}/g{group}"
+
+
+def output_key(session: str, step: int) -> str:
+    """Key of the output of ``session``'s ``step`` (outside the session's segment keys)."""
+    return f"{session}/{OUTPUT}/{step:06d}"
 
 
 @dataclass
@@ -141,19 +149,25 @@ class Replicator:
         key = s.recorder.prefill_key(len(s.recorder.segments) - 1, layer_idx)
         h = self.streamer.scatter(key, [layer.keys], [layer.values], Region(layers=(0, 1), tokens=(0, tokens)),
                                   meta={**s.meta, "layer": layer_idx})
-        self._queue(key, h, s, step if layer_idx == self.layers.stop - 1 else None)
+        self._queue(key, h, s, None)
 
-    def end(self, kv_layers: list) -> None:
-        """After the forward: a decode step streams the newest token of every stage layer in one chunk."""
+    def end(self, kv_layers: list, out: torch.Tensor) -> None:
+        """After the forward: a decode step streams the newest token of every stage layer in one chunk; then
+        the step's output (``out``: hidden states, or the last stage's token ids) follows as the step's last
+        chunk, so a step counts as replicated only once its KV and its output are at the holder (a
+        replacement can pass on the output of a step it restored instead of computing it again)."""
         now, self._now = self._now, None
-        if now is None or now[1] != "decode":
+        if now is None:
             return
-        s, _, step, _, rows = now
-        s.recorder.begin("all", 0, 1, rows)  # only the key numbering matters here: holders recover the rest
-        key = s.recorder.end_step(list(self.layers))
-        h = self.streamer.scatter_newest(key, [l.keys for l in kv_layers], [l.values for l in kv_layers],
-                                         num_tokens=1, meta={**s.meta, "step": step})
-        self._queue(key, h, s, step)
+        s, kind, step, _, rows = now
+        if kind == "decode":
+            s.recorder.begin("all", 0, 1, rows)  # only the key numbering matters here: holders recover the rest
+            key = s.recorder.end_step(list(self.layers))
+            h = self.streamer.scatter_newest(key, [l.keys for l in kv_layers], [l.values for l in kv_layers],
+                                             num_tokens=1, meta=s.meta)
+            self._queue(key, h, s, None)
+        key = output_key(s.name, step)
+        self._queue(key, self.outbox.flush(key, out.contiguous(), meta={**s.meta, "step": step}), s, step)
 
     def select(self, group: int, keep: torch.Tensor) -> None:
         """Rows of ``group`` leave before its next step (``keep``: int64 row indices, CPU)."""
@@ -170,9 +184,10 @@ class Replicator:
         if s is not None:
             self._jobs.put(_Job(release=s.name))
 
-    def rebuild(self, group: int, kv_layers: list, step: int) -> None:
+    def rebuild(self, group: int, kv_layers: list, step: int, out: torch.Tensor | None) -> None:
         """Replicate ``group``'s whole KV (``kv_layers``: the stage's cache layers after ``step``) as a fresh
-        session: one chunk per layer of every position; replicated at ``step`` once all have landed."""
+        session: one chunk per layer of every position, then ``out`` (the step's kept output; without one the
+        replica holds KV the holder cannot pass on, and the step never counts as replicated)."""
         self.release(group)
         name = session_name(self.phase, self.stage, group)
         s = self.sessions[group] = _Session(name, SessionRecorder(name), self._meta(name, uuid.uuid4().hex))
@@ -182,7 +197,10 @@ class Replicator:
             key = s.recorder.prefill_key(0, l)
             h = self.streamer.scatter(key, [layer.keys], [layer.values], Region(layers=(0, 1), tokens=(0, keys.shape[2])),
                                       meta={**s.meta, "layer": l})
-            self._queue(key, h, s, step if l == self.layers.stop - 1 else None)
+            self._queue(key, h, s, None)
+        if out is not None:
+            key = output_key(name, step)
+            self._queue(key, self.outbox.flush(key, out.contiguous(), meta={**s.meta, "step": step}), s, step)
         self.stats["rebuilds"] += 1
 
     def adopt(self, group: int, manifest: Manifest, step: int) -> None:
@@ -340,4 +358,4 @@ class Replicator:
             pass
 
 
-__all__ = ["OUTBOX_BYTES", "RELEASE", "session_name", "Replicator"]
+__all__ = ["OUTBOX_BYTES", "RELEASE", "OUTPUT", "session_name", "output_key", "Replicator"]

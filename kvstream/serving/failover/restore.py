@@ -8,13 +8,14 @@ holder over a link — and replays it with :func:`~kvstream.streaming.replay.rep
 kernels; on a GPU layer by layer on a side stream, one event per layer). The KV covers ``width + r``
 positions: the prompt and decode steps ``1..r``, so the microbatch stands at step ``r``; its attention mask
 and position ids are rebuilt for exactly that step (:func:`slot_inputs`), and it joins its slot as if it
-had computed those steps (:meth:`~kvstream.serving.pipeline.engine.StageRuntime.join`).
+had computed those steps (:meth:`~kvstream.serving.pipeline.engine.StageRuntime.join`). The replica is cut after the newest step
+whose output landed (a step's last chunk): that output is what the replacement passes on for the step.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -22,10 +23,12 @@ import torch
 from ...integrations.hf.resume import read_manifest
 from ...streaming.recover import recover_manifest
 from ...streaming.replay import replay
+from ...streaming.segments import Prefill, Step
 from ...streaming.session import Manifest
 from ...streaming.streamer import KVStreamer
 from ..pipeline.engine import StageRuntime
 from ..pipeline.links import JOIN, Header
+from .replicator import OUTPUT
 
 
 @dataclass
@@ -62,10 +65,28 @@ def slot_inputs(info: GroupInfo, step: int, device: torch.device) -> tuple[torch
 
 @dataclass
 class Restored:
-    """One restored microbatch: the step its KV reached and the manifest it came from."""
+    """One restored microbatch: the step its KV reached, the manifest it came from, that step's output."""
 
     step: int
     manifest: Manifest
+    output: torch.Tensor  # the step's output (hidden states passed on, or the last stage's token ids), CPU
+
+
+def _with_output(source: Any, manifest: Manifest, name: str, width: int) -> tuple[Manifest | None, int, Any]:
+    """``manifest`` cut after the newest step whose output ``source`` holds (a step is replicated once its
+    output landed: KV past it is not trusted), that step and its output; ``(None, -1, None)`` if none is."""
+    outputs = {int(k.rsplit("/", 1)[1]): k for k in source.keys(f"{name}/{OUTPUT}/")}
+    pos, ends = 0, {}  # step -> segments up to and including it
+    for i, seg in enumerate(manifest.segments):
+        if isinstance(seg, (Prefill, Step)):
+            pos = seg.start + seg.tokens
+            ends[pos - width] = i + 1
+    usable = [k for k in outputs if k in ends]
+    if not usable:
+        return None, -1, None
+    step = max(usable)
+    cut = replace(manifest, segments=list(manifest.segments[:ends[step]]), seq_length=width + step)
+    return cut, step, source.fetch_new(outputs[step], "cpu")
 
 
 def restore_groups(rt: StageRuntime, source: Any, infos: list[GroupInfo], name_of: Callable[[int], str], *,
@@ -104,8 +125,8 @@ def restore_groups(rt: StageRuntime, source: Any, infos: list[GroupInfo], name_o
             manifest = read_manifest(source, name)
         else:
             manifest = recover_manifest(source, name, num_layers=int(rt.stage.config.num_hidden_layers), kv_layers=layers)
-        step = manifest.seq_length - info.width
-        if not manifest.segments or step < 0 or str(step) not in info.rows:
+        manifest, step, out_t = _with_output(source, manifest, name, info.width)
+        if manifest is None or str(step) not in info.rows:
             continue
         load = replay(manifest, streamer, device=rt.device)
         mask, positions = slot_inputs(info, step, rt.device)
@@ -114,7 +135,7 @@ def restore_groups(rt: StageRuntime, source: Any, infos: list[GroupInfo], name_o
         rt.join(h, None, lambda _h, l: load.take(l - layers[0]))
         st = rt.slots[info.slot]
         st.mask, st.positions = mask, positions
-        out[info.slot] = Restored(step, manifest)
+        out[info.slot] = Restored(step, manifest, out_t)
         if after_first is not None and len(out) == 1:
             after_first()
     if rt.device.type == "cuda":

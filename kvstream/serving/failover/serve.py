@@ -70,9 +70,6 @@ def serve(w: Any) -> None:
             if not stage.last:
                 links.send_next(h)
             continue
-        import os, sys
-        if os.environ.get("KVSTREAM_FT_DEBUG"):
-            print(f"inc {w.inc} stage {w.stage} got kind {h.kind} slot {h.slot} step {h.step} payload {x is not None}", file=sys.stderr, flush=True)
         out = step(w, h, x, mask, keep)
         h.t_step_us = max(h.t_step_us, w.rt.t_step_us())
         if stage.last:
@@ -109,7 +106,7 @@ def step(w: Any, h, x: torch.Tensor | None, mask: torch.Tensor | None, keep: tor
         rep.select(group, keep)
     rep.begin(group, kind, k, h.tokens, h.rows)
     out = w.rt.step(h, x.to(w.device) if x.device != w.device else x, mask, keep)
-    rep.end(w.rt.slots[h.slot].kv.cache.kv_layers())
+    rep.end(w.rt.slots[h.slot].kv.cache.kv_layers(), out)
     phase = str(w.phase)
     if k <= w.floors.get(group, -1):
         w.doc["recomputed_tokens"][phase] = w.doc["recomputed_tokens"].get(phase, 0) + h.rows * h.tokens

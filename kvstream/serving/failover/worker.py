@@ -246,6 +246,7 @@ class Worker:
                 self.doc["restores"].append({"epoch": self.epoch, **stats})
         for slot, r in restored.items():
             self.computed[slot] = (live[slot].group, r.step)
+            self.log.put(slot, r.step, r.output.to(self.device))
         holder = plan["holders"][stage]
         rebuild = stage in plan["rebuild"]
         if holder != self.dest_holder:
@@ -259,7 +260,8 @@ class Worker:
                 self.replicator.adopt(live[slot].group, r.manifest, r.step)
         if rebuild:
             for slot, (group, step) in self.computed.items():
-                self.replicator.rebuild(group, self.rt.slots[slot].kv.cache.kv_layers(), step)
+                self.replicator.rebuild(group, self.rt.slots[slot].kv.cache.kv_layers(), step,
+                                          self.log.get(slot, step))
         out["groups"] = {str(slot): step for slot, (_, step) in self.computed.items()}
         out["log"] = {str(slot): self.log.oldest(slot) for slot in self.computed}
         return out
