@@ -309,7 +309,8 @@ class Cluster:
             if dead:
                 raise Failed(dead)
 
-        return form_links(self.store, plan, 0, device=device, max_rows=max_rows, timeout_s=self.cfg.recovery_timeout_s,
+        store = rendezvous_store("127.0.0.1", self.port, is_server=False)  # its own: an abandoned rendezvous blocks it
+        return form_links(store, plan, 0, device=device, max_rows=max_rows, timeout_s=self.cfg.recovery_timeout_s,
                           interrupt=interrupt)
 
     def kills_for(self, specs: list[KillSpec]) -> dict:

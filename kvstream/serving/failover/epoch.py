@@ -18,7 +18,7 @@ import json
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -106,7 +106,8 @@ class PlanWatcher:
 def form_links(store, plan: dict, rank: int, *, device: torch.device, max_rows: int, timeout_s: float,
                interrupt: Callable[[], None]) -> Links:
     """Form the epoch's two gloo groups (``data``, ``control``) of the controller and the stages, and wrap
-    them in :class:`~kvstream.serving.pipeline.links.Links` (interruptible receives, aborts).
+    them in :class:`~kvstream.serving.pipeline.links.Links` (interruptible receives, aborts). ``store`` must be
+    a connection of its own: a rendezvous abandoned by an interrupt keeps it blocked until ``timeout_s``.
 
     The groups are built on a helper thread (their constructor waits for every rank) while this thread
     polls ``interrupt``, so a rank that never comes (it died meanwhile) ends the wait with the next plan.
@@ -121,26 +122,41 @@ def form_links(store, plan: dict, rank: int, *, device: torch.device, max_rows: 
     import torch.distributed as dist
 
     world = len(plan["stages"]) + 1
-    made: dict = {}
 
-    def build() -> None:
+    def build() -> tuple:
         try:
             prefix = dist.PrefixStore(f"ep/{plan['epoch']}/pg", store)
             timeout = datetime.timedelta(seconds=timeout_s)
-            made["groups"] = (dist.ProcessGroupGloo(dist.PrefixStore("data", prefix), rank, world, timeout),
-                              dist.ProcessGroupGloo(dist.PrefixStore("control", prefix), rank, world, timeout))
-        except Exception as e:  # noqa: BLE001 - reported below
-            made["error"] = e
+            return (dist.ProcessGroupGloo(dist.PrefixStore("data", prefix), rank, world, timeout),
+                    dist.ProcessGroupGloo(dist.PrefixStore("control", prefix), rank, world, timeout))
+        except Exception as e:  # noqa: BLE001 - any error of forming the groups, in one line
+            raise PeerError(f"epoch {plan['epoch']}: the stages' groups did not form: {e}") from e
 
-    thread = threading.Thread(target=build, name="kvstream-epoch-groups", daemon=True)
+    groups = interruptible(build, interrupt)
+    return Links(Env(rank, world, rank), device, timeout_s, max_rows, groups=groups, interrupt=interrupt,
+                 header=StepHeader)
+
+
+def interruptible(fn: Callable[[], Any], interrupt: Callable[[], None], poll_s: float = 0.005) -> Any:
+    """``fn()`` run on a helper thread while this one calls ``interrupt()`` every ``poll_s``: what waits for a
+    peer (a rendezvous) ends with the next plan even if the peer never comes (the helper thread is then
+    left to its own timeout). Returns ``fn``'s result; raises what ``fn`` or ``interrupt`` raises."""
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name="kvstream-interruptible", daemon=True)
     thread.start()
     while thread.is_alive():
         interrupt()
-        thread.join(0.005)
-    if "error" in made:
-        raise PeerError(f"epoch {plan['epoch']}: the stages' groups did not form: {made['error']}")
-    return Links(Env(rank, world, rank), device, timeout_s, max_rows, groups=made["groups"], interrupt=interrupt,
-                 header=StepHeader)
+        thread.join(poll_s)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def wall() -> float:
@@ -148,4 +164,4 @@ def wall() -> float:
     return time.time()
 
 
-__all__ = ["Reconfigure", "StepHeader", "plan_key", "state_key", "PlanWatcher", "form_links", "wall"]
+__all__ = ["Reconfigure", "StepHeader", "plan_key", "state_key", "PlanWatcher", "form_links", "interruptible", "wall"]

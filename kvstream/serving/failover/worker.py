@@ -38,7 +38,7 @@ from ..pipeline.links import Env, LinkClosed
 from ..pipeline.stages import StageModel
 from ..pipeline.swap import SwapManager
 from .config import FailoverConfig, KillSpec
-from .epoch import PlanWatcher, Reconfigure, form_links, state_key, wall
+from .epoch import PlanWatcher, Reconfigure, form_links, interruptible, state_key, wall
 from .holder import ReplicaStore
 from .replicator import Replicator, session_name
 from .restore import GroupInfo, restore_groups
@@ -183,7 +183,7 @@ class Worker:
         self.interrupt()
         self.store.set(state_key(self.epoch, self.inc), json.dumps(report))
         if stage is not None:
-            self.links = form_links(self.store, plan, stage + 1, device=self.device, max_rows=self.cfg.batch,
+            self.links = form_links(self.connect(), plan, stage + 1, device=self.device, max_rows=self.cfg.batch,
                                     timeout_s=self.cfg.recovery_timeout_s, interrupt=self.interrupt)
 
     def _new_phase(self, plan: dict) -> None:
@@ -287,9 +287,10 @@ class Worker:
         elif src == "local":
             source = self.holder.store
         else:
-            source = RemoteHostTransport(self.connect(), self.inc, int(src), namespace=f"ft/restore/e{self.epoch}",
-                                         timeout_s=self.cfg.recovery_timeout_s, heartbeat_s=self.cfg.heartbeat_s,
-                                         dead_after_s=self.cfg.deadline_s)
+            epoch, cfg = self.epoch, self.cfg
+            source = interruptible(lambda: RemoteHostTransport(
+                self.connect(), self.inc, int(src), namespace=f"ft/restore/e{epoch}", timeout_s=cfg.recovery_timeout_s,
+                heartbeat_s=cfg.heartbeat_s, dead_after_s=cfg.deadline_s), self.interrupt)
         try:
             restored, stats = restore_groups(self.rt, source, infos, lambda g: session_name(self.phase, stage, g),
                                              linked=linked, interrupt=self.interrupt,
