@@ -131,6 +131,9 @@ def summarize(rec: dict) -> dict:
            "identical": sum(c["identical"] for c in rec["checks"]), "requests": len(rec["checks"]),
            "completed": len(fo["completions"]), "unfired": fo.get("unfired", []),
            "replica_end_bytes": (fo.get("replicas") or {}).get("end_bytes")}
+    out["unprotected"] = [{"stage": w.get("stage"), "dropped": w["replication"]["dropped"],
+                           "rebuilds": w["replication"]["rebuilds"]}
+                          for w in rec.get("workers", {}).values() if (w.get("replication") or {}).get("losses")]
     if "reference" in rec:
         out["reference_latency_s"] = _latency(rec["reference"], hit)
     if "baseline" in rec:
@@ -163,6 +166,9 @@ def report(rec: dict, s: dict) -> list[str]:
         ratio = f" (x{bl / ref:.2f})" if bl and ref else ""
         lines.append(f"baseline (restart, recompute from the prompt): latency {_s(bl)}{ratio}, "
                      f"{s['baseline_identical']}/{s['requests']} identical")
+    for u in s["unprotected"]:
+        lines.append(f"stage {u['stage']} lost its replica holder and ran unprotected: {u['dropped']} chunk(s) not "
+                     f"replicated, {u['rebuilds']} replica(s) rebuilt at a new holder")
     if s["replica_end_bytes"] is not None:
         lines.append(f"replica bytes held after the last request: {s['replica_end_bytes']}")
     if s["unfired"]:

@@ -222,15 +222,31 @@ class Controller(Scheduler):
         self.links, self._last_holders = links, holders
         self._resume(plan, reports, live, reset)
 
-    def _assign(self, dead: list, stage_died: bool) -> tuple[dict, bool]:
-        """Record the failures and replace the dead (:meth:`Cluster.replace_all`); returns the restore sources
-        of the replaced stages and whether a stage died."""
+    def settle(self) -> list:
+        """After the last request: wait (at most one deadline) until every process whose injected failure fired
+        was found dead, and record them; returns them (``(inc, how, t)``: the next phase replaces them)."""
+        deadline = time.monotonic() + self.cfg.deadline_s + 2 * self.cfg.heartbeat_s
+        while time.monotonic() < deadline and any(
+                p.alive and self.cluster.kill_time(p.inc) is not None for p in self.cluster.procs.values()):
+            self._dead += self.cluster.poll_dead()
+            time.sleep(0.02)
+        dead, self._dead = self._dead + self.cluster.poll_dead(), []
+        self._note_failures(dead)
+        return dead
+
+    def _note_failures(self, dead: list) -> None:
+        """Record the failures ``dead`` (``(inc, how, t)``) as events."""
         for inc, how, t in dead:
             p = self.cluster.procs[inc]
             self._fired(p.killed_by)
             self.events.append({"inc": inc, "role": self.cluster.role_of(inc), "how": how, "spec": p.killed_by,
                                 "kill_t": self.cluster.kill_time(inc), "detect_t": t, "epoch": self.cluster.epoch + 1,
                                 "slots": [s for s, mb in enumerate(self.slots) if mb is not None]})
+
+    def _assign(self, dead: list, stage_died: bool) -> tuple[dict, bool]:
+        """Record the failures and replace the dead (:meth:`Cluster.replace_all`); returns the restore sources
+        of the replaced stages and whether a stage died."""
+        self._note_failures(dead)
         sources = self.cluster.replace_all([d[0] for d in dead])
         restore = {str(s): {"from": None if self.mode == "recompute" else src} for s, src in sources.items()}
         return restore, stage_died or bool(sources)

@@ -112,7 +112,7 @@ class Replicator:
         self.dest = None
         self.lost: str | None = None  # why the destination was lost, while unprotected
         self.enabled = True
-        self.stats = {"chunks": 0, "bytes": 0, "dropped": 0, "rebuilds": 0, "acked_steps": 0}
+        self.stats = {"chunks": 0, "bytes": 0, "dropped": 0, "rebuilds": 0, "acked_steps": 0, "losses": 0}
         self._now: tuple | None = None  # (session, kind, step, tokens, rows) of the step in progress
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._cond = threading.Condition()
@@ -323,6 +323,7 @@ class Replicator:
         """The destination failed: run unprotected until a new one is set."""
         with self._cond:
             self.lost = f"{type(error).__name__}: {error}"
+            self.stats["losses"] += 1
             dest, self.dest = self.dest, None
             self._cond.notify_all()
         for job, _ in inflight:

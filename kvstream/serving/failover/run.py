@@ -41,6 +41,7 @@ class FailoverSession:
         self.cluster = Cluster(cfg)
         self.links = None
         self.docs: dict[int, dict] = {}
+        self._pending: list = []  # found dead after the last phase's end: replaced when the next one starts
 
     def __enter__(self) -> "FailoverSession":
         self.start()
@@ -75,7 +76,7 @@ class FailoverSession:
         specs = [KillSpec.parse(k, self.cfg.stages) for k in kills]
         if self.links is not None:
             self.links.abort()
-        dead: list = []
+        dead, self._pending = self._pending, []
         for _ in range(MAX_ATTEMPTS):
             if dead:
                 cluster.replace_all([d[0] for d in dead])
@@ -92,6 +93,7 @@ class FailoverSession:
         ctrl = Controller(cluster, self.links, self.cfg, specs=specs, mode=mode, replicate=replicate, progress=progress)
         t0 = time.perf_counter()
         ctrl.run(groups)
+        self._pending = ctrl.settle()
         self.links = ctrl.links
         seconds = time.perf_counter() - t0
         doc = ctrl.doc()

@@ -189,6 +189,7 @@ class Worker:
     def _new_phase(self, plan: dict) -> None:
         """A phase starts with nothing in flight: forget every microbatch and replica of the last one."""
         self.phase = plan["phase"]
+        self.prefills = 0  # S@pN counts the phase's prompts
         if self.rt is not None:
             for slot in list(self.rt.slots):
                 self.rt.release(slot)
@@ -359,6 +360,8 @@ class Worker:
         doc = dict(self.doc, stage=self.stage, holder_peak_bytes=self.holder.peak_bytes,
                    holder_end_bytes=self.holder.held_bytes)
         if self.replicator is not None:
+            for group in list(self.replicator.sessions):  # a release still on its way when the run stopped
+                self.replicator.release(group)
             doc["replication"] = dict(self.replicator.stats, unprotected=self.replicator.lost)
             self.replicator.close()
         self.store.set(f"doc/{self.inc}", json.dumps(doc))
