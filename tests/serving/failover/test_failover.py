@@ -37,7 +37,7 @@ def _exact(s: dict) -> None:
 
 @pytest.fixture(scope="module")
 def ring(tmp_path_factory):
-    phases = [{"name": "decode", "kills": ["1@6"]}, {"name": "prompt", "kills": ["0@p1"]},
+    phases = [{"name": "decode", "kills": ["1@8"]}, {"name": "prompt", "kills": ["0@p1"]},
               {"name": "stop", "kills": ["1@5:stop"]}, {"name": "twice", "kills": ["0@3", "1@9"]}]
     return _session(tmp_path_factory.mktemp("ring"), phases, 150.0, replica="ring")
 
@@ -46,7 +46,7 @@ def test_stage_killed_at_decode_step(ring):
     s = ring[0]["decode"]
     _exact(s)
     (e,) = s["events"]
-    assert e["role"] == "stage 1" and e["how"] == "heartbeat" and e["spec"] == "1@6"
+    assert e["role"] == "stage 1" and e["how"] == "heartbeat" and e["spec"] == "1@8"
     assert 0 < s["detect_s"] <= BASE["deadline_s"] + 2 * BASE["heartbeat_s"]
     assert s["restored_microbatches"] == 2 and s["restore_bytes"] > 0  # both in-flight microbatches came back
     assert sorted(s["hit"]) == [0, 1]
@@ -104,3 +104,26 @@ def test_replica_holder_killed_host(tmp_path):
     assert e["role"] == "holder 0" and e["spec"] == "r0@5"
     primary = [w for w in workers.values() if w.get("stage") == 0 and w.get("replication")]
     assert any(w["replication"]["dropped"] > 0 or w["replication"]["rebuilds"] > 0 for w in primary)
+
+
+def test_cli_kill_at_decode_step(capsys):
+    """``kvstream failover`` end to end (fast heartbeats, no baseline): the report's last two lines."""
+    from kvstream.cli import main
+
+    code = main(["failover", "--device", "cpu", "--stages", "2", "--requests", "4", "--kill", "1@6", "--no-baseline",
+                 "--heartbeat-s", "0.2", "--deadline-s", "0.8", "--output-tokens", "fixed:10", "--timeout", "30"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert code == 0, lines
+    assert lines[-2:] == ["recomputed tokens: 0", "4/4 requests identical to an uninterrupted run"]
+    assert any(line.startswith("failure: stage 1") and "detected by heartbeat" for line in lines)
+    assert any(line.startswith("restore: 2 microbatch(es)") for line in lines)
+
+
+@pytest.mark.parametrize("argv", [["--kill", "5@3"], ["--kill", "1@x"], ["--replica", "ring", "--stages", "1"],
+                                  ["--kill", "r1@3"], ["--heartbeat-s", "3", "--deadline-s", "1"]])
+def test_cli_user_error_is_one_line(capsys, argv):
+    from kvstream.cli import main
+
+    assert main(["failover", "--device", "cpu", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "failover" in err[0]
