@@ -3,8 +3,9 @@ re-prefill, detection, recomputed tokens and the cost of replicating.
 
 One session of real processes over gloo (``--stages`` stage processes and two standbys with their weights
 loaded, one for each failure phase; deaths are found by heartbeats only; on one GPU they all share it, so stages do not overlap as on separate GPUs), the Llama-3-8B shape
-with ``--layers`` layers (default 4: a failure's cost is per stage and per step, so the inflation ratios do
-not need the full depth), ``--batch`` rows per microbatch, ``--prompt-tokens`` prompts and ``--new-tokens``
+with ``--layers`` layers (default 32, the whole model: a failure costs a fixed ~1 s of detection and
+recovery, so the inflation depends on how long a request takes and is only meaningful at the real depth;
+four processes of 16 GB of weights share the GPU), ``--batch`` rows per microbatch, ``--prompt-tokens`` prompts and ``--new-tokens``
 generated tokens per request:
 
 * ``ft_latency_inflation`` — end-to-end latency of the requests hit by one failure (stage 1 SIGKILLed at
@@ -42,8 +43,7 @@ from .harness import Run
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    """The topic's own options (``--layers`` is the harness's: default 4 here)."""
-    p.set_defaults(layers=4)
+    """The topic's own options (``--layers`` is the harness's: 32, the whole Llama-3-8B shape)."""
     p.add_argument("--stages", type=int, default=2, help="pipeline depth (default 2)")
     p.add_argument("--batch", type=int, default=2, help="rows per microbatch (default 2)")
     p.add_argument("--requests", type=int, default=4, help="requests (default 4: two microbatches)")
@@ -173,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = Run.from_argv("failover", argv, add_args, __doc__)
     f = pipeline_figures(run)
     cfg = f["cfg"]
-    x = f"D{cfg.stages} B{cfg.batch} P{cfg.prompt_tokens} {cfg.output_tokens} L{cfg.layers or 4}"
+    x = f"D{cfg.stages} B{cfg.batch} P{cfg.prompt_tokens} {cfg.output_tokens} L{cfg.layers or 'tiny'}"
     shared = "stage processes share one GPU" if run.is_cuda else "CPU processes"
     where = {"setup": x, "kill": cfg.kills[0], "replica": cfg.replica, "replacement": cfg.replacement,
              "heartbeat_s": cfg.heartbeat_s, "deadline_s": cfg.deadline_s, "note": shared, "hit": f["hit"],

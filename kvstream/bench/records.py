@@ -60,6 +60,12 @@ SUMMARY_KEYS: dict[str, str] = {
     "tiered_ttft_speedup": "TieredStore TTFT speedup (prefix in the host tier) against the RadixStore figure",
     "reuse_plan_error": "|predicted - measured| / measured TTFT of the planned reuse, median over 1k-16k prompts",
     "nccl_handoff_vs_raw": "KV handoff over raw nccl4py send/recv of the same bytes (kvstream/bench/nccl_handoff.py)",
+    "ft_latency_inflation": "latency of requests hit by one failure at 50 % of their tokens over failure-free (failover.py)",
+    "ft_baseline_inflation": "the same with the hit requests recomputed from their prompts (DejaVu's baseline)",
+    "ft_restore_vs_reprefill": "re-prefilling an 8k-token request over restoring its KV from a host replica",
+    "ft_recomputed_tokens": "tokens whose KV had been acknowledged and were computed again after a failure",
+    "ft_detect_s": "kill to detection at the benchmark's heartbeat deadline, seconds",
+    "replication_overhead": "1 - failure-free tokens/s with KV replication on over off",
 }
 
 
