@@ -24,23 +24,16 @@ from typing import Sequence
 
 import torch
 
-from ...errors import ConfigError, KVStreamError
+from ...errors import ConfigError
+from ..launch import OneLineParser, guarded
 from ..pipeline.run import workload
 from .config import REPLICAS, FailoverConfig, KillSpec, validate
 from .run import FailoverSession, checks, per_phase
 
 
-class _Parser(argparse.ArgumentParser):
-    """Errors in one line, exit 2."""
-
-    def error(self, message: str):  # noqa: D102 - argparse's hook
-        print(f"{self.prog}: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def parser(prog: str = "kvstream failover") -> argparse.ArgumentParser:
     """The options of ``kvstream failover``."""
-    p = _Parser(prog=prog, description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="cpu or cuda (default: cuda if present)")
     p.add_argument("--stages", type=int, default=2, help="pipeline depth D (default 2)")
     p.add_argument("--microbatches", type=int, default=None, help="microbatches in flight (default D, at least 2)")
@@ -182,16 +175,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``kvstream failover``; returns the exit code (module docstring)."""
     prog = "kvstream failover"
     args = parser(prog).parse_args(argv)
-    try:
+
+    def body() -> dict:
         cfg = config_from_args(args)
         validate(cfg)
-        rec = run_session(cfg, baseline=args.baseline)
-    except ConfigError as e:
-        print(f"{prog}: {e}", file=sys.stderr)
-        return 2
-    except (RuntimeError, KVStreamError) as e:
-        print(f"{prog}: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+        return run_session(cfg, baseline=args.baseline)
+
+    code, rec = guarded(prog, body)
+    if code is not None:
+        return code
     s = summarize(rec)
     if args.json:
         print(json.dumps({"summary": s, "record": rec}, indent=1, default=str))

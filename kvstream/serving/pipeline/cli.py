@@ -28,23 +28,16 @@ from typing import Sequence
 import torch
 
 from ...errors import ConfigError, KVStreamError
-from ..launch import stop_workers
+from ..launch import OneLineParser, guarded, stop_workers
 from .disagg import run_disagg_stage
 from .links import Env, env_from_os
 from .report import plot, print_report, verdict
 from .run import RunConfig, run_stage, validate
 
-class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line (and exit 2)."""
-
-    def error(self, message: str):  # noqa: D102 - argparse's hook
-        print(f"{self.prog}: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
 
 def parser(prog: str = "kvstream pipeline") -> argparse.ArgumentParser:
     """The options of ``kvstream pipeline`` (and of one stage)."""
-    p = _Parser(prog=prog, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog=prog, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="cpu or cuda (default: cuda if present)")
     p.add_argument("--stages", type=int, default=2, help="pipeline depth D: one process per stage (default 2)")
     p.add_argument("--microbatches", type=int, default=None, help="microbatches in flight M (default D, at least 2)")
@@ -200,21 +193,18 @@ def main(argv: Sequence[str] | None = None, *, disaggregate: bool = False) -> in
     """
     prog = "kvstream disagg" if disaggregate else "kvstream pipeline"
     args = parser(prog).parse_args(argv)
-    try:
+
+    def body() -> dict:
         if disaggregate and args.prompt_stages is None:
             args.prompt_stages = args.stages
         cfg = config_from_args(args)
         validate(cfg)
         results = Path(args.results) if args.results else Path(tempfile.mkdtemp(prefix="kvstream-pipeline-"))
         results.mkdir(parents=True, exist_ok=True)
-        doc = _run_with_progress(cfg, results)
-    except ConfigError as e:
-        print(f"{prog}: {e}", file=sys.stderr)
-        return 2
-    except (RuntimeError, KVStreamError) as e:
-        print(f"{prog}: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    return _finish(doc, args)
+        return _run_with_progress(cfg, results)
+
+    code, doc = guarded(prog, body)
+    return code if code is not None else _finish(doc, args)
 
 
 def stage_main(argv: Sequence[str] | None = None) -> int:
