@@ -80,7 +80,8 @@ def config_from_args(args: argparse.Namespace) -> FailoverConfig:
                           timeout=args.timeout, threads=args.threads, replica=args.replica,
                           replica_dir=args.replica_dir, replacement=args.replacement, heartbeat_s=args.heartbeat_s,
                           deadline_s=args.deadline_s, exit_watch=args.exit_watch, window=args.window,
-                          recovery_timeout_s=args.timeout, kills=list(args.kill))
+                          recovery_timeout_s=args.timeout, kills=list(args.kill),
+                          standbys=2 if args.baseline else 1)  # the baseline's failure gets a ready standby too
 
 
 def run_session(cfg: FailoverConfig, *, baseline: bool = True) -> dict:
@@ -160,8 +161,8 @@ def report(rec: dict, s: dict) -> list[str]:
         lines.append(f"baseline (restart, recompute from the prompt): latency {_s(bl)}{ratio}, "
                      f"{s['baseline_identical']}/{s['requests']} identical")
     for u in s["unprotected"]:
-        lines.append(f"stage {u['stage']} lost its replica holder and ran unprotected: {u['dropped']} chunk(s) not "
-                     f"replicated, {u['rebuilds']} replica(s) rebuilt at a new holder")
+        lines.append(f"stage {u['stage']}'s replica holder died: {u['dropped']} chunk(s) not replicated while "
+                     f"unprotected, {u['rebuilds']} replica(s) rebuilt at the new holder")
     if s["replica_end_bytes"] is not None:
         lines.append(f"replica bytes held after the last request: {s['replica_end_bytes']}")
     if s["unfired"]:
