@@ -62,7 +62,7 @@ def _cfg(run: Run):
     a = run.args
     if run.quick:
         return FailoverConfig(device="cpu", stages=2, microbatches=2, batch=1, requests=4, prompt_tokens=12,
-                              output_tokens="fixed:16", model="tiny", dtype="float32", heartbeat_s=0.2, deadline_s=0.8,
+                              output_tokens="fixed:16", model="tiny", dtype="float32", heartbeat_s=0.25, deadline_s=1.5,
                               recovery_timeout_s=60.0, kills=["1@8"], exit_watch=False, standbys=2)
     cuda = run.is_cuda
     return FailoverConfig(device="cuda" if cuda else "cpu", stages=a.stages, microbatches=max(2, a.stages), batch=a.batch,

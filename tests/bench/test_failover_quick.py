@@ -20,7 +20,7 @@ def test_quick_run_writes_every_key(tmp_path):
         assert summary[key]["value"] is not None and summary[key]["value"] == summary[key]["value"]  # not NaN
     assert summary["ft_recomputed_tokens"]["value"] == 0
     assert summary["ft_recomputed_tokens"]["conditions"] == {"all_identical": True}
-    assert 0 < summary["ft_detect_s"]["value"] <= 0.8 + 0.5
+    assert 0 < summary["ft_detect_s"]["value"] <= 1.5 + 1.0
     assert summary["ft_latency_inflation"]["ratio"] > 1.0  # the failure cost at least its detection
     rows = list(csv.DictReader(open(tmp_path / "failover.csv")))
     assert {r["bench"] for r in rows} == {"failover.latency", "failover.overhead", "failover.restore"}

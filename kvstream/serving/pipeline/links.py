@@ -221,9 +221,14 @@ class Links:
 
     # sending ------------------------------------------------------------------------------------------
     def _isend(self, t: torch.Tensor, dst: int, group) -> None:
+        import torch.distributed as dist
+
         if self._staged and t.is_cuda:
             t = t.to("cpu")
-        self._pending.append((group.send([t], dst, 0), t))
+        # groups made here go through torch.distributed (global ranks) as before; groups made elsewhere are
+        # not registered with it, and are addressed directly (their own ranks)
+        work = dist.isend(t, dst, group=group) if self._owned else group.send([t], dst, 0)
+        self._pending.append((work, t))
         self._pending = [(w, x) for w, x in self._pending if not w.is_completed()]
         while len(self._pending) > MAX_PENDING:
             self._pending.pop(0)[0].wait()
@@ -231,8 +236,12 @@ class Links:
     def _recv(self, t: torch.Tensor, src: int, group) -> torch.Tensor:
         """Receive into ``t`` (through host memory when staged; on the receiver thread with ``interrupt``)."""
         buf = torch.empty_like(t, device="cpu") if self._staged and t.is_cuda else t
+        import torch.distributed as dist
+
         if self._receiver is not None:
             self._receiver.recv(buf, src, group, self.interrupt, self.timeout_s)
+        elif self._owned:
+            dist.recv(buf, src, group=group)
         else:
             group.recv([buf], src, 0).wait()
         if buf is not t:
