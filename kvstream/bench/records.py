@@ -60,6 +60,8 @@ SUMMARY_KEYS: dict[str, str] = {
     "tiered_ttft_speedup": "TieredStore TTFT speedup (prefix in the host tier) against the RadixStore figure",
     "reuse_plan_error": "|predicted - measured| / measured TTFT of the planned reuse, median over 1k-16k prompts",
     "nccl_handoff_vs_raw": "KV handoff over raw nccl4py send/recv of the same bytes (kvstream/bench/nccl_handoff.py)",
+    "swap_throughput_gain": "pipeline tokens/s with microbatch swapping over without, same capped per-stage KV budget "
+                            "(the cap emulates a smaller GPU), same requests (kvstream/bench/swap_throughput.py)",
 }
 
 
