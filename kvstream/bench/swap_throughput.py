@@ -110,8 +110,8 @@ def plan(run: Run) -> dict:
               "swap_microbatch_rows": swap_batch, "no_swap_microbatch_rows": b, "microbatches": m, "stages": d,
               "requests": requests, "microbatch_kv_mib_per_stage": {"swap": rule.peak_bytes(big) / MiB,
                                                                     "no-swap": rule.peak_bytes(small) / MiB},
-              "emulates": "a GPU with this much KV room per stage: a cap, far below what the device holds, so "
-                          "that the no-swap baseline is KV-capacity-bound"}
+              "emulates": "a smaller GPU, with only this much KV room per stage: a cap far below what the device "
+                          "holds, so that the no-swap baseline is KV-capacity-bound"}
     return {**cfgs, "budget": budget}
 
 

@@ -1,0 +1,38 @@
+"""The multi-GPU topics' ``--quick`` CPU modes (issue 11) run end to end over gloo with real processes and write
+well-formed results; no timing claims (``pass`` null)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+from kvstream.bench import swap_throughput
+
+
+def _entry(out, key):
+    entry = json.loads((out / "summary.json").read_text())[key]
+    assert entry["quick"] is True and entry["pass"] is None
+    return entry
+
+
+def test_swap_throughput_quick_swaps_under_a_budget_that_binds(tmp_path):
+    assert swap_throughput.main(["--quick", "--out", str(tmp_path), "--timeout", "60"]) == 0
+    entry = _entry(tmp_path, "swap_throughput_gain")
+    assert entry["value"] > 0 and entry["ceiling"] > 0 and entry["ratio"] == entry["value"] / entry["ceiling"]
+    detail = entry["detail"]
+    budget = detail["budget"]
+    assert "smaller GPU" in budget["emulates"] and "smaller GPU" in detail["cap"]
+    # the budget holds exactly the no-swap side's M microbatches, or two of the swap side's D/2-larger ones
+    assert budget["no_swap_fits_microbatches"] == budget["microbatches"] == 4
+    assert budget["swap_microbatch_rows"] == 2 * budget["no_swap_microbatch_rows"]
+    assert detail["checked"] is True  # both sides' tokens equal single-process generate (run_once raises otherwise)
+    stages = detail["stall_fraction_per_stage"]
+    assert [s["stage"] for s in stages] == [0, 1]
+    assert all(s["swap_in_mib"] > 0 and 0 <= s["stall_fraction"] <= 1 for s in stages)
+    assert all(s["peak_kv_mib"] <= budget["kv_budget_mib_per_stage"] for s in stages + detail["no_swap_per_stage"])
+    assert all(s["swap_in_mib"] == 0 for s in detail["no_swap_per_stage"])
+    rows = list(csv.DictReader(open(tmp_path / "swap_throughput.csv")))
+    assert {(r["bench"], r["provider"]) for r in rows} >= {("swap_throughput.throughput", "swap"),
+                                                           ("swap_throughput.throughput", "no-swap"),
+                                                           ("swap_throughput.stall", "swap/stage1")}
+    assert (tmp_path / "swap_throughput.png").stat().st_size > 1000
