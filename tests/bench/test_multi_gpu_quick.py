@@ -36,3 +36,29 @@ def test_swap_throughput_quick_swaps_under_a_budget_that_binds(tmp_path):
                                                            ("swap_throughput.throughput", "no-swap"),
                                                            ("swap_throughput.stall", "swap/stage1")}
     assert (tmp_path / "swap_throughput.png").stat().st_size > 1000
+
+
+def test_sustained_rate_is_the_highest_rate_within_the_factor_of_the_lowest():
+    from kvstream.bench.disagg import sustained_rate
+
+    assert sustained_rate({1.0: 0.01, 2.0: 0.012, 4.0: 0.019, 8.0: 0.05}, 2.0) == 4.0
+    assert sustained_rate({1.0: 0.01, 2.0: 0.03}, 2.0) == 1.0  # the lowest rate always counts
+    assert sustained_rate({4.0: 0.01, 2.0: 0.01}, 2.0) == 4.0  # order of the keys does not matter
+
+
+def test_disagg_quick_pipeline_engine_reports_latency_against_rate(tmp_path):
+    from kvstream.bench import disagg
+
+    assert disagg.main(["--quick", "--engine", "pipeline", "--out", str(tmp_path), "--timeout", "60"]) == 0
+    entry = _entry(tmp_path, "disagg_vs_colocated")
+    detail = entry["detail"]
+    assert entry["unit"] == "s/token" and entry["target"] == ">= 1.3"
+    assert entry["ratio"] == entry["ceiling"] / entry["value"]  # colocated s/token over disaggregated s/token
+    assert detail["engine"] == "pipeline" and detail["sustained_rate_req_per_s"] in (25.0, 50.0)
+    assert entry["conditions"] == {"rates >= 4": False}  # --quick runs two rates
+    curves = detail["normalized_latency_vs_rate"]
+    assert set(curves) == {"disaggregated", "colocated"} and all(set(c) == {"25", "50"} for c in curves.values())
+    assert detail["peak_throughput_ratio"] > 0
+    rows = list(csv.DictReader(open(tmp_path / "disagg.csv")))
+    assert {r["metric"] for r in rows} >= {"normalized_latency_mean", "throughput"}
+    assert (tmp_path / "disagg.png").stat().st_size > 1000
