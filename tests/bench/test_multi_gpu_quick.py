@@ -62,3 +62,22 @@ def test_disagg_quick_pipeline_engine_reports_latency_against_rate(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "disagg.csv")))
     assert {r["metric"] for r in rows} >= {"normalized_latency_mean", "throughput"}
     assert (tmp_path / "disagg.png").stat().st_size > 1000
+
+
+def test_nccl_handoff_quick_by_chunk_size_reports_the_worst_size(tmp_path):
+    from kvstream.bench import nccl_handoff
+
+    argv = ["--quick", "--out", str(tmp_path), "--reps", "1", "--chunk-mib", "4,8,16,32", "--total-mib", "128"]
+    assert nccl_handoff.main(argv) == 0
+    entry = _entry(tmp_path, "nccl_handoff_vs_raw")
+    detail = entry["detail"]
+    # --quick reads the sizes as KiB: 128 KiB in 32, 16, 8 and 4 chunks
+    assert set(detail["ratio_per_size"]) == {"4KiBx32", "8KiBx16", "16KiBx8", "32KiBx4"}
+    assert detail["worst_size"] == min(detail["ratio_per_size"], key=detail["ratio_per_size"].get)
+    assert entry["ratio"] == detail["ratio_per_size"][detail["worst_size"]]
+    assert detail["largest_size"] == "32KiBx4" and detail["handoff_bytes"] == 128 * 1024
+    for size in detail["ratio_per_size"]:
+        assert all(detail[f"{size}/{p}"]["identical"] for p in nccl_handoff.PROVIDERS)
+    assert detail["4KiBx32/raw"]["chunks"] == 32 and detail["4KiBx32/raw"]["chunk_bytes"] == 4096
+    rows = list(csv.DictReader(open(tmp_path / "nccl_handoff.csv")))
+    assert {r["x"] for r in rows} == set(detail["ratio_per_size"])
