@@ -81,3 +81,29 @@ def test_nccl_handoff_quick_by_chunk_size_reports_the_worst_size(tmp_path):
     assert detail["4KiBx32/raw"]["chunks"] == 32 and detail["4KiBx32/raw"]["chunk_bytes"] == 4096
     rows = list(csv.DictReader(open(tmp_path / "nccl_handoff.csv")))
     assert {r["x"] for r in rows} == set(detail["ratio_per_size"])
+
+
+def test_x2_script_runs_its_parts_bounded_and_writes_a_manifest(tmp_path):
+    """bench/multi_gpu/x2.sh with MG_QUICK=1 (each topic's --quick): the nccl part, failover guarded."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHON=sys.executable, MG_QUICK="1", KVSTREAM_GIT_SHA="0123abc")
+    proc = subprocess.run(["bash", str(root / "bench/multi_gpu/x2.sh"), str(tmp_path), "nccl", "failover"], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    manifest = json.loads((tmp_path / "manifest-x2.json").read_text())
+    assert manifest["git_sha"] == "0123abc" and manifest["topics"]["nccl_handoff"]["exit"] == 0
+    assert "disagg" not in manifest["topics"]  # only the parts asked for
+    if not (root / "kvstream/bench/failover.py").exists():
+        assert "failover: kvstream/bench/failover.py is not in this tree" in proc.stdout
+    entry = _entry(tmp_path, "nccl_handoff_vs_raw")
+    assert entry["git_sha"] == "0123abc" and set(entry["detail"]["ratio_per_size"]) == {
+        "4KiBx4", "8KiBx4", "16KiBx4", "32KiBx4"}
+    with tarfile.open(tmp_path / "x2-runs.tar.gz") as tar:
+        assert "logs-x2/nccl_handoff.log" in tar.getnames()
+    assert len([p for p in tmp_path.rglob("*") if p.is_file()]) <= 8  # what the device tool brings back from $OUT
