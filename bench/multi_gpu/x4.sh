@@ -27,7 +27,7 @@ mg_setup x4 "$@"
 # Run 1: D = 4 stages, one GPU each, Llama-3-8B shape (32 layers), b = 4 rows, M = 4; swap runs 8-row microbatches
 # (D/2 larger) under a per-stage budget that holds two of them = the baseline's four (a cap: a smaller GPU).
 mg_wanted swap && mg_topic swap_throughput 570 "$MG_PY" -m kvstream.bench.swap_throughput --out "$OUT" --stages 4 \
-    --layers 32 --batch 4 --prompt-tokens 512 --new-tokens 128 --reps 5
+    --layers 32 --batch 4 --prompt-tokens 512 --new-tokens 64 --reps 5
 # Run 2: prompt pipeline (2 GPUs) + token pipeline (2 GPUs) against one 4-stage pipeline of the same GPUs, 4 rates.
 mg_wanted disagg && mg_topic disagg 540 "$MG_PY" -m kvstream.bench.disagg --out "$OUT" --engine pipeline --gpus 4 \
     --layers 32 --rates 2,4,8,16 --requests 32 --prompt-tokens 1024 --output-tokens fixed:64 --microbatch 4

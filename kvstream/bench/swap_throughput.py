@@ -25,7 +25,7 @@ and what it holds, and the stall fraction per stage. ``<out>/swap_throughput.png
 ``--quick``: D = 2 gloo processes on the CPU, the tiny model, M = 4, one repetition, outputs checked against
 single-process ``generate``; no claims (``pass`` null).
 
-    PYTHONPATH=$PWD python3 -m kvstream.bench.swap_throughput            # four GPUs, about 8 minutes
+    PYTHONPATH=$PWD python3 -m kvstream.bench.swap_throughput            # four GPUs, about 5-7 minutes
     PYTHONPATH=$PWD python3 -m kvstream.bench.swap_throughput --quick --out /tmp/swap-quick
 """
 
@@ -56,7 +56,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, default=None, help="requests per run (default: two rounds of M microbatches "
                                                                "of the swap side)")
     p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length (default 512)")
-    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per request (default 128)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per request (default 64)")
     p.add_argument("--reps", type=int, default=5, help="alternating repetitions (default 5; >= 5 for a claim)")
     p.add_argument("--pcie-gbps", type=float, default=None, help="B_pcie of the stages' ratio, GB/s (default: measured)")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
