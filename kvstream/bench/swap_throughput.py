@@ -179,8 +179,7 @@ def _plot(tps: dict, stalls: dict, path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the topic. Returns the exit code."""
     run = Run.from_argv("swap_throughput", argv, add_args, __doc__)
-    p = plan(run)
-    d = p["budget"]["stages"]
+    d = 2 if run.quick else run.args.stages
     if run.is_cuda:
         import torch
 
@@ -188,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"kvstream.bench.swap_throughput needs {d} GPUs (or --quick for the CPU smoke run)")
     elif not run.quick:
         raise SystemExit("kvstream.bench.swap_throughput measures GPUs; --quick runs the CPU smoke run")
+    p = plan(run)
     reps = 1 if run.quick else run.args.reps
     tps: dict = {s: [] for s in SIDES}
     spans: dict = {s: [] for s in SIDES}
