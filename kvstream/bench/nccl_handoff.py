@@ -21,9 +21,15 @@ Rows ``nccl_handoff.flush_calls`` (transport providers): host time of the sender
 (first call to last return). The chunk count (``--layers``) is the same at every prompt length, so a cost
 per chunk looks fixed across sizes: compare ``--layers 16`` and ``--layers 64`` to tell them apart.
 
+Chunk sizes instead of prompt lengths: ``--chunk-mib 4,8,16,32`` makes one handoff per chunk size (T chosen
+so that one chunk ``[1, 2, B, 8, T, 128]`` bf16 holds that many MiB), of ``--layers`` chunks each, or of
+``--total-mib / chunk`` chunks with ``--total-mib`` (``--chunk-mib 4,8,16,32 --total-mib 1024``: 1 GiB in 256,
+128, 64 and 32 chunks). Rows then have x = ``<chunk>MiBx<chunks>``.
+
 Every provider's bytes are checked bit-exactly on the receiver after its first timed repetition.
-Summary key ``nccl_handoff_vs_raw``: NcclTransport GB/s over raw GB/s at the largest prompt (target
->= 0.90); every size and provider is in its ``detail``.
+Summary key ``nccl_handoff_vs_raw``: NcclTransport GB/s over raw GB/s at the size where the ratio is worst
+(target >= 0.90 at every size); the detail has every size and provider, the ratio per size
+(``ratio_per_size``) and the ratio at the largest handoff (``ratio_largest``).
 
 ``--quick`` (no GPU needed): the same protocol on the CPU with RemoteHostTransport over gloo against raw
 gloo send/recv, tiny sizes, no timing claims.
@@ -58,6 +64,10 @@ LABELS = {"raw": "raw", "raw-grouped": "raw-grouped", "transport": "NcclTranspor
 def add_args(p: argparse.ArgumentParser) -> None:
     """The topic's own options."""
     p.add_argument("--tokens", default="512,2048,8192", help="prompt lengths T, comma-separated")
+    p.add_argument("--chunk-mib", default=None,
+                   help="chunk sizes in MiB, comma-separated, instead of --tokens (--quick: KiB)")
+    p.add_argument("--total-mib", type=int, default=None,
+                   help="with --chunk-mib: each handoff moves this many MiB (total / chunk chunks) instead of --layers chunks")
     p.add_argument("--batch", type=int, default=1, help="batch rows B per chunk (default 1)")
     p.add_argument("--reps", type=int, default=10, help="timed repetitions per size and provider")
     p.add_argument("--role", choices=("send", "recv"), default="send", help=argparse.SUPPRESS)
@@ -69,19 +79,37 @@ def _shape(args, tokens: int) -> tuple[int, ...]:
     return (1, 2, args.batch, heads, tokens, head_dim)
 
 
-def _sizes(args) -> list[int]:
-    return [64, 256] if args.quick else [int(t) for t in args.tokens.split(",")]
-
-
 def _layers(args) -> int:
     return min(args.layers, 4) if args.quick else args.layers
 
 
-def _data(args, device: torch.device, tokens: int, seed: int) -> list[torch.Tensor]:
+def _sizes(args) -> list[tuple[str, int, int]]:
+    """Every handoff as ``(label, tokens T, chunks)``: from ``--tokens`` (``--layers`` chunks; label
+    ``<T>tok``) or from ``--chunk-mib`` (label ``<MiB>MiBx<chunks>``; in ``--quick`` the sizes are KiB,
+    label ``<KiB>KiBx<chunks>``)."""
+    if not args.chunk_mib:
+        tokens = [64, 256] if args.quick else [int(t) for t in args.tokens.split(",")]
+        return [(f"{t}tok", t, _layers(args)) for t in tokens]
+    unit = 1024 if args.quick else MiB
+    shape = _shape(args, 1)
+    per_token = 4 if args.quick else 2  # bytes of an element: float32 (--quick) or bfloat16
+    for n in shape:
+        per_token *= n
+    out = []
+    for mib in (float(c) for c in args.chunk_mib.split(",")):
+        tokens = int(mib * unit) // per_token
+        if tokens < 1 or tokens * per_token != int(mib * unit):
+            raise SystemExit(f"--chunk-mib {mib:g}: not a whole number of tokens of {per_token} bytes")
+        chunks = _layers(args) if not args.total_mib else max(1, int(args.total_mib // mib))
+        out.append((f"{mib:g}{'KiB' if args.quick else 'MiB'}x{chunks}", tokens, chunks))
+    return out
+
+
+def _data(args, device: torch.device, tokens: int, chunks: int, seed: int) -> list[torch.Tensor]:
     """The chunks of one handoff: seeded, the same on both sides (each side generates them itself)."""
     dtype = torch.float32 if args.quick else torch.bfloat16
     g = torch.Generator(device=device).manual_seed(seed)
-    return [torch.randn(_shape(args, tokens), generator=g, device=device).to(dtype) for _ in range(_layers(args))]
+    return [torch.randn(_shape(args, tokens), generator=g, device=device).to(dtype) for _ in range(chunks)]
 
 
 class _Side:
@@ -179,8 +207,8 @@ def _receiver(args) -> int:
     """The child: receive every handoff, stamp its end time in the store, check the bytes."""
     side = _Side(args, 1, args.port)
     try:
-        for tokens in _sizes(args):
-            want = _data(args, side.device, tokens, seed=tokens)
+        for label, tokens, chunks in _sizes(args):
+            want = _data(args, side.device, tokens, chunks, seed=tokens * 1000 + chunks)
             outs = [torch.empty_like(t) for t in want]
             for provider in PROVIDERS:
                 for rep in range(args.reps + 1):  # repetition 0 warms up (connections, allocator)
@@ -203,7 +231,7 @@ def _receiver(args) -> int:
                             side.transport.delete(k)
                     if rep == 1:
                         ok = all(torch.equal(a, b) for a, b in zip(outs, want))
-                        side.store.set(f"ok/{tokens}/{provider}", "1" if ok else "0")
+                        side.store.set(f"ok/{label}/{provider}", "1" if ok else "0")
         side.barrier()
     finally:
         side.close()
@@ -216,8 +244,9 @@ def _sender(run: Run, port: int) -> dict:
     side = _Side(args, 0, port)
     results: dict = {}
     try:
-        for tokens in _sizes(args):
-            data = _data(args, side.device, tokens, seed=tokens)
+        for label, tokens, chunks in _sizes(args):
+            data = _data(args, side.device, tokens, chunks, seed=tokens * 1000 + chunks)
+            x = tokens if not args.chunk_mib else label
             nbytes = inputs.tensor_nbytes(data)
             for provider in PROVIDERS:
                 samples, flush_ms = [], []
@@ -237,20 +266,21 @@ def _sender(run: Run, port: int) -> dict:
                     end = float(side.store.get(f"end/{n}").decode())
                     if rep > 0:
                         samples.append((end - start) * 1e3)
-                side.store.wait([f"ok/{tokens}/{provider}"])
-                ok = side.store.get(f"ok/{tokens}/{provider}") == b"1"
+                side.store.wait([f"ok/{label}/{provider}"])
+                ok = side.store.get(f"ok/{label}/{provider}") == b"1"
                 if not ok:
-                    raise AssertionError(f"{provider} at {tokens} tokens delivered different bytes")
+                    raise AssertionError(f"{provider} at {label} delivered different bytes")
                 ms = Stat.of(samples)
-                label = LABELS[provider] if side.nccl else LABELS[provider].replace("NcclTransport", "RemoteHostTransport")
-                bw = run.add_time_and_bandwidth("nccl_handoff.handoff", label, tokens, ms, nbytes)
-                results[(tokens, provider)] = {"ms": ms.p50, "GBps": bw.p50, "bytes": nbytes, "identical": ok}
+                name = LABELS[provider] if side.nccl else LABELS[provider].replace("NcclTransport", "RemoteHostTransport")
+                bw = run.add_time_and_bandwidth("nccl_handoff.handoff", name, x, ms, nbytes)
+                results[(label, provider)] = {"ms": ms.p50, "GBps": bw.p50, "bytes": nbytes, "identical": ok,
+                                              "chunks": chunks, "chunk_bytes": nbytes // chunks}
                 note = ""
                 if flush_ms:
-                    fl = run.add("nccl_handoff.flush_calls", label, tokens, "time", "ms", Stat.of(flush_ms))
-                    results[(tokens, provider)]["flush_calls_ms"] = fl.p50
+                    fl = run.add("nccl_handoff.flush_calls", name, x, "time", "ms", Stat.of(flush_ms))
+                    results[(label, provider)]["flush_calls_ms"] = fl.p50
                     note = f" (flush calls {fl.p50:.3f} ms: {fl.p50 * 1e3 / len(data):.0f} us a chunk)"
-                timing.progress(f"{tokens} tokens, {provider}: {ms.p50:.3f} ms, {bw.p50:.1f} GB/s{note}")
+                timing.progress(f"{label}, {provider}: {ms.p50:.3f} ms, {bw.p50:.1f} GB/s{note}")
         side.barrier()
     finally:
         side.close()
@@ -273,6 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = rendezvous_store("127.0.0.1", 0, is_server=True, timeout_s=120)
     child_argv = ["--role", "recv", "--port", str(server.port), "--layers", str(run.args.layers), "--tokens",
                   run.args.tokens, "--batch", str(run.args.batch), "--reps", str(run.args.reps)]
+    child_argv += ["--chunk-mib", run.args.chunk_mib] if run.args.chunk_mib else []
+    child_argv += ["--total-mib", str(run.args.total_mib)] if run.args.total_mib else []
     child_argv += ["--quick"] if run.quick else []
     src = str(records.bench_dir().parent.parent)  # the directory holding the kvstream package
     env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -284,15 +316,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if child.poll() is None:
             child.kill()
-    largest = max(_sizes(run.args))
-    raw, ours = results[(largest, "raw")]["GBps"], results[(largest, "transport")]["GBps"]
-    detail = {f"{t}tok/{p}": v for (t, p), v in results.items()}
-    detail["ratio_after_arrival"] = results[(largest, "transport-after-arrival")]["GBps"] / raw
-    detail["ratio_vs_grouped"] = ours / results[(largest, "raw-grouped")]["GBps"]
-    detail["handoff_bytes"] = results[(largest, "raw")]["bytes"]
+    sizes = [label for label, _, _ in _sizes(run.args)]
+    ratio = {s: results[(s, "transport")]["GBps"] / results[(s, "raw")]["GBps"] for s in sizes}
+    worst = min(sizes, key=ratio.get)
+    largest = max(sizes, key=lambda s: (results[(s, "raw")]["bytes"], results[(s, "raw")]["chunk_bytes"]))
+    raw, ours = results[(worst, "raw")]["GBps"], results[(worst, "transport")]["GBps"]
+    detail = {f"{s}/{p}": v for (s, p), v in results.items()}
+    detail["ratio_per_size"] = ratio
+    detail["worst_size"], detail["largest_size"], detail["ratio_largest"] = worst, largest, ratio[largest]
+    detail["ratio_after_arrival"] = results[(worst, "transport-after-arrival")]["GBps"] / raw
+    detail["ratio_vs_grouped"] = ours / results[(worst, "raw-grouped")]["GBps"]
+    detail["handoff_bytes"] = results[(worst, "raw")]["bytes"]
+    chunks = results[(worst, "raw")]["chunks"]
     run.summary("nccl_handoff_vs_raw", value=ours, unit="GB/s", ceiling=raw,
-                ceiling_of=f"raw nccl4py send/recv, one per chunk, same bytes ({detail['handoff_bytes'] / MiB:.0f} MiB in "
-                           f"{_layers(run.args)} chunks), same run" if not run.quick else "raw gloo send/recv (--quick)",
+                ceiling_of=f"raw nccl4py send/recv, one per chunk, same bytes, same run; worst size of {len(sizes)}: "
+                           f"{detail['handoff_bytes'] / MiB:.0f} MiB in {chunks} chunks" if not run.quick
+                else "raw gloo send/recv (--quick)",
                 target=">= 0.90", target_of="ratio",
                 provider="NcclTransport" if not run.quick else "RemoteHostTransport", detail=detail)
     return run.finish()

@@ -66,6 +66,8 @@ SUMMARY_KEYS: dict[str, str] = {
     "ft_recomputed_tokens": "tokens whose KV had been acknowledged and were computed again after a failure",
     "ft_detect_s": "kill to detection at the benchmark's heartbeat deadline, seconds",
     "replication_overhead": "1 - failure-free tokens/s with KV replication on over off",
+    "swap_throughput_gain": "pipeline tokens/s with microbatch swapping over without, same capped per-stage KV budget "
+                            "(the cap emulates a smaller GPU), same requests (kvstream/bench/swap_throughput.py)",
 }
 
 

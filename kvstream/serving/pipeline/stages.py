@@ -17,8 +17,9 @@ the cache, ``use_cache``). The attention modules keep their global ``layer_idx``
 :class:`StageCache` is a ``DynamicCache`` of the whole model in which only the stage's layers fill;
 :meth:`StageCache.get_seq_length` and :meth:`StageCache.get_mask_sizes` answer for a layer the stage does
 not own (the mask helpers ask for the first full-attention layer, layer 0) with a stage layer of the same
-kind. Works for Llama, Qwen2, Mistral, GPT-2, OPT and BLOOM (tests/serving/pipeline/test_stages.py checks
-logits and greedy tokens against the whole model on transformers 5.x).
+kind. Works for Llama, Qwen2, Mistral, DeepSeek-V3 (MLA), GPT-2, OPT and BLOOM
+(tests/serving/pipeline/test_stages.py checks logits and greedy tokens against the whole model on
+transformers 5.x).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture(("model",), "layers", head_identity=("norm",)),
     "qwen2": Architecture(("model",), "layers", head_identity=("norm",)),
     "mistral": Architecture(("model",), "layers", head_identity=("norm",)),
+    "deepseek_v3": Architecture(("model",), "layers", head_identity=("norm",)),
     "gpt2": Architecture(("transformer",), "h", later_zero=("wpe",), head_identity=("ln_f",)),
     "opt": Architecture(("model", "decoder"), "layers", later_zero=("embed_positions",), later_identity=("project_in",),
                         head_identity=("final_layer_norm", "project_out")),

@@ -166,7 +166,8 @@ class SlotKV:
             for l, layer in zip(self.cache.stage_layers, self.cache.kv_layers()):
                 mirror = self.mirrors.get(l)
                 if mirror is None:
-                    mirror = self.mirrors[l] = HostMirror(layer.keys, capacity=max(self.cap_tokens, n))
+                    mirror = self.mirrors[l] = HostMirror(layer.keys, capacity=max(self.cap_tokens, n),
+                                                          values_like=layer.values)
                 copy_out(mirror, layer.keys, layer.values, n - self.host_tokens, m.out_stream)
                 m.record.swap_out_bytes += kv_bytes(layer) * (n - self.host_tokens) // n
             self.host_tokens = n

@@ -10,7 +10,7 @@ from kvstream.models import build_model, tiny_config
 from kvstream.serving.pipeline.stages import StageModel, greedy, positions_from_mask
 from kvstream.serving.worker import generate
 
-ARCHS = ("llama", "qwen2", "mistral", "gpt2", "opt", "bloom")
+ARCHS = ("llama", "qwen2", "mistral", "deepseek_v3", "gpt2", "opt", "bloom")
 
 
 def _stages(arch: str, depth: int, layers: int = 5) -> list[StageModel]:
