@@ -47,6 +47,7 @@ class ReplicaStore:
         self.on_change = on_change
         self.peak_bytes = 0
         self.links: dict[int, Any] = {}  # primary incarnation -> receiving endpoint
+        self._gone: set[int] = set()  # forgotten primaries: what their links still deliver is dropped
         self._lock = threading.Lock()
 
     @property
@@ -54,19 +55,24 @@ class ReplicaStore:
         """Payload bytes held now."""
         return self.store.used_bytes
 
-    def receive(self, key: str, header: ChunkHeader, payload: torch.Tensor) -> bool:
+    def receive(self, key: str, header: ChunkHeader, payload: torch.Tensor, primary: int | None = None) -> bool:
         """A :class:`~kvstream.transports.remote.RemoteHostTransport` ``on_chunk``: file the chunk (or apply a
-        release marker). Returns ``True``: the link keeps nothing."""
-        if key.endswith("/" + RELEASE):
-            self.drop(key[: -len(RELEASE)])
-            return True
-        self.store.flush(key, payload.view(header.dtype).view(header.shape), meta=header.meta)
-        if f"/{OUTPUT}/" in key:  # a step's output: the two newest of a session are kept
-            older = sorted(k for k in self.store.keys(key.rsplit("/", 1)[0] + "/") if k < key)
-            for k in older[:-1]:
-                self.store.delete(k)
+        release marker) from ``primary``'s link. Returns ``True``: the link keeps nothing.
+
+        What the link of a forgotten primary still delivers is dropped: a dead primary's last chunks in flight
+        may land after its replacement adopted, and perhaps released, the session; filed then, they would
+        never be freed."""
         with self._lock:
-            self.peak_bytes = max(self.peak_bytes, self.store.used_bytes)
+            if primary in self._gone:
+                return True
+            if key.endswith("/" + RELEASE):
+                self._drop(key[: -len(RELEASE)])
+            else:
+                self._file(key, header, payload)
+        if key.endswith("/" + RELEASE):
+            if self.on_change is not None:
+                self.on_change(True)
+            return True
         if self.on_change is not None:
             self.on_change(False)
         step = (header.meta or {}).get("step")
@@ -74,23 +80,45 @@ class ReplicaStore:
             self.on_step(step)
         return True
 
+    def _drop(self, prefix: str) -> None:
+        """Free every chunk under ``prefix`` (call under the lock)."""
+        for key in self.store.keys(prefix):
+            self.store.delete(key)
+
+    def _file(self, key: str, header: ChunkHeader, payload: torch.Tensor) -> None:
+        """Store one chunk (call under the lock)."""
+        self.store.flush(key, payload.view(header.dtype).view(header.shape), meta=header.meta)
+        if f"/{OUTPUT}/" in key:  # a step's output: the two newest of a session are kept
+            older = sorted(k for k in self.store.keys(key.rsplit("/", 1)[0] + "/") if k < key)
+            for k in older[:-1]:
+                self.store.delete(k)
+        self.peak_bytes = max(self.peak_bytes, self.store.used_bytes)
+
     def accept(self, primary: int, make: Callable[[Callable], Any]) -> None:
         """Start receiving from ``primary``: ``make(on_chunk)`` builds the endpoint (on a thread of its own: it
         waits for the primary to connect). A previous link from the same primary is closed."""
         old = self.links.pop(primary, None)
         if old is not None:
             _close(old)
+        with self._lock:
+            self._gone.discard(primary)
+
+        def on_chunk(key: str, header: ChunkHeader, payload: torch.Tensor) -> bool:
+            return self.receive(key, header, payload, primary)
 
         def build() -> None:
             try:
-                self.links[primary] = make(self.receive)
+                self.links[primary] = make(on_chunk)
             except KVStreamError:
                 pass  # the primary died before connecting: the controller sees it
 
         threading.Thread(target=build, name=f"kvstream-holder-accept-{primary}", daemon=True).start()
 
     def forget(self, primaries: set[int]) -> None:
-        """Close the links of primaries that are gone (their chunks stay)."""
+        """Close the links of primaries that are gone (their chunks stay; what the links still deliver is
+        dropped)."""
+        with self._lock:
+            self._gone.update(primaries)
         for p in [p for p in self.links if p in primaries]:
             _close(self.links.pop(p))
 
@@ -117,8 +145,8 @@ class ReplicaStore:
 
     def drop(self, prefix: str) -> None:
         """Free every chunk under ``prefix``."""
-        for key in self.store.keys(prefix):
-            self.store.delete(key)
+        with self._lock:
+            self._drop(prefix)
         if self.on_change is not None:
             self.on_change(True)
 
