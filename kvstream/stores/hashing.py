@@ -61,7 +61,7 @@ def as_token_ids(token_ids: Any, *, what: str = "token_ids") -> list[int]:
             t = t[0]
         if t.dim() != 1:
             raise ConfigError(f"{what} must be [T] or [1, T]; got shape {list(t.shape)}")
-        return [int(x) for x in t.tolist()]
+        return t.tolist()  # Python ints (an integer dtype)
     if isinstance(token_ids, np.ndarray):
         return as_token_ids(torch.from_numpy(np.ascontiguousarray(token_ids)), what=what)
     try:
@@ -72,6 +72,8 @@ def as_token_ids(token_ids: Any, *, what: str = "token_ids") -> list[int]:
         if len(ids) != 1:
             raise ConfigError(f"{what} must hold one sequence; got {len(ids)} rows")
         ids = list(ids[0])
+    if all(type(x) is int for x in ids):  # the common case (a list from a tensor): no per-id checks
+        return ids
     out = []
     for x in ids:
         if isinstance(x, (bool, float)) or not hasattr(x, "__index__"):

@@ -80,3 +80,12 @@ def test_nested_path():
     assert nested_path(key, levels=0) == key
     with pytest.raises(ConfigError):
         nested_path(key, levels=20, chars=2)
+
+
+def test_token_ids_are_python_ints_and_anything_else_is_refused():
+    assert as_token_ids(torch.tensor([[5, 6, 7]])) == [5, 6, 7]
+    assert all(type(x) is int for x in as_token_ids(torch.tensor([5, 6], dtype=torch.int32)))
+    assert as_token_ids([np.int64(3), 4]) == [3, 4] and all(type(x) is int for x in as_token_ids([np.int64(3), 4]))
+    for bad in ([1, 2.0], [1, True], [1, "2"], torch.tensor([1.0])):
+        with pytest.raises(ConfigError):
+            as_token_ids(bad)
