@@ -283,6 +283,9 @@ class Replicator:
                     pass
             return
         if job.release is not None:
+            # Flushes still in flight land first: a store lists the session's keys to delete them, and a
+            # chunk written after that listing would outlive its release.
+            self._reap(inflight, block=True)
             self._release_at_dest(job.release)
             return
         while not job.handle.done():  # the outbox copy (a CUDA event on the GPU); poll: never hold the GIL
