@@ -14,6 +14,7 @@ Nothing can hang: every wait has a timeout and every writer process is killed in
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import signal
@@ -137,6 +138,9 @@ def soak(root: Path, duration_s: float, seed: int = 0) -> dict:
     again = work.radix_store(root)  # a fresh attach removes blobs of writers killed inside an update
     result["radix_blob_bytes"] = sum(f.stat().st_size for f in (root / "shm").rglob("blob-*"))
     again.close()
+    # A mapped blob holds a descriptor (mmap keeps its own) for as long as a tensor views it; a finished
+    # match's tensors can wait in a reference cycle for the next collection: collect, then count.
+    gc.collect()
     result["leaked_fds"] = _leaked_fds(root, files0)
     result["pinned"], result["pinned0"] = default_allocator().live_bytes, pinned0
     return result
