@@ -13,6 +13,7 @@ copies synchronously. The runtime above therefore has one code path for CPU tens
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any
 
 import torch
@@ -20,19 +21,34 @@ import torch
 from ..errors import CudaError
 from .memory import cuda_usable
 
+_RT = None  # cuda.bindings.runtime, imported once on first use (a per-call import cost ~1 us on an H200 host)
+_SUCCESS = None
+_NOT_READY = None
+
+# torch's C entry points behind torch.cuda.current_stream / set_stream, which cost 5-10 us of Python per call
+# (device-index resolution, Stream objects) where a decode step needs a few per step; absent on CPU builds.
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+_get_stream = getattr(torch._C, "_cuda_getCurrentStream", None)
+_set_stream = getattr(torch._C, "_cuda_setStream", None)
+
 
 def _cudart():
-    from cuda.bindings import runtime as cudart
+    global _RT, _SUCCESS, _NOT_READY
+    if _RT is None:
+        from cuda.bindings import runtime as cudart
 
-    return cudart
+        _SUCCESS, _NOT_READY = cudart.cudaError_t.cudaSuccess, cudart.cudaError_t.cudaErrorNotReady
+        _RT = cudart
+    return _RT
 
 
 def _check(result: Any, what: str) -> Any:
-    err = result[0] if isinstance(result, tuple) else result
-    cudart = _cudart()
-    if err != cudart.cudaError_t.cudaSuccess:
+    err = result[0] if type(result) is tuple else result
+    if _RT is None:
+        _cudart()
+    if err != _SUCCESS:
         raise CudaError(f"{what} failed: {getattr(err, 'name', err)}")
-    if isinstance(result, tuple) and len(result) > 1:
+    if type(result) is tuple and len(result) > 1:
         return result[1]
     return None
 
@@ -48,13 +64,28 @@ def _device_of(device: torch.device | str | int | None) -> torch.device:
     return device
 
 
-def stream_handle(stream: "Stream | torch.cuda.Stream | None", device: torch.device | None = None) -> int:
-    """The raw ``cudaStream_t`` (an int) of a kvstream or torch stream; torch's current stream if ``None``."""
+def stream_handle(stream: "Stream | torch.cuda.Stream | int | None", device: torch.device | None = None) -> int:
+    """The raw ``cudaStream_t`` (an int) of a kvstream or torch stream, or ``stream`` itself when it is one
+    already (an int); torch's current stream of ``device`` (default: the current device) if ``None``."""
+    if stream is None:
+        return current_stream_handle(device)
+    if type(stream) is int:
+        return stream
     if isinstance(stream, Stream):
         return stream.handle
-    if stream is None:
-        stream = torch.cuda.current_stream(device)
     return int(stream.cuda_stream)
+
+
+def current_stream_handle(device: torch.device | None = None) -> int:
+    """The raw ``cudaStream_t`` of torch's current stream on ``device`` (a CUDA device; default the current one).
+
+    What ``torch.cuda.current_stream(device).cuda_stream`` returns, through the C entry point that Triton and
+    Inductor launchers use, at a tenth of its host cost.
+    """
+    index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
+    if _raw_stream is not None:
+        return _raw_stream(index)
+    return int(torch.cuda.current_stream(index).cuda_stream)
 
 
 class Stream:
@@ -87,6 +118,8 @@ class Stream:
             self._raw = raw
             self.handle = int(raw)
             self._torch = torch.cuda.ExternalStream(self.handle, device=self.device)
+            self._ids = (self._torch.stream_id, self._torch.device_index, self._torch.device_type)
+        self._tls = threading.local()  # per thread: what each ``with`` replaced (torch's current stream is per thread)
 
     @property
     def is_cuda(self) -> bool:
@@ -99,17 +132,30 @@ class Stream:
         return self._torch
 
     def __enter__(self) -> "Stream":
-        self._ctx = torch.cuda.stream(self._torch) if self._torch is not None else contextlib.nullcontext()
-        self._ctx.__enter__()
+        stack = self._tls.__dict__.setdefault("stack", [])
+        if self._torch is None:
+            stack.append(None)
+        elif _set_stream is not None and self._ids[1] == torch.cuda.current_device():
+            # torch.cuda.stream's own steps for a stream of the current device, without its Python layers
+            stack.append(_get_stream(self._ids[1]))
+            _set_stream(stream_id=self._ids[0], device_index=self._ids[1], device_type=self._ids[2])
+        else:
+            ctx = torch.cuda.stream(self._torch)
+            ctx.__enter__()
+            stack.append(ctx)
         return self
 
     def __exit__(self, *exc) -> None:
-        self._ctx.__exit__(*exc)
+        prev = self._tls.stack.pop()
+        if type(prev) is tuple:
+            _set_stream(stream_id=prev[0], device_index=prev[1], device_type=prev[2])
+        elif prev is not None:
+            prev.__exit__(*exc)
 
     def wait_event(self, event: "Event") -> None:
         """Make later work on this stream wait for ``event`` (no host blocking)."""
-        if self.is_cuda and event.is_cuda:
-            _check(_cudart().cudaStreamWaitEvent(self.handle, event.handle, 0), "cudaStreamWaitEvent")
+        if self._torch is not None and event._raw is not None:
+            _check(_RT.cudaStreamWaitEvent(self.handle, event.handle, 0), "cudaStreamWaitEvent")
 
     def wait_stream(self, other: "Stream | torch.cuda.Stream | None" = None) -> None:
         """Make later work on this stream wait for everything enqueued so far on ``other`` (torch's current
@@ -162,16 +208,18 @@ class Event:
     """
 
     def __init__(self, device: torch.device | str | int | None = None, *, timing: bool = False):
-        self.device = _device_of(device)
+        if type(device) is not torch.device or device.index is None:  # an indexed torch.device: the hot case
+            device = _device_of(device)
+        self.device = device
         self.handle = 0
         self._raw = None
-        if self.device.type == "cuda":
-            cudart = _cudart()
+        if device.type == "cuda":
+            cudart = _RT or _cudart()
             flags = cudart.cudaEventDefault if timing else cudart.cudaEventDisableTiming
-            if self.device.index == torch.cuda.current_device():  # the common case: no device switch
+            if device.index == torch.cuda.current_device():  # the common case: no device switch
                 self._raw = _check(cudart.cudaEventCreateWithFlags(flags), "cudaEventCreateWithFlags")
             else:
-                with torch.cuda.device(self.device):
+                with torch.cuda.device(device):
                     self._raw = _check(cudart.cudaEventCreateWithFlags(flags), "cudaEventCreateWithFlags")
             self.handle = int(self._raw)
 
@@ -180,21 +228,21 @@ class Event:
         """Whether this is a real CUDA event."""
         return self._raw is not None
 
-    def record(self, stream: "Stream | torch.cuda.Stream | None" = None) -> "Event":
-        """Record on ``stream`` (torch's current stream if ``None``). Returns ``self``."""
-        if self.is_cuda:
-            _check(_cudart().cudaEventRecord(self._raw, stream_handle(stream, self.device)), "cudaEventRecord")
+    def record(self, stream: "Stream | torch.cuda.Stream | int | None" = None) -> "Event":
+        """Record on ``stream`` (a raw ``cudaStream_t`` int too; torch's current stream if ``None``). Returns ``self``."""
+        if self._raw is not None:
+            handle = stream.handle if type(stream) is Stream else stream_handle(stream, self.device)
+            _check(_RT.cudaEventRecord(self._raw, handle), "cudaEventRecord")
         return self
 
     def query(self) -> bool:
         """Whether all work captured by the event has completed (never blocks)."""
-        if not self.is_cuda:
+        if self._raw is None:
             return True
-        err = _cudart().cudaEventQuery(self._raw)[0]
-        cudart = _cudart()
-        if err == cudart.cudaError_t.cudaSuccess:
+        err = _RT.cudaEventQuery(self._raw)[0]
+        if err == _SUCCESS:
             return True
-        if err == cudart.cudaError_t.cudaErrorNotReady:
+        if err == _NOT_READY:
             return False
         raise CudaError(f"cudaEventQuery failed: {getattr(err, 'name', err)}")
 
@@ -223,7 +271,7 @@ class Event:
             pass
 
 
-def memcpy_async(dst: torch.Tensor, src: torch.Tensor, stream: "Stream | torch.cuda.Stream | None" = None) -> None:
+def memcpy_async(dst: torch.Tensor, src: torch.Tensor, stream: "Stream | torch.cuda.Stream | int | None" = None) -> None:
     """Copy ``src`` into ``dst`` (same number of bytes, both contiguous) with ``cudaMemcpyAsync``.
 
     Either side may be device memory or (pinned) host memory; the direction is inferred through unified
@@ -305,4 +353,4 @@ def side_stream(device: torch.device | str | int | None = None, name: str = "sid
         return s
 
 
-__all__ = ["Stream", "Event", "memcpy_async", "memcpy_2d_async", "stream_handle", "side_stream"]
+__all__ = ["Stream", "Event", "memcpy_async", "memcpy_2d_async", "stream_handle", "current_stream_handle", "side_stream"]

@@ -26,7 +26,7 @@ import torch
 from ..errors import CapacityError, ChunkNotFound, ConfigError, TransportError
 from ..chunk import NO_CHECKSUM, ChunkHeader, byte_view, chunk_header
 from ..layout import Region, check_packed
-from ..cuda import Event, PinnedArena, host_empty
+from ..cuda import Event, PinnedArena, current_stream_handle, host_empty, memcpy_async
 from ..handles import CompletedHandle, EventHandle, Handle
 from .base import Transport
 
@@ -197,10 +197,11 @@ class HostTransport(Transport):
         try:
             buf = self._alloc(nbytes)
             event = None
-            if chunk.is_cuda:
-                stream = torch.cuda.current_stream(chunk.device)
-                buf.copy_(byte_view(chunk), non_blocking=True)
-                event = Event(chunk.device).record(stream)
+            if chunk.is_cuda:  # one cudaMemcpyAsync on the current stream, then its event (no torch dispatch)
+                device = chunk.device
+                stream = current_stream_handle(device)
+                memcpy_async(buf, byte_view(chunk), stream)
+                event = Event(device).record(stream)
             else:
                 buf.copy_(byte_view(chunk))
         except BaseException:
@@ -236,10 +237,10 @@ class HostTransport(Transport):
             check_packed(out, slot.header.shape, slot.header.dtype, name=f"out for chunk {key!r}")
             if out.is_cuda:
                 # Enqueue under the lock so that the slot cannot be retired before its use is recorded.
-                stream = torch.cuda.current_stream(out.device)
+                stream = current_stream_handle(out.device)
                 if slot.ready is not None:
                     slot.ready.wait(stream)
-                byte_view(out).copy_(slot.buf, non_blocking=True)
+                memcpy_async(byte_view(out), slot.buf, stream)
                 event = Event(out.device).record(stream)
                 slot.uses = [e for e in slot.uses if not e.query()] + [event]
                 return EventHandle(event)
@@ -262,11 +263,11 @@ class HostTransport(Transport):
             slots = [self._slot(key) for key, _ in items]
             for (key, out), slot in zip(items, slots):
                 check_packed(out, slot.header.shape, slot.header.dtype, name=f"out for chunk {key!r}")
-            stream = torch.cuda.current_stream(device)
+            stream = current_stream_handle(device)
             for (_, out), slot in zip(items, slots):
                 if slot.ready is not None:
                     slot.ready.wait(stream)
-                byte_view(out).copy_(slot.buf, non_blocking=True)
+                memcpy_async(byte_view(out), slot.buf, stream)
             event = Event(device).record(stream)
             for slot in slots:
                 slot.uses = [e for e in slot.uses if not e.query()] + [event]
