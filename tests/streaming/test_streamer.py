@@ -131,3 +131,63 @@ def test_gather_many_puts_decode_steps_in_place(device, seed):
         st.gather_many(["s/step0", "s/step1", "s/step2"], k2, v2, Region(layers=(0, 3), tokens=(3, 11)))
     with pytest.raises(LayoutError):  # a chunk that does not fit its slice
         st.gather_many(["s/step0", "s/step1"], k2, v2, Region(layers=(0, 3), tokens=(3, 5)))
+
+
+@pytest.mark.parametrize("level", [0, 1, 3])
+@pytest.mark.parametrize("n", [1, 3])
+def test_scatter_step_is_the_chunk_scatter_newest_makes(level, n, seed):
+    # a decode step's new KV: tensors of exactly n tokens, some transposed views as HF's projections make them
+    ks = [torch.randn(2, n, 3, 5, generator=seed).transpose(1, 2) for _ in range(4)]
+    vs = [torch.randn(2, 3, n, 5, generator=seed) for _ in range(4)]
+    t = kvstream.HostTransport(capacity_bytes=1 << 20)
+    st = KVStreamer(t, level=level)
+    st.scatter_step("s/step", ks, vs, meta={"run": "r"})
+    st.scatter_newest("s/newest", ks, vs, num_tokens=n, meta={"run": "r"})
+    st.wait()
+    a, b = t.fetch_new("s/step"), t.fetch_new("s/newest")
+    assert a.shape == (4, 2, 2, 3, n, 5) and torch.equal(a, b)
+    assert t.describe("s/step").meta == t.describe("s/newest").meta
+    t.close()
+
+
+def test_scatter_step_refuses_mixed_tensors(seed):
+    ks, vs = [torch.randn(1, 2, 1, 4) for _ in range(3)], [torch.randn(1, 2, 1, 4) for _ in range(3)]
+    t = kvstream.HostTransport(capacity_bytes=1 << 20)
+    st = KVStreamer(t, level=3)
+    with pytest.raises(LayoutError, match="dtypes"):
+        st.scatter_step("s/a", ks, vs[:2] + [vs[2].double()])
+    with pytest.raises(LayoutError, match="one shape"):
+        st.scatter_step("s/b", ks, vs[:2] + [torch.randn(1, 2, 2, 4)])
+    with pytest.raises(LayoutError, match="value tensors"):
+        st.scatter_step("s/c", ks, vs[:2])
+    st.wait()
+    assert t.keys() == []  # nothing half-stored
+    t.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("level", [1, 3])
+def test_gpu_scatter_step_and_one_layer_regions(level, seed):
+    # scatter_step stacks a step's new KV (transposed views); a one-layer region takes torch's copy_ path
+    ks, vs = _cache(seed, layers=4, b=4, h=8, s=300, d=128, dtype=torch.bfloat16, device="cuda")
+    new_k = [torch.randn(4, 1, 8, 128, generator=seed).to(torch.bfloat16).cuda().transpose(1, 2) for _ in range(4)]
+    new_v = [torch.randn(4, 8, 1, 128, generator=seed).to(torch.bfloat16).cuda() for _ in range(4)]
+    t = kvstream.HostTransport(capacity_bytes=1 << 28, preallocate=True)
+    st = KVStreamer(t, level=level, device="cuda")
+    st.scatter_step("g/step", new_k, new_v)
+    for l in range(4):
+        st.scatter(f"g/l{l}", ks, vs, Region(layers=(l, l + 1), tokens=(5, 261), batch=(1, 3)))
+    st.wait()
+    cpu_k, cpu_v = [k.cpu() for k in new_k], [v.cpu() for v in new_v]
+    assert torch.equal(t.fetch_new("g/step"), kvstream.kernels.reference.pack_newest(cpu_k, cpu_v, num_tokens=1))
+    ck, cv = [k.cpu() for k in ks], [v.cpu() for v in vs]
+    for l in range(4):
+        region = Region(layers=(l, l + 1), tokens=(5, 261), batch=(1, 3))
+        assert torch.equal(t.fetch_new(f"g/l{l}"), kvstream.kernels.reference.pack_tokens(ck, cv, region))
+        k2, v2 = [torch.full_like(k, 2) for k in ks], [torch.full_like(v, 2) for v in vs]
+        st.gather(f"g/l{l}", k2, v2, region).wait()
+        torch.cuda.synchronize()
+        assert torch.equal(k2[l][1:3, :, 5:261], ks[l][1:3, :, 5:261]) and bool((k2[l][0] == 2).all())
+        assert torch.equal(v2[l][1:3, :, 5:261], vs[l][1:3, :, 5:261]) and bool((v2[l][:, :, 261:] == 2).all())
+    st.close()
+    t.close()

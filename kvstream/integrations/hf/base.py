@@ -46,7 +46,11 @@ class _Forward:
     tokens: int
     seg: int  # the segment number its keys use
     last_layer: int = -1
-    parts: list | None = None  # [(layer_idx, key, k_new, v_new)] kept until the chunk is packed
+    parts: list | None = None  # "layers" at levels 0-1: [(layer_idx, key, k_new, v_new)] until the forward ends
+    ids: list | None = None  # "all": the layers updated so far, and their new K and V, until the chunk is packed
+    ks: list | None = None
+    vs: list | None = None
+    fast: bool = False  # "all" whose later layers take StreamingCache.update's hot path
 
 
 class _SessionStreaming:
@@ -123,10 +127,12 @@ class _SessionStreaming:
         n = k.shape[-2]
         fwd = self._fwd
         if fwd is not None and layer_idx > fwd.last_layer and n == fwd.tokens:
-            # the hot path: one more layer of the forward in progress (32 times per decode step)
+            # one more layer of the forward in progress
             fwd.last_layer = layer_idx
             if fwd.mode == "all":
-                fwd.parts.append((layer_idx, None, k, v))
+                fwd.ids.append(layer_idx)
+                fwd.ks.append(k)
+                fwd.vs.append(v)
             else:
                 self._stream_layer(fwd, layer_idx, k, v)
             if layer_idx == self._last_kv_layer:
@@ -143,7 +149,8 @@ class _SessionStreaming:
         seg = self._recorder.begin(mode, start, n, k.shape[0])
         fwd = self._fwd = _Forward(mode=mode, tokens=n, seg=seg, last_layer=layer_idx, parts=[])
         if mode == "all":
-            fwd.parts.append((layer_idx, None, k, v))
+            fwd.ids, fwd.ks, fwd.vs = [layer_idx], [k], [v]
+            fwd.fast = self._offloader is None and self._pending is None and self._level != 0
         else:
             self._stream_layer(fwd, layer_idx, k, v)
         kv_ids = self._kv_layer_ids()
@@ -162,7 +169,7 @@ class _SessionStreaming:
 
     def _finish_forward(self) -> None:
         fwd, self._fwd = self._fwd, None
-        if fwd is None or not fwd.parts:
+        if fwd is None:
             return
         streamer = self.streamer
         if fwd.mode == "layers":
@@ -170,15 +177,17 @@ class _SessionStreaming:
                 streamer.scatter(key, [k], [v], Region(layers=(0, 1), tokens=(0, fwd.tokens)),
                                  meta={**self._chunk_meta, "layer": layer_idx})
             return
-        key = self._recorder.end_step([p[0] for p in fwd.parts])  # the layers are in the manifest
-        ks, vs = [p[2] for p in fwd.parts], [p[3] for p in fwd.parts]
+        key = self._recorder.end_step(fwd.ids)  # the layers are in the manifest
+        ks, vs = fwd.ks, fwd.vs
         if streamer.level == 0:
             streamer.scatter_newest(key, ks, vs, num_tokens=fwd.tokens, meta=self._chunk_meta)
-            return
-        plan = self._step_plan  # a step's new KV has the last step's shapes and strides: only addresses change
-        if plan is None or plan.num_tokens != fwd.tokens or not plan.bind(ks, vs):
-            plan = self._step_plan = kernels.plan_newest(ks, vs, num_tokens=fwd.tokens)
-        streamer.scatter_planned(key, plan, 0, meta=self._chunk_meta)
+        elif self._geometry is None or self._geometry[1] == self._geometry[2]:
+            streamer.scatter_step(key, ks, vs, meta=self._chunk_meta)  # one torch.stack, no per-layer host work
+        else:  # K and V of different head dims: the pointer-table pack, re-pointed at the step's tensors
+            plan = self._step_plan
+            if plan is None or plan.num_tokens != fwd.tokens or not plan.bind(ks, vs):
+                plan = self._step_plan = kernels.plan_newest(ks, vs, num_tokens=fwd.tokens)
+            streamer.scatter_planned(key, plan, 0, meta=self._chunk_meta)
 
     # ------------------------------------------------------------------------------------------------
     # history-rewriting operations: applied, then recorded for replay

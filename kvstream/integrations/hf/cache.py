@@ -117,6 +117,18 @@ class StreamingCache(_SessionStreaming, DynamicCache):
     # ------------------------------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """``DynamicCache.update``, then stream the new ``key_states``/``value_states`` ``[B, H, T_new, D]``."""
+        fwd = self._fwd
+        if fwd is not None and fwd.fast and layer_idx > fwd.last_layer and key_states.shape[-2] == fwd.tokens:
+            # the hot path, 31 of a decode step's 32 layers: DynamicCache's update, and the new KV kept for the
+            # step's one chunk (packed after the last layer)
+            keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+            fwd.last_layer = layer_idx
+            fwd.ids.append(layer_idx)
+            fwd.ks.append(key_states)
+            fwd.vs.append(value_states)
+            if layer_idx == self._last_kv_layer:
+                self._finish_forward()
+            return keys, values
         if self._pending is not None and self._pending.take(layer_idx):
             self._pending = None
         if self._offloader is not None:

@@ -7,10 +7,11 @@ does what ``StaticCache`` does. Then
 
 * a long forward (more than ``layer_chunk_min_tokens`` new tokens) streams each layer's new KV as it is
   produced, exactly as :class:`~kvstream.integrations.hf.cache.StreamingCache` does;
-* a short forward (a decode step) streams one chunk of every layer after the last one, packed straight
-  from the static buffers at the step's positions: the newest tokens sit at a known place of buffers whose
-  addresses never change, so the pointer table and launch geometry are made once
-  (:func:`kvstream.kernels.plan_newest`) and a step costs one launch and one flush.
+* a short forward (a decode step) streams one chunk of every layer after the last one: run eagerly, the
+  step's new KV stacked in one torch call (what ``index_copy_`` wrote into the buffers); compiled, packed
+  straight from the static buffers at the step's positions, whose addresses never change, so the pointer
+  table and launch geometry are made once (:func:`kvstream.kernels.plan_newest`) and a step costs one
+  launch and one flush.
 
 The session is the same as StreamingCache's (same keys, same chunks, same manifest), so either class loads
 what the other streamed. Under ``torch.compile`` the streaming calls are custom ops (:mod:`.ops`): no graph
@@ -84,6 +85,8 @@ class StreamingStaticCache(_SessionStreaming, StaticCache):
         self._plans: dict[int, Any] = {}
         ids = self._kv_layer_ids()
         self._last_layer = ids[-1] if ids else -1
+        self._first_layer = ids[0] if ids else -1
+        self._step_kv: tuple[list, list] = ([], [])  # an eager decode step's new K and V, layer by layer
         ops.register(self)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -96,13 +99,20 @@ class StreamingStaticCache(_SessionStreaming, StaticCache):
                     torch.ops.kvstream.stream_layer(keys, key_states, value_states, layer_idx)
                 else:
                     self._stream_new(layer_idx, key_states, value_states)
-            elif layer_idx == self._last_layer:
-                if torch.compiler.is_compiling():
+            elif torch.compiler.is_compiling():
+                if layer_idx == self._last_layer:
                     ids = self._kv_layer_ids()
                     torch.ops.kvstream.stream_step([self.layers[l].keys for l in ids],
                                                    [self.layers[l].values for l in ids], layer_idx, n)
-                else:
-                    self._stream_step(n, keys.device)
+            else:  # eager: keep the step's new KV (what index_copy_ just wrote) for one stacked chunk
+                step = self._step_kv
+                if layer_idx == self._first_layer:
+                    step[0].clear()
+                    step[1].clear()
+                step[0].append(key_states)
+                step[1].append(value_states)
+                if layer_idx == self._last_layer:
+                    self._stream_step(n, keys.device, *step)
         return keys, values
 
     # ------------------------------------------------------------------------------------------------
@@ -127,16 +137,26 @@ class StreamingStaticCache(_SessionStreaming, StaticCache):
         return plan
 
     def _stream_step(self, n: int, device: torch.device, keys: list | None = None, values: list | None = None) -> None:
-        """A short forward of ``n`` tokens: one chunk of every KV layer, packed from the static buffers (or
-        ``keys``/``values``, what a compiled forward hands over)."""
+        """A short forward of ``n`` tokens: one chunk of every KV layer. Eager, ``keys``/``values`` are the
+        step's new KV of every KV layer (``[B, H, n, D]`` each), stacked by
+        :meth:`~kvstream.streaming.streamer.KVStreamer.scatter_step`; compiled, they are the static buffers the
+        op was handed (``None``: the layers' own), packed at the step's positions by a plan."""
         self._finish_forward()
         streamer = self.streamer or self._ensure_streamer(device)
+        start = self._forward_start(None, n)
+        ids = self._kv_ids or self._kv_layer_ids()
+        if keys is not None and len(keys) == len(ids) and keys[0].shape[-2] == n:  # the new KV itself
+            first = keys[0]
+            if self._batch is None:
+                self._first_chunk(first.shape[0], first.shape[1], first.shape[3], values[0].shape[3], first.dtype)
+            self._recorder.begin("all", start, n, self._batch)
+            streamer.scatter_step(self._recorder.end_step(ids), keys, values, meta=self._chunk_meta)
+            return
         plan = self._plan(n, keys, values)
         if self._batch is None:
             self._first_chunk(*plan.keys[0].shape[:2], *plan.head_dims, plan.dtype)
-        start = self._forward_start(None, n)
         self._recorder.begin("all", start, n, self._batch)
-        streamer.scatter_planned(self._recorder.end_step(self._kv_ids), plan, start, meta=self._chunk_meta)
+        streamer.scatter_planned(self._recorder.end_step(ids), plan, start, meta=self._chunk_meta)
 
     def _settle(self) -> None:
         super()._settle()
