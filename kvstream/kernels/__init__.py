@@ -42,7 +42,7 @@ from typing import Sequence
 import torch
 
 from ..errors import ConfigError, LayoutError
-from ..layout import Region
+from ..layout import Region, check_hf_layers
 from . import reference
 
 BACKENDS = ("auto", "triton", "torch")
@@ -81,6 +81,16 @@ def _one_layer_on_device(region: Region, keys: Sequence[torch.Tensor], chunk: to
             and (chunk is None or (isinstance(chunk, torch.Tensor) and chunk.device == first.device)))
 
 
+def _stack_one_layer(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], region: Region) -> torch.Tensor:
+    """The ``[1, 2, B, H, T, D]`` chunk of a one-layer region as one ``torch.stack`` of its K and V views
+    (checked like the twin; one call where the twin allocates and copies twice)."""
+    region = check_hf_layers(keys, values, region)
+    l = region.layers.start
+    sl = (slice(region.batch.start, region.batch.stop), slice(region.heads.start, region.heads.stop),
+          slice(region.tokens.start, region.tokens.stop))
+    return torch.stack((keys[l][sl], values[l][sl])).unsqueeze(0)
+
+
 def pack_tokens(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], region: Region,
                 out: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
     """Pack a region (layers x batch rows x heads x tokens) of HF-layout K/V into one chunk.
@@ -116,6 +126,8 @@ def pack_tokens(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], re
     >>> chunk = pack_tokens(cache.key_cache, cache.value_cache, Region(layers=(0, 32), tokens=(0, 1500)))  # doctest: +SKIP
     """
     if backend == "auto" and _one_layer_on_device(region, keys, out):
+        if out is None and keys[region.layers.start].shape[-1] == values[region.layers.start].shape[-1]:
+            return _stack_one_layer(keys, values, region)
         return reference.pack_tokens(keys, values, region, out)
     return _impl("pack_tokens", "tokens", backend, keys)(keys, values, region, out)
 
