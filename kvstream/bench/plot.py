@@ -110,6 +110,7 @@ def by_provider(s: Series) -> Series:
 
 
 def title(fig, rows: list[dict], what: str) -> None:
+    """Set ``fig``'s title to ``what`` over the first row's device, date, torch version and git sha."""
     r = rows[0]
     fig.suptitle(f"{what}\n{r['device']} · {r['date']} · torch {r['torch']} · {r['git_sha']}", fontsize=9)
 

@@ -31,7 +31,8 @@ def stop_workers(procs: list[subprocess.Popen]) -> None:
 class OneLineParser(argparse.ArgumentParser):
     """An argument parser whose errors are one line on stderr (and exit 2)."""
 
-    def error(self, message: str):  # noqa: D102 - argparse's hook
+    def error(self, message: str):
+        """argparse's hook: print ``prog: message`` on stderr and raise ``SystemExit(2)`` (no usage text)."""
         print(f"{self.prog}: {message}", file=sys.stderr)
         raise SystemExit(2)
 

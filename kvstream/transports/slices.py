@@ -93,6 +93,7 @@ class _CloseAfter:
         self._lock = threading.Lock()
 
     def done(self) -> None:
+        """One read finished (thread-safe); the last of ``count`` calls closes ``fd``."""
         with self._lock:
             self._left -= 1
             last = self._left == 0
