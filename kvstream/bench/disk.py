@@ -56,21 +56,21 @@ def _measure(run: Run, transport, chunks: list[torch.Tensor], outs: list[torch.T
     """Write ``chunks`` under ``k{i}`` until durable, then read them cold into ``outs``. Returns (write, read) GB/s."""
     total = inputs.tensor_nbytes(chunks)
 
-    def write_all() -> None:
+    def _write_all() -> None:
         for h in [transport.flush(f"k{i}", c) for i, c in enumerate(chunks)]:
             h.wait()
         ceilings.evict_tree(transport.root)
 
-    def read_all() -> None:
+    def _read_all() -> None:
         for h in [transport.fetch(f"k{i}", o) for i, o in enumerate(outs)]:
             h.wait()
 
-    w = run.add_time_and_bandwidth("disk.write", label_w, x, run.time_host(write_all, reps=reps, warmup=0), total,
+    w = run.add_time_and_bandwidth("disk.write", label_w, x, run.time_host(_write_all, reps=reps, warmup=0), total,
                                    time_unit="s")
     for o in outs:
         o.fill_(float("nan"))
     r = run.add_time_and_bandwidth("disk.read", label_r, x,
-                                   run.time_host(read_all, reps=reps, warmup=0,
+                                   run.time_host(_read_all, reps=reps, warmup=0,
                                                  setup=lambda: ceilings.evict_tree(transport.root)), total, time_unit="s")
     for i, (o, c) in enumerate(zip(outs, chunks)):
         if not torch.equal(o.cpu(), c.cpu()):

@@ -138,7 +138,7 @@ def restore_vs_reprefill(run: Run) -> dict:
         model(ids, **cache_kwargs(cache))
     cache.wait()
 
-    def reprefill() -> float:
+    def _reprefill() -> float:
         timing.sync(run.device)
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -146,7 +146,7 @@ def restore_vs_reprefill(run: Run) -> dict:
         timing.sync(run.device)
         return time.perf_counter() - t0
 
-    def restore() -> float:
+    def _restore() -> float:
         timing.sync(run.device)
         t0 = time.perf_counter()
         loaded = kvstream.StreamingCache.load(host, "replica", config=config, device=run.device, stream=False)
@@ -158,10 +158,10 @@ def restore_vs_reprefill(run: Run) -> dict:
             raise RuntimeError("failover bench: the restored KV differs from the replica's source")
         return took
 
-    reprefill(), restore()  # warm-up
+    _reprefill(), _restore()  # warm-up
     samples = {"restore": [], "reprefill": []}
     for _, provider in timing.alternating(["restore", "reprefill"], 1 if quick else 3):
-        samples[provider].append(restore() if provider == "restore" else reprefill())
+        samples[provider].append(_restore() if provider == "restore" else _reprefill())
     host.close()
     return {"context": context, "layers": int(config.num_hidden_layers), "bytes": layout_bytes,
             "restore_s": statistics.median(samples["restore"]), "reprefill_s": statistics.median(samples["reprefill"]),

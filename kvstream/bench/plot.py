@@ -180,11 +180,11 @@ def plot_generate(data: dict, plt, out: Path) -> list[Path]:
         total = series(rows, "total_time")
         ref = total["dynamic"][0][1] if total.get("dynamic") else None
 
-        def ratios(sub: Series) -> dict[str, list[str]]:
+        def _ratios(sub: Series) -> dict[str, list[str]]:
             return {"": [f"{pts[0][1] / ref:.3f}x" for pts in sub.values()]} if ref else {}
 
         fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-        bars(axes[0], by_provider(total), annotate=ratios(total))
+        bars(axes[0], by_provider(total), annotate=_ratios(total))
         axes[0].set_ylabel("end-to-end s (generate + wait)")
         bars(axes[1], by_provider(series(rows, "kv_resident")))
         axes[1].set_ylabel("GB of KV resident on the GPU (decode)")
@@ -193,7 +193,7 @@ def plot_generate(data: dict, plt, out: Path) -> list[Path]:
         fig25 = {p: v for p, v in total.items() if p in ("dynamic", "stream-host", "stream-disk")}
         if fig25:
             fig, ax = plt.subplots(figsize=(6, 4))
-            bars(ax, by_provider(fig25), annotate=ratios(fig25))
+            bars(ax, by_provider(fig25), annotate=_ratios(fig25))
             ax.set_ylabel("end-to-end s")
             title(fig, rows, "Fig. 25: no streaming vs streaming to host vs to disk")
             made.append(save(fig, plt, out / "fig25_end_to_end.png"))

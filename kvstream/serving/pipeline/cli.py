@@ -98,12 +98,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def _progress_writer(path: str):
-    def write(done: int, tokens: int) -> None:
+    def _write(done: int, tokens: int) -> None:
         tmp = f"{path}.tmp"
         Path(tmp).write_text(json.dumps({"done": done, "tokens": tokens}))
         os.replace(tmp, path)
 
-    return write
+    return _write
 
 
 def launch(cfg: RunConfig, results: Path, on_progress=None) -> dict:
@@ -165,12 +165,12 @@ def _run_with_progress(cfg: RunConfig, results: Path) -> dict:
     with Progress(*columns, transient=True) as bar:
         task = bar.add_task(f"{cfg.processes} stage(s) serving", total=cfg.requests, tokens=0)
 
-        def update(done: int, tokens: int) -> None:
+        def _update(done: int, tokens: int) -> None:
             bar.update(task, completed=done, tokens=tokens)
 
         if cfg.processes == 1:
-            return run_stage(cfg, Env(0, 1, 0), progress=update, results=str(results))
-        return launch(cfg, results, on_progress=update)
+            return run_stage(cfg, Env(0, 1, 0), progress=_update, results=str(results))
+        return launch(cfg, results, on_progress=_update)
 
 
 def _finish(doc: dict, args: argparse.Namespace) -> int:
@@ -194,7 +194,7 @@ def main(argv: Sequence[str] | None = None, *, disaggregate: bool = False) -> in
     prog = "kvstream disagg" if disaggregate else "kvstream pipeline"
     args = parser(prog).parse_args(argv)
 
-    def body() -> dict:
+    def _body() -> dict:
         if disaggregate and args.prompt_stages is None:
             args.prompt_stages = args.stages
         cfg = config_from_args(args)
@@ -203,7 +203,7 @@ def main(argv: Sequence[str] | None = None, *, disaggregate: bool = False) -> in
         results.mkdir(parents=True, exist_ok=True)
         return _run_with_progress(cfg, results)
 
-    code, doc = guarded(prog, body)
+    code, doc = guarded(prog, _body)
     return code if code is not None else _finish(doc, args)
 
 
