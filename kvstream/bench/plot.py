@@ -239,12 +239,31 @@ def _topic_plotter(topic: str):
     return getattr(module, "plot", None)
 
 
-def save(fig, plt, path: Path) -> Path:
-    """Lay out ``fig``, write it to ``path`` as a PNG, close it; returns ``path``."""
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (no display needed); ``ImportError`` without matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(fig, plt, path: Path, dpi: int = 110) -> Path:
+    """Lay out ``fig``, write it to ``path`` as a PNG at ``dpi``, close it; returns ``path``."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
+
+
+def save_panels(fig, plt, axes, path: Path, suptitle: str, dpi: int = 120) -> Path:
+    """A grid and a legend on each of ``axes``, ``suptitle`` over them, then :func:`save` at ``dpi``."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(suptitle)
+    return save(fig, plt, path, dpi=dpi)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -254,10 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--png-dir", default=None, help="where the PNGs go (default: --out)")
     args = p.parse_args(list(argv) if argv is not None else None)
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         print("kvstream.bench.plot: matplotlib is not installed (pip install 'kvstream[bench]'); no PNGs made")
         return 1

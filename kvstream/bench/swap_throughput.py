@@ -39,6 +39,7 @@ from typing import Sequence
 
 from . import harness, timing
 from .harness import Run
+from .plot import pyplot, save_panels
 from .records import MiB
 from .timing import Stat
 
@@ -153,11 +154,7 @@ def _median_stages(runs: list[list[dict]]) -> list[dict]:
 
 
 def _plot(tps: dict, stalls: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for side in SIDES:
         ax1.plot(range(1, len(tps[side]) + 1), tps[side], marker="o", label=side)
@@ -167,13 +164,8 @@ def _plot(tps: dict, stalls: dict, path: Path) -> None:
         st = stalls[side]
         ax2.bar([s["stage"] + (i - 0.5) * width for s in st], [s["stall_fraction"] for s in st], width, label=side)
     ax2.set(xlabel="stage", ylabel="stall on swap-in / step time", title="stall fraction per stage (median)")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle("Microbatch swapping under a capped KV budget (the cap emulates a smaller GPU)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_panels(fig, plt, (ax1, ax2), path,
+                "Microbatch swapping under a capped KV budget (the cap emulates a smaller GPU)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
