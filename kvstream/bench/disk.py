@@ -40,8 +40,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     """The topic's own options."""
     p.add_argument("--chunk-tokens", type=int, default=1024, help="tokens per chunk (64 KiB each at B16)")
     p.add_argument("--chunks", type=int, default=16, help="chunks per measurement")
-    p.add_argument("--batch", type=int, default=16, help="batch rows")
-    p.add_argument("--reps", type=int, default=2, help="repetitions of each write/read pass")
+    harness.workload_args(p, batch=16, reps=2, helps={"reps": "repetitions of each write/read pass"})
 
 
 def _geometry(run: Run) -> dict:

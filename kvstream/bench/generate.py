@@ -57,10 +57,9 @@ WARM_FULL = ("dynamic", "stream-host", "static", "stream-static")
 
 def add_args(p: argparse.ArgumentParser) -> None:
     """The topic's own options."""
-    p.add_argument("--batch", type=int, default=16, help="batch rows")
-    p.add_argument("--prompt", type=int, default=2000, help="prompt tokens")
-    p.add_argument("--new-tokens", type=int, default=128, help="generated tokens")
-    p.add_argument("--reps", type=int, default=5, help="alternating repetitions per provider (stream-disk: 1)")
+    harness.workload_args(p, batch=16, prompt=2000, new_tokens=128, reps=5,
+                          helps={"new_tokens": "generated tokens",
+                                 "reps": "alternating repetitions per provider, stream-disk: 1"})
     p.add_argument("--providers", default=",".join(PROVIDERS), help="providers to run (dynamic is always run)")
     p.add_argument("--fig2-prompts", default="512,1024,2048,4096", help="prompt lengths of Fig. 2 ('' to skip)")
     p.add_argument("--fig2-new-tokens", type=int, default=16, help="tokens generated per Fig. 2 point")

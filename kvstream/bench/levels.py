@@ -40,10 +40,8 @@ BEST_TOLERANCE = 0.01
 
 def add_args(p: argparse.ArgumentParser) -> None:
     """The topic's own options."""
-    p.add_argument("--batch", type=int, default=16, help="batch rows")
-    p.add_argument("--prompt", type=int, default=2000, help="prompt tokens")
+    harness.workload_args(p, batch=16, prompt=2000, reps=3, helps={"reps": "repetitions of the micro benchmark"})
     p.add_argument("--steps", type=int, default=16, help="decode steps in the micro benchmark")
-    p.add_argument("--reps", type=int, default=3, help="repetitions of the micro benchmark")
     p.add_argument("--levels-new-tokens", type=int, default=16, help="generated tokens per e2e level run")
     p.add_argument("--no-e2e", action="store_true", help="skip the generate part (no model)")
 

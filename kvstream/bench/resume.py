@@ -29,10 +29,8 @@ from .records import GB, MiB
 
 def add_args(p: argparse.ArgumentParser) -> None:
     """The topic's own options."""
-    p.add_argument("--batch", type=int, default=16, help="batch rows (default 16)")
-    p.add_argument("--prompt-tokens", type=int, default=2000, help="prefill tokens (default 2000)")
-    p.add_argument("--new-tokens", type=int, default=128, help="decode steps (default 128)")
-    p.add_argument("--reps", type=int, default=5, help="alternating repetitions (default 5)")
+    harness.workload_args(p, batch=16, prompt_tokens=2000, new_tokens=128, reps=5,
+                          helps={"prompt_tokens": "prefill tokens", "new_tokens": "decode steps"})
 
 
 def _geometry(run: Run) -> dict:
