@@ -37,7 +37,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -46,6 +45,7 @@ import torch
 
 from ..errors import ConfigError, KVStreamError, PeerError
 from ..integrations.hf.keywords import cache_kwargs
+from .launch import guarded
 from .loadgen import Completion, Request, make_requests, microbatches, prompt_lengths
 
 #: Store keys of the run live under this prefix (plus torchrun's run id and restart count when set, so
@@ -422,15 +422,9 @@ def serve(args: argparse.Namespace) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     """``kvstream serve``: run one worker. Returns 0, 2 for bad arguments, 3 when a peer failed."""
     args = _parser().parse_args(argv)
-    try:
-        serve(args)
-    except ConfigError as e:
-        print(f"kvstream serve: {e}", file=sys.stderr)
-        return 2
-    except KVStreamError as e:
-        print(f"kvstream serve (rank {os.environ.get('RANK')}): {type(e).__name__}: {e}", file=sys.stderr)
-        return 3
-    return 0
+    code, _ = guarded("kvstream serve", lambda: serve(args), failures=KVStreamError, failed_code=3,
+                      failed_prog=f"kvstream serve (rank {os.environ.get('RANK')})")
+    return 0 if code is None else code
 
 
 __all__ = ["add_workload_args", "resolve_defaults", "workload", "build", "pad_left", "generate", "serve", "main",

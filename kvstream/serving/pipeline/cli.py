@@ -210,7 +210,8 @@ def main(argv: Sequence[str] | None = None, *, disaggregate: bool = False) -> in
 def stage_main(argv: Sequence[str] | None = None) -> int:
     """One stage (``python -m kvstream.serving.pipeline``, e.g. under ``torchrun``); stage 0 reports."""
     args = parser("python -m kvstream.serving.pipeline").parse_args(argv)
-    try:
+
+    def _body() -> dict | None:
         cfg = config_from_args(args)
         env = env_from_os()
         if env.world != cfg.processes:
@@ -222,13 +223,11 @@ def stage_main(argv: Sequence[str] | None = None) -> int:
             validate(cfg)
         progress = _progress_writer(args.progress_file) if args.progress_file else None
         run = run_disagg_stage if cfg.prompt_stages else run_stage
-        doc = run(cfg, env, progress=progress, results=args.results)
-    except ConfigError as e:
-        print(f"stage {os.environ.get('RANK', 0)}: {e}", file=sys.stderr)
-        return 2
-    except KVStreamError as e:
-        print(f"stage {os.environ.get('RANK', 0)}: {type(e).__name__}: {e}", file=sys.stderr)
-        return 3
+        return run(cfg, env, progress=progress, results=args.results)
+
+    code, doc = guarded(f"stage {os.environ.get('RANK', 0)}", _body, failures=KVStreamError, failed_code=3)
+    if code is not None:
+        return code
     if doc is None or args.quiet:
         return 0
     return _finish(doc, args)
