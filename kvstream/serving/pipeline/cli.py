@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import torch
 
 from ...errors import ConfigError, KVStreamError
 from ..launch import OneLineParser, guarded, stop_workers
+from ..loadgen import add_load_args
 from .disagg import run_disagg_stage
 from .links import Env, env_from_os
 from .report import plot, print_report, verdict
@@ -45,13 +45,7 @@ def parser(prog: str = "kvstream pipeline") -> argparse.ArgumentParser:
                    help="disaggregate: a prompt pipeline of this depth prefills, the D stages decode (kvstream disagg "
                         "--stages D; default there: D)")
     p.add_argument("--batch", type=int, default=1, help="requests per microbatch (default 1)")
-    p.add_argument("--requests", type=int, default=8, help="number of requests R (default 8)")
-    p.add_argument("--rate", type=float, default=math.inf, help="Poisson arrival rate, requests/s (default: all at once)")
-    p.add_argument("--prompt-tokens", type=int, default=None, help="fixed prompt length (default 32 cpu, 1024 cuda)")
-    p.add_argument("--prompt-lengths", default=None, help="file of prompt lengths (one per line or a JSON list)")
-    p.add_argument("--output-tokens", default=None,
-                   help="output lengths: fixed:N, uniform:A:B or exp:MEAN (default uniform:4:12 cpu, fixed:128 cuda)")
-    p.add_argument("--load-seed", type=int, default=0, help="seed of arrivals and output lengths")
+    add_load_args(p, requests=8, prompt_default="32 cpu, 1024 cuda", output_default="uniform:4:12 cpu, fixed:128 cuda")
     p.add_argument("--model", default=None, help="tiny, llama3-8b or a checkpoint directory (default tiny cpu, llama3-8b cuda)")
     p.add_argument("--arch", default="llama", help="architecture of --model tiny: llama, qwen2, mistral, gpt2, opt, bloom")
     p.add_argument("--layers", type=int, default=None, help="decoder layers of the embedded model")
