@@ -197,10 +197,10 @@ class Region:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form: each range as ``[start, stop]`` (or ``None``)."""
 
-        def enc(r: range | None):
+        def _enc(r: range | None):
             return None if r is None else [r.start, r.stop]
 
-        return {"layers": enc(self.layers), "tokens": enc(self.tokens), "batch": enc(self.batch), "heads": enc(self.heads)}
+        return {"layers": _enc(self.layers), "tokens": _enc(self.tokens), "batch": _enc(self.batch), "heads": _enc(self.heads)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Region":

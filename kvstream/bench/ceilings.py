@@ -62,11 +62,11 @@ def ceiling_memcpy(run: Run, chunk_bytes: int, num_chunks: int, *, direction: st
         h.copy_(d)
     pairs = list(zip(host, dev)) if direction == "d2h" else list(zip(dev, host))
 
-    def copy_all() -> None:
+    def _copy_all() -> None:
         for d, s in pairs:
             d.copy_(s, non_blocking=True)
 
-    ms = run.time_host(copy_all, reps=5)
+    ms = run.time_host(_copy_all, reps=5)
     return run.add_time_and_bandwidth(bench, "memcpy", x, ms, chunk_bytes * num_chunks)
 
 
@@ -184,17 +184,17 @@ def ceiling_disk(run: Run, directory: str | Path, file_bytes: int, num_files: in
     paths = [directory / f"raw{i:04d}.bin" for i in range(num_files)]
     local = threading.local()
 
-    def buffer():
+    def _buffer():
         if getattr(local, "buf", None) is None:
             local.buf = aligned_buffer(block)
         return local.buf
 
-    def write_all(q: int) -> None:
+    def _write_all(q: int) -> None:
         with ThreadPoolExecutor(q) as pool:  # each thread writes from its own page-aligned buffer
-            for f in [pool.submit(lambda p=p: raw_write(p, file_bytes, buffer(), direct=direct)) for p in paths]:
+            for f in [pool.submit(lambda p=p: raw_write(p, file_bytes, _buffer(), direct=direct)) for p in paths]:
                 f.result()
 
-    def read_all(q: int) -> None:
+    def _read_all(q: int) -> None:
         if not direct:
             evict_tree(directory)
         if q == 1:
@@ -213,9 +213,9 @@ def ceiling_disk(run: Run, directory: str | Path, file_bytes: int, num_files: in
             w_ms = run.time_host(lambda: [raw_write(p, file_bytes, buf, direct=direct) for p in paths], reps=reps,
                                  warmup=0)
         else:
-            w_ms = run.time_host(lambda q=q: write_all(q), reps=reps, warmup=0)
+            w_ms = run.time_host(lambda q=q: _write_all(q), reps=reps, warmup=0)
         w = run.add_time_and_bandwidth(f"{bench}.write", provider, x, w_ms, total, time_unit="s")
-        r = run.add_time_and_bandwidth(f"{bench}.read", provider, x, run.time_host(lambda q=q: read_all(q), reps=reps,
+        r = run.add_time_and_bandwidth(f"{bench}.read", provider, x, run.time_host(lambda q=q: _read_all(q), reps=reps,
                                                                                     warmup=0), total, time_unit="s")
         best_w = w if best_w is None or w.p50 > best_w.p50 else best_w
         best_r = r if best_r is None or r.p50 > best_r.p50 else best_r
@@ -240,7 +240,7 @@ def raw_parallel_read(paths: list[Path], *, piece_bytes: int, queue_depth: int, 
     fds = [os.open(p, flags) for p in paths]
     local = threading.local()
 
-    def read(fd: int, offset: int, n: int) -> int:
+    def _read(fd: int, offset: int, n: int) -> int:
         buf = getattr(local, "buf", None)
         if buf is None:
             buf = local.buf = mmap.mmap(-1, -(-piece_bytes // DIRECT_ALIGN_BYTES) * DIRECT_ALIGN_BYTES)
@@ -248,7 +248,7 @@ def raw_parallel_read(paths: list[Path], *, piece_bytes: int, queue_depth: int, 
 
     try:
         with ThreadPoolExecutor(queue_depth) as pool:
-            futures = [pool.submit(read, fd, off, min(piece_bytes, size - off))
+            futures = [pool.submit(_read, fd, off, min(piece_bytes, size - off))
                        for fd, size in zip(fds, sizes) for off in range(0, size, piece_bytes)]
             total = sum(f.result() for f in futures)
     finally:

@@ -42,6 +42,7 @@ from typing import Sequence
 
 from . import harness, timing
 from .harness import Run
+from .plot import pyplot, save_panels
 
 MODES = ("disagg", "colocated")
 LABELS = {"disagg": "disaggregated", "colocated": "colocated"}
@@ -122,11 +123,7 @@ def sustained_rate(latency: dict[float, float], factor: float) -> float:
 
 
 def _plot(points: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for mode in MODES:
         xs = sorted(r for (m, r) in points if m == mode)
@@ -137,13 +134,7 @@ def _plot(points: dict, path: Path, title: str) -> None:
                  label=LABELS[mode])
     ax1.set(xlabel="arrival rate (requests/s)", ylabel="throughput (requests/s)", title="throughput")
     ax2.set(xlabel="arrival rate (requests/s)", ylabel="normalized latency (s/token)", title="normalized latency")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_panels(fig, plt, (ax1, ax2), path, title)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -40,8 +40,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     """The topic's own options."""
     p.add_argument("--chunk-tokens", type=int, default=1024, help="tokens per chunk (64 KiB each at B16)")
     p.add_argument("--chunks", type=int, default=16, help="chunks per measurement")
-    p.add_argument("--batch", type=int, default=16, help="batch rows")
-    p.add_argument("--reps", type=int, default=2, help="repetitions of each write/read pass")
+    harness.workload_args(p, batch=16, reps=2, helps={"reps": "repetitions of each write/read pass"})
 
 
 def _geometry(run: Run) -> dict:
@@ -56,21 +55,21 @@ def _measure(run: Run, transport, chunks: list[torch.Tensor], outs: list[torch.T
     """Write ``chunks`` under ``k{i}`` until durable, then read them cold into ``outs``. Returns (write, read) GB/s."""
     total = inputs.tensor_nbytes(chunks)
 
-    def write_all() -> None:
+    def _write_all() -> None:
         for h in [transport.flush(f"k{i}", c) for i, c in enumerate(chunks)]:
             h.wait()
         ceilings.evict_tree(transport.root)
 
-    def read_all() -> None:
+    def _read_all() -> None:
         for h in [transport.fetch(f"k{i}", o) for i, o in enumerate(outs)]:
             h.wait()
 
-    w = run.add_time_and_bandwidth("disk.write", label_w, x, run.time_host(write_all, reps=reps, warmup=0), total,
+    w = run.add_time_and_bandwidth("disk.write", label_w, x, run.time_host(_write_all, reps=reps, warmup=0), total,
                                    time_unit="s")
     for o in outs:
         o.fill_(float("nan"))
     r = run.add_time_and_bandwidth("disk.read", label_r, x,
-                                   run.time_host(read_all, reps=reps, warmup=0,
+                                   run.time_host(_read_all, reps=reps, warmup=0,
                                                  setup=lambda: ceilings.evict_tree(transport.root)), total, time_unit="s")
     for i, (o, c) in enumerate(zip(outs, chunks)):
         if not torch.equal(o.cpu(), c.cpu()):

@@ -45,12 +45,11 @@ from .harness import Run
 def add_args(p: argparse.ArgumentParser) -> None:
     """The topic's own options (``--layers`` is the harness's: 32, the whole Llama-3-8B shape)."""
     p.add_argument("--stages", type=int, default=2, help="pipeline depth (default 2)")
-    p.add_argument("--batch", type=int, default=2, help="rows per microbatch (default 2)")
+    harness.workload_args(p, batch=2, prompt_tokens=1024, new_tokens=512, reps=5,
+                          helps={"batch": "rows per microbatch", "new_tokens": "tokens per request",
+                                 "reps": "alternating on/off pairs for the overhead"})
     p.add_argument("--requests", type=int, default=4, help="requests (default 4: two microbatches)")
-    p.add_argument("--prompt-tokens", type=int, default=1024, help="prompt length (default 1024)")
-    p.add_argument("--new-tokens", type=int, default=512, help="tokens per request (default 512)")
     p.add_argument("--overhead-tokens", type=int, default=64, help="tokens per request in the overhead phases")
-    p.add_argument("--reps", type=int, default=5, help="alternating on/off pairs for the overhead (default 5)")
     p.add_argument("--context", type=int, default=8192, help="tokens of the restore-vs-re-prefill request")
     p.add_argument("--heartbeat-s", type=float, default=0.2, help="heartbeat period (default 0.2 s)")
     p.add_argument("--deadline-s", type=float, default=0.6, help="silence that counts as death (default 0.6 s)")
@@ -138,7 +137,7 @@ def restore_vs_reprefill(run: Run) -> dict:
         model(ids, **cache_kwargs(cache))
     cache.wait()
 
-    def reprefill() -> float:
+    def _reprefill() -> float:
         timing.sync(run.device)
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -146,7 +145,7 @@ def restore_vs_reprefill(run: Run) -> dict:
         timing.sync(run.device)
         return time.perf_counter() - t0
 
-    def restore() -> float:
+    def _restore() -> float:
         timing.sync(run.device)
         t0 = time.perf_counter()
         loaded = kvstream.StreamingCache.load(host, "replica", config=config, device=run.device, stream=False)
@@ -158,10 +157,10 @@ def restore_vs_reprefill(run: Run) -> dict:
             raise RuntimeError("failover bench: the restored KV differs from the replica's source")
         return took
 
-    reprefill(), restore()  # warm-up
+    _reprefill(), _restore()  # warm-up
     samples = {"restore": [], "reprefill": []}
     for _, provider in timing.alternating(["restore", "reprefill"], 1 if quick else 3):
-        samples[provider].append(restore() if provider == "restore" else reprefill())
+        samples[provider].append(_restore() if provider == "restore" else _reprefill())
     host.close()
     return {"context": context, "layers": int(config.num_hidden_layers), "bytes": layout_bytes,
             "restore_s": statistics.median(samples["restore"]), "reprefill_s": statistics.median(samples["reprefill"]),

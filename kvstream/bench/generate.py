@@ -57,10 +57,9 @@ WARM_FULL = ("dynamic", "stream-host", "static", "stream-static")
 
 def add_args(p: argparse.ArgumentParser) -> None:
     """The topic's own options."""
-    p.add_argument("--batch", type=int, default=16, help="batch rows")
-    p.add_argument("--prompt", type=int, default=2000, help="prompt tokens")
-    p.add_argument("--new-tokens", type=int, default=128, help="generated tokens")
-    p.add_argument("--reps", type=int, default=5, help="alternating repetitions per provider (stream-disk: 1)")
+    harness.workload_args(p, batch=16, prompt=2000, new_tokens=128, reps=5,
+                          helps={"new_tokens": "generated tokens",
+                                 "reps": "alternating repetitions per provider, stream-disk: 1"})
     p.add_argument("--providers", default=",".join(PROVIDERS), help="providers to run (dynamic is always run)")
     p.add_argument("--fig2-prompts", default="512,1024,2048,4096", help="prompt lengths of Fig. 2 ('' to skip)")
     p.add_argument("--fig2-new-tokens", type=int, default=16, help="tokens generated per Fig. 2 point")
@@ -92,11 +91,12 @@ def _probe_class():
             self.memory: list[int] = []
 
         def put(self, value) -> None:
+            """``BaseStreamer`` hook, once per generated step: record the time and the GPU memory allocated."""
             self.times.append(time.perf_counter())
             self.memory.append(torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0)
 
         def end(self) -> None:
-            pass
+            """``BaseStreamer`` hook at the end of generate: nothing to do."""
 
     return Probe
 
@@ -196,38 +196,38 @@ class Session:
         session = f"gen{self._n:04d}"
         cfg = self.config
 
-        def no_cleanup() -> None:
+        def _no_cleanup() -> None:
             return None
 
         if provider == "dynamic":
-            return (lambda: DynamicCache(config=cfg)), no_cleanup
+            return (lambda: DynamicCache(config=cfg)), _no_cleanup
         if provider == "static":
             from transformers import StaticCache
 
             n = self.g["prompt"] + self.g["new"]
-            return (lambda: StaticCache(config=cfg, max_cache_len=n)), no_cleanup
+            return (lambda: StaticCache(config=cfg, max_cache_len=n)), _no_cleanup
         if provider == "stream-static":
             from kvstream.integrations.hf import StreamingStaticCache
 
             t, n = self.host_transport(), self.g["prompt"] + self.g["new"]
 
-            def cleanup_static() -> None:
+            def _cleanup_static() -> None:
                 for k in t.keys(session + "/"):
                     t.delete(k)
 
-            return (lambda: StreamingStaticCache(cfg, n, t, session=session, level=level)), cleanup_static
+            return (lambda: StreamingStaticCache(cfg, n, t, session=session, level=level)), _cleanup_static
         if provider == "hf-offload":
-            return (lambda: DynamicCache(config=cfg, offloading=True)), no_cleanup
+            return (lambda: DynamicCache(config=cfg, offloading=True)), _no_cleanup
         if provider == "offload":
-            return (lambda: StreamingCache(config=cfg, transport=None, session=session, offload=True)), no_cleanup
+            return (lambda: StreamingCache(config=cfg, transport=None, session=session, offload=True)), _no_cleanup
         if provider in ("stream-host", "stream-disk"):
             t = self.host_transport() if provider == "stream-host" else self.disk_transport()
 
-            def cleanup() -> None:
+            def _cleanup() -> None:
                 for k in t.keys(session + "/"):
                     t.delete(k)
 
-            return (lambda: StreamingCache(config=cfg, transport=t, session=session, level=level)), cleanup
+            return (lambda: StreamingCache(config=cfg, transport=t, session=session, level=level)), _cleanup
         raise ValueError(f"unknown provider {provider!r}; known: {PROVIDERS}")
 
     def measure(self, provider: str, new_tokens: int, input_ids: torch.Tensor | None = None,
@@ -323,20 +323,20 @@ def _summarize(run: Run, s: Session, results: dict[str, list[GenResult]], fig2: 
     suffix = getattr(run.args, "summary_suffix", "") or ""
     summary = run.summary
 
-    def keyed(key: str, **kw):
+    def _keyed(key: str, **kw):
         return summary(key + suffix, **kw)
 
-    run = _Keyed(run, keyed)
+    run = _Keyed(run, _keyed)
     dyn = results["dynamic"]
     t_dyn = _median(dyn, "total_s")
     ref_tokens = dyn[0].tokens
 
-    def same(p: str) -> bool:
+    def _same(p: str) -> bool:
         return all(torch.equal(r.tokens, ref_tokens) for r in results[p])
 
     base_detail = {"batch": g["batch"], "prompt": g["prompt"], "new_tokens": g["new"], "layers": s.layout.num_layers,
                    "kv_bytes": s.kv_bytes, "dynamic_total_s": [r.total_s for r in dyn],
-                   "dynamic_runs_identical": same("dynamic")}  # the baseline's own determinism
+                   "dynamic_runs_identical": _same("dynamic")}  # the baseline's own determinism
     if "stream-host" in results:
         st = results["stream-host"]
         t_st = _median(st, "total_s")
@@ -354,7 +354,7 @@ def _summarize(run: Run, s: Session, results: dict[str, list[GenResult]], fig2: 
         run.summary("stream_overhead", value=t_st / t_dyn - 1, unit="fraction", ceiling=t_dyn,
                     ceiling_of="DynamicCache without streaming, same run (seconds)", ratio=t_st / t_dyn,
                     target="<= 0.02", target_of="value", noisy=cmp["noisy"] and not run.quick,
-                    conditions={"tokens_identical": same("stream-host")},
+                    conditions={"tokens_identical": _same("stream-host")},
                     provider="StreamingCache -> HostTransport", detail=detail)
     layer_bytes = s.kv_bytes / s.layout.num_layers
     if "offload" in results:
@@ -367,7 +367,7 @@ def _summarize(run: Run, s: Session, results: dict[str, list[GenResult]], fig2: 
         layers_res = max(r.kv_resident_bytes for r in off) / layer_bytes
         run.summary("offload_vs_dynamic", value=_median(off, "total_s"), unit="s", ceiling=t_dyn,
                     ceiling_of="DynamicCache, same run (seconds)", target="<= 1.10", target_of="ratio",
-                    conditions={"kv_layers_resident<=2": layers_res <= 2, "tokens_identical": same("offload")},
+                    conditions={"kv_layers_resident<=2": layers_res <= 2, "tokens_identical": _same("offload")},
                     provider="StreamingCache(offload=True)",
                     detail=dict(base_detail, offload_total_s=[r.total_s for r in off], kv_layers_resident=layers_res,
                                 kv_resident_GB=max(r.kv_resident_bytes for r in off) / GB,
@@ -375,7 +375,7 @@ def _summarize(run: Run, s: Session, results: dict[str, list[GenResult]], fig2: 
                                 peak_GB=max(r.peak_bytes for r in off) / GB,
                                 dynamic_peak_GB=max(r.peak_bytes for r in dyn) / GB,
                                 h2d_GBps=h2d_GBps, pcie_floor_s=floor, pcie_floor_ratio=floor / t_dyn))
-    _static_summary(run, s, results, base_detail, same)
+    _static_summary(run, s, results, base_detail, _same)
     for key, p, of in (("stream_overhead", "stream-host", "fraction"), ("offload_vs_dynamic", "offload", "s"),
                        ("hf_offload_vs_dynamic", "hf-offload", "s")):
         if p not in results:  # could not run here: say so in the entry rather than leave it out
@@ -388,7 +388,7 @@ def _summarize(run: Run, s: Session, results: dict[str, list[GenResult]], fig2: 
         run.summary("hf_offload_vs_dynamic", value=_median(hf, "total_s"), unit="s", ceiling=t_dyn,
                     ceiling_of="DynamicCache, same run (seconds)", target="reported", target_of="ratio",
                     provider="transformers DynamicCache(offloading=True)",
-                    detail=dict(base_detail, hf_offload_total_s=[r.total_s for r in hf], tokens_identical=same("hf-offload"),
+                    detail=dict(base_detail, hf_offload_total_s=[r.total_s for r in hf], tokens_identical=_same("hf-offload"),
                                 kv_layers_resident=max(r.kv_resident_bytes for r in hf) / layer_bytes,
                                 peak_GB=max(r.peak_bytes for r in hf) / GB))
 

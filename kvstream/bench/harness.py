@@ -57,6 +57,30 @@ def common_parser(topic: str, description: str | None = None) -> argparse.Argume
     return p
 
 
+#: The workload options several topics share: parameter of :func:`workload_args` -> (flag, help).
+WORKLOAD_OPTIONS = {"batch": ("--batch", "batch rows"), "prompt": ("--prompt", "prompt tokens"),
+                    "prompt_tokens": ("--prompt-tokens", "prompt length"),
+                    "new_tokens": ("--new-tokens", "tokens generated per request"),
+                    "reps": ("--reps", "alternating repetitions")}
+
+
+def workload_args(p: argparse.ArgumentParser, *, batch: int | None = None, prompt: int | None = None,
+                  prompt_tokens: int | None = None, new_tokens: int | None = None, reps: int | None = None,
+                  helps: dict[str, str] | None = None) -> None:
+    """Add the shared workload options whose default is given, in this order, as ints.
+
+    ``batch`` -> ``--batch`` (rows), ``prompt`` -> ``--prompt`` or ``prompt_tokens`` -> ``--prompt-tokens``
+    (tokens; topics spell it either way), ``new_tokens`` -> ``--new-tokens`` (tokens), ``reps`` -> ``--reps``.
+    Each help is :data:`WORKLOAD_OPTIONS`' text, or the topic's own from ``helps`` (keyed by parameter name)
+    where the option means more there, followed by ``(default N)``.
+    """
+    given = dict(batch=batch, prompt=prompt, prompt_tokens=prompt_tokens, new_tokens=new_tokens, reps=reps)
+    for name, default in given.items():
+        if default is not None:
+            flag, text = WORKLOAD_OPTIONS[name]
+            p.add_argument(flag, type=int, default=default, help=f"{(helps or {}).get(name, text)} (default {default})")
+
+
 class Run:
     """One topic's measurements: options, context columns, rows; writes the CSV, table and summary entries.
 

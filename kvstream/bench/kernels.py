@@ -168,28 +168,28 @@ def bench_decode_step(run: Run, g: dict) -> dict:
         x = batch
         figures: dict[str, float] = {"bytes": step_bytes}
 
-        def us(provider: str, ms: Stat) -> None:
+        def _us(provider: str, ms: Stat) -> None:
             run.add_time_and_bandwidth("kernels.decode_step", provider, x, ms, step_bytes, time_unit="us")
             figures[provider] = ms.p50 * 1e3
 
         contiguous = inputs.random_tensor(shape, dt, run.device)
-        us("memcpy", run.time(lambda: host.copy_(contiguous, non_blocking=True)))
+        _us("memcpy", run.time(lambda: host.copy_(contiguous, non_blocking=True)))
 
         host.fill_(float("nan"))
         pack_newest(keys, values, out=host, backend="triton")
         timing.sync(run.device)
         inputs.check_region(host, keys, values, range(L), g["decode_seq"] - 1, g["decode_seq"], "pack_newest (zero-copy)")
-        us("kvstream-zero-copy", run.time(lambda: pack_newest(keys, values, out=host, backend="triton")))
+        _us("kvstream-zero-copy", run.time(lambda: pack_newest(keys, values, out=host, backend="triton")))
 
-        def pack_then_copy() -> None:
+        def _pack_then_copy() -> None:
             pack_newest(keys, values, out=dev, backend="triton")
             host.copy_(dev, non_blocking=True)
 
         host.fill_(float("nan"))
-        pack_then_copy()
+        _pack_then_copy()
         timing.sync(run.device)
         inputs.check_region(host, keys, values, range(L), g["decode_seq"] - 1, g["decode_seq"], "pack_newest + memcpy")
-        us("kvstream-pack+memcpy", run.time(pack_then_copy))
+        _us("kvstream-pack+memcpy", run.time(_pack_then_copy))
 
         if run.is_cuda:
             graph = _graph_of(lambda: pack_newest(keys, values, out=host, backend="triton"))
@@ -198,24 +198,24 @@ def bench_decode_step(run: Run, g: dict) -> dict:
                 graph.replay()
                 timing.sync(run.device)
                 inputs.check_region(host, keys, values, range(L), g["decode_seq"] - 1, g["decode_seq"], "pack_newest (graph)")
-                us("kvstream-zero-copy-graph", run.time(graph.replay))
+                _us("kvstream-zero-copy-graph", run.time(graph.replay))
                 del graph
 
         transport = HostTransport(capacity_bytes=4 * step_bytes + (1 << 20))
         streamer = KVStreamer(transport, device=run.device)
-        us("kvstream-streamer", run.time_host(lambda: streamer.scatter_newest("step", keys, values).wait(), reps=200,
+        _us("kvstream-streamer", run.time_host(lambda: streamer.scatter_newest("step", keys, values).wait(), reps=200,
                                                warmup=5))
         inputs.check_region(transport.fetch_new("step", "cpu"), keys, values, range(L), g["decode_seq"] - 1,
                             g["decode_seq"], "KVStreamer.scatter_newest")
         streamer.close()
         transport.close()
 
-        def per_layer() -> None:
+        def _per_layer() -> None:
             for l in range(L):
                 host[l, 0].copy_(keys[l][:, :, -1:], non_blocking=True)
                 host[l, 1].copy_(values[l][:, :, -1:], non_blocking=True)
 
-        us("torch-per-layer", run.time(per_layer))
+        _us("torch-per-layer", run.time(_per_layer))
         results[str(batch)] = figures
         del keys, values, host, dev, contiguous
         inputs.free_memory()

@@ -82,19 +82,23 @@ class Table:
         self.rows: list[dict] = []
 
     def add(self, **row) -> dict:
+        """Append one row; columns not given are left empty (``""``). Returns the stored row."""
         row = {c: row.get(c, "") for c in self.COLUMNS}
         self.rows.append(row)
         return row
 
     def markdown(self) -> str:
-        def fmt(v):
+        """The rows as a markdown table, floats to 4 significant digits."""
+
+        def _fmt(v):
             return f"{v:.4g}" if isinstance(v, float) else str(v)
 
         lines = ["| " + " | ".join(self.COLUMNS) + " |", "|" + "---|" * len(self.COLUMNS)]
-        lines += ["| " + " | ".join(fmt(r[c]) for c in self.COLUMNS) + " |" for r in self.rows]
+        lines += ["| " + " | ".join(_fmt(r[c]) for c in self.COLUMNS) + " |" for r in self.rows]
         return "\n".join(lines)
 
     def write_csv(self, path: str) -> None:
+        """Write the rows to ``path`` as CSV with a header row (overwrites the file; ``OSError`` if it cannot)."""
         with open(path, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=self.COLUMNS)
             w.writeheader()
@@ -151,6 +155,23 @@ def _timed(table, timer, section, size, provider, fn, moved_bytes, ceilings, uni
 
 
 def bench_region(args, table, timer, device, unpack: bool) -> None:
+    """The ``pack`` (or ``unpack``) section: every ``block_rows`` x ``num_warps`` variant on a prefill region.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        From ``main``: ``layers``, ``batch``, ``token_list``, ``block_rows``, ``warps``, ``pad``.
+    table : Table
+        Receives one row per provider and variant.
+    timer : Timer
+        ``do_bench`` on CUDA, a single untimed call in ``--quick`` mode.
+    device : torch.device
+        Where the per-layer bf16 caches ``[batch, 8, tokens + pad, 128]`` are allocated.
+    unpack : bool
+        ``True`` times chunk -> cache (and checks the spare positions stay untouched), ``False`` cache -> chunk.
+
+    A variant whose output is not ``torch.equal`` to the reference's ends the process (``SystemExit(1)``).
+    """
     from kvstream.kernels import reference as ref
     from kvstream.kernels import tokens
     from kvstream.layout import Region
@@ -205,6 +226,12 @@ def bench_region(args, table, timer, device, unpack: bool) -> None:
 
 
 def bench_decode(args, table, timer, device) -> None:
+    """The ``decode`` section: the newest token of every layer into pinned host memory and into device memory.
+
+    Caches are bf16 ``[batch, 8, 2 * decode_seq, 128]`` per layer on ``device``; the landed chunk is checked
+    against the reference's (``SystemExit(1)`` on a mismatch). On CUDA the best zero-copy variant is also
+    replayed from a CUDA graph and timed by wall clock per call (``host-us``). Arguments as in ``bench_region``.
+    """
     from kvstream.kernels import reference as ref
     from kvstream.kernels import tokens
 
@@ -241,11 +268,11 @@ def bench_decode(args, table, timer, device) -> None:
             tokens.pack_newest(keys, values, out=dev, **kw)
             exact = _check(f"decode device {kw}", dev.cpu(), expected)
 
-            def pack_then_copy(kw=kw):
+            def _pack_then_copy(kw=kw):
                 tokens.pack_newest(keys, values, out=dev, **kw)
                 host.copy_(dev, non_blocking=True)
 
-            _timed(table, timer, "decode", size, "kvstream-pack+memcpy", pack_then_copy, moved, ceilings, unit="us",
+            _timed(table, timer, "decode", size, "kvstream-pack+memcpy", _pack_then_copy, moved, ceilings, unit="us",
                    block_rows=block_rows, warps=warps, exact=exact)
     if best is not None and device.type == "cuda":
         kw = best[1]
@@ -275,6 +302,12 @@ def bench_decode(args, table, timer, device) -> None:
 
 
 def bench_paged(args, table, timer, device) -> None:
+    """The ``paged`` section: ``paged_ids`` random 16-token blocks gathered from and scattered back to a vLLM cache.
+
+    Each layer's cache is a bf16 ``[2, paged_blocks, 16, 8, 128]`` tensor on ``device`` (K and V halves); block
+    ids are int64 on ``device``, drawn with a fixed seed. ``SystemExit(1)`` on a mismatch with the reference.
+    Arguments as in ``bench_region``.
+    """
     from kvstream.kernels import paged
     from kvstream.kernels import reference as ref
 
@@ -344,6 +377,11 @@ def _best(table: Table) -> list[str]:
 
 
 def main(argv=None) -> int:
+    """Run the sections named by ``--sections``, print the table and the best variants; return the exit status.
+
+    Returns 2 without a CUDA GPU unless ``--quick`` (which then sets ``TRITON_INTERPRET=1``), 0 on success;
+    a variant that differs from the reference exits with 1.
+    """
     args = _args(argv)
     if args.quick and not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported

@@ -40,10 +40,8 @@ BEST_TOLERANCE = 0.01
 
 def add_args(p: argparse.ArgumentParser) -> None:
     """The topic's own options."""
-    p.add_argument("--batch", type=int, default=16, help="batch rows")
-    p.add_argument("--prompt", type=int, default=2000, help="prompt tokens")
+    harness.workload_args(p, batch=16, prompt=2000, reps=3, helps={"reps": "repetitions of the micro benchmark"})
     p.add_argument("--steps", type=int, default=16, help="decode steps in the micro benchmark")
-    p.add_argument("--reps", type=int, default=3, help="repetitions of the micro benchmark")
     p.add_argument("--levels-new-tokens", type=int, default=16, help="generated tokens per e2e level run")
     p.add_argument("--no-e2e", action="store_true", help="skip the generate part (no model)")
 
@@ -93,16 +91,16 @@ def run_micro(run: Run, g: dict) -> dict:
         streamer = KVStreamer(transport, level=level, device=run.device)
         timing.progress(f"levels: micro, level {level} ({LEVEL_NAMES[level]})")
 
-        def prefill() -> None:
+        def _prefill() -> None:
             for l, r in enumerate(regions):
                 streamer.scatter(f"p/l{l}", keys, values, r)
 
-        def decode() -> None:
+        def _decode() -> None:
             for i in range(g["steps"]):
                 streamer.scatter_newest(f"d/s{i}", keys, values)
 
-        pc, pl = _timed_calls(run, prefill, streamer, g["reps"])
-        dc, dl = _timed_calls(run, decode, streamer, g["reps"])
+        pc, pl = _timed_calls(run, _prefill, streamer, g["reps"])
+        dc, dl = _timed_calls(run, _decode, streamer, g["reps"])
         dc, dl = dc.scale(1e3 / g["steps"]), dl.scale(1e3 / g["steps"])  # per step, in us
         run.add("levels.prefill", name, level, "call_time", "ms", pc)
         run.add_time_and_bandwidth("levels.prefill", name, level, pl, prefill_bytes, metric="landed_time")

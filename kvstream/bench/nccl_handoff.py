@@ -172,6 +172,7 @@ class _Side:
         return self.barriers
 
     def sync(self) -> None:
+        """Block the host until this side's GPU work is done (``torch.cuda.synchronize``); no-op without NCCL."""
         if self.nccl:
             torch.cuda.synchronize(self.device)
 
@@ -198,6 +199,7 @@ class _Side:
         self.sync()
 
     def close(self) -> None:
+        """Close the kvstream transport and, with NCCL, destroy the raw communicator."""
         self.transport.close()
         if self.nccl:
             self.raw.destroy()

@@ -43,10 +43,8 @@ from .timing import Stat
 
 def add_args(p: argparse.ArgumentParser) -> None:
     """The topic's own options."""
-    p.add_argument("--batch", type=int, default=16, help="batch rows (default 16)")
-    p.add_argument("--prompt", type=int, default=2000, help="prompt tokens (default 2000)")
-    p.add_argument("--new-tokens", type=int, default=64, help="generated tokens (default 64)")
-    p.add_argument("--reps", type=int, default=5, help="alternating repetitions (default 5, at least 5)")
+    harness.workload_args(p, batch=16, prompt=2000, new_tokens=64, reps=5,
+                          helps={"new_tokens": "generated tokens", "reps": "alternating repetitions, at least 5"})
     p.add_argument("--offload-layers", type=int, default=8, help="decoder layers of the Llama-3-8B shape (default 8)")
     p.add_argument("--fractions", default="0,25,50,75,100", help="resident fractions in %% (default 0,25,50,75,100)")
 

@@ -110,6 +110,7 @@ def by_provider(s: Series) -> Series:
 
 
 def title(fig, rows: list[dict], what: str) -> None:
+    """Set ``fig``'s title to ``what`` over the first row's device, date, torch version and git sha."""
     r = rows[0]
     fig.suptitle(f"{what}\n{r['device']} · {r['date']} · torch {r['torch']} · {r['git_sha']}", fontsize=9)
 
@@ -179,11 +180,11 @@ def plot_generate(data: dict, plt, out: Path) -> list[Path]:
         total = series(rows, "total_time")
         ref = total["dynamic"][0][1] if total.get("dynamic") else None
 
-        def ratios(sub: Series) -> dict[str, list[str]]:
+        def _ratios(sub: Series) -> dict[str, list[str]]:
             return {"": [f"{pts[0][1] / ref:.3f}x" for pts in sub.values()]} if ref else {}
 
         fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-        bars(axes[0], by_provider(total), annotate=ratios(total))
+        bars(axes[0], by_provider(total), annotate=_ratios(total))
         axes[0].set_ylabel("end-to-end s (generate + wait)")
         bars(axes[1], by_provider(series(rows, "kv_resident")))
         axes[1].set_ylabel("GB of KV resident on the GPU (decode)")
@@ -192,7 +193,7 @@ def plot_generate(data: dict, plt, out: Path) -> list[Path]:
         fig25 = {p: v for p, v in total.items() if p in ("dynamic", "stream-host", "stream-disk")}
         if fig25:
             fig, ax = plt.subplots(figsize=(6, 4))
-            bars(ax, by_provider(fig25), annotate=ratios(fig25))
+            bars(ax, by_provider(fig25), annotate=_ratios(fig25))
             ax.set_ylabel("end-to-end s")
             title(fig, rows, "Fig. 25: no streaming vs streaming to host vs to disk")
             made.append(save(fig, plt, out / "fig25_end_to_end.png"))
@@ -238,12 +239,31 @@ def _topic_plotter(topic: str):
     return getattr(module, "plot", None)
 
 
-def save(fig, plt, path: Path) -> Path:
-    """Lay out ``fig``, write it to ``path`` as a PNG, close it; returns ``path``."""
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (no display needed); ``ImportError`` without matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(fig, plt, path: Path, dpi: int = 110) -> Path:
+    """Lay out ``fig``, write it to ``path`` as a PNG at ``dpi``, close it; returns ``path``."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
+
+
+def save_panels(fig, plt, axes, path: Path, suptitle: str, dpi: int = 120) -> Path:
+    """A grid and a legend on each of ``axes``, ``suptitle`` over them, then :func:`save` at ``dpi``."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(suptitle)
+    return save(fig, plt, path, dpi=dpi)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -253,10 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--png-dir", default=None, help="where the PNGs go (default: --out)")
     args = p.parse_args(list(argv) if argv is not None else None)
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         print("kvstream.bench.plot: matplotlib is not installed (pip install 'kvstream[bench]'); no PNGs made")
         return 1

@@ -295,12 +295,12 @@ def record_summary(out_dir: str | Path, key: str, *, value: float | None, unit: 
         "torch": env.get("torch"), "triton": env.get("triton"), "transformers": env.get("transformers"),
     }
 
-    def update(doc: dict) -> None:
+    def _update(doc: dict) -> None:
         doc[key] = entry
         doc["device"] = env.get("device")
         doc["date"] = env.get("date")
 
-    _locked_update(Path(out_dir) / "summary.json", update)
+    _locked_update(Path(out_dir) / "summary.json", _update)
     return entry
 
 
@@ -318,13 +318,13 @@ def summary_table(path: Path) -> str:
         return f"(no {path})"
     doc = json.loads(path.read_text())
 
-    def fmt(v):
+    def _fmt(v):
         return "—" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
 
     lines = ["| key | value | unit | ceiling / peer | ratio | target | pass |", "|---|---:|---|---|---:|---|---|"]
     for key, e in doc.items():
         if not isinstance(e, dict):
             continue
-        lines.append(f"| {key} | {fmt(e.get('value'))} | {e.get('unit')} | {fmt(e.get('ceiling'))} ({e.get('ceiling_of')}) "
-                     f"| {fmt(e.get('ratio'))} | {e.get('target')} ({e.get('target_of')}) | {fmt(e.get('pass'))} |")
+        lines.append(f"| {key} | {_fmt(e.get('value'))} | {e.get('unit')} | {_fmt(e.get('ceiling'))} ({e.get('ceiling_of')}) "
+                     f"| {_fmt(e.get('ratio'))} | {e.get('target')} ({e.get('target_of')}) | {_fmt(e.get('pass'))} |")
     return "\n".join(lines)

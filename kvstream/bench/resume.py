@@ -29,10 +29,8 @@ from .records import GB, MiB
 
 def add_args(p: argparse.ArgumentParser) -> None:
     """The topic's own options."""
-    p.add_argument("--batch", type=int, default=16, help="batch rows (default 16)")
-    p.add_argument("--prompt-tokens", type=int, default=2000, help="prefill tokens (default 2000)")
-    p.add_argument("--new-tokens", type=int, default=128, help="decode steps (default 128)")
-    p.add_argument("--reps", type=int, default=5, help="alternating repetitions (default 5)")
+    harness.workload_args(p, batch=16, prompt_tokens=2000, new_tokens=128, reps=5,
+                          helps={"prompt_tokens": "prefill tokens", "new_tokens": "decode steps"})
 
 
 def _geometry(run: Run) -> dict:
@@ -50,16 +48,16 @@ def _stream_session(g: dict, transport, device: torch.device, session: str):
     cache = kvstream.StreamingCache(transport=transport, session=session)
     gen = torch.Generator(device=device).manual_seed(0)
 
-    def forward(tokens: int) -> None:
+    def _forward(tokens: int) -> None:
         for l in range(g["layers"]):
             shape = (g["batch"], g["heads"], tokens, g["head_dim"])
             k = torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(torch.bfloat16)
             v = torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(torch.bfloat16)
             cache.update(k, v, l)
 
-    forward(g["prompt"])
+    _forward(g["prompt"])
     for _ in range(g["steps"]):
-        forward(1)
+        _forward(1)
     cache.wait()
     return cache
 
@@ -85,11 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     transport = kvstream.HostTransport(capacity_bytes=int(total * 1.05) + (64 << 20), preallocate=run.is_cuda)
     live = _stream_session(g, transport, run.device, "resume")
 
-    def load():
+    def _load():
         return kvstream.StreamingCache.load(transport, "resume", device=run.device, stream=False)
 
     # warm-up: the first load also warms the staging allocations and the kernels
-    _check(live, load())
+    _check(live, _load())
     samples: dict[str, list[float]] = {"StreamingCache.load": [], "memcpy": [], "first_layer": []}
     n_chunks = max(1, -(-total // chunk_bytes))
     for _, provider in timing.alternating(["StreamingCache.load", "memcpy"], g["reps"]):
@@ -100,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         timing.sync(run.device)
         t0 = time.perf_counter()
-        cache = load()
+        cache = _load()
         pending = cache.pending_load
         first = pending.events[0] if pending is not None and pending.events else None
         if first is not None:

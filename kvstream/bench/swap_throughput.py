@@ -39,6 +39,7 @@ from typing import Sequence
 
 from . import harness, timing
 from .harness import Run
+from .plot import pyplot, save_panels
 from .records import MiB
 from .timing import Stat
 
@@ -50,14 +51,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     """The topic's own options."""
     p.add_argument("--stages", type=int, default=4, help="pipeline depth D, one GPU per stage (default 4)")
     p.add_argument("--microbatches", type=int, default=None, help="microbatches in flight M (default D)")
-    p.add_argument("--batch", type=int, default=4, help="rows per microbatch of the no-swap side, b (default 4)")
+    harness.workload_args(p, batch=4, prompt_tokens=512, new_tokens=64, reps=5,
+                          helps={"batch": "rows per microbatch of the no-swap side, b",
+                                 "reps": "alternating repetitions, >= 5 for a claim"})
     p.add_argument("--variant", choices=("larger", "inflight"), default="larger",
                    help="larger: swap runs microbatches M/2 larger; inflight: swap keeps M in flight, no-swap M/2")
     p.add_argument("--requests", type=int, default=None, help="requests per run (default: two rounds of M microbatches "
                                                                "of the swap side)")
-    p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length (default 512)")
-    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per request (default 64)")
-    p.add_argument("--reps", type=int, default=5, help="alternating repetitions (default 5; >= 5 for a claim)")
     p.add_argument("--pcie-gbps", type=float, default=None, help="B_pcie of the stages' ratio, GB/s (default: measured)")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
                    help="compare every request with single-process generate (default: on with --quick only)")
@@ -153,11 +153,7 @@ def _median_stages(runs: list[list[dict]]) -> list[dict]:
 
 
 def _plot(tps: dict, stalls: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for side in SIDES:
         ax1.plot(range(1, len(tps[side]) + 1), tps[side], marker="o", label=side)
@@ -167,13 +163,8 @@ def _plot(tps: dict, stalls: dict, path: Path) -> None:
         st = stalls[side]
         ax2.bar([s["stage"] + (i - 0.5) * width for s in st], [s["stall_fraction"] for s in st], width, label=side)
     ax2.set(xlabel="stage", ylabel="stall on swap-in / step time", title="stall fraction per stage (median)")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle("Microbatch swapping under a capped KV budget (the cap emulates a smaller GPU)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_panels(fig, plt, (ax1, ax2), path,
+                "Microbatch swapping under a capped KV budget (the cap emulates a smaller GPU)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import ConfigError
-from .launch import stop_workers
+from .launch import guarded, stop_workers
 from .loadgen import Completion, report, summarize
 from .worker import add_workload_args, resolve_defaults
 
@@ -177,14 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return pipeline_main(argv, disaggregate=True)
     args = _parser().parse_args(argv)
-    try:
-        code, doc = run(args)
-    except ConfigError as e:
-        print(f"kvstream disagg: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        print(f"kvstream disagg: {e}", file=sys.stderr)
-        return 1
+    failed, result = guarded("kvstream disagg", lambda: run(args), failures=RuntimeError)
+    if failed is not None:
+        return failed
+    code, doc = result
     if args.json:
         print(json.dumps(doc, indent=1))
     else:

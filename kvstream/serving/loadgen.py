@@ -19,6 +19,7 @@ Lengths
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import random
@@ -72,6 +73,22 @@ class Completion:
     def as_dict(self) -> dict:
         """JSON-ready form."""
         return asdict(self)
+
+
+def add_load_args(p: argparse.ArgumentParser, *, requests: int, prompt_default: str, output_default: str) -> None:
+    """The load generator's options, for a launcher's parser: ``--requests`` (default ``requests``), ``--rate``,
+    ``--prompt-tokens``, ``--prompt-lengths``, ``--output-tokens``, ``--load-seed``.
+
+    ``--prompt-tokens`` and ``--output-tokens`` default to ``None`` (the launcher resolves them by device);
+    ``prompt_default`` and ``output_default`` say in their help what that resolves to (``"64 cpu, 1024 cuda"``).
+    """
+    p.add_argument("--requests", type=int, default=requests, help=f"number of requests R (default {requests})")
+    p.add_argument("--rate", type=float, default=math.inf, help="Poisson arrival rate, requests/s (default: all at once)")
+    p.add_argument("--prompt-tokens", type=int, default=None, help=f"fixed prompt length (default {prompt_default})")
+    p.add_argument("--prompt-lengths", default=None, help="file of prompt lengths (one per line or a JSON list)")
+    p.add_argument("--output-tokens", default=None,
+                   help=f"output lengths: fixed:N, uniform:A:B or exp:MEAN (default {output_default})")
+    p.add_argument("--load-seed", type=int, default=0, help="seed of arrivals and output lengths")
 
 
 def poisson_arrivals(rate_per_s: float, n: int, seed: int = 0) -> list[float]:

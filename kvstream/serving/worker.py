@@ -37,7 +37,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -46,7 +45,8 @@ import torch
 
 from ..errors import ConfigError, KVStreamError, PeerError
 from ..integrations.hf.keywords import cache_kwargs
-from .loadgen import Completion, Request, make_requests, microbatches, prompt_lengths
+from .launch import guarded
+from .loadgen import Completion, Request, add_load_args, make_requests, microbatches, prompt_lengths
 
 #: Store keys of the run live under this prefix (plus torchrun's run id and restart count when set, so
 #: that a restarted or second run on the same agent store starts from fresh counters).
@@ -66,14 +66,8 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
                    help="prompt->token links: remote (gloo, host memory) or nccl (default: nccl on cuda)")
     p.add_argument("--level", default=None, help="streaming level 0-3 (default KVSTREAM_LEVEL or 3)")
     p.add_argument("--prompt-workers", type=int, default=1, help="ranks 0..P-1 are prompt workers (default 1)")
-    p.add_argument("--requests", type=int, default=4, help="number of requests (default 4)")
-    p.add_argument("--rate", type=float, default=math.inf, help="Poisson arrival rate, requests/s (default: all at once)")
-    p.add_argument("--prompt-tokens", type=int, default=None, help="fixed prompt length (default 64 cpu, 1024 cuda)")
-    p.add_argument("--prompt-lengths", default=None, help="file of prompt lengths (one per line or a JSON list)")
-    p.add_argument("--output-tokens", default=None,
-                   help="output lengths: fixed:N, uniform:A:B or exp:MEAN (default fixed:16 cpu, fixed:128 cuda)")
+    add_load_args(p, requests=4, prompt_default="64 cpu, 1024 cuda", output_default="fixed:16 cpu, fixed:128 cuda")
     p.add_argument("--microbatch", type=int, default=1, help="requests per microbatch (default 1)")
-    p.add_argument("--load-seed", type=int, default=0, help="seed of arrivals and output lengths")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                    help="token workers compare with single-process generate (default on)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per worker on cpu (default 1)")
@@ -422,15 +416,9 @@ def serve(args: argparse.Namespace) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     """``kvstream serve``: run one worker. Returns 0, 2 for bad arguments, 3 when a peer failed."""
     args = _parser().parse_args(argv)
-    try:
-        serve(args)
-    except ConfigError as e:
-        print(f"kvstream serve: {e}", file=sys.stderr)
-        return 2
-    except KVStreamError as e:
-        print(f"kvstream serve (rank {os.environ.get('RANK')}): {type(e).__name__}: {e}", file=sys.stderr)
-        return 3
-    return 0
+    code, _ = guarded("kvstream serve", lambda: serve(args), failures=KVStreamError, failed_code=3,
+                      failed_prog=f"kvstream serve (rank {os.environ.get('RANK')})")
+    return 0 if code is None else code
 
 
 __all__ = ["add_workload_args", "resolve_defaults", "workload", "build", "pad_left", "generate", "serve", "main",

@@ -74,6 +74,13 @@ Segment = Union[Prefill, Step, Rows, Repeat, Crop, Reset]
 
 
 def int_field(doc: dict, name: str, where: str, lo: int = 0, hi: int | None = None) -> int:
+    """``doc[name]`` checked to be an int (not a bool) in ``[lo, hi]`` (``hi=None``: no upper bound).
+
+    Raises
+    ------
+    CorruptChunkError
+        If the field is missing, not an int or out of range; the message starts with ``where``.
+    """
     v = doc.get(name)
     if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
         bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
@@ -82,6 +89,13 @@ def int_field(doc: dict, name: str, where: str, lo: int = 0, hi: int | None = No
 
 
 def str_field(doc: dict, name: str, where: str) -> str:
+    """``doc[name]`` checked to be a non-empty string.
+
+    Raises
+    ------
+    CorruptChunkError
+        If the field is missing, not a string or empty; the message starts with ``where``.
+    """
     v = doc.get(name)
     if not isinstance(v, str) or not v:
         raise CorruptChunkError(f"{where}: field {name!r} must be a non-empty string, got {v!r}")

@@ -41,13 +41,13 @@ from typing import Iterator
 import torch
 import xxhash
 
-from ..chunk import CHECKSUM_PREFIX, HEADER_BYTES, ChunkHeader, byte_view, chunk_header, slice_checksums, tensor_bytes
+from ..chunk import CHECKSUM_PREFIX, ChunkHeader, byte_view, chunk_header, slice_checksums, tensor_bytes
 from ..cuda import Event, host_empty
 from ..errors import ChunkNotFound, ConfigError, CorruptChunkError, LayoutError, TransportError
 from ..layout import Region, check_packed
 from ..handles import FutureHandle, Handle
 from .base import Transport
-from .diskio import (ALIGN, O_DIRECT, SPARSE_CHECK_BYTES, ShortRead, blocks, probe_direct, read_block, read_header,
+from .diskio import (ALIGN, O_DIRECT, SPARSE_CHECK_BYTES, blocks, probe_direct, read_block, read_errors, read_header,
                      set_direct, write_block, write_error, write_header)
 from .diskpaths import SUFFIX, TEMP_MAX_AGE_S, TMP_DIR, DiskRoot, key_parts
 from .slices import DEFAULT_QUEUE_DEPTH, SliceHasher, read_slices, slice_placeholder
@@ -299,21 +299,17 @@ class DiskTransport(Transport):
         hasher = xxhash.xxh3_64() if self._verify else None
         pending, copied = [], False
         try:
-            if direct:
-                set_direct(fd)
-            for a, b in blocks(nbytes, self._block_bytes):
-                read_block(fd, data, a, b, direct)
-                if hasher is not None:
-                    self._hash(hasher, data[a:b], nbytes, pending)
-                if stream is not None:
-                    with torch.cuda.stream(stream):
-                        byte_view(out)[a:b].copy_(dst[a:b], non_blocking=True)
-                    copied = True
-        except ShortRead as e:
-            raise CorruptChunkError(f"chunk {key!r} ({path}): file ends at byte {HEADER_BYTES + e.args[0]}, "
-                                    f"the header says {HEADER_BYTES + nbytes}") from None
-        except OSError as e:
-            raise TransportError(f"I/O error reading chunk {key!r} ({path}): {e}") from e
+            with read_errors(key, path, nbytes):
+                if direct:
+                    set_direct(fd)
+                for a, b in blocks(nbytes, self._block_bytes):
+                    read_block(fd, data, a, b, direct)
+                    if hasher is not None:
+                        self._hash(hasher, data[a:b], nbytes, pending)
+                    if stream is not None:
+                        with torch.cuda.stream(stream):
+                            byte_view(out)[a:b].copy_(dst[a:b], non_blocking=True)
+                        copied = True
         finally:
             os.close(fd)
             for f in pending:

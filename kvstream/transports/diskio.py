@@ -4,12 +4,14 @@ the checks of a chunk file's header against its key and size before anything is 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import mmap
 import os
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 from ..chunk import CHECKSUM_PREFIX, HEADER_BYTES, ChunkHeader, key_digest
 from ..errors import CapacityError, ConfigError, CorruptChunkError, TransportError
@@ -25,6 +27,39 @@ SPARSE_CHECK_BYTES = 16 << 20
 
 class ShortRead(Exception):
     """The file ended before the payload did (turned into CorruptChunkError with the key)."""
+
+
+@contextlib.contextmanager
+def read_errors(key: str, path: Path, end: int, slice_index: int | None = None) -> Iterator[None]:
+    """Turn the errors of reading chunk ``key``'s payload from ``path`` into kvstream's.
+
+    Parameters
+    ----------
+    key, path : str, Path
+        The chunk and its file, for the messages.
+    end : int
+        Payload byte (after the header) where the read should have ended: the header's size, or the
+        slice's end.
+    slice_index : int, optional
+        The slice being read (its index names it in the messages); ``None`` for the whole payload.
+
+    Raises
+    ------
+    CorruptChunkError
+        On :class:`ShortRead` inside the block: the file ends before ``end``.
+    TransportError
+        On an ``OSError`` inside the block.
+    """
+    what = f"chunk {key!r}" if slice_index is None else f"slice {slice_index} of chunk {key!r}"
+    try:
+        yield
+    except ShortRead as e:
+        want = (f", the header says {HEADER_BYTES + end}" if slice_index is None else
+                f" inside slice {slice_index}, which ends at {HEADER_BYTES + end}")
+        got = HEADER_BYTES + e.args[0]
+        raise CorruptChunkError(f"chunk {key!r} ({path}): file ends at byte {got}{want}") from None
+    except OSError as e:
+        raise TransportError(f"I/O error reading {what} ({path}): {e}") from e
 
 
 def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -155,6 +190,6 @@ def probe_direct(tmp: Path, root: Path) -> None:
         probe.unlink(missing_ok=True)
 
 
-__all__ = ["ALIGN", "O_DIRECT", "SPARSE_CHECK_BYTES", "ShortRead", "read_header", "pwrite_all", "preadinto_all",
-           "blocks", "whole_pages_end", "page", "write_block", "write_header", "write_error", "set_direct",
+__all__ = ["ALIGN", "O_DIRECT", "SPARSE_CHECK_BYTES", "ShortRead", "read_errors", "read_header", "pwrite_all",
+           "preadinto_all", "blocks", "whole_pages_end", "page", "write_block", "write_header", "write_error", "set_direct",
            "read_block", "probe_direct"]

@@ -281,17 +281,17 @@ class DiskRoot:
 
     def unlink(self, parts: list[str]) -> bool:
         """Unlink the key with ``parts``; ``True`` if it existed."""
-        def op(dfd: int, name: str) -> bool:
+        def _op(dfd: int, name: str) -> bool:
             os.unlink(name, dir_fd=dfd)
             return True
-        return self.in_dir(parts, op, missing=False)
+        return self.in_dir(parts, _op, missing=False)
 
     def touch(self, parts: list[str]) -> bool:
         """Set the key's file's mtime to now; ``False`` if it is missing."""
-        def op(dfd: int, name: str) -> bool:
+        def _op(dfd: int, name: str) -> bool:
             os.utime(name, dir_fd=dfd, follow_symlinks=False)
             return True
-        return self.in_dir(parts, op, missing=False)
+        return self.in_dir(parts, _op, missing=False)
 
 
 __all__ = ["SUFFIX", "TMP_DIR", "TEMP_MAX_AGE_S", "GRAVE_SUFFIX", "key_parts", "DiskRoot"]

@@ -24,9 +24,9 @@ from typing import Callable
 
 import xxhash
 
-from ..chunk import CHECKSUM_PREFIX, HEADER_BYTES, SLICE_CHECKSUMS, ChunkHeader, slice_bounds, slice_digests
+from ..chunk import CHECKSUM_PREFIX, SLICE_CHECKSUMS, ChunkHeader, slice_bounds, slice_digests
 from ..errors import CorruptChunkError, TransportError
-from .diskio import ALIGN, ShortRead, read_block, set_direct
+from .diskio import ALIGN, read_block, read_errors, set_direct
 
 #: Default slice reads in flight per transport: NVMe SSDs reach their sequential read rate with 8-32
 #: outstanding reads of 1 MiB (a layer of a 256-token Llama-3-8B chunk); 16 is the middle of that range,
@@ -93,6 +93,7 @@ class _CloseAfter:
         self._lock = threading.Lock()
 
     def done(self) -> None:
+        """One read finished (thread-safe); the last of ``count`` calls closes ``fd``."""
         with self._lock:
             self._left -= 1
             last = self._left == 0
@@ -140,12 +141,8 @@ def _read_one(fd: int, data: memoryview, s: int, size: int, want: str, key: str,
               verify: bool, closer: _CloseAfter) -> None:
     a, b = s * size, (s + 1) * size
     try:
-        read_block(fd, data, a, b, direct)
-    except ShortRead as e:
-        raise CorruptChunkError(f"chunk {key!r} ({path}): file ends at byte {HEADER_BYTES + e.args[0]} inside slice "
-                                f"{s}, which ends at {HEADER_BYTES + b}") from None
-    except OSError as e:
-        raise TransportError(f"I/O error reading slice {s} of chunk {key!r} ({path}): {e}") from e
+        with read_errors(key, path, b, slice_index=s):
+            read_block(fd, data, a, b, direct)
     finally:
         closer.done()
     if verify:

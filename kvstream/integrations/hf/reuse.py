@@ -75,6 +75,7 @@ class _FirstForward:
         self.last_layer, self.on_done = last_layer, on_done
 
     def take(self, layer_idx: int | None = None) -> bool:
+        """Called by the cache per layer: ``True`` (after ``on_done()``) at the last layer or with ``None``."""
         if layer_idx is not None and layer_idx != self.last_layer:
             return False
         self.on_done()
@@ -90,6 +91,11 @@ class _Joined:
         self.joined = False
 
     def wait(self, stream=None) -> None:
+        """Take the loaded K/V ``[1, H, m - front_tokens, D]`` and copy it behind the front, ordered on ``stream``.
+
+        Once only; later calls do nothing. ``stream`` (default: the current one) is the compute stream that
+        will read the buffers. Raises ``ConfigError`` if the load's layer was already taken elsewhere.
+        """
         if not self.joined:
             k, v = self.load.take(self.l, stream)
             with torch.cuda.stream(stream) if stream is not None and self.kv.is_cuda else contextlib.nullcontext():
@@ -98,9 +104,11 @@ class _Joined:
             self.joined = True
 
     def synchronize(self) -> None:
+        """Block the host until the loaded part of this layer has landed (not the join copy)."""
         self.load.events[self.l].synchronize()
 
     def query(self) -> bool:
+        """Whether the loaded part of this layer has landed, without blocking."""
         return self.load.events[self.l].query()
 
 

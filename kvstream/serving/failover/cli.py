@@ -177,12 +177,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = "kvstream failover"
     args = parser(prog).parse_args(argv)
 
-    def body() -> dict:
+    def _body() -> dict:
         cfg = config_from_args(args)
         validate(cfg)
         return run_session(cfg, baseline=args.baseline)
 
-    code, rec = guarded(prog, body)
+    code, rec = guarded(prog, _body)
     if code is not None:
         return code
     s = summarize(rec)

@@ -304,14 +304,14 @@ class Cluster:
 
     def form(self, plan: dict, device, max_rows: int):
         """The controller's end (rank 0) of the epoch's groups; a death meanwhile raises :class:`Failed`."""
-        def interrupt() -> None:
+        def _interrupt() -> None:
             dead = self.poll_dead()
             if dead:
                 raise Failed(dead)
 
         store = rendezvous_store("127.0.0.1", self.port, is_server=False)  # its own: an abandoned rendezvous blocks it
         return form_links(store, plan, 0, device=device, max_rows=max_rows, timeout_s=self.cfg.recovery_timeout_s,
-                          interrupt=interrupt)
+                          interrupt=_interrupt)
 
     def kills_for(self, specs: list[KillSpec]) -> dict:
         """``{inc: [spec text]}``: each pending spec goes to the process now serving its target."""

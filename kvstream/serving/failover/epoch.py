@@ -123,7 +123,7 @@ def form_links(store, plan: dict, rank: int, *, device: torch.device, max_rows: 
 
     world = len(plan["stages"]) + 1
 
-    def build() -> tuple:
+    def _build() -> tuple:
         try:
             prefix = dist.PrefixStore(f"ep/{plan['epoch']}/pg", store)
             timeout = datetime.timedelta(seconds=timeout_s)
@@ -132,7 +132,7 @@ def form_links(store, plan: dict, rank: int, *, device: torch.device, max_rows: 
         except Exception as e:  # noqa: BLE001 - any error of forming the groups, in one line
             raise PeerError(f"epoch {plan['epoch']}: the stages' groups did not form: {e}") from e
 
-    groups = interruptible(build, interrupt)
+    groups = interruptible(_build, interrupt)
     return Links(Env(rank, world, rank), device, timeout_s, max_rows, groups=groups, interrupt=interrupt,
                  header=StepHeader)
 
@@ -143,13 +143,13 @@ def interruptible(fn: Callable[[], Any], interrupt: Callable[[], None], poll_s: 
     left to its own timeout). Returns ``fn``'s result; raises what ``fn`` or ``interrupt`` raises."""
     box: dict = {}
 
-    def run() -> None:
+    def _run() -> None:
         try:
             box["value"] = fn()
         except BaseException as e:  # noqa: BLE001 - handed to the caller
             box["error"] = e
 
-    thread = threading.Thread(target=run, name="kvstream-interruptible", daemon=True)
+    thread = threading.Thread(target=_run, name="kvstream-interruptible", daemon=True)
     thread.start()
     while thread.is_alive():
         interrupt()

@@ -103,16 +103,16 @@ class ReplicaStore:
         with self._lock:
             self._gone.discard(primary)
 
-        def on_chunk(key: str, header: ChunkHeader, payload: torch.Tensor) -> bool:
+        def _on_chunk(key: str, header: ChunkHeader, payload: torch.Tensor) -> bool:
             return self.receive(key, header, payload, primary)
 
-        def build() -> None:
+        def _build() -> None:
             try:
-                self.links[primary] = make(on_chunk)
+                self.links[primary] = make(_on_chunk)
             except KVStreamError:
                 pass  # the primary died before connecting: the controller sees it
 
-        threading.Thread(target=build, name=f"kvstream-holder-accept-{primary}", daemon=True).start()
+        threading.Thread(target=_build, name=f"kvstream-holder-accept-{primary}", daemon=True).start()
 
     def forget(self, primaries: set[int]) -> None:
         """Close the links of primaries that are gone (their chunks stay; what the links still deliver is

@@ -214,7 +214,7 @@ class Worker:
         self.replicator = Replicator(stage=stage, layers=sm.layers, config=sm.config, dtype=DTYPES[cfg.dtype],
                                      device=self.device, store=self.connect(), phase=self.phase)
 
-        def on_layer(slot: int, layer_idx: int, layer: Any) -> None:
+        def _on_layer(slot: int, layer_idx: int, layer: Any) -> None:
             self.replicator.on_layer(slot, layer_idx, layer)
             if self._die_in_prefill is not None:
                 spec, self._die_in_prefill = self._die_in_prefill, None
@@ -222,7 +222,7 @@ class Worker:
 
         swap = SwapManager(self.device, budget_bytes=None, swap=False,
                            token_bytes=stage_token_bytes(sm.config, cfg.dtype, cfg.stages)[stage],
-                           bandwidth_bytes_per_s=1e12, on_layer=on_layer)
+                           bandwidth_bytes_per_s=1e12, on_layer=_on_layer)
         self.rt = StageRuntime(sm, swap, self.eos)
 
     _die_in_prefill: KillSpec | None = None
@@ -335,7 +335,7 @@ class Worker:
         layers = plan["layers"][q]
         num_layers = plan["num_layers"]
 
-        def send() -> None:
+        def _send() -> None:
             link = None
             try:
                 link = RemoteHostTransport(self.connect(), self.inc, target, namespace=f"ft/restore/e{epoch}",
@@ -351,7 +351,7 @@ class Worker:
                     except KVStreamError:
                         pass
 
-        threading.Thread(target=send, name=f"kvstream-restore-send-{q}", daemon=True).start()
+        threading.Thread(target=_send, name=f"kvstream-restore-send-{q}", daemon=True).start()
 
     # -- the end -------------------------------------------------------------------------------------
     def finish(self) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import torch
 
 from ...errors import ConfigError, KVStreamError
 from ..launch import OneLineParser, guarded, stop_workers
+from ..loadgen import add_load_args
 from .disagg import run_disagg_stage
 from .links import Env, env_from_os
 from .report import plot, print_report, verdict
@@ -45,13 +45,7 @@ def parser(prog: str = "kvstream pipeline") -> argparse.ArgumentParser:
                    help="disaggregate: a prompt pipeline of this depth prefills, the D stages decode (kvstream disagg "
                         "--stages D; default there: D)")
     p.add_argument("--batch", type=int, default=1, help="requests per microbatch (default 1)")
-    p.add_argument("--requests", type=int, default=8, help="number of requests R (default 8)")
-    p.add_argument("--rate", type=float, default=math.inf, help="Poisson arrival rate, requests/s (default: all at once)")
-    p.add_argument("--prompt-tokens", type=int, default=None, help="fixed prompt length (default 32 cpu, 1024 cuda)")
-    p.add_argument("--prompt-lengths", default=None, help="file of prompt lengths (one per line or a JSON list)")
-    p.add_argument("--output-tokens", default=None,
-                   help="output lengths: fixed:N, uniform:A:B or exp:MEAN (default uniform:4:12 cpu, fixed:128 cuda)")
-    p.add_argument("--load-seed", type=int, default=0, help="seed of arrivals and output lengths")
+    add_load_args(p, requests=8, prompt_default="32 cpu, 1024 cuda", output_default="uniform:4:12 cpu, fixed:128 cuda")
     p.add_argument("--model", default=None, help="tiny, llama3-8b or a checkpoint directory (default tiny cpu, llama3-8b cuda)")
     p.add_argument("--arch", default="llama", help="architecture of --model tiny: llama, qwen2, mistral, gpt2, opt, bloom")
     p.add_argument("--layers", type=int, default=None, help="decoder layers of the embedded model")
@@ -98,12 +92,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def _progress_writer(path: str):
-    def write(done: int, tokens: int) -> None:
+    def _write(done: int, tokens: int) -> None:
         tmp = f"{path}.tmp"
         Path(tmp).write_text(json.dumps({"done": done, "tokens": tokens}))
         os.replace(tmp, path)
 
-    return write
+    return _write
 
 
 def launch(cfg: RunConfig, results: Path, on_progress=None) -> dict:
@@ -165,12 +159,12 @@ def _run_with_progress(cfg: RunConfig, results: Path) -> dict:
     with Progress(*columns, transient=True) as bar:
         task = bar.add_task(f"{cfg.processes} stage(s) serving", total=cfg.requests, tokens=0)
 
-        def update(done: int, tokens: int) -> None:
+        def _update(done: int, tokens: int) -> None:
             bar.update(task, completed=done, tokens=tokens)
 
         if cfg.processes == 1:
-            return run_stage(cfg, Env(0, 1, 0), progress=update, results=str(results))
-        return launch(cfg, results, on_progress=update)
+            return run_stage(cfg, Env(0, 1, 0), progress=_update, results=str(results))
+        return launch(cfg, results, on_progress=_update)
 
 
 def _finish(doc: dict, args: argparse.Namespace) -> int:
@@ -194,7 +188,7 @@ def main(argv: Sequence[str] | None = None, *, disaggregate: bool = False) -> in
     prog = "kvstream disagg" if disaggregate else "kvstream pipeline"
     args = parser(prog).parse_args(argv)
 
-    def body() -> dict:
+    def _body() -> dict:
         if disaggregate and args.prompt_stages is None:
             args.prompt_stages = args.stages
         cfg = config_from_args(args)
@@ -203,14 +197,15 @@ def main(argv: Sequence[str] | None = None, *, disaggregate: bool = False) -> in
         results.mkdir(parents=True, exist_ok=True)
         return _run_with_progress(cfg, results)
 
-    code, doc = guarded(prog, body)
+    code, doc = guarded(prog, _body)
     return code if code is not None else _finish(doc, args)
 
 
 def stage_main(argv: Sequence[str] | None = None) -> int:
     """One stage (``python -m kvstream.serving.pipeline``, e.g. under ``torchrun``); stage 0 reports."""
     args = parser("python -m kvstream.serving.pipeline").parse_args(argv)
-    try:
+
+    def _body() -> dict | None:
         cfg = config_from_args(args)
         env = env_from_os()
         if env.world != cfg.processes:
@@ -222,13 +217,11 @@ def stage_main(argv: Sequence[str] | None = None) -> int:
             validate(cfg)
         progress = _progress_writer(args.progress_file) if args.progress_file else None
         run = run_disagg_stage if cfg.prompt_stages else run_stage
-        doc = run(cfg, env, progress=progress, results=args.results)
-    except ConfigError as e:
-        print(f"stage {os.environ.get('RANK', 0)}: {e}", file=sys.stderr)
-        return 2
-    except KVStreamError as e:
-        print(f"stage {os.environ.get('RANK', 0)}: {type(e).__name__}: {e}", file=sys.stderr)
-        return 3
+        return run(cfg, env, progress=progress, results=args.results)
+
+    code, doc = guarded(f"stage {os.environ.get('RANK', 0)}", _body, failures=KVStreamError, failed_code=3)
+    if code is not None:
+        return code
     if doc is None or args.quiet:
         return 0
     return _finish(doc, args)

@@ -74,7 +74,7 @@ def prompt_stage(stage: StageModel, links: Links, groups: list, place: Placement
         owner.update({l: token_first + t.dst for l in t.region.layers})
     log = []
 
-    def prefill(h: Header, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+    def _prefill(h: Header, x: torch.Tensor, mask: torch.Tensor | None) -> None:
         hooks = _StreamOut(links, owner)
         cache = hooks.cache = stage.new_cache(hooks)
         dev_mask = None if mask is None else mask.to(stage.device)
@@ -98,7 +98,7 @@ def prompt_stage(stage: StageModel, links: Links, groups: list, place: Placement
             mask = None if bool((mask == 1).all()) else mask
             h = Header(PREFILL, seq=j, rows=len(group), tokens=ids.shape[1], has_mask=int(mask is not None),
                        group=j, start_us=int(clock() * 1e6))
-            prefill(h, ids.to(stage.device), mask)
+            _prefill(h, ids.to(stage.device), mask)
         if not stage.last:
             links.send_next(Header(STOP))
         return log
@@ -108,7 +108,7 @@ def prompt_stage(stage: StageModel, links: Links, groups: list, place: Placement
             if not stage.last:
                 links.send_next(h)
             return log
-        prefill(h, hidden, mask)
+        _prefill(h, hidden, mask)
 
 
 class _Ready:
@@ -199,12 +199,12 @@ def run_disagg_stage(cfg, env: Env, progress=None, results: str | None = None) -
                                      timeout_s=cfg.timeout)
             ready = _Ready(store, f"kvstream/pipeline-disagg/{t0!r}/ready")
 
-        def clock() -> float:
+        def _clock() -> float:
             return time.time() - t0
 
         if prompt:
             doc: dict = {"role": "prompt", "stage": env.rank, "layers": [stage.layers.start, stage.layers.stop],
-                         "prefills": prompt_stage(stage, links, groups, place, P, clock, eos, ready)}
+                         "prefills": prompt_stage(stage, links, groups, place, P, _clock, eos, ready)}
             sched = None
         else:
             kv = KVLayout.from_config(config)
@@ -212,7 +212,7 @@ def run_disagg_stage(cfg, env: Env, progress=None, results: str | None = None) -
             for t in place.incoming(env.rank - P, tokens=(0, 1)):
                 src.update({l: t.src for l in t.region.layers})
 
-            def receive(h: Header, layer: int) -> tuple:
+            def _receive(h: Header, layer: int) -> tuple:
                 shape = (h.rows, kv.kv_heads, h.tokens, kv.head_dim)
                 return links.recv_tensor(shape, stage.dtype, src[layer]), links.recv_tensor(shape, stage.dtype, src[layer])
 
@@ -222,12 +222,12 @@ def run_disagg_stage(cfg, env: Env, progress=None, results: str | None = None) -
             rt = StageRuntime(stage, swap, eos)
             sched = None
             if env.rank == P:
-                sched = JoinScheduler(rt, links, receive, ready, slots=cfg.microbatches, progress=progress,
-                                      admission=admission(cfg, config, swap.bandwidth), clock=clock)
+                sched = JoinScheduler(rt, links, _receive, ready, slots=cfg.microbatches, progress=progress,
+                                      admission=admission(cfg, config, swap.bandwidth), clock=_clock)
                 sched.run(groups)
                 sched.stop()
             else:
-                follow(rt, links, receive)
+                follow(rt, links, _receive)
             doc = {"role": "token", "stage": env.rank - P, "layers": [stage.layers.start, stage.layers.stop],
                    "device": str(device), **swap.summary()}
         docs = links.gather(doc, dst=P)

@@ -39,7 +39,8 @@ from ...streaming.placement import split_layers
 class _Zero(torch.nn.Module):
     """A position-embedding stand-in on later stages: adds a 0-dim zero (``x + 0`` is ``x``)."""
 
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:  # noqa: D102 - the replaced module's signature
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Take the replaced module's arguments, ignore them and return a 0-dim zero (default dtype, CPU)."""
         return torch.zeros(())
 
 
