@@ -277,7 +277,7 @@ class ChunkFileStore(ModelScope, PrefixStore):
 
         if not defer_pins:
             pin()
-        per_token = self._per_token() if defer_pins else None
+        per_token = self.bytes_per_token() if defer_pins else None
         header = None if per_token is not None else self._header(keys[0])
         layered = header is None or slice_checksums(header) is not None  # no per-layer checksums: whole-file loads
         if header is not None:
@@ -292,8 +292,8 @@ class ChunkFileStore(ModelScope, PrefixStore):
             return self._transport.describe(key)
         return None
 
-    def _per_token(self) -> int | None:
-        """Bytes of KV per token without reading a chunk: the bound model's geometry and dtype, else the last header's."""
+    def bytes_per_token(self) -> int | None:
+        """Bytes of KV per token, no chunk read: the bound model's geometry and dtype, else the last header's (or None)."""
         if self._geometry is not None and self._kv_dtype is not None:
             return math.prod(self._geometry) * 2 * torch.empty((), dtype=self._kv_dtype).element_size()
         return self._known_per_token

@@ -248,18 +248,22 @@ def _best_front(n: int, m: int, bytes_per_token: float, tier: TierCost, prefill:
     """The front ``x`` of the fastest predicted plan whose worst case (the load ``tier.safety`` slower) is
     within ``limit`` seconds; ``(0, inf)`` if none is."""
     g = max(1, int(granularity))
-    step = g * max(1, math.ceil(m / g / 256))  # at most ~256 split points
     worst = tier.worst()
-    best_x, best = 0, math.inf
-    for x in (range(0, m, step) if split else [0]):
+
+    def at(x: int) -> tuple[float, float]:
         t = predict(n, m, x, bytes_per_token, tier, prefill, layers=layers, layerwise=layerwise, spent_s=spent_s)
-        if t >= best:
-            continue
-        if worst is not tier and predict(n, m, x, bytes_per_token, worst, prefill, layers=layers,
-                                         layerwise=layerwise, spent_s=spent_s) > limit:
-            continue
-        best_x, best = x, t
-    return best_x, best
+        w = t if worst is tier else predict(n, m, x, bytes_per_token, worst, prefill, layers=layers,
+                                              layerwise=layerwise, spent_s=spent_s)
+        return (t, w) if w <= limit else (math.inf, w)
+
+    step = g * max(1, math.ceil(m / g / 48))  # ~48 points, then every point of the granularity around the best
+    points = {x: at(x) for x in (range(0, m, step) if split else [0])}
+    best_x = min(points, key=lambda x: points[x])  # the fastest that keeps the guarantee, else the least bad worst
+    if step > g:
+        for x in range(max(0, best_x - step + g), min(m, best_x + step), g):
+            points.setdefault(x, at(x))
+        best_x = min(points, key=lambda x: points[x])
+    return best_x, points[best_x][0]
 
 
 def plan_reuse(prompt_tokens: int, stored_tokens: int, bytes_per_token: float, tier: TierCost,

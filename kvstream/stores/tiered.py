@@ -102,7 +102,7 @@ class TieredStore(PrefixStore):
 
     # -- lookups -----------------------------------------------------------------------------------------
     def lookup(self, token_ids: Any, *, max_tokens: int | None = None, defer_pins: bool = False,
-               consider: Callable[[PrefixStore, int], bool] | None = None) -> PrefixMatch:
+               consider: Callable[[PrefixStore, PrefixMatch | None], bool] | None = None) -> PrefixMatch:
         """The longest match over the tiers, pinned in its tier; see the module docstring.
 
         Parameters
@@ -111,8 +111,8 @@ class TieredStore(PrefixStore):
             Passed to tiers that take it (:meth:`ChunkFileStore.lookup
             <kvstream.stores.chunk_file.ChunkFileStore.lookup>`): pins wait for the match's first use.
         consider : callable, optional
-            ``consider(tier, tokens_in_hand) -> bool``, asked before a tier is touched at all (no query, no
-            lookup): ``False`` skips it. A cost plan passes one that refuses a tier which could not beat
+            ``consider(tier, match_in_hand) -> bool`` (``None`` before any match), asked before a tier is
+            touched at all (no query, no lookup): ``False`` skips it. A cost plan passes one that refuses a tier which could not beat
             the match in hand even if it held the whole prompt (so an upper-tier hit costs no lower-tier
             I/O). Default: every tier that might hold a longer match is asked.
         """
@@ -121,9 +121,9 @@ class TieredStore(PrefixStore):
         cap = check_max_tokens(max_tokens, len(ids))
         best, best_tier = None, 0
         for i, tier in enumerate(self.tiers):
-            held = 0 if best is None else best.matched_tokens
-            if consider is not None and not consider(tier, held):
+            if consider is not None and not consider(tier, best):
                 continue
+            held = 0 if best is None else best.matched_tokens
             if best is not None and min(tier.query(ids), cap) <= held:
                 continue  # this tier cannot beat the match in hand: no pin, no load
             m = _lookup(tier, ids, cap, defer_pins)
@@ -249,7 +249,7 @@ class TieredStore(PrefixStore):
 
 def _lookup(tier: PrefixStore, ids: list[int], cap: int, defer_pins: bool) -> PrefixMatch:
     """``tier.lookup``, with deferred pins where the tier takes them."""
-    if defer_pins and "defer_pins" in inspect.signature(tier.lookup).parameters:
+    if defer_pins and "defer_pins" in inspect.signature(type(tier).lookup).parameters:
         return tier.lookup(ids, max_tokens=cap, defer_pins=True)
     return tier.lookup(ids, max_tokens=cap)
 
