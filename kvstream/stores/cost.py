@@ -36,7 +36,7 @@ from .calibration import (CACHE_ENV, DRIFT, EWMA_WEIGHT, Calibration, HostCost, 
                           read_json, update_json)
 
 #: Relative win over recomputing a plan that loads must predict (the noise of a time to first token).
-MARGIN = 0.03
+MARGIN = 0.05
 #: How much slower than its measured figure a load may turn out (the ``safety`` of a calibrated
 #: :class:`TierCost`): on the 2026-12-01 H200 run a split's load took 30-70 % longer than its
 #: calibrated figure, part of it the lookup that is now measured into the plan (bench/NOTES.md).

@@ -10,28 +10,13 @@ import torch
 from transformers import DynamicCache
 
 import kvstream
-from kvstream.integrations.hf.keywords import cache_kwargs
 from kvstream.models import build_model, encode_text, prompts, tiny_config
 from kvstream.stores.cost import PrefillTime, TierCost, plan_reuse, predict, reuse_bound
+from test_reuse_plan import _conversation, _greedy
 
 PREFILL = PrefillTime(a_s=5e-3, b_s=1e-4, c_s=0.0)
 FAST = TierCost(fetch_Bps=1e15, copy_Bps=1e15)
 SLOW = TierCost(fetch_Bps=1e3, copy_Bps=1e12)
-
-
-def _greedy(model, ids, cache, n=5):
-    with torch.inference_mode():
-        return model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(cache), max_new_tokens=n,
-                              do_sample=False, pad_token_id=0)
-
-
-def _conversation(model, store, tokens=60):
-    ids = torch.tensor([encode_text(prompts()[0], tokens)])
-    cache = DynamicCache(config=model.config)
-    out = _greedy(model, ids, cache)
-    store.update(out, cache)
-    nxt = torch.cat([out, torch.tensor([encode_text(prompts()[1], 10)])], dim=1)
-    return nxt, _greedy(model, nxt, DynamicCache(config=model.config))
 
 
 @pytest.fixture(scope="module")
