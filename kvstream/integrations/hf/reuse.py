@@ -14,6 +14,8 @@
   Each layer's KV is the recomputed front followed by the loaded part, joined on the compute stream
   just before that layer first runs.
 
+Before the lookup, each tier's best case (:func:`~kvstream.stores.cost.reuse_bound`) decides whether it is
+touched at all; a lookup that runs defers its pins to the load, and its host time is part of the plan.
 The plan is kept on the cache (``cache.reuse_plan``, with its measured ``actual_s``). The model's prefill
 time is measured on first use (:func:`prefill_time`: a few ``generate`` calls of growing prompts, fitted)
 and cached per model and device under :func:`~kvstream.stores.cost.cache_dir`.
