@@ -68,6 +68,10 @@ class FutureHandle(Handle):
         """Whether the future has resolved."""
         return self._future.done()
 
+    def add_done_callback(self, fn) -> None:
+        """Call ``fn()`` (on the thread that resolves the future, or now if resolved) once it resolves."""
+        self._future.add_done_callback(lambda _: fn())
+
 
 class EventHandle(Handle):
     """A handle over a :class:`kvstream.cuda.Event` recorded after the operation's last stream-ordered step.

@@ -35,7 +35,8 @@ import torch
 
 from ..errors import ConfigError, LayoutError, TransportError
 from ..layout import KVLayout, Region, check_hf_layers
-from .cost import TierCost, device_copy_Bps
+from .calibration import HostCost, device_copy_Bps
+from .cost import COPY_CONTENTION, LOAD_SAFETY, TierCost
 from .hashing import as_token_ids
 from .match import Loader, PinError, Prefetcher, PrefixMatch
 
@@ -135,6 +136,8 @@ class PrefixStore(ABC):
         self._closed = False
         #: A fixed :class:`~kvstream.stores.cost.TierCost` for :meth:`read_cost` (``None``: measure it).
         self.tier_cost: TierCost | None = None
+        #: This store's host seconds per lookup, as observed (a plan decides from it before looking up).
+        self.lookup_cost = HostCost()
 
     @abstractmethod
     def lookup(self, token_ids: Any, *, max_tokens: int | None = None) -> PrefixMatch:
@@ -238,7 +241,8 @@ class PrefixStore(ABC):
         """
         if self.tier_cost is not None:
             return self.tier_cost
-        return TierCost(fetch_Bps=None, copy_Bps=device_copy_Bps(torch.device(device)))
+        return TierCost(fetch_Bps=None, copy_Bps=device_copy_Bps(torch.device(device)), contention=COPY_CONTENTION,
+                        safety=LOAD_SAFETY)
 
     def close(self) -> None:
         """Release resources. Idempotent; later calls raise ``TransportError``."""

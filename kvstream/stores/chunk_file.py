@@ -61,7 +61,8 @@ from ..transports.diskpaths import GRAVE_SUFFIX
 from ..transports.slices import DEFAULT_QUEUE_DEPTH
 from .base import PinError, PrefixMatch, PrefixStore, check_kv, check_max_tokens
 from .chunk_read import ChunkReads, probe_fetch
-from .cost import Calibration, TierCost, device_copy_Bps
+from .calibration import Calibration, device_copy_Bps
+from .cost import COPY_CONTENTION, LOAD_SAFETY, TierCost
 from .hashing import as_token_ids, nested_path, prefix_hashes
 from .identity import ModelScope
 from .pins import PINS_DIR, PinFiles
@@ -152,6 +153,7 @@ class ChunkFileStore(ModelScope, PrefixStore):
         self._lock = threading.Lock()
         self._pins: Counter[str] = Counter()  # chunk key -> pins this process holds
         self._held = 0
+        self._known_per_token: int | None = None  # bytes per token of the last header read
         self.last_gc_error: BaseException | None = None
         self._gc_stop = threading.Event()
         self._gc_thread: threading.Thread | None = None
@@ -203,10 +205,13 @@ class ChunkFileStore(ModelScope, PrefixStore):
             n += 1
         return n * self.chunk_tokens
 
-    def lookup(self, token_ids: Any, *, max_tokens: int | None = None) -> PrefixMatch:
+    def lookup(self, token_ids: Any, *, max_tokens: int | None = None, defer_pins: bool = False) -> PrefixMatch:
         """Pin, then find, the run of stored chunks at the start of ``token_ids``; see :meth:`PrefixStore.lookup`.
 
         The match may end inside its last chunk when ``max_tokens`` says so (the whole chunk is read).
+        ``defer_pins=True`` only finds the run (hashing and one ``stat`` per chunk): the pin file and the
+        first chunk's header wait until the match is first used (:meth:`PrefixMatch.pin`), so a lookup
+        whose match a plan does not load costs no write and no read.
         """
         self._check_open()
         ids = as_token_ids(token_ids)
@@ -216,7 +221,7 @@ class ChunkFileStore(ModelScope, PrefixStore):
         keys = self.keys_for(ids[:wanted * c])
         if not keys:
             return PrefixMatch(0, None, None, source="ChunkFileStore")
-        pin_file = self._pin_files.write([k.rsplit("/", 1)[-1] for k in keys])  # before looking: see pins.py
+        pin_file = None if defer_pins else self._pin_files.write([k.rsplit("/", 1)[-1] for k in keys])  # see pins.py
         found = 0
         for key in keys:
             if not self._transport.contains(key):
@@ -227,13 +232,19 @@ class ChunkFileStore(ModelScope, PrefixStore):
             PinFiles.release(pin_file)
             return PrefixMatch(0, None, None, source="ChunkFileStore")
         keys = keys[:found]
-        with self._lock:
-            self._pins.update(keys)
-            self._held += 1
         reads: list[ChunkReads] = []  # the match's reads, once started (prefetch or load)
-        header = None
-        with contextlib.suppress(ChunkNotFound, CorruptChunkError, TransportError):  # the reads will tell
-            header = self._transport.describe(keys[0])
+        pins: list = []  # the pin file, once the pins are taken
+
+        def pin(match: PrefixMatch | None = None) -> None:
+            """Take the match's pins (a deferred lookup's: its pin file first); a whole-file chunk loads at once."""
+            pins.append(pin_file if match is None else self._pin_files.write([k.rsplit("/", 1)[-1] for k in keys]))
+            with self._lock:
+                self._pins.update(keys)
+                self._held += 1
+            if match is not None and match._layer_loader is not None:
+                header = self._header(keys[0])
+                if header is not None and slice_checksums(header) is None:
+                    match._layer_loader = None
 
         def read(start: int) -> ChunkReads:
             """The match's reads from token ``start`` (a multiple of the chunk size), started on first use."""
@@ -262,13 +273,30 @@ class ChunkFileStore(ModelScope, PrefixStore):
                     if self._pins[key] == 0:
                         del self._pins[key]
                 self._held -= 1
-            PinFiles.release(pin_file)
+            PinFiles.release(pins[0])
 
+        if not defer_pins:
+            pin()
+        per_token = self.bytes_per_token() if defer_pins else None
+        header = None if per_token is not None else self._header(keys[0])
         layered = header is None or slice_checksums(header) is not None  # no per-layer checksums: whole-file loads
-        per_token = None if header is None else header.nbytes // c
+        if header is not None:
+            per_token = self._known_per_token = header.nbytes // c
         return PrefixMatch(matched, loader, releaser, source="ChunkFileStore", prefetcher=read,
                            layer_loader=layer_loader if layered else None, store=self, granularity=c,
-                           bytes_per_token=per_token)
+                           bytes_per_token=per_token, pinner=pin if defer_pins else None)
+
+    def _header(self, key: str):
+        """The chunk's header, or ``None`` if it cannot be read (the reads will tell why)."""
+        with contextlib.suppress(ChunkNotFound, CorruptChunkError, TransportError):
+            return self._transport.describe(key)
+        return None
+
+    def bytes_per_token(self) -> int | None:
+        """Bytes of KV per token, no chunk read: the bound model's geometry and dtype, else the last header's (or None)."""
+        if self._geometry is not None and self._kv_dtype is not None:
+            return math.prod(self._geometry) * 2 * torch.empty((), dtype=self._kv_dtype).element_size()
+        return self._known_per_token
 
     def _drop_corrupt(self, key: str, error: Exception) -> None:
         logger.warning("ChunkFileStore: dropping corrupt chunk %s: %s", key, error)
@@ -290,7 +318,8 @@ class ChunkFileStore(ModelScope, PrefixStore):
         if fetch is None:
             fetch = self._calibration.set(*probe_fetch(self._transport), "probe")
         return TierCost(fetch_Bps=fetch["fetch_Bps"], copy_Bps=device_copy_Bps(torch.device(device)),
-                        latency_s=fetch.get("latency_s", 0.0))
+                        latency_s=fetch.get("latency_s", 0.0), file_tokens=self.chunk_tokens,
+                        contention=COPY_CONTENTION, safety=LOAD_SAFETY)
 
     def update_kv(self, token_ids: Any, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *,
                   start: int = 0, overwrite: bool = False) -> int:

@@ -101,6 +101,7 @@ class ChunkReads:
         self.keys, self.chunk_tokens = keys, chunk_tokens
         self._drop, self._touch, self._observe = drop, touch, observe
         self._t0 = time.perf_counter()
+        self._t_end = self._t0  # when the last read resolved (the reads' own time, not when they were waited for)
         self.handles: list[list] = []
         self.bad: dict[int, Exception] = {}
         self.staging: torch.Tensor | None = None
@@ -123,12 +124,18 @@ class ChunkReads:
         for i, key in enumerate(keys):
             try:
                 self.handles.append(retry(transport.fetch_slices, key, self.staging[i]))
+                for h in self.handles[-1]:
+                    if hasattr(h, "add_done_callback"):
+                        h.add_done_callback(self._resolved)
             except LayoutError as e:  # another geometry than the run's first file: not this match's chunk
                 self.bad[i] = CorruptChunkError(f"chunk {key} does not fit the match: {e}")
                 break
             except (ChunkNotFound, CorruptChunkError, TransportError) as e:
                 self.bad[i] = e
                 break
+
+    def _resolved(self) -> None:
+        self._t_end = max(self._t_end, time.perf_counter())
 
     def intact(self) -> int:
         """Files known good so far: those before the first failure found (all, while no read has failed)."""
@@ -164,8 +171,7 @@ class ChunkReads:
         for key in self.keys[:good]:
             self._touch(key)
         if good and self.staging is not None:
-            self._observe(good * self.staging[0].numel() * self.staging.element_size(),
-                          time.perf_counter() - self._t0)
+            self._observe(good * self.staging[0].numel() * self.staging.element_size(), self._t_end - self._t0)
         return good
 
     # -- onto the device ---------------------------------------------------------------------------------

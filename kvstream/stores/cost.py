@@ -4,79 +4,46 @@ A stored prefix helps only when loading it is faster than recomputing it: an H20
 8192-token Llama-3-8B prompt in ~258 ms, and 0.94 GB of its KV took 543-614 ms to read from a disk at
 ~1.9 GB/s (bench/NOTES.md, prefix topic). So every reuse is planned from measured figures:
 
-* :class:`TierCost` — a store tier's read cost onto a device: ``fetch`` (tier to host memory, e.g. a
-  disk read; none for host memory) and ``copy`` (host to device, which a layer-wise load overlaps with
-  the prefill). Stores calibrate it once and cache it (:class:`Calibration`); ``store.tier_cost = ...``
-  overrides it (tests, a known disk).
+* :class:`TierCost` — a store tier's read cost onto a device: ``fetch`` (tier to host memory: the file
+  opens and header reads on the caller's thread, then the verified reads; none for host memory) and
+  ``copy`` (host to device, which a layer-wise load overlaps with the prefill, slowed by ``contention``
+  while the model computes beside it). Stores calibrate it once and cache it
+  (:class:`~kvstream.stores.calibration.Calibration`); ``store.tier_cost = ...`` overrides it (tests, a
+  known disk). A measured figure carries a ``safety``: how much slower than it a load may turn out.
 * :class:`PrefillTime` — the model's prefill time on a device, ``a + b*new + c*new*(past + new/2)``
   seconds (a fixed cost, the per-token layers, attention over every earlier token), fitted to
   measurements (:meth:`PrefillTime.fit`; the HF integration measures and caches it per model and device).
 * :func:`plan_reuse` — picks, among "recompute everything", "load the stored prefix" and the
   compute/load split of "Cake: compute or load KV cache? why not both" (arXiv 2410.03065: recompute the
-  first ``x`` stored tokens while the tier loads the rest, both at once), the one predicted fastest.
+  first ``x`` stored tokens while the tier loads the rest, both at once), the one predicted fastest, and
+  loads only when that wins by :data:`MARGIN` even with the load ``safety`` slower than predicted.
+* :func:`reuse_bound` — before any lookup: the fastest any stored prefix of a prompt could make it (every
+  token but the last stored); when even that cannot win, the store is not looked up at all.
 
-The figures are cached as small JSON files (:func:`cache_dir`: ``$KVSTREAM_CACHE_DIR`` or
-``~/.cache/kvstream``; a file store's disk figure beside the store), written atomically and best-effort
-(a read-only directory only means measuring again).
+Every prediction is of the whole time to the first token: the host seconds already spent (the lookup,
+``spent_s``) are part of it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
-import threading
-import time
-import uuid
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Sequence
 
 import torch
 
-from ..cuda import host_empty
+from .calibration import (CACHE_ENV, DRIFT, EWMA_WEIGHT, Calibration, HostCost, cache_dir, device_copy_Bps,
+                          read_json, update_json)
 
-#: Environment variable naming the directory of kvstream's cached measurements.
-CACHE_ENV = "KVSTREAM_CACHE_DIR"
-#: Relative change of an observed figure that replaces a cached calibration.
-DRIFT = 0.25
-#: Weight of the newest observation in the running estimate of a tier's bandwidth.
-EWMA_WEIGHT = 0.3
-#: Bytes the host-to-device calibration copies (large enough to reach the copy engine's rate).
-COPY_PROBE_BYTES = 32 << 20
-
-
-def cache_dir() -> Path:
-    """Where kvstream caches measurements: ``$KVSTREAM_CACHE_DIR``, else ``~/.cache/kvstream``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "kvstream")
-
-
-def read_json(path: Path) -> dict:
-    """The JSON document in ``path``, or ``{}`` if it is missing or unreadable (a cache, never an error)."""
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-        return doc if isinstance(doc, dict) else {}
-    except (OSError, ValueError, RecursionError):
-        return {}
-
-
-def update_json(path: Path, key: str, value: Any) -> bool:
-    """Set ``doc[key] = value`` in the JSON file ``path`` (temp file + rename); ``False`` if it cannot be written."""
-    doc = read_json(path)
-    doc[key] = value
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        os.makedirs(path.parent, exist_ok=True)
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-        return True
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        return False
+#: Relative win over recomputing a plan that loads must predict (the noise of a time to first token).
+MARGIN = 0.05
+#: How much slower than its measured figure a load may turn out (the ``safety`` of a calibrated
+#: :class:`TierCost`): on the 2026-12-01 H200 run a split's load took 30-70 % longer than its
+#: calibrated figure, part of it the lookup that is now measured into the plan (bench/NOTES.md).
+LOAD_SAFETY = 0.4
+#: Slow-down of host-to-device copies that run beside the model's compute (a split's front, the suffix
+#: prefill of a layer-wise load): both draw on the device's memory and the host thread that issues them.
+COPY_CONTENTION = 0.2
 
 
 @dataclass(frozen=True)
@@ -86,27 +53,53 @@ class TierCost:
     Parameters
     ----------
     fetch_Bps : float or None
-        Bytes per second from the tier into host memory (a disk read); ``None`` when the tier *is* host
-        memory (:class:`~kvstream.stores.radix.RadixStore`).
+        Bytes per second from the tier into host memory, verified (a disk read and its per-slice
+        checksums); ``None`` when the tier *is* host memory (:class:`~kvstream.stores.radix.RadixStore`).
     copy_Bps : float
         Bytes per second from host memory onto the device (pinned ``cudaMemcpyAsync``; a memcpy on the CPU).
     latency_s : float
-        Fixed seconds per load before the first byte (opens, headers).
+        Seconds per file before its first byte (open and header read, on the caller's thread): once per
+        load, or once per file of ``file_tokens`` tokens.
+    file_tokens : int
+        Tokens per file of a tier of files (0: one latency per load).
+    contention : float
+        Relative slow-down of the copies that run beside the model's compute.
+    safety : float
+        How much slower than these figures a load may turn out (0: the figures are exact, as given).
     """
 
     fetch_Bps: float | None
     copy_Bps: float
     latency_s: float = 0.0
+    file_tokens: int = 0
+    contention: float = 0.0
+    safety: float = 0.0
 
-    def fetch_s(self, nbytes: float) -> float:
-        """Seconds to bring ``nbytes`` into host memory (0 for a host-memory tier)."""
+    def opens_s(self, tokens: int | None = None) -> float:
+        """Seconds of the file opens and header reads of a load of ``tokens`` (0 for a host-memory tier)."""
+        if self.fetch_Bps is None or (tokens is not None and tokens <= 0):
+            return 0.0
+        files = math.ceil(tokens / self.file_tokens) if tokens is not None and self.file_tokens > 0 else 1
+        return files * self.latency_s
+
+    def fetch_s(self, nbytes: float, tokens: int | None = None) -> float:
+        """Seconds to bring ``nbytes`` (``tokens`` tokens) into host memory, opens included (0 for host memory)."""
         if self.fetch_Bps is None or nbytes <= 0:
             return 0.0
-        return self.latency_s + nbytes / self.fetch_Bps
+        return self.opens_s(tokens) + nbytes / self.fetch_Bps
 
-    def copy_s(self, nbytes: float) -> float:
-        """Seconds to copy ``nbytes`` from host memory to the device."""
-        return max(0.0, nbytes) / self.copy_Bps
+    def copy_s(self, nbytes: float, *, beside_compute: bool = False) -> float:
+        """Seconds to copy ``nbytes`` from host memory to the device (slower beside the model's compute)."""
+        return max(0.0, nbytes) / self.copy_Bps * (1 + self.contention if beside_compute else 1)
+
+    def slower(self, factor: float) -> "TierCost":
+        """The same tier ``factor`` times slower (every rate divided, the latency multiplied)."""
+        return replace(self, fetch_Bps=None if self.fetch_Bps is None else self.fetch_Bps / factor,
+                       copy_Bps=self.copy_Bps / factor, latency_s=self.latency_s * factor, safety=0.0)
+
+    def worst(self) -> "TierCost":
+        """The tier as slow as its ``safety`` allows."""
+        return self.slower(1 + self.safety) if self.safety > 0 else self
 
 
 @dataclass(frozen=True)
@@ -189,6 +182,8 @@ class ReusePlan:
         The store tier the prefix came from.
     reason : str
         Why, in words.
+    lookup_s : float
+        Host seconds the lookup took (part of ``predicted_s``; 0 when the store was not looked up).
     """
 
     choice: str
@@ -201,6 +196,7 @@ class ReusePlan:
     recompute_s: float | None = None
     tier: str = ""
     reason: str = ""
+    lookup_s: float = 0.0
     _clock: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -222,28 +218,63 @@ def _overlap(a: float, b: float, layers: int) -> float:
 
 
 def predict(prompt_tokens: int, stored_tokens: int, front_tokens: int, bytes_per_token: float, tier: TierCost,
-            prefill: PrefillTime, *, layers: int, layerwise: bool) -> float:
+            prefill: PrefillTime, *, layers: int, layerwise: bool, spent_s: float = 0.0) -> float:
     """Predicted seconds to the first token when ``front_tokens`` are recomputed while the tier loads
     ``[front_tokens, stored_tokens)``, then the rest of the prompt is prefilled.
 
-    The front recompute and the tier's fetch run at once; the host-to-device copy follows the fetch
-    (or runs beside the front recompute once the fetch is done), and a layer-wise load pipelines what
-    is left of it with the suffix prefill layer by layer.
+    The file opens come first, on the caller's thread; then the front recompute and the tier's verified
+    reads run at once; the host-to-device copy follows the reads (beside the front's compute while that
+    still runs), and a layer-wise load pipelines what is left of it with the suffix prefill layer by
+    layer. ``spent_s``: host seconds already spent before the plan (the lookup), added as they are.
     """
     n, m, x = prompt_tokens, stored_tokens, front_tokens
-    nbytes = (m - x) * bytes_per_token
+    tokens = m - x
+    nbytes = tokens * bytes_per_token
+    opens = tier.opens_s(tokens) if nbytes > 0 else 0.0
     front = prefill(x, 0)
-    fetch, copy = tier.fetch_s(nbytes), tier.copy_s(nbytes)
-    copy_left = max(0.0, copy - max(0.0, front - fetch))
+    fetch = tier.fetch_s(nbytes, tokens) - opens
+    beside = tier.copy_s(nbytes, beside_compute=True)  # copying while the model computes
+    done = min(1.0, max(0.0, front - fetch) / beside) if x > 0 and beside > 0 else 0.0  # share copied beside the front
     suffix = prefill(n - m, m)
-    tail = _overlap(copy_left, suffix, layers) if layerwise else copy_left + suffix
-    return max(front, fetch) + tail
+    if layerwise:  # the rest of the copy runs beside the suffix prefill, layer by layer
+        tail = _overlap((1 - done) * beside, suffix, layers)
+    else:
+        tail = (1 - done) * tier.copy_s(nbytes) + suffix
+    return spent_s + opens + max(front, fetch) + tail
+
+
+def _best_front(n: int, m: int, bytes_per_token: float, tier: TierCost, prefill: PrefillTime, *, layers: int,
+                granularity: int, split: bool, layerwise: bool, spent_s: float, limit: float) -> tuple[int, float]:
+    """The front ``x`` of the fastest predicted plan whose worst case (the load ``tier.safety`` slower) is
+    within ``limit`` seconds; ``(0, inf)`` if none is."""
+    g = max(1, int(granularity))
+    worst = tier.worst()
+
+    def at(x: int) -> tuple[float, float]:
+        t = predict(n, m, x, bytes_per_token, tier, prefill, layers=layers, layerwise=layerwise, spent_s=spent_s)
+        w = t if worst is tier else predict(n, m, x, bytes_per_token, worst, prefill, layers=layers,
+                                              layerwise=layerwise, spent_s=spent_s)
+        return (t, w) if w <= limit else (math.inf, w)
+
+    step = g * max(1, math.ceil(m / g / 48))  # ~48 points, then every point of the granularity around the best
+    points = {x: at(x) for x in (range(0, m, step) if split else [0])}
+    best_x = min(points, key=lambda x: points[x])  # the fastest that keeps the guarantee, else the least bad worst
+    if step > g:
+        for x in range(max(0, best_x - step + g), min(m, best_x + step), g):
+            points.setdefault(x, at(x))
+        best_x = min(points, key=lambda x: points[x])
+    return best_x, points[best_x][0]
 
 
 def plan_reuse(prompt_tokens: int, stored_tokens: int, bytes_per_token: float, tier: TierCost,
                prefill: PrefillTime, *, layers: int, granularity: int = 1, split: bool = True,
-               layerwise: bool = True, tier_name: str = "") -> ReusePlan:
+               layerwise: bool = True, tier_name: str = "", spent_s: float = 0.0,
+               margin: float = MARGIN) -> ReusePlan:
     """The fastest predicted way to the first token of a prompt whose first ``stored_tokens`` are stored.
+
+    A plan that loads is chosen only if it is predicted to beat recomputing by ``margin`` (relative), and
+    if even with the load ``tier.safety`` slower than predicted it would not be slower than recomputing;
+    the split point is the fastest one that keeps that guarantee.
 
     Parameters
     ----------
@@ -263,121 +294,56 @@ def plan_reuse(prompt_tokens: int, stored_tokens: int, bytes_per_token: float, t
         Whether the compute/load split is possible (the caller can run the model on the front).
     layerwise : bool
         Whether the load lands layer by layer, overlapping the suffix prefill.
+    spent_s : float
+        Host seconds already spent on this prompt (the lookup): part of every prediction, recomputing too.
+    margin : float
+        Relative win a loading plan must predict.
 
     Returns
     -------
     ReusePlan
-        Not yet run (``actual_s`` is ``None``).
+        Not yet run (``actual_s`` is ``None``); ``predicted_s`` includes ``spent_s``, ``recompute_s`` does not.
     """
     n, m = int(prompt_tokens), int(stored_tokens)
-    recompute = prefill(n, 0)
+    recompute = prefill(n)
     if m <= 0:
-        return ReusePlan("none", n, 0, recomputed_tokens=n, predicted_s=recompute, recompute_s=recompute,
-                         tier=tier_name, reason="nothing stored")
-    g = max(1, int(granularity))
-    step = g * max(1, math.ceil(m / g / 256))  # at most ~256 split points
-    fronts = list(range(0, m, step)) if split else [0]
-    best_x, best = 0, math.inf
-    for x in fronts:
-        t = predict(n, m, x, bytes_per_token, tier, prefill, layers=layers, layerwise=layerwise)
-        if t < best:
-            best_x, best = x, t
-    if best >= recompute:
-        return ReusePlan("recompute", n, m, recomputed_tokens=n, predicted_s=recompute, recompute_s=recompute,
-                         tier=tier_name, reason=f"loading is predicted slower ({best * 1e3:.1f} ms) than recomputing "
-                                               f"({recompute * 1e3:.1f} ms)")
+        return ReusePlan("none", n, 0, recomputed_tokens=n, predicted_s=spent_s + recompute, recompute_s=recompute,
+                         tier=tier_name, reason="nothing stored", lookup_s=spent_s)
+    best_x, best = _best_front(n, m, bytes_per_token, tier, prefill, layers=layers, granularity=granularity,
+                               split=split, layerwise=layerwise, spent_s=spent_s, limit=spent_s + recompute)
+    if best > (1 - margin) * (spent_s + recompute):
+        why = (f"loading is predicted slower ({best * 1e3:.1f} ms) than recomputing" if math.isfinite(best) else
+               f"a load {tier.safety:.0%} slower than predicted would be slower than recomputing")
+        return ReusePlan("recompute", n, m, recomputed_tokens=n, predicted_s=spent_s + recompute,
+                         recompute_s=recompute, tier=tier_name, lookup_s=spent_s,
+                         reason=f"{why} ({(spent_s + recompute) * 1e3:.1f} ms, {spent_s * 1e3:.2f} ms of it the lookup)")
     choice = "split" if best_x else "load"
     return ReusePlan(choice, n, m, front_tokens=best_x, loaded_tokens=m - best_x, recomputed_tokens=n - m + best_x,
-                     predicted_s=best, recompute_s=recompute, tier=tier_name,
-                     reason=f"predicted {best * 1e3:.1f} ms against {recompute * 1e3:.1f} ms recomputing")
+                     predicted_s=best, recompute_s=recompute, tier=tier_name, lookup_s=spent_s,
+                     reason=f"predicted {best * 1e3:.1f} ms against {(spent_s + recompute) * 1e3:.1f} ms recomputing "
+                            f"({spent_s * 1e3:.2f} ms of each the lookup)")
 
 
-class Calibration:
-    """A tier's fetch figure, cached in a JSON file under one key and refreshed when observed loads drift.
+def reuse_bound(prompt_tokens: int, bytes_per_token: float, tier: TierCost, prefill: PrefillTime, *, layers: int,
+                split: bool = True, layerwise: bool = True, lookup_s: float = 0.0,
+                margin: float = MARGIN) -> float | None:
+    """Before any lookup: the fastest predicted time to the first token any stored prefix could give, or ``None``
+    when even the best case cannot beat recomputing (so the store need not be looked up at all).
 
-    Parameters
-    ----------
-    path : Path
-        The JSON file (shared by every key: hosts, options).
-    key : str
-        This tier's entry.
+    The best case stores every token but the last (``T - 1``), split at any token, at the tier's figures;
+    ``lookup_s`` is the lookup's estimated host time (:class:`~kvstream.stores.calibration.HostCost`). The
+    test is :func:`plan_reuse`'s (the margin and the tier's safety), so a tier this refuses could not have
+    been chosen after its lookup either.
     """
-
-    def __init__(self, path: Path, key: str):
-        self.path, self.key = Path(path), key
-        self._value: dict | None = None
-        self._ewma: float | None = None
-        self._lock = threading.Lock()
-
-    def get(self) -> dict | None:
-        """The cached figure (``{"fetch_Bps": ..., "latency_s": ...}``), or ``None`` if never measured."""
-        with self._lock:
-            if self._value is None:
-                value = read_json(self.path).get(self.key)
-                if isinstance(value, dict) and isinstance(value.get("fetch_Bps"), (int, float)) \
-                        and value["fetch_Bps"] > 0:
-                    self._value = value
-            return self._value
-
-    def set(self, fetch_Bps: float, latency_s: float, how: str) -> dict:
-        """Cache a new figure (``how``: "probe" or "observed"); returns it."""
-        value = {"fetch_Bps": float(fetch_Bps), "latency_s": float(latency_s), "how": how, "at": time.time()}
-        with self._lock:
-            self._value = value
-            self._ewma = None
-        update_json(self.path, self.key, value)
-        return value
-
-    def observe(self, nbytes: int, seconds: float) -> bool:
-        """Record a load of ``nbytes`` in ``seconds``; ``True`` if the running estimate drifted past
-        :data:`DRIFT` and replaced the cached figure."""
-        if nbytes <= 0 or seconds <= 0:
-            return False
-        current = self.get()
-        with self._lock:
-            bps = nbytes / seconds
-            self._ewma = bps if self._ewma is None else EWMA_WEIGHT * bps + (1 - EWMA_WEIGHT) * self._ewma
-            ewma = self._ewma
-        if current is None or abs(ewma - current["fetch_Bps"]) <= DRIFT * current["fetch_Bps"]:
-            return False
-        self.set(ewma, current.get("latency_s", 0.0), "observed")
-        return True
+    n = int(prompt_tokens)
+    if n < 2:
+        return None
+    recompute = prefill(n)
+    _, best = _best_front(n, n - 1, bytes_per_token, tier, prefill, layers=layers, granularity=1, split=split,
+                          layerwise=layerwise, spent_s=lookup_s, limit=recompute)
+    return best if best <= (1 - margin) * recompute else None
 
 
-_COPY_BPS: dict[str, float] = {}
-_COPY_LOCK = threading.Lock()
-
-
-def device_copy_Bps(device: torch.device) -> float:
-    """Host-to-device copy bandwidth of ``device`` in bytes/s: measured once (pinned memory onto a GPU, a
-    memcpy on the CPU), cached in the process and in :func:`cache_dir` ``/devices.json`` by device name."""
-    device = torch.device(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    with _COPY_LOCK:
-        if name in _COPY_BPS:
-            return _COPY_BPS[name]
-        path = cache_dir() / "devices.json"
-        entry = read_json(path).get(name)
-        cached = entry.get("copy_Bps") if isinstance(entry, dict) else None
-        if isinstance(cached, (int, float)) and cached > 0:
-            _COPY_BPS[name] = float(cached)
-            return _COPY_BPS[name]
-        src = host_empty(COPY_PROBE_BYTES, pin=device.type == "cuda")
-        src.fill_(1)
-        dst = torch.empty(COPY_PROBE_BYTES, dtype=torch.uint8, device=device)
-        best = math.inf
-        for _ in range(3):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            dst.copy_(src, non_blocking=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            best = min(best, time.perf_counter() - t0)
-        _COPY_BPS[name] = COPY_PROBE_BYTES / max(best, 1e-9)
-        update_json(path, name, {"copy_Bps": _COPY_BPS[name], "at": time.time()})
-        return _COPY_BPS[name]
-
-
-__all__ = ["CACHE_ENV", "DRIFT", "cache_dir", "read_json", "update_json", "TierCost", "PrefillTime", "ReusePlan",
-           "predict", "plan_reuse", "Calibration", "device_copy_Bps"]
+__all__ = ["CACHE_ENV", "DRIFT", "EWMA_WEIGHT", "MARGIN", "LOAD_SAFETY", "COPY_CONTENTION", "cache_dir", "read_json",
+           "update_json", "TierCost", "PrefillTime", "ReusePlan", "predict", "plan_reuse", "reuse_bound",
+           "Calibration", "HostCost", "device_copy_Bps"]

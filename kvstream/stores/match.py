@@ -68,8 +68,9 @@ class PrefixMatch:
     def __init__(self, matched_tokens: int, loader: Loader | None, releaser: Callable[[], None] | None,
                  *, source: str = "store", layer_loader: LayerLoader | None = None,
                  prefetcher: Prefetcher | None = None, store: Any = None, granularity: int = 1,
-                 bytes_per_token: int | None = None):
+                 bytes_per_token: int | None = None, pinner: Callable[["PrefixMatch"], None] | None = None):
         self.matched_tokens = int(matched_tokens)
+        self._pinner = pinner
         self.start = 0
         self.store = store
         self.granularity = max(1, int(granularity))
@@ -94,6 +95,29 @@ class PrefixMatch:
     def released(self) -> bool:
         """Whether the pins were released."""
         return self._released
+
+    @property
+    def pinned(self) -> bool:
+        """Whether the match holds its pins (a lookup with ``defer_pins=True`` takes them on first use)."""
+        return self._pinner is None and not self._released
+
+    def pin(self) -> None:
+        """Take the pins a lookup with ``defer_pins=True`` left for later; a no-op when held.
+
+        :meth:`prefetch`, :meth:`load` and :meth:`load_layers` call it first. A deferred match's data
+        may go (a GC, an eviction) between the lookup and its pin; its load is then shortened as for any
+        missing chunk: wrong KV is never returned.
+
+        Raises
+        ------
+        PinError
+            If the match was already released.
+        """
+        if self._released:
+            raise PinError(f"{self._source}: pin() after release(); look the prefix up again")
+        pinner, self._pinner = self._pinner, None
+        if pinner is not None:
+            pinner(self)
 
     def _check_start(self, start: int) -> int:
         start = int(start)
@@ -123,6 +147,7 @@ class PrefixMatch:
         if self._released:
             raise PinError(f"{self._source}: prefetch() after release(); look the prefix up again")
         start = self._check_start(start)
+        self.pin()
         if self._prefetched is None:
             self._prefetched = start
             if self._prefetcher is not None and start < self.matched_tokens:
@@ -152,6 +177,7 @@ class PrefixMatch:
         if self._layerwise:
             raise ConfigError(f"{self._source}: this match was loaded layer-wise; a match is loaded once")
         start = self._check_start(start)
+        self.pin()
         device = torch.device(device) if device is not None else torch.device("cpu")
         self.start = start
         if self.matched_tokens == start or self._loader is None:
@@ -227,6 +253,7 @@ class PrefixMatch:
         if self._layerwise or self.packed is not None or self.keys is not None:
             raise ConfigError(f"{self._source}: this match was already loaded; a match is loaded once")
         start = self._check_start(start)
+        self.pin()
         device = torch.device(device) if device is not None else torch.device("cpu")
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -261,11 +288,13 @@ class PrefixMatch:
             if self._released:
                 raise PinError(f"{self._source}: match of {self.matched_tokens} tokens released twice")
             self._released = True
+            unpinned = self._pinner is not None  # deferred pins never taken: nothing to give back
+            self._pinner = None
         if self._event is not None:
             self._event.synchronize()
             self._event = None
         self._hold = None  # a layer-wise load's tensors and staging: no copy writes or reads them any more
-        if self._releaser is not None:
+        if self._releaser is not None and not unpinned:
             self._releaser()
         for fn in self._after:
             fn()

@@ -8,9 +8,11 @@
   and the others are released at once. The match is the winning tier's
   own :class:`~kvstream.stores.match.PrefixMatch` (its pins, its loads, ``match.store`` its tier, whose
   ``read_cost`` prices it), so every guarantee of that tier holds unchanged.
-* **Hot prefixes move up.** A match that came from a lower tier is promoted once it is released: a
-  background thread reads it from that tier into host memory and stores it in every tier above
-  (``promote=False`` turns this off; :meth:`TieredStore.wait` waits for it).
+* **Hot prefixes move up.** A match that came from a lower tier is promoted after it is released, at
+  the next boundary (the next update, :meth:`TieredStore.promote_queued`, :meth:`~TieredStore.wait`), so
+  never before that request's first token: a background thread reads it from that tier into host memory
+  and stores it in every tier above (``promote=False`` turns this off). An upper-tier hit does no
+  promotion work and, with a cost plan's ``consider``, no lower-tier I/O.
 * **Writes** go *write-through* (``write="through"``: every tier, at once) or *write-back*
   (``write="back"``: the top tier only; a tier's leaf is written to the tiers below it just before its
   eviction, HiCache's write-back policy). An upper tier that cannot take all of an update passes the
@@ -24,10 +26,11 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -94,19 +97,36 @@ class TieredStore(PrefixStore):
         self.promote = bool(promote)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="kvstream-tier-promote")
         self._pending: list[Future] = []
+        self._queued: list[tuple[list[int], int]] = []  # promotions waiting for a boundary (not yet started)
         self._lock = threading.Lock()
 
     # -- lookups -----------------------------------------------------------------------------------------
-    def lookup(self, token_ids: Any, *, max_tokens: int | None = None) -> PrefixMatch:
-        """The longest match over the tiers, pinned in its tier; see the module docstring."""
+    def lookup(self, token_ids: Any, *, max_tokens: int | None = None, defer_pins: bool = False,
+               consider: Callable[[PrefixStore, PrefixMatch | None], bool] | None = None) -> PrefixMatch:
+        """The longest match over the tiers, pinned in its tier; see the module docstring.
+
+        Parameters
+        ----------
+        defer_pins : bool
+            Passed to tiers that take it (:meth:`ChunkFileStore.lookup
+            <kvstream.stores.chunk_file.ChunkFileStore.lookup>`): pins wait for the match's first use.
+        consider : callable, optional
+            ``consider(tier, match_in_hand) -> bool`` (``None`` before any match), asked before a tier is
+            touched at all (no query, no lookup): ``False`` skips it. A cost plan passes one that refuses a tier which could not beat
+            the match in hand even if it held the whole prompt (so an upper-tier hit costs no lower-tier
+            I/O). Default: every tier that might hold a longer match is asked.
+        """
         self._check_open()
         ids = as_token_ids(token_ids)
         cap = check_max_tokens(max_tokens, len(ids))
         best, best_tier = None, 0
         for i, tier in enumerate(self.tiers):
-            if best is not None and min(tier.query(ids), cap) <= best.matched_tokens:
+            if consider is not None and not consider(tier, best):
+                continue
+            held = 0 if best is None else best.matched_tokens
+            if best is not None and min(tier.query(ids), cap) <= held:
                 continue  # this tier cannot beat the match in hand: no pin, no load
-            m = tier.lookup(ids, max_tokens=cap)
+            m = _lookup(tier, ids, cap, defer_pins)
             if best is None or m.matched_tokens > best.matched_tokens:
                 if best is not None:
                     best.release()
@@ -115,9 +135,11 @@ class TieredStore(PrefixStore):
                 m.release()
             if best.matched_tokens >= cap:
                 break
+        if best is None:
+            best = PrefixMatch(0, None, None, source="TieredStore")
         if best_tier > 0 and self.promote and best.matched_tokens > 0:
             prefix = ids[:best.matched_tokens]
-            best.after_release(lambda: self._submit(self._promote, prefix, best_tier))
+            best.after_release(lambda: self._queue(prefix, best_tier))
         return best
 
     def query(self, token_ids: Any) -> int:
@@ -143,6 +165,7 @@ class TieredStore(PrefixStore):
         ``start`` (its chunk boundaries); the chunk ``start`` falls inside must already be stored there.
         """
         self._check_open()
+        self.promote_queued()
         ids = as_token_ids(token_ids)
         stored = [_write(self.tiers[0], ids, keys, values, start)]
         for tier in self.tiers[1:]:
@@ -169,6 +192,24 @@ class TieredStore(PrefixStore):
             for t in upper:
                 _write(t, ids[:m.matched_tokens], m.keys, m.values, 0)
 
+    def _queue(self, ids: list[int], tier: int) -> None:
+        """A lower-tier match was released: promote its prefix at the next boundary (never before that
+        request's first token)."""
+        with self._lock:
+            if not self._closed:
+                self._queued.append((ids, tier))
+
+    def promote_queued(self) -> None:
+        """Start the promotions queued since the last boundary on the background thread; returns at once.
+
+        Called at the boundaries (:meth:`update_kv`, :meth:`wait`, :meth:`close`); a server that does not
+        store each turn's KV calls it between requests.
+        """
+        with self._lock:
+            queued, self._queued = self._queued, []
+        for ids, tier in queued:
+            self._submit(self._promote, ids, tier)
+
     def _submit(self, fn, *args) -> None:
         with self._lock:
             if self._closed:
@@ -184,7 +225,8 @@ class TieredStore(PrefixStore):
             logger.exception("TieredStore: promoting a prefix failed")
 
     def wait(self) -> None:
-        """Block until the promotions started so far are done."""
+        """Start the queued promotions and block until every promotion so far is done."""
+        self.promote_queued()
         with self._lock:
             pending = list(self._pending)
         for f in pending:
@@ -192,6 +234,7 @@ class TieredStore(PrefixStore):
 
     def close(self) -> None:
         """Finish the promotions in flight, unhook and close every tier. Idempotent."""
+        self.promote_queued()
         with self._lock:
             if self._closed:
                 return
@@ -202,6 +245,13 @@ class TieredStore(PrefixStore):
                 t.on_evict = None
             t.close()
         super().close()
+
+
+def _lookup(tier: PrefixStore, ids: list[int], cap: int, defer_pins: bool) -> PrefixMatch:
+    """``tier.lookup``, with deferred pins where the tier takes them."""
+    if defer_pins and "defer_pins" in inspect.signature(type(tier).lookup).parameters:
+        return tier.lookup(ids, max_tokens=cap, defer_pins=True)
+    return tier.lookup(ids, max_tokens=cap)
 
 
 def _write(tier: PrefixStore, ids: list[int], keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],

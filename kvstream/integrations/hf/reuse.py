@@ -14,6 +14,8 @@
   Each layer's KV is the recomputed front followed by the loaded part, joined on the compute stream
   just before that layer first runs.
 
+Before the lookup, each tier's best case (:func:`~kvstream.stores.cost.reuse_bound`) decides whether it is
+touched at all; a lookup that runs defers its pins to the load, and its host time is part of the plan.
 The plan is kept on the cache (``cache.reuse_plan``, with its measured ``actual_s``). The model's prefill
 time is measured on first use (:func:`prefill_time`: a few ``generate`` calls of growing prompts, fitted)
 and cached per model and device under :func:`~kvstream.stores.cost.cache_dir`.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import time
 from typing import Any
 
@@ -31,7 +34,9 @@ import torch
 from ...cuda import Event
 from ...errors import ConfigError, LayoutError
 from ...stores.base import PrefixStore
-from ...stores.cost import PrefillTime, ReusePlan, cache_dir, plan_reuse, predict, read_json, update_json
+from ...layout import KVLayout, config_dtype
+from ...stores.cost import (PrefillTime, ReusePlan, cache_dir, plan_reuse, predict, read_json, reuse_bound,
+                            update_json)
 from ...stores.hashing import as_token_ids
 from ...streaming.layerwise import LayerwiseLoad
 from .keywords import cache_kwargs
@@ -180,11 +185,13 @@ def _front_kv(model: Any, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.T
 
 
 def _plan(n: int, match, *, device: torch.device, layers: int, layerwise: bool, can_split: bool,
-          prefill: PrefillTime | None, reuse: str, front_tokens: int | None) -> ReusePlan:
+          prefill: PrefillTime | None, reuse: str, front_tokens: int | None, spent_s: float = 0.0) -> ReusePlan:
     m, g = match.matched_tokens, match.granularity
     tier = getattr(match.store, "name", "store")
     if m == 0:
-        return ReusePlan("none", n, 0, recomputed_tokens=n, tier=tier, reason="nothing stored")
+        recompute = None if prefill is None else prefill(n)
+        return ReusePlan("none", n, 0, recomputed_tokens=n, tier=tier, reason="nothing stored", recompute_s=recompute,
+                         predicted_s=None if recompute is None else spent_s + recompute, lookup_s=spent_s)
     if front_tokens is not None:
         x = min(int(front_tokens) // g * g, m)
         if x and not can_split:
@@ -194,7 +201,7 @@ def _plan(n: int, match, *, device: torch.device, layers: int, layerwise: bool, 
         predicted = None
         if prefill is not None and match.bytes_per_token is not None and match.store is not None:
             predicted = predict(n, m, x, match.bytes_per_token, match.store.read_cost(device), prefill,
-                                layers=layers, layerwise=layerwise)
+                                layers=layers, layerwise=layerwise, spent_s=spent_s)
         return ReusePlan("split" if x else "load", n, m, front_tokens=x, loaded_tokens=m - x,
                          recomputed_tokens=n - m + x, predicted_s=predicted, tier=tier,
                          reason=f"front_tokens={front_tokens}")
@@ -203,7 +210,66 @@ def _plan(n: int, match, *, device: torch.device, layers: int, layerwise: bool, 
         return ReusePlan("load" if reuse == "load" else "load (unplanned)", n, m, loaded_tokens=m,
                          recomputed_tokens=n - m, tier=tier, reason=why)
     return plan_reuse(n, m, match.bytes_per_token, match.store.read_cost(device), prefill, layers=layers,
-                      granularity=g, split=can_split, layerwise=layerwise, tier_name=tier)
+                      granularity=g, split=can_split, layerwise=layerwise, tier_name=tier, spent_s=spent_s)
+
+
+class _Gate:
+    """The decision before the lookup (:func:`~kvstream.stores.cost.reuse_bound`), per tier of ``store``: a tier
+    whose best case (every token but the last stored, at its calibrated figures, split included, its lookup's
+    observed host time added) cannot beat recomputing by the plan's margin is not touched at all."""
+
+    def __init__(self, store: PrefixStore, n: int, bytes_per_token: float, prefill: PrefillTime, *,
+                 device: torch.device, layers: int, can_split: bool, layerwise: bool):
+        self.n, self.bpt, self.prefill, self.device = n, bytes_per_token, prefill, device
+        self.kw = dict(layers=layers, split=can_split, layerwise=layerwise)
+        self.recompute = prefill(n)
+        self.bounds: dict[int, float] = {}
+        for tier in getattr(store, "tiers", None) or [store]:
+            lookup = getattr(tier, "lookup_cost", None)
+            bound = reuse_bound(n, bytes_per_token, tier.read_cost(device), prefill,
+                                lookup_s=lookup.estimate(n) if lookup is not None else 0.0, **self.kw)
+            if bound is not None:
+                self.bounds[id(tier)] = bound
+
+    def reason(self) -> str:
+        return (f"not looked up: even every token but the last stored could not beat recomputing "
+                f"({self.recompute * 1e3:.1f} ms) by the margin, at the tier's measured figures")
+
+    def consider(self, tier: PrefixStore, held: Any) -> bool:
+        """Whether to touch ``tier`` with the match ``held`` in hand (``None``): only if its best case beats it."""
+        bound = self.bounds.get(id(tier))
+        if bound is None:
+            return False
+        if held is None or held.matched_tokens == 0 or held.store is None or held.bytes_per_token is None:
+            return True
+        kept = predict(self.n, held.matched_tokens, 0, held.bytes_per_token, held.store.read_cost(self.device),
+                       self.prefill, layers=self.kw["layers"], layerwise=self.kw["layerwise"])
+        return bound < min(kept, self.recompute)
+
+
+def _bytes_per_token(store: PrefixStore, config: Any, model: Any) -> float:
+    """Bytes of KV per token before any lookup, at most what a stored token holds: the store's own figure, else
+    the config's geometry at the model's dtype (or the config's, or one byte: the bound stays a bound)."""
+    known = getattr(store, "bytes_per_token", None)
+    if callable(known) and known() is not None:
+        return float(known())
+    dtype = next(model.parameters()).dtype if model is not None else config_dtype(config)
+    dtype = dtype if isinstance(dtype, torch.dtype) else torch.uint8
+    try:
+        return float(KVLayout.from_config(config, dtype).bytes_per_token())
+    except Exception:  # noqa: BLE001 - no geometry: the smallest KV a token can have
+        return 1.0
+
+
+def _lookup(store: PrefixStore, ids: list[int], cap: int, *, planned: bool, gate: "_Gate | None"):
+    """The store's lookup; a planned one defers pins (and header reads) to the load and lets the gate skip tiers."""
+    params = inspect.signature(type(store).lookup).parameters
+    kw = {}
+    if planned and "defer_pins" in params:
+        kw["defer_pins"] = True
+    if gate is not None and "consider" in params:
+        kw["consider"] = gate.consider
+    return store.lookup(ids, max_tokens=cap, **kw)
 
 
 def fill_from_prefix(cache: Any, store: PrefixStore, input_ids: Any, *, device: torch.device, layerwise: bool,
@@ -229,19 +295,31 @@ def fill_from_prefix(cache: Any, store: PrefixStore, input_ids: Any, *, device: 
         prefill = prefill_time(model, device)
     config = config if config is not None else getattr(cache, "config", None)
     bind_store(store, config)
-    match = store.lookup(ids, max_tokens=n - 1) if n >= 2 else None
+    layers, can_split = n_layers or 32, model is not None and not sliding
+    planned = reuse == "auto" and front_tokens is None and prefill is not None
+    gate = None
+    if planned and n >= 2:
+        gate = _Gate(store, n, _bytes_per_token(store, config, model), prefill, device=device, layers=layers,
+                     can_split=can_split, layerwise=layerwise)
+        if not gate.bounds:  # no tier could win: not a pin file, not a stat, not a header read
+            plan = ReusePlan("recompute", n, 0, recomputed_tokens=n, predicted_s=gate.recompute,
+                             recompute_s=gate.recompute, tier=getattr(store, "name", "store"), reason=gate.reason())
+            return _recompute(cache, plan, clock, n_layers)
+    t0 = time.perf_counter()
+    match = _lookup(store, ids, n - 1, planned=planned, gate=gate) if n >= 2 else None
+    spent = time.perf_counter() - t0
+    if match is not None and getattr(store, "lookup_cost", None) is not None:
+        store.lookup_cost.observe(n, spent)
     try:
         plan = (ReusePlan("none", n, 0, recomputed_tokens=n, reason="a prompt of < 2 tokens") if match is None else
-                _plan(n, match, device=device, layers=n_layers or 32, layerwise=layerwise,
-                      can_split=model is not None and not sliding, prefill=prefill, reuse=reuse,
-                      front_tokens=front_tokens))
-        plan._clock = clock
-        cache.reuse_plan = plan
+                _plan(n, match, device=device, layers=layers, layerwise=layerwise, can_split=can_split,
+                      prefill=prefill, reuse=reuse, front_tokens=front_tokens, spent_s=spent))
         if plan.choice in ("none", "recompute"):
             if match is not None:
                 match.release()
-            cache._pending = _FirstForward(n_layers - 1, clock.stop) if n_layers else None
-            return plan
+            return _recompute(cache, plan, clock, n_layers)
+        plan._clock = clock
+        cache.reuse_plan = plan
         x = plan.front_tokens
         match.prefetch(start=x)  # a file tier starts reading [x, m) now, beside the front's compute
         front = _front_kv(model, torch.tensor([ids[:x]], device=device)) if x else None
@@ -277,6 +355,14 @@ def fill_from_prefix(cache: Any, store: PrefixStore, input_ids: Any, *, device: 
             cache.update(torch.cat([p[0] for p in parts], 2), torch.cat([p[1] for p in parts], 2), l)
     match.release()
     cache._pending = _FirstForward(len(cache.layers) - 1, clock.stop) if cache.layers else None
+    return plan
+
+
+def _recompute(cache: Any, plan: ReusePlan, clock: Stopwatch, n_layers: int) -> ReusePlan:
+    """Record a plan that loads nothing: the clock stops when the first forward reaches its last layer."""
+    plan._clock = clock
+    cache.reuse_plan = plan
+    cache._pending = _FirstForward(n_layers - 1, clock.stop) if n_layers else None
     return plan
 
 

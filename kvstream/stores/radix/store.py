@@ -291,6 +291,11 @@ class RadixStore(ModelScope, PrefixStore):
             return True
         return False
 
+    def bytes_per_token(self) -> int | None:
+        """Bytes of KV per token of what the store holds (``None`` while empty)."""
+        with self._locked(write=False) as tree:
+            return None if tree.layout is None else tree.layout.bytes_per_token()
+
     def pinned(self) -> int:
         """Pins this process holds (matches not yet released)."""
         return self._held
