@@ -31,6 +31,26 @@ HASH_VERSION = b"kvstream-prefix-v1"
 DIGEST_BYTES = 16
 
 
+class TokenIds(list):
+    """A list of Python int token ids that :func:`as_token_ids` already checked (it passes through again
+    without a second pass over every id: a lookup hands the same ids down through tiers and stores)."""
+
+
+def token_row(t: torch.Tensor, *, what: str = "token_ids") -> torch.Tensor:
+    """The ``[T]`` row of a ``[T]`` or ``[1, T]`` integer tensor of token ids (checked as :func:`as_token_ids`
+    checks a tensor, without reading it to the host). Raises ``ConfigError``."""
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ConfigError(f"{what} must hold integer ids, got dtype {t.dtype}")
+    if t.dim() == 2:
+        if t.shape[0] != 1:
+            raise ConfigError(f"{what} must hold one sequence ([1, T]); got shape {list(t.shape)}. "
+                              "Prefix stores work per sequence: call them once per row")
+        t = t[0]
+    if t.dim() != 1:
+        raise ConfigError(f"{what} must be [T] or [1, T]; got shape {list(t.shape)}")
+    return t
+
+
 def as_token_ids(token_ids: Any, *, what: str = "token_ids") -> list[int]:
     """Normalise the token ids of *one* sequence to a list of Python ints.
 
@@ -50,18 +70,10 @@ def as_token_ids(token_ids: Any, *, what: str = "token_ids") -> list[int]:
     >>> as_token_ids(torch.tensor([[5, 6, 7]]))
     [5, 6, 7]
     """
+    if type(token_ids) is TokenIds:
+        return token_ids
     if isinstance(token_ids, torch.Tensor):
-        t = token_ids
-        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-            raise ConfigError(f"{what} must hold integer ids, got dtype {t.dtype}")
-        if t.dim() == 2:
-            if t.shape[0] != 1:
-                raise ConfigError(f"{what} must hold one sequence ([1, T]); got shape {list(t.shape)}. "
-                                  "Prefix stores work per sequence: call them once per row")
-            t = t[0]
-        if t.dim() != 1:
-            raise ConfigError(f"{what} must be [T] or [1, T]; got shape {list(t.shape)}")
-        return t.tolist()  # Python ints (an integer dtype)
+        return TokenIds(token_row(token_ids, what=what).tolist())  # Python ints (an integer dtype)
     if isinstance(token_ids, np.ndarray):
         return as_token_ids(torch.from_numpy(np.ascontiguousarray(token_ids)), what=what)
     try:
@@ -73,13 +85,13 @@ def as_token_ids(token_ids: Any, *, what: str = "token_ids") -> list[int]:
             raise ConfigError(f"{what} must hold one sequence; got {len(ids)} rows")
         ids = list(ids[0])
     if all(type(x) is int for x in ids):  # the common case (a list from a tensor): no per-id checks
-        return ids
+        return TokenIds(ids)
     out = []
     for x in ids:
         if isinstance(x, (bool, float)) or not hasattr(x, "__index__"):
             raise ConfigError(f"{what} must hold integer ids, got {x!r}")
         out.append(int(x))
-    return out
+    return TokenIds(out)
 
 
 def _ids_bytes(ids: Sequence[int]) -> bytes:
@@ -155,4 +167,4 @@ def nested_path(key: str, *, levels: int = 2, chars: int = 2) -> str:
     return "/".join([*parts, key])
 
 
-__all__ = ["HASH_VERSION", "DIGEST_BYTES", "as_token_ids", "namespace_digest", "prefix_hashes", "nested_path"]
+__all__ = ["HASH_VERSION", "DIGEST_BYTES", "TokenIds", "as_token_ids", "token_row", "namespace_digest", "prefix_hashes", "nested_path"]

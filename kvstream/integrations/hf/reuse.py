@@ -37,7 +37,7 @@ from ...stores.base import PrefixStore
 from ...layout import KVLayout, config_dtype
 from ...stores.cost import (PrefillTime, ReusePlan, cache_dir, plan_reuse, predict, read_json, reuse_bound,
                             update_json)
-from ...stores.hashing import as_token_ids
+from ...stores.hashing import as_token_ids, token_row
 from ...streaming.layerwise import LayerwiseLoad
 from .keywords import cache_kwargs
 from .prefix import bind_store, check_loaded
@@ -288,8 +288,10 @@ def fill_from_prefix(cache: Any, store: PrefixStore, input_ids: Any, *, device: 
     if reuse not in REUSE_POLICIES:
         raise ConfigError(f"from_prefix reuse must be one of {REUSE_POLICIES}, got {reuse!r}")
     clock = Stopwatch(device)
-    ids = as_token_ids(input_ids, what="input_ids")
-    n, n_layers = len(ids), len(cache.layers)
+    # the gate needs only the count: the ids are read to the host (and checked) once a tier is looked up
+    ids = None if isinstance(input_ids, torch.Tensor) else as_token_ids(input_ids, what="input_ids")
+    n = token_row(input_ids, what="input_ids").numel() if ids is None else len(ids)
+    n_layers = len(cache.layers)
     sliding = any(getattr(l, "is_sliding", False) for l in cache.layers)
     if model is not None and prefill is None and reuse == "auto" and front_tokens is None:
         prefill = prefill_time(model, device)
@@ -306,6 +308,8 @@ def fill_from_prefix(cache: Any, store: PrefixStore, input_ids: Any, *, device: 
                              recompute_s=gate.recompute, tier=getattr(store, "name", "store"), reason=gate.reason())
             return _recompute(cache, plan, clock, n_layers)
     t0 = time.perf_counter()
+    if ids is None:
+        ids = as_token_ids(input_ids, what="input_ids")
     match = _lookup(store, ids, n - 1, planned=planned, gate=gate) if n >= 2 else None
     spent = time.perf_counter() - t0
     if match is not None and getattr(store, "lookup_cost", None) is not None:
