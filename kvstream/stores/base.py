@@ -37,7 +37,7 @@ from ..errors import ConfigError, LayoutError, TransportError
 from ..layout import KVLayout, Region, check_hf_layers
 from .calibration import HostCost, device_copy_Bps
 from .cost import COPY_CONTENTION, LOAD_SAFETY, TierCost
-from .hashing import as_token_ids
+from .hashing import TokenIds, as_token_ids
 from .match import Loader, PinError, Prefetcher, PrefixMatch
 
 
@@ -216,7 +216,7 @@ class PrefixStore(ABC):
         keys, values, n = kv_from_cache(cache, len(ids))
         if n == 0:
             return 0
-        return self.update_kv(ids[:n], keys, values)
+        return self.update_kv(TokenIds(ids[:n]), keys, values)
 
     def fetch_prefix(self, token_ids: Any, *, device: torch.device | str | None = None,
                      max_tokens: int | None = None) -> PrefixMatch:

@@ -63,7 +63,7 @@ from .base import PinError, PrefixMatch, PrefixStore, check_kv, check_max_tokens
 from .chunk_read import ChunkReads, probe_fetch
 from .calibration import Calibration, device_copy_Bps
 from .cost import COPY_CONTENTION, LOAD_SAFETY, TierCost
-from .hashing import as_token_ids, nested_path, prefix_hashes
+from .hashing import TokenIds, as_token_ids, nested_path, prefix_hashes
 from .identity import ModelScope
 from .pins import PINS_DIR, PinFiles
 
@@ -218,7 +218,7 @@ class ChunkFileStore(ModelScope, PrefixStore):
         cap = check_max_tokens(max_tokens, len(ids))
         c = self.chunk_tokens
         wanted = min(math.ceil(cap / c), len(ids) // c)
-        keys = self.keys_for(ids[:wanted * c])
+        keys = self.keys_for(TokenIds(ids[:wanted * c]))
         if not keys:
             return PrefixMatch(0, None, None, source="ChunkFileStore")
         pin_file = None if defer_pins else self._pin_files.write([k.rsplit("/", 1)[-1] for k in keys])  # see pins.py

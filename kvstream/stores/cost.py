@@ -26,6 +26,7 @@ Every prediction is of the whole time to the first token: the host seconds alrea
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Sequence
@@ -330,6 +331,7 @@ def plan_reuse(prompt_tokens: int, stored_tokens: int, bytes_per_token: float, t
                             f"({spent_s * 1e3:.2f} ms of each the lookup)")
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function of hashable figures: a repeated prompt length costs a lookup
 def reuse_bound(prompt_tokens: int, bytes_per_token: float, tier: TierCost, prefill: PrefillTime, *, layers: int,
                 split: bool = True, layerwise: bool = True, lookup_s: float = 0.0,
                 margin: float = MARGIN) -> float | None:

@@ -37,7 +37,7 @@ import torch
 from ..errors import ConfigError
 from .base import PrefixMatch, PrefixStore, check_max_tokens
 from .cost import TierCost
-from .hashing import as_token_ids
+from .hashing import TokenIds, as_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class TieredStore(PrefixStore):
         if best is None:
             best = PrefixMatch(0, None, None, source="TieredStore")
         if best_tier > 0 and self.promote and best.matched_tokens > 0:
-            prefix = ids[:best.matched_tokens]
+            prefix = TokenIds(ids[:best.matched_tokens])
             best.after_release(lambda: self._queue(prefix, best_tier))
         return best
 
@@ -190,7 +190,7 @@ class TieredStore(PrefixStore):
             if m.matched_tokens == 0:
                 return
             for t in upper:
-                _write(t, ids[:m.matched_tokens], m.keys, m.values, 0)
+                _write(t, TokenIds(ids[:m.matched_tokens]), m.keys, m.values, 0)
 
     def _queue(self, ids: list[int], tier: int) -> None:
         """A lower-tier match was released: promote its prefix at the next boundary (never before that
