@@ -21,6 +21,9 @@ def test_quick_run_writes_every_key(tmp_path):
     assert summary["ft_recomputed_tokens"]["value"] == 0
     assert summary["ft_recomputed_tokens"]["conditions"] == {"all_identical": True}
     assert 0 < summary["ft_detect_s"]["value"] <= 1.5 + 1.0
-    assert summary["ft_latency_inflation"]["ratio"] > 1.0  # the failure cost at least its detection
+    # a hit request waited for its stage's death to be detected (a causal bound: a ratio against the
+    # failure-free phase is a timing comparison, and on a loaded 2-core machine that phase can run slower)
+    assert summary["ft_latency_inflation"]["value"] >= summary["ft_detect_s"]["value"]
+    assert summary["ft_latency_inflation"]["ceiling"] > 0
     rows = list(csv.DictReader(open(tmp_path / "failover.csv")))
     assert {r["bench"] for r in rows} == {"failover.latency", "failover.overhead", "failover.restore"}
