@@ -68,9 +68,10 @@ def _impl(op: str, module: str, backend: str, tensors: Sequence[torch.Tensor]):
 def _one_layer_on_device(region: Region, keys: Sequence[torch.Tensor], chunk: torch.Tensor | None) -> bool:
     """Whether ``"auto"`` takes the torch twin for a CUDA region: one layer, chunk on the KV's device.
 
-    Such a region is two strided copies, and torch's ``copy_`` enqueues each with less host time than the
-    kernel's pointer table and launch (about 25 us against 150 us per call on an H200 host, bench/NOTES.md);
-    a chunk in pinned host memory keeps the kernel, which reads and writes it in place without a host sync.
+    Such a region is two strided copies, which torch enqueues with less host time than the kernel's pointer
+    table and launch (a 4 MiB one-layer ``scatter`` went from ~440 to ~120-140 us of host time on an H200 host
+    with this and the streamer's other cuts, bench/NOTES.md); a chunk in pinned host memory keeps the kernel,
+    which reads and writes it in place without a host sync.
     """
     try:
         one = len(region.layers) == 1
