@@ -7,8 +7,9 @@
 
 * a long forward (the prompt: more than ``layer_chunk_min_tokens`` new tokens) streams **one chunk per
   layer** as soon as that layer has produced it — DéjàVu's layer-by-layer prompt streaming;
-* a short forward (a decode step) streams **one chunk for all layers** after the last layer, packed by
-  one kernel launch — DéjàVu's token path.
+* a short forward (a decode step) streams **one chunk for all layers** after the last layer, the step's
+  new KV packed by one ``torch.stack`` (:meth:`~kvstream.streaming.streamer.KVStreamer.scatter_step`; one
+  kernel launch for K and V of different head dims) — DéjàVu's token path.
 
 Operations that rewrite history (beam-search ``reorder_cache``, ``batch_select_indices``,
 ``batch_repeat_interleave``, ``crop``, ``reset``) are recorded in order in the session's manifest
