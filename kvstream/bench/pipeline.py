@@ -182,7 +182,7 @@ def overhead(b: Bench) -> None:
     cfg = b.cfg(microbatches=4, requests=4 * b.base["batch"], prompt_tokens=ctx)
     groups = workload(cfg)
 
-    def plain() -> float:
+    def _plain() -> float:
         sync = torch.cuda.synchronize if b.device.type == "cuda" else (lambda: None)
         sync()
         t = time.perf_counter()
@@ -192,12 +192,12 @@ def overhead(b: Bench) -> None:
         sync()
         return time.perf_counter() - t
 
-    plain()  # warm-up (the engine warms up inside each run on CUDA)
+    _plain()  # warm-up (the engine warms up inside each run on CUDA)
     reps = 2 if b.quick else b.args.reps
     engine, ref = [], []
     for _ in range(reps):
         engine.append(b.run(cfg)["summary"]["makespan_s"])
-        ref.append(plain())
+        ref.append(_plain())
     ratio = statistics.median(engine) / statistics.median(ref)
     for provider, xs in (("pipeline", engine), ("generate", ref)):
         for metric, v in (("median", statistics.median(xs)), ("min", min(xs)), ("max", max(xs))):

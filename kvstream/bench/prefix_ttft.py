@@ -98,12 +98,12 @@ def run_ttft(run: Run, model, ids: torch.Tensor, keys, values, *, radix, files, 
     tiered = TieredStore([host, files], promote=False)
     plans: dict[str, Any] = {}
 
-    def reuse(store) -> torch.Tensor:
+    def _reuse(store) -> torch.Tensor:
         cache = DynamicCache(config=model.config)
         load_prefix_into(cache, store, ids, device=device)
         return generate_one(model, ids, cache)
 
-    def planned(store, name: str, **kw) -> torch.Tensor:
+    def _planned(store, name: str, **kw) -> torch.Tensor:
         cache = StreamingCache.from_prefix(store, ids, config=model.config, device=device, **kw)
         plans[name] = cache.reuse_plan
         return generate_one(model, ids, cache)
@@ -112,17 +112,17 @@ def run_ttft(run: Run, model, ids: torch.Tensor, keys, values, *, radix, files, 
     fns = {
         "full-prefill": lambda: generate_one(model, ids, DynamicCache(config=model.config)),
         "suffix-prefill (prefix on GPU)": lambda: generate_one(model, ids, resident_cache(model, keys, values)),
-        "RadixStore": lambda: reuse(radix),
-        "RadixStore layerwise": lambda: planned(radix, "radix", layerwise=True, reuse="load"),
-        "TieredStore layerwise": lambda: planned(tiered, "tiered", layerwise=True, reuse="load"),
-        "RadixStore layerwise planned": lambda: planned(radix, "radix-planned", layerwise=True, model=model,
+        "RadixStore": lambda: _reuse(radix),
+        "RadixStore layerwise": lambda: _planned(radix, "radix", layerwise=True, reuse="load"),
+        "TieredStore layerwise": lambda: _planned(tiered, "tiered", layerwise=True, reuse="load"),
+        "RadixStore layerwise planned": lambda: _planned(radix, "radix-planned", layerwise=True, model=model,
                                                         prefill=prefill),
-        "TieredStore layerwise planned": lambda: planned(tiered, "tiered-planned", layerwise=True, model=model,
+        "TieredStore layerwise planned": lambda: _planned(tiered, "tiered-planned", layerwise=True, model=model,
                                                          prefill=prefill),
-        cold: lambda: reuse(files),
-        f"{cold} layerwise": lambda: planned(files, "file-load", layerwise=True, reuse="load"),
-        f"{cold} planned": lambda: planned(files, "file-planned", model=model, prefill=prefill),
-        f"{files_label} warm": lambda: reuse(files),
+        cold: lambda: _reuse(files),
+        f"{cold} layerwise": lambda: _planned(files, "file-load", layerwise=True, reuse="load"),
+        f"{cold} planned": lambda: _planned(files, "file-planned", model=model, prefill=prefill),
+        f"{files_label} warm": lambda: _reuse(files),
     }
     evict = lambda: ceilings.evict_tree(files.root)  # noqa: E731
     setups = {name: evict for name in fns if name.startswith(cold)}
@@ -180,13 +180,13 @@ def run_plan_error(run: Run, model, root: Path, *, chunk: int, options: dict, fr
         del keys, values
         plans = []
 
-        def planned() -> torch.Tensor:
+        def _planned_run() -> torch.Tensor:
             cache = StreamingCache.from_prefix(store, ids, device=device, model=model, prefill=prefill)
             plans.append(cache.reuse_plan)
             return generate_one(model, ids, cache)
 
         samples = timing.time_alternating(
-            {"planned": planned, "full-prefill": lambda: generate_one(model, ids, DynamicCache(config=model.config))},
+            {"planned": _planned_run, "full-prefill": lambda: generate_one(model, ids, DynamicCache(config=model.config))},
             device=device, reps=reps, setups={"planned": lambda: ceilings.evict_tree(store.root)})
         plan = plans[-1]
         actual = Stat.of(samples["planned"])

@@ -251,7 +251,7 @@ def _best_front(n: int, m: int, bytes_per_token: float, tier: TierCost, prefill:
     g = max(1, int(granularity))
     worst = tier.worst()
 
-    def at(x: int) -> tuple[float, float]:
+    def _at(x: int) -> tuple[float, float]:
         t = predict(n, m, x, bytes_per_token, tier, prefill, layers=layers, layerwise=layerwise, spent_s=spent_s)
         w = t if worst is tier else predict(n, m, x, bytes_per_token, worst, prefill, layers=layers,
                                               layerwise=layerwise, spent_s=spent_s)
@@ -262,13 +262,13 @@ def _best_front(n: int, m: int, bytes_per_token: float, tier: TierCost, prefill:
     # the plan is made on the request's critical path (~0.4 ms on an H200 host at 8k tokens, bench/NOTES.md)
     finest = g * max(1, m // 512 // g)
     step = g * max(1, math.ceil(m / g / 24))
-    points = {x: at(x) for x in (range(0, m, step) if split else [0])}
+    points = {x: _at(x) for x in (range(0, m, step) if split else [0])}
     best_x = min(points, key=lambda x: points[x])  # the fastest that keeps the guarantee, else the least bad worst
     while split and step > finest:
         lo, hi = max(0, best_x - step), min(m, best_x + step)
         step = max(finest, g * max(1, math.ceil((hi - lo) / g / 16)))
         for x in range(lo - lo % g, hi, step):
-            points.setdefault(x, at(x))
+            points.setdefault(x, _at(x))
         best_x = min(points, key=lambda x: points[x])
     return best_x, points[best_x][0]
 

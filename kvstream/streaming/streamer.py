@@ -235,7 +235,7 @@ class KVStreamer:
                 raise LayoutError(f"scatter_step: tensors of dtypes {dtype} and {t.dtype}")
         b, h, n, d = first.shape
 
-        def pack() -> torch.Tensor:
+        def _pack() -> torch.Tensor:
             try:
                 return torch.stack(parts).view(len(keys), 2, b, h, n, d)
             except RuntimeError as e:  # shapes or devices that differ
@@ -243,7 +243,7 @@ class KVStreamer:
 
         if background is None:
             background = self.level >= 3
-        return self._pack_and_flush(key, pack, None, meta, background and self.level >= 3)
+        return self._pack_and_flush(key, _pack, None, meta, background and self.level >= 3)
 
     def scatter_planned(self, key: str, plan, start: int, *, meta: dict | None = None,
                         background: bool | None = None) -> Handle:

@@ -150,7 +150,7 @@ def measure_prefill(model: Any, device: torch.device, *, lengths: list[int] | No
     vocab = int(getattr(config, "vocab_size", 256))
     ids = torch.randint(0, min(vocab, 256), (1, max(lengths)), device=device)
 
-    def once(n: int) -> float:
+    def _once(n: int) -> float:
         x = ids[:, :n]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -162,8 +162,8 @@ def measure_prefill(model: Any, device: torch.device, *, lengths: list[int] | No
             torch.cuda.synchronize(device)
         return time.perf_counter() - t0
 
-    once(lengths[0])  # warm-up
-    return PrefillTime.fit([(n, 0, min(once(n) for _ in range(max(1, reps)))) for n in lengths])
+    _once(lengths[0])  # warm-up
+    return PrefillTime.fit([(n, 0, min(_once(n) for _ in range(max(1, reps)))) for n in lengths])
 
 
 def _fingerprint(model: Any, device: torch.device) -> str:
@@ -232,6 +232,7 @@ class _Gate:
                 self.bounds[id(tier)] = bound
 
     def reason(self) -> str:
+        """Why no tier was looked up (the plan's ``reason`` when the gate refused them all)."""
         return (f"not looked up: even every token but the last stored could not beat recomputing "
                 f"({self.recompute * 1e3:.1f} ms) by the margin, at the tier's measured figures")
 
@@ -347,11 +348,11 @@ def fill_from_prefix(cache: Any, store: PrefixStore, input_ids: Any, *, device: 
         if front is not None:
             load = _join(front, load, x)
 
-        def done() -> None:
+        def _done() -> None:
             clock.stop()
             match.release()
 
-        install(cache, load, list(range(len(load))), on_done=done)
+        install(cache, load, list(range(len(load))), on_done=_done)
         return plan
     if loaded or front is not None:  # all at once (or the front alone: nothing was read intact)
         for l in range(len(front) if front is not None else len(keys)):
