@@ -12,7 +12,6 @@ copies synchronously. The runtime above therefore has one code path for CPU tens
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from typing import Any
 

@@ -16,8 +16,8 @@ each with its ``unpack_*`` inverse. Keys and values of different head dims (MLA:
 and ``[B, H, S, Dv]``) pack in the same launch into ``[L, B, H, T, Dk + Dv]`` (``[L, nb, block_size, H,
 Dk + Dv]`` paged): each row's keys, then its values (:data:`kvstream.layout.PACKED_SPLIT_AXES`;
 :func:`kvstream.layout.packed_kv` gives the two parts). ``backend`` picks the implementation: ``"auto"`` runs the Triton kernels
-for CUDA tensors (a token region of one layer with its chunk on the GPU: two ``copy_`` calls of the twin,
-cheaper on the host than a launch) and the torch twins (:mod:`kvstream.kernels.reference`) for CPU tensors; ``"triton"``
+for CUDA tensors (a token region of one layer with its chunk on the GPU: one ``torch.stack`` of its two
+views, or the twin's two copies for K and V of different head dims, cheaper on the host than a launch) and the torch twins (:mod:`kvstream.kernels.reference`) for CPU tensors; ``"triton"``
 forces the kernels (on CPU tensors only under ``TRITON_INTERPRET=1``, else :class:`ConfigError`);
 ``"torch"`` forces the twins. Both produce identical bytes.
 

@@ -202,8 +202,8 @@ class KVStreamer:
 
         A decode step's ``key_states``/``value_states`` are fresh tensors every step, so a pointer-table pack
         would be re-pointed at 2L new addresses per step; stacking them costs one torch call instead (on an
-        H200 host, 64 tensors: ~27 us, against ~105 us to re-point a :func:`kvstream.kernels.plan_newest`
-        plan and ~67 us to launch it; bench/NOTES.md).
+        H200 host, 64 tensors: 28-35 us, against 77-105 us to re-point a :func:`kvstream.kernels.plan_newest`
+        plan and 43-67 us to launch it; bench/NOTES.md).
 
         Parameters
         ----------

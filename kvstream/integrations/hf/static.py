@@ -112,7 +112,7 @@ class StreamingStaticCache(_SessionStreaming, StaticCache):
                 step[0].append(key_states)
                 step[1].append(value_states)
                 if layer_idx == self._last_layer:
-                    self._stream_step(n, keys.device, *step)
+                    self._stream_step(n, keys.device, *step, new_kv=True)
         return keys, values
 
     # ------------------------------------------------------------------------------------------------
@@ -136,16 +136,19 @@ class StreamingStaticCache(_SessionStreaming, StaticCache):
             plan = self._plans[n] = kernels.plan_newest(keys, values, num_tokens=n)
         return plan
 
-    def _stream_step(self, n: int, device: torch.device, keys: list | None = None, values: list | None = None) -> None:
-        """A short forward of ``n`` tokens: one chunk of every KV layer. Eager, ``keys``/``values`` are the
-        step's new KV of every KV layer (``[B, H, n, D]`` each), stacked by
-        :meth:`~kvstream.streaming.streamer.KVStreamer.scatter_step`; compiled, they are the static buffers the
-        op was handed (``None``: the layers' own), packed at the step's positions by a plan."""
+    def _stream_step(self, n: int, device: torch.device, keys: list | None = None, values: list | None = None,
+                     new_kv: bool = False) -> None:
+        """A short forward of ``n`` tokens: one chunk of every KV layer. ``new_kv`` (eager): ``keys``/``values``
+        are the step's new KV of every KV layer (``[B, H, n, D]`` each), stacked by
+        :meth:`~kvstream.streaming.streamer.KVStreamer.scatter_step`; otherwise (compiled) they are the static
+        buffers the op was handed (``None``: the layers' own), packed at the step's positions by a plan."""
         self._finish_forward()
         streamer = self.streamer or self._ensure_streamer(device)
         start = self._forward_start(None, n)
         ids = self._kv_ids or self._kv_layer_ids()
-        if keys is not None and len(keys) == len(ids) and keys[0].shape[-2] == n:  # the new KV itself
+        if new_kv and len(keys) != len(ids):  # not every KV layer was updated: pack from the layers' buffers
+            keys = values = None
+        elif new_kv:  # every KV layer's new KV
             first = keys[0]
             if self._batch is None:
                 self._first_chunk(first.shape[0], first.shape[1], first.shape[3], values[0].shape[3], first.dtype)
