@@ -6,9 +6,12 @@ over). Each measured step runs the same updates on two caches, one after the oth
 with the device synchronized before each (outside the timer) and ``time.perf_counter_ns`` around the 32
 calls: ``DynamicCache`` and ``StreamingCache`` → ``HostTransport(preallocate=True)`` (level 3: the pack
 launch and the flush are enqueued inside the last ``update``), ``StaticCache`` and ``StreamingStaticCache``.
-The added host time per step is the median over steps of the difference of each pair, at ``--batches``
-1 and 16, after a ``--prompt``-token prefill and a warm-up of ``--warmup`` steps (pinned arena, pointer
-tables and Triton kernels warm).
+The streaming caches send a chunk every ``--steps-per-chunk`` steps (the library's default, 16:
+:mod:`kvstream.integrations.hf.tail`), so one step in that many pays the chunk: the added host time per
+step is the difference of each pair summed over windows of that many consecutive steps and divided by it
+(every window holds one chunk), the median over windows, at ``--batches`` 1 and 16, after a
+``--prompt``-token prefill and a warm-up of ``--warmup`` steps (pinned arena, pointer tables and Triton
+kernels warm). The detail also keeps the median step without a chunk and the median step with one.
 
 Rows (``<out>/hook.csv``): ``hook.step``, x = batch, providers ``dynamic``, ``stream``, ``static``,
 ``stream-static``, metric host_time (µs). Summary keys: ``hook_step_host_us`` (the worse of B1 and B16) and
@@ -34,14 +37,28 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", type=int, default=512, help="prefill tokens before the measured steps")
     p.add_argument("--steps", type=int, default=200, help="measured decode steps")
     p.add_argument("--warmup", type=int, default=20, help="unmeasured decode steps first")
+    p.add_argument("--steps-per-chunk", type=int, default=None,
+                   help="decode steps per streamed chunk (default: the library's, STEPS_PER_CHUNK)")
 
 
 def _geometry(run: Run) -> dict:
+    from kvstream.integrations.hf.tail import STEPS_PER_CHUNK
+
     a = run.args
+    per_chunk = a.steps_per_chunk or STEPS_PER_CHUNK
     if run.quick:
-        return dict(layers=2, heads=2, head_dim=16, batches=[1, 2], prompt=8, steps=6, warmup=2)
+        return dict(layers=2, heads=2, head_dim=16, batches=[1, 2], prompt=8, steps=2 * min(per_chunk, 4), warmup=2,
+                    per_chunk=min(per_chunk, 4))
     return dict(layers=a.layers, heads=8, head_dim=128, batches=[int(b) for b in a.batches.split(",")],
-                prompt=a.prompt, steps=a.steps, warmup=a.warmup)
+                prompt=a.prompt, steps=a.steps, warmup=a.warmup, per_chunk=per_chunk)
+
+
+def per_step(diffs: list[float], window: int) -> list[float]:
+    """Host µs added per step, amortized: ``diffs`` (one per step) summed over consecutive windows of
+    ``window`` steps (a trailing partial window is dropped), each divided by ``window``; one figure per
+    window (the mean of all steps when there is no whole window)."""
+    sums = [sum(diffs[i:i + window]) / window for i in range(0, len(diffs) - window + 1, window)]
+    return sums or [sum(diffs) / max(len(diffs), 1)]
 
 
 def _caches(run: Run, g: dict, batch: int, transport) -> dict:
@@ -54,10 +71,11 @@ def _caches(run: Run, g: dict, batch: int, transport) -> dict:
     cfg.num_key_value_heads, cfg.head_dim = g["heads"], g["head_dim"]
     cfg.num_attention_heads = g["heads"]
     n = g["prompt"] + g["warmup"] + g["steps"] + 1
+    k = g["per_chunk"]
     return {"dynamic": DynamicCache(config=cfg),
-            "stream": StreamingCache(config=cfg, transport=transport, session=f"hook-d{batch}"),
+            "stream": StreamingCache(config=cfg, transport=transport, session=f"hook-d{batch}", steps_per_chunk=k),
             "static": StaticCache(config=cfg, max_cache_len=n),
-            "stream-static": StreamingStaticCache(cfg, n, transport, session=f"hook-s{batch}")}
+            "stream-static": StreamingStaticCache(cfg, n, transport, session=f"hook-s{batch}", steps_per_chunk=k)}
 
 
 def bench_batch(run: Run, g: dict, batch: int) -> dict:
@@ -91,9 +109,17 @@ def bench_batch(run: Run, g: dict, batch: int) -> dict:
             caches[p].wait()
     for p, ts in times.items():
         run.add("hook.step", p, batch, "host_time", "us", Stat.of(ts))
-    added = {"hook": Stat.of([a - b for a, b in zip(times["stream"], times["dynamic"])]).p50,
-             "static": Stat.of([a - b for a, b in zip(times["stream-static"], times["static"])]).p50,
-             "step_bytes": per_token, **{f"{p}_us": Stat.of(ts).p50 for p, ts in times.items()}}
+    w = g["per_chunk"]
+    added = {"step_bytes": per_token, "steps_per_chunk": w, **{f"{p}_us": Stat.of(ts).p50 for p, ts in times.items()}}
+    for field, mine, base in (("hook", "stream", "dynamic"), ("static", "stream-static", "static")):
+        diffs = [a - b for a, b in zip(times[mine], times[base])]
+        amortized = per_step(diffs, w)
+        added[field] = Stat.of(amortized).p50
+        added[f"{field}_spread"] = {"min": min(amortized), "max": max(amortized), "windows": len(amortized)}
+        cut = sorted(diffs)
+        # a window's one chunk step is its largest difference, as a rule: the median of the rest, and of those
+        added[f"{field}_step_without_chunk_us"] = Stat.of(cut[:len(cut) - len(cut) // w] or cut).p50
+        added[f"{field}_step_with_chunk_us"] = Stat.of(cut[len(cut) - len(cut) // w:] or cut).p50
     timing.progress(f"hook: B{batch}: StreamingCache adds {added['hook']:.1f} us per step, "
                     f"StreamingStaticCache {added['static']:.1f} us")
     transport.close()

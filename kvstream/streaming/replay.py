@@ -9,8 +9,9 @@ session loads) fails it, so the reads got the bytes the first check vouched for.
 
 Every chunk goes through :meth:`KVStreamer.gather <kvstream.streaming.streamer.KVStreamer.gather>`
 (fetch into staging on the KV device, unpack with the kernels), so a load has the streamer's stats and
-its kernels. On a GPU the copies run on a side stream and each layer gets an event: a model that waits
-for layer ``l``'s event only starts computing while later layers still travel.
+its kernels. On a GPU the copies run on a side stream, the unpacks on another behind them, and each layer
+gets an event: a model that waits for layer ``l``'s event only starts computing while later layers still
+travel.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from .layerwise import LayerwiseLoad
 from .session import MODEL_META, RUN_META, Crop, Manifest, Prefill, Repeat, Rows, Segment, Step
 from .streamer import KVStreamer
 
-#: Name of the process-wide side stream (:func:`kvstream.cuda.side_stream`) session loads use.
+#: Name of the process-wide side stream (:func:`kvstream.cuda.side_stream`) session loads copy on.
 LOAD_STREAM = "kvstream-session-load"
+#: The side stream a layer-wise session load unpacks on, so that its copies run back to back.
+UNPACK_STREAM = "kvstream-session-unpack"
 #: Most rows a session's batch may grow to, as a multiple of its first batch (``generate`` expands by
 #: ``num_beams * num_return_sequences``, far below): a repeat or selection past it is a corrupt manifest.
 MAX_ROW_GROWTH = 4096
@@ -114,9 +117,10 @@ def replay(manifest: Manifest, streamer: KVStreamer, *, device: torch.device | s
         Where the KV goes.
     layerwise : bool, optional
         On a CUDA device (default there): return before the copies finish. The loads run on a side stream
-        and each KV layer gets an event that fires when its KV has landed; decode steps (small, every
-        layer) come first, then each layer's prefill chunks in layer order, so layer 0 is usable long
-        before the last layer. A session whose history was rewritten (reorders, crops, resets) replays
+        and each KV layer gets an event that fires when its KV has landed; the first layer's prefill
+        chunks and the decode steps (small, every layer) come first, then each layer's prefill chunks in
+        layer order, so layer 0 is usable long before the last layer; the unpacks run on a second side
+        stream, so the copies follow each other without gaps. A session whose history was rewritten (reorders, crops, resets) replays
         in order and all layers share one event. ``False``: synchronous.
 
     Returns
@@ -147,17 +151,19 @@ def replay(manifest: Manifest, streamer: KVStreamer, *, device: torch.device | s
     # A rewritten history replays on the current stream: its row operations allocate new buffers, which
     # must belong to the stream that reads them.
     side = side_stream(device, LOAD_STREAM) if layerwise and device.type == "cuda" and not p.rewrites else None
+    unpack = side_stream(device, UNPACK_STREAM) if side is not None else None
     slot = {l: i for i, l in enumerate(kv)}
     # Destinations are allocated on the current (compute) stream, which will read them; the side stream
     # waits for these allocations before writing.
     bufs = [_buffers(manifest, p.first_batch, p.capacity, device) for _ in kv]
     if side is not None:
         side.wait_stream()
+        unpack.wait_stream()
     with side if side is not None else contextlib.nullcontext():
         if p.rewrites:
             bufs, events = _replay_in_order(manifest, p.segments, streamer, bufs, slot, device)
         else:
-            events = _replay_layerwise(manifest, p.segments, streamer, bufs, slot, device, side)
+            events = _replay_layerwise(manifest, p.segments, streamer, bufs, slot, device, unpack)
     # A second look once every read was issued: a chunk that still belongs to its run now was that run's
     # when it was read (a run writes each key once, before its manifest), so no replacement slipped in.
     check_chunks(manifest, streamer.transport)
@@ -181,7 +187,7 @@ def _buffers(manifest: Manifest, batch: int, capacity: int, device: torch.device
 STEP_GROUP_BYTES = 256 << 20
 
 
-def _gather_steps(streamer: KVStreamer, steps: list, bufs: list, slot: dict) -> None:
+def _gather_steps(streamer: KVStreamer, steps: list, bufs: list, slot: dict, unpack_on=None) -> None:
     """Decode steps in runs: consecutive steps of the same layers, batch and length go through one
     :meth:`~kvstream.streaming.streamer.KVStreamer.gather_many` (one staging buffer, one unpack) instead of a
     gather each, up to :data:`STEP_GROUP_BYTES` of staging."""
@@ -199,13 +205,15 @@ def _gather_steps(streamer: KVStreamer, steps: list, bufs: list, slot: dict) -> 
             j += 1
         run = steps[i:j]
         streamer.gather_many([s.key for s in run], ks, vs,
-                             Region(layers=(0, len(ks)), tokens=(first.start, first.start + len(run) * first.tokens)))
+                             Region(layers=(0, len(ks)), tokens=(first.start, first.start + len(run) * first.tokens)),
+                             unpack_on=unpack_on)
         i = j
 
 
-def _gather_prefill(streamer: KVStreamer, seg: Prefill, layer: int, bufs: list, slot: dict) -> None:
+def _gather_prefill(streamer: KVStreamer, seg: Prefill, layer: int, bufs: list, slot: dict, unpack_on=None) -> None:
     k, v = bufs[slot[layer]]
-    streamer.gather(seg.keys[layer], [k], [v], Region(layers=(0, 1), tokens=(seg.start, seg.start + seg.tokens)))
+    streamer.gather_many([seg.keys[layer]], [k], [v], Region(layers=(0, 1), tokens=(seg.start, seg.start + seg.tokens)),
+                         unpack_on=unpack_on)
 
 
 def check_chunks(manifest: Manifest, transport) -> None:
@@ -265,20 +273,24 @@ def _check_layers(manifest: Manifest, seg: Segment, slot: dict) -> None:
 
 
 def _replay_layerwise(manifest: Manifest, segments: list, streamer: KVStreamer, bufs: list, slot: dict,
-                      device: torch.device, side) -> list:
-    """No history rewrites: positions are written once, so the order is free. Decode steps first (one
-    gather of every layer each), then each layer's prefill chunks; an event per layer after its last one."""
+                      device: torch.device, unpack) -> list:
+    """No history rewrites: positions are written once, so the order is free. The first layer's prefill
+    chunks, then the decode steps (one gather of every layer each: the copy engine is busy with the first
+    layer while the host issues them), then the other layers' prefill chunks in layer order; an event per
+    layer after its last unpack, every one after the steps'. On a GPU the copies run on the current (load)
+    stream back to back and the unpacks on ``unpack``, each behind its copy."""
     steps = [s for s in segments if isinstance(s, Step)]
     prefills = [s for s in segments if isinstance(s, Prefill)]
     for seg in steps + prefills:
         _check_layers(manifest, seg, slot)
-    _gather_steps(streamer, steps, bufs, slot)
     events = []
-    for l in manifest.kv_layers:
+    for i, l in enumerate(manifest.kv_layers):
         for seg in prefills:
             if l in seg.keys:
-                _gather_prefill(streamer, seg, l, bufs, slot)
-        events.append(Event(device).record(side))
+                _gather_prefill(streamer, seg, l, bufs, slot, unpack)
+        if i == 0:
+            _gather_steps(streamer, steps, bufs, slot, unpack)
+        events.append(Event(device).record(unpack))
     return events
 
 
@@ -317,4 +329,4 @@ def _replay_in_order(manifest: Manifest, segments: list, streamer: KVStreamer, b
     return bufs, [done] * len(bufs)
 
 
-__all__ = ["LOAD_STREAM", "MAX_ROW_GROWTH", "STEP_GROUP_BYTES", "plan", "check_chunks", "replay"]
+__all__ = ["LOAD_STREAM", "UNPACK_STREAM", "MAX_ROW_GROWTH", "STEP_GROUP_BYTES", "plan", "check_chunks", "replay"]

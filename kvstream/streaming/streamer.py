@@ -47,7 +47,7 @@ from .. import kernels
 from ..chunk import with_head_dims
 from ..errors import ConfigError, LayoutError
 from ..layout import Region, check_hf_layers
-from ..cuda import Event, side_stream
+from ..cuda import Event, Stream, side_stream
 from ..handles import CompletedHandle, Handle
 from .levels import copy_rows, resolve_level
 from .handoff import stream_in, stream_out
@@ -298,13 +298,18 @@ class KVStreamer:
         return self.gather_many([key], keys, values, region)
 
     def gather_many(self, chunk_keys: Sequence[str], keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
-                    region: Region) -> Handle:
+                    region: Region, *, unpack_on: Stream | None = None) -> Handle:
         """Fetch chunks that hold consecutive, equal slices of ``region``'s tokens and unpack them with one launch.
 
         DéjàVuLib's gather fetches a long range in pieces; here the pieces are, for example, the decode
         steps of a session: chunk ``j`` holds tokens ``[t0 + j*n, t0 + (j+1)*n)`` of every layer of the
         region (``n = len(region.tokens) / len(chunk_keys)``). They land side by side in one staging buffer
         ``[J, L, 2, B, H, n, D]``, one device copy puts them in packed order, and one unpack writes them.
+
+        ``unpack_on`` (a CUDA :class:`~kvstream.cuda.Stream`): the reorder and unpack run there, behind an
+        event after the fetch, so that the current stream's next fetch does not queue behind them (a
+        session load's copies stay back to back; the caller records its layer events on ``unpack_on``).
+        Without it, they run on the current stream after the fetch.
 
         Raises
         ------
@@ -328,14 +333,24 @@ class KVStreamer:
             self.stats.bytes_in += staging.numel() * staging.element_size()
         if not handle.stream_ordered:
             handle.wait()
-        if count == 1:
+        if unpack_on is None or not unpack_on.is_cuda:
+            self._unpack_staged(staging, shape, tok, total, keys, values, region)
+            return CompletedHandle()
+        unpack_on.wait_event(Event(first.device).record())  # after the fetch on the current stream
+        with unpack_on:
+            self._unpack_staged(staging, shape, tok, total, keys, values, region)
+        staging.record_stream(unpack_on.torch_stream)  # read there: not reused before that stream is past it
+        return CompletedHandle()
+
+    @staticmethod
+    def _unpack_staged(staging: torch.Tensor, shape: list, tok: int, total: int, keys, values, region: Region) -> None:
+        if staging.shape[0] == 1:
             chunk = staging[0]
         else:  # [J, ..., n, d] -> [..., J, n, d] -> [..., J * n, d]
             order = [*range(1, tok + 1), 0, *range(tok + 1, len(shape) + 1)]
             shape[tok] = total
             chunk = staging.permute(*order).contiguous().view(shape)
         kernels.unpack_tokens(chunk, keys, values, region)
-        return CompletedHandle()
 
     # ------------------------------------------------------------------------------------------------
     # stream_out / stream_in: placement across parallel layouts

@@ -47,10 +47,10 @@ def test_tokens_scores_identical_and_chunks_carry_both_head_dims(model, host, le
     _same_kv(ref_cache, cache)
     prefill, step = host.describe(f"m{level}/seg000000/layer0000"), host.describe(f"m{level}/seg000001/all")
     assert prefill.shape == (1, 2, 1, 24, 24) and prefill.meta[HEAD_DIMS] == [16, 8] and prefill.head_dims == (16, 8)
-    assert step.shape == (4, 2, 1, 1, 24) and step.head_dims == (16, 8)
-    k, v = packed_kv(host.fetch_new(f"m{level}/seg000001/all", "cpu"), 16)  # the first decode step's token
+    assert step.shape == (4, 2, 1, 5, 24) and step.head_dims == (16, 8)  # the 5 decode steps, one chunk
+    k, v = packed_kv(host.fetch_new(f"m{level}/seg000001/all", "cpu"), 16)
     for l, layer in enumerate(ref_cache.layers):
-        assert torch.equal(k[l], layer.keys[:, :, 24:25]) and torch.equal(v[l], layer.values[:, :, 24:25])
+        assert torch.equal(k[l], layer.keys[:, :, 24:29]) and torch.equal(v[l], layer.values[:, :, 24:29])
     assert cache.manifest()["head_dim"] == 16 and cache.manifest()["head_dim_v"] == 8
     assert cache.layout() == KVLayout(num_layers=4, kv_heads=1, head_dim=16, dtype=torch.float32, head_dim_v=8)
 

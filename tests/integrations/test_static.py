@@ -44,13 +44,14 @@ def _session_chunks(t, session):
     return {k[len(session):]: t.fetch_new(k, "cpu") for k in t.keys(session + "/") if not k.endswith("manifest")}
 
 
-@pytest.mark.parametrize("level", [3, 1, 0])
+@pytest.mark.parametrize("level,steps_per_chunk", [(3, 16), (3, 1), (1, 16), (0, 2)])
 @pytest.mark.parametrize("prompt", [24, 8])  # a prompt streamed per layer, and one short enough to be a "step"
-def test_tokens_scores_and_session_match(model, host, level, prompt):
+def test_tokens_scores_and_session_match(model, host, level, prompt, steps_per_chunk):
     ids = batch_of_prompts(2, prompt)
     ref_cache = StaticCache(config=model.config, max_cache_len=MAX_LEN)
     ref = _gen(model, ids, ref_cache)
-    cache = kvstream.StreamingStaticCache(model.config, MAX_LEN, host, session=f"s{level}-{prompt}", level=level)
+    opts = dict(level=level, steps_per_chunk=steps_per_chunk)
+    cache = kvstream.StreamingStaticCache(model.config, MAX_LEN, host, session=f"s{level}-{prompt}", **opts)
     out = _gen(model, ids, cache)
     cache.wait()
     _same(ref, out)
@@ -61,11 +62,12 @@ def test_tokens_scores_and_session_match(model, host, level, prompt):
         assert torch.equal(layer.keys, ref_cache.layers[l].keys[:, :, :seq])
         assert torch.equal(layer.values, ref_cache.layers[l].values[:, :, :seq])
     # and is laid out as StreamingCache lays out the same generate: same keys, same manifest
-    dyn = kvstream.StreamingCache(config=model.config, transport=host, session=f"d{level}-{prompt}", level=level)
+    dyn = kvstream.StreamingCache(config=model.config, transport=host, session=f"d{level}-{prompt}", **opts)
     _gen(model, ids, dyn)
     dyn.wait()
     a, b = _session_chunks(host, f"s{level}-{prompt}"), _session_chunks(host, f"d{level}-{prompt}")
-    assert a.keys() == b.keys() and len(a) == 5 + (4 if prompt > 16 else 1)
+    step_chunks = -(-5 // steps_per_chunk)  # the 5 decode steps, steps_per_chunk to a chunk
+    assert a.keys() == b.keys() and len(a) == step_chunks + (4 if prompt > 16 else 1)
     assert all(a[k].shape == b[k].shape for k in a)
     def same_form(doc, name):  # a run's own id (random) and the checksum over it differ by design
         doc = {k: v for k, v in doc.items() if k not in ("run", "runs", "checksum")}

@@ -21,6 +21,7 @@ from ...streaming.levels import resolve_level
 from ...streaming.streamer import KVStreamer
 from ...transports.base import Transport
 from .resume import PendingLoad, read_manifest, replaced_keys
+from .tail import StepTail, window_cap
 
 
 def _is_kv_layer(layer: Any) -> bool:
@@ -50,7 +51,6 @@ class _Forward:
     ids: list | None = None  # "all": the layers updated so far, and their new K and V, until the chunk is packed
     ks: list | None = None
     vs: list | None = None
-    fast: bool = False  # "all" whose later layers take StreamingCache.update's hot path
 
 
 class _SessionStreaming:
@@ -66,7 +66,9 @@ class _SessionStreaming:
     reuse_plan: Any = None
 
     def _init_streaming(self, config: Any, transport: Transport | None, session: str, level: int | str | None,
-                        layer_chunk_min_tokens: int) -> None:
+                        layer_chunk_min_tokens: int, steps_per_chunk: int) -> None:
+        if isinstance(steps_per_chunk, bool) or not isinstance(steps_per_chunk, int) or steps_per_chunk < 1:
+            raise ConfigError(f"steps_per_chunk must be a positive int, got {steps_per_chunk!r}")
         if not isinstance(session, str) or not session or session.startswith("/") or ".." in session.split("/"):
             raise ConfigError(f"Invalid session name {session!r}: a non-empty relative key prefix without '..' parts")
         if transport is not None and hasattr(transport, "check_key"):  # the transport's own key rules, now
@@ -78,6 +80,8 @@ class _SessionStreaming:
         self.transport = transport
         self.session = session
         self.layer_chunk_min_tokens = int(layer_chunk_min_tokens)
+        self.steps_per_chunk = steps_per_chunk
+        self._tail: StepTail | None = None  # decode steps in the cache, not streamed yet (:mod:`.tail`)
         self.streamer: KVStreamer | None = None
         self._level = resolve_level(level) if transport is not None else level
         self._fwd: _Forward | None = None
@@ -146,15 +150,22 @@ class _SessionStreaming:
         self._finish_forward()
         start = self._forward_start(layer_idx, n)
         mode = "layers" if n > self.layer_chunk_min_tokens else "all"
+        kv_ids = self._kv_layer_ids()
+        self._last_kv_layer = kv_ids[-1] if kv_ids and self.layer_class_to_replicate is None else None
+        if (mode == "all" and self._last_kv_layer is not None and layer_idx == kv_ids[0] and self._offloader is None
+                and self._pending is None and n <= window_cap(self.layers, kv_ids)):
+            # a decode step over the known layers: counted, and streamed with the next ones (:mod:`.tail`)
+            self._tail = StepTail(start=start, batch=k.shape[0], first=kv_ids[0], last=kv_ids[-1], layers=len(kv_ids),
+                                  n=n, cap=window_cap(self.layers, kv_ids), per_chunk=self.steps_per_chunk, seen=1)
+            if layer_idx == self._last_kv_layer:
+                self._tail_step_ended(self._tail)
+            return
         seg = self._recorder.begin(mode, start, n, k.shape[0])
         fwd = self._fwd = _Forward(mode=mode, tokens=n, seg=seg, last_layer=layer_idx, parts=[])
         if mode == "all":
             fwd.ids, fwd.ks, fwd.vs = [layer_idx], [k], [v]
-            fwd.fast = self._offloader is None and self._pending is None and self._level != 0
         else:
             self._stream_layer(fwd, layer_idx, k, v)
-        kv_ids = self._kv_layer_ids()
-        self._last_kv_layer = kv_ids[-1] if kv_ids and self.layer_class_to_replicate is None else None
         if layer_idx == self._last_kv_layer:
             self._finish_forward()
 
@@ -167,7 +178,63 @@ class _SessionStreaming:
         else:
             fwd.parts.append((layer_idx, key, k, v))
 
+    # ------------------------------------------------------------------------------------------------
+    # decode steps streamed in bulk (:mod:`.tail`)
+    # ------------------------------------------------------------------------------------------------
+    def _tail_step_ended(self, t: StepTail) -> None:
+        """The last KV layer of a decode step was updated: count the step (an irregular one, which skipped
+        layers, closes the tail), and stream the pending steps when they are due."""
+        if t.seen != t.layers:
+            self._close_tail()
+        elif t.step_ended():
+            self._flush_tail(t)
+
+    def _flush_tail(self, t: StepTail, behind: frozenset = frozenset()) -> None:
+        """Stream the pending steps ``[t.start, t.start + t.tokens)`` of every KV layer as one chunk (a
+        :class:`~kvstream.streaming.session.Step` segment). ``behind``: layers that hold ``t.n`` newer tokens
+        after them (a forward that stopped before the last layer)."""
+        if t.tokens:
+            ids = self._kv_layer_ids()
+            self._recorder.begin("all", t.start, t.tokens, t.batch)
+            self._stream_pending(self._recorder.end_step(ids), t, ids, behind)
+            t.taken()
+
+    def _close_tail(self) -> None:
+        """Stream what the tail holds (also a forward in progress that did not reach the last KV layer) and
+        drop it: the next short forward opens a new one."""
+        t, self._tail = self._tail, None
+        if t is None:
+            return
+        if t.seen == 0:
+            self._flush_tail(t)
+        else:
+            self._partial_step(t)
+
+    def _stream_pending(self, key: str, t: StepTail, ids: list, behind: frozenset) -> None:
+        """Pack and flush the pending steps of ``t`` under ``key`` (the layers' KV at the tail's positions)."""
+        ks, vs = [], []
+        for l in ids:
+            layer = self.layers[l]
+            end = layer.keys.shape[-2] - (t.n if l in behind else 0)
+            ks.append(layer.keys.narrow(2, end - t.tokens, t.tokens))
+            vs.append(layer.values.narrow(2, end - t.tokens, t.tokens))
+        self.streamer.scatter_step(key, ks, vs, meta=self._chunk_meta)
+
+    def _partial_step(self, t: StepTail) -> None:
+        """A forward stopped before the last KV layer (an early-exit draft): the steps before it, then its
+        own new KV of the layers it updated, as the per-step path records such a forward."""
+        base = t.start + t.tokens
+        grown = [l for l in self._kv_layer_ids() if self.layers[l].get_seq_length() > base]
+        self._flush_tail(t, frozenset(grown))
+        if grown:
+            self._recorder.begin("all", base, t.n, t.batch)
+            key = self._recorder.end_step(grown)
+            self.streamer.scatter_step(key, [self.layers[l].keys[:, :, -t.n:] for l in grown],
+                                       [self.layers[l].values[:, :, -t.n:] for l in grown], meta=self._chunk_meta)
+
     def _finish_forward(self) -> None:
+        if self._tail is not None:
+            self._close_tail()
         fwd, self._fwd = self._fwd, None
         if fwd is None:
             return

@@ -7,9 +7,10 @@
 
 * a long forward (the prompt: more than ``layer_chunk_min_tokens`` new tokens) streams **one chunk per
   layer** as soon as that layer has produced it — DéjàVu's layer-by-layer prompt streaming;
-* a short forward (a decode step) streams **one chunk for all layers** after the last layer, the step's
-  new KV packed by one ``torch.stack`` (:meth:`~kvstream.streaming.streamer.KVStreamer.scatter_step`; one
-  kernel launch for K and V of different head dims) — DéjàVu's token path.
+* short forwards (decode steps) stream **one chunk for all layers** every ``steps_per_chunk`` steps: the
+  steps' tokens, read from the cache's layers, packed by one ``torch.stack``
+  (:meth:`~kvstream.streaming.streamer.KVStreamer.scatter_step`; one kernel launch for K and V of different
+  head dims) — DéjàVu's token path, in bulk (:mod:`.tail`).
 
 Operations that rewrite history (beam-search ``reorder_cache``, ``batch_select_indices``,
 ``batch_repeat_interleave``, ``crop``, ``reset``) are recorded in order in the session's manifest
@@ -33,6 +34,7 @@ from .base import MANIFEST_FORMAT, SUPPORTED_DYNAMIC, _SessionStreaming, _suppor
 from .offload import Offloader
 from .resume import load_session
 from .reuse import fill_from_prefix
+from .tail import STEPS_PER_CHUNK
 
 
 class StreamingCache(_SessionStreaming, DynamicCache):
@@ -61,6 +63,11 @@ class StreamingCache(_SessionStreaming, DynamicCache):
     layer_chunk_min_tokens : int
         Forwards with more new tokens than this stream one chunk per layer (prompt path); others one
         chunk for all layers (decode path).
+    steps_per_chunk : int
+        Decode steps whose new tokens go out together, as one chunk of every layer (default 16): a step
+        costs the host a counter, and the chunk's fixed cost is paid once per ``steps_per_chunk`` steps
+        (:mod:`kvstream.integrations.hf.tail`). ``wait()``, history rewrites and longer forwards stream
+        the pending steps first. ``1``: every step is durable as it ends.
 
     Raises
     ------
@@ -93,7 +100,7 @@ class StreamingCache(_SessionStreaming, DynamicCache):
 
     def __init__(self, config: Any = None, transport: Transport | None = None, session: str = "default", *,
                  level: int | str | None = None, offload: bool = False, layer_chunk_min_tokens: int = 16,
-                 gpu_budget_bytes: int | None = None):
+                 gpu_budget_bytes: int | None = None, steps_per_chunk: int = STEPS_PER_CHUNK):
         super().__init__(config=config)
         bad = [type(l).__name__ for l in self.layers if not _supported(l)]
         if bad:
@@ -101,7 +108,7 @@ class StreamingCache(_SessionStreaming, DynamicCache):
                               f"this config has cache layers {sorted(set(bad))}")
         if gpu_budget_bytes is not None and not offload:
             raise ConfigError("gpu_budget_bytes needs offload=True (it says how much of the KV stays on the GPU)")
-        self._init_streaming(config, transport, session, level, layer_chunk_min_tokens)
+        self._init_streaming(config, transport, session, level, layer_chunk_min_tokens, steps_per_chunk)
         self.offload = bool(offload)
         self._pending = None  # a layer-wise load (a prefix, a session) not yet taken
         self._offloader = Offloader(self, gpu_budget_bytes) if self.offload else None
@@ -118,18 +125,23 @@ class StreamingCache(_SessionStreaming, DynamicCache):
     # ------------------------------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """``DynamicCache.update``, then stream the new ``key_states``/``value_states`` ``[B, H, T_new, D]``."""
-        fwd = self._fwd
-        if fwd is not None and fwd.fast and layer_idx > fwd.last_layer and key_states.shape[-2] == fwd.tokens:
-            # the hot path, 31 of a decode step's 32 layers: DynamicCache's update, and the new KV kept for the
-            # step's one chunk (packed after the last layer)
-            keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-            fwd.last_layer = layer_idx
-            fwd.ids.append(layer_idx)
-            fwd.ks.append(key_states)
-            fwd.vs.append(value_states)
-            if layer_idx == self._last_kv_layer:
-                self._finish_forward()
-            return keys, values
+        t = self._tail
+        if t is not None:
+            # the hot path of a decode step: DynamicCache's update and a counter; the step's tokens stay in the
+            # cache and go out with the next steps' (:mod:`.tail`)
+            if layer_idx != t.first:
+                keys, values = DynamicCache.update(self, key_states, value_states, layer_idx, *args, **kwargs)
+                t.seen += 1
+                if layer_idx == t.last:
+                    self._tail_step_ended(t)
+                return keys, values
+            if t.seen == 0 and key_states.shape[-2] == t.n and key_states.shape[0] == t.batch:
+                keys, values = DynamicCache.update(self, key_states, value_states, layer_idx, *args, **kwargs)
+                t.seen = 1
+                if layer_idx == t.last:
+                    self._tail_step_ended(t)
+                return keys, values
+            self._close_tail()  # a longer forward, another batch, or the last one stopped early
         if self._pending is not None and self._pending.take(layer_idx):
             self._pending = None
         if self._offloader is not None:
@@ -152,7 +164,7 @@ class StreamingCache(_SessionStreaming, DynamicCache):
     def load(cls, transport: Transport, session: str, *, config: Any = None, device: torch.device | str | None = None,
              level: int | str | None = None, offload: bool = False, stream: bool = True,
              layerwise: bool | None = None, gpu_budget_bytes: int | None = None,
-             recover: bool = False) -> "StreamingCache":
+             recover: bool = False, steps_per_chunk: int = STEPS_PER_CHUNK) -> "StreamingCache":
         """Rebuild a session's cache from its stored chunks (the same class, still streaming).
 
         The chunks are replayed through a :class:`~kvstream.streaming.streamer.KVStreamer` (its ``gather``
@@ -170,7 +182,7 @@ class StreamingCache(_SessionStreaming, DynamicCache):
             The model's config (must match the one that streamed).
         device : torch.device or str, optional
             Where the KV goes (``"cuda"``); default the CPU.
-        level, offload, gpu_budget_bytes
+        level, offload, gpu_budget_bytes, steps_per_chunk
             As for the constructor (``offload=True`` loads synchronously, then moves the KV of the layers the
             budget does not keep to host memory).
         stream : bool
@@ -197,7 +209,7 @@ class StreamingCache(_SessionStreaming, DynamicCache):
         """
         return load_session(cls, transport, session, config=config, device=device, level=level, offload=offload,
                             stream=stream, layerwise=layerwise, gpu_budget_bytes=gpu_budget_bytes,
-                            recover=recover)
+                            recover=recover, steps_per_chunk=steps_per_chunk)
 
     @classmethod
     def from_prefix(cls, store: Any, input_ids: Any, *, config: Any = None, device: torch.device | str | None = None,

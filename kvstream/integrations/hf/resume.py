@@ -160,13 +160,13 @@ def acked_manifest(transport: Transport, session: str, *, num_layers: int, kv_la
 
 def load_session(cls: type, transport: Transport, session: str, *, config: Any, device: torch.device | str | None,
                  level: int | str | None, offload: bool, stream: bool, layerwise: bool | None,
-                 gpu_budget_bytes: int | None = None, recover: bool = False) -> Any:
+                 gpu_budget_bytes: int | None = None, recover: bool = False, **options: Any) -> Any:
     """:meth:`StreamingCache.load <kvstream.integrations.hf.cache.StreamingCache.load>`: read the manifest (or,
-    with ``recover``, :func:`acked_manifest`), build a ``cls`` cache, replay the chunks into it, continue the
-    session's record."""
+    with ``recover``, :func:`acked_manifest`), build a ``cls`` cache (``options``: more constructor arguments),
+    replay the chunks into it, continue the session's record."""
     device = torch.device(device or "cpu")
     cache = cls(config=config, transport=transport if stream else None, session=session, level=level,
-                offload=offload, gpu_budget_bytes=gpu_budget_bytes)
+                offload=offload, gpu_budget_bytes=gpu_budget_bytes, **options)
     if recover:
         if config is None:
             raise ConfigError("StreamingCache.load(recover=True) needs config= (the layers whose chunks to look for)")

@@ -7,11 +7,10 @@ does what ``StaticCache`` does. Then
 
 * a long forward (more than ``layer_chunk_min_tokens`` new tokens) streams each layer's new KV as it is
   produced, exactly as :class:`~kvstream.integrations.hf.cache.StreamingCache` does;
-* a short forward (a decode step) streams one chunk of every layer after the last one: run eagerly, the
-  step's new KV stacked in one torch call (what ``index_copy_`` wrote into the buffers); compiled, packed
-  straight from the static buffers at the step's positions, whose addresses never change, so the pointer
-  table and launch geometry are made once (:func:`kvstream.kernels.plan_newest`) and a step costs one
-  launch and one flush.
+* decode steps stream one chunk of every layer every ``steps_per_chunk`` steps (:mod:`.tail`), packed
+  straight from the static buffers at the steps' positions, whose addresses never change, so the pointer
+  table and launch geometry are made once (:func:`kvstream.kernels.plan_newest`) and a chunk costs one
+  launch and one flush; between chunks an eager step costs a counter, a compiled one an op call.
 
 The session is the same as StreamingCache's (same keys, same chunks, same manifest), so either class loads
 what the other streamed. Under ``torch.compile`` the streaming calls are custom ops (:mod:`.ops`): no graph
@@ -33,6 +32,7 @@ from . import ops
 from .base import _SessionStreaming
 from .cache import StreamingCache
 from .resume import continue_record
+from .tail import STEPS_PER_CHUNK, StepTail
 
 
 class StreamingStaticCache(_SessionStreaming, StaticCache):
@@ -52,6 +52,9 @@ class StreamingStaticCache(_SessionStreaming, StaticCache):
         DéjàVuLib level 0-3 (default ``KVSTREAM_LEVEL`` or 3).
     layer_chunk_min_tokens : int
         Forwards with more new tokens than this stream one chunk per layer; others one chunk of all layers.
+    steps_per_chunk : int
+        Decode steps streamed together, as in StreamingCache (default 16): between chunks a step costs the
+        host a counter (eager) or one op call (compiled).
     **kwargs
         Passed to ``StaticCache`` (``offloading``, ...).
 
@@ -73,47 +76,91 @@ class StreamingStaticCache(_SessionStreaming, StaticCache):
     """
 
     def __init__(self, config: Any, max_cache_len: int, transport: Transport | None = None, session: str = "default",
-                 *, level: int | str | None = None, layer_chunk_min_tokens: int = 16, **kwargs):
+                 *, level: int | str | None = None, layer_chunk_min_tokens: int = 16,
+                 steps_per_chunk: int = STEPS_PER_CHUNK, **kwargs):
         super().__init__(config=config, max_cache_len=max_cache_len, **kwargs)
         bad = sorted({type(l).__name__ for l in self.layers if type(l) is not StaticLayer})
         if bad:
             raise ConfigError(f"StreamingStaticCache streams full-attention StaticLayers only; this config has {bad} "
                               "(use StreamingCache)")
-        self._init_streaming(config, transport, session, level, layer_chunk_min_tokens)
+        self._init_streaming(config, transport, session, level, layer_chunk_min_tokens, steps_per_chunk)
         self._streams = transport is not None
         self._host_len = 0  # position length, kept on the host (the layers keep theirs on the device)
         self._plans: dict[int, Any] = {}
         ids = self._kv_layer_ids()
         self._last_layer = ids[-1] if ids else -1
         self._first_layer = ids[0] if ids else -1
-        self._step_kv: tuple[list, list] = ([], [])  # an eager decode step's new K and V, layer by layer
+        self._tail_bufs: tuple | None = None  # the buffers a compiled step's op was handed, for the tail's chunk
         ops.register(self)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """``StaticCache.update``, then stream the new ``key_states``/``value_states`` ``[B, H, T_new, D]``."""
-        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        if self._streams:
-            n = key_states.shape[-2]
+        keys, values = StaticCache.update(self, key_states, value_states, layer_idx, *args, **kwargs)
+        if not self._streams:
+            return keys, values
+        n = key_states.shape[-2]
+        if torch.compiler.is_compiling():
             if n > self.layer_chunk_min_tokens:
-                if torch.compiler.is_compiling():
-                    torch.ops.kvstream.stream_layer(keys, key_states, value_states, layer_idx)
-                else:
-                    self._stream_new(layer_idx, key_states, value_states)
-            elif torch.compiler.is_compiling():
-                if layer_idx == self._last_layer:
-                    ids = self._kv_layer_ids()
-                    torch.ops.kvstream.stream_step([self.layers[l].keys for l in ids],
-                                                   [self.layers[l].values for l in ids], layer_idx, n)
-            else:  # eager: keep the step's new KV (what index_copy_ just wrote) for one stacked chunk
-                step = self._step_kv
-                if layer_idx == self._first_layer:
-                    step[0].clear()
-                    step[1].clear()
-                step[0].append(key_states)
-                step[1].append(value_states)
-                if layer_idx == self._last_layer:
-                    self._stream_step(n, keys.device, *step, new_kv=True)
+                torch.ops.kvstream.stream_layer(keys, key_states, value_states, layer_idx)
+            elif layer_idx == self._last_layer:
+                ids = self._kv_layer_ids()
+                torch.ops.kvstream.stream_step([self.layers[l].keys for l in ids],
+                                               [self.layers[l].values for l in ids], layer_idx, n)
+            return keys, values
+        t = self._tail
+        if t is not None:
+            # eager decode steps: a counter; the steps' tokens are packed from the static buffers in bulk
+            if layer_idx != t.first:
+                t.seen += 1
+                if layer_idx == t.last:
+                    self._tail_step_ended(t)
+                return keys, values
+            if t.seen == 0 and n == t.n:
+                t.seen = 1
+                if layer_idx == t.last:
+                    self._tail_step_ended(t)
+                return keys, values
+            self._close_tail()  # a longer forward, or the last one stopped before the last layer
+        if n > self.layer_chunk_min_tokens:
+            self._stream_new(layer_idx, key_states, value_states)
+        elif layer_idx == self._first_layer:
+            self._open_tail(n, key_states)
+            if layer_idx == self._last_layer:
+                self._tail_step_ended(self._tail)
+        # a short forward that starts past the first KV layer is not a decode step: the per-step path
+        elif layer_idx == self._last_layer:
+            self._stream_step(n, keys.device)
         return keys, values
+
+    def _open_tail(self, n: int, key_states: torch.Tensor) -> None:
+        """A decode step began (its first KV layer was updated): the tail that counts it and its successors."""
+        self._finish_forward()
+        self._ensure_streamer(key_states.device)
+        if self._batch is None:
+            v = self.layers[self._first_layer].values
+            self._first_chunk(key_states.shape[0], key_states.shape[1], key_states.shape[3], v.shape[3],
+                              key_states.dtype)
+        ids = self._kv_layer_ids()
+        self._tail = StepTail(start=self._host_len, batch=self._batch, first=ids[0], last=ids[-1], layers=len(ids),
+                              n=n, cap=1 << 62, per_chunk=self.steps_per_chunk, seen=1)
+
+    def _tail_step_ended(self, t) -> None:
+        if t.seen == t.layers:
+            self._host_len += t.n
+        super()._tail_step_ended(t)
+
+    def _stream_pending(self, key: str, t, ids: list, behind: frozenset) -> None:
+        """The pending steps of every layer, packed from the static buffers at their positions (one launch of a
+        plan made once per chunk length: the buffers never move)."""
+        bufs, self._tail_bufs = self._tail_bufs, None
+        plan = self._plan(t.tokens, *(bufs or (None, None)))
+        self.streamer.scatter_planned(key, plan, t.start, meta=self._chunk_meta)
+
+    def _partial_step(self, t) -> None:
+        """A forward stopped before the last KV layer: the steps before it, then that forward as one chunk of
+        every layer's buffers at its positions (what the per-step path streams for it)."""
+        self._flush_tail(t)
+        self._stream_step(t.n, self.layers[t.first].keys.device)
 
     # ------------------------------------------------------------------------------------------------
     def _forward_start(self, layer_idx: int | None, tokens: int) -> int:
@@ -136,28 +183,29 @@ class StreamingStaticCache(_SessionStreaming, StaticCache):
             plan = self._plans[n] = kernels.plan_newest(keys, values, num_tokens=n)
         return plan
 
-    def _stream_step(self, n: int, device: torch.device, keys: list | None = None, values: list | None = None,
-                     new_kv: bool = False) -> None:
-        """A short forward of ``n`` tokens: one chunk of every KV layer. ``new_kv`` (eager): ``keys``/``values``
-        are the step's new KV of every KV layer (``[B, H, n, D]`` each), stacked by
-        :meth:`~kvstream.streaming.streamer.KVStreamer.scatter_step`; otherwise (compiled) they are the static
-        buffers the op was handed (``None``: the layers' own), packed at the step's positions by a plan."""
+    def _stream_step(self, n: int, device: torch.device, keys: list | None = None, values: list | None = None) -> None:
+        """A short forward of ``n`` tokens not counted by a tail: one chunk of every KV layer, packed by a plan
+        from ``keys``/``values`` (the static buffers a compiled step's op was handed; ``None``: the layers'
+        own) at the forward's positions. A compiled decode step goes to the tail like an eager one."""
+        if keys is not None:  # the op of a compiled decode step: counted by the tail, whose chunk reads these
+            t = self._tail
+            if t is None or t.n != n:
+                self._finish_forward()
+                self._open_tail(n, keys[0])
+                t = self._tail
+            t.seen = 0
+            self._tail_bufs = (keys, values)
+            self._host_len += n
+            if t.step_ended():
+                self._flush_tail(t)
+            return
         self._finish_forward()
         streamer = self.streamer or self._ensure_streamer(device)
         start = self._forward_start(None, n)
-        ids = self._kv_ids or self._kv_layer_ids()
-        if new_kv and len(keys) != len(ids):  # not every KV layer was updated: pack from the layers' buffers
-            keys = values = None
-        elif new_kv:  # every KV layer's new KV
-            first = keys[0]
-            if self._batch is None:
-                self._first_chunk(first.shape[0], first.shape[1], first.shape[3], values[0].shape[3], first.dtype)
-            self._recorder.begin("all", start, n, self._batch)
-            streamer.scatter_step(self._recorder.end_step(ids), keys, values, meta=self._chunk_meta)
-            return
         plan = self._plan(n, keys, values)
         if self._batch is None:
             self._first_chunk(*plan.keys[0].shape[:2], *plan.head_dims, plan.dtype)
+        ids = self._kv_ids or self._kv_layer_ids()
         self._recorder.begin("all", start, n, self._batch)
         streamer.scatter_planned(self._recorder.end_step(ids), plan, start, meta=self._chunk_meta)
 
