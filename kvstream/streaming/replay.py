@@ -187,33 +187,77 @@ def _buffers(manifest: Manifest, batch: int, capacity: int, device: torch.device
 STEP_GROUP_BYTES = 256 << 20
 
 
-def _gather_steps(streamer: KVStreamer, steps: list, bufs: list, slot: dict, unpack_on=None) -> None:
-    """Decode steps in runs: consecutive steps of the same layers, batch and length go through one
-    :meth:`~kvstream.streaming.streamer.KVStreamer.gather_many` (one staging buffer, one unpack) instead of a
-    gather each, up to :data:`STEP_GROUP_BYTES` of staging."""
-    i = 0
+def _step_runs(steps: list, bufs: list, slot: dict) -> list:
+    """Decode steps in runs: consecutive steps of the same layers, batch and length, up to
+    :data:`STEP_GROUP_BYTES` of staging each. Returns ``[(steps, staging bytes)]``."""
+    runs, i = [], 0
     while i < len(steps):
         first = steps[i]
-        ks = [bufs[slot[l]][0] for l in first.layers]
-        vs = [bufs[slot[l]][1] for l in first.layers]
-        step_bytes = len(ks) * sum(t[0:first.batch, :, :first.tokens].numel() for t in (ks[0], vs[0])) \
-            * ks[0].element_size()
+        k, v = bufs[slot[first.layers[0]]]
+        step_bytes = len(first.layers) * first.batch * first.tokens * k.shape[1] * (k.shape[3] + v.shape[3]) \
+            * k.element_size()
         j = i + 1
         while (j < len(steps) and steps[j].layers == first.layers and steps[j].batch == first.batch
                and steps[j].tokens == first.tokens and steps[j].start == first.start + (j - i) * first.tokens
                and (j - i + 1) * step_bytes <= STEP_GROUP_BYTES):
             j += 1
-        run = steps[i:j]
-        streamer.gather_many([s.key for s in run], ks, vs,
-                             Region(layers=(0, len(ks)), tokens=(first.start, first.start + len(run) * first.tokens)),
-                             unpack_on=unpack_on)
+        runs.append((steps[i:j], (j - i) * step_bytes))
         i = j
+    return runs
 
 
-def _gather_prefill(streamer: KVStreamer, seg: Prefill, layer: int, bufs: list, slot: dict, unpack_on=None) -> None:
+def _gather_steps(streamer: KVStreamer, steps: list, bufs: list, slot: dict, ring: "_Ring | None" = None) -> None:
+    """Decode steps in runs (:func:`_step_runs`): each run goes through one
+    :meth:`~kvstream.streaming.streamer.KVStreamer.gather_many` (one staging buffer, one unpack) instead of a
+    gather each."""
+    for run, _ in _step_runs(steps, bufs, slot):
+        first = run[0]
+        ks = [bufs[slot[l]][0] for l in first.layers]
+        vs = [bufs[slot[l]][1] for l in first.layers]
+        region = Region(layers=(0, len(ks)), tokens=(first.start, first.start + len(run) * first.tokens))
+        _gather(streamer, [s.key for s in run], ks, vs, region, ring)
+
+
+def _gather_prefill(streamer: KVStreamer, seg: Prefill, layer: int, bufs: list, slot: dict,
+                    ring: "_Ring | None" = None) -> None:
     k, v = bufs[slot[layer]]
-    streamer.gather_many([seg.keys[layer]], [k], [v], Region(layers=(0, 1), tokens=(seg.start, seg.start + seg.tokens)),
-                         unpack_on=unpack_on)
+    _gather(streamer, [seg.keys[layer]], [k], [v], Region(layers=(0, 1), tokens=(seg.start, seg.start + seg.tokens)), ring)
+
+
+def _gather(streamer: KVStreamer, chunk_keys: list, ks: list, vs: list, region: Region, ring: "_Ring | None") -> None:
+    if ring is None:
+        streamer.gather_many(chunk_keys, ks, vs, region)
+        return
+    staging = ring.next()
+    streamer.gather_many(chunk_keys, ks, vs, region, unpack_on=ring.unpack, staging=staging)
+    ring.unpacked()
+
+
+class _Ring:
+    """Two staging buffers a layer-wise load cycles through: chunk ``i + 1`` lands in one while chunk ``i`` is
+    unpacked from the other (on ``unpack``), and a buffer is written again only after the unpack that read
+    it (an event on ``unpack`` the copy stream waits for). Allocated once per load, on the copy stream."""
+
+    def __init__(self, nbytes: int, device: torch.device, copy, unpack):
+        self.unpack, self.copy = unpack, copy
+        self.bufs = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(2)]
+        self.read: list = [None, None]  # the event after the unpack that last read each buffer
+        self.i = 1
+
+    def next(self) -> torch.Tensor:
+        self.i ^= 1
+        if self.read[self.i] is not None:
+            self.copy.wait_event(self.read[self.i])
+        return self.bufs[self.i]
+
+    def unpacked(self) -> None:
+        self.read[self.i] = Event(self.unpack.device).record(self.unpack)
+
+    def release(self) -> None:
+        """The load is issued: the buffers go back to the allocator once the unpacks are past them."""
+        for b in self.bufs:
+            b.record_stream(self.unpack.torch_stream)
+        self.bufs = []
 
 
 def check_chunks(manifest: Manifest, transport) -> None:
@@ -283,15 +327,27 @@ def _replay_layerwise(manifest: Manifest, segments: list, streamer: KVStreamer, 
     prefills = [s for s in segments if isinstance(s, Prefill)]
     for seg in steps + prefills:
         _check_layers(manifest, seg, slot)
+    ring = None
+    if unpack is not None:
+        largest = max([n for _, n in _step_runs(steps, bufs, slot)]
+                      + [_prefill_bytes(seg, bufs[slot[l]]) for seg in prefills for l in seg.keys] or [0])
+        ring = _Ring(largest, device, side_stream(device, LOAD_STREAM), unpack)
     events = []
     for i, l in enumerate(manifest.kv_layers):
         for seg in prefills:
             if l in seg.keys:
-                _gather_prefill(streamer, seg, l, bufs, slot, unpack)
+                _gather_prefill(streamer, seg, l, bufs, slot, ring)
         if i == 0:
-            _gather_steps(streamer, steps, bufs, slot, unpack)
+            _gather_steps(streamer, steps, bufs, slot, ring)
         events.append(Event(device).record(unpack))
+    if ring is not None:
+        ring.release()
     return events
+
+
+def _prefill_bytes(seg: Prefill, kv: tuple) -> int:
+    k, v = kv
+    return seg.batch * k.shape[1] * seg.tokens * (k.shape[3] + v.shape[3]) * k.element_size()
 
 
 def _replay_in_order(manifest: Manifest, segments: list, streamer: KVStreamer, bufs: list, slot: dict,

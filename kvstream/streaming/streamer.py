@@ -36,6 +36,7 @@ waits for the side stream.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -298,7 +299,7 @@ class KVStreamer:
         return self.gather_many([key], keys, values, region)
 
     def gather_many(self, chunk_keys: Sequence[str], keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
-                    region: Region, *, unpack_on: Stream | None = None) -> Handle:
+                    region: Region, *, unpack_on: Stream | None = None, staging: torch.Tensor | None = None) -> Handle:
         """Fetch chunks that hold consecutive, equal slices of ``region``'s tokens and unpack them with one launch.
 
         DéjàVuLib's gather fetches a long range in pieces; here the pieces are, for example, the decode
@@ -310,6 +311,10 @@ class KVStreamer:
         event after the fetch, so that the current stream's next fetch does not queue behind them (a
         session load's copies stay back to back; the caller records its layer events on ``unpack_on``).
         Without it, they run on the current stream after the fetch.
+
+        ``staging`` (``uint8``, on the KV device, at least the chunks' bytes): land the chunks there instead of
+        in a fresh allocation. The caller owns it and orders its reuse after this call's unpack (an event on
+        ``unpack_on``); a session load cycles two such buffers rather than allocating one per chunk.
 
         Raises
         ------
@@ -326,7 +331,16 @@ class KVStreamer:
         shape = list(region.packed_shape(first.shape[3], values[region.layers.start].shape[3]))
         tok = len(shape) - 2  # the token axis (the kv axis is there only when K and V share a head_dim)
         shape[tok] = total // count
-        staging = torch.empty((count, *shape), dtype=first.dtype, device=first.device)
+        if staging is None:
+            staging = torch.empty((count, *shape), dtype=first.dtype, device=first.device)
+            own = True
+        else:
+            nbytes = count * first.element_size() * math.prod(shape)
+            if staging.dtype != torch.uint8 or staging.numel() < nbytes or staging.device != first.device:
+                raise LayoutError(f"gather_many: staging must be uint8 on {first.device} with >= {nbytes} bytes, got "
+                                  f"{staging.dtype} {staging.numel()} bytes on {staging.device}")
+            staging = staging[:nbytes].view(first.dtype).view(count, *shape)
+            own = False
         handle = self.transport.fetch_many([(k, staging[j]) for j, k in enumerate(chunk_keys)])
         with self._lock:
             self.stats.chunks_in += count
@@ -339,7 +353,8 @@ class KVStreamer:
         unpack_on.wait_event(Event(first.device).record())  # after the fetch on the current stream
         with unpack_on:
             self._unpack_staged(staging, shape, tok, total, keys, values, region)
-        staging.record_stream(unpack_on.torch_stream)  # read there: not reused before that stream is past it
+        if own:
+            staging.record_stream(unpack_on.torch_stream)  # read there: not reused before that stream is past it
         return CompletedHandle()
 
     @staticmethod

@@ -191,3 +191,28 @@ def test_gpu_scatter_step_and_one_layer_regions(level, seed):
         assert torch.equal(v2[l][1:3, :, 5:261], vs[l][1:3, :, 5:261]) and bool((v2[l][:, :, 261:] == 2).all())
     st.close()
     t.close()
+
+
+def test_gather_many_into_caller_staging_is_exact_and_checked():
+    """gather_many(staging=...) lands the chunks in the caller's buffer: the same KV as its own allocation, and
+    a buffer too small or of another dtype is refused."""
+    from kvstream.errors import LayoutError
+
+    t = kvstream.HostTransport(capacity_bytes=1 << 20)
+    s = KVStreamer(t)
+    g = torch.Generator().manual_seed(0)
+    src = [torch.randn(2, 2, 6, 4, generator=g) for _ in range(4)]
+    for j in range(3):  # three chunks of two tokens of layers 0-1
+        s.scatter(f"c{j}", src[:2], src[2:], Region(layers=(0, 2), tokens=(2 * j, 2 * j + 2))).wait()
+    keys = [f"c{j}" for j in range(3)]
+    want = [torch.zeros(2, 2, 6, 4) for _ in range(4)]
+    s.gather_many(keys, want[:2], want[2:], Region(layers=(0, 2), tokens=(0, 6)))
+    got = [torch.zeros(2, 2, 6, 4) for _ in range(4)]
+    staging = torch.full((4096,), 7, dtype=torch.uint8)
+    s.gather_many(keys, got[:2], got[2:], Region(layers=(0, 2), tokens=(0, 6)), staging=staging)
+    assert all(torch.equal(a, b) for a, b in zip(got, want)) and all(torch.equal(a, b) for a, b in zip(got, src))
+    with pytest.raises(LayoutError, match="staging"):
+        s.gather_many(keys, got[:2], got[2:], Region(layers=(0, 2), tokens=(0, 6)), staging=staging[:100])
+    with pytest.raises(LayoutError, match="staging"):
+        s.gather_many(keys, got[:2], got[2:], Region(layers=(0, 2), tokens=(0, 6)), staging=torch.zeros(2048))
+    t.close()
