@@ -36,10 +36,10 @@ def test_static_streams_exactly_its_cache_on_the_gpu(mode):
     kw = {"disable_compile": True} if mode == "eager" else {}
     ids = batch_of_prompts(2, 24, device=CUDA)
     host = kvstream.HostTransport(capacity_bytes=64 << 20)
-    cache = kvstream.StreamingStaticCache(model.config, MAX_LEN, host, session=f"gpu-{mode}")
+    cache = kvstream.StreamingStaticCache(model.config, MAX_LEN, host, session=f"gpu-{mode}", steps_per_chunk=3)
     out = _gen(model, ids, cache, **kw)
     cache.wait()
-    assert cache.stats["chunks_out"] == 4 + 7
+    assert cache.stats["chunks_out"] == 4 + 3  # the prompt's 4 layers, then 7 decode steps in chunks of 3, 3, 1
     _check_session(host, f"gpu-{mode}", cache, model, out.shape[1] - 1)
     ref = _gen(model, ids, StaticCache(config=model.config, max_cache_len=MAX_LEN), **kw)
     if mode == "eager":  # compiled runs of bf16 may differ between graphs; eager ones are compared
