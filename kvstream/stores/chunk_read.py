@@ -72,6 +72,22 @@ def unchunk(chunks: torch.Tensor, n_tokens: int) -> torch.Tensor:
     return full if n_tokens == n * c else full[:, :, :, :, :n_tokens]
 
 
+class _LastResolved:
+    """When the last of a run's reads resolved: the reads' done-callback.
+
+    A callback object of its own, not a bound method of :class:`ChunkReads`: a future keeps its callbacks, so
+    a bound method would make a reference cycle (reads -> handles -> futures -> reads) that keeps the host
+    staging alive until Python's cyclic GC runs; pinned staging must go back to the allocator's cache as
+    soon as its match is dropped, or the next load allocates (``cudaHostAlloc``) a new block.
+    """
+
+    def __init__(self, t0: float):
+        self.t = t0
+
+    def __call__(self) -> None:
+        self.t = max(self.t, time.perf_counter())
+
+
 class ChunkReads:
     """The reads of a run of chunk files (in token order) into one host staging buffer, started at once.
 
@@ -101,7 +117,7 @@ class ChunkReads:
         self.keys, self.chunk_tokens = keys, chunk_tokens
         self._drop, self._touch, self._observe = drop, touch, observe
         self._t0 = time.perf_counter()
-        self._t_end = self._t0  # when the last read resolved (the reads' own time, not when they were waited for)
+        self._last = _LastResolved(self._t0)  # the reads' own end, not when they were waited for
         self.handles: list[list] = []
         self.bad: dict[int, Exception] = {}
         self.staging: torch.Tensor | None = None
@@ -126,16 +142,13 @@ class ChunkReads:
                 self.handles.append(retry(transport.fetch_slices, key, self.staging[i]))
                 for h in self.handles[-1]:
                     if hasattr(h, "add_done_callback"):
-                        h.add_done_callback(self._resolved)
+                        h.add_done_callback(self._last)
             except LayoutError as e:  # another geometry than the run's first file: not this match's chunk
                 self.bad[i] = CorruptChunkError(f"chunk {key} does not fit the match: {e}")
                 break
             except (ChunkNotFound, CorruptChunkError, TransportError) as e:
                 self.bad[i] = e
                 break
-
-    def _resolved(self) -> None:
-        self._t_end = max(self._t_end, time.perf_counter())
 
     def intact(self) -> int:
         """Files known good so far: those before the first failure found (all, while no read has failed)."""
@@ -171,7 +184,7 @@ class ChunkReads:
         for key in self.keys[:good]:
             self._touch(key)
         if good and self.staging is not None:
-            self._observe(good * self.staging[0].numel() * self.staging.element_size(), self._t_end - self._t0)
+            self._observe(good * self.staging[0].numel() * self.staging.element_size(), self._last.t - self._t0)
         return good
 
     # -- onto the device ---------------------------------------------------------------------------------

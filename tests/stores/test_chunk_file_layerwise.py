@@ -3,13 +3,15 @@ corrupt layer slice that shortens the match before anything is served."""
 
 from __future__ import annotations
 
+import gc
 import os
+import weakref
 
 import pytest
 import torch
 
 from kvstream.chunk import HEADER_BYTES, SLICE_CHECKSUMS, ChunkHeader
-from kvstream.stores import ChunkFileStore
+from kvstream.stores import ChunkFileStore, chunk_read
 from kvstream.stores.cost import TierCost
 from store_helpers import HEADS, HEAD_DIM, LAYERS, prefix_kv
 
@@ -179,3 +181,27 @@ def test_gpu_layerwise_file_load_is_bit_exact(tmp_path, cuda_device, start):
     with s.fetch_prefix(IDS, device=cuda_device) as m:
         assert m.matched_tokens == 16 and torch.equal(m.keys[1].cpu(), _expect(0, 16)[0][1])
     s.close()
+
+
+def test_a_dropped_match_frees_its_staging_without_the_cyclic_gc(store, monkeypatch):
+    """The staging of a load goes back to the allocator by reference counting alone: a reference cycle would keep
+    it (pinned, on a GPU host) until Python's GC runs, and the next load would allocate a new block."""
+    stagings = []
+
+    def recording_host_empty(shape, dtype=torch.uint8, **_):
+        t = torch.empty(shape, dtype=dtype)
+        stagings.append(weakref.ref(t))
+        return t
+
+    monkeypatch.setattr(chunk_read, "host_empty", recording_host_empty)
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for load in (lambda m: m.load(), lambda m: m.load_layers()):
+            with store.lookup(IDS) as m:
+                load(m)
+            del m
+            assert stagings and stagings[-1]() is None
+    finally:
+        if was_enabled:
+            gc.enable()
