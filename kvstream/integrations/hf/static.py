@@ -96,36 +96,46 @@ class StreamingStaticCache(_SessionStreaming, StaticCache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """``StaticCache.update``, then stream the new ``key_states``/``value_states`` ``[B, H, T_new, D]``."""
         keys, values = StaticCache.update(self, key_states, value_states, layer_idx, *args, **kwargs)
-        if not self._streams:
-            return keys, values
-        n = key_states.shape[-2]
-        if torch.compiler.is_compiling():
-            if n > self.layer_chunk_min_tokens:
-                torch.ops.kvstream.stream_layer(keys, key_states, value_states, layer_idx)
-            elif layer_idx == self._last_layer:
-                ids = self._kv_layer_ids()
-                torch.ops.kvstream.stream_step([self.layers[l].keys for l in ids],
-                                               [self.layers[l].values for l in ids], layer_idx, n)
+        if torch.compiler.is_compiling():  # first: traced code must not read the tail (per-cache state)
+            if self._streams:
+                n = key_states.shape[-2]
+                if n > self.layer_chunk_min_tokens:
+                    torch.ops.kvstream.stream_layer(keys, key_states, value_states, layer_idx)
+                elif layer_idx == self._last_layer:
+                    ids = self._kv_layer_ids()
+                    torch.ops.kvstream.stream_step([self.layers[l].keys for l in ids],
+                                                   [self.layers[l].values for l in ids], layer_idx, n)
             return keys, values
         t = self._tail
         if t is not None:
-            # eager decode steps: a counter; the steps' tokens are packed from the static buffers in bulk
-            if layer_idx != t.first:
-                t.seen += 1
-                if layer_idx == t.last:
-                    self._tail_step_ended(t)
+            # eager decode steps: nothing on the layers between the first and the last; the steps' tokens are
+            # packed from the static buffers in bulk. (A skipped middle layer leaves its buffer as StaticCache
+            # does, and the chunk holds what the buffers hold.)
+            if layer_idx != t.first and layer_idx != t.last:
                 return keys, values
-            if t.seen == 0 and n == t.n:
+            if layer_idx != t.first:  # the last KV layer
+                if t.seen == 1:  # a whole step: it began at the first KV layer
+                    t.seen = t.layers
+                    self._tail_step_ended(t)
+                    return keys, values
+                self._close_tail()  # a forward that did not begin at the first KV layer: the per-step path
+            elif t.seen == 0 and key_states.shape[-2] == t.n:
                 t.seen = 1
                 if layer_idx == t.last:
+                    t.seen = t.layers
                     self._tail_step_ended(t)
                 return keys, values
-            self._close_tail()  # a longer forward, or the last one stopped before the last layer
+            else:
+                self._close_tail()  # a longer forward, or the last one stopped before the last layer
+        if not self._streams:
+            return keys, values
+        n = key_states.shape[-2]
         if n > self.layer_chunk_min_tokens:
             self._stream_new(layer_idx, key_states, value_states)
         elif layer_idx == self._first_layer:
             self._open_tail(n, key_states)
             if layer_idx == self._last_layer:
+                self._tail.seen = self._tail.layers
                 self._tail_step_ended(self._tail)
         # a short forward that starts past the first KV layer is not a decode step: the per-step path
         elif layer_idx == self._last_layer:
