@@ -90,9 +90,8 @@ def _damage(store, chunk, how):
 
 
 @pytest.mark.parametrize("layerwise", [False, True])
-@pytest.mark.parametrize("how, message", [("garbage", ""), ("copied", "written under another key"),
-                                          ("truncated", "")])
-def test_a_bad_header_in_the_middle_shortens_the_match_and_drops_the_file(store, layerwise, how, message):
+@pytest.mark.parametrize("how", ["garbage", "copied", "truncated"])
+def test_a_bad_header_in_the_middle_shortens_the_match_and_drops_the_file(store, layerwise, how):
     bad = _damage(store, 2, how)
     after = [store.path(k) for k in store.keys_for(IDS)[3:5]]
     with store.lookup(IDS) as m:
