@@ -155,13 +155,10 @@ class DiskTransport(Transport):
         self._check_key(key)
         return key_parts(key)
 
-    def _path(self, key: str) -> Path:
-        parts = self._parts(key)
-        return self._root.joinpath(*parts[:-1], parts[-1] + SUFFIX)
-
     def path(self, key: str) -> Path:
         """The file that holds (or would hold) ``key``: ``<root>/<key>.kvc``; ``LayoutError`` for a bad key."""
-        return self._path(key)
+        parts = self._parts(key)
+        return self._root.joinpath(*parts[:-1], parts[-1] + SUFFIX)
 
     check_key = path  # Transport.check_key: a key is good if it maps to a file safely
 
@@ -176,11 +173,17 @@ class DiskTransport(Transport):
         except OSError as e:
             raise TransportError(f"Cannot open chunk {key!r} ({path}): {e}") from e
 
-    def _submit(self, fn, *args) -> Future:
+    def _submit(self, fn, *args, pool: ThreadPoolExecutor | None = None) -> Future:
         try:
-            return self._io.submit(fn, *args)
+            return (pool or self._io).submit(fn, *args)
         except RuntimeError:  # the pool was shut down by a concurrent close()
             raise TransportError("DiskTransport is closed") from None
+
+    def submit_read(self, fn, *args) -> Future:
+        """Run ``fn(*args)`` on a slice-read thread, behind the reads already queued (first in, first out): for
+        work that opens a file and queues its reads, such as :meth:`fetch_slices` of many files at once, whose
+        headers are then read ``queue_depth`` at a time. Raises ``TransportError`` if the transport is closed."""
+        return self._submit(fn, *args, pool=self._readers)
 
     def _hash(self, hasher, data: memoryview, nbytes: int, pending: list) -> None:
         if nbytes <= HASH_INLINE_BYTES:
@@ -384,7 +387,7 @@ class DiskTransport(Transport):
         try:
             return self._dirs.unlink(self._parts(key))
         except OSError as e:
-            raise TransportError(f"Cannot delete chunk {key!r} ({self._path(key)}): {e}") from e
+            raise TransportError(f"Cannot delete chunk {key!r} ({self.path(key)}): {e}") from e
 
     def touch(self, key: str) -> bool:
         """Set ``key``'s file's mtime to now (a store's access time); ``False`` if it is missing or cannot be."""

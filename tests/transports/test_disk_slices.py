@@ -11,7 +11,7 @@ import xxhash
 
 from factories import random_chunk, same_bytes
 from kvstream.chunk import CHECKSUM_PREFIX, HEADER_BYTES, SLICE_CHECKSUMS, ChunkHeader, byte_view, slice_checksums
-from kvstream.errors import ConfigError, CorruptChunkError, LayoutError
+from kvstream.errors import ConfigError, CorruptChunkError, LayoutError, TransportError
 from kvstream.transports import DiskTransport
 from kvstream.transports.diskio import O_DIRECT
 
@@ -136,3 +136,22 @@ def test_direct_slice_reads(tmp_path, seed):
         h.wait()
     assert torch.equal(out, data)
     t.close()
+
+
+def test_fetch_slices_of_many_files_on_the_reader_threads(disk, seed):
+    """``submit_read(disk.fetch_slices, ...)``: each file's header is read on a reader thread, its slices queued
+    from there; header errors come out of the future with fetch_slices' own type and message."""
+    data = [random_chunk((3, 4096), torch.uint8, seed) for _ in range(3)]
+    for i, d in enumerate(data):
+        disk.flush(f"k{i}", d, slices=True).wait()
+    outs = [torch.zeros_like(d) for d in data]
+    futures = [disk.submit_read(disk.fetch_slices, f"k{i}", out) for i, out in enumerate(outs)]
+    for f in futures:
+        for h in f.result():
+            h.wait()
+    assert all(torch.equal(o, d) for o, d in zip(outs, data))
+    with pytest.raises(LayoutError, match="out for chunk 'k0'"):
+        disk.submit_read(disk.fetch_slices, "k0", torch.empty((2, 4096), dtype=torch.uint8)).result()
+    disk.close()
+    with pytest.raises(TransportError, match="closed"):
+        disk.submit_read(disk.fetch_slices, "k0", outs[0])
