@@ -62,7 +62,9 @@ def test_pending_steps_go_out_before_the_session_is_read_or_continued(host):
     cache = kvstream.StreamingCache(config=model.config, transport=host, session="p", steps_per_chunk=8)
     first = _gen(model, ids, cache, 6)  # 5 decode steps: fewer than a chunk, all pending when generate returns
     assert not [k for k in host.keys("p/") if k.endswith("/all")]
-    cache.wait()  # streams them, then the manifest
+    doc = cache.manifest()  # reading the record streams them first: its segments cover the cache
+    assert _step_tokens(cache) == [5] and sum(s["tokens"] for s in doc["segments"]) == doc["seq_length"] == 25
+    cache.wait()  # nothing left pending: the manifest goes out
     assert _step_tokens(cache) == [5]
     loaded = kvstream.StreamingCache.load(host, "p", config=model.config, steps_per_chunk=8)
     _same_kv(cache, loaded)

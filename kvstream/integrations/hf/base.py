@@ -350,7 +350,11 @@ class _SessionStreaming:
         return self._pending.load if self._pending is not None else None
 
     def session_manifest(self) -> Manifest:
-        """The session's :class:`~kvstream.streaming.session.Manifest`: layout, batch, ordered segments."""
+        """The session's :class:`~kvstream.streaming.session.Manifest`: layout, batch, ordered segments (decode
+        steps still pending between two chunks are streamed first, so the segments cover the cache)."""
+        t = self._tail
+        if t is not None and t.seen == 0 and t.tokens:
+            self._flush_tail(t)
         kv_heads, head_dim, head_dim_v, dtype = self._geometry if self._geometry else (None, None, None, None)
         return Manifest(session=self.session, num_layers=len(self.layers), kv_layers=list(self._kv_layer_ids()),
                         kv_heads=kv_heads, head_dim=head_dim, dtype=dtype, batch=self._batch,
