@@ -13,7 +13,9 @@ Two parts, both to a ``HostTransport``:
   (until every chunk has landed). Bytes: ``L*2*B*H*T*D*2`` (4.2 GB at T=2000) per prefill, 2 MiB per step.
   Level 0 moves them as ``L*2*B*H`` = 8192 separate copies (256 B each for a decode step).
 * **e2e** (the model shared with ``generate``): ``StreamingCache(level=L)`` in generate (``--prompt``,
-  ``--levels-new-tokens``) against ``DynamicCache``: prefill time, per-token time, total.
+  ``--levels-new-tokens``) against ``DynamicCache``: prefill time, per-token time, total. Decode steps go
+  out as the cache streams them by default, 16 to a chunk (:mod:`kvstream.integrations.hf.tail`); the
+  per-step cost of each level is the micro part's.
 
 Rows (``<out>/levels.csv``): ``levels.prefill`` / ``levels.decode`` (x = level; call_time, landed_time),
 ``levels.e2e`` (x = level or ``none``; prefill_time ms, per_token_time ms, total_time s).
