@@ -206,11 +206,11 @@ def _step_runs(steps: list, bufs: list, slot: dict) -> list:
     return runs
 
 
-def _gather_steps(streamer: KVStreamer, steps: list, bufs: list, slot: dict, ring: "_Ring | None" = None) -> None:
+def _gather_steps(streamer: KVStreamer, runs: list, bufs: list, slot: dict, ring: "_Ring | None" = None) -> None:
     """Decode steps in runs (:func:`_step_runs`): each run goes through one
     :meth:`~kvstream.streaming.streamer.KVStreamer.gather_many` (one staging buffer, one unpack) instead of a
     gather each."""
-    for run, _ in _step_runs(steps, bufs, slot):
+    for run, _ in runs:
         first = run[0]
         ks = [bufs[slot[l]][0] for l in first.layers]
         vs = [bufs[slot[l]][1] for l in first.layers]
@@ -245,12 +245,15 @@ class _Ring:
         self.i = 1
 
     def next(self) -> torch.Tensor:
+        """The other buffer (``uint8``, ``nbytes``, on the load device), once the copy stream has waited for the
+        unpack that last read it (no host wait)."""
         self.i ^= 1
         if self.read[self.i] is not None:
             self.copy.wait_event(self.read[self.i])
         return self.bufs[self.i]
 
     def unpacked(self) -> None:
+        """The unpack of the buffer :meth:`next` handed out is enqueued: record the event its reuse waits for."""
         self.read[self.i] = Event(self.unpack.device).record(self.unpack)
 
     def release(self) -> None:
@@ -276,16 +279,16 @@ def check_chunks(manifest: Manifest, transport) -> None:
     where = f"{manifest.session}/manifest"
     dims = (manifest.head_dim, manifest.head_dim_v)
 
-    def packed(layers: int, seg) -> tuple:
+    def _packed(layers: int, seg) -> tuple:
         return packed_kv_shape(layers, (seg.batch, manifest.kv_heads, seg.tokens), *dims)
 
     for i, seg in enumerate(manifest.segments):
         if id(seg) not in acting:
             continue
         if isinstance(seg, Prefill):
-            want = [(seg.keys[l], packed(1, seg)) for l in seg.keys]
+            want = [(seg.keys[l], _packed(1, seg)) for l in seg.keys]
         elif isinstance(seg, Step):
-            want = [(seg.key, packed(len(seg.layers), seg))]
+            want = [(seg.key, _packed(len(seg.layers), seg))]
         elif isinstance(seg, Rows):
             want = [(seg.key, None)]
         else:
@@ -327,9 +330,10 @@ def _replay_layerwise(manifest: Manifest, segments: list, streamer: KVStreamer, 
     prefills = [s for s in segments if isinstance(s, Prefill)]
     for seg in steps + prefills:
         _check_layers(manifest, seg, slot)
+    runs = _step_runs(steps, bufs, slot)
     ring = None
     if unpack is not None:
-        largest = max([n for _, n in _step_runs(steps, bufs, slot)]
+        largest = max([n for _, n in runs]
                       + [_prefill_bytes(seg, bufs[slot[l]]) for seg in prefills for l in seg.keys] or [0])
         ring = _Ring(largest, device, side_stream(device, LOAD_STREAM), unpack)
     events = []
@@ -338,7 +342,7 @@ def _replay_layerwise(manifest: Manifest, segments: list, streamer: KVStreamer, 
             if l in seg.keys:
                 _gather_prefill(streamer, seg, l, bufs, slot, ring)
         if i == 0:
-            _gather_steps(streamer, steps, bufs, slot, ring)
+            _gather_steps(streamer, runs, bufs, slot, ring)
         events.append(Event(device).record(unpack))
     if ring is not None:
         ring.release()
@@ -365,7 +369,7 @@ def _replay_in_order(manifest: Manifest, segments: list, streamer: KVStreamer, b
                 _gather_prefill(streamer, seg, l, bufs, slot)
         elif isinstance(seg, Step):
             _check_layers(manifest, seg, slot)
-            _gather_steps(streamer, [seg], bufs, slot)
+            _gather_steps(streamer, _step_runs([seg], bufs, slot), bufs, slot)
         elif isinstance(seg, Rows):
             index = transport.fetch_new(seg.key, "cpu")
             if index.dtype != torch.int64 or index.dim() != 1 or index.numel() != seg.rows:
