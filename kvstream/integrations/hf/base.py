@@ -21,7 +21,7 @@ from ...streaming.levels import resolve_level
 from ...streaming.streamer import KVStreamer
 from ...transports.base import Transport
 from .resume import PendingLoad, read_manifest, replaced_keys
-from .tail import StepTail, window_cap
+from .tail import StepTail, hook_edges, unhook_edges, window_cap
 
 
 def _is_kv_layer(layer: Any) -> bool:
@@ -62,6 +62,7 @@ class _SessionStreaming:
 
     _offloader = None
     _pending = None  # a layer-wise load (a prefix, a session) not yet taken
+    _hooked = None  # the edge layers hooked while an eager tail is open (:func:`.tail.hook_edges`)
     #: How ``from_prefix`` filled this cache (a :class:`~kvstream.stores.cost.ReusePlan`; ``None`` otherwise).
     reuse_plan: Any = None
 
@@ -155,10 +156,13 @@ class _SessionStreaming:
         if (mode == "all" and self._last_kv_layer is not None and layer_idx == kv_ids[0] and self._offloader is None
                 and self._pending is None and n <= window_cap(self.layers, kv_ids)):
             # a decode step over the known layers: counted, and streamed with the next ones (:mod:`.tail`)
-            self._tail = StepTail(start=start, batch=k.shape[0], first=kv_ids[0], last=kv_ids[-1], layers=len(kv_ids),
-                                  n=n, cap=window_cap(self.layers, kv_ids), per_chunk=self.steps_per_chunk, seen=1)
+            t = self._tail = StepTail(start=start, batch=k.shape[0], first=kv_ids[0], last=kv_ids[-1],
+                                      layers=len(kv_ids), n=n, cap=window_cap(self.layers, kv_ids),
+                                      per_chunk=self.steps_per_chunk, seen=1)
             if layer_idx == self._last_kv_layer:
-                self._tail_step_ended(self._tail)
+                self._tail_step_ended(t)
+            elif self._fast_path_allowed():
+                hook_edges(self, t)  # the next steps' middle layers skip the hook
             return
         seg = self._recorder.begin(mode, start, n, k.shape[0])
         fwd = self._fwd = _Forward(mode=mode, tokens=n, seg=seg, last_layer=layer_idx, parts=[])
@@ -181,6 +185,12 @@ class _SessionStreaming:
     # ------------------------------------------------------------------------------------------------
     # decode steps streamed in bulk (:mod:`.tail`)
     # ------------------------------------------------------------------------------------------------
+    def _fast_path_allowed(self) -> bool:
+        """Whether an eager tail may hook only its edge layers (:func:`.tail.hook_edges`): not while tracing,
+        not under HF offloading (its ``update`` prefetches), and not at one step per chunk, where each step's
+        own count of its layers streams a step that skipped a middle layer as it happened."""
+        return self.steps_per_chunk > 1 and not getattr(self, "offloading", False) and not torch.compiler.is_compiling()
+
     def _tail_step_ended(self, t: StepTail) -> None:
         """The last KV layer of a decode step was updated: count the step (an irregular one, which skipped
         layers, closes the tail), and stream the pending steps when they are due."""
@@ -203,6 +213,7 @@ class _SessionStreaming:
         """Stream what the tail holds (also a forward in progress that did not reach the last KV layer) and
         drop it: the next short forward opens a new one."""
         t, self._tail = self._tail, None
+        unhook_edges(self)
         if t is None:
             return
         if t.seen == 0:
@@ -211,11 +222,24 @@ class _SessionStreaming:
             self._partial_step(t)
 
     def _stream_pending(self, key: str, t: StepTail, ids: list, behind: frozenset) -> None:
-        """Pack and flush the pending steps of ``t`` under ``key`` (the layers' KV at the tail's positions)."""
+        """Pack and flush the pending steps of ``t`` under ``key`` (the layers' KV at the tail's positions).
+
+        Raises
+        ------
+        KVStreamError
+            A layer does not end where the pending steps do: a step skipped a layer between the first and
+            the last KV layer (which the fast path does not see), so no chunk could say where its KV belongs.
+        """
         ks, vs = [], []
+        pos = t.start + t.tokens
         for l in ids:
             layer = self.layers[l]
-            end = layer.keys.shape[-2] - (t.n if l in behind else 0)
+            extra = t.n if l in behind else 0
+            if layer.get_seq_length() - extra != pos:
+                raise KVStreamError(f"{self.session}: KV layer {l} holds {layer.get_seq_length() - extra} positions where "
+                                    f"the pending decode steps end at {pos}: a step skipped that layer; stream such "
+                                    "a model with steps_per_chunk=1")
+            end = layer.keys.shape[-2] - extra
             ks.append(layer.keys.narrow(2, end - t.tokens, t.tokens))
             vs.append(layer.values.narrow(2, end - t.tokens, t.tokens))
         self.streamer.scatter_step(key, ks, vs, meta=self._chunk_meta)

@@ -32,7 +32,7 @@ from . import ops
 from .base import _SessionStreaming
 from .cache import StreamingCache
 from .resume import continue_record
-from .tail import STEPS_PER_CHUNK, StepTail
+from .tail import STEPS_PER_CHUNK, StepTail, hook_edges, unhook_edges
 
 
 class StreamingStaticCache(_SessionStreaming, StaticCache):
@@ -108,7 +108,8 @@ class StreamingStaticCache(_SessionStreaming, StaticCache):
             return keys, values
         t = self._tail
         if t is not None:
-            # eager decode steps: nothing on the layers between the first and the last; the steps' tokens are
+            # eager decode steps without the edge hooks (one step per chunk, HF offloading): nothing on the
+            # layers between the first and the last; the steps' tokens are
             # packed from the static buffers in bulk. (A skipped middle layer leaves its buffer as StaticCache
             # does, and the chunk holds what the buffers hold.)
             if layer_idx != t.first and layer_idx != t.last:
@@ -127,13 +128,18 @@ class StreamingStaticCache(_SessionStreaming, StaticCache):
                 return keys, values
             else:
                 self._close_tail()  # a longer forward, or the last one stopped before the last layer
+        return self._after_update(layer_idx, key_states, value_states, keys, values)
+
+    def _after_update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor, keys, values):
+        """An eager update outside a tail: stream a long forward's layer, open a tail at a decode step's first
+        KV layer, or stream a short forward that is not one. Returns ``keys, values``."""
         if not self._streams:
             return keys, values
         n = key_states.shape[-2]
         if n > self.layer_chunk_min_tokens:
             self._stream_new(layer_idx, key_states, value_states)
         elif layer_idx == self._first_layer:
-            self._open_tail(n, key_states)
+            self._open_tail(n, key_states, eager=True)
             if layer_idx == self._last_layer:
                 self._tail.seen = self._tail.layers
                 self._tail_step_ended(self._tail)
@@ -142,7 +148,48 @@ class StreamingStaticCache(_SessionStreaming, StaticCache):
             self._stream_step(n, keys.device)
         return keys, values
 
-    def _open_tail(self, n: int, key_states: torch.Tensor) -> None:
+    def _edge_update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor, args, kwargs):
+        """The first or last KV layer's ``update`` while an eager tail is open (:class:`~.tail.EdgeHook`): the
+        layer's own update and the step's count, as :meth:`update` does; anything irregular closes the tail
+        (which removes the hooks) and goes the way of :meth:`update`.
+
+        Traced (a forward compiled while an eager tail is open) it does what the compiled :meth:`update` does:
+        a decode step's op at the last layer, whose call then closes the fast path (so the next call
+        recompiles once without it); a long forward breaks the graph at its first layer, runs that layer
+        eagerly, which closes the tail, and the layers after it are traced through :meth:`update`.
+        """
+        layer = self.layers[layer_idx]
+        n = key_states.shape[-2]
+        if torch.compiler.is_compiling():
+            if n > self.layer_chunk_min_tokens:
+                torch._dynamo.graph_break()
+            else:
+                keys, values = type(layer).update(layer, key_states, value_states, *args, **kwargs)
+                if layer_idx == self._last_layer:
+                    ids = self._kv_layer_ids()
+                    torch.ops.kvstream.stream_step([self.layers[l].keys for l in ids],
+                                                   [self.layers[l].values for l in ids], layer_idx, n)
+                return keys, values
+        t = self._tail
+        if layer_idx == t.first:
+            if t.seen == 0 and n == t.n:
+                t.seen = 1
+                out = type(layer).update(layer, key_states, value_states, *args, **kwargs)
+                if layer_idx == t.last:
+                    t.seen = t.layers
+                    self._tail_step_ended(t)
+                return out
+            self._close_tail()  # a longer forward, or the last one stopped before the last layer
+            return self.update(key_states, value_states, layer_idx, *args, **kwargs)
+        keys, values = type(layer).update(layer, key_states, value_states, *args, **kwargs)
+        if t.seen == 1 and n == t.n:
+            t.seen = t.layers
+            self._tail_step_ended(t)
+            return keys, values
+        self._close_tail()  # a forward that did not begin at the first KV layer: the per-step path
+        return self._after_update(layer_idx, key_states, value_states, keys, values)
+
+    def _open_tail(self, n: int, key_states: torch.Tensor, eager: bool = False) -> None:
         """A decode step began (its first KV layer was updated): the tail that counts it and its successors."""
         self._finish_forward()
         self._ensure_streamer(key_states.device)
@@ -153,6 +200,8 @@ class StreamingStaticCache(_SessionStreaming, StaticCache):
         ids = self._kv_layer_ids()
         self._tail = StepTail(start=self._host_len, batch=self._batch, first=ids[0], last=ids[-1], layers=len(ids),
                               n=n, cap=1 << 62, per_chunk=self.steps_per_chunk, seen=1)
+        if eager and ids[0] != ids[-1] and self._fast_path_allowed():
+            hook_edges(self, self._tail)  # the next steps' middle layers skip the hook
 
     def _tail_step_ended(self, t) -> None:
         if t.seen == t.layers:
@@ -198,6 +247,7 @@ class StreamingStaticCache(_SessionStreaming, StaticCache):
         from ``keys``/``values`` (the static buffers a compiled step's op was handed; ``None``: the layers'
         own) at the forward's positions. A compiled decode step goes to the tail like an eager one."""
         if keys is not None:  # the op of a compiled decode step: counted by the tail, whose chunk reads these
+            unhook_edges(self)  # compiled steps count here: an eager tail's hooks go (one recompile without them)
             t = self._tail
             if t is None or t.n != n:
                 self._finish_forward()

@@ -13,11 +13,21 @@ What is streamed is always what the cache holds: anything that reads or rewrites
 (``wait``, ``manifest``, ``crop``, beam-search reorders, a long forward) first streams the pending steps.
 A producer killed between two chunks loses at most ``steps_per_chunk - 1`` steps of the stored session;
 ``StreamingCache.load(recover=True)`` returns the positions that did land and ``generate`` recomputes the rest.
+
+While an eager tail is open the hook is not even called on the layers between the first and the last KV layer
+(:func:`hook_edges`): the cache's ``update`` is, for that time, an instance attribute that goes straight to the
+layer's own ``update`` (what transformers' ``Cache.update`` does), and only the first and last KV layers'
+``update`` is an :class:`EdgeHook` that counts the step. Whatever is not a regular step (a longer forward,
+another batch, a forward that starts past the first layer or stops before the last) closes the tail, which
+removes the hooks (:func:`unhook_edges`) before the cache's own ``update`` handles it.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 #: Decode steps per chunk by default: the host's fixed cost per chunk (~90 us) amortized to ~6 us a step,
 #: and at most 15 steps for a ``recover=True`` load to recompute.
@@ -69,4 +79,47 @@ def window_cap(layers, ids) -> int:
     return min(caps) if caps else 1 << 62
 
 
-__all__ = ["STEPS_PER_CHUNK", "StepTail", "window_cap"]
+def _layer_update(layers: list, key_states, value_states, layer_idx: int, *args, **kwargs):
+    """A decode step's update of a middle KV layer while an eager tail is open: the layer's own ``update``,
+    as transformers' ``Cache.update`` calls it (the cache's lazy layers and HF offloading rule a tail out)."""
+    return layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+
+
+class EdgeHook:
+    """The ``update`` of the first or last KV layer while an eager tail is open: calls the cache's
+    ``_edge_update(layer_idx, key_states, value_states, args, kwargs)``, which updates the layer and counts
+    the step.
+
+    It holds the cache by a weak reference: the cache holds its layers, and a cycle would keep a dropped
+    cache's KV alive until the cyclic GC runs.
+    """
+
+    def __init__(self, cache: Any, layer_idx: int):
+        self._cache = weakref.ref(cache)
+        self.layer_idx = layer_idx
+
+    def __call__(self, key_states, value_states, *args, **kwargs):
+        return self._cache()._edge_update(self.layer_idx, key_states, value_states, args, kwargs)
+
+
+def hook_edges(cache: Any, t: StepTail) -> None:
+    """Open the fast path of an eager tail on ``cache`` (see the module docstring): its ``update`` goes to the
+    layers directly, its first and last KV layers' ``update`` is an :class:`EdgeHook`."""
+    cache.update = partial(_layer_update, cache.layers)
+    layers = [cache.layers[i] for i in sorted({t.first, t.last})]
+    for layer, i in zip(layers, sorted({t.first, t.last})):
+        layer.update = EdgeHook(cache, i)
+    cache._hooked = layers
+
+
+def unhook_edges(cache: Any) -> None:
+    """Close the fast path (if open): the cache's and the edge layers' ``update`` are their classes' again."""
+    layers, cache._hooked = cache._hooked, None
+    if layers is None:
+        return
+    cache.__dict__.pop("update", None)
+    for layer in layers:
+        layer.__dict__.pop("update", None)
+
+
+__all__ = ["STEPS_PER_CHUNK", "EdgeHook", "StepTail", "hook_edges", "unhook_edges", "window_cap"]
