@@ -12,8 +12,10 @@ after a short warm-up:
 * ``offload`` — ``StreamingCache(offload=True)`` (no transport): only the layers in flight on the GPU;
 * ``hf-offload`` — transformers' own ``DynamicCache(offloading=True)`` (the peer);
 * ``stream-disk`` — ``StreamingCache`` to a ``DiskTransport`` (one repetition; the paper's Fig. 25);
-* ``static`` — transformers' ``StaticCache`` (HF's fast path, eager), the reference of
-* ``stream-static`` — ``StreamingStaticCache`` streaming to a ``HostTransport``.
+* ``static`` — transformers' ``StaticCache`` (HF's fast path: on a GPU ``generate`` compiles the decode step
+  of a static cache itself, ``mode="reduce-overhead"``), the reference of
+* ``stream-static`` — ``StreamingStaticCache`` streaming to a ``HostTransport``, the same way;
+* ``static-eager``, ``stream-static-eager`` — the same two with ``generate(disable_compile=True)``.
 
 Bytes: KV per token is ``L*2*H*D*2`` = 128 KiB per row at 32 layers, so a run streams
 ``B*(P+N)*128 KiB`` = 4.46 GB at B16, P2000, N128 (81 ms of PCIe at 55 GB/s against seconds of generate).
@@ -46,13 +48,15 @@ import torch
 
 from . import ceilings, harness, inputs, timing
 from ..integrations.hf.keywords import cache_kwargs
+from .generate_summary import median_of, summarize
 from .harness import Run
 from .records import GB, MiB
 from .timing import Stat
 
-PROVIDERS = ("dynamic", "stream-host", "offload", "hf-offload", "stream-disk", "static", "stream-static")
+PROVIDERS = ("dynamic", "stream-host", "offload", "hf-offload", "stream-disk", "static", "stream-static", "static-eager",
+             "stream-static-eager")
 #: Providers warmed up with a full-length run (the others — PCIe-bound offloads, the one disk run — with 2 tokens).
-WARM_FULL = ("dynamic", "stream-host", "static", "stream-static")
+WARM_FULL = ("dynamic", "stream-host", "static", "stream-static", "static-eager", "stream-static-eager")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -115,8 +119,9 @@ class GenResult:
 
 
 def generate_once(model: torch.nn.Module, input_ids: torch.Tensor, make_cache: Callable[[], Any], new_tokens: int,
-                  device: torch.device) -> GenResult:
-    """Run ``model.generate`` greedily for exactly ``new_tokens`` tokens with the cache ``make_cache()`` gives.
+                  device: torch.device, **generate_kwargs: Any) -> GenResult:
+    """Run ``model.generate`` greedily for exactly ``new_tokens`` tokens with the cache ``make_cache()`` gives
+    (and ``generate_kwargs``, such as ``disable_compile=True``).
 
     The cache's ``wait()`` (every streamed chunk landed) is inside the timed region. The cache is dropped
     before returning, so the next call starts from the same memory baseline.
@@ -132,7 +137,7 @@ def generate_once(model: torch.nn.Module, input_ids: torch.Tensor, make_cache: C
     t0 = time.perf_counter()
     out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **cache_kwargs(cache),
                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                         streamer=probe)
+                         streamer=probe, **generate_kwargs)
     if hasattr(cache, "wait"):
         cache.wait()
     timing.sync(device)
@@ -194,6 +199,7 @@ class Session:
 
         self._n += 1
         session = f"gen{self._n:04d}"
+        provider = provider.removesuffix("-eager")  # the same cache; measure() passes disable_compile=True
         cfg = self.config
 
         def _no_cleanup() -> None:
@@ -234,11 +240,19 @@ class Session:
                 level: int | None = None) -> GenResult:
         """One measured generate with ``provider``'s cache; the session's chunks are deleted afterwards."""
         make, cleanup = self.factory(provider, level)
+        kw = {"disable_compile": True} if provider.endswith("-eager") else {}
         try:
             return generate_once(self.model, self.input_ids if input_ids is None else input_ids, make, new_tokens,
-                                 self.run.device)
+                                 self.run.device, **kw)
         finally:
             cleanup()
+
+    @staticmethod
+    def compiled_graphs() -> int:
+        """Graphs ``torch.compile`` made in this process so far (what ``generate`` compiled by itself)."""
+        import torch._dynamo
+
+        return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
     def close(self) -> None:
         """Close the transports and remove the disk directory."""
@@ -262,10 +276,6 @@ def _record(run: Run, bench: str, provider: str, x: str, results: list[GenResult
     run.add(bench, provider, x, "kv_resident", "GB", Stat.of([r.kv_resident_bytes / GB for r in results]))
     run.add(bench, provider, x, "kv_layers_resident", "layers", Stat.of([r.kv_resident_bytes / layer_bytes for r in results]))
     run.add(bench, provider, x, "peak_memory", "GB", Stat.of([r.peak_bytes / GB for r in results]))
-
-
-def _median(results: list[GenResult], attr: str) -> float:
-    return Stat.of([getattr(r, attr) for r in results]).p50
 
 
 def run_main(run: Run, s: Session, providers: list[str]) -> dict[str, list[GenResult]]:
@@ -318,108 +328,6 @@ def run_fig2(run: Run, s: Session) -> dict[int, dict]:
     return points
 
 
-def _summarize(run: Run, s: Session, results: dict[str, list[GenResult]], fig2: dict, h2d_GBps: float) -> None:
-    g = s.g
-    suffix = getattr(run.args, "summary_suffix", "") or ""
-    summary = run.summary
-
-    def _keyed(key: str, **kw):
-        return summary(key + suffix, **kw)
-
-    run = _Keyed(run, _keyed)
-    dyn = results["dynamic"]
-    t_dyn = _median(dyn, "total_s")
-    ref_tokens = dyn[0].tokens
-
-    def _same(p: str) -> bool:
-        return all(torch.equal(r.tokens, ref_tokens) for r in results[p])
-
-    base_detail = {"batch": g["batch"], "prompt": g["prompt"], "new_tokens": g["new"], "layers": s.layout.num_layers,
-                   "kv_bytes": s.kv_bytes, "dynamic_total_s": [r.total_s for r in dyn],
-                   "dynamic_runs_identical": _same("dynamic")}  # the baseline's own determinism
-    if "stream-host" in results:
-        st = results["stream-host"]
-        t_st = _median(st, "total_s")
-        streamed = st[0].stats.get("bytes_out", 0)
-        pre_dyn, pre_st = _median(dyn, "prefill_s"), _median(st, "prefill_s")
-        detail = dict(base_detail, stream_total_s=[r.total_s for r in st], bytes_streamed=streamed,
-                      stream_GBps=streamed / t_st / GB, prefill_overhead=pre_st / pre_dyn - 1,
-                      per_token_overhead=_median(st, "per_token_s") / _median(dyn, "per_token_s") - 1,
-                      planner={"Y_s": pre_dyn, "t_s": _median(dyn, "per_token_s"), "N": g["new"], "m": pre_st / pre_dyn},
-                      fig2=fig2,
-                      fig25={p: _median(results[p], "total_s") for p in ("dynamic", "stream-host", "stream-disk")
-                             if p in results})
-        cmp = timing.compare([r.total_s for r in st], [r.total_s for r in dyn])
-        detail["comparison"] = cmp
-        run.summary("stream_overhead", value=t_st / t_dyn - 1, unit="fraction", ceiling=t_dyn,
-                    ceiling_of="DynamicCache without streaming, same run (seconds)", ratio=t_st / t_dyn,
-                    target="<= 0.02", target_of="value", noisy=cmp["noisy"] and not run.quick,
-                    conditions={"tokens_identical": _same("stream-host")},
-                    provider="StreamingCache -> HostTransport", detail=detail)
-    layer_bytes = s.kv_bytes / s.layout.num_layers
-    if "offload" in results:
-        off = results["offload"]
-        # What PCIe allows: each decode step must bring the whole KV history back to the GPU.
-        step_dyn = _median(dyn, "per_token_s")
-        per_token_bytes = s.layout.bytes_per_token(g["batch"])
-        floor = _median(dyn, "prefill_s") + sum(
-            max(step_dyn, per_token_bytes * (g["prompt"] + i) / (h2d_GBps * GB)) for i in range(1, g["new"]))
-        layers_res = max(r.kv_resident_bytes for r in off) / layer_bytes
-        run.summary("offload_vs_dynamic", value=_median(off, "total_s"), unit="s", ceiling=t_dyn,
-                    ceiling_of="DynamicCache, same run (seconds)", target="<= 1.10", target_of="ratio",
-                    conditions={"kv_layers_resident<=2": layers_res <= 2, "tokens_identical": _same("offload")},
-                    provider="StreamingCache(offload=True)",
-                    detail=dict(base_detail, offload_total_s=[r.total_s for r in off], kv_layers_resident=layers_res,
-                                kv_resident_GB=max(r.kv_resident_bytes for r in off) / GB,
-                                dynamic_kv_resident_GB=max(r.kv_resident_bytes for r in dyn) / GB,
-                                peak_GB=max(r.peak_bytes for r in off) / GB,
-                                dynamic_peak_GB=max(r.peak_bytes for r in dyn) / GB,
-                                h2d_GBps=h2d_GBps, pcie_floor_s=floor, pcie_floor_ratio=floor / t_dyn))
-    _static_summary(run, s, results, base_detail, _same)
-    for key, p, of in (("stream_overhead", "stream-host", "fraction"), ("offload_vs_dynamic", "offload", "s"),
-                       ("hf_offload_vs_dynamic", "hf-offload", "s")):
-        if p not in results:  # could not run here: say so in the entry rather than leave it out
-            run.summary(key, value=None, unit=of, ceiling=t_dyn, ceiling_of="DynamicCache, same run (seconds)",
-                        target="reported" if p == "hf-offload" else ("<= 0.02" if p == "stream-host" else "<= 1.10"),
-                        target_of="value" if p == "stream-host" else "ratio", provider=p,
-                        detail=dict(base_detail, error=s.errors.get(p, "not selected (--providers)")))
-    if "hf-offload" in results:
-        hf = results["hf-offload"]
-        run.summary("hf_offload_vs_dynamic", value=_median(hf, "total_s"), unit="s", ceiling=t_dyn,
-                    ceiling_of="DynamicCache, same run (seconds)", target="reported", target_of="ratio",
-                    provider="transformers DynamicCache(offloading=True)",
-                    detail=dict(base_detail, hf_offload_total_s=[r.total_s for r in hf], tokens_identical=_same("hf-offload"),
-                                kv_layers_resident=max(r.kv_resident_bytes for r in hf) / layer_bytes,
-                                peak_GB=max(r.peak_bytes for r in hf) / GB))
-
-
-class _Keyed:
-    """``run`` with its ``summary`` replaced (the topic's keys get ``--summary-suffix``)."""
-
-    def __init__(self, run: Run, summary):
-        self._run, self.summary = run, summary
-
-    def __getattr__(self, name):
-        return getattr(self._run, name)
-
-
-def _static_summary(run, s: "Session", results: dict, base_detail: dict, same) -> None:
-    """static_stream_overhead: StreamingStaticCache -> HostTransport over StaticCache, alternating runs."""
-    if "static" not in results or "stream-static" not in results:
-        return
-    st, ref = results["stream-static"], results["static"]
-    cmp = timing.compare([r.total_s for r in st], [r.total_s for r in ref])
-    t_ref = _median(ref, "total_s")
-    run.summary("static_stream_overhead", value=_median(st, "total_s") / t_ref - 1, unit="fraction", ceiling=t_ref,
-                ceiling_of="StaticCache without streaming, eager, same run (seconds)",
-                ratio=_median(st, "total_s") / t_ref, target="<= 0.02", target_of="value",
-                noisy=cmp["noisy"] and not run.quick, conditions={"tokens_identical_to_static": all(
-                    torch.equal(r.tokens, ref[0].tokens) for r in st)},
-                provider="StreamingStaticCache -> HostTransport (eager)",
-                detail=dict(base_detail, comparison=cmp, static_total_s=[r.total_s for r in ref],
-                            stream_static_total_s=[r.total_s for r in st]))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the generate topic; returns the exit code."""
     run = Run.from_argv("generate", argv, add_args, __doc__)
@@ -433,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"{g['new']} new tokens, KV {s.kv_bytes / GB:.2f} GB")
         results = run_main(run, s, providers)
         fig2 = run_fig2(run, s) if g["fig2"] else {}
-        _summarize(run, s, results, fig2, h2d)
+        summarize(run, s, results, fig2, h2d)
     finally:
         s.close()
     return run.finish()
