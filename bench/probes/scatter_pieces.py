@@ -13,7 +13,7 @@ import time
 import torch
 
 from kvstream import kernels
-from kvstream.chunk import with_head_dims
+from kvstream.chunk import NO_CHECKSUM, chunk_header, with_head_dims
 from kvstream.handles import CompletedHandle
 from kvstream.layout import Region, check_hf_layers
 from kvstream.streaming.streamer import KVStreamer
@@ -94,6 +94,14 @@ def pieces(device: torch.device, big: bool = False, n: int = 32, reps: int = 15)
                                                                           meta=hook_metas[i]))
     add("  transport.flush (hook meta, new dict)", lambda i: transport.flush(f"d{i}", chunks[i], region=resolved[i],
                                                                             meta={**HOOK_META, "layer": i}))
+    miss = [Region(layers=(0, 1), tokens=(0, g["tokens"] + 1 + j)).resolve(g["batch"], g["heads"])
+            for j in range(n * (reps + 2))]
+    count = iter(range(1 << 30))
+    add("  chunk_header, new region (a header cache miss)",
+        lambda i: chunk_header(chunks[i], miss[next(count)], hook_metas[i], NO_CHECKSUM))
+    count = iter(range(1 << 30))
+    add("  transport.flush, new region (header miss)",
+        lambda i: transport.flush(f"n{i}", chunks[i], region=miss[next(count)], meta={**HOOK_META, "layer": i}))
     add("  transport._header (cache hit)", lambda i: transport._header(chunks[i], resolved[i], hook_metas[i]))
     add("  transport._alloc", lambda i: transport._alloc(chunk_bytes))
     add("  transport.check_key", lambda i: transport._check_key(f"s{i}"))
