@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 
 from ..errors import CapacityError, ChunkNotFound, ConfigError, TransportError
-from ..chunk import NO_CHECKSUM, ChunkHeader, byte_view, chunk_header
+from ..chunk import NO_CHECKSUM, ChunkHeader, byte_view, chunk_header, meta_key
 from ..layout import Region, check_packed
 from ..cuda import Event, PinnedArena, current_stream_handle, host_empty, memcpy_async
 from ..handles import CompletedHandle, EventHandle, Handle
@@ -155,14 +155,16 @@ class HostTransport(Transport):
             self._retired.append(slot)
 
     def _header(self, chunk: torch.Tensor, region: Region | None, meta: dict | None) -> ChunkHeader:
-        """:func:`~kvstream.chunk.chunk_header`, cached by (dtype, shape, region, meta): its JSON check and
-        encoding cost more host time than a decode step's copy, and a stream repeats a few headers."""
-        try:
-            sig = (chunk.dtype, tuple(chunk.shape), region, None if meta is None else tuple(sorted(meta.items())))
-            hash(sig)
-        except (TypeError, AttributeError):  # meta not a dict of hashable values: build it every time (and check)
+        """:func:`~kvstream.chunk.chunk_header`, cached by (dtype, shape, region, :func:`~kvstream.chunk.meta_key`):
+        its checks cost more host time than a decode step's copy, and a stream repeats a few headers."""
+        mkey = meta_key(meta)
+        if mkey is None:  # a meta that has no key (nested, other types): built (and checked) every time
             return chunk_header(chunk, region, meta, NO_CHECKSUM)
-        header = self._headers.get(sig)
+        sig = (chunk.dtype, chunk.shape, region, mkey)
+        try:
+            header = self._headers.get(sig)
+        except TypeError:  # an unhashable region: chunk_header refuses it
+            return chunk_header(chunk, region, meta, NO_CHECKSUM)
         if header is None:
             header = chunk_header(chunk, region, meta, NO_CHECKSUM)
             if len(self._headers) >= 4096:
