@@ -150,7 +150,8 @@ class HostTransport(Transport):
 
     def _retire(self, slot: _Slot | None) -> None:
         """Drop a replaced/deleted slot, keeping its buffer while a copy uses it (call under the lock)."""
-        self._retired = [s for s in self._retired if s.busy()]
+        if self._retired:
+            self._retired = [s for s in self._retired if s.busy()]
         if slot is not None and slot.busy():
             self._retired.append(slot)
 
@@ -202,7 +203,7 @@ class HostTransport(Transport):
             if chunk.is_cuda:  # one cudaMemcpyAsync on the current stream, then its event (no torch dispatch)
                 device = chunk.device
                 stream = current_stream_handle(device)
-                memcpy_async(buf, byte_view(chunk), stream)
+                memcpy_async(buf, chunk, stream)  # contiguous, and as many bytes as buf: no byte view needed
                 event = Event(device).record(stream)
             else:
                 buf.copy_(byte_view(chunk))
