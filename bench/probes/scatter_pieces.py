@@ -61,7 +61,7 @@ def pieces(device: torch.device, big: bool = False, n: int = 32, reps: int = 15)
     regions = [Region(layers=(l, l + 1), tokens=(0, g["tokens"])) for l in range(L)]
     resolved = [check_hf_layers(keys, values, r) for r in regions]
     chunk_bytes = keys[0][:, :, :g["tokens"]].numel() * keys[0].element_size() * 2
-    cap = 4 * L * chunk_bytes + (1 << 20)
+    cap = 12 * L * chunk_bytes + (1 << 20)  # every piece that flushes keeps its own L keys
     transport = HostTransport(capacity_bytes=cap)
     streamer = KVStreamer(transport, device=device)
     chunks = [kernels.pack_tokens(keys, values, r) for r in regions]
@@ -78,6 +78,11 @@ def pieces(device: torch.device, big: bool = False, n: int = 32, reps: int = 15)
     add("scatter, hook meta (whole call)", lambda i: streamer.scatter(f"m{i}", keys, values, regions[i],
                                                                       meta={**HOOK_META, "layer": i}),
         after=streamer.wait)
+    def gpu_path(i):  # what scatter runs for a CUDA one-layer region, on any device (the stack checked again
+        region = check_hf_layers(keys, values, regions[i])  # before pack_resolved: 317a849)
+        return streamer.flush(f"g{i}", kernels._stack_one_layer(keys, values, region), region=region)
+
+    add("check + stack pack + flush (GPU path's Python)", gpu_path)
     add("  check_hf_layers (region as given)", lambda i: check_hf_layers(keys, values, regions[i]))
     add("  check_hf_layers (region resolved)", lambda i: check_hf_layers(keys, values, resolved[i]))
     add("  Region.resolve", lambda i: regions[i].resolve(g["batch"], g["heads"]))
@@ -115,6 +120,12 @@ def pieces(device: torch.device, big: bool = False, n: int = 32, reps: int = 15)
         add("  current_stream_handle", lambda i: current_stream_handle(device))
         add("  side.wait_event", lambda i: streamer.side.wait_event(ev))
         add("  with side: (enter + exit)", lambda i: _enter_exit(streamer.side))
+        from kvstream.cuda import host_empty, memcpy_async
+
+        add("  host_empty (pinned, cached block)", lambda i: host_empty(chunk_bytes, pin=True))
+        dst = host_empty(chunk_bytes, pin=True)
+        add("  memcpy_async (D2H, 4 MiB queued)" if big else "  memcpy_async (D2H)",
+            lambda i: memcpy_async(dst, chunks[i]))
     streamer.close()
     transport.close()
     return rows
