@@ -30,4 +30,5 @@ pr.disable(); pstats.Stats(pr).sort_stats("tottime").print_stats(25)
 
 from scatter_pieces import pieces, print_rows  # noqa: E402 (beside this script)
 
-print_rows(pieces(torch.device("cuda", torch.cuda.current_device()), big=True), "H200 host us per piece, 4 MiB one-layer chunks")
+print_rows(pieces(torch.device("cuda", torch.cuda.current_device()), big=True),
+           "host us per piece on the GPU machine, 4 MiB one-layer chunks")

@@ -56,7 +56,8 @@ def pieces(device: torch.device, big: bool = False, n: int = 32, reps: int = 15)
     """Time the pieces; returns ``(name, median us, min us)`` rows."""
     g = geometry(big)
     L = g["layers"]
-    keys = [torch.randn(g["batch"], g["heads"], g["seq"], g["head_dim"], device=device).to(g["dtype"]) for _ in range(L)]
+    shape = (g["batch"], g["heads"], g["seq"], g["head_dim"])
+    keys = [torch.randn(shape, device=device).to(g["dtype"]) for _ in range(L)]
     values = [torch.randn_like(k) for k in keys]
     regions = [Region(layers=(l, l + 1), tokens=(0, g["tokens"])) for l in range(L)]
     resolved = [check_hf_layers(keys, values, r) for r in regions]

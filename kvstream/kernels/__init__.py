@@ -353,5 +353,5 @@ def unpack_blocks(chunk: torch.Tensor, key_caches: Sequence[torch.Tensor], value
     _impl("unpack_blocks", "paged", backend, key_caches)(chunk, key_caches, value_caches, block_ids, layers=layers)
 
 
-__all__ = ["BACKENDS", "pack_tokens", "pack_resolved", "unpack_tokens", "pack_newest", "unpack_newest", "plan_newest", "pack_blocks",
-           "unpack_blocks", "reference"]
+__all__ = ["BACKENDS", "pack_tokens", "pack_resolved", "unpack_tokens", "pack_newest", "unpack_newest", "plan_newest",
+           "pack_blocks", "unpack_blocks", "reference"]
