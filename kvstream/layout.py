@@ -178,6 +178,8 @@ class Region:
             raise LayoutError(f"Region batch rows [{batch.start}, {batch.stop}) exceed batch size {batch_size}")
         if heads.stop > kv_heads:
             raise LayoutError(f"Region heads [{heads.start}, {heads.stop}) exceed kv_heads {kv_heads}")
+        if batch is self.batch and heads is self.heads:
+            return self  # resolved already (frozen: the same region)
         return Region(layers=self.layers, tokens=self.tokens, batch=batch, heads=heads)
 
     def packed_shape(self, head_dim: int, head_dim_v: int | None = None) -> tuple[int, ...]:
@@ -358,18 +360,19 @@ def check_hf_layers(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]
                           f"got {list(first.shape)}")
     b, h, _, dk = first.shape
     dv = values[region.layers.start].shape[-1] if values[region.layers.start].dim() == 4 else dk
+    dtype, device, stop = first.dtype, first.device, region.tokens.stop
     for l in region.layers:
         for kind, t, d in (("keys", keys[l], dk), ("values", values[l], dv)):
-            if t.dim() != 4 or t.shape[0] != b or t.shape[1] != h or t.shape[3] != d:
-                raise LayoutError(f"Invalid shape of {kind}[{l}]: expected [{b}, {h}, >={region.tokens.stop}, {d}], "
-                                  f"got {list(t.shape)}")
-            if t.shape[2] < region.tokens.stop:
-                raise LayoutError(f"Invalid shape of {kind}[{l}]: expected [{b}, {h}, >={region.tokens.stop}, {d}], "
-                                  f"got {list(t.shape)} (region tokens [{region.tokens.start}, {region.tokens.stop}))")
-            if t.dtype != first.dtype:
-                raise LayoutError(f"{kind}[{l}] has dtype {t.dtype}, expected {first.dtype}")
-            if t.device != first.device:
-                raise LayoutError(f"{kind}[{l}] is on {t.device}, expected {first.device}")
+            s = t.shape
+            if len(s) != 4 or s[0] != b or s[1] != h or s[3] != d:
+                raise LayoutError(f"Invalid shape of {kind}[{l}]: expected [{b}, {h}, >={stop}, {d}], got {list(s)}")
+            if s[2] < stop:
+                raise LayoutError(f"Invalid shape of {kind}[{l}]: expected [{b}, {h}, >={stop}, {d}], "
+                                  f"got {list(s)} (region tokens [{region.tokens.start}, {stop}))")
+            if t.dtype != dtype:
+                raise LayoutError(f"{kind}[{l}] has dtype {t.dtype}, expected {dtype}")
+            if t.device != device:
+                raise LayoutError(f"{kind}[{l}] is on {t.device}, expected {device}")
             if d > 1 and t.stride(3) != 1:
                 raise LayoutError(f"{kind}[{l}] has stride {t.stride(3)} on head_dim; head_dim must be contiguous (stride 1)")
     return region.resolve(batch_size=b, kv_heads=h)

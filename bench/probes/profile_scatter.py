@@ -1,4 +1,5 @@
-"""Where KVStreamer.scatter's host time goes at 4 MiB chunks (32 of them), on the GPU."""
+"""Where KVStreamer.scatter's host time goes at 4 MiB chunks (32 of them), on the GPU: the bench's loop, cProfile,
+then the host us of each piece (scatter_pieces.py). ``PYTHONPATH=$PWD python bench/probes/profile_scatter.py``."""
 import cProfile, pstats, time, torch
 from kvstream.layout import Region
 from kvstream.streaming.streamer import KVStreamer
@@ -26,3 +27,8 @@ print(f"host us per scatter call (not waiting) {h / n * 1e6:.1f}")
 pr = cProfile.Profile(); pr.enable()
 for _ in range(5): go()
 pr.disable(); pstats.Stats(pr).sort_stats("tottime").print_stats(25)
+
+from scatter_pieces import pieces, print_rows  # noqa: E402 (beside this script)
+
+print_rows(pieces(torch.device("cuda", torch.cuda.current_device()), big=True),
+           "host us per piece on the GPU machine, 4 MiB one-layer chunks")

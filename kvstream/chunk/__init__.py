@@ -18,17 +18,18 @@ Point-to-point transports announce each chunk with a *frame*: ``(sequence number
 (:func:`encode_frame` / :func:`decode_frames`), sent in batches; the receiver decodes the header and then
 receives the payload.
 
-One module per job: :mod:`.header` (the header, checksums, byte views), :mod:`.slices` (per-layer slice
-checksums), :mod:`.frames` (the wire frame); every name is importable from ``kvstream.chunk``.
+One module per job: :mod:`.header` (the header, checksums, byte views), :mod:`.build` (the checked header of
+a chunk being written, and the meta key writers cache it by), :mod:`.slices` (per-layer slice checksums),
+:mod:`.frames` (the wire frame); every name is importable from ``kvstream.chunk``.
 """
 
+from .build import MAX_META_DEPTH, chunk_header, meta_key
 from .frames import decode_frames, encode_frame
-from .header import (CHECKSUM_PREFIX, CHUNK_FORMAT, CHUNK_MAGIC, HEAD_DIMS, HEADER_BYTES, MAX_DIMS, MAX_META_DEPTH,
-                     MAX_PAYLOAD_BYTES, NO_CHECKSUM, ChunkHeader, byte_view, chunk_header, key_digest, payload_checksum,
-                     tensor_bytes, with_head_dims)
+from .header import (CHECKSUM_PREFIX, CHUNK_FORMAT, CHUNK_MAGIC, HEAD_DIMS, HEADER_BYTES, MAX_DIMS, MAX_PAYLOAD_BYTES,
+                     NO_CHECKSUM, ChunkHeader, byte_view, key_digest, payload_checksum, tensor_bytes, with_head_dims)
 from .slices import SLICE_CHECKSUMS, slice_bounds, slice_checksums, slice_digests
 
 __all__ = ["CHUNK_MAGIC", "CHUNK_FORMAT", "HEADER_BYTES", "CHECKSUM_PREFIX", "NO_CHECKSUM", "MAX_DIMS",
            "MAX_PAYLOAD_BYTES", "MAX_META_DEPTH", "HEAD_DIMS", "with_head_dims", "tensor_bytes", "byte_view",
-           "payload_checksum", "key_digest", "ChunkHeader", "chunk_header", "encode_frame", "decode_frames",
+           "payload_checksum", "key_digest", "ChunkHeader", "chunk_header", "meta_key", "encode_frame", "decode_frames",
            "SLICE_CHECKSUMS", "slice_bounds", "slice_digests", "slice_checksums"]

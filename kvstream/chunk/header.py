@@ -1,6 +1,6 @@
 """The chunk header: a fixed 4096-byte frame in front of every persisted chunk, its checksums and byte views.
 
-See :mod:`kvstream.chunk` for the format.
+See :mod:`kvstream.chunk` for the format; :mod:`.build` makes the checked header of a chunk being written.
 """
 
 from __future__ import annotations
@@ -305,52 +305,6 @@ class ChunkHeader:
                    key_digest=key)
 
 
-#: Deepest nesting of lists and objects a header's ``meta`` may have.
-MAX_META_DEPTH = 32
-
-
-def _depth(v: Any, limit: int) -> int:
-    """Nesting depth of a JSON value, counted no further than ``limit + 1``."""
-    if limit < 0 or not isinstance(v, (dict, list)):
-        return 0
-    items = v.values() if isinstance(v, dict) else v
-    return 1 + max((_depth(x, limit - 1) for x in items), default=0)
-
-
-def chunk_header(chunk: torch.Tensor, region: Region | None, meta: dict | None, checksum: str, *,
-                 key: str | None = None) -> ChunkHeader:
-    """The :class:`ChunkHeader` of ``chunk`` with ``checksum``, checked to encode (JSON-able ``meta``, fits).
-
-    ``key``: the key the chunk is stored under, recorded as its :func:`key_digest` (for transports that
-    check it on read).
-
-    Raises
-    ------
-    LayoutError
-        Unsupported dtype, ``region`` not a :class:`Region`, ``meta`` not a JSON-able dict (or nested deeper
-        than :data:`MAX_META_DEPTH`, or with :data:`HEAD_DIMS` that do not split the chunk's last axis), or a
-        header over :data:`HEADER_BYTES`.
-    """
-    dtype_name(chunk.dtype)
-    if region is not None and not isinstance(region, Region):
-        raise LayoutError(f"region must be a kvstream.layout.Region, got {type(region).__name__}")
-    if meta is not None:
-        if not isinstance(meta, dict):
-            raise LayoutError(f"meta must be a dict, got {type(meta).__name__}")
-        try:
-            meta = json.loads(json.dumps(meta))  # a private, JSON-clean copy
-        except (TypeError, ValueError, RecursionError) as e:
-            raise LayoutError(f"meta must be JSON-able: {type(e).__name__}: {e}") from None
-        if _depth(meta, MAX_META_DEPTH) > MAX_META_DEPTH:
-            raise LayoutError(f"meta is nested deeper than {MAX_META_DEPTH} levels")
-        _check_head_dims(meta, tuple(chunk.shape), LayoutError)
-    header = ChunkHeader(dtype=chunk.dtype, shape=tuple(int(s) for s in chunk.shape),
-                         nbytes=chunk.numel() * chunk.element_size(), checksum=checksum, region=region, meta=meta,
-                         key_digest=None if key is None else key_digest(key))
-    header.to_bytes()  # raises LayoutError if it would not fit a persisted chunk
-    return header
-
-
 __all__ = ["CHUNK_MAGIC", "CHUNK_FORMAT", "HEADER_BYTES", "CHECKSUM_PREFIX", "NO_CHECKSUM", "MAX_DIMS",
-           "MAX_PAYLOAD_BYTES", "MAX_META_DEPTH", "HEAD_DIMS", "with_head_dims", "tensor_bytes", "byte_view",
-           "payload_checksum", "key_digest", "ChunkHeader", "chunk_header"]
+           "MAX_PAYLOAD_BYTES", "HEAD_DIMS", "with_head_dims", "tensor_bytes", "byte_view", "payload_checksum",
+           "key_digest", "ChunkHeader"]

@@ -313,8 +313,9 @@ def host_empty(shape: int | Sequence[int], dtype: torch.dtype = torch.uint8, *, 
         numel *= s
     if not pin or numel == 0:
         return torch.empty(shape, dtype=dtype)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return _DEFAULT.empty(numel * itemsize).view(dtype).view(shape)
+    if dtype is torch.uint8 and len(shape) == 1:  # a transport's flat buffer: no views (each costs a torch call)
+        return _DEFAULT.empty(numel)
+    return _DEFAULT.empty(numel * dtype.itemsize).view(dtype).view(shape)
 
 
 def default_allocator() -> PinnedAllocator:

@@ -83,9 +83,8 @@ def _one_layer_on_device(region: Region, keys: Sequence[torch.Tensor], chunk: to
 
 
 def _stack_one_layer(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], region: Region) -> torch.Tensor:
-    """The ``[1, 2, B, H, T, D]`` chunk of a one-layer region as one ``torch.stack`` of its K and V views
-    (checked like the twin; one call where the twin allocates and copies twice)."""
-    region = check_hf_layers(keys, values, region)
+    """The ``[1, 2, B, H, T, D]`` chunk of a resolved one-layer region as one ``torch.stack`` of its K and V views
+    (one call where the twin allocates and copies twice)."""
     l = region.layers.start
     sl = (slice(region.batch.start, region.batch.stop), slice(region.heads.start, region.heads.stop),
           slice(region.tokens.start, region.tokens.stop))
@@ -128,9 +127,42 @@ def pack_tokens(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], re
     """
     if backend == "auto" and _one_layer_on_device(region, keys, out):
         if out is None and keys[region.layers.start].shape[-1] == values[region.layers.start].shape[-1]:
-            return _stack_one_layer(keys, values, region)
+            return _stack_one_layer(keys, values, check_hf_layers(keys, values, region))
         return reference.pack_tokens(keys, values, region, out)
     return _impl("pack_tokens", "tokens", backend, keys)(keys, values, region, out)
+
+
+def pack_resolved(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], region: Region) -> torch.Tensor:
+    """:func:`pack_tokens` (``backend="auto"``, no ``out``) of a region already checked against these tensors.
+
+    What the streamer calls after its own :func:`kvstream.layout.check_hf_layers`, so that the tensors are not
+    checked a second time (a check cost ~28 us of a one-layer ``scatter``'s host time on an H200 host,
+    bench/NOTES.md; ~5 us on the 2-core dev CPU). The same bytes and the same implementation as
+    :func:`pack_tokens` picks: a one-layer CUDA region of one head dim is one ``torch.stack``, CPU tensors take
+    the torch twin (:func:`kvstream.kernels.reference.pack_resolved`), other CUDA regions the Triton launcher
+    (which scans its layers for the pointer table anyway).
+
+    Parameters
+    ----------
+    keys, values : sequence of torch.Tensor
+        As in :func:`pack_tokens`.
+    region : kvstream.layout.Region
+        What ``check_hf_layers(keys, values, region)`` returned (resolved: batch and heads given). Anything
+        else is the caller's bug: tensors that do not fit are not reported with a :class:`LayoutError`.
+
+    Returns
+    -------
+    torch.Tensor
+        The chunk, as :func:`pack_tokens` returns it, on the KV device.
+    """
+    first = keys[region.layers.start]
+    if not first.is_cuda:
+        return reference.pack_resolved(keys, values, region)
+    if len(region.layers) == 1:
+        if first.shape[-1] == values[region.layers.start].shape[-1]:
+            return _stack_one_layer(keys, values, region)
+        return reference.pack_resolved(keys, values, region)
+    return _impl("pack_tokens", "tokens", "auto", keys)(keys, values, region, None)
 
 
 def unpack_tokens(chunk: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], region: Region,
@@ -321,5 +353,5 @@ def unpack_blocks(chunk: torch.Tensor, key_caches: Sequence[torch.Tensor], value
     _impl("unpack_blocks", "paged", backend, key_caches)(chunk, key_caches, value_caches, block_ids, layers=layers)
 
 
-__all__ = ["BACKENDS", "pack_tokens", "unpack_tokens", "pack_newest", "unpack_newest", "plan_newest", "pack_blocks",
-           "unpack_blocks", "reference"]
+__all__ = ["BACKENDS", "pack_tokens", "pack_resolved", "unpack_tokens", "pack_newest", "unpack_newest", "plan_newest",
+           "pack_blocks", "unpack_blocks", "reference"]

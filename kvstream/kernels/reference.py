@@ -34,7 +34,13 @@ def pack_tokens(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], re
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """Twin of :func:`kvstream.kernels.pack_tokens` (documented there): ``out[i, 0] = keys[l][b, h, t]``,
     ``out[i, 1]`` from ``values``, for the ``i``-th layer ``l`` of the region."""
-    region = check_hf_layers(keys, values, region)
+    return pack_resolved(keys, values, check_hf_layers(keys, values, region), out)
+
+
+def pack_resolved(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], region: Region,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`pack_tokens` of a region that :func:`kvstream.layout.check_hf_layers` returned for these tensors:
+    the tensors are not checked again (``out`` still is)."""
     first, dk = keys[region.layers.start], keys[region.layers.start].shape[3]
     out = _checks.packed_out(out, region.packed_shape(dk, values[region.layers.start].shape[3]), first.dtype,
                              first.device)

@@ -167,7 +167,7 @@ class KVStreamer:
             return self._finish_sync(self.flush(key, chunk, region=region, meta=meta))
         if background is None:
             background = self.level >= 2
-        return self._pack_and_flush(key, lambda: kernels.pack_tokens(keys, values, region), region, meta,
+        return self._pack_and_flush(key, lambda: kernels.pack_resolved(keys, values, region), region, meta,
                                     background and self.level >= 2)
 
     def scatter_newest(self, key: str, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *,

@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 
 from ..errors import CapacityError, ChunkNotFound, ConfigError, TransportError
-from ..chunk import NO_CHECKSUM, ChunkHeader, byte_view, chunk_header
+from ..chunk import NO_CHECKSUM, ChunkHeader, byte_view, chunk_header, meta_key
 from ..layout import Region, check_packed
 from ..cuda import Event, PinnedArena, current_stream_handle, host_empty, memcpy_async
 from ..handles import CompletedHandle, EventHandle, Handle
@@ -150,19 +150,22 @@ class HostTransport(Transport):
 
     def _retire(self, slot: _Slot | None) -> None:
         """Drop a replaced/deleted slot, keeping its buffer while a copy uses it (call under the lock)."""
-        self._retired = [s for s in self._retired if s.busy()]
+        if self._retired:
+            self._retired = [s for s in self._retired if s.busy()]
         if slot is not None and slot.busy():
             self._retired.append(slot)
 
     def _header(self, chunk: torch.Tensor, region: Region | None, meta: dict | None) -> ChunkHeader:
-        """:func:`~kvstream.chunk.chunk_header`, cached by (dtype, shape, region, meta): its JSON check and
-        encoding cost more host time than a decode step's copy, and a stream repeats a few headers."""
-        try:
-            sig = (chunk.dtype, tuple(chunk.shape), region, None if meta is None else tuple(sorted(meta.items())))
-            hash(sig)
-        except (TypeError, AttributeError):  # meta not a dict of hashable values: build it every time (and check)
+        """:func:`~kvstream.chunk.chunk_header`, cached by (dtype, shape, region, :func:`~kvstream.chunk.meta_key`):
+        its checks cost more host time than a decode step's copy, and a stream repeats a few headers."""
+        mkey = meta_key(meta)
+        if mkey is None:  # a meta that has no key (nested, other types): built (and checked) every time
             return chunk_header(chunk, region, meta, NO_CHECKSUM)
-        header = self._headers.get(sig)
+        sig = (chunk.dtype, chunk.shape, region, mkey)
+        try:
+            header = self._headers.get(sig)
+        except TypeError:  # an unhashable region: chunk_header refuses it
+            return chunk_header(chunk, region, meta, NO_CHECKSUM)
         if header is None:
             header = chunk_header(chunk, region, meta, NO_CHECKSUM)
             if len(self._headers) >= 4096:
@@ -200,7 +203,7 @@ class HostTransport(Transport):
             if chunk.is_cuda:  # one cudaMemcpyAsync on the current stream, then its event (no torch dispatch)
                 device = chunk.device
                 stream = current_stream_handle(device)
-                memcpy_async(buf, byte_view(chunk), stream)
+                memcpy_async(buf, chunk, stream)  # contiguous, and as many bytes as buf: no byte view needed
                 event = Event(device).record(stream)
             else:
                 buf.copy_(byte_view(chunk))

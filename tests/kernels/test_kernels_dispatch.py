@@ -147,3 +147,21 @@ def test_kernels_compile_to_16_byte_loads_and_stores():
     for unpack in ("False", "True"):  # both parts of a split row move in 16-byte vectors too
         ops = got[f"split-{unpack}"]
         assert ops.keys() - {"ld.global.v4.b32", "st.global.v4.b32", "ld.global.b64"} == set(), ops
+
+
+@pytest.mark.parametrize("where", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("head_dim_v", [None, 16], ids=["one-head-dim", "values-16"])
+@pytest.mark.parametrize("kind", ["contiguous", "static", "sliced"])
+@pytest.mark.parametrize("layers", [(1, 2), (0, 3)], ids=["one-layer", "three-layers"])
+def test_pack_resolved_is_pack_tokens_without_the_second_check(seed, where, head_dim_v, kind, layers, monkeypatch):
+    keys, values, _ = hf_layers(seed, seq=[9, 7, 9], batch=3, heads=2, head_dim=8, dtype=torch.bfloat16,
+                                device=where, kind=kind, head_dim_v=head_dim_v)
+    region = kvstream.layout.check_hf_layers(keys, values, Region(layers=layers, tokens=(2, 7), heads=(1, 2)))
+    expected = reference.pack_tokens([k.cpu() for k in keys], [v.cpu() for v in values], region)
+    calls = []
+    real = kvstream.kernels.check_hf_layers
+    monkeypatch.setattr(kvstream.kernels, "check_hf_layers", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(reference, "check_hf_layers", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = kernels.pack_resolved(keys, values, region)
+    assert got.device == keys[0].device and torch.equal(got.cpu(), expected)
+    assert calls == []  # checked once, by the caller

@@ -193,6 +193,32 @@ def test_gpu_scatter_step_and_one_layer_regions(level, seed):
     t.close()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("layers", [(1, 2), (0, 3)])
+def test_scatter_checks_the_region_once(device, layers, seed, monkeypatch):
+    # the streamer resolves the region and hands the resolved form to the pack: no second check_hf_layers
+    import kvstream.layout as layout
+    from kvstream import kernels
+    from kvstream.streaming import streamer as streamer_mod
+
+    ks, vs = _cache(seed, dtype=torch.bfloat16, device=device)
+    calls = []
+    real = layout.check_hf_layers
+    for mod in (streamer_mod, kernels, kernels.reference):
+        monkeypatch.setattr(mod, "check_hf_layers", lambda *a, **k: calls.append(1) or real(*a, **k))
+    t = kvstream.HostTransport(capacity_bytes=1 << 20)
+    st = KVStreamer(t, level=3, device=device)
+    region = Region(layers=layers, tokens=(2, 9), heads=(1, 3))
+    st.scatter("r/once", ks, vs, region)
+    st.wait()
+    assert calls == [1]
+    expected = kernels.reference.pack_tokens([k.cpu() for k in ks], [v.cpu() for v in vs], region)
+    assert torch.equal(t.fetch_new("r/once"), expected)
+    with pytest.raises(LayoutError, match=r"Invalid shape of keys\[1\]"):  # the one check still refuses
+        st.scatter("r/bad", [ks[0], ks[1][:, :, :4]] + ks[2:], vs, region)
+    t.close()
+
+
 def test_gather_many_into_caller_staging_is_exact_and_checked():
     """gather_many(staging=...) lands the chunks in the caller's buffer: the same KV as its own allocation, and
     a buffer too small or of another dtype is refused."""

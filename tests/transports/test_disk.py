@@ -36,6 +36,18 @@ def disk(tmp_path):
     t.close()
 
 
+def test_chunks_after_a_cached_meta_keep_their_own_checksums(disk, seed):
+    # the meta's checked copy is cached across flushes; each chunk's checksum and key digest are its own
+    meta = {"session": "s", "run": "r", "layer": 0}
+    chunks = [random_chunk((1, 2, 1, 2, 3, 8), torch.bfloat16, seed) for _ in range(3)]
+    for i, c in enumerate(chunks):
+        disk.flush(f"s/l{i}", c, meta=meta).wait()
+    for i, c in enumerate(chunks):
+        h = disk.describe(f"s/l{i}")
+        assert h.checksum == payload_checksum(c) and h.meta == meta
+        assert same_bytes(disk.fetch_new(f"s/l{i}"), c)  # fetch verifies the checksum
+
+
 # -- file format ---------------------------------------------------------------------------------------
 def test_file_is_header_frame_then_payload(disk, seed):
     data = random_chunk((2, 2, 1, 4, 9, 7), torch.bfloat16, seed)
