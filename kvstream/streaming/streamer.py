@@ -50,6 +50,7 @@ from ..layout import Region, check_hf_layers
 from ..cuda import Event, Stream, side_stream
 from ..handles import CompletedHandle, Handle
 from .levels import copy_rows, resolve_level
+from .direct import flush_direct, row_views
 from .gather import gather_chunks
 from .handoff import stream_in, stream_out
 from .placement import Placement
@@ -118,10 +119,13 @@ class KVStreamer:
     def flush(self, key: str, chunk: torch.Tensor, region: Region | None = None, meta: dict | None = None) -> Handle:
         """Flush one contiguous chunk through the transport (see :meth:`kvstream.transports.base.Transport.flush`)."""
         h = self.transport.flush(key, chunk, region=region, meta=meta)
+        self._count_out(chunk.numel() * chunk.element_size())
+        return h
+
+    def _count_out(self, nbytes: int) -> None:
         with self._lock:
             self.stats.chunks_out += 1
-            self.stats.bytes_out += chunk.numel() * chunk.element_size()
-        return h
+            self.stats.bytes_out += nbytes
 
     def fetch(self, key: str, out: torch.Tensor) -> Handle:
         """Fetch one contiguous chunk into ``out`` (see :meth:`kvstream.transports.base.Transport.fetch`)."""
@@ -135,7 +139,7 @@ class KVStreamer:
     # scatter / gather: a region of the cache
     # ------------------------------------------------------------------------------------------------
     def scatter(self, key: str, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], region: Region, *,
-                meta: dict | None = None, background: bool | None = None) -> Handle:
+                meta: dict | None = None, background: bool | None = None, direct: bool = False) -> Handle:
         """Pack ``region`` of the per-layer tensors into one chunk and flush it under ``key``.
 
         Parameters
@@ -149,6 +153,11 @@ class KVStreamer:
         background : bool, optional
             Run on the side stream without blocking (default: ``level >= 2``). Levels 0 and 1 always
             block until the chunk has landed.
+        direct : bool
+            Copy the region's rows straight from ``keys``/``values`` into the transport, no pack
+            (:mod:`kvstream.streaming.direct`), when the transport takes rows and the region's tokens are
+            dense within each head (levels 1-3); otherwise packed as usual. The copies read the tensors
+            after this returns: the region must not be written until the handle completes.
 
         Returns
         -------
@@ -167,6 +176,11 @@ class KVStreamer:
             return self._finish_sync(self.flush(key, chunk, region=region, meta=meta))
         if background is None:
             background = self.level >= 2
+        if direct and hasattr(self.transport, "flush_rows"):
+            parts = row_views(keys, values, region)
+            if parts is not None:
+                return flush_direct(self, key, parts, region.packed_shape(keys[region.layers.start].shape[3]),
+                                    keys[region.layers.start].dtype, region, meta, background and self.level >= 2)
         return self._pack_and_flush(key, lambda: kernels.pack_resolved(keys, values, region), region, meta,
                                     background and self.level >= 2)
 

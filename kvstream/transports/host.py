@@ -23,10 +23,10 @@ from typing import Sequence
 
 import torch
 
-from ..errors import CapacityError, ChunkNotFound, ConfigError, TransportError
+from ..errors import CapacityError, ChunkNotFound, ConfigError, LayoutError, TransportError
 from ..chunk import NO_CHECKSUM, ChunkHeader, byte_view, chunk_header, meta_key
 from ..layout import Region, check_packed
-from ..cuda import Event, PinnedArena, current_stream_handle, host_empty, memcpy_async
+from ..cuda import Event, PinnedArena, current_stream_handle, host_empty, memcpy_2d_async, memcpy_async
 from ..handles import CompletedHandle, EventHandle, Handle
 from .base import Transport
 
@@ -187,7 +187,73 @@ class HostTransport(Transport):
         self._check_open()
         self._check_key(key)
         self._check_chunk(chunk)
-        header = self._header(chunk, region, meta)
+
+        def copy_in(buf: torch.Tensor) -> Event | None:
+            if chunk.is_cuda:  # one cudaMemcpyAsync on the current stream, then its event (no torch dispatch)
+                stream = current_stream_handle(chunk.device)
+                memcpy_async(buf, chunk, stream)  # contiguous, and as many bytes as buf: no byte view needed
+                return Event(chunk.device).record(stream)
+            buf.copy_(byte_view(chunk))
+            return None
+
+        return self._store(key, self._header(chunk, region, meta), copy_in)
+
+    def flush_rows(self, key: str, parts: Sequence[torch.Tensor], shape: Sequence[int], dtype: torch.dtype,
+                   region: Region | None = None, meta: dict | None = None) -> Handle:
+        """Store under ``key`` the chunk of ``shape`` and ``dtype`` whose bytes are ``parts`` one after the other,
+        each copied straight into the stored buffer: no contiguous chunk is made first.
+
+        Parameters
+        ----------
+        parts : sequence of torch.Tensor
+            2-D ``[rows, cols]`` views of ``dtype`` on one device, dense along ``cols`` and with any row
+            stride (a one-layer region of a ``[B, H, S, D]`` cache is ``[B*H, T*D]``:
+            :func:`kvstream.streaming.direct.row_views`). On a GPU each part is one ``cudaMemcpy2DAsync``
+            on the current stream, and one event follows them all; they are read after this returns, so
+            they must not be written before the handle completes.
+        shape, dtype, region, meta
+            The chunk as :meth:`flush` would store it (its header: ``describe`` and ``fetch`` see a chunk
+            like any other).
+
+        Raises
+        ------
+        LayoutError
+            If a part is not a 2-D view of ``dtype`` with dense rows, the parts span several devices, or
+            their bytes are not the chunk's.
+        CapacityError
+            As :meth:`flush`.
+        """
+        self._check_open()
+        self._check_key(key)
+        device, nbytes = None, 0
+        for p in parts:
+            if p.dim() != 2 or p.dtype != dtype or (p.shape[1] > 1 and p.stride(1) != 1):
+                raise LayoutError(f"flush_rows {key!r}: parts must be 2-D {dtype} views with dense rows, got "
+                                  f"{list(p.shape)} {p.dtype} strides {p.stride()}")
+            if device is not None and p.device != device:
+                raise LayoutError(f"flush_rows {key!r}: parts on {device} and {p.device}")
+            device, nbytes = p.device, nbytes + p.numel() * p.element_size()
+        header = self._header(torch.empty(tuple(shape), dtype=dtype, device="meta"), region, meta)
+        if nbytes != header.nbytes:
+            raise LayoutError(f"flush_rows {key!r}: the parts hold {nbytes} bytes, a {list(shape)} {dtype} chunk "
+                              f"{header.nbytes}")
+
+        def copy_in(buf: torch.Tensor) -> Event | None:
+            cuda = device is not None and device.type == "cuda"
+            stream = current_stream_handle(device) if cuda else None
+            at = 0
+            for p in parts:
+                n = p.numel() * p.element_size()
+                memcpy_2d_async(buf[at:at + n].view(dtype).view(p.shape), p, stream)
+                at += n
+            return Event(device).record(stream) if cuda else None
+
+        return self._store(key, header, copy_in)
+
+    def _store(self, key: str, header: ChunkHeader, copy_in) -> Handle:
+        """Reserve ``header.nbytes``, let ``copy_in(buf)`` fill a new buffer (returns the copy's event, or
+        ``None`` when done), and swap the slot in under ``key`` (the old one retired). Raises
+        ``CapacityError`` with nothing stored when the bytes do not fit."""
         nbytes = header.nbytes
         with self._lock:
             self._check_open()
@@ -199,14 +265,7 @@ class HostTransport(Transport):
             self._reserved += nbytes
         try:
             buf = self._alloc(nbytes)
-            event = None
-            if chunk.is_cuda:  # one cudaMemcpyAsync on the current stream, then its event (no torch dispatch)
-                device = chunk.device
-                stream = current_stream_handle(device)
-                memcpy_async(buf, chunk, stream)  # contiguous, and as many bytes as buf: no byte view needed
-                event = Event(device).record(stream)
-            else:
-                buf.copy_(byte_view(chunk))
+            event = copy_in(buf)
         except BaseException:
             with self._lock:
                 self._reserved -= nbytes
