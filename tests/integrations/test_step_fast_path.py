@@ -64,9 +64,9 @@ def test_middle_layers_skip_the_hook_and_nothing_changes(model, host, flavour, m
     out = _gen(model, ids, cache, 10)
     assert torch.equal(ref.sequences, out.sequences)
     assert all(torch.equal(x, y) for x, y in zip(ref.scores, out.scores))
-    # the prefill enters the hook at every layer; the first decode step opens the tail at its first layer, and
-    # from its second layer on no decode step enters the class's update
-    assert calls == [(l, 20) for l in range(4)] + [(0, 1)]
+    # the prefill and the first two decode steps enter the hook at every layer (the second step ending proves a
+    # run of eager decode steps); from the third on, none enters the class's update
+    assert calls == [(l, 20) for l in range(4)] + [(l, 1) for l in range(4)] * 2
     assert "update" in cache.__dict__ and cache._hooked is not None
     cache.wait()  # closes the tail: the hooks go
     assert "update" not in cache.__dict__ and cache._hooked is None
@@ -103,13 +103,15 @@ def test_a_step_that_skips_a_middle_layer_is_refused_not_streamed(model, host):
     cfg = model.config
     H, D = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
     gen = torch.Generator().manual_seed(0)
-    cache = kvstream.StreamingCache(config=cfg, transport=host, session="skip", steps_per_chunk=2)
+    cache = kvstream.StreamingCache(config=cfg, transport=host, session="skip", steps_per_chunk=3)
     kv = lambda n: [torch.randn(1, H, n, D, generator=gen) for _ in range(2)]  # noqa: E731
     for l in range(4):
         cache.update(*kv(8), l)
-    for l in range(4):  # a regular step opens the tail
-        cache.update(*kv(1), l)
-    with pytest.raises(KVStreamError, match="KV layer 2 holds 9 positions where the pending decode steps end at 10"):
+    for _ in range(2):  # two regular steps: the tail is open and its middle layers skip the hook
+        for l in range(4):
+            cache.update(*kv(1), l)
+    assert cache._hooked is not None
+    with pytest.raises(KVStreamError, match="KV layer 2 holds 10 positions where the pending decode steps end at 11"):
         for l in (0, 1, 3):  # layer 2 skipped: the chunk due now would put its KV at the wrong positions
             cache.update(*kv(1), l)
 
@@ -176,3 +178,43 @@ def test_a_forward_compiled_while_an_eager_tail_is_hooked(host, backend):
     for l, layer in enumerate(back.layers):
         assert torch.equal(layer.keys, ref_cache.layers[l].keys[:, :, :seq])
         assert torch.equal(layer.values, ref_cache.layers[l].values[:, :, :seq])
+
+
+def test_generate_compiling_the_decode_steps_itself_after_a_short_eager_prefill(host):
+    """What ``generate`` does for a static cache on a GPU (the decode steps compiled, the prefill not), with a
+    prompt short enough to open a tail: the hooks are never installed, nothing breaks the graph, and a second
+    cache runs on the graphs of the first."""
+    import torch._dynamo as dynamo
+    from transformers import CompileConfig
+
+    gc.collect()
+    model = build_model(tiny_config("llama", num_layers=3), seed=5)
+    ids = batch_of_prompts(2, 8)  # <= layer_chunk_min_tokens: the eager prefill is streamed as one step
+    config = CompileConfig(backend="eager", fullgraph=False)
+    config._compile_all_devices = True  # transformers' own switch to compile off a GPU
+    dynamo.reset()
+    try:
+        ref_cache = StaticCache(config=model.config, max_cache_len=MAX_LEN)
+        with torch.inference_mode():
+            ref = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(ref_cache), pad_token_id=0,
+                                 do_sample=False, max_new_tokens=6, min_new_tokens=6, compile_config=config)
+        graphs = []
+        for i in range(2):
+            gc.collect()
+            cache = kvstream.StreamingStaticCache(model.config, MAX_LEN, host, session=f"hf{i}")
+            dynamo.utils.counters.clear()
+            with torch.inference_mode():
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(cache), pad_token_id=0,
+                                     do_sample=False, max_new_tokens=6, min_new_tokens=6, compile_config=config)
+            assert cache._hooked is None
+            cache.wait()
+            assert torch.equal(out, ref)
+            assert sum(dynamo.utils.counters["graph_break"].values()) == 0, dict(dynamo.utils.counters["graph_break"])
+            graphs.append(dynamo.utils.counters["stats"]["unique_graphs"])
+            del cache
+            back = kvstream.StreamingCache.load(host, f"hf{i}", config=model.config, stream=False)
+            for l, layer in enumerate(back.layers):
+                assert torch.equal(layer.keys, ref_cache.layers[l].keys[:, :, :13])
+        assert graphs[0] >= 1 and graphs[1] == 0  # generate compiled the decode step, once for both caches
+    finally:
+        dynamo.reset()

@@ -161,8 +161,6 @@ class _SessionStreaming:
                                       per_chunk=self.steps_per_chunk, seen=1)
             if layer_idx == self._last_kv_layer:
                 self._tail_step_ended(t)
-            elif self._fast_path_allowed():
-                hook_edges(self, t)  # the next steps' middle layers skip the hook
             return
         seg = self._recorder.begin(mode, start, n, k.shape[0])
         fwd = self._fwd = _Forward(mode=mode, tokens=n, seg=seg, last_layer=layer_idx, parts=[])
@@ -196,7 +194,13 @@ class _SessionStreaming:
         layers, closes the tail), and stream the pending steps when they are due."""
         if t.seen != t.layers:
             self._close_tail()
-        elif t.step_ended():
+            return
+        if self._hooked is None and t.steps and self._fast_path_allowed():
+            # a second eager step in a row: a run of decode steps, whose next steps skip the hook in the middle
+            # layers (not at the first step: a short prompt's prefill opens a tail too, and a compiled decode
+            # step after it must not be traced over hooks it would then recompile without)
+            hook_edges(self, t)
+        if t.step_ended():
             self._flush_tail(t)
 
     def _flush_tail(self, t: StepTail, behind: frozenset = frozenset()) -> None:

@@ -32,7 +32,7 @@ from . import ops
 from .base import _SessionStreaming
 from .cache import StreamingCache
 from .resume import continue_record
-from .tail import STEPS_PER_CHUNK, StepTail, hook_edges, unhook_edges
+from .tail import STEPS_PER_CHUNK, StepTail, unhook_edges
 
 
 class StreamingStaticCache(_SessionStreaming, StaticCache):
@@ -139,7 +139,7 @@ class StreamingStaticCache(_SessionStreaming, StaticCache):
         if n > self.layer_chunk_min_tokens:
             self._stream_new(layer_idx, key_states, value_states)
         elif layer_idx == self._first_layer:
-            self._open_tail(n, key_states, eager=True)
+            self._open_tail(n, key_states)
             if layer_idx == self._last_layer:
                 self._tail.seen = self._tail.layers
                 self._tail_step_ended(self._tail)
@@ -189,7 +189,7 @@ class StreamingStaticCache(_SessionStreaming, StaticCache):
         self._close_tail()  # a forward that did not begin at the first KV layer: the per-step path
         return self._after_update(layer_idx, key_states, value_states, keys, values)
 
-    def _open_tail(self, n: int, key_states: torch.Tensor, eager: bool = False) -> None:
+    def _open_tail(self, n: int, key_states: torch.Tensor) -> None:
         """A decode step began (its first KV layer was updated): the tail that counts it and its successors."""
         self._finish_forward()
         self._ensure_streamer(key_states.device)
@@ -200,8 +200,6 @@ class StreamingStaticCache(_SessionStreaming, StaticCache):
         ids = self._kv_layer_ids()
         self._tail = StepTail(start=self._host_len, batch=self._batch, first=ids[0], last=ids[-1], layers=len(ids),
                               n=n, cap=1 << 62, per_chunk=self.steps_per_chunk, seen=1)
-        if eager and ids[0] != ids[-1] and self._fast_path_allowed():
-            hook_edges(self, self._tail)  # the next steps' middle layers skip the hook
 
     def _tail_step_ended(self, t) -> None:
         if t.seen == t.layers:

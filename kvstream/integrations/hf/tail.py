@@ -14,10 +14,11 @@ What is streamed is always what the cache holds: anything that reads or rewrites
 A producer killed between two chunks loses at most ``steps_per_chunk - 1`` steps of the stored session;
 ``StreamingCache.load(recover=True)`` returns the positions that did land and ``generate`` recomputes the rest.
 
-While an eager tail is open the hook is not even called on the layers between the first and the last KV layer
-(:func:`hook_edges`): the cache's ``update`` is, for that time, an instance attribute that goes straight to the
-layer's own ``update`` (what transformers' ``Cache.update`` does), and only the first and last KV layers'
-``update`` is an :class:`EdgeHook` that counts the step. Whatever is not a regular step (a longer forward,
+Once a tail has counted two eager steps in a row (a run of decode steps, not a short prompt's prefill, after
+which ``generate`` may compile the decode steps), the hook is not even called on the layers between the first
+and the last KV layer (:func:`hook_edges`): the cache's ``update`` is, for that time, an instance attribute
+that goes straight to the layer's own ``update`` (what transformers' ``Cache.update`` does), and only the
+first and last KV layers' ``update`` is an :class:`EdgeHook` that counts the step. Whatever is not a regular step (a longer forward,
 another batch, a forward that starts past the first layer or stops before the last) closes the tail, which
 removes the hooks (:func:`unhook_edges`) before the cache's own ``update`` handles it.
 """
