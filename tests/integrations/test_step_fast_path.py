@@ -99,12 +99,16 @@ def test_a_longer_forward_after_decode_steps_closes_the_fast_path(model, host, f
         assert torch.equal(layer.values, ref_cache.layers[l].values[:, :, :seq])
 
 
-def test_a_step_that_skips_a_middle_layer_is_refused_not_streamed(model, host):
-    cfg = model.config
+def _kv_maker(cfg):
+    """New ``[1, H, n, D]`` keys and values of ``cfg``'s shape, seeded."""
     H, D = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
     gen = torch.Generator().manual_seed(0)
-    cache = kvstream.StreamingCache(config=cfg, transport=host, session="skip", steps_per_chunk=3)
-    kv = lambda n: [torch.randn(1, H, n, D, generator=gen) for _ in range(2)]  # noqa: E731
+    return lambda n: [torch.randn(1, H, n, D, generator=gen) for _ in range(2)]
+
+
+def test_a_step_that_skips_a_middle_layer_is_refused_not_streamed(model, host):
+    cache = kvstream.StreamingCache(config=model.config, transport=host, session="skip", steps_per_chunk=3)
+    kv = _kv_maker(model.config)
     for l in range(4):
         cache.update(*kv(8), l)
     for _ in range(2):  # two regular steps: the tail is open and its middle layers skip the hook
@@ -118,11 +122,8 @@ def test_a_step_that_skips_a_middle_layer_is_refused_not_streamed(model, host):
 
 def test_a_step_that_skips_a_middle_layer_at_one_step_per_chunk_is_streamed_as_it_happened(model, host):
     """At one step per chunk each step counts its layers (no fast path), as the per-step path always did."""
-    cfg = model.config
-    H, D = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
-    gen = torch.Generator().manual_seed(0)
-    cache = kvstream.StreamingCache(config=cfg, transport=host, session="skip1", steps_per_chunk=1)
-    kv = lambda n: [torch.randn(1, H, n, D, generator=gen) for _ in range(2)]  # noqa: E731
+    cache = kvstream.StreamingCache(config=model.config, transport=host, session="skip1", steps_per_chunk=1)
+    kv = _kv_maker(model.config)
     for layers, n in [(range(4), 8), (range(4), 1), ((0, 1, 3), 1)]:
         for l in layers:
             cache.update(*kv(n), l)

@@ -34,7 +34,7 @@ from .base import MANIFEST_FORMAT, SUPPORTED_DYNAMIC, _SessionStreaming, _suppor
 from .offload import Offloader
 from .resume import load_session
 from .reuse import fill_from_prefix
-from .tail import STEPS_PER_CHUNK
+from .tail import STEPS_PER_CHUNK, edge_update
 
 
 class StreamingCache(_SessionStreaming, DynamicCache):
@@ -160,29 +160,14 @@ class StreamingCache(_SessionStreaming, DynamicCache):
             self._stream_new(layer_idx, key_states, value_states)
         return keys, values
 
-    def _edge_update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor, args, kwargs):
-        """The first or last KV layer's ``update`` while an eager tail is open (:class:`~.tail.EdgeHook`): the
-        layer's own update and the step's count. Anything but a regular step closes the tail (which removes
-        the hooks) and goes through :meth:`update` as before."""
-        t = self._tail
-        layer = self.layers[layer_idx]
-        if layer_idx == t.first:
-            if t.seen == 0 and key_states.shape[-2] == t.n and key_states.shape[0] == t.batch:
-                t.seen = 1
-                out = type(layer).update(layer, key_states, value_states, *args, **kwargs)
-                if layer_idx == t.last:
-                    t.seen = t.layers
-                    self._tail_step_ended(t)
-                return out
-            self._close_tail()  # a longer forward, another batch, or the last one stopped early
-            return self.update(key_states, value_states, layer_idx, *args, **kwargs)
-        out = type(layer).update(layer, key_states, value_states, *args, **kwargs)
-        if t.seen == 1 and key_states.shape[-2] == t.n:
-            t.seen = t.layers
-            self._tail_step_ended(t)
-        else:  # a forward that did not begin at the first KV layer: streamed as it happened
-            t.seen = 1
-            self._close_tail()
+    #: The first and last KV layers' update while an eager tail is open (:class:`~.tail.EdgeHook`).
+    _edge_update = edge_update
+
+    def _irregular_last(self, t, layer_idx: int, key_states, value_states, out):
+        """The last KV layer of a forward that did not begin at the first (already updated): the tail closes
+        and streams it as it happened (the layers it grew, :meth:`_partial_step`)."""
+        t.seen = 1
+        self._close_tail()
         return out
 
     @classmethod

@@ -32,7 +32,7 @@ from . import ops
 from .base import _SessionStreaming
 from .cache import StreamingCache
 from .resume import continue_record
-from .tail import STEPS_PER_CHUNK, StepTail, unhook_edges
+from .tail import STEPS_PER_CHUNK, StepTail, edge_update, unhook_edges
 
 
 class StreamingStaticCache(_SessionStreaming, StaticCache):
@@ -102,9 +102,7 @@ class StreamingStaticCache(_SessionStreaming, StaticCache):
                 if n > self.layer_chunk_min_tokens:
                     torch.ops.kvstream.stream_layer(keys, key_states, value_states, layer_idx)
                 elif layer_idx == self._last_layer:
-                    ids = self._kv_layer_ids()
-                    torch.ops.kvstream.stream_step([self.layers[l].keys for l in ids],
-                                                   [self.layers[l].values for l in ids], layer_idx, n)
+                    self._traced_step(layer_idx, n)
             return keys, values
         t = self._tail
         if t is not None:
@@ -166,28 +164,22 @@ class StreamingStaticCache(_SessionStreaming, StaticCache):
             else:
                 keys, values = type(layer).update(layer, key_states, value_states, *args, **kwargs)
                 if layer_idx == self._last_layer:
-                    ids = self._kv_layer_ids()
-                    torch.ops.kvstream.stream_step([self.layers[l].keys for l in ids],
-                                                   [self.layers[l].values for l in ids], layer_idx, n)
+                    self._traced_step(layer_idx, n)
                 return keys, values
-        t = self._tail
-        if layer_idx == t.first:
-            if t.seen == 0 and n == t.n:
-                t.seen = 1
-                out = type(layer).update(layer, key_states, value_states, *args, **kwargs)
-                if layer_idx == t.last:
-                    t.seen = t.layers
-                    self._tail_step_ended(t)
-                return out
-            self._close_tail()  # a longer forward, or the last one stopped before the last layer
-            return self.update(key_states, value_states, layer_idx, *args, **kwargs)
-        keys, values = type(layer).update(layer, key_states, value_states, *args, **kwargs)
-        if t.seen == 1 and n == t.n:
-            t.seen = t.layers
-            self._tail_step_ended(t)
-            return keys, values
-        self._close_tail()  # a forward that did not begin at the first KV layer: the per-step path
-        return self._after_update(layer_idx, key_states, value_states, keys, values)
+        return edge_update(self, layer_idx, key_states, value_states, args, kwargs)
+
+    def _traced_step(self, layer_idx: int, n: int) -> None:
+        """Traced, at the last KV layer of a short forward: the op that streams it from every KV layer's
+        buffers at run time (:func:`kvstream.integrations.hf.ops.stream_step`)."""
+        ids = self._kv_layer_ids()
+        torch.ops.kvstream.stream_step([self.layers[l].keys for l in ids], [self.layers[l].values for l in ids],
+                                       layer_idx, n)
+
+    def _irregular_last(self, t, layer_idx: int, key_states, value_states, out):
+        """The last KV layer of a forward that did not begin at the first (already updated): the tail closes,
+        then the per-step path streams the forward from the buffers."""
+        self._close_tail()
+        return self._after_update(layer_idx, key_states, value_states, *out)
 
     def _open_tail(self, n: int, key_states: torch.Tensor) -> None:
         """A decode step began (its first KV layer was updated): the tail that counts it and its successors."""

@@ -103,6 +103,33 @@ class EdgeHook:
         return self._cache()._edge_update(self.layer_idx, key_states, value_states, args, kwargs)
 
 
+def edge_update(cache: Any, layer_idx: int, key_states, value_states, args: tuple, kwargs: dict):
+    """An :class:`EdgeHook`'s work on ``cache`` (either flavour): the first or last KV layer's own update and the
+    step's count. A first layer that does not start a step of ``t.n`` tokens of the tail's batch closes the tail
+    (which removes the hooks) and goes through the cache's ``update``; a last layer whose forward did not begin
+    at the first is the cache's ``_irregular_last(t, layer_idx, key_states, value_states, out)``. Returns the
+    layer's ``(keys, values)``."""
+    t = cache._tail
+    layer = cache.layers[layer_idx]
+    n = key_states.shape[-2]
+    if layer_idx == t.first:
+        if t.seen == 0 and n == t.n and key_states.shape[0] == t.batch:
+            t.seen = 1
+            out = type(layer).update(layer, key_states, value_states, *args, **kwargs)
+            if layer_idx == t.last:
+                t.seen = t.layers
+                cache._tail_step_ended(t)
+            return out
+        cache._close_tail()  # a longer forward, another batch, or the last one stopped early
+        return cache.update(key_states, value_states, layer_idx, *args, **kwargs)
+    out = type(layer).update(layer, key_states, value_states, *args, **kwargs)
+    if t.seen == 1 and n == t.n:
+        t.seen = t.layers
+        cache._tail_step_ended(t)
+        return out
+    return cache._irregular_last(t, layer_idx, key_states, value_states, out)
+
+
 def hook_edges(cache: Any, t: StepTail) -> None:
     """Open the fast path of an eager tail on ``cache`` (see the module docstring): its ``update`` goes to the
     layers directly, its first and last KV layers' ``update`` is an :class:`EdgeHook`."""
@@ -123,4 +150,4 @@ def unhook_edges(cache: Any) -> None:
         layer.__dict__.pop("update", None)
 
 
-__all__ = ["STEPS_PER_CHUNK", "EdgeHook", "StepTail", "hook_edges", "unhook_edges", "window_cap"]
+__all__ = ["STEPS_PER_CHUNK", "EdgeHook", "StepTail", "edge_update", "hook_edges", "unhook_edges", "window_cap"]
