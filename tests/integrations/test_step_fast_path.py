@@ -143,8 +143,14 @@ def test_a_dropped_cache_with_hooked_layers_is_freed_without_the_cyclic_gc(model
         _gen(model, ids, cache, 4)
         assert cache._hooked is not None
         ref = weakref.ref(cache.layers[1].keys)
+        first = cache.layers[0]  # a hooked edge layer that outlives its cache
         del cache
         assert ref() is None
+        k = torch.ones_like(first.keys[:, :, :1])
+        n0 = int(first.get_seq_length())
+        with torch.inference_mode():  # the cache was filled inside generate's inference mode
+            keys, _ = first.update(k, k)  # a plain layer again
+        assert "update" not in first.__dict__ and torch.equal(keys[:, :, n0:n0 + 1], k)
     finally:
         gc.enable()
 

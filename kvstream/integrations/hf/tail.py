@@ -97,10 +97,16 @@ class EdgeHook:
 
     def __init__(self, cache: Any, layer_idx: int):
         self._cache = weakref.ref(cache)
+        self._layer = weakref.ref(cache.layers[layer_idx])
         self.layer_idx = layer_idx
 
     def __call__(self, key_states, value_states, *args, **kwargs):
-        return self._cache()._edge_update(self.layer_idx, key_states, value_states, args, kwargs)
+        cache = self._cache()
+        if cache is None:  # the layer outlived its cache: it is a plain layer again
+            layer = self._layer()
+            layer.__dict__.pop("update", None)
+            return layer.update(key_states, value_states, *args, **kwargs)
+        return cache._edge_update(self.layer_idx, key_states, value_states, args, kwargs)
 
 
 def edge_update(cache: Any, layer_idx: int, key_states, value_states, args: tuple, kwargs: dict):
