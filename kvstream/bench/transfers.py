@@ -99,18 +99,14 @@ def bench_size(run: Run, g: dict, tokens: int) -> dict:
     regions = [Region(layers=(l, l + 1), tokens=(0, tokens)) for l in range(n)]
     streamer = KVStreamer(transport, device=run.device)
 
-    def scatter_all() -> None:
+    def scatter_all(prefix: str = "s", direct: bool = False) -> None:
+        """Scatter every layer's region under ``<prefix><layer>`` (``direct``: as rows, no pack) until landed."""
         for l, r in enumerate(regions):
-            streamer.scatter(f"s{l}", keys, values, r)
-        streamer.wait()
-
-    def scatter_direct() -> None:
-        for l, r in enumerate(regions):
-            streamer.scatter(f"r{l}", keys, values, r, direct=True)
+            streamer.scatter(f"{prefix}{l}", keys, values, r, direct=direct)
         streamer.wait()
 
     # the pack and the direct rows alternate, so that the machine's drift lands on both
-    samples = timing.time_alternating({"KVStreamer": scatter_all, "KVStreamer-direct": scatter_direct},
+    samples = timing.time_alternating({"KVStreamer": scatter_all, "KVStreamer-direct": lambda: scatter_all("r", True)},
                                       device=run.device, reps=1 if run.quick else 5)
     for name, ms in samples.items():
         f[f"d2h_{name}"] = run.add_time_and_bandwidth("transfers.d2h", name, x, Stat.of(ms), total).p50
@@ -124,6 +120,7 @@ def bench_size(run: Run, g: dict, tokens: int) -> dict:
     values[0][:, :, :tokens].fill_(float("nan"))
 
     def gather_all() -> None:
+        """Gather every layer's chunk back into its region, each waited for."""
         for l, r in enumerate(regions):
             streamer.gather(f"s{l}", keys, values, r).wait()
 

@@ -22,7 +22,7 @@ import torch
 from ..handles import Handle
 from ..layout import Region
 
-#: Most 2-D copies a direct flush may take (a region that splits into more rows runs is packed instead).
+#: Most 2-D copies a direct flush may take (a region that splits into more row runs is packed instead).
 MAX_PARTS = 256
 
 

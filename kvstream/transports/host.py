@@ -189,6 +189,7 @@ class HostTransport(Transport):
         self._check_chunk(chunk)
 
         def copy_in(buf: torch.Tensor) -> Event | None:
+            """Copy ``chunk`` into the slot's ``buf``; the copy's event on a GPU (``None``: done)."""
             if chunk.is_cuda:  # one cudaMemcpyAsync on the current stream, then its event (no torch dispatch)
                 stream = current_stream_handle(chunk.device)
                 memcpy_async(buf, chunk, stream)  # contiguous, and as many bytes as buf: no byte view needed
@@ -239,6 +240,8 @@ class HostTransport(Transport):
                               f"{header.nbytes}")
 
         def copy_in(buf: torch.Tensor) -> Event | None:
+            """Copy the parts one after the other into the slot's ``buf`` (a 2-D copy each); one event after
+            them on a GPU (``None``: done)."""
             cuda = device is not None and device.type == "cuda"
             stream = current_stream_handle(device) if cuda else None
             at = 0

@@ -18,9 +18,9 @@ Once a tail has counted two eager steps in a row (a run of decode steps, not a s
 which ``generate`` may compile the decode steps), the hook is not even called on the layers between the first
 and the last KV layer (:func:`hook_edges`): the cache's ``update`` is, for that time, an instance attribute
 that goes straight to the layer's own ``update`` (what transformers' ``Cache.update`` does), and only the
-first and last KV layers' ``update`` is an :class:`EdgeHook` that counts the step. Whatever is not a regular step (a longer forward,
-another batch, a forward that starts past the first layer or stops before the last) closes the tail, which
-removes the hooks (:func:`unhook_edges`) before the cache's own ``update`` handles it.
+first and last KV layers' ``update`` is an :class:`EdgeHook` that counts the step. Whatever is not a regular
+step (a longer forward, another batch, a forward that starts past the first layer or stops before the last)
+closes the tail, which removes the hooks (:func:`unhook_edges`) before the cache's own ``update`` handles it.
 """
 
 from __future__ import annotations
@@ -140,10 +140,10 @@ def hook_edges(cache: Any, t: StepTail) -> None:
     """Open the fast path of an eager tail on ``cache`` (see the module docstring): its ``update`` goes to the
     layers directly, its first and last KV layers' ``update`` is an :class:`EdgeHook`."""
     cache.update = partial(_layer_update, cache.layers)
-    layers = [cache.layers[i] for i in sorted({t.first, t.last})]
-    for layer, i in zip(layers, sorted({t.first, t.last})):
-        layer.update = EdgeHook(cache, i)
-    cache._hooked = layers
+    edges = sorted({t.first, t.last})
+    for i in edges:
+        cache.layers[i].update = EdgeHook(cache, i)
+    cache._hooked = [cache.layers[i] for i in edges]
 
 
 def unhook_edges(cache: Any) -> None:
