@@ -42,6 +42,12 @@ with torch.inference_mode():
         wrap(s, "flush", f"{name}.streamer.flush")
         wrap(s, "_pack_and_flush", f"{name}._pack_and_flush")
     wrap(t, "flush", "HostTransport.flush")
+    wrap(t, "_store", "HostTransport._store")
+    wrap(t, "_header", "HostTransport._header")
+    from kvstream.kernels.tokens import NewestPlan
+    wrap(NewestPlan, "run", "NewestPlan.run (launch)")
+    wrap(KVStreamer, "_keep_until_read", "KVStreamer._keep_until_read")
+    wrap(KVStreamer, "_track", "KVStreamer._track")
     for mode in (False, True, False, True):
         sync_before["on"] = mode
         acc.clear()

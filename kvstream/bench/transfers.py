@@ -77,7 +77,7 @@ def bench_size(run: Run, g: dict, tokens: int) -> dict:
     f["h2d_memcpy"] = ceilings.ceiling_memcpy(run, chunk_bytes, n, direction="h2d", bench="transfers.h2d", x=x).p50
     inputs.free_memory()
 
-    transport = HostTransport(capacity_bytes=2 * total + (1 << 20))
+    transport = HostTransport(capacity_bytes=3 * total + (1 << 20))  # the pack and the direct keys, and one layer of re-flushes in flight
     chunks = [inputs.random_tensor(shape, g["dtype"], run.device) for _ in range(n)]
     f["d2h_HostTransport"] = run.add_time_and_bandwidth(
         "transfers.d2h", "HostTransport", x,
