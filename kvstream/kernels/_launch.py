@@ -59,3 +59,56 @@ def launch_guard(device: torch.device):
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
         return torch.cuda.device(device)
     return contextlib.nullcontext()
+
+
+# -- launching a compiled kernel directly ------------------------------------------------------------
+#: Compiled kernels by specialization (see :func:`launch`): ``key -> (compiled, constexpr values in order)``;
+#: ``None`` for a kernel whose compiled launcher refused the arguments (it is launched through Triton always).
+_compiled: dict = {}
+_no_direct: set = set()
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def _spec(arg):
+    """What Triton specializes a launch argument on: a tensor's dtype and 16-byte alignment; an int's width
+    (32 or 64 bits), and whether it is 1 or a multiple of 16 (more than ``do_not_specialize`` needs: a key
+    too fine costs one more launch through Triton, one too coarse would launch the wrong kernel)."""
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if isinstance(arg, bool) or not isinstance(arg, int):
+        return type(arg), arg
+    return -2**31 <= arg < 2**31, arg == 1, arg % 16 == 0
+
+
+def launch(kernel, grid: tuple, args: tuple, consts: dict, num_warps: int, device: torch.device) -> None:
+    """``kernel[grid](*args, **consts, num_warps=num_warps)`` on the current stream of ``device``.
+
+    ``kernel`` is a ``@triton.jit`` function, ``args`` its runtime arguments (tensors and ints, in order),
+    ``consts`` every parameter after them by name (the constexprs). On a GPU, once a specialization has been
+    launched through Triton, the compiled kernel it returned is launched directly
+    (``CompiledKernel[grid](*args, stream=...)``): Triton's ``JITFunction.run`` binds the arguments, builds the
+    specialization key and looks it up on every call, ~26 µs of host time on the H200 host in a tight loop and
+    140-200 µs inside the generate hook, where the compiled launcher needs only its arguments (bench/NOTES.md,
+    "Results, 2026-12-01, fifth session"). The cache's key holds what Triton specializes on (:func:`_spec`),
+    the constexprs, ``num_warps`` and the device. A compiled launcher that refuses the arguments (another
+    Triton's calling convention) raises ``TypeError`` before it launches; the kernel then always goes through
+    Triton. On the CPU (the interpreter) it always does.
+    """
+    if device.type != "cuda" or kernel in _no_direct:
+        kernel[grid](*args, **consts, num_warps=num_warps)
+        return
+    key = (kernel, num_warps, device.index, *consts.values(), *map(_spec, args))
+    hit = _compiled.get(key)
+    if hit is not None:
+        compiled, tail = hit
+        try:
+            compiled[grid if len(grid) == 3 else (*grid, 1, 1)[:3]](*args, *tail, stream=_raw_stream(device.index) if _raw_stream else
+                           torch.cuda.current_stream(device).cuda_stream)
+            return
+        except TypeError:  # this Triton's compiled launcher takes other arguments
+            _no_direct.add(kernel)
+            _compiled.pop(key, None)
+    compiled = kernel[grid](*args, **consts, num_warps=num_warps)
+    names = list(getattr(kernel, "arg_names", ()))[len(args):]
+    if kernel not in _no_direct and names and set(names) == set(consts) and hasattr(compiled, "__getitem__"):
+        _compiled[key] = (compiled, [consts[n] for n in names])

@@ -86,11 +86,12 @@ def _blocks(key_caches, value_caches, block_ids, layers, chunk, unpack, block_ro
     tiles = triton.cdiv(block_size * heads, block_rows)
     with _launch.launch_guard(device):
         table = _tables.table(scan.rows, _tables.PAGED_COLS, device)
-        _copy_blocks_kernel[(block_ids.numel() * tiles, entries)](
-            table, _tables.as_bits(chunk), block_ids, block_ids.numel(), tiles,
-            COLS=_tables.PAGED_COLS, BLOCK_SIZE=block_size, HEADS=heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
-            BLOCK_R=block_rows, ALIGN=scan.vector, UNPACK=unpack, HEAD_DIM_V=scan.head_dim_v, BLOCK_DV=block_dv,
-            num_warps=num_warps or NUM_WARPS)
+        _launch.launch(_copy_blocks_kernel, (block_ids.numel() * tiles, entries),
+                       (table, _tables.as_bits(chunk), block_ids, block_ids.numel(), tiles),
+                       dict(COLS=_tables.PAGED_COLS, BLOCK_SIZE=block_size, HEADS=heads, HEAD_DIM=head_dim,
+                            BLOCK_D=block_d, BLOCK_R=block_rows, ALIGN=scan.vector, UNPACK=unpack,
+                            HEAD_DIM_V=scan.head_dim_v, BLOCK_DV=block_dv),
+                       num_warps or NUM_WARPS, scan.device)
     return chunk
 
 

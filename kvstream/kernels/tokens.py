@@ -129,12 +129,13 @@ def _launch_kernel(scan, batch, heads, tokens, t0, device_starts, chunk, unpack,
                                                                               chunk.element_size(), block_rows)
     with _launch.launch_guard(device):
         table = _tables.table(scan.rows, _tables.TOKEN_COLS, device)
-        _copy_tokens_kernel[grid](
-            table, _tables.as_bits(chunk), device_starts if device_starts is not None else table,
-            rows, heads, tokens, tiles, t0,
-            COLS=_tables.TOKEN_COLS, HEAD_DIM=scan.shape[3], BLOCK_D=block_d, BLOCK_R=block_rows, ALIGN=scan.vector,
-            DEVICE_STARTS=device_starts is not None, UNPACK=unpack, ACROSS_ROWS=across_rows,
-            HEAD_DIM_V=scan.head_dim_v, BLOCK_DV=block_dv, num_warps=num_warps or NUM_WARPS)
+        _launch.launch(_copy_tokens_kernel, grid,
+                       (table, _tables.as_bits(chunk), device_starts if device_starts is not None else table,
+                        rows, heads, tokens, tiles, t0),
+                       dict(COLS=_tables.TOKEN_COLS, HEAD_DIM=scan.shape[3], BLOCK_D=block_d, BLOCK_R=block_rows,
+                            ALIGN=scan.vector, DEVICE_STARTS=device_starts is not None, UNPACK=unpack,
+                            ACROSS_ROWS=across_rows, HEAD_DIM_V=scan.head_dim_v, BLOCK_DV=block_dv),
+                       num_warps or NUM_WARPS, device)
 
 
 #: Pointer tables a plan keeps in flight for :meth:`NewestPlan.bind` (one per step; a slot is reused only
@@ -161,6 +162,10 @@ class NewestPlan:
         self._geom = _geometry(scan, b, h, num_tokens, scan.dtype.itemsize, block_rows)
         self._align = scan.vector
         self._warps = num_warps or NUM_WARPS
+        _, block_d, block_r, across_rows, _, _, block_dv = self._geom
+        self._consts = dict(COLS=_tables.TOKEN_COLS, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, ALIGN=self._align,
+                            DEVICE_STARTS=False, UNPACK=False, ACROSS_ROWS=across_rows, HEAD_DIM_V=scan.head_dim_v,
+                            BLOCK_DV=block_dv)
         self._rows = scan.rows
         self._sig = [(tuple(t.shape), t.stride()) for l in ids for t in (keys[l], values[l])]
         self._ring = None  # pinned [BIND_RING, entries * TOKEN_COLS] int64, made by the first bind
@@ -222,11 +227,9 @@ class NewestPlan:
         rows, block_d, block_rows, across_rows, tiles, grid, block_dv = self._geom
         if rows:
             with _launch.launch_guard(self.device):
-                _copy_tokens_kernel[grid](
-                    self._table, _tables.as_bits(out), self._table, rows, self._heads, n, tiles, start,
-                    COLS=_tables.TOKEN_COLS, HEAD_DIM=self.head_dims[0], BLOCK_D=block_d, BLOCK_R=block_rows,
-                    ALIGN=self._align, DEVICE_STARTS=False, UNPACK=False, ACROSS_ROWS=across_rows,
-                    HEAD_DIM_V=self.head_dims[1], BLOCK_DV=block_dv, num_warps=self._warps)
+                _launch.launch(_copy_tokens_kernel, grid,
+                               (self._table, _tables.as_bits(out), self._table, rows, self._heads, n, tiles, start),
+                               self._consts, self._warps, self.device)
                 if self._bound_slot is not None:
                     self._mark_read()
         return out

@@ -211,3 +211,27 @@ def test_plan_bind_follows_new_tensors_through_the_ring(seed):
     assert all(torch.equal(o, e) for o, e in zip(outs, expected))
     other = [torch.randn(3, 4, 2, 128, device=CUDA, dtype=torch.bfloat16) for _ in range(3)]
     assert not plan.bind(other, other)  # another shape: the plan stays as it was
+
+
+@pytest.mark.gpu
+def test_compiled_launches_pack_what_triton_launches_pack(seed):
+    """After a specialization's first launch through Triton, `_launch.launch` calls its compiled kernel directly:
+    the plan's and the region pack's later launches (other starts, 1 and multiples of 16 among them) must be
+    bit-exact, and the direct path must be the one taken on this Triton."""
+    from kvstream.kernels import _launch
+    from kvstream.kernels.tokens import _copy_tokens_kernel
+
+    keys, values, _ = hf_layers(seed, seq=[48, 48, 48], batch=2, heads=4, head_dim=128, dtype=torch.bfloat16,
+                                device=CUDA, kind="static")
+    plan = kernels.plan_newest(keys, values, num_tokens=3)
+    starts = [0, 1, 2, 5, 16, 17, 32, 45]
+    outs = [plan.run(s) for s in starts + starts]
+    regions = [Region(layers=(0, 3), tokens=(s, s + 3), batch=(0, 2), heads=(0, 4)) for s in starts + starts]
+    packs = [kernels.pack_tokens(keys, values, r) for r in regions]
+    torch.cuda.synchronize()
+    for s, o in zip(starts + starts, outs):
+        assert torch.equal(o, ref.pack_tokens(keys, values, Region(layers=(0, 3), tokens=(s, s + 3))))
+    for r, p in zip(regions, packs):
+        assert torch.equal(p, ref.pack_tokens(keys, values, r))
+    assert _copy_tokens_kernel not in _launch._no_direct
+    assert any(k[0] is _copy_tokens_kernel for k in _launch._compiled), "no compiled kernel was cached"
