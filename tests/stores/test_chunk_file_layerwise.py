@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 import weakref
 
 import pytest
@@ -201,6 +202,11 @@ def test_a_dropped_match_frees_its_staging_without_the_cyclic_gc(store, monkeypa
             with store.lookup(IDS) as m:
                 load(m)
             del m
+            # a reader thread drops its work item (which holds the staging's view) just after the read's result
+            # is set: wait for that, with the GC off, so only a reference cycle keeps the staging alive
+            deadline = time.monotonic() + 5.0
+            while stagings and stagings[-1]() is not None and time.monotonic() < deadline:
+                time.sleep(0.001)
             assert stagings and stagings[-1]() is None
     finally:
         if was_enabled:
