@@ -1,7 +1,7 @@
 """The soak: writer processes and reader threads hammer a session DiskTransport, a ChunkFileStore and a
 shared RadixStore for a bounded time, under eviction and TTL GC, while writers are SIGKILLed at random
 (issue 13). Then: every load was bit-exact or a clean error (zero wrong KV), pins and leases are back to
-zero, no temp file older than its bound is left, pinned host memory is back at its baseline, no file
+zero, no temp file older than its bound is left, pinned host memory is at or below its baseline, no file
 descriptor is left open on the soak's files or on unlinked ones, and the radix store's shared memory stays
 within its capacity.
 
@@ -80,6 +80,7 @@ def _reader(root, sessions, files, radix, deadline: float, seed: int, tally: Cou
 def soak(root: Path, duration_s: float, seed: int = 0) -> dict:
     """Run the soak under ``root`` for ``duration_s`` seconds; returns what it measured."""
     rng = random.Random(seed)
+    gc.collect()  # an earlier test's garbage (a staging in a cycle) must not be freed into the soak's count
     files0, pinned0 = _open_files(), default_allocator().live_bytes
     (root / "shm").mkdir(parents=True, exist_ok=True)
     sessions, files, radix = work.stores(root, gc=True)
@@ -158,7 +159,9 @@ def problems(r: dict) -> list[str]:
         ("radix pins left", r["radix_held"] == 0 and r["radix_pins"] == 0),
         ("old temp files left", r["old_temp_files"] == []),
         ("radix over capacity", r["radix_used_bytes"] <= work.RADIX_CAPACITY and r["radix_blob_bytes"] <= work.RADIX_CAPACITY),
-        ("descriptors or pinned bytes leaked", r["leaked_fds"] == [] and r["pinned"] == r["pinned0"]),
+        ("descriptors leaked", r["leaked_fds"] == []),
+        # more bytes live than before it is a leak; fewer is an earlier test's buffer freed late (by a thread)
+        ("pinned bytes leaked", r["pinned"] <= r["pinned0"]),
     ]
     return [name for name, ok in rules if not ok]
 
@@ -166,7 +169,7 @@ def problems(r: dict) -> list[str]:
 @pytest.mark.slow
 def test_soak(tmp_path):
     r = soak(tmp_path, float(os.environ.get("KVSTREAM_SOAK_S", "40")))
-    assert problems(r) == [], r
+    assert problems(r) == [], {k: r[k] for k in ("leaked_fds", "pinned", "pinned0", "killed", "bad_exits")} | r
 
 
 if __name__ == "__main__":
