@@ -1,5 +1,6 @@
 """Launch tuning shared by the Triton launchers: vector width, rows per program, the SM count, the device
-guard. Nothing here imports triton.
+guard, and :func:`launch`, which calls a specialization's compiled kernel directly after its first launch.
+Nothing here imports triton.
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ import contextlib
 import math
 
 import torch
+
+from ..cuda.streams import current_stream_handle
 
 #: Largest vector the kernels ask for, in bytes: Hopper's widest global load/store (``ld.global.v4.b32``).
 VECTOR_BYTES = 16
@@ -62,11 +65,10 @@ def launch_guard(device: torch.device):
 
 
 # -- launching a compiled kernel directly ------------------------------------------------------------
-#: Compiled kernels by specialization (see :func:`launch`): ``key -> (compiled, constexpr values in order)``;
-#: ``None`` for a kernel whose compiled launcher refused the arguments (it is launched through Triton always).
+#: Compiled kernels by specialization (see :func:`launch`): ``key -> (compiled, constexpr values in order)``.
 _compiled: dict = {}
+#: Kernels whose compiled launcher refused the arguments: launched through Triton always.
 _no_direct: set = set()
-_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 def _spec(arg):
@@ -102,8 +104,7 @@ def launch(kernel, grid: tuple, args: tuple, consts: dict, num_warps: int, devic
     if hit is not None:
         compiled, tail = hit
         try:
-            compiled[grid if len(grid) == 3 else (*grid, 1, 1)[:3]](*args, *tail, stream=_raw_stream(device.index) if _raw_stream else
-                           torch.cuda.current_stream(device).cuda_stream)
+            compiled[grid if len(grid) == 3 else (*grid, 1, 1)[:3]](*args, *tail, stream=current_stream_handle(device))
             return
         except TypeError:  # this Triton's compiled launcher takes other arguments
             _no_direct.add(kernel)

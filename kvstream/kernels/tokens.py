@@ -224,7 +224,7 @@ class NewestPlan:
             raise LayoutError(f"NewestPlan.run: tokens [{start}, {start + n}) fall outside the {self.capacity} "
                               "positions of the planned tensors")
         out = _checks.packed_out(out, self.shape, self.dtype, self.device)
-        rows, block_d, block_rows, across_rows, tiles, grid, block_dv = self._geom
+        rows, _, _, _, tiles, grid, _ = self._geom
         if rows:
             with _launch.launch_guard(self.device):
                 _launch.launch(_copy_tokens_kernel, grid,

@@ -44,7 +44,7 @@ class FakeJit:
 
 @pytest.fixture
 def fake_stream(monkeypatch):
-    monkeypatch.setattr(_launch, "_raw_stream", lambda index: 1234)
+    monkeypatch.setattr(_launch, "current_stream_handle", lambda device: 1234)
     monkeypatch.setattr(_launch, "_compiled", {})
     monkeypatch.setattr(_launch, "_no_direct", set())
 
