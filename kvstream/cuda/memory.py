@@ -318,9 +318,29 @@ def host_empty(shape: int | Sequence[int], dtype: torch.dtype = torch.uint8, *, 
     return _DEFAULT.empty(numel * dtype.itemsize).view(dtype).view(shape)
 
 
+_same_address: bool | None = None
+
+
+def pinned_is_device_addressable() -> bool:
+    """Whether the GPU reaches this process's pinned host memory at its host address (unified virtual
+    addressing: ``cudaHostGetDevicePointer`` of a ``cudaHostAlloc`` block returns the block's own address), so a
+    kernel may be handed a pinned buffer's ``data_ptr()`` and write it directly. Asked of the driver once per
+    process (one 4 KiB block); ``False`` without CUDA."""
+    global _same_address
+    if _same_address is None:
+        if not cuda_usable():
+            _same_address = False
+        else:
+            buf = _DEFAULT.empty(_MIN_BLOCK)
+            dev = _check(_cudart().cudaHostGetDevicePointer(buf.data_ptr(), 0), "cudaHostGetDevicePointer")
+            _same_address = int(dev) == buf.data_ptr()
+    return _same_address
+
+
 def default_allocator() -> PinnedAllocator:
     """The process-wide allocator behind :func:`host_empty` (for statistics and :meth:`trim`)."""
     return _DEFAULT
 
 
-__all__ = ["cuda_usable", "size_class", "PinnedAllocator", "PinnedArena", "host_empty", "default_allocator"]
+__all__ = ["cuda_usable", "size_class", "PinnedAllocator", "PinnedArena", "host_empty", "default_allocator",
+           "pinned_is_device_addressable"]

@@ -104,12 +104,43 @@ def launch(kernel, grid: tuple, args: tuple, consts: dict, num_warps: int, devic
     if hit is not None:
         compiled, tail = hit
         try:
-            compiled[grid if len(grid) == 3 else (*grid, 1, 1)[:3]](*args, *tail, stream=current_stream_handle(device))
+            compiled[grid3(grid)](*map(_raw, args), *tail, stream=current_stream_handle(device))
             return
         except TypeError:  # this Triton's compiled launcher takes other arguments
-            _no_direct.add(kernel)
-            _compiled.pop(key, None)
+            refuse_direct(kernel)
     compiled = kernel[grid](*args, **consts, num_warps=num_warps)
     names = list(getattr(kernel, "arg_names", ()))[len(args):]
     if kernel not in _no_direct and names and set(names) == set(consts) and hasattr(compiled, "__getitem__"):
         _compiled[key] = (compiled, [consts[n] for n in names])
+
+
+def compiled_entry(kernel, args: tuple, consts: dict, num_warps: int, device: torch.device):
+    """The ``(compiled kernel, constexpr values in parameter order)`` that :func:`launch` keeps for this
+    specialization, or ``None`` (not launched yet, on the CPU, or launched through Triton always). A caller that
+    keeps it may launch ``compiled[grid3](*raw_args, *tail, stream=...)`` itself, with raw addresses (ints) for
+    pointers, as long as what Triton specializes on (:func:`_spec`) stays the same; a ``TypeError`` from that
+    call means another calling convention (then :func:`refuse_direct` and go through :func:`launch`)."""
+    if device.type != "cuda" or kernel in _no_direct:
+        return None
+    return _compiled.get((kernel, num_warps, device.index, *consts.values(), *map(_spec, args)))
+
+
+def refuse_direct(kernel) -> None:
+    """``kernel``'s compiled launcher refused its arguments: launch it through Triton from now on."""
+    _no_direct.add(kernel)
+    for key in [k for k in _compiled if k[0] is kernel]:
+        del _compiled[key]
+
+
+def grid3(grid: tuple) -> tuple:
+    """``grid`` as the 3-D grid a compiled kernel's launcher takes."""
+    return grid if len(grid) == 3 else (*grid, 1, 1)[:3]
+
+
+def _raw(arg):
+    """A launch argument as the compiled launcher takes it without a driver call: a CUDA tensor as its address
+    (an int). Handed a tensor, Triton's launcher asks the driver for its device pointer
+    (``cuPointerGetAttribute``), one call per pointer argument and launch, which costs ~100 µs of host time
+    when the driver's code is cold, as it is inside a model's forward (bench/NOTES.md, "Results, 2026-12-01,
+    sixth session"). Pinned host tensors stay tensors: Triton translates their address."""
+    return arg.data_ptr() if type(arg) is torch.Tensor and arg.is_cuda else arg

@@ -34,6 +34,15 @@ _tables: "OrderedDict[tuple, _Cached]" = OrderedDict()
 _tables_lock = threading.Lock()
 
 
+def bits_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The signed integer dtype of ``dtype``'s element size, which the kernels move. Raises ``LayoutError``
+    for a size without one."""
+    try:
+        return _BITS_DTYPES[dtype.itemsize]
+    except KeyError:
+        raise LayoutError(f"Unsupported element size {dtype.itemsize} bytes ({dtype})") from None
+
+
 def as_bits(t: torch.Tensor) -> torch.Tensor:
     """``t`` viewed as the signed integer dtype of the same element size (no copy)."""
     try:

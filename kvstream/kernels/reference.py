@@ -17,10 +17,12 @@ Examples
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 
+from ..errors import ConfigError
 from ..layout import Region, check_hf_layers, packed_kv
 from . import _checks
 
@@ -98,6 +100,7 @@ class NewestPlan:
         ids, scan, _ = _checks.newest_args(keys, values, layers, num_tokens, None)
         self.keys, self.values = [keys[l] for l in ids], [values[l] for l in ids]
         self.head_dims = (scan.shape[3], scan.head_dim_v)
+        self._batch_heads = scan.shape[:2]
         self.shape = _checks.newest_shape(ids, scan, num_tokens)
         self.dtype, self.device = scan.dtype, scan.device
         self.num_tokens = num_tokens
@@ -105,7 +108,9 @@ class NewestPlan:
 
     def bind(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> bool:
         """Point the plan at other tensors of the planned shapes, strides, dtype and device; ``False`` if
-        one differs (nothing changed)."""
+        one differs (nothing changed). Raises ``ConfigError`` once :meth:`detach`-ed."""
+        if self.keys is None:
+            raise ConfigError("NewestPlan.bind: the plan was detached from its tensors (use pack_into)")
         sig = [(tuple(t.shape), t.stride(), t.dtype, t.device) for t in self.keys + self.values]
         new = list(keys) + list(values)
         if len(new) != len(sig) or any((tuple(t.shape), t.stride(), t.dtype, t.device) != s for t, s in zip(new, sig)):
@@ -114,8 +119,38 @@ class NewestPlan:
         return True
 
     def run(self, start: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Positions ``[start, start + n)`` of every planned layer as one chunk (``out`` if given)."""
+        """Positions ``[start, start + n)`` of every planned layer as one chunk (``out`` if given). Raises
+        ``ConfigError`` once :meth:`detach`-ed."""
+        if self.keys is None:
+            raise ConfigError("NewestPlan.run: the plan was detached from its tensors (use pack_into)")
         return pack_newest(self.keys, self.values, num_tokens=self.num_tokens, starts=int(start), out=out)
+
+    def run_into(self, start: int, buf: torch.Tensor) -> None:
+        """:meth:`run` into the first :attr:`nbytes` bytes of the flat uint8 ``buf``."""
+        self.run(start, out=buf[:self.nbytes].view(self.dtype).view(self.shape))
+
+    def pack_into(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], start: int,
+                  buf: torch.Tensor) -> bool:
+        """Positions ``[start, start + n)`` of other tensors of the planned batch, heads, head dims, dtype and
+        device (any length) into ``buf``; ``False`` if one does not fit (nothing written)."""
+        b, h = self._batch_heads
+        dims = self.head_dims
+        if len(keys) != self.shape[0] or len(values) != len(keys) or any(
+                t.dim() != 4 or t.shape[0] != b or t.shape[1] != h or t.shape[3] != d or t.dtype != self.dtype
+                or t.device != self.device for pair in zip(keys, values) for t, d in zip(pair, dims)):
+            return False
+        pack_newest(keys, values, num_tokens=self.num_tokens, starts=int(start),
+                    out=buf[:self.nbytes].view(self.dtype).view(self.shape))
+        return True
+
+    def detach(self) -> None:
+        """Drop the planned tensors: only :meth:`pack_into` works afterwards."""
+        self.keys = self.values = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of one packed chunk."""
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def unpack_newest(chunk: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], starts,

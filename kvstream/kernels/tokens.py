@@ -21,14 +21,17 @@ from __future__ import annotations
 
 import array
 import ctypes
+import math
 from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from ..cuda import Event
+from ..cuda.memory import pinned_is_device_addressable
+from ..errors import ConfigError, LayoutError
 from ..layout import Region
-from ..errors import LayoutError
 from . import _checks, _launch, _tables
 
 #: Target bytes per program: 16 KiB is 8 x 16-byte loads in flight per thread at 4 warps, enough to cover
@@ -159,6 +162,7 @@ class NewestPlan:
         self.num_tokens = num_tokens
         self.capacity = min(scan.sizes)  # positions every layer holds
         self._heads = h
+        self._batch = b
         self._geom = _geometry(scan, b, h, num_tokens, scan.dtype.itemsize, block_rows)
         self._align = scan.vector
         self._warps = num_warps or NUM_WARPS
@@ -172,6 +176,7 @@ class NewestPlan:
         self._read: list = [None] * BIND_RING  # the event after the launch that read each slot
         self._slot = 0
         self._bound_slot: int | None = None  # the ring slot the table is in (None: the cached planned table)
+        self._direct: dict = {}  # (specialization) -> (compiled runner, constexpr tail) for _launch_into
         with _launch.launch_guard(self.device):
             self._table = _tables.table(scan.rows, _tables.TOKEN_COLS, self.device)
 
@@ -182,6 +187,8 @@ class NewestPlan:
         Only addresses change, so the pointer table is patched on the host and written into a pinned slot
         that the kernel reads in place: no validation pass, no table upload, no host sync.
         """
+        if self.keys is None:
+            raise ConfigError("NewestPlan.bind: the plan was detached from its tensors (use pack_into)")
         if len(keys) != len(self.keys) or len(values) != len(self.values):
             return False
         rows, sig, cols = list(self._rows), self._sig, _tables.TOKEN_COLS
@@ -195,19 +202,8 @@ class NewestPlan:
                     return False
                 rows[i * cols] = addr
                 i += 1
-        if device.type != "cuda":
-            table = torch.tensor(rows, dtype=torch.int64).view(-1, cols)
-        else:
-            if self._ring is None:
-                self._ring = torch.empty((BIND_RING, len(rows)), dtype=torch.int64, pin_memory=True)
-            slot, self._slot = self._slot, (self._slot + 1) % BIND_RING
-            if self._read[slot] is not None:
-                self._read[slot].synchronize()  # 16 steps behind: the oldest launch must have read it
-            table = self._ring[slot]
-            packed = array.array("q", rows)  # named: it must outlive the copy out of it
-            ctypes.memmove(table.data_ptr(), packed.buffer_info()[0], 8 * len(rows))
-            self._bound_slot = slot
-            table = table.view(-1, cols)
+        slot = self._ring_rows(rows)
+        table = self._ring_view(slot) if slot is not None else torch.tensor(rows, dtype=torch.int64).view(-1, cols)
         self._table, self.keys, self.values = table, list(keys), list(values)
         return True
 
@@ -220,6 +216,8 @@ class NewestPlan:
             If the positions fall outside the planned tensors, or ``out`` does not fit.
         """
         n = self.num_tokens
+        if self._table is None:
+            raise ConfigError("NewestPlan.run: the plan was detached from its tensors (use pack_into)")
         if not 0 <= start <= self.capacity - n:
             raise LayoutError(f"NewestPlan.run: tokens [{start}, {start + n}) fall outside the {self.capacity} "
                               "positions of the planned tensors")
@@ -234,13 +232,145 @@ class NewestPlan:
                     self._mark_read()
         return out
 
+    def run_into(self, start: int, buf: torch.Tensor) -> None:
+        """Pack positions ``[start, start + n)`` of every planned layer into the first :attr:`nbytes` bytes of
+        ``buf``, a flat uint8 tensor in the plan's device memory or in pinned host memory that the GPU reaches
+        at its host address (the kernel then writes it over PCIe: zero-copy), aligned to 16 bytes and not
+        checked otherwise: a transport's own buffer (:meth:`kvstream.transports.host.HostTransport.flush_into`).
+        The launch is enqueued on the current stream; ``buf`` must outlive it.
+
+        Cheaper on the host than :meth:`run` with ``out``: no chunk tensor is made or checked (the check of a
+        pinned ``out`` asks the driver whether it is pinned), and from the second launch the compiled kernel
+        gets raw addresses (no driver call per pointer; :func:`kvstream.kernels._launch.compiled_entry`).
+
+        Raises
+        ------
+        LayoutError
+            If the positions fall outside the planned tensors.
+        ConfigError
+            If the plan was :meth:`detach`-ed.
+        """
+        n = self.num_tokens
+        if self._table is None:
+            raise ConfigError("NewestPlan.run_into: the plan was detached from its tensors (use pack_into)")
+        if not 0 <= start <= self.capacity - n:
+            raise LayoutError(f"NewestPlan.run_into: tokens [{start}, {start + n}) fall outside the {self.capacity} "
+                              "positions of the planned tensors")
+        self._launch_into(start, self._table, buf)
+        if self._bound_slot is not None:
+            self._mark_read()
+
+    def pack_into(self, keys, values, start: int, buf: torch.Tensor) -> bool:
+        """Pack positions ``[start, start + n)`` of other per-layer tensors into ``buf`` (as :meth:`run_into`),
+        without keeping them: a dynamic cache's layers at a chunk of decode steps, whose tensors are new, and
+        longer, at every step.
+
+        The tensors must have the planned batch, heads, head dims, dtype and device and addresses and strides
+        aligned as planned; their sequence lengths and strides may differ from the plan's. Their table is
+        written into a pinned ring slot (as :meth:`bind`) that the kernel reads in place, and the plan holds no
+        reference to them afterwards: the launch is ordered before any later work of the current stream, so
+        they may be freed (not written by another stream) once this returns.
+
+        Returns
+        -------
+        bool
+            ``False`` (nothing launched) if a tensor does not fit the plan.
+
+        Raises
+        ------
+        LayoutError
+            If the positions fall outside a tensor.
+        """
+        if len(keys) != len(self._sig) // 2 or len(values) != len(keys):
+            return False
+        scan = _tables.scan_layers(keys, values, list(range(len(keys))), 2)
+        if (scan is None or scan.vector % self._align or scan.dtype != self.dtype or scan.device != self.device
+                or scan.shape[0] != self._batch or scan.shape[1] != self._heads
+                or (scan.shape[3], scan.head_dim_v) != self.head_dims):
+            return False
+        n = self.num_tokens
+        if not 0 <= start <= min(scan.sizes) - n:
+            raise LayoutError(f"NewestPlan.pack_into: tokens [{start}, {start + n}) fall outside the "
+                              f"{min(scan.sizes)} positions of the shortest tensor")
+        slot = self._ring_rows(scan.rows)
+        if slot is None:
+            self._launch_into(start, torch.tensor(scan.rows, dtype=torch.int64).view(-1, _tables.TOKEN_COLS), buf)
+        else:
+            self._launch_into(start, self._ring_addr(slot), buf, lambda: self._ring_view(slot))
+            self._mark_read()
+        return True
+
+    def detach(self) -> None:
+        """Drop the planned tensors (and the table that points at them): only :meth:`pack_into` works from now
+        on; :meth:`run`, :meth:`run_into` and :meth:`bind` raise ``ConfigError``."""
+        self.keys = self.values = None
+        self._table = None
+
+    def _ring_rows(self, rows: list) -> int | None:
+        """On a GPU, write ``rows`` into the next pinned ring slot (waiting, if need be, for the launch that read
+        it :data:`BIND_RING` launches ago), which the kernel reads in place, and return the slot (also
+        ``_bound_slot``); on the CPU ``None``."""
+        if self.device.type != "cuda":
+            self._bound_slot = None
+            return None
+        if self._ring is None:
+            self._ring = torch.empty((BIND_RING, len(rows)), dtype=torch.int64, pin_memory=True)
+        slot, self._slot = self._slot, (self._slot + 1) % BIND_RING
+        if self._read[slot] is not None:
+            self._read[slot].synchronize()  # BIND_RING launches behind: that launch must have read it
+        packed = array.array("q", rows)  # named: it must outlive the copy out of it
+        ctypes.memmove(self._ring_addr(slot), packed.buffer_info()[0], 8 * len(rows))
+        self._bound_slot = slot
+        return slot
+
+    def _ring_addr(self, slot: int) -> int:
+        return self._ring.data_ptr() + slot * self._ring.shape[1] * 8
+
+    def _ring_view(self, slot: int) -> torch.Tensor:
+        return self._ring[slot].view(-1, _tables.TOKEN_COLS)
+
+    def _launch_into(self, start: int, table, buf: torch.Tensor, table_tensor=None) -> None:
+        """One launch packing ``[start, start + n)`` through ``table`` (a tensor, or the address of a pinned ring
+        slot whose tensor ``table_tensor()`` makes) into the flat ``buf`` (see :meth:`run_into`): the compiled
+        kernel with raw addresses once this plan has launched the specialization through
+        :func:`kvstream.kernels._launch.launch`."""
+        rows, _, _, _, tiles, grid, _ = self._geom
+        if not rows:
+            return
+        n, device = self.num_tokens, self.device
+        t_addr = table if type(table) is int else table.data_ptr()
+        o_addr = buf.data_ptr()
+        key = (_launch._spec(start), t_addr % 16 == 0, o_addr % 16 == 0)
+        hit = self._direct.get(key)
+        if hit is not None:
+            try:
+                hit[0](t_addr, o_addr, t_addr, rows, self._heads, n, tiles, start, *hit[1],
+                       stream=_launch.current_stream_handle(device))
+                return
+            except TypeError:  # another Triton's calling convention: through Triton from now on
+                _launch.refuse_direct(_copy_tokens_kernel)
+                self._direct.clear()
+        if type(table) is int:
+            table = table_tensor()
+        args = (table, buf.view(_tables.bits_dtype(self.dtype)), table, rows, self._heads, n, tiles, start)
+        with _launch.launch_guard(device):
+            _launch.launch(_copy_tokens_kernel, grid, args, self._consts, self._warps, device)
+        entry = _launch.compiled_entry(_copy_tokens_kernel, args, self._consts, self._warps, device)
+        if entry is not None and pinned_is_device_addressable():
+            self._direct[key] = (entry[0][_launch.grid3(grid)], entry[1])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of one packed chunk (:attr:`shape` of :attr:`dtype`)."""
+        return math.prod(self.shape) * self.dtype.itemsize
+
     def _mark_read(self) -> None:
         """Record, after the launch, the event that frees the bound table's ring slot."""
         slot = self._bound_slot
         event = self._read[slot]
         if event is None:
-            event = self._read[slot] = torch.cuda.Event()
-        event.record()
+            event = self._read[slot] = Event(self.device)
+        event.record(_launch.current_stream_handle(self.device))
 
 
 def _region(keys, values, region, chunk, unpack, block_rows, num_warps):

@@ -56,6 +56,14 @@ from .handoff import stream_in, stream_out
 from .placement import Placement
 from .protocols import ChunkTransport
 
+class _Unfit(Exception):
+    """Raised inside a zero-copy write whose tensors the plan does not fit: nothing was written."""
+
+
+#: Chunks in flight the streamer lists before it drops those that have landed (:meth:`KVStreamer._track`).
+TRACK_TRIM = 16
+
+
 @dataclass
 class StreamStats:
     """What a streamer moved: chunks and bytes out (flushed) and in (fetched)."""
@@ -112,6 +120,10 @@ class KVStreamer:
         self._reading: deque = deque()  # (event after a pack, the tensors it reads), in stream order
         self._free_events: list = []  # fired events of _reading, recorded again
         self._lock = threading.Lock()
+        self._position_plans: dict = {}  # scatter_positions' plans by chunk geometry (detached: no tensors)
+        # a transport whose buffers a pack may write (HostTransport: pinned on a GPU): planned packs go straight there
+        self._zero_copy = hasattr(transport, "flush_into") and (self.device.type == "cpu"
+                                                                or bool(getattr(transport, "zero_copy", False)))
 
     # ------------------------------------------------------------------------------------------------
     # flush / fetch: one contiguous chunk
@@ -260,6 +272,68 @@ class KVStreamer:
             background = self.level >= 3
         return self._pack_and_flush(key, _pack, None, meta, background and self.level >= 3)
 
+    def scatter_positions(self, key: str, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], start: int,
+                          *, num_tokens: int, meta: dict | None = None, background: bool | None = None) -> Handle:
+        """Flush positions ``[start, start + num_tokens)`` of every layer as one chunk: the chunk
+        :meth:`scatter_step` makes from the layers' narrowed views (a dynamic cache's pending decode steps,
+        :mod:`kvstream.integrations.hf.tail`).
+
+        At level 3 into a transport whose buffers a kernel may write (``flush_into``: a pinned
+        :class:`~kvstream.transports.host.HostTransport`), one pointer-table pack writes the stored chunk over
+        PCIe on the current stream, pointed at the layers' tensors as they are now
+        (:meth:`kvstream.kernels.tokens.NewestPlan.pack_into`: a plan per chunk geometry, made once and holding
+        no tensor): one launch and two events, where narrows, ``torch.stack`` and a copy on the side stream made
+        2L torch calls and seven driver calls. Otherwise (other transports and levels, tensors the plan does not
+        fit) :meth:`scatter_step` of the narrowed views.
+
+        Parameters
+        ----------
+        keys, values : sequence of torch.Tensor
+            ``L`` tensors each, ``[B, H, S_l, D]`` (``S_l >= start + num_tokens``; any strides), one batch,
+            heads, dtype and device; the values' head dim may differ from the keys'.
+        meta, background
+            As in :meth:`scatter_newest`.
+
+        Returns
+        -------
+        Handle
+            As :meth:`scatter_step`.
+
+        Raises
+        ------
+        LayoutError
+            If the tensors differ in shape, dtype or device, or the positions fall outside one.
+        """
+        n = num_tokens
+        if background is None:
+            background = self.level >= 3
+        if background and self.level >= 3 and self._zero_copy and keys and len(keys) == len(values):
+            first, first_v = keys[0], values[0]
+            sig = (n, len(keys), first.shape[0], first.shape[1], first.shape[-1], first_v.shape[-1], first.dtype,
+                   first.device)
+            plan = self._position_plans.get(sig)
+            if plan is None:
+                plan = kernels.plan_newest(keys, values, num_tokens=n)  # the full checks, once per geometry
+                plan.detach()
+                if len(self._position_plans) >= 8:
+                    self._position_plans.clear()
+                self._position_plans[sig] = plan
+
+            def write(buf: torch.Tensor) -> None:
+                if not plan.pack_into(keys, values, start, buf):
+                    raise _Unfit
+
+            try:
+                h = self.transport.flush_into(key, plan.shape, plan.dtype, write, device=self.device,
+                                              meta=with_head_dims(meta, *plan.head_dims))
+            except _Unfit:  # strides or addresses the plan was not made for: the chunk is flushed as a copy
+                pass
+            else:
+                self._count_out(plan.nbytes)
+                return self._track(h)
+        return self.scatter_step(key, [k.narrow(2, start, n) for k in keys], [v.narrow(2, start, n) for v in values],
+                                 meta=meta, background=background)
+
     def scatter_planned(self, key: str, plan, start: int, *, meta: dict | None = None,
                         background: bool | None = None) -> Handle:
         """Pack positions ``[start, start + n)`` of every layer of a :func:`kvstream.kernels.plan_newest` plan
@@ -268,6 +342,11 @@ class KVStreamer:
         The static-cache token path: the same chunk :meth:`scatter_newest` makes from a decode step's new
         KV, read instead from buffers whose addresses never change. ``background`` defaults to
         ``level == 3``; level 0 copies row by row like :meth:`scatter_newest`.
+
+        At level 3, into a transport that lets a kernel write its buffers (a pinned
+        :class:`~kvstream.transports.host.HostTransport`: ``flush_into``), the pack writes the stored chunk
+        itself over PCIe on the current stream (zero-copy, the PCIe time on that stream: ~45 µs per 2 MiB on an
+        H200): one launch and one event recorded, no chunk on the device, no side stream.
 
         Raises
         ------
@@ -283,6 +362,14 @@ class KVStreamer:
             return self._finish_sync(self.flush(key, chunk, meta=meta))
         if background is None:
             background = self.level >= 3
+        if background and self.level >= 3 and self._zero_copy and hasattr(plan, "run_into"):
+            # the pack writes the transport's pinned buffer itself, on the current stream: one launch and one
+            # event, where pack + copy on the side stream make seven driver calls (each ~100 µs of host time
+            # when cold, as inside a forward: bench/NOTES.md, "Results, 2026-12-01, sixth session")
+            h = self.transport.flush_into(key, plan.shape, plan.dtype, lambda buf: plan.run_into(start, buf),
+                                          device=self.device, meta=meta)
+            self._count_out(plan.nbytes)
+            return self._track(h)
         return self._pack_and_flush(key, lambda: plan.run(start), None, meta, background and self.level >= 3)
 
     def gather(self, key: str, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], region: Region) -> Handle:
@@ -380,8 +467,9 @@ class KVStreamer:
     def _track(self, h: Handle) -> Handle:
         with self._lock:
             pending = self._pending
-            while pending and pending[0].done():  # completes in stream order: check the oldest only
-                pending.popleft()
+            if len(pending) >= TRACK_TRIM:  # each done() is a driver call: trim once in a while, oldest first
+                while pending and pending[0].done():
+                    pending.popleft()
             pending.append(h)
         return h
 

@@ -18,6 +18,8 @@ written on to disk gets its xxh3 there (:class:`~kvstream.transports.disk.DiskTr
 
 from __future__ import annotations
 
+import weakref
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -26,9 +28,14 @@ import torch
 from ..errors import CapacityError, ChunkNotFound, ConfigError, LayoutError, TransportError
 from ..chunk import NO_CHECKSUM, ChunkHeader, byte_view, chunk_header, meta_key
 from ..layout import Region, check_packed
-from ..cuda import Event, PinnedArena, current_stream_handle, host_empty, memcpy_2d_async, memcpy_async
+from ..cuda import (Event, PinnedArena, current_stream_handle, host_empty, memcpy_2d_async, memcpy_async,
+                    pinned_is_device_addressable)
 from ..handles import CompletedHandle, EventHandle, Handle
 from .base import Transport
+
+
+#: Flushes between two harvests of fired ready events (:meth:`HostTransport._harvest`).
+HARVEST = 32
 
 
 def _done(event: Event | None) -> bool:
@@ -120,6 +127,8 @@ class HostTransport(Transport):
         self._reserved = 0  # bytes of flushes between their capacity check and their commit
         self._retired: list[_Slot] = []  # replaced/deleted slots whose buffers a copy still touches
         self._headers: dict[tuple, ChunkHeader] = {}  # see _header
+        self._flushed: deque = deque()  # (ready event, weakref to its slot) that may not have fired, in flush order
+        self._event_pool: dict[int | None, list[Event]] = {}  # fired ready events by device index (_harvest)
         # Preallocated: every chunk is carved from one pinned arena locked now, so no flush pays for
         # cudaHostAlloc (measured on an H200: that made streaming decode steps 5% slower end to end).
         self._arena = (PinnedArena(capacity_bytes + capacity_bytes // 50 + (1 << 20))
@@ -141,6 +150,13 @@ class HostTransport(Transport):
         """Whether chunks live in page-locked memory."""
         return self._pinned
 
+    @property
+    def zero_copy(self) -> bool:
+        """Whether a GPU kernel may write chunks straight into the stored buffers (:meth:`flush_into`): they are
+        pinned, and the GPU reaches pinned memory at its host address
+        (:func:`kvstream.cuda.memory.pinned_is_device_addressable`)."""
+        return self._pinned and pinned_is_device_addressable()
+
     def _alloc(self, nbytes: int) -> torch.Tensor:
         if self._arena is not None:
             return self._arena.empty(nbytes)
@@ -155,23 +171,52 @@ class HostTransport(Transport):
         if slot is not None and slot.busy():
             self._retired.append(slot)
 
-    def _header(self, chunk: torch.Tensor, region: Region | None, meta: dict | None) -> ChunkHeader:
-        """:func:`~kvstream.chunk.chunk_header`, cached by (dtype, shape, region, :func:`~kvstream.chunk.meta_key`):
-        its checks cost more host time than a decode step's copy, and a stream repeats a few headers."""
+    def _header(self, dtype: torch.dtype, shape: Sequence[int], region: Region | None, meta: dict | None,
+                chunk: torch.Tensor | None = None) -> ChunkHeader:
+        """:func:`~kvstream.chunk.chunk_header` of a ``shape`` ``dtype`` chunk (``chunk`` itself, or a meta tensor),
+        cached by (dtype, shape, region, :func:`~kvstream.chunk.meta_key`): its checks cost more host time than a
+        decode step's copy, and a stream repeats a few headers."""
         mkey = meta_key(meta)
-        if mkey is None:  # a meta that has no key (nested, other types): built (and checked) every time
-            return chunk_header(chunk, region, meta, NO_CHECKSUM)
-        sig = (chunk.dtype, chunk.shape, region, mkey)
+        sig = (dtype, tuple(shape), region, mkey)
         try:
-            header = self._headers.get(sig)
+            header = self._headers.get(sig) if mkey is not None else None
         except TypeError:  # an unhashable region: chunk_header refuses it
-            return chunk_header(chunk, region, meta, NO_CHECKSUM)
+            mkey = None
+            header = None
         if header is None:
+            if chunk is None:
+                chunk = torch.empty(tuple(shape), dtype=dtype, device="meta")
             header = chunk_header(chunk, region, meta, NO_CHECKSUM)
-            if len(self._headers) >= 4096:
-                self._headers.clear()
-            self._headers[sig] = header
+            if mkey is not None:  # a meta that has no key (nested, other types) is built (and checked) every time
+                if len(self._headers) >= 4096:
+                    self._headers.clear()
+                self._headers[sig] = header
         return header
+
+    def _ready_event(self, device: torch.device, stream: int) -> Event:
+        """An event recorded on ``stream`` after a copy into a slot: a fired one of :meth:`_harvest`'s pool, or a
+        new one (creating an event is a driver call that costs ~70 µs of host time when cold)."""
+        pool = self._event_pool.get(device.index)
+        event = pool.pop() if pool else Event(device)
+        return event.record(stream)
+
+    def _harvest(self) -> None:
+        """Give the fired ready events of the oldest flushed slots back to the pool (call under the lock).
+
+        Runs once per :data:`HARVEST` flushes (each query is a driver call), on the older half, oldest first,
+        until an event has not fired. A recycled event may have been waited on (``cudaStreamWaitEvent`` waits
+        for the record it saw) or be synchronized on by a reader that read ``slot.ready`` just before, which
+        then waits for a later copy: too long, never too short."""
+        flushed = self._flushed
+        for _ in range(len(flushed) // 2):
+            event, ref = flushed[0]
+            if not event.query():
+                return
+            slot = ref()
+            if slot is not None and slot.ready is event:
+                slot.ready = None
+            self._event_pool.setdefault(event.device.index, []).append(event)
+            flushed.popleft()
 
     # -- the contract --------------------------------------------------------------------------------
     def flush(self, key: str, chunk: torch.Tensor, region: Region | None = None,
@@ -193,11 +238,11 @@ class HostTransport(Transport):
             if chunk.is_cuda:  # one cudaMemcpyAsync on the current stream, then its event (no torch dispatch)
                 stream = current_stream_handle(chunk.device)
                 memcpy_async(buf, chunk, stream)  # contiguous, and as many bytes as buf: no byte view needed
-                return Event(chunk.device).record(stream)
+                return self._ready_event(chunk.device, stream)
             buf.copy_(byte_view(chunk))
             return None
 
-        return self._store(key, self._header(chunk, region, meta), copy_in)
+        return self._store(key, self._header(chunk.dtype, chunk.shape, region, meta, chunk), copy_in)
 
     def flush_rows(self, key: str, parts: Sequence[torch.Tensor], shape: Sequence[int], dtype: torch.dtype,
                    region: Region | None = None, meta: dict | None = None) -> Handle:
@@ -234,7 +279,7 @@ class HostTransport(Transport):
             if device is not None and p.device != device:
                 raise LayoutError(f"flush_rows {key!r}: parts on {device} and {p.device}")
             device, nbytes = p.device, nbytes + p.numel() * p.element_size()
-        header = self._header(torch.empty(tuple(shape), dtype=dtype, device="meta"), region, meta)
+        header = self._header(dtype, shape, region, meta)
         if nbytes != header.nbytes:
             raise LayoutError(f"flush_rows {key!r}: the parts hold {nbytes} bytes, a {list(shape)} {dtype} chunk "
                               f"{header.nbytes}")
@@ -249,7 +294,46 @@ class HostTransport(Transport):
                 n = p.numel() * p.element_size()
                 memcpy_2d_async(buf[at:at + n].view(dtype).view(p.shape), p, stream)
                 at += n
-            return Event(device).record(stream) if cuda else None
+            return self._ready_event(device, stream) if cuda else None
+
+        return self._store(key, header, copy_in)
+
+    def flush_into(self, key: str, shape: Sequence[int], dtype: torch.dtype, write, *, device: torch.device,
+                   region: Region | None = None, meta: dict | None = None) -> Handle:
+        """Store under ``key`` the ``shape`` ``dtype`` chunk that ``write(buf)`` writes straight into the stored
+        buffer: a kernel packs KV into pinned host memory over PCIe (zero-copy), with no chunk on the device and
+        no copy after it. Needs :attr:`zero_copy` for a CUDA ``device``.
+
+        Parameters
+        ----------
+        write : callable
+            ``write(buf)``, ``buf`` a flat uint8 tensor of the chunk's bytes (page-aligned; pinned host memory
+            whose address the GPU uses as is): enqueues on ``device``'s current stream what fills it
+            (:meth:`kvstream.kernels.tokens.NewestPlan.run_into`), or fills it at once on the CPU. The
+            handle's event is recorded after it on that stream.
+        device : torch.device
+            Where ``write`` runs: a CUDA device, or the CPU.
+        shape, dtype, region, meta
+            The chunk as :meth:`flush` would store it.
+
+        Raises
+        ------
+        ConfigError
+            ``device`` is CUDA and the buffers are not zero-copy (:attr:`zero_copy` is False).
+        CapacityError
+            As :meth:`flush`.
+        """
+        self._check_open()
+        self._check_key(key)
+        cuda = device.type == "cuda"
+        if cuda and not self.zero_copy:
+            raise ConfigError("HostTransport.flush_into on a GPU needs pinned, device-addressable buffers "
+                              "(HostTransport.zero_copy is False)")
+        header = self._header(dtype, shape, region, meta)
+
+        def copy_in(buf: torch.Tensor) -> Event | None:
+            write(buf)
+            return self._ready_event(device, current_stream_handle(device)) if cuda else None
 
         return self._store(key, header, copy_in)
 
@@ -283,6 +367,10 @@ class HostTransport(Transport):
             self._slots[key] = slot
             self._used += nbytes - (old.header.nbytes if old is not None else 0)
             self._retire(old)
+            if event is not None:
+                self._flushed.append((event, weakref.ref(slot)))
+                if len(self._flushed) >= HARVEST:
+                    self._harvest()
         return CompletedHandle() if event is None else EventHandle(event)
 
     def _slot(self, key: str) -> _Slot:
@@ -396,6 +484,7 @@ class HostTransport(Transport):
             self._slots.clear()
             self._retired = []
             self._used = 0
+            self._flushed.clear()
         for slot in slots:
             slot.synchronize()
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kvstream import kernels
-from kvstream.errors import LayoutError
+from kvstream.errors import ConfigError, LayoutError
 from kvstream.kernels import reference as ref
 from kvstream.layout import PACKED_SPLIT_AXES, Region, packed_kv, packed_kv_shape
 
@@ -108,3 +108,70 @@ def test_errors_name_the_value_head_dim(seed, device):
     with pytest.raises(LayoutError, match=r"Invalid shape of out: expected \[2, 2, 1, 4, 24\]"):
         kernels.pack_tokens(keys, values, region, torch.empty(2, 2, 2, 1, 4, 16, dtype=torch.float16, device=device),
                             backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("head_dim_v", [16, 8])
+def test_plan_run_into_writes_the_chunk_into_a_flat_buffer_and_nothing_past_it(seed, device, backend, head_dim_v):
+    """``run_into`` (the transport's zero-copy write) packs what ``run`` packs, into the first ``nbytes`` bytes of a
+    flat uint8 buffer: pinned host memory on a GPU, which the kernel writes over PCIe."""
+    keys, values, _ = hf_layers(seed, seq=[9, 9, 9], batch=2, heads=2, head_dim=16, head_dim_v=head_dim_v,
+                                dtype=torch.bfloat16, device=device, kind="static")
+    plan = kernels.plan_newest(keys, values, num_tokens=3, backend=backend)
+    assert plan.nbytes == 3 * 2 * 2 * 3 * (16 + head_dim_v) * 2
+    pin = device.type == "cuda"
+    for start in (0, 1, 6):
+        buf = torch.full((plan.nbytes + 64,), 0xA5, dtype=torch.uint8, pin_memory=pin)
+        plan.run_into(start, buf)
+        if pin:
+            torch.cuda.synchronize()
+        want = ref.pack_newest(keys, values, num_tokens=3, starts=start).cpu()
+        assert torch.equal(buf[:plan.nbytes].view(torch.bfloat16).view(plan.shape), want), start
+        assert (buf[plan.nbytes:] == 0xA5).all(), "wrote past the chunk"
+    with pytest.raises(LayoutError, match="outside"):
+        plan.run_into(7, torch.empty(plan.nbytes, dtype=torch.uint8, pin_memory=pin))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("head_dim_v", [16, 8])
+def test_plan_pack_into_other_tensors_of_any_length_and_holds_none(seed, device, backend, head_dim_v):
+    """``pack_into`` (a dynamic cache's pending steps) packs positions of tensors that are longer, and strided
+    otherwise, than the ones the plan was made from, keeps no reference to them, and refuses tensors that do not
+    fit the plan without writing anything."""
+    import weakref
+
+    keys, values, _ = hf_layers(seed, seq=[6, 6, 6], batch=2, heads=2, head_dim=16, head_dim_v=head_dim_v,
+                                dtype=torch.bfloat16, device=device, kind="contiguous")
+    plan = kernels.plan_newest(keys, values, num_tokens=3, backend=backend)
+    plan.detach()
+    with pytest.raises(ConfigError, match="detached"):
+        plan.run(0)
+    pin = device.type == "cuda"
+    for seq, kind in ((9, "contiguous"), (13, "static"), (11, "bshd")):
+        ks, vs, bases = hf_layers(seed, seq=[seq] * 3, batch=2, heads=2, head_dim=16, head_dim_v=head_dim_v,
+                                  dtype=torch.bfloat16, device=device, kind=kind)
+        refs = [weakref.ref(t) for t in ks + vs]
+        start = seq - 3 - 1
+        buf = torch.full((plan.nbytes + 32,), 0x5A, dtype=torch.uint8, pin_memory=pin)
+        assert plan.pack_into(ks, vs, start, buf)
+        if pin:
+            torch.cuda.synchronize()
+        want = ref.pack_newest(ks, vs, num_tokens=3, starts=start).cpu()
+        assert torch.equal(buf[:plan.nbytes].view(torch.bfloat16).view(plan.shape), want), kind
+        assert (buf[plan.nbytes:] == 0x5A).all(), "wrote past the chunk"
+        del ks, vs, bases
+        assert all(r() is None for r in refs), "the plan kept a tensor"
+    ks, vs, _ = hf_layers(seed, seq=[9] * 3, batch=2, heads=2, head_dim=16, head_dim_v=head_dim_v,
+                          dtype=torch.bfloat16, device=device, kind="contiguous")
+    buf = torch.full((plan.nbytes,), 0x5A, dtype=torch.uint8, pin_memory=pin)
+    other_heads = [k[:, :1] for k in ks]
+    assert not plan.pack_into(other_heads, [v[:, :1] for v in vs], 0, buf)
+    assert not plan.pack_into(ks[:2], vs[:2], 0, buf)
+    assert not plan.pack_into([k.float() for k in ks], [v.float() for v in vs], 0, buf)
+    if backend == "triton":  # the kernel's promise of 16-byte vectors: tensors one element off cannot keep it
+        uk, uv, _ = hf_layers(seed, seq=[9] * 3, batch=2, heads=2, head_dim=16, head_dim_v=head_dim_v,
+                              dtype=torch.bfloat16, device=device, kind="unaligned")
+        assert not plan.pack_into(uk, uv, 0, buf)
+    assert (buf == 0x5A).all()
+    with pytest.raises(LayoutError, match="outside"):
+        plan.pack_into(ks, vs, 7, buf)

@@ -242,3 +242,69 @@ def test_gather_many_into_caller_staging_is_exact_and_checked():
     with pytest.raises(LayoutError, match="staging"):
         s.gather_many(keys, got[:2], got[2:], Region(layers=(0, 2), tokens=(0, 6)), staging=torch.zeros(2048))
     t.close()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("level", [1, 3])
+def test_scatter_planned_writes_a_host_transport_chunk_in_place_at_level_3(device, level, seed, monkeypatch, tmp_path):
+    """At level 3 the planned pack writes the HostTransport's own buffer (flush_into: zero-copy on a GPU), with no
+    flush of a packed chunk; at other levels, and into transports without flush_into, the chunk is flushed. The
+    stored chunk is the plan's, bit-exactly, either way."""
+    from kvstream import kernels
+    from kvstream.kernels import reference as ref
+
+    ks = [torch.randn(2, 3, 40, 8, generator=seed).to(torch.bfloat16).to(device) for _ in range(3)]
+    vs = [torch.randn(2, 3, 40, 8, generator=seed).to(torch.bfloat16).to(device) for _ in range(3)]
+    plan = kernels.plan_newest(ks, vs, num_tokens=4)
+    host = kvstream.HostTransport(capacity_bytes=1 << 20, preallocate=device == "cuda")
+    disk = kvstream.DiskTransport(tmp_path)
+    for t in (host, disk):
+        flushed = []
+        real = t.flush
+        monkeypatch.setattr(t, "flush", lambda *a, **k: flushed.append(a[0]) or real(*a, **k))
+        st = KVStreamer(t, level=level, device=device)
+        for start in (0, 5, 36):
+            st.scatter_planned(f"p/{start}", plan, start, meta={"step": start})
+        st.wait()
+        in_place = level == 3 and t is host
+        assert flushed == ([] if in_place else ["p/0", "p/5", "p/36"])
+        assert st.stats.chunks_out == 3 and st.stats.bytes_out == 3 * plan.nbytes
+        for start in (0, 5, 36):
+            got = t.fetch_new(f"p/{start}")
+            assert torch.equal(got.cpu(), ref.pack_newest(ks, vs, num_tokens=4, starts=start).cpu()), (t, start)
+            assert t.describe(f"p/{start}").meta["step"] == start
+        t.close()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_scatter_positions_packs_the_layers_in_place_or_falls_back_to_a_copy(device, seed, monkeypatch, tmp_path):
+    """A dynamic cache's pending steps: into a HostTransport at level 3 the pointer-table pack writes the stored
+    chunk (no flush), re-pointed at longer tensors each call; into a DiskTransport, or with tensors the Triton
+    plan cannot vector (one element off), the narrowed views are flushed. Every chunk is scatter_step's, bit-exactly."""
+    from kvstream.kernels import reference as ref
+
+    def layers(seq, offset=0):
+        def one():
+            base = torch.randn(2 * 3 * seq * 8 + offset, generator=seed).to(torch.bfloat16).to(device)
+            return base[offset:].view(2, 3, seq, 8)
+        return [one() for _ in range(3)], [one() for _ in range(3)]
+
+    host = kvstream.HostTransport(capacity_bytes=1 << 20, preallocate=device == "cuda")
+    disk = kvstream.DiskTransport(tmp_path)
+    for t in (host, disk):
+        flushed = []
+        real = t.flush
+        monkeypatch.setattr(t, "flush", lambda *a, **k: flushed.append(a[0]) or real(*a, **k))
+        st = KVStreamer(t, level=3, device=device)
+        cases = [(f"c{seq}-{off}", *layers(seq, off), seq - 4, off) for seq, off in ((20, 0), (36, 0), (37, 1))]
+        for key, ks, vs, start, _ in cases:
+            st.scatter_positions(key, ks, vs, start, num_tokens=4, meta={"s": start})
+        st.wait()
+        # the Triton pack (CUDA) promises the kernel 16-byte vectors; the torch twin (CPU) takes any alignment
+        copied = [key for key, *_, off in cases if t is disk or (off and device == "cuda")]
+        assert flushed == copied
+        for key, ks, vs, start, _ in cases:
+            want = ref.pack_newest(ks, vs, num_tokens=4, starts=start).cpu()
+            assert torch.equal(t.fetch_new(key).cpu(), want), (t, key)
+            assert t.describe(key).meta["s"] == start
+        t.close()

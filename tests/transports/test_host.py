@@ -271,3 +271,99 @@ def test_fetch_many_cpu_matches_single_fetches(seed):
     outs = [torch.empty_like(c) for c in chunks]
     t.fetch_many([(f"k{i}", o) for i, o in enumerate(outs)]).wait()
     assert all(torch.equal(o, c) for o, c in zip(outs, chunks))
+
+
+# -- flush_into: a chunk written straight into the stored buffer ----------------------------------------------
+def test_flush_into_stores_what_the_writer_wrote(seed):
+    t = HostTransport(capacity_bytes=1 << 20)
+    data = random_chunk((3, 2, 5, 8), torch.bfloat16, seed)
+    seen = []
+
+    def write(buf):
+        seen.append((buf.dtype, buf.numel()))
+        buf.copy_(data.view(torch.uint8).reshape(-1))
+
+    h = t.flush_into("k", data.shape, data.dtype, write, device=torch.device("cpu"), meta={"layer": 3})
+    assert isinstance(h, CompletedHandle)
+    assert seen == [(torch.uint8, data.numel() * 2)]
+    assert same_bytes(t.view("k"), data) and t.view("k").dtype == torch.bfloat16
+    header = t.describe("k")
+    assert header.shape == (3, 2, 5, 8) and header.meta == {"layer": 3}
+    assert t.used_bytes == data.numel() * 2
+
+
+def test_flush_into_a_failing_writer_stores_nothing_and_frees_its_bytes(seed):
+    t = HostTransport(capacity_bytes=1024)
+    t.flush("k", _bytes(100, 7)).wait()
+
+    def write(buf):
+        raise RuntimeError("the pack failed")
+
+    with pytest.raises(RuntimeError, match="the pack failed"):
+        t.flush_into("k", (900,), torch.uint8, write, device=torch.device("cpu"))
+    assert torch.equal(t.view("k"), _bytes(100, 7))  # the old chunk stays
+    assert t.used_bytes == 100
+    t.flush_into("k2", (900,), torch.uint8, lambda buf: buf.fill_(1), device=torch.device("cpu")).wait()
+    assert t.used_bytes == 1000  # nothing was left reserved by the failed flush
+
+
+def test_flush_into_past_capacity_stores_nothing():
+    t = HostTransport(capacity_bytes=1000)
+    called = []
+    with pytest.raises(CapacityError):
+        t.flush_into("k", (1001,), torch.uint8, called.append, device=torch.device("cpu"))
+    assert called == [] and not t.contains("k") and t.used_bytes == 0
+
+
+def test_flush_into_on_a_gpu_needs_zero_copy_buffers():
+    t = HostTransport(capacity_bytes=1 << 20, pinned=False)
+    assert not t.zero_copy
+    called = []
+    with pytest.raises(ConfigError, match="zero_copy"):
+        t.flush_into("k", (8,), torch.uint8, called.append, device=torch.device("cuda", 0))
+    assert called == [] and not t.contains("k")
+
+
+@pytest.mark.gpu
+def test_gpu_flush_into_a_kernel_writes_the_pinned_buffer(seed):
+    t = HostTransport(capacity_bytes=1 << 24, preallocate=True)
+    assert t.zero_copy
+    data = random_chunk((2, 8, 64, 128), torch.bfloat16, seed, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda._sleep(50_000_000)  # the write runs after flush_into returns: the handle and view must wait for it
+    h = t.flush_into("k", data.shape, data.dtype,
+                     lambda buf: buf.view(torch.bfloat16).view(data.shape).copy_(data, non_blocking=True),
+                     device=data.device)
+    assert isinstance(h, EventHandle)
+    assert same_bytes(t.view("k"), data)
+    out = torch.full_like(data, float("nan"))
+    t.fetch("k", out).wait()
+    assert same_bytes(out, data)
+
+
+@pytest.mark.gpu
+def test_gpu_ready_events_are_recycled_and_fetches_stay_exact(seed, monkeypatch):
+    """Past HARVEST flushes, fired ready events go back to a pool and are recorded again for later flushes:
+    every chunk, old and new, still fetches exactly, and a fetch of an old chunk waits for nothing wrong."""
+    from kvstream.transports import host
+
+    made = []
+
+    class Counted(host.Event):
+        def __init__(self, *args, **kwargs):
+            made.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(host, "Event", Counted)
+    t = HostTransport(capacity_bytes=1 << 26, preallocate=True)
+    chunks = [random_chunk((64, 1024), torch.bfloat16, seed, device="cuda") for _ in range(3 * host.HARVEST)]
+    for i, c in enumerate(chunks):
+        t.flush(f"k{i}", c)
+        if i == host.HARVEST:
+            torch.cuda.synchronize()  # the first flushes' events have fired: the next harvest recycles them
+    assert len(made) < len(chunks)  # later flushes recorded recycled events
+    for i, c in enumerate(chunks):
+        out = torch.zeros_like(c)
+        t.fetch(f"k{i}", out).wait()
+        assert same_bytes(out, c), i
+    t.close()
