@@ -2,35 +2,17 @@
 ``scatter_planned`` call (B16, 16 tokens of 32 layers, 32 MiB) timed in a tight loop and after each of five
 interludes: a CPU-cache thrash (Python work over ~16 MiB, no CUDA), a 2 ms sleep, a device synchronize, 64 tiny
 kernel launches, and the hook's own 31 static layer updates. ``PYTHONPATH=$PWD python3 bench/probes/chunk_cold.py``."""
-import statistics, sys, time, torch
-from kvstream.integrations.hf import StreamingStaticCache
-from kvstream.models import llama3_8b_config
-from kvstream.transports.host import HostTransport
+import statistics, time, torch
+from _chunk_setup import prefilled
 
-L, H, D, B, P, N = 32, 8, 128, int(sys.argv[1]) if len(sys.argv) > 1 else 16, 512, 16
-cfg = llama3_8b_config(L)
-chunk = L * 2 * B * H * N * D * 2
 reps = 200
-t = HostTransport(capacity_bytes=chunk * reps * 7 + (64 << 20), preallocate=True)
-cache = StreamingStaticCache(cfg, P + 64, t, session="cold")
-dt = torch.bfloat16
 with torch.inference_mode():
-    kp, vp = (torch.randn(B, H, P, D, device="cuda", dtype=dt) for _ in range(2))
-    for l in range(L):
-        cache.update(kp, vp, l)
-    torch.cuda.synchronize()
-    plan = cache._plan(N, None, None)
-    s = cache.streamer
-    junk = list(range(1 << 20))  # ~16 MiB of int objects and pointers
+    c = prefilled("cold", reps * 7)
+    L, H, D, B, P, dt, cfg, t, chunk = c.L, c.H, c.D, c.B, c.P, c.dt, c.cfg, c.t, c.chunk
+    kp, vp, plan, s, thrash = c.kp, c.vp, c.plan, c.s, c.thrash
     tiny = torch.zeros(16, device="cuda")
     new = [torch.randn(B, 1, H, D, device="cuda", dtype=dt).transpose(1, 2) for _ in range(2)]
     pos = torch.tensor([P], device="cuda")
-
-    def thrash():
-        x = 0
-        for v in junk:
-            x += v
-        return x
 
     def launches():
         for _ in range(64):

@@ -2,30 +2,17 @@
 and hot (tight), B16 (32 MiB chunk): which host calls the cold chunk step pays for, and the zero-copy chunk
 (the plan's pack straight into the transport's pinned buffer) against pack + copy.
 ``PYTHONPATH=$PWD python3 bench/probes/chunk_pieces.py [batch]``."""
-import statistics, sys, time, torch
+import statistics, time, torch
 from kvstream.cuda import Event, current_stream_handle, memcpy_async
 from kvstream.cuda import streams as _streams
 from kvstream.chunk import NO_CHECKSUM, chunk_header
-from kvstream.integrations.hf import StreamingStaticCache
-from kvstream.models import llama3_8b_config
-from kvstream.transports.host import HostTransport
+from _chunk_setup import prefilled
 
-L, H, D, B, P, N = 32, 8, 128, int(sys.argv[1]) if len(sys.argv) > 1 else 16, 512, 16
-cfg = llama3_8b_config(L)
-chunk = L * 2 * B * H * N * D * 2
 reps = 60
-t = HostTransport(capacity_bytes=chunk * 40 + (64 << 20), preallocate=True)
-cache = StreamingStaticCache(cfg, P + 64, t, session="pieces")
-dt = torch.bfloat16
 dev = torch.device("cuda")
 with torch.inference_mode():
-    kp, vp = (torch.randn(B, H, P, D, device="cuda", dtype=dt) for _ in range(2))
-    for l in range(L):
-        cache.update(kp, vp, l)
-    torch.cuda.synchronize()
-    plan = cache._plan(N, None, None)
-    s = cache.streamer
-    junk = list(range(1 << 20))
+    c = prefilled("pieces", 40)
+    B, P, dt, t, chunk, plan, s, thrash = c.B, c.P, c.dt, c.t, c.chunk, c.plan, c.s, c.thrash
     devchunk = plan.run(P)
     ev = Event(dev)
     rt = _streams._cudart()
@@ -64,12 +51,6 @@ with torch.inference_mode():
         "plan.run_into (raw pointers)": lambda: plan.run_into(P, bufs[-1] if bufs else t._alloc(chunk)),
         "zero-copy _store": zero_copy,
     }
-
-    def thrash():
-        x = 0
-        for v in junk:
-            x += v
-        return x
 
     res = {(k, m): [] for k in pieces for m in ("cold", "hot")}
     for r in range(reps + 3):

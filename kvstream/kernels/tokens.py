@@ -216,11 +216,7 @@ class NewestPlan:
             If the positions fall outside the planned tensors, or ``out`` does not fit.
         """
         n = self.num_tokens
-        if self._table is None:
-            raise ConfigError("NewestPlan.run: the plan was detached from its tensors (use pack_into)")
-        if not 0 <= start <= self.capacity - n:
-            raise LayoutError(f"NewestPlan.run: tokens [{start}, {start + n}) fall outside the {self.capacity} "
-                              "positions of the planned tensors")
+        self._check_start("run", start)
         out = _checks.packed_out(out, self.shape, self.dtype, self.device)
         rows, _, _, _, tiles, grid, _ = self._geom
         if rows:
@@ -250,15 +246,19 @@ class NewestPlan:
         ConfigError
             If the plan was :meth:`detach`-ed.
         """
-        n = self.num_tokens
-        if self._table is None:
-            raise ConfigError("NewestPlan.run_into: the plan was detached from its tensors (use pack_into)")
-        if not 0 <= start <= self.capacity - n:
-            raise LayoutError(f"NewestPlan.run_into: tokens [{start}, {start + n}) fall outside the {self.capacity} "
-                              "positions of the planned tensors")
+        self._check_start("run_into", start)
         self._launch_into(start, self._table, buf)
         if self._bound_slot is not None:
             self._mark_read()
+
+    def _check_start(self, what: str, start: int) -> None:
+        """Raise ``ConfigError`` for a detached plan and ``LayoutError`` for positions outside the planned tensors."""
+        if self._table is None:
+            raise ConfigError(f"NewestPlan.{what}: the plan was detached from its tensors (use pack_into)")
+        n = self.num_tokens
+        if not 0 <= start <= self.capacity - n:
+            raise LayoutError(f"NewestPlan.{what}: tokens [{start}, {start + n}) fall outside the {self.capacity} "
+                              "positions of the planned tensors")
 
     def pack_into(self, keys, values, start: int, buf: torch.Tensor) -> bool:
         """Pack positions ``[start, start + n)`` of other per-layer tensors into ``buf`` (as :meth:`run_into`),
@@ -269,7 +269,8 @@ class NewestPlan:
         aligned as planned; their sequence lengths and strides may differ from the plan's. Their table is
         written into a pinned ring slot (as :meth:`bind`) that the kernel reads in place, and the plan holds no
         reference to them afterwards: the launch is ordered before any later work of the current stream, so
-        they may be freed (not written by another stream) once this returns.
+        tensors that belong to that stream (a dynamic cache's ``torch.cat`` outputs) may be freed once this
+        returns; others must not be written, or their memory reused by another stream, until it has run.
 
         Returns
         -------

@@ -98,6 +98,11 @@ class HostTransport(Transport):
       flush that stored the chunk, through its event) and returns an :class:`EventHandle`; into a CPU
       ``out``, copies at once.
     * :meth:`view` gives the stored bytes without a copy.
+    * :meth:`flush_into` lets a kernel write a chunk straight into its stored buffer (zero-copy, when
+      :attr:`zero_copy`): the streamer's decode-step chunks go that way (one launch and one event, no copy).
+    * A flush's ready event goes back to a pool once it has fired (checked every :data:`HARVEST` flushes) and
+      is recorded again for a later flush: a handle kept long after its copy landed may then wait for a later
+      copy, never for less than its own.
 
     Examples
     --------

@@ -244,6 +244,16 @@ def test_gather_many_into_caller_staging_is_exact_and_checked():
     t.close()
 
 
+def _host_and_disk_spied(device, monkeypatch, tmp_path):
+    """A HostTransport (preallocated on a GPU) and a DiskTransport, each with the list of keys its ``flush`` gets."""
+    for t in (kvstream.HostTransport(capacity_bytes=1 << 20, preallocate=device == "cuda"),
+              kvstream.DiskTransport(tmp_path)):
+        flushed = []
+        real = t.flush
+        monkeypatch.setattr(t, "flush", lambda *a, _real=real, _log=flushed, **k: _log.append(a[0]) or _real(*a, **k))
+        yield t, flushed
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("level", [1, 3])
 def test_scatter_planned_writes_a_host_transport_chunk_in_place_at_level_3(device, level, seed, monkeypatch, tmp_path):
@@ -256,17 +266,12 @@ def test_scatter_planned_writes_a_host_transport_chunk_in_place_at_level_3(devic
     ks = [torch.randn(2, 3, 40, 8, generator=seed).to(torch.bfloat16).to(device) for _ in range(3)]
     vs = [torch.randn(2, 3, 40, 8, generator=seed).to(torch.bfloat16).to(device) for _ in range(3)]
     plan = kernels.plan_newest(ks, vs, num_tokens=4)
-    host = kvstream.HostTransport(capacity_bytes=1 << 20, preallocate=device == "cuda")
-    disk = kvstream.DiskTransport(tmp_path)
-    for t in (host, disk):
-        flushed = []
-        real = t.flush
-        monkeypatch.setattr(t, "flush", lambda *a, **k: flushed.append(a[0]) or real(*a, **k))
+    for t, flushed in _host_and_disk_spied(device, monkeypatch, tmp_path):
         st = KVStreamer(t, level=level, device=device)
         for start in (0, 5, 36):
             st.scatter_planned(f"p/{start}", plan, start, meta={"step": start})
         st.wait()
-        in_place = level == 3 and t is host
+        in_place = level == 3 and isinstance(t, kvstream.HostTransport)
         assert flushed == ([] if in_place else ["p/0", "p/5", "p/36"])
         assert st.stats.chunks_out == 3 and st.stats.bytes_out == 3 * plan.nbytes
         for start in (0, 5, 36):
@@ -289,19 +294,14 @@ def test_scatter_positions_packs_the_layers_in_place_or_falls_back_to_a_copy(dev
             return base[offset:].view(2, 3, seq, 8)
         return [one() for _ in range(3)], [one() for _ in range(3)]
 
-    host = kvstream.HostTransport(capacity_bytes=1 << 20, preallocate=device == "cuda")
-    disk = kvstream.DiskTransport(tmp_path)
-    for t in (host, disk):
-        flushed = []
-        real = t.flush
-        monkeypatch.setattr(t, "flush", lambda *a, **k: flushed.append(a[0]) or real(*a, **k))
+    for t, flushed in _host_and_disk_spied(device, monkeypatch, tmp_path):
         st = KVStreamer(t, level=3, device=device)
         cases = [(f"c{seq}-{off}", *layers(seq, off), seq - 4, off) for seq, off in ((20, 0), (36, 0), (37, 1))]
         for key, ks, vs, start, _ in cases:
             st.scatter_positions(key, ks, vs, start, num_tokens=4, meta={"s": start})
         st.wait()
         # the Triton pack (CUDA) promises the kernel 16-byte vectors; the torch twin (CPU) takes any alignment
-        copied = [key for key, *_, off in cases if t is disk or (off and device == "cuda")]
+        copied = [key for key, *_, off in cases if isinstance(t, kvstream.DiskTransport) or (off and device == "cuda")]
         assert flushed == copied
         for key, ks, vs, start, _ in cases:
             want = ref.pack_newest(ks, vs, num_tokens=4, starts=start).cpu()

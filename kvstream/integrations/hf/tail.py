@@ -1,13 +1,17 @@
 """Decode steps streamed in bulk: the newest tokens of ``steps_per_chunk`` steps go out as one chunk.
 
 Every decode step adds one token per layer, and streaming it at once costs the host the same fixed work
-(stack the new KV of every layer, one flush) whatever its size: ~85-93 us per step on the H200 host
-(bench/NOTES.md, "Results, 2026-12-01 evening") against a step whose own cache updates take ~20 us a layer.
+(pack the new KV of every layer, one flush) whatever its size: ~85-93 us per step on the H200 host in a tight
+loop (bench/NOTES.md, "Results, 2026-12-01 evening"), and 3-7x that inside a forward, where the host's caches are
+cold and each driver call costs ~100 us ("sixth session"), against a step whose own cache updates take ~20 us a
+layer.
 The new tokens stay in the cache anyway, so the hook lets ``steps_per_chunk`` steps pass with no work but a
 counter and then streams their tokens, still in the cache's layers, as one ``[L, 2, B, H, n, D]`` chunk (a
 :class:`~kvstream.streaming.session.Step` segment of ``n`` tokens, which replays like any other). The host
 pays that fixed work once per ``steps_per_chunk`` steps, at a step boundary (the "do it in bulk at
-step boundaries" of DéjàVu's token path, amortized).
+step boundaries" of DéjàVu's token path, amortized). Into a pinned HostTransport the chunk is one kernel that
+packs those positions of every layer straight into the stored buffer
+(:meth:`~kvstream.streaming.streamer.KVStreamer.scatter_positions`, zero-copy): a launch and two events.
 
 What is streamed is always what the cache holds: anything that reads or rewrites history as a whole
 (``wait``, ``manifest``, ``crop``, beam-search reorders, a long forward) first streams the pending steps.
