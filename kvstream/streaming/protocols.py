@@ -35,6 +35,19 @@ class ChunkTransport(Protocol):
 
 
 @runtime_checkable
+class WritableTransport(ChunkTransport, Protocol):
+    """A transport whose stored buffers a pack may write itself (:class:`kvstream.transports.host.HostTransport`):
+    the streamer's decode-step chunks skip the device chunk and the copy when ``zero_copy`` is true on a GPU
+    (on the CPU, always)."""
+
+    zero_copy: bool
+
+    def flush_into(self, key: str, shape: Sequence[int], dtype: torch.dtype, write, *, device: torch.device,
+                   region: Region | None = None, meta: dict | None = None) -> Handle:
+        """Store the chunk that ``write(buf)`` writes into the new stored buffer ``buf`` (flat uint8)."""
+
+
+@runtime_checkable
 class Streams(Protocol):
     """What stream_out/stream_in need of a streamer (:class:`~kvstream.streaming.streamer.KVStreamer`):
     ``scatter`` (pack and flush a region) and ``gather`` (fetch and unpack one)."""
@@ -48,4 +61,4 @@ class Streams(Protocol):
         """Fetch the chunk under ``key`` and unpack it into ``region``."""
 
 
-__all__ = ["ChunkTransport", "Streams"]
+__all__ = ["ChunkTransport", "Streams", "WritableTransport"]

@@ -54,7 +54,7 @@ from .direct import flush_direct, row_views
 from .gather import gather_chunks
 from .handoff import stream_in, stream_out
 from .placement import Placement
-from .protocols import ChunkTransport
+from .protocols import ChunkTransport, WritableTransport
 
 class _Unfit(Exception):
     """Raised inside a zero-copy write whose tensors the plan does not fit: nothing was written."""
@@ -122,8 +122,7 @@ class KVStreamer:
         self._lock = threading.Lock()
         self._position_plans: dict = {}  # scatter_positions' plans by chunk geometry (detached: no tensors)
         # a transport whose buffers a pack may write (HostTransport: pinned on a GPU): planned packs go straight there
-        self._zero_copy = hasattr(transport, "flush_into") and (self.device.type == "cpu"
-                                                                or bool(getattr(transport, "zero_copy", False)))
+        self._zero_copy = isinstance(transport, WritableTransport) and (self.device.type == "cpu" or transport.zero_copy)
 
     # ------------------------------------------------------------------------------------------------
     # flush / fetch: one contiguous chunk
