@@ -134,3 +134,30 @@ def test_a_forward_that_skips_the_last_layers_is_streamed_as_it_happened(host):
 def test_bad_steps_per_chunk(bad):
     with pytest.raises(ConfigError, match="steps_per_chunk"):
         kvstream.StreamingCache(transport=kvstream.HostTransport(capacity_bytes=1 << 20), steps_per_chunk=bad)
+
+
+@pytest.mark.parametrize("flavour", ["dynamic", "static"])
+def test_decode_chunks_are_written_in_place_into_a_host_transport(host, monkeypatch, flavour):
+    """The step chunks go through HostTransport.flush_into (packed straight into the stored buffer; on a GPU,
+    zero-copy), not through a packed chunk and flush; the prefill's layer chunks still go through flush. The
+    session still loads to the cache bit-exactly."""
+    model = _model()
+    ids = batch_of_prompts(2, 20)
+    flushed, written = [], []
+    real_flush, real_into = host.flush, host.flush_into
+    monkeypatch.setattr(host, "flush", lambda key, *a, **k: flushed.append(key) or real_flush(key, *a, **k))
+    monkeypatch.setattr(host, "flush_into", lambda key, *a, **k: written.append(key) or real_into(key, *a, **k))
+    if flavour == "dynamic":
+        cache = kvstream.StreamingCache(config=model.config, transport=host, session="w", steps_per_chunk=4)
+    else:
+        cache = kvstream.StreamingStaticCache(model.config, 40, host, session="w", steps_per_chunk=4)
+    _gen(model, ids, cache, 10)
+    cache.wait()
+    assert written and all(k.endswith("/all") for k in written)
+    assert len(written) == len(_step_tokens(cache)) == 3  # 9 decode steps in chunks of 4, 4 and 1
+    assert not any(k.endswith("/all") for k in flushed)
+    assert sum(k.split("/")[-1].startswith("layer") for k in flushed) == len(model.model.layers)
+    back = kvstream.StreamingCache.load(host, "w", config=model.config, stream=False)
+    for layer, b in zip(cache.layers, back.layers):
+        n = b.keys.shape[-2]
+        assert torch.equal(layer.keys[:, :, :n], b.keys) and torch.equal(layer.values[:, :, :n], b.values)
