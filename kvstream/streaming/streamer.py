@@ -16,7 +16,8 @@ level name           what happens
 0     naive          one copy per contiguous row (per layer, K/V, batch row, head), synchronous
 1     buffered       pack into one chunk, one copy, synchronous
 2     layer-by-layer 1 + prompt KV streamed per layer on a side stream while later layers compute
-3     all (default)  2 + decode steps streamed in the background (the copy on the side stream)
+3     all (default)  2 + decode steps streamed in the background (the copy on the side stream, or the
+                     pack straight into a writable transport's buffer: :mod:`.inplace`)
 ===== ============== ============================================================================
 
 Every level lands the same bytes under the same keys; only the timing differs.
@@ -51,14 +52,11 @@ from ..cuda import Event, Stream, side_stream
 from ..handles import CompletedHandle, Handle
 from .levels import copy_rows, resolve_level
 from .direct import flush_direct, row_views
+from .inplace import planned_in_place, positions_in_place
 from .gather import gather_chunks
 from .handoff import stream_in, stream_out
 from .placement import Placement
 from .protocols import ChunkTransport, WritableTransport
-
-class _Unfit(Exception):
-    """Raised inside a zero-copy write whose tensors the plan does not fit: nothing was written."""
-
 
 #: Chunks in flight the streamer lists before it drops those that have landed (:meth:`KVStreamer._track`).
 TRACK_TRIM = 16
@@ -226,10 +224,8 @@ class KVStreamer:
         """Flush a decode step's new KV — per-layer tensors that hold exactly the step's new tokens — as one
         chunk: the one :meth:`scatter_newest` makes from them, packed by a single ``torch.stack``.
 
-        A decode step's ``key_states``/``value_states`` are fresh tensors every step, so a pointer-table pack
-        would be re-pointed at 2L new addresses per step; stacking them costs one torch call instead (on an
-        H200 host, 64 tensors: 28-35 us, against 77-105 us to re-point a :func:`kvstream.kernels.plan_newest`
-        plan and 43-67 us to launch it; bench/NOTES.md).
+        A decode step's ``key_states``/``value_states`` are fresh tensors every step: one torch call stacks
+        them, where a pointer-table pack would be re-pointed at 2L new addresses (bench/NOTES.md).
 
         Parameters
         ----------
@@ -277,13 +273,9 @@ class KVStreamer:
         :meth:`scatter_step` makes from the layers' narrowed views (a dynamic cache's pending decode steps,
         :mod:`kvstream.integrations.hf.tail`).
 
-        At level 3 into a transport whose buffers a kernel may write (``flush_into``: a pinned
-        :class:`~kvstream.transports.host.HostTransport`), one pointer-table pack writes the stored chunk over
-        PCIe on the current stream, pointed at the layers' tensors as they are now
-        (:meth:`kvstream.kernels.tokens.NewestPlan.pack_into`: a plan per chunk geometry, made once and holding
-        no tensor): one launch and two events, where narrows, ``torch.stack`` and a copy on the side stream made
-        2L torch calls and seven driver calls. Otherwise (other transports and levels, tensors the plan does not
-        fit) :meth:`scatter_step` of the narrowed views.
+        At level 3 into a :class:`~.protocols.WritableTransport`, one pointer-table pack pointed at the layers
+        as they are writes the stored chunk itself (:func:`.inplace.positions_in_place`); otherwise (other
+        transports and levels, tensors its plan does not fit) :meth:`scatter_step` of the narrowed views.
 
         Parameters
         ----------
@@ -307,29 +299,9 @@ class KVStreamer:
         if background is None:
             background = self.level >= 3
         if background and self.level >= 3 and self._zero_copy and keys and len(keys) == len(values):
-            first, first_v = keys[0], values[0]
-            sig = (n, len(keys), first.shape[0], first.shape[1], first.shape[-1], first_v.shape[-1], first.dtype,
-                   first.device)
-            plan = self._position_plans.get(sig)
-            if plan is None:
-                plan = kernels.plan_newest(keys, values, num_tokens=n)  # the full checks, once per geometry
-                plan.detach()
-                if len(self._position_plans) >= 8:
-                    self._position_plans.clear()
-                self._position_plans[sig] = plan
-
-            def write(buf: torch.Tensor) -> None:
-                if not plan.pack_into(keys, values, start, buf):
-                    raise _Unfit
-
-            try:
-                h = self.transport.flush_into(key, plan.shape, plan.dtype, write, device=self.device,
-                                              meta=with_head_dims(meta, *plan.head_dims))
-            except _Unfit:  # strides or addresses the plan was not made for: the chunk is flushed as a copy
-                pass
-            else:
-                self._count_out(plan.nbytes)
-                return self._track(h)
+            h = positions_in_place(self, self._position_plans, key, keys, values, start, n, meta)
+            if h is not None:
+                return h
         return self.scatter_step(key, [k.narrow(2, start, n) for k in keys], [v.narrow(2, start, n) for v in values],
                                  meta=meta, background=background)
 
@@ -342,10 +314,8 @@ class KVStreamer:
         KV, read instead from buffers whose addresses never change. ``background`` defaults to
         ``level == 3``; level 0 copies row by row like :meth:`scatter_newest`.
 
-        At level 3, into a transport that lets a kernel write its buffers (a pinned
-        :class:`~kvstream.transports.host.HostTransport`: ``flush_into``), the pack writes the stored chunk
-        itself over PCIe on the current stream (zero-copy, the PCIe time on that stream: ~45 µs per 2 MiB on an
-        H200): one launch and one event recorded, no chunk on the device, no side stream.
+        At level 3 into a :class:`~.protocols.WritableTransport` the pack writes the stored chunk itself on the
+        current stream (:func:`.inplace.planned_in_place`: no chunk on the device, no side stream).
 
         Raises
         ------
@@ -362,13 +332,7 @@ class KVStreamer:
         if background is None:
             background = self.level >= 3
         if background and self.level >= 3 and self._zero_copy and hasattr(plan, "run_into"):
-            # the pack writes the transport's pinned buffer itself, on the current stream: one launch and one
-            # event, where pack + copy on the side stream make seven driver calls (each ~100 µs of host time
-            # when cold, as inside a forward: bench/NOTES.md, "Results, 2026-12-01, sixth session")
-            h = self.transport.flush_into(key, plan.shape, plan.dtype, lambda buf: plan.run_into(start, buf),
-                                          device=self.device, meta=meta)
-            self._count_out(plan.nbytes)
-            return self._track(h)
+            return planned_in_place(self, key, plan, start, meta)  # one launch and one event (.inplace)
         return self._pack_and_flush(key, lambda: plan.run(start), None, meta, background and self.level >= 3)
 
     def gather(self, key: str, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], region: Region) -> Handle:

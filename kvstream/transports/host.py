@@ -18,9 +18,6 @@ written on to disk gets its xxh3 there (:class:`~kvstream.transports.disk.DiskTr
 
 from __future__ import annotations
 
-import weakref
-from collections import deque
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -32,39 +29,7 @@ from ..cuda import (Event, PinnedArena, current_stream_handle, host_empty, memcp
                     pinned_is_device_addressable)
 from ..handles import CompletedHandle, EventHandle, Handle
 from .base import Transport
-
-
-#: Flushes between two harvests of fired ready events (:meth:`HostTransport._harvest`).
-HARVEST = 32
-
-
-def _done(event: Event | None) -> bool:
-    return event is None or event.query()
-
-
-@dataclass
-class _Slot:
-    """One stored chunk: its header, its bytes, and the CUDA events of copies in flight on them."""
-
-    header: ChunkHeader
-    buf: torch.Tensor  # uint8 [nbytes], pinned when CUDA is in use
-    ready: Event | None = None  # the flush's device-to-host copy
-    uses: list = field(default_factory=list)  # events of host-to-device fetches reading ``buf``
-
-    def busy(self) -> bool:
-        """Whether a copy into or out of ``buf`` may still be running."""
-        return not _done(self.ready) or not all(e.query() for e in self.uses)
-
-    def wait_ready(self) -> None:
-        """Block until the flush's copy into ``buf`` has landed."""
-        if self.ready is not None:
-            self.ready.synchronize()
-
-    def synchronize(self) -> None:
-        """Block until no copy touches ``buf`` any more."""
-        self.wait_ready()
-        for e in self.uses:
-            e.synchronize()
+from .hostslots import ReadyEvents, Slot
 
 
 class HostTransport(Transport):
@@ -100,7 +65,7 @@ class HostTransport(Transport):
     * :meth:`view` gives the stored bytes without a copy.
     * :meth:`flush_into` lets a kernel write a chunk straight into its stored buffer (zero-copy, when
       :attr:`zero_copy`): the streamer's decode-step chunks go that way (one launch and one event, no copy).
-    * A flush's ready event goes back to a pool once it has fired (checked every :data:`HARVEST` flushes) and
+    * A flush's ready event goes back to a pool once it has fired (checked every :data:`~.hostslots.HARVEST` flushes) and
       is recorded again for a later flush: a handle kept long after its copy landed may then wait for a later
       copy, never for less than its own.
 
@@ -127,13 +92,12 @@ class HostTransport(Transport):
             raise ConfigError("HostTransport(pinned=True) needs CUDA; torch.cuda.is_available() is False")
         self._capacity = capacity_bytes
         self._pinned = bool(pinned)
-        self._slots: dict[str, _Slot] = {}
+        self._slots: dict[str, Slot] = {}
         self._used = 0  # bytes of stored chunks
         self._reserved = 0  # bytes of flushes between their capacity check and their commit
-        self._retired: list[_Slot] = []  # replaced/deleted slots whose buffers a copy still touches
+        self._retired: list[Slot] = []  # replaced/deleted slots whose buffers a copy still touches
         self._headers: dict[tuple, ChunkHeader] = {}  # see _header
-        self._flushed: deque = deque()  # (ready event, weakref to its slot) that may not have fired, in flush order
-        self._event_pool: dict[int | None, list[Event]] = {}  # fired ready events by device index (_harvest)
+        self._ready = ReadyEvents()  # the flushes' ready events, recycled once fired
         # Preallocated: every chunk is carved from one pinned arena locked now, so no flush pays for
         # cudaHostAlloc (measured on an H200: that made streaming decode steps 5% slower end to end).
         self._arena = (PinnedArena(capacity_bytes + capacity_bytes // 50 + (1 << 20))
@@ -169,7 +133,7 @@ class HostTransport(Transport):
             return host_empty(nbytes, pin=True)
         return host_empty(nbytes, pin=False)
 
-    def _retire(self, slot: _Slot | None) -> None:
+    def _retire(self, slot: Slot | None) -> None:
         """Drop a replaced/deleted slot, keeping its buffer while a copy uses it (call under the lock)."""
         if self._retired:
             self._retired = [s for s in self._retired if s.busy()]
@@ -198,31 +162,6 @@ class HostTransport(Transport):
                 self._headers[sig] = header
         return header
 
-    def _ready_event(self, device: torch.device, stream: int) -> Event:
-        """An event recorded on ``stream`` after a copy into a slot: a fired one of :meth:`_harvest`'s pool, or a
-        new one (creating an event is a driver call that costs ~70 µs of host time when cold)."""
-        pool = self._event_pool.get(device.index)
-        event = pool.pop() if pool else Event(device)
-        return event.record(stream)
-
-    def _harvest(self) -> None:
-        """Give the fired ready events of the oldest flushed slots back to the pool (call under the lock).
-
-        Runs once per :data:`HARVEST` flushes (each query is a driver call), on the older half, oldest first,
-        until an event has not fired. A recycled event may have been waited on (``cudaStreamWaitEvent`` waits
-        for the record it saw) or be synchronized on by a reader that read ``slot.ready`` just before, which
-        then waits for a later copy: too long, never too short."""
-        flushed = self._flushed
-        for _ in range(len(flushed) // 2):
-            event, ref = flushed[0]
-            if not event.query():
-                return
-            slot = ref()
-            if slot is not None and slot.ready is event:
-                slot.ready = None
-            self._event_pool.setdefault(event.device.index, []).append(event)
-            flushed.popleft()
-
     # -- the contract --------------------------------------------------------------------------------
     def flush(self, key: str, chunk: torch.Tensor, region: Region | None = None,
               meta: dict | None = None) -> Handle:
@@ -243,7 +182,7 @@ class HostTransport(Transport):
             if chunk.is_cuda:  # one cudaMemcpyAsync on the current stream, then its event (no torch dispatch)
                 stream = current_stream_handle(chunk.device)
                 memcpy_async(buf, chunk, stream)  # contiguous, and as many bytes as buf: no byte view needed
-                return self._ready_event(chunk.device, stream)
+                return self._ready.record(chunk.device, stream)
             buf.copy_(byte_view(chunk))
             return None
 
@@ -299,7 +238,7 @@ class HostTransport(Transport):
                 n = p.numel() * p.element_size()
                 memcpy_2d_async(buf[at:at + n].view(dtype).view(p.shape), p, stream)
                 at += n
-            return self._ready_event(device, stream) if cuda else None
+            return self._ready.record(device, stream) if cuda else None
 
         return self._store(key, header, copy_in)
 
@@ -337,8 +276,9 @@ class HostTransport(Transport):
         header = self._header(dtype, shape, region, meta)
 
         def copy_in(buf: torch.Tensor) -> Event | None:
+            """Let ``write`` fill the slot's ``buf``; the event after it on a GPU (``None``: done)."""
             write(buf)
-            return self._ready_event(device, current_stream_handle(device)) if cuda else None
+            return self._ready.record(device, current_stream_handle(device)) if cuda else None
 
         return self._store(key, header, copy_in)
 
@@ -362,7 +302,7 @@ class HostTransport(Transport):
             with self._lock:
                 self._reserved -= nbytes
             raise
-        slot = _Slot(header=header, buf=buf, ready=event)
+        slot = Slot(header=header, buf=buf, ready=event)
         with self._lock:
             self._reserved -= nbytes
             if self._closed:
@@ -373,12 +313,10 @@ class HostTransport(Transport):
             self._used += nbytes - (old.header.nbytes if old is not None else 0)
             self._retire(old)
             if event is not None:
-                self._flushed.append((event, weakref.ref(slot)))
-                if len(self._flushed) >= HARVEST:
-                    self._harvest()
+                self._ready.watch(event, slot)
         return CompletedHandle() if event is None else EventHandle(event)
 
-    def _slot(self, key: str) -> _Slot:
+    def _slot(self, key: str) -> Slot:
         """The slot under ``key`` (call under the lock)."""
         self._check_open()
         self._check_key(key)
@@ -489,7 +427,7 @@ class HostTransport(Transport):
             self._slots.clear()
             self._retired = []
             self._used = 0
-            self._flushed.clear()
+            self._ready.clear()
         for slot in slots:
             slot.synchronize()
 

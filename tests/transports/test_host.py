@@ -345,21 +345,21 @@ def test_gpu_flush_into_a_kernel_writes_the_pinned_buffer(seed):
 def test_gpu_ready_events_are_recycled_and_fetches_stay_exact(seed, monkeypatch):
     """Past HARVEST flushes, fired ready events go back to a pool and are recorded again for later flushes:
     every chunk, old and new, still fetches exactly, and a fetch of an old chunk waits for nothing wrong."""
-    from kvstream.transports import host
+    from kvstream.transports import hostslots
 
     made = []
 
-    class Counted(host.Event):
+    class Counted(hostslots.Event):
         def __init__(self, *args, **kwargs):
             made.append(1)
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(host, "Event", Counted)
+    monkeypatch.setattr(hostslots, "Event", Counted)
     t = HostTransport(capacity_bytes=1 << 26, preallocate=True)
-    chunks = [random_chunk((64, 1024), torch.bfloat16, seed, device="cuda") for _ in range(3 * host.HARVEST)]
+    chunks = [random_chunk((64, 1024), torch.bfloat16, seed, device="cuda") for _ in range(3 * hostslots.HARVEST)]
     for i, c in enumerate(chunks):
         t.flush(f"k{i}", c)
-        if i == host.HARVEST:
+        if i == hostslots.HARVEST:
             torch.cuda.synchronize()  # the first flushes' events have fired: the next harvest recycles them
     assert len(made) < len(chunks)  # later flushes recorded recycled events
     for i, c in enumerate(chunks):

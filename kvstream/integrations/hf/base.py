@@ -234,7 +234,7 @@ class _SessionStreaming:
             A layer does not end where the pending steps do: a step skipped a layer between the first and
             the last KV layer (which the fast path does not see), so no chunk could say where its KV belongs.
         """
-        ks, vs, ends = [], [], set()
+        ks, vs, ends = [], [], []
         pos = t.start + t.tokens
         for l in ids:
             layer = self.layers[l]
@@ -243,15 +243,13 @@ class _SessionStreaming:
                 raise KVStreamError(f"{self.session}: KV layer {l} holds {layer.get_seq_length() - extra} positions where "
                                     f"the pending decode steps end at {pos}: a step skipped that layer; stream such "
                                     "a model with steps_per_chunk=1")
-            ends.add(layer.keys.shape[-2] - extra)
+            ends.append(layer.keys.shape[-2] - extra)
             ks.append(layer.keys)
             vs.append(layer.values)
-        if len(ends) == 1:  # the steps sit at the same positions of every layer: one pack over the layers as they are
-            start = ends.pop() - t.tokens
-            self.streamer.scatter_positions(key, ks, vs, start, num_tokens=t.tokens, meta=self._chunk_meta)
+        if min(ends) == max(ends):  # the steps sit at the same positions of every layer: one pack over the layers
+            self.streamer.scatter_positions(key, ks, vs, ends[0] - t.tokens, num_tokens=t.tokens, meta=self._chunk_meta)
             return
         # sliding-window layers hold fewer positions than the others: each layer's last t.tokens, narrowed
-        ends = [self.layers[l].keys.shape[-2] - (t.n if l in behind else 0) for l in ids]
         self.streamer.scatter_step(key, [k.narrow(2, e - t.tokens, t.tokens) for k, e in zip(ks, ends)],
                                    [v.narrow(2, e - t.tokens, t.tokens) for v, e in zip(vs, ends)], meta=self._chunk_meta)
 
