@@ -108,7 +108,8 @@ def pieces(device: torch.device, big: bool = False, n: int = 32, reps: int = 15)
     count = iter(range(1 << 30))
     add("  transport.flush, new region (header miss)",
         lambda i: transport.flush(f"n{i}", chunks[i], region=miss[next(count)], meta={**HOOK_META, "layer": i}))
-    add("  transport._header (cache hit)", lambda i: transport._header(chunks[i], resolved[i], hook_metas[i]))
+    add("  transport._header (cache hit)", lambda i: transport._header(chunks[i].dtype, chunks[i].shape,
+                                                                                 resolved[i], hook_metas[i], chunks[i]))
     add("  transport._alloc", lambda i: transport._alloc(chunk_bytes))
     add("  transport.check_key", lambda i: transport._check_key(f"s{i}"))
     add("  streamer._track", lambda i: streamer._track(_DONE), after=streamer.wait)

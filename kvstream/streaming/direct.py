@@ -69,7 +69,7 @@ def flush_direct(streamer: Any, key: str, parts: list, shape: Sequence[int], dty
     streamer.side.wait_event(streamer._produced)
     with streamer.side:
         h = _flush()
-        streamer._keep_until_read(parts)
+        streamer._keep_until_read(parts, h)
     return streamer._track(h)
 
 

@@ -30,9 +30,9 @@ streaming overhead investigation").
 Ordering on a GPU (level >= 2): the chunk is packed on the current (compute) stream, right after the
 KV it reads, so its inputs need no lifetime tracking. The side stream then waits for an event recorded
 after the pack and the transport's copy runs there; the streamer keeps the packed chunk referenced until
-an event after that copy has fired, so the caching allocator cannot hand its memory to new compute work
-while the copy still reads it (``record_stream``'s guarantee without its cost). The compute stream never
-waits for the side stream.
+an event after that copy has fired (the flush handle's own event where it has one), so the caching
+allocator cannot hand its memory to new compute work while the copy still reads it (``record_stream``'s
+guarantee without its cost). The compute stream never waits for the side stream.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from ..chunk import with_head_dims
 from ..errors import ConfigError, LayoutError
 from ..layout import Region, check_hf_layers
 from ..cuda import Event, Stream, side_stream
-from ..handles import CompletedHandle, Handle
+from ..handles import CompletedHandle, EventHandle, Handle
 from .levels import copy_rows, resolve_level
 from .direct import flush_direct, row_views
 from .inplace import planned_in_place, positions_in_place
@@ -115,7 +115,7 @@ class KVStreamer:
         self._produced = Event(self.device) if self.side is not None else None  # re-recorded per chunk
         self.stats = StreamStats()
         self._pending: deque = deque()  # handles of chunks in flight, in stream order
-        self._reading: deque = deque()  # (event after a pack, the tensors it reads), in stream order
+        self._reading: deque = deque()  # (event after a copy, the tensors it reads, ours?), in stream order
         self._free_events: list = []  # fired events of _reading, recorded again
         self._lock = threading.Lock()
         self._position_plans: dict = {}  # scatter_positions' plans by chunk geometry (detached: no tensors)
@@ -436,12 +436,22 @@ class KVStreamer:
             pending.append(h)
         return h
 
-    def _keep_until_read(self, tensors: list) -> None:
-        """Hold ``tensors`` until an event recorded now on the side stream has fired (events are reused)."""
+    def _keep_until_read(self, tensors: list, flushed: Handle | None = None) -> None:
+        """Hold ``tensors`` until the side stream's work so far has read them: until the event of ``flushed``
+        (the flush just enqueued there) when it is an :class:`EventHandle`, recorded after the flush's last
+        stream-ordered step, so no event of our own is recorded; else until an event recorded now on the side
+        stream (ours, reused once fired). An event the transport recycles after it fired is recorded again
+        later, so it is read as fired too late, never too early."""
         reading = self._reading
         while reading and reading[0][0].query():
-            self._free_events.append(reading.popleft()[0])
-        reading.append((self.side.record_event(self._free_events.pop() if self._free_events else None), tensors))
+            event, _, own = reading.popleft()
+            if own:
+                self._free_events.append(event)
+        if type(flushed) is EventHandle:
+            reading.append((flushed.event, tensors, False))
+        else:
+            reading.append((self.side.record_event(self._free_events.pop() if self._free_events else None),
+                            tensors, True))
 
     def _naive(self, keys, values, region: Region, starts: Sequence[int]) -> torch.Tensor:
         """Level 0: the region copied row by row into a host chunk (:func:`copy_rows`), counted."""
@@ -465,7 +475,7 @@ class KVStreamer:
         self.side.wait_event(self._produced)
         with self.side:
             h = self.flush(key, chunk, region=region, meta=meta)
-            self._keep_until_read([chunk])
+            self._keep_until_read([chunk], h)
         return self._track(h)
 
 

@@ -193,6 +193,36 @@ def test_gpu_scatter_step_and_one_layer_regions(level, seed):
     t.close()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("transport_kind", ["host", "disk"])
+def test_gpu_packed_chunks_live_until_their_copies_have_read_them(transport_kind, seed, tmp_path):
+    """A background scatter's packed chunk is held until the copy has read it: by the HostTransport flush's own
+    event (no event of the streamer's), by an event of the streamer's for a transport whose handle has none. The
+    compute stream then overwrites the freed chunk memory at once; every stored chunk must still be the region's."""
+    ks, vs = _cache(seed, layers=16, b=16, h=8, s=128, d=128, dtype=torch.bfloat16, device="cuda")
+    t = (kvstream.HostTransport(capacity_bytes=1 << 30) if transport_kind == "host"
+         else kvstream.DiskTransport(tmp_path))
+    st = KVStreamer(t, level=3, device="cuda")
+    regions = [Region(layers=(l, l + 1), tokens=(0, 64)) for l in range(16)]
+    torch.cuda._sleep(50_000_000)  # the copies queue behind the packs: the chunks are freed long before they are read
+    for l, r in enumerate(regions):
+        h = st.scatter(f"c{l}", ks, vs, r)
+        event, held, own = st._reading[-1]
+        assert own is (transport_kind != "host")
+        if transport_kind == "host":
+            assert event is h.event
+        assert len(held) == 1 and held[0].shape == (1, 2, 16, 8, 64, 128)
+    scribble = [torch.full((4 << 20,), 7.0, device="cuda", dtype=torch.bfloat16) for _ in range(64)]  # reuses freed blocks
+    st.wait()
+    assert not st._reading
+    ck, cv = [k.cpu() for k in ks], [v.cpu() for v in vs]
+    for l, r in enumerate(regions):
+        assert torch.equal(t.fetch_new(f"c{l}"), kvstream.kernels.reference.pack_tokens(ck, cv, r))
+    del scribble
+    st.close()
+    t.close()
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("layers", [(1, 2), (0, 3)])
 def test_scatter_checks_the_region_once(device, layers, seed, monkeypatch):
