@@ -53,6 +53,8 @@ def summarize(run: Run, s: Any, results: dict[str, list], fig2: dict, h2d_GBps: 
                              if p in results})
         cmp = timing.compare([r.total_s for r in st], [r.total_s for r in dyn])
         detail["comparison"] = cmp
+        if "dynamic-again" in results:  # the A/A control: DynamicCache against itself, alternated with the others
+            detail["control"] = timing.compare([r.total_s for r in results["dynamic-again"]], [r.total_s for r in dyn])
         run.summary("stream_overhead", value=t_st / t_dyn - 1, unit="fraction", ceiling=t_dyn,
                     ceiling_of="DynamicCache without streaming, same run (seconds)", ratio=t_st / t_dyn,
                     target="<= 0.02", target_of="value", noisy=cmp["noisy"] and not run.quick,

@@ -152,10 +152,13 @@ def compare(ours: Sequence[float], base: Sequence[float]) -> dict[str, Any]:
     Returns both sides' median, min and max, the ``effect`` (median over median, minus 1) and ``noisy``:
     True when either side's spread (max - min, relative to its median) exceeds the size of the effect, so
     the difference cannot be told from the machine's noise (bench/NOTES.md: such a comparison is not
-    counted as met).
+    counted as met). ``pairs`` is the median, min and max of the per-repetition effects ``ours[i] / base[i] - 1``
+    (the i-th repetitions of an :func:`alternating` run are neighbours in time, so slow drift of the machine
+    cancels in each pair).
     """
     a, b = spread(ours), spread(base)
     effect = a["median"] / b["median"] - 1
     rel = max((a["max"] - a["min"]) / a["median"], (b["max"] - b["min"]) / b["median"])
+    n = min(len(ours), len(base))
     return {"ours": a, "base": b, "effect": effect, "relative_spread": rel, "noisy": bool(rel > abs(effect)),
-            "reps": min(len(ours), len(base))}
+            "reps": n, "pairs": spread([o / b_ - 1 for o, b_ in zip(ours[:n], base[:n])])}

@@ -240,3 +240,28 @@ def test_quick_suite_on_the_gpu(tmp_path):
     import torch
 
     assert doc["device"] == torch.cuda.get_device_name(0)
+
+
+def test_compare_pairs_cancel_a_drift_common_to_both_sides():
+    # ours is 1 % slower in every pair; the machine slows down 30 % after two rounds: noisy by the medians'
+    # spread, and each pair still reads 1 %
+    drift = [1.0, 1.0, 1.3, 1.3, 1.3]
+    c = timing.compare([1.01 * m for m in drift], drift)
+    assert c["noisy"] is True and c["pairs"]["n"] == 5
+    for q in ("median", "min", "max"):
+        assert c["pairs"][q] == pytest.approx(0.01)
+
+
+@pytest.mark.slow
+def test_generate_with_the_a_a_control_records_the_noise_floor(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "kvstream.bench.generate", "--quick", "--fig2-prompts", "",
+                           "--providers", "dynamic-again,stream-host", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    detail = json.loads((tmp_path / "summary.json").read_text())["stream_overhead"]["detail"]
+    control, cmp = detail["control"], detail["comparison"]
+    assert control["reps"] == cmp["reps"] >= 1 and set(control["pairs"]) == {"median", "min", "max", "n"}
+    assert control["base"] == cmp["base"]  # both against the same DynamicCache runs
+    rows = list(csv.DictReader((tmp_path / "generate.csv").open()))
+    assert {r["provider"] for r in rows if r["bench"] == "generate.e2e"} == {"dynamic", "dynamic-again", "stream-host"}
