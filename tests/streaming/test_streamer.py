@@ -204,7 +204,7 @@ def test_gpu_packed_chunks_live_until_their_copies_have_read_them(transport_kind
          else kvstream.DiskTransport(tmp_path))
     st = KVStreamer(t, level=3, device="cuda")
     regions = [Region(layers=(l, l + 1), tokens=(0, 64)) for l in range(16)]
-    torch.cuda._sleep(50_000_000)  # the copies queue behind the packs: the chunks are freed long before they are read
+    torch.cuda._sleep(200_000_000)  # ~0.1 s: the copies queue behind the packs; only the streamer holds the chunks
     for l, r in enumerate(regions):
         h = st.scatter(f"c{l}", ks, vs, r)
         event, held, own = st._reading[-1]
@@ -212,7 +212,16 @@ def test_gpu_packed_chunks_live_until_their_copies_have_read_them(transport_kind
         if transport_kind == "host":
             assert event is h.event
         assert len(held) == 1 and held[0].shape == (1, 2, 16, 8, 64, 128)
-    scribble = [torch.full((4 << 20,), 7.0, device="cuda", dtype=torch.bfloat16) for _ in range(64)]  # reuses freed blocks
+    # new compute-stream work on freed blocks would overwrite any chunk not held
+    scribble = [torch.full((4 << 20,), 7.0, device="cuda", dtype=torch.bfloat16) for _ in range(64)]
+    if transport_kind == "host":
+        # a decode chunk written in place holds nothing of its own; once the held chunks are read it drops them all
+        plan = kvstream.kernels.plan_newest(ks, vs, num_tokens=1)
+        st.scatter_planned("step", plan, 100)
+        assert st._reading  # the copies still sleep behind the packs
+        torch.cuda.synchronize()
+        st.scatter_planned("step", plan, 101)
+        assert not st._reading
     st.wait()
     assert not st._reading
     ck, cv = [k.cpu() for k in ks], [v.cpu() for v in vs]
