@@ -2,7 +2,9 @@
 DynamicCache, StreamingCache without a transport, StreamingCache streaming only the prefill (decode steps pending
 to the end), and StreamingCache -> HostTransport, alternating; where the gap sits (prefill, every step, spikes,
 growth with the position) and the torch allocator's cudaMalloc/cudaFree counts per run.
-``PYTHONPATH=$PWD python3 bench/probes/generate_b1_steps.py [reps] [new_tokens]``."""
+Also the A/A control (a second DynamicCache, ``dynamic-again``) and ``stream-copy`` (a HostTransport that
+refuses in-place chunks: the decode chunks packed on the device and copied on the side stream).
+``PYTHONPATH=$PWD python3 bench/probes/generate_b1_steps.py [reps] [new_tokens] [providers,...]``."""
 import gc, statistics, sys, time, torch
 from transformers import DynamicCache
 from kvstream.bench.generate import _probe_class
@@ -17,11 +19,27 @@ m = build_model(cfg, device="cuda", dtype=torch.bfloat16).eval()
 ids = torch.randint(0, cfg.vocab_size, (1, 512), device="cuda")
 kv = 32 * 2 * 8 * 128 * 2 * (512 + T)
 t = HostTransport(capacity_bytes=int(kv * 1.25) + (64 << 20), preallocate=True)
+
+
+class CopyingHostTransport(HostTransport):
+    """The same transport with the in-place (zero-copy) chunks turned off: decode chunks are packed on the device
+    and copied on the side stream, as before 443caa0."""
+
+    @property
+    def zero_copy(self) -> bool:
+        return False
+
+
+tc = CopyingHostTransport(capacity_bytes=int(kv * 1.25) + (64 << 20), preallocate=True)
 dev = torch.device("cuda")
 makers = {"dynamic": lambda i: DynamicCache(config=cfg),
+          "dynamic-again": lambda i: DynamicCache(config=cfg),  # the A/A control
           "stream-none": lambda i: StreamingCache(config=cfg, transport=None, session=f"n{i}"),
           "stream-prefill": lambda i: StreamingCache(config=cfg, transport=t, session=f"p{i}", steps_per_chunk=1 << 20),
-          "stream-host": lambda i: StreamingCache(config=cfg, transport=t, session=f"h{i}")}
+          "stream-host": lambda i: StreamingCache(config=cfg, transport=t, session=f"h{i}"),
+          "stream-copy": lambda i: StreamingCache(config=cfg, transport=tc, session=f"c{i}")}
+if len(sys.argv) > 3:  # a subset, in this order: e.g. dynamic,dynamic-again,stream-host
+    makers = {k: makers[k] for k in sys.argv[3].split(",")}
 rows = {k: [] for k in makers}
 
 
@@ -42,8 +60,9 @@ def once(kind, i):
     mallocs = a1.get("num_device_alloc", 0) - a0.get("num_device_alloc", 0)
     frees = a1.get("num_device_free", 0) - a0.get("num_device_free", 0)
     del model_out, cache
-    for k in t.keys():
-        t.delete(k)
+    for tr in (t, tc):
+        for k in tr.keys():
+            tr.delete(k)
     return dict(total=t1 - t0, prefill=(times[0] - t0) * 1e3, steps=steps, mallocs=mallocs, frees=frees)
 
 
@@ -66,6 +85,6 @@ with torch.inference_mode():
         print(f"{kind:15s} total {statistics.median(r['total'] for r in rs):.3f} s  step p50 "
               f"{statistics.median(statistics.median(r['steps']) for r in rs):.2f} ms  mean "
               f"{statistics.median(statistics.mean(r['steps']) for r in rs):.2f} ms")
-    worst = max(rows["stream-host"], key=lambda r: r["total"])
-    print("slowest stream-host run, steps over 2x its median (index: ms):",
+    worst = max(rows.get("stream-host") or rows[order[-1]], key=lambda r: r["total"])
+    print("slowest stream-host (or last provider's) run, steps over 2x its median (index: ms):",
           [(j, round(x, 1)) for j, x in enumerate(worst["steps"]) if x > 2 * statistics.median(worst["steps"])][:40])
