@@ -20,7 +20,7 @@ comparison runs its sides in alternating order (:func:`kvstream.bench.timing.tim
   time, GB/s and tokens/s. Reads alternate with ``raw-odirect-qd<depth>``: the same chunk files read
   whole, in pieces of one layer's bytes, as many reads in flight as the transport keeps
   (:func:`kvstream.bench.ceilings.raw_parallel_read`); writes and the single-stream reads compare with
-  ``raw-odirect`` (or ``raw-buffered``) files of the same size, 16 MiB blocks (:func:`~kvstream.bench.ceilings.ceiling_disk`);
+  ``raw-odirect`` (or ``raw-buffered``) files of the same size, in 16 MiB blocks and whole (:func:`~kvstream.bench.ceilings.ceiling_disk`);
 * ``prefix.radix.update`` / ``prefix.radix.load``: ``RadixStore`` update from the GPU and load to the GPU,
   against pinned ``memcpy`` of the same bytes.
 

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from kvstream.bench import ceilings, records, timing
 from kvstream.bench.run_all import TOPICS, available_topics
@@ -266,3 +267,24 @@ def test_generate_with_the_a_a_control_records_the_noise_floor(tmp_path):
     rows = list(csv.DictReader((tmp_path / "generate.csv").open()))
     providers = {r["provider"] for r in rows if r["bench"] == "generate.e2e"}
     assert providers == {"dynamic", "dynamic-again", "stream-host"}
+
+
+def test_disk_ceiling_measures_blocks_and_whole_files_at_every_depth(tmp_path):
+    class _Run:  # the two Run methods ceiling_disk uses: timings become rows
+        def __init__(self):
+            self.rows = []
+
+        def time_host(self, fn, reps, warmup):
+            return timing.time_host(fn, device=torch.device("cpu"), reps=reps, warmup=warmup)
+
+        def add_time_and_bandwidth(self, bench, provider, x, ms, nbytes, time_unit):
+            self.rows.append((bench, provider))
+            return ms.rate(nbytes)
+
+    run = _Run()
+    file_bytes = ceilings.RAW_DISK_BLOCK_BYTES + 4096  # larger than a block: both I/O sizes
+    w, r, label = ceilings.ceiling_disk(run, tmp_path, file_bytes, 2, bench="disk", x=0, reps=1, queue_depths=(1, 2))
+    kind = "raw-odirect" if ceilings.supports_direct_io(tmp_path) else "raw-buffered"
+    providers = [f"{kind}-qd{q}{s}" for q in (1, 2) for s in ("", "-whole")]
+    assert run.rows == [(f"disk.{op}", p) for p in providers for op in ("write", "read")]
+    assert w.p50 > 0 and r.p50 > 0 and "whole files" in label and not list(tmp_path.glob("raw*.bin"))
