@@ -4,7 +4,6 @@ from transformers import DynamicCache, StaticCache
 from kvstream.integrations.hf import StreamingCache, StreamingStaticCache
 from kvstream.models import llama3_8b_config
 from kvstream.transports.host import HostTransport
-from kvstream.streaming.streamer import KVStreamer
 L, H, D, B = 32, 8, 128, 1
 cfg = llama3_8b_config(L)
 t = HostTransport(capacity_bytes=2 << 30, preallocate=True)
@@ -46,8 +45,9 @@ with torch.inference_mode():
     wrap(t, "_header", "HostTransport._header")
     from kvstream.kernels.tokens import NewestPlan
     wrap(NewestPlan, "run", "NewestPlan.run (launch)")
-    wrap(KVStreamer, "_keep_until_read", "KVStreamer._keep_until_read")
-    wrap(KVStreamer, "_track", "KVStreamer._track")
+    from kvstream.streaming.inflight import InFlight
+    wrap(InFlight, "keep_until_read", "InFlight.keep_until_read")
+    wrap(InFlight, "track", "InFlight.track")
     for mode in (False, True, False, True):
         sync_before["on"] = mode
         acc.clear()

@@ -112,7 +112,7 @@ def pieces(device: torch.device, big: bool = False, n: int = 32, reps: int = 15)
                                                                                  resolved[i], hook_metas[i], chunks[i]))
     add("  transport._alloc", lambda i: transport._alloc(chunk_bytes))
     add("  transport.check_key", lambda i: transport._check_key(f"s{i}"))
-    add("  streamer._track", lambda i: streamer._track(_DONE), after=streamer.wait)
+    add("  streamer.inflight.track", lambda i: streamer.inflight.track(_DONE), after=streamer.wait)
     if device.type == "cuda":
         from kvstream.cuda import Event, current_stream_handle
 

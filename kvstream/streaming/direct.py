@@ -64,13 +64,13 @@ def flush_direct(streamer: Any, key: str, parts: list, shape: Sequence[int], dty
 
     if streamer.side is None or not background:
         h = _flush()
-        return streamer._track(h) if background else streamer._finish_sync(h)
+        return streamer.inflight.track(h) if background else streamer._finish_sync(h)
     streamer._produced.record()  # on the compute stream, after the KV the parts view
     streamer.side.wait_event(streamer._produced)
     with streamer.side:
         h = _flush()
-        streamer._keep_until_read(parts, h)
-    return streamer._track(h)
+        streamer.inflight.keep_until_read(parts, h)
+    return streamer.inflight.track(h)
 
 
 __all__ = ["MAX_PARTS", "flush_direct", "row_views"]

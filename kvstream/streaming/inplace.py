@@ -31,7 +31,7 @@ def planned_in_place(streamer: Any, key: str, plan, start: int, meta: dict | Non
     h = streamer.transport.flush_into(key, plan.shape, plan.dtype, lambda buf: plan.run_into(start, buf),
                                       device=streamer.device, meta=meta)
     streamer._count_out(plan.nbytes)
-    return streamer._track(h)
+    return streamer.inflight.track(h)
 
 
 def positions_in_place(streamer: Any, plans: dict, key: str, keys: Sequence[torch.Tensor],
@@ -63,7 +63,7 @@ def positions_in_place(streamer: Any, plans: dict, key: str, keys: Sequence[torc
     except _Unfit:
         return None
     streamer._count_out(plan.nbytes)
-    return streamer._track(h)
+    return streamer.inflight.track(h)
 
 
 __all__ = ["planned_in_place", "positions_in_place"]

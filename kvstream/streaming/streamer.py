@@ -32,13 +32,12 @@ KV it reads, so its inputs need no lifetime tracking. The side stream then waits
 after the pack and the transport's copy runs there; the streamer keeps the packed chunk referenced until
 an event after that copy has fired (the flush handle's own event where it has one), so the caching
 allocator cannot hand its memory to new compute work while the copy still reads it (``record_stream``'s
-guarantee without its cost). The compute stream never waits for the side stream.
+guarantee without its cost; :mod:`.inflight`). The compute stream never waits for the side stream.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -49,18 +48,15 @@ from ..chunk import with_head_dims
 from ..errors import ConfigError, LayoutError
 from ..layout import Region, check_hf_layers
 from ..cuda import Event, Stream, side_stream
-from ..handles import CompletedHandle, EventHandle, Handle
+from ..handles import CompletedHandle, Handle
 from .levels import copy_rows, resolve_level
 from .direct import flush_direct, row_views
 from .inplace import planned_in_place, positions_in_place
 from .gather import gather_chunks
+from .inflight import InFlight
 from .handoff import stream_in, stream_out
 from .placement import Placement
 from .protocols import ChunkTransport, WritableTransport
-
-#: Chunks in flight the streamer lists before it drops those that have landed (:meth:`KVStreamer._track`).
-TRACK_TRIM = 16
-
 
 @dataclass
 class StreamStats:
@@ -114,9 +110,7 @@ class KVStreamer:
         self.side = side_stream(self.device, "kvstream-stream-out") if self.device.type == "cuda" else None
         self._produced = Event(self.device) if self.side is not None else None  # re-recorded per chunk
         self.stats = StreamStats()
-        self._pending: deque = deque()  # handles of chunks in flight, in stream order
-        self._reading: deque = deque()  # (event after a copy, the tensors it reads, ours?), in stream order
-        self._free_events: list = []  # fired events of _reading, recorded again
+        self.inflight = InFlight(self.side)  # chunks in flight, and the packed ones held until read
         self._lock = threading.Lock()
         self._position_plans: dict = {}  # scatter_positions' plans by chunk geometry (detached: no tensors)
         # a transport whose buffers a pack may write (HostTransport: pinned on a GPU): planned packs go straight there
@@ -299,7 +293,7 @@ class KVStreamer:
         if background is None:
             background = self.level >= 3
         if background and self.level >= 3 and self._zero_copy and keys and len(keys) == len(values):
-            self._release_read()
+            self.inflight.release_read()
             h = positions_in_place(self, self._position_plans, key, keys, values, start, n, meta)
             if h is not None:
                 return h
@@ -333,7 +327,7 @@ class KVStreamer:
         if background is None:
             background = self.level >= 3
         if background and self.level >= 3 and self._zero_copy and hasattr(plan, "run_into"):
-            self._release_read()
+            self.inflight.release_read()
             return planned_in_place(self, key, plan, start, meta)  # one launch and one event (.inplace)
         return self._pack_and_flush(key, lambda: plan.run(start), None, meta, background and self.level >= 3)
 
@@ -411,61 +405,13 @@ class KVStreamer:
     # ------------------------------------------------------------------------------------------------
     def wait(self) -> None:
         """Block until every chunk flushed so far has landed; raise the first error."""
-        with self._lock:
-            pending, self._pending = list(self._pending), deque()
-        first: BaseException | None = None
-        for h in pending:
-            try:
-                h.wait()
-            except BaseException as e:  # noqa: BLE001 - re-raised below
-                first = first or e
-        with self._lock:
-            self._reading.clear()  # every pack ran before the copies waited for above
-        if first is not None:
-            raise first
+        self.inflight.wait()
 
     def close(self) -> None:
         """Wait for outstanding chunks (the transport stays open; the shared side stream lives on)."""
         self.wait()
 
     # ------------------------------------------------------------------------------------------------
-    def _track(self, h: Handle) -> Handle:
-        with self._lock:
-            pending = self._pending
-            if len(pending) >= TRACK_TRIM:  # each done() is a driver call: trim once in a while, oldest first
-                while pending and pending[0].done():
-                    pending.popleft()
-            pending.append(h)
-        return h
-
-    def _keep_until_read(self, tensors: list, flushed: Handle | None = None) -> None:
-        """Hold ``tensors`` until the side stream's work so far has read them: until the event of ``flushed``
-        (the flush just enqueued there) when it is an :class:`EventHandle`, recorded after the flush's last
-        stream-ordered step, so no event of our own is recorded; else until an event recorded now on the side
-        stream (ours, reused once fired). An event the transport recycles after it fired is recorded again
-        later, so it is read as fired too late, never too early."""
-        reading = self._reading
-        while reading and reading[0][0].query():
-            event, _, own = reading.popleft()
-            if own:
-                self._free_events.append(event)
-        if type(flushed) is EventHandle:
-            reading.append((flushed.event, tensors, False))
-        else:
-            reading.append((self.side.record_event(self._free_events.pop() if self._free_events else None),
-                            tensors, True))
-
-    def _release_read(self) -> None:
-        """Drop every held chunk once the newest has been read (one event query): the decode chunks that write
-        a transport in place hold nothing, so without this a prefill's packed layers (4.2 GB at B16 P2000)
-        stayed on the GPU until :meth:`wait`. Every held chunk's event is recorded on the side stream (the
-        flush runs there), in order, so the newest having fired means all have; a recycled event fired once
-        before it was recorded again, so it too reads as fired too late, never too early."""
-        reading = self._reading
-        if reading and reading[-1][0].query():
-            self._free_events.extend(e for e, _, own in reading if own)
-            reading.clear()
-
     def _naive(self, keys, values, region: Region, starts: Sequence[int]) -> torch.Tensor:
         """Level 0: the region copied row by row into a host chunk (:func:`copy_rows`), counted."""
         chunk, copies = copy_rows(keys, values, region, starts)
@@ -483,13 +429,13 @@ class KVStreamer:
             h = self.flush(key, chunk, region=region, meta=meta)
             if not background:
                 return self._finish_sync(h)
-            return self._track(h)
+            return self.inflight.track(h)
         self._produced.record()  # on the compute stream, after the pack
         self.side.wait_event(self._produced)
         with self.side:
             h = self.flush(key, chunk, region=region, meta=meta)
-            self._keep_until_read([chunk], h)
-        return self._track(h)
+            self.inflight.keep_until_read([chunk], h)
+        return self.inflight.track(h)
 
 
 __all__ = ["KVStreamer", "StreamStats"]

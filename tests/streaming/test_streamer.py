@@ -207,7 +207,7 @@ def test_gpu_packed_chunks_live_until_their_copies_have_read_them(transport_kind
     torch.cuda._sleep(200_000_000)  # ~0.1 s: the copies queue behind the packs; only the streamer holds the chunks
     for l, r in enumerate(regions):
         h = st.scatter(f"c{l}", ks, vs, r)
-        event, held, own = st._reading[-1]
+        event, held, own = st.inflight.reading[-1]
         assert own is (transport_kind != "host")
         if transport_kind == "host":
             assert event is h.event
@@ -218,12 +218,12 @@ def test_gpu_packed_chunks_live_until_their_copies_have_read_them(transport_kind
         # a decode chunk written in place holds nothing of its own; once the held chunks are read it drops them all
         plan = kvstream.kernels.plan_newest(ks, vs, num_tokens=1)
         st.scatter_planned("step", plan, 100)
-        assert st._reading  # the copies still sleep behind the packs
+        assert st.inflight.reading  # the copies still sleep behind the packs
         torch.cuda.synchronize()
         st.scatter_planned("step", plan, 101)
-        assert not st._reading
+        assert not st.inflight.reading
     st.wait()
-    assert not st._reading
+    assert not st.inflight.reading
     ck, cv = [k.cpu() for k in ks], [v.cpu() for v in vs]
     for l, r in enumerate(regions):
         assert torch.equal(t.fetch_new(f"c{l}"), kvstream.kernels.reference.pack_tokens(ck, cv, r))

@@ -1,0 +1,108 @@
+"""InFlight's lifetime rules on the CPU, with events whose firing the test controls (the GPU tests in
+test_streamer.py run the same paths on real streams)."""
+import pytest
+
+from kvstream.handles import EventHandle, Handle
+from kvstream.streaming.inflight import TRACK_TRIM, InFlight
+
+
+class _Event:
+    def __init__(self):
+        self.fired = False
+        self.queries = 0
+
+    def query(self):
+        self.queries += 1
+        return self.fired
+
+    def synchronize(self):
+        self.fired = True
+
+
+class _Side:
+    """A side stream that records fake events (a reused one when given)."""
+
+    def __init__(self):
+        self.recorded = []
+
+    def record_event(self, event=None):
+        event = event or _Event()
+        event.fired = False
+        self.recorded.append(event)
+        return event
+
+
+class _Later(Handle):
+    """A handle without an event (a disk write's future)."""
+
+    def __init__(self, fail=None):
+        self.landed, self.fail = False, fail
+
+    def done(self):
+        return self.landed
+
+    def wait(self, timeout=None):
+        self.landed = True
+        if self.fail:
+            raise self.fail
+
+
+def test_a_flush_handles_event_marks_its_chunk_read_and_no_event_is_recorded():
+    side = _Side()
+    f = InFlight(side)
+    e = _Event()
+    f.keep_until_read(["chunk"], EventHandle(e))
+    assert side.recorded == [] and list(f.reading) == [(e, ["chunk"], False)]
+    f.keep_until_read(["other"], _Later())  # no event of the flush's: one of ours
+    assert len(side.recorded) == 1 and f.reading[-1][2] is True
+
+
+def test_chunks_are_held_until_read_oldest_first_and_our_events_are_reused():
+    side = _Side()
+    f = InFlight(side)
+    f.keep_until_read(["a"], _Later())
+    f.keep_until_read(["b"], _Later())
+    first, second = side.recorded
+    f.keep_until_read(["c"], _Later())  # nothing read yet: all three held
+    assert [t for _, t, _ in f.reading] == [["a"], ["b"], ["c"]]
+    first.fired = True
+    f.keep_until_read(["d"], _Later())  # "a" was read: dropped, and its event records "d"
+    assert [t for _, t, _ in f.reading] == [["b"], ["c"], ["d"]]
+    assert side.recorded[-1] is first and not first.fired
+
+
+def test_release_read_drops_everything_once_the_newest_is_read_in_one_query():
+    f = InFlight(_Side())
+    events = [_Event() for _ in range(5)]
+    for i, e in enumerate(events):
+        f.keep_until_read([i], EventHandle(e))
+    f.release_read()
+    assert len(f.reading) == 5  # the newest is not read: all stay
+    events[-1].fired = True
+    before = sum(e.queries for e in events)
+    f.release_read()
+    assert not f.reading and sum(e.queries for e in events) == before + 1
+    f.release_read()  # empty: no query at all
+    assert sum(e.queries for e in events) == before + 1
+
+
+def test_track_trims_landed_handles_only_every_trim():
+    f = InFlight()
+    hs = [_Later() for _ in range(TRACK_TRIM)]
+    for h in hs:
+        f.track(h)
+    for h in hs[:3]:
+        h.landed = True
+    f.track(_Later())  # the trim: the three landed ones, oldest first, stop at the first in flight
+    assert len(f.pending) == TRACK_TRIM + 1 - 3
+
+
+def test_wait_waits_for_all_raises_the_first_error_and_drops_what_it_held():
+    f = InFlight(_Side())
+    ok, bad, worse = _Later(), _Later(RuntimeError("first")), _Later(ValueError("second"))
+    for h in (ok, bad, worse):
+        f.track(h)
+    f.keep_until_read(["x"], _Later())
+    with pytest.raises(RuntimeError, match="first"):
+        f.wait()
+    assert ok.landed and bad.landed and worse.landed and not f.pending and not f.reading
