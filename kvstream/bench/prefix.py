@@ -86,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         radix.update_kv(ids[0, :stored], keys, values)
 
         def radix_load() -> None:
+            """One load of the stored prefix (every layer's KV, ``stored`` tokens) from the radix store to ``device``."""
             with radix.fetch_prefix(ids, device=device):
                 pass
 
@@ -111,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    namespace="bench-prefix", **kw)
 
             def write_all(store=store) -> None:
+                """Write the ``stored`` tokens' KV as ``chunk``-token files (overwriting), then make them durable and
+                drop them from the page cache, as the raw writes do."""
                 store.update_kv(ids[0, :stored], keys, values, overwrite=True)
                 ceilings.evict_tree(store.root)  # durable, as the raw writes (fsync), and out of the page cache
 
@@ -127,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         # -- reads, cold, against the disk's best at the transport's queue depth (alternating) ------------
         def read_all(store, label) -> None:
+            """One cold read of the whole stored prefix through ``store`` to ``device``. Raises ``RuntimeError`` if
+            the match is not every stored file's tokens."""
             with store.fetch_prefix(ids, device=device) as m:
                 if m.matched_tokens != file_tokens:
                     raise RuntimeError(f"{label} matched {m.matched_tokens} tokens, expected {file_tokens}")

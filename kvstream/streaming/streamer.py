@@ -58,6 +58,7 @@ from .handoff import stream_in, stream_out
 from .placement import Placement
 from .protocols import ChunkTransport, WritableTransport
 
+
 @dataclass
 class StreamStats:
     """What a streamer moved: chunks and bytes out (flushed) and in (fetched)."""
