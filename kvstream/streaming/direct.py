@@ -69,7 +69,7 @@ def flush_direct(streamer: Any, key: str, parts: list, shape: Sequence[int], dty
     streamer.side.wait_event(streamer._produced)
     with streamer.side:
         h = _flush()
-        streamer.inflight.keep_until_read(parts, h)
+    streamer.inflight.keep_until_read(parts, h, bounded=streamer._local_reads)  # on the compute stream
     return streamer.inflight.track(h)
 
 

@@ -17,6 +17,11 @@ from ..handles import EventHandle, Handle
 
 #: Handles tracked between two trims of the landed ones (each ``done()`` is a driver call).
 TRACK_TRIM = 16
+#: Packed chunks held at most when the transport's reads are local (``Transport.local_reads``): beyond that
+#: many, the compute stream waits for the oldest's read and the chunk is dropped. The host runs many layers
+#: ahead of a GPU-bound prefill (19 of 32 at B16 P2000: 2.5 GB of chunks held, bench/NOTES.md, "Results,
+#: 2026-12-02"); a copy is ~1/10 of a layer's compute there, so a wait two chunks back never stalls the model.
+HOLD_DEPTH = 2
 
 
 class InFlight:
@@ -46,13 +51,19 @@ class InFlight:
             pending.append(h)
         return h
 
-    def keep_until_read(self, tensors: list, flushed: Handle | None = None) -> None:
+    def keep_until_read(self, tensors: list, flushed: Handle | None = None, *, bounded: bool = False) -> None:
         """Hold ``tensors`` until the side stream's work so far has read them: until the event of ``flushed``
         (the flush just enqueued there) when it is an :class:`EventHandle`, recorded after the flush's last
         stream-ordered step, so no event of our own is recorded; else until an event recorded now on the side
         stream (ours, reused once fired). The chunks read already are dropped first, oldest first. An event
         the transport recycles after it fired is recorded again later, so it reads as fired too late, never
-        too early."""
+        too early.
+
+        ``bounded`` (the transport's reads are local): at most :data:`HOLD_DEPTH` chunks stay held; for each
+        older one the **current** stream (call this on the compute stream, where the chunks were allocated)
+        waits for its event, so the caching allocator's stream order already puts any reuse of its memory
+        after the read, and it is dropped. A wait on an event recorded again later waits longer, never less.
+        """
         reading = self.reading
         while reading and reading[0][0].query():
             event, _, own = reading.popleft()
@@ -63,6 +74,12 @@ class InFlight:
         else:
             reading.append((self.side.record_event(self._free_events.pop() if self._free_events else None),
                             tensors, True))
+        if bounded:
+            while len(reading) > HOLD_DEPTH:
+                event, _, own = reading.popleft()
+                event.wait()  # the current (compute) stream: no host blocking
+                if own:
+                    self._free_events.append(event)
 
     def release_read(self) -> None:
         """Drop every held chunk once the newest has been read (one event query): the decode chunks that write
@@ -90,4 +107,4 @@ class InFlight:
             raise first
 
 
-__all__ = ["TRACK_TRIM", "InFlight"]
+__all__ = ["HOLD_DEPTH", "TRACK_TRIM", "InFlight"]

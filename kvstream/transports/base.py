@@ -50,6 +50,11 @@ class Transport(ABC):
 
     #: Short name used in CLI options and benchmark tables.
     name: str = "transport"
+    #: Whether every read of a CUDA chunk that ``flush`` enqueues on the stream completes without another
+    #: process (a local copy: HostTransport, DiskTransport). Then the streamer may make the compute stream wait
+    #: for those reads, which bounds the packed chunks it holds on the GPU; never where a read waits on a peer
+    #: (NCCL's send), since a dead peer would then stall the model.
+    local_reads: bool = False
 
     def __init__(self) -> None:
         self._closed = False

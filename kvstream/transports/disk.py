@@ -110,6 +110,7 @@ class DiskTransport(Transport):
     """
 
     name = "disk"
+    local_reads = True  # the device-to-host copies into pinned staging
 
     def __init__(self, root: str | os.PathLike, *, fsync: bool = False, io_threads: int = 4,
                  block_bytes: int = DEFAULT_BLOCK_BYTES, direct: bool = False, verify: bool = True,

@@ -80,6 +80,7 @@ class HostTransport(Transport):
     """
 
     name = "host"
+    local_reads = True  # the device-to-host copy
 
     def __init__(self, capacity_bytes: int, *, pinned: bool | None = None, preallocate: bool = False):
         super().__init__()

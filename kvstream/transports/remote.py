@@ -135,6 +135,7 @@ class RemoteHostTransport(Transport):
     """
 
     name = "remote"
+    local_reads = True  # a CUDA chunk is copied to the host synchronously, before flush returns
 
     def __init__(self, store, rank: int, peer: int, *, group=None, group_peer: int | None = None,
                  namespace: str = "kvstream/remote", timeout_s: float = 60.0, fetch_timeout_s: float | None = None,

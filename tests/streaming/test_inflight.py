@@ -3,7 +3,7 @@ test_streamer.py run the same paths on real streams)."""
 import pytest
 
 from kvstream.handles import EventHandle, Handle
-from kvstream.streaming.inflight import TRACK_TRIM, InFlight
+from kvstream.streaming.inflight import HOLD_DEPTH, TRACK_TRIM, InFlight
 
 
 class _Event:
@@ -17,6 +17,12 @@ class _Event:
 
     def synchronize(self):
         self.fired = True
+
+    def wait(self, stream=None):  # the current stream waits for it (no host blocking)
+        WAITS.append(self)
+
+
+WAITS: list = []  # the events the (fake) current stream was made to wait for, in order
 
 
 class _Side:
@@ -106,3 +112,29 @@ def test_wait_waits_for_all_raises_the_first_error_and_drops_what_it_held():
     with pytest.raises(RuntimeError, match="first"):
         f.wait()
     assert ok.landed and bad.landed and worse.landed and not f.pending and not f.reading
+
+
+def test_bounded_holds_at_most_hold_depth_chunks_and_the_compute_stream_waits_for_the_oldest_read():
+    WAITS.clear()
+    side = _Side()
+    f = InFlight(side)
+    events = [_Event() for _ in range(HOLD_DEPTH + 3)]
+    for i, e in enumerate(events):
+        f.keep_until_read([i], EventHandle(e), bounded=True)
+        assert len(f.reading) == min(i + 1, HOLD_DEPTH)  # none has fired: the oldest are waited for instead
+    assert WAITS == events[:3] and [t for _, t, _ in f.reading] == [[i] for i in range(3, HOLD_DEPTH + 3)]
+    assert all(not e.fired for e in events)  # the host never blocked
+    f.keep_until_read(["ours"], _Later(), bounded=True)  # an event of our own, waited for and then reused
+    assert WAITS[-1] is events[3] and f.reading[-1][2] is True
+    own = f.reading[-1][0]
+    for _ in range(HOLD_DEPTH):
+        f.keep_until_read(["x"], EventHandle(_Event()), bounded=True)
+    assert WAITS[-1] is own and f._free_events == [own]
+
+
+def test_unbounded_never_makes_a_stream_wait():
+    WAITS.clear()
+    f = InFlight(_Side())
+    for i in range(HOLD_DEPTH + 4):
+        f.keep_until_read([i], EventHandle(_Event()))
+    assert WAITS == [] and len(f.reading) == HOLD_DEPTH + 4
