@@ -4,8 +4,10 @@ to the end), and StreamingCache -> HostTransport, alternating; where the gap sit
 growth with the position) and the torch allocator's cudaMalloc/cudaFree counts per run.
 Also the A/A control (a second DynamicCache, ``dynamic-again``) and ``stream-copy`` (a HostTransport that
 refuses in-place chunks: the decode chunks packed on the device and copied on the side stream).
+``KVS_GRAD_MODE=no_grad`` runs generate as a user does (its own ``no_grad`` only) instead of inside
+``torch.inference_mode()``, as the generate bench does.
 ``PYTHONPATH=$PWD python3 bench/probes/generate_b1_steps.py [reps] [new_tokens] [providers,...]``."""
-import gc, statistics, sys, time, torch
+import contextlib, gc, os, statistics, sys, time, torch
 from transformers import DynamicCache
 from kvstream.bench.generate import _probe_class
 from kvstream.integrations.hf import StreamingCache, cache_kwargs
@@ -66,7 +68,9 @@ def once(kind, i):
     return dict(total=t1 - t0, prefill=(times[0] - t0) * 1e3, steps=steps, mallocs=mallocs, frees=frees)
 
 
-with torch.inference_mode():
+mode = torch.inference_mode() if os.environ.get("KVS_GRAD_MODE", "inference") == "inference" else contextlib.nullcontext()
+print("grad mode:", os.environ.get("KVS_GRAD_MODE", "inference"))
+with mode:
     for kind in makers:
         once(kind, -1)  # warm-up, 1 each
     order = list(makers)
