@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import mmap
 import os
+import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import torch
 
 from .inputs import pinned_empty, random_tensor, tensor_nbytes
-from .timing import Stat
+from .timing import Stat, alternating
 
 if TYPE_CHECKING:
     from .harness import Run
@@ -100,23 +102,30 @@ def supports_direct_io(directory: str | Path) -> bool:
         probe.unlink(missing_ok=True)
 
 
-def aligned_buffer(nbytes: int) -> mmap.mmap:
-    """Page-aligned anonymous memory of ``nbytes`` filled with random bytes (for O_DIRECT I/O)."""
+def aligned_buffer(nbytes: int, source=None) -> mmap.mmap:
+    """Page-aligned anonymous memory of ``nbytes`` (for O_DIRECT I/O), filled with the first ``nbytes`` of
+    ``source`` (any buffer, e.g. ``tensor.numpy()``) or with random bytes."""
     buf = mmap.mmap(-1, nbytes)
-    buf[:] = torch.randint(0, 256, (nbytes,), dtype=torch.uint8).numpy().tobytes()
+    if source is None:
+        buf[:] = torch.randint(0, 256, (nbytes,), dtype=torch.uint8).numpy().tobytes()
+    else:
+        buf[:] = memoryview(source).cast("B")[:nbytes]
     return buf
 
 
 def raw_write(path: str | Path, nbytes: int, buf: mmap.mmap, *, direct: bool, block_bytes: int = RAW_DISK_BLOCK_BYTES) -> None:
-    """Write ``nbytes`` from ``buf`` to ``path`` in ``block_bytes`` writes (``O_DIRECT`` if ``direct``), then fsync."""
+    """Write ``nbytes`` from ``buf`` to ``path`` in ``block_bytes`` writes (``O_DIRECT`` if ``direct``), then fsync:
+    ``buf`` in order when it holds ``nbytes``, else its first block again and again (like ``dd``)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0)
     fd = os.open(path, flags, 0o644)
     try:
         view = memoryview(buf)
+        whole = len(buf) >= nbytes
         left = nbytes
         while left:
             n = min(block_bytes, left, len(buf))
-            written = os.write(fd, view[:n])
+            at = nbytes - left if whole else 0
+            written = os.write(fd, view[at:at + n])
             if written <= 0:
                 raise OSError(f"short write to {path}: {written} of {n} bytes")
             left -= written
@@ -155,18 +164,153 @@ def evict_tree(root: str | Path) -> None:
                 os.close(fd)
 
 
+class RawDisk:
+    """The raw cases of the disk ceiling: ``num_files`` files of ``file_bytes`` in ``directory``, written and read
+    at every queue depth of ``queue_depths`` in two I/O sizes (see :func:`ceiling_disk`).
+
+    ``cases`` maps a provider (``raw-odirect-qd<q>`` in 16 MiB blocks, ``raw-odirect-qd<q>-whole`` in one call
+    per file where files are larger than a block; ``raw-buffered-qd<q>`` in blocks, written with fsync and
+    dropped from the page cache before reads; the buffered cases in both sizes where the filesystem refuses
+    ``O_DIRECT``) to a :class:`DiskCase`; ``label`` names what they cover. :meth:`close` removes the files and
+    frees the buffers. Every case writes the same paths, so a read measures the latest write's files.
+    ``sources`` (one buffer of at least ``file_bytes`` per file, e.g. the transport's chunks as
+    ``tensor.view(torch.uint8).numpy()``): each file is written with its own bytes, copied into page-aligned
+    memory before any timing; without it every file repeats one random buffer per I/O size.
+
+    Raises
+    ------
+    ValueError
+        If ``file_bytes`` is not a multiple of 4096 (O_DIRECT needs aligned sizes), or ``sources`` does not
+        have one buffer per file.
+    """
+
+    def __init__(self, directory: str | Path, file_bytes: int, num_files: int, queue_depths: tuple[int, ...] = (1, 4, 16),
+                 sources: list | None = None):
+        if file_bytes % DIRECT_ALIGN_BYTES:
+            raise ValueError(f"file_bytes must be a multiple of {DIRECT_ALIGN_BYTES}, got {file_bytes}")
+        if sources is not None and len(sources) != num_files:
+            raise ValueError(f"sources: {len(sources)} buffers for {num_files} files")
+        directory = Path(directory)
+        self.direct = direct = supports_direct_io(directory)
+        block = min(RAW_DISK_BLOCK_BYTES, file_bytes)
+        sizes = [(block, "")] + ([(file_bytes, "-whole")] if file_bytes > block else [])
+        self.paths = paths = [directory / f"raw{i:04d}.bin" for i in range(num_files)]
+        # made before any timing: one shared buffer per I/O size, or each file's own bytes (then every write
+        # moves distinct data, as a transport's do; a storage layer that deduplicates cannot flatter the ceiling)
+        self._bufs = bufs = {piece: aligned_buffer(piece) for piece, _ in sizes}
+        self._files = [aligned_buffer(file_bytes, src) for src in sources] if sources is not None else None
+        source = (lambda i, piece: self._files[i]) if sources is not None else (lambda i, piece: bufs[piece])
+
+        def _write_all(q: int, piece: int, odirect: bool) -> None:
+            if q == 1:
+                for i, p in enumerate(paths):
+                    raw_write(p, file_bytes, source(i, piece), direct=odirect, block_bytes=piece)
+                return
+            with ThreadPoolExecutor(q) as pool:  # the threads only read the page-aligned buffers
+                for f in [pool.submit(lambda i=i, p=p: raw_write(p, file_bytes, source(i, piece), direct=odirect,
+                                                                 block_bytes=piece))
+                          for i, p in enumerate(paths)]:
+                    f.result()
+
+        # the readers' page-aligned buffers, as many per I/O size as reads in flight, touched before any timing
+        self._readers = {piece: [aligned_buffer(piece) for _ in range(max(queue_depths))] for piece, _ in sizes}
+        free = {piece: queue.SimpleQueue() for piece in self._readers}
+        for piece, held in self._readers.items():
+            for b in held:
+                free[piece].put(b)
+
+        def _read_one(p: Path, piece: int, odirect: bool) -> None:
+            buf = free[piece].get()
+            try:
+                if raw_read(p, buf, direct=odirect, block_bytes=piece) != file_bytes:
+                    raise OSError(f"raw read of {p} returned a wrong size")
+            finally:
+                free[piece].put(buf)
+
+        def _read_all(q: int, piece: int, odirect: bool) -> None:
+            if q == 1:
+                for p in paths:
+                    _read_one(p, piece, odirect)
+                return
+            with ThreadPoolExecutor(q) as pool:  # q files in flight, each read in order: a transport's fetch batch
+                for f in [pool.submit(_read_one, p, piece, odirect) for p in paths]:
+                    f.result()
+
+        def _case(q: int, piece: int, odirect: bool) -> DiskCase:
+            return DiskCase(lambda: _write_all(q, piece, odirect), lambda: _read_all(q, piece, odirect),
+                            None if odirect else (lambda: evict_tree(directory)))
+
+        # O_DIRECT where the filesystem has it, in both I/O sizes; buffered I/O (fsync, then the files dropped from
+        # the page cache before reading) in blocks as well, since the kernel's readahead can beat O_DIRECT
+        # (bench/NOTES.md: a buffered DiskTransport read 15 % faster than any O_DIRECT case on the dev VM's disk)
+        self.cases: dict[str, DiskCase] = {}
+        for odirect in ((True, False) if direct else (False,)):
+            kind = "raw-odirect" if odirect else "raw-buffered"
+            for q in queue_depths:
+                for piece, suffix in (sizes if odirect or not direct else sizes[:1]):
+                    self.cases[f"{kind}-qd{q}{suffix}"] = _case(q, piece, odirect)
+        what = "16 MiB blocks and whole files" if len(sizes) > 1 else f"{block // (1 << 20) or block} MiB blocks"
+        kinds = "raw-odirect and raw-buffered (blocks)" if direct else "raw-buffered"
+        self.label = f"{kinds} (best of queue depths {', '.join(map(str, queue_depths))}; {what})"
+
+    def close(self) -> None:
+        """Remove the files and free the buffers. Idempotent."""
+        for p in self.paths:
+            p.unlink(missing_ok=True)
+        for b in [*self._bufs.values(), *(self._files or []), *(b for held in self._readers.values() for b in held)]:
+            b.close()
+        self._bufs, self._files, self._readers = {}, None, {}
+
+
+class DiskCase(NamedTuple):
+    """One provider of a disk comparison: ``write()`` makes its files durable, ``read()`` reads them all back,
+    ``before_read()`` (or ``None``) drops them from the page cache first, untimed."""
+
+    write: Callable[[], Any]
+    read: Callable[[], Any]
+    before_read: Callable[[], Any] | None = None
+
+
+def time_disk_cases(cases: dict[str, DiskCase], *, reps: int) -> dict[str, dict[str, list[float]]]:
+    """Milliseconds of every case's write and read, in ``reps`` :func:`~kvstream.bench.timing.alternating`
+    rounds (a raw ceiling and the transport it bounds take turns, so a shared disk's drift lands on both;
+    bench/NOTES.md: timed one after the other, two repetitions each, the transport beat the raw figures by
+    6-26 %). In each turn a case writes, then reads what it wrote. Returns ``{name: {"write": [...],
+    "read": [...]}}``."""
+    samples = {name: {"write": [], "read": []} for name in cases}
+    for _, name in alternating(list(cases), max(1, reps)):
+        case = cases[name]
+        t0 = time.perf_counter()
+        case.write()
+        samples[name]["write"].append((time.perf_counter() - t0) * 1e3)
+        if case.before_read is not None:
+            case.before_read()
+        t0 = time.perf_counter()
+        case.read()
+        samples[name]["read"].append((time.perf_counter() - t0) * 1e3)
+    return samples
+
+
+def best_of(samples: dict[str, dict[str, list[float]]], names, op: str) -> tuple[str, Stat]:
+    """The name among ``names`` whose median ``op`` ("write" or "read") time is lowest, and that time's Stat."""
+    name = min(names, key=lambda n: Stat.of(samples[n][op]).p50)
+    return name, Stat.of(samples[name][op])
+
+
 def ceiling_disk(run: Run, directory: str | Path, file_bytes: int, num_files: int, *, bench: str, x: Any,
                  reps: int = 2, queue_depths: tuple[int, ...] = (1, 4, 16)) -> tuple[Stat, Stat, str]:
     """The disk's best raw write and read of ``num_files`` files of ``file_bytes`` each in ``directory``.
 
     Every queue depth of ``queue_depths`` is measured (``1``: one stream, like ``dd``; ``q > 1``: ``q`` files
-    written, or pieces read, in flight at once from threads, which is how
+    written or read at once from threads, each in order, which is how
     :class:`~kvstream.transports.disk.DiskTransport` moves a batch of chunks), each with two I/O sizes: 16 MiB
     blocks (providers ``raw-odirect-qd<q>``) and one ``pwrite``/``preadv`` of the whole file, as the transport
     moves a chunk (``raw-odirect-qd<q>-whole``, where files are larger than a block). ``O_DIRECT`` where the
-    filesystem allows it, else buffered I/O with fsync and page-cache eviction (``raw-buffered-…``). Writes
+    filesystem allows it, and buffered I/O with fsync and page-cache eviction (``raw-buffered-…``). Writes
     include the fsync. A ceiling the measured thing beats is no ceiling, so the best of them is the ceiling
-    (bench/NOTES.md: one stream of 16 MiB blocks read 1.58 GB/s where the transport read 1.87).
+    (bench/NOTES.md: one stream of 16 MiB blocks read 1.58 GB/s where the transport read 1.87). The cases
+    alternate (:func:`time_disk_cases`); to alternate them with the thing they bound as well, use
+    :class:`RawDisk` and :func:`time_disk_cases` directly, as the disk topic does.
 
     Returns
     -------
@@ -177,57 +321,18 @@ def ceiling_disk(run: Run, directory: str | Path, file_bytes: int, num_files: in
     ValueError
         If ``file_bytes`` is not a multiple of 4096 (O_DIRECT needs aligned sizes).
     """
-    if file_bytes % DIRECT_ALIGN_BYTES:
-        raise ValueError(f"file_bytes must be a multiple of {DIRECT_ALIGN_BYTES}, got {file_bytes}")
-    directory = Path(directory)
-    direct = supports_direct_io(directory)
-    kind = "raw-odirect" if direct else "raw-buffered"
-    block = min(RAW_DISK_BLOCK_BYTES, file_bytes)
-    sizes = [(block, "")] + ([(file_bytes, "-whole")] if file_bytes > block else [])
-    paths = [directory / f"raw{i:04d}.bin" for i in range(num_files)]
-    bufs = {piece: aligned_buffer(piece) for piece, _ in sizes}  # made before any timing; writers share them
-
-    def _write_all(q: int, piece: int) -> None:
-        if q == 1:
-            for p in paths:
-                raw_write(p, file_bytes, bufs[piece], direct=direct, block_bytes=piece)
-            return
-        with ThreadPoolExecutor(q) as pool:  # the threads write from one page-aligned buffer (only read)
-            for f in [pool.submit(lambda p=p: raw_write(p, file_bytes, bufs[piece], direct=direct, block_bytes=piece))
-                      for p in paths]:
-                f.result()
-
-    def _read_all(q: int, piece: int) -> None:
-        if not direct:
-            evict_tree(directory)
-        if q == 1:
-            for p in paths:
-                if raw_read(p, bufs[piece], direct=direct, block_bytes=piece) != file_bytes:
-                    raise OSError(f"raw read of {p} returned a wrong size")
-        else:
-            raw_parallel_read(paths, piece_bytes=piece, queue_depth=q, direct=direct)
-
-    total = file_bytes * num_files
-    best_w = best_r = None
+    raw = RawDisk(directory, file_bytes, num_files, queue_depths)
     try:
-        for q in queue_depths:
-            for piece, suffix in sizes:
-                provider = f"{kind}-qd{q}{suffix}"
-                w = run.add_time_and_bandwidth(f"{bench}.write", provider, x,
-                                               run.time_host(lambda q=q, b=piece: _write_all(q, b), reps=reps, warmup=0),
-                                               total, time_unit="s")
-                r = run.add_time_and_bandwidth(f"{bench}.read", provider, x,
-                                               run.time_host(lambda q=q, b=piece: _read_all(q, b), reps=reps, warmup=0),
-                                               total, time_unit="s")
-                best_w = w if best_w is None or w.p50 > best_w.p50 else best_w
-                best_r = r if best_r is None or r.p50 > best_r.p50 else best_r
+        samples = time_disk_cases(raw.cases, reps=reps)
     finally:
-        for p in paths:
-            p.unlink(missing_ok=True)
-        for b in bufs.values():
-            b.close()
-    what = "16 MiB blocks and whole files" if len(sizes) > 1 else f"{block // (1 << 20) or block} MiB blocks"
-    return best_w, best_r, f"{kind} (best of queue depths {', '.join(map(str, queue_depths))}; {what})"
+        raw.close()
+    total = file_bytes * num_files
+    best = {}
+    for name in raw.cases:
+        for op in ("write", "read"):
+            bw = run.add_time_and_bandwidth(f"{bench}.{op}", name, x, Stat.of(samples[name][op]), total, time_unit="s")
+            best[op] = bw if op not in best or bw.p50 > best[op].p50 else best[op]
+    return best["write"], best["read"], raw.label
 
 
 def raw_parallel_read(paths: list[Path], *, piece_bytes: int, queue_depth: int, direct: bool) -> int:

@@ -270,12 +270,9 @@ def test_generate_with_the_a_a_control_records_the_noise_floor(tmp_path):
 
 
 def test_disk_ceiling_measures_blocks_and_whole_files_at_every_depth(tmp_path):
-    class _Run:  # the two Run methods ceiling_disk uses: timings become rows
+    class _Run:  # the Run method ceiling_disk uses: timings become rows
         def __init__(self):
             self.rows = []
-
-        def time_host(self, fn, reps, warmup):
-            return timing.time_host(fn, device=torch.device("cpu"), reps=reps, warmup=warmup)
 
         def add_time_and_bandwidth(self, bench, provider, x, ms, nbytes, time_unit):
             self.rows.append((bench, provider))
@@ -284,7 +281,38 @@ def test_disk_ceiling_measures_blocks_and_whole_files_at_every_depth(tmp_path):
     run = _Run()
     file_bytes = ceilings.RAW_DISK_BLOCK_BYTES + 4096  # larger than a block: both I/O sizes
     w, r, label = ceilings.ceiling_disk(run, tmp_path, file_bytes, 2, bench="disk", x=0, reps=1, queue_depths=(1, 2))
-    kind = "raw-odirect" if ceilings.supports_direct_io(tmp_path) else "raw-buffered"
-    providers = [f"{kind}-qd{q}{s}" for q in (1, 2) for s in ("", "-whole")]
+    if ceilings.supports_direct_io(tmp_path):  # O_DIRECT in both sizes, and buffered in blocks
+        providers = [f"raw-odirect-qd{q}{s}" for q in (1, 2) for s in ("", "-whole")] + ["raw-buffered-qd1", "raw-buffered-qd2"]
+    else:
+        providers = [f"raw-buffered-qd{q}{s}" for q in (1, 2) for s in ("", "-whole")]
     assert run.rows == [(f"disk.{op}", p) for p in providers for op in ("write", "read")]
     assert w.p50 > 0 and r.p50 > 0 and "whole files" in label and not list(tmp_path.glob("raw*.bin"))
+
+
+def test_raw_disk_writes_each_file_from_its_own_source_in_every_case(tmp_path):
+    file_bytes = 3 * 4096
+    srcs = [torch.randint(0, 256, (file_bytes,), dtype=torch.uint8).numpy() for _ in range(2)]
+    raw = ceilings.RawDisk(tmp_path, file_bytes, 2, queue_depths=(1, 2), sources=srcs)
+    try:
+        for name, case in raw.cases.items():
+            for p in raw.paths:
+                p.write_bytes(b"\0" * file_bytes)
+            case.write()
+            for p, src in zip(raw.paths, srcs):
+                assert p.read_bytes() == src.tobytes(), name
+            case.read()
+    finally:
+        raw.close()
+    assert not list(tmp_path.glob("raw*.bin"))
+    with pytest.raises(ValueError, match="one buffer per file|buffers for 2 files"):
+        ceilings.RawDisk(tmp_path, file_bytes, 2, sources=srcs[:1])
+
+
+def test_disk_cases_alternate_and_each_turn_writes_then_reads():
+    log = []
+    cases = {n: ceilings.DiskCase(lambda n=n: log.append((n, "w")), lambda n=n: log.append((n, "r")),
+                                  (lambda n=n: log.append((n, "evict"))) if n == "b" else None) for n in ("a", "b")}
+    samples = ceilings.time_disk_cases(cases, reps=2)
+    assert log == [("a", "w"), ("a", "r"), ("b", "w"), ("b", "evict"), ("b", "r"),
+                   ("b", "w"), ("b", "evict"), ("b", "r"), ("a", "w"), ("a", "r")]
+    assert all(len(samples[n][op]) == 2 for n in cases for op in ("write", "read"))
