@@ -5,7 +5,9 @@ growth with the position) and the torch allocator's cudaMalloc/cudaFree counts p
 Also the A/A control (a second DynamicCache, ``dynamic-again``) and ``stream-copy`` (a HostTransport that
 refuses in-place chunks: the decode chunks packed on the device and copied on the side stream).
 ``KVS_GRAD_MODE=no_grad`` runs generate as a user does (its own ``no_grad`` only) instead of inside
-``torch.inference_mode()``, as the generate bench does.
+``torch.inference_mode()``, as the generate bench does; with it, a provider named ``<provider>@inference`` runs
+inside ``inference_mode`` alone (``dynamic,stream-host,dynamic@inference,stream-host@inference`` alternates both
+modes in one run).
 ``PYTHONPATH=$PWD python3 bench/probes/generate_b1_steps.py [reps] [new_tokens] [providers,...]``."""
 import contextlib, gc, os, statistics, sys, time, torch
 from transformers import DynamicCache
@@ -41,7 +43,7 @@ makers = {"dynamic": lambda i: DynamicCache(config=cfg),
           "stream-host": lambda i: StreamingCache(config=cfg, transport=t, session=f"h{i}"),
           "stream-copy": lambda i: StreamingCache(config=cfg, transport=tc, session=f"c{i}")}
 if len(sys.argv) > 3:  # a subset, in this order: e.g. dynamic,dynamic-again,stream-host
-    makers = {k: makers[k] for k in sys.argv[3].split(",")}
+    makers = {k: makers[k.split("@")[0]] for k in sys.argv[3].split(",")}
 rows = {k: [] for k in makers}
 
 
@@ -51,8 +53,9 @@ def once(kind, i):
     cache = makers[kind](i)
     probe = _probe_class()(dev)
     t0 = time.perf_counter()
-    model_out = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **cache_kwargs(cache), max_new_tokens=T,
-                           min_new_tokens=T, do_sample=False, pad_token_id=0, streamer=probe)
+    with torch.inference_mode() if kind.endswith("@inference") else contextlib.nullcontext():
+        model_out = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **cache_kwargs(cache), max_new_tokens=T,
+                               min_new_tokens=T, do_sample=False, pad_token_id=0, streamer=probe)
     if hasattr(cache, "wait"):
         cache.wait()
     torch.cuda.synchronize(); t1 = time.perf_counter()
