@@ -28,9 +28,12 @@ no overlap can hide behind a ~30 ms decode step: the ``pcie_floor_ratio`` in the
 Timing is the host clock around ``generate`` (+ ``cache.wait()``), synchronized. A generate streamer
 probe records the time and ``torch.cuda.memory_allocated()`` at each token: prefill time (to the first
 token), per-token time, and KV resident on the GPU at step boundaries above the pre-generate baseline
-(reported in layers of KV as well). Output tokens of every provider are compared with ``dynamic``'s.
+(reported in layers of KV as well). Output tokens of every provider are compared with ``dynamic``'s. The CPU
+seconds of the whole process over the same span (``time.process_time``) are kept beside the wall time:
+``stream_overhead``'s detail compares them too (``cpu_comparison``, ``cpu_control``), the host's own work
+without the time other tenants take from it.
 
-Rows (``<out>/generate.csv``): ``generate.e2e`` (x = ``B16/P2000/N128``; metrics total_time s,
+Rows (``<out>/generate.csv``): ``generate.e2e`` (x = ``B16/P2000/N128``; metrics total_time s, cpu_time s,
 prefill_time ms, per_token_time ms, kv_resident GB, peak_memory GB), ``generate.fig2`` (the paper's Fig. 2:
 prompt time and per-token time vs prompt length, ``dynamic``), ``generate.ceiling`` (pinned H2D memcpy).
 Summary keys: ``stream_overhead``, ``static_stream_overhead``, ``offload_vs_dynamic``,
@@ -121,6 +124,7 @@ class GenResult:
     peak_bytes: int
     tokens: torch.Tensor
     stats: dict = field(default_factory=dict)
+    cpu_s: float = 0.0  # CPU seconds of the whole process (every thread) over the same span as total_s
 
 
 def generate_once(model: torch.nn.Module, input_ids: torch.Tensor, make_cache: Callable[[], Any], new_tokens: int,
@@ -139,6 +143,7 @@ def generate_once(model: torch.nn.Module, input_ids: torch.Tensor, make_cache: C
     base = torch.cuda.memory_allocated(device) if cuda else 0
     cache = make_cache()
     probe = _probe_class()(device)
+    c0 = time.process_time()
     t0 = time.perf_counter()
     out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **cache_kwargs(cache),
                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
@@ -147,6 +152,7 @@ def generate_once(model: torch.nn.Module, input_ids: torch.Tensor, make_cache: C
         cache.wait()
     timing.sync(device)
     t1 = time.perf_counter()
+    c1 = time.process_time()
     times = probe.times[1:] or [t1]  # put #0 is the prompt, #1 the first token (end of prefill)
     prefill = times[0] - t0
     per_token = (times[-1] - times[0]) / max(1, len(times) - 1)
@@ -156,7 +162,7 @@ def generate_once(model: torch.nn.Module, input_ids: torch.Tensor, make_cache: C
     tokens = out[:, input_ids.shape[1]:].cpu()
     del out, cache
     gc.collect()
-    return GenResult(t1 - t0, prefill, per_token, int(resident), int(peak), tokens, stats)
+    return GenResult(t1 - t0, prefill, per_token, int(resident), int(peak), tokens, stats, c1 - c0)
 
 
 class Session:
@@ -276,6 +282,7 @@ def _record(run: Run, bench: str, provider: str, x: str, results: list[GenResult
             seq: int) -> None:
     layer_bytes = layout.bytes_per_token(batch) * seq / layout.num_layers
     run.add(bench, provider, x, "total_time", "s", Stat.of([r.total_s for r in results]))
+    run.add(bench, provider, x, "cpu_time", "s", Stat.of([r.cpu_s for r in results]))
     run.add(bench, provider, x, "prefill_time", "ms", Stat.of([r.prefill_s * 1e3 for r in results]))
     run.add(bench, provider, x, "per_token_time", "ms", Stat.of([r.per_token_s * 1e3 for r in results]))
     run.add(bench, provider, x, "kv_resident", "GB", Stat.of([r.kv_resident_bytes / GB for r in results]))

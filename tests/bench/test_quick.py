@@ -264,9 +264,12 @@ def test_generate_with_the_a_a_control_records_the_noise_floor(tmp_path):
     control, cmp = detail["control"], detail["comparison"]
     assert control["reps"] == cmp["reps"] >= 1 and set(control["pairs"]) == {"median", "min", "max", "n"}
     assert control["base"] == cmp["base"]  # both against the same DynamicCache runs
+    cpu, cpu_control = detail["cpu_comparison"], detail["cpu_control"]  # the process's CPU seconds, same runs
+    assert cpu["base"] == cpu_control["base"] and cpu["base"]["min"] > 0 and cpu["reps"] == cmp["reps"]
     rows = list(csv.DictReader((tmp_path / "generate.csv").open()))
     providers = {r["provider"] for r in rows if r["bench"] == "generate.e2e"}
     assert providers == {"dynamic", "dynamic-again", "stream-host"}
+    assert {r["provider"] for r in rows if r["metric"] == "cpu_time"} == providers
 
 
 def test_disk_ceiling_measures_blocks_and_whole_files_at_every_depth(tmp_path):
