@@ -57,9 +57,11 @@ def flush_direct(streamer: Any, key: str, parts: list, shape: Sequence[int], dty
     """Flush ``parts`` (:func:`row_views`) as the chunk ``shape``/``dtype`` through ``streamer``'s transport's
     ``flush_rows``: on the side stream behind an event on the compute stream when ``background`` (the parts
     held until the copies have read them), else on the current stream and waited for."""
+    nbytes = sum(p.numel() for p in parts) * parts[0].element_size() if parts else 0
+
     def _flush() -> Handle:
         h = streamer.transport.flush_rows(key, parts, shape, dtype, region=region, meta=meta)
-        streamer._count_out(sum(p.numel() for p in parts) * parts[0].element_size() if parts else 0)
+        streamer._count_out(nbytes)
         return h
 
     if streamer.side is None or not background:
@@ -69,7 +71,7 @@ def flush_direct(streamer: Any, key: str, parts: list, shape: Sequence[int], dty
     streamer.side.wait_event(streamer._produced)
     with streamer.side:
         h = _flush()
-    streamer.inflight.keep_until_read(parts, h, bounded=streamer._local_reads)  # on the compute stream
+    streamer.inflight.keep_until_read(parts, h, nbytes=nbytes, bounded=streamer._local_reads)  # on the compute stream
     return streamer.inflight.track(h)
 
 

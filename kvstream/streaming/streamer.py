@@ -33,9 +33,9 @@ after the pack and the transport's copy runs there; the streamer keeps the packe
 an event after that copy has fired (the flush handle's own event where it has one), so the caching
 allocator cannot hand its memory to new compute work while the copy still reads it (``record_stream``'s
 guarantee without its cost; :mod:`.inflight`). When the transport's reads are local
-(``Transport.local_reads``), at most two chunks stay held that way: for older ones the compute stream waits
-for the copy's event, a layer or more after it finished, so the chunks on the GPU stay bounded while the host
-runs ahead of a prefill. Otherwise (NCCL: a read may wait on a peer) the compute stream never waits for the
+(``Transport.local_reads``), at most ``inflight.HOLD_BYTES`` (256 MiB) stay held that way: for older chunks
+the compute stream waits for the copy's event, a layer or more after it finished, so the chunks on the GPU
+stay bounded while the host runs ahead of a prefill. Otherwise (NCCL: a read may wait on a peer) the compute stream never waits for the
 side stream.
 """
 
@@ -119,7 +119,7 @@ class KVStreamer:
         self._lock = threading.Lock()
         self._position_plans: dict = {}  # scatter_positions' plans by chunk geometry (detached: no tensors)
         # a transport whose buffers a pack may write (HostTransport: pinned on a GPU): planned packs go straight there
-        # its reads complete without a peer: the chunks held until read are bounded (.inflight.HOLD_DEPTH)
+        # its reads complete without a peer: the chunks held until read are bounded (.inflight.HOLD_BYTES)
         self._local_reads = bool(getattr(transport, "local_reads", False))
         self._zero_copy = isinstance(transport, WritableTransport) and (self.device.type == "cpu" or transport.zero_copy)
 
@@ -441,7 +441,8 @@ class KVStreamer:
         self.side.wait_event(self._produced)
         with self.side:
             h = self.flush(key, chunk, region=region, meta=meta)
-        self.inflight.keep_until_read([chunk], h, bounded=self._local_reads)  # on the compute stream
+        self.inflight.keep_until_read([chunk], h, nbytes=chunk.numel() * chunk.element_size(),
+                                      bounded=self._local_reads)  # on the compute stream
         return self.inflight.track(h)
 
 

@@ -3,7 +3,7 @@ test_streamer.py run the same paths on real streams)."""
 import pytest
 
 from kvstream.handles import EventHandle, Handle
-from kvstream.streaming.inflight import HOLD_DEPTH, TRACK_TRIM, InFlight
+from kvstream.streaming.inflight import HOLD_BYTES, TRACK_TRIM, InFlight
 
 
 class _Event:
@@ -58,7 +58,7 @@ def test_a_flush_handles_event_marks_its_chunk_read_and_no_event_is_recorded():
     f = InFlight(side)
     e = _Event()
     f.keep_until_read(["chunk"], EventHandle(e))
-    assert side.recorded == [] and list(f.reading) == [(e, ["chunk"], False)]
+    assert side.recorded == [] and list(f.reading) == [(e, ["chunk"], False, 0)]
     f.keep_until_read(["other"], _Later())  # no event of the flush's: one of ours
     assert len(side.recorded) == 1 and f.reading[-1][2] is True
 
@@ -70,10 +70,10 @@ def test_chunks_are_held_until_read_oldest_first_and_our_events_are_reused():
     f.keep_until_read(["b"], _Later())
     first, second = side.recorded
     f.keep_until_read(["c"], _Later())  # nothing read yet: all three held
-    assert [t for _, t, _ in f.reading] == [["a"], ["b"], ["c"]]
+    assert [t for _, t, _, _ in f.reading] == [["a"], ["b"], ["c"]]
     first.fired = True
     f.keep_until_read(["d"], _Later())  # "a" was read: dropped, and its event records "d"
-    assert [t for _, t, _ in f.reading] == [["b"], ["c"], ["d"]]
+    assert [t for _, t, _, _ in f.reading] == [["b"], ["c"], ["d"]]
     assert side.recorded[-1] is first and not first.fired
 
 
@@ -114,27 +114,50 @@ def test_wait_waits_for_all_raises_the_first_error_and_drops_what_it_held():
     assert ok.landed and bad.landed and worse.landed and not f.pending and not f.reading
 
 
-def test_bounded_holds_at_most_hold_depth_chunks_and_the_compute_stream_waits_for_the_oldest_read():
+def test_bounded_holds_at_most_hold_bytes_and_the_compute_stream_waits_for_the_oldest_read():
     WAITS.clear()
-    side = _Side()
-    f = InFlight(side)
-    events = [_Event() for _ in range(HOLD_DEPTH + 3)]
+    f = InFlight(_Side())
+    chunk = HOLD_BYTES // 2  # two fit the bound; a third makes the oldest wait
+    events = [_Event() for _ in range(5)]
     for i, e in enumerate(events):
-        f.keep_until_read([i], EventHandle(e), bounded=True)
-        assert len(f.reading) == min(i + 1, HOLD_DEPTH)  # none has fired: the oldest are waited for instead
-    assert WAITS == events[:3] and [t for _, t, _ in f.reading] == [[i] for i in range(3, HOLD_DEPTH + 3)]
+        f.keep_until_read([i], EventHandle(e), nbytes=chunk, bounded=True)
+        assert len(f.reading) == min(i + 1, 2) and f.held_bytes == len(f.reading) * chunk
+    assert WAITS == events[:3] and [t for _, t, _, _ in f.reading] == [[3], [4]]
     assert all(not e.fired for e in events)  # the host never blocked
-    f.keep_until_read(["ours"], _Later(), bounded=True)  # an event of our own, waited for and then reused
+    f.keep_until_read(["ours"], _Later(), nbytes=chunk, bounded=True)  # an event of our own: waited for, then reused
     assert WAITS[-1] is events[3] and f.reading[-1][2] is True
     own = f.reading[-1][0]
-    for _ in range(HOLD_DEPTH):
-        f.keep_until_read(["x"], EventHandle(_Event()), bounded=True)
+    for _ in range(2):
+        f.keep_until_read(["x"], EventHandle(_Event()), nbytes=chunk, bounded=True)
     assert WAITS[-1] is own and f._free_events == [own]
+    events[4].fired = True  # fired chunks are dropped by a query first, without a wait
+    f.reading[0][0].fired = True
+    n = len(WAITS)
+    f.keep_until_read(["y"], EventHandle(_Event()), nbytes=chunk, bounded=True)
+    assert len(WAITS) == n and f.held_bytes == 2 * chunk
+
+
+def test_bounded_never_waits_below_the_bound_nor_for_the_newest_chunk():
+    WAITS.clear()
+    f = InFlight(_Side())
+    for i in range(40):  # 32 chunks of 4 MiB: 128 MiB, under the bound
+        f.keep_until_read([i], EventHandle(_Event()), nbytes=4 << 20, bounded=True)
+    assert WAITS == [] and len(f.reading) == 40
+    g = InFlight(_Side())
+    g.keep_until_read(["huge"], EventHandle(_Event()), nbytes=2 * HOLD_BYTES, bounded=True)
+    assert WAITS == [] and len(g.reading) == 1  # waiting for the newest would stall the compute stream on its copy
+    g.keep_until_read(["next"], EventHandle(_Event()), nbytes=1, bounded=True)
+    assert len(WAITS) == 1 and [t for _, t, _, _ in g.reading] == [["next"]]
 
 
 def test_unbounded_never_makes_a_stream_wait():
     WAITS.clear()
     f = InFlight(_Side())
-    for i in range(HOLD_DEPTH + 4):
-        f.keep_until_read([i], EventHandle(_Event()))
-    assert WAITS == [] and len(f.reading) == HOLD_DEPTH + 4
+    for i in range(6):
+        f.keep_until_read([i], EventHandle(_Event()), nbytes=HOLD_BYTES)
+    assert WAITS == [] and len(f.reading) == 6 and f.held_bytes == 6 * HOLD_BYTES
+    f.release_read()  # the newest has not fired
+    assert len(f.reading) == 6
+    f.reading[-1][0].fired = True
+    f.release_read()
+    assert not f.reading and f.held_bytes == 0

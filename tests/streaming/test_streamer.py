@@ -195,33 +195,35 @@ def test_gpu_scatter_step_and_one_layer_regions(level, seed):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("transport_kind", ["host", "disk"])
-def test_gpu_packed_chunks_live_until_their_copies_have_read_them(transport_kind, seed, tmp_path):
+def test_gpu_packed_chunks_live_until_their_copies_have_read_them(transport_kind, seed, tmp_path, monkeypatch):
     """A background scatter's packed chunk is held until the copy has read it: by the HostTransport flush's own
     event (no event of the streamer's), by an event of the streamer's for a transport whose handle has none. The
     compute stream then overwrites the freed chunk memory at once; every stored chunk must still be the region's.
-    Both transports read locally, so at most HOLD_DEPTH chunks stay held while the host runs ahead of the GPU
-    (a prefill): the compute stream waits for the older ones' copies instead, and the host never blocks."""
-    from kvstream.streaming.inflight import HOLD_DEPTH
+    Both transports read locally, so at most HOLD_BYTES of chunks stay held while the host runs ahead of the GPU
+    (a prefill; the bound set to two chunks here): the compute stream waits for the older ones' copies instead,
+    and the host never blocks."""
+    from kvstream.streaming import inflight
 
+    chunk_bytes = 2 * 16 * 8 * 64 * 128 * 2
+    monkeypatch.setattr(inflight, "HOLD_BYTES", 2 * chunk_bytes)
     ks, vs = _cache(seed, layers=16, b=16, h=8, s=128, d=128, dtype=torch.bfloat16, device="cuda")
     t = (kvstream.HostTransport(capacity_bytes=1 << 30) if transport_kind == "host"
          else kvstream.DiskTransport(tmp_path))
     st = KVStreamer(t, level=3, device="cuda")
     regions = [Region(layers=(l, l + 1), tokens=(0, 64)) for l in range(16)]
-    chunk_bytes = 2 * 16 * 8 * 64 * 128 * 2
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda._sleep(200_000_000)  # ~0.1 s: the copies queue behind the packs; only the streamer holds the chunks
     for l, r in enumerate(regions):
         h = st.scatter(f"c{l}", ks, vs, r)
-        event, held, own = st.inflight.reading[-1]
+        event, held, own, nbytes = st.inflight.reading[-1]
         assert own is (transport_kind != "host")
         if transport_kind == "host":
             assert event is h.event
-        assert len(held) == 1 and held[0].shape == (1, 2, 16, 8, 64, 128)
-        assert len(st.inflight.reading) == min(l + 1, HOLD_DEPTH)
+        assert len(held) == 1 and held[0].shape == (1, 2, 16, 8, 64, 128) and nbytes == chunk_bytes
+        assert len(st.inflight.reading) == min(l + 1, 2) and st.inflight.held_bytes <= 2 * chunk_bytes
     assert not st.inflight.reading[0][0].query()  # still asleep: the bound came from stream waits, not the host
-    assert torch.cuda.memory_allocated() - before <= HOLD_DEPTH * chunk_bytes  # 16 chunks without the bound
+    assert torch.cuda.memory_allocated() - before <= 2 * chunk_bytes  # 16 chunks without the bound
     # new compute-stream work on freed blocks would overwrite any chunk not held
     scribble = [torch.full((4 << 20,), 7.0, device="cuda", dtype=torch.bfloat16) for _ in range(64)]
     if transport_kind == "host":
