@@ -15,7 +15,7 @@ whose output landed (a step's last chunk): that output is what the replacement p
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -65,33 +65,39 @@ def slot_inputs(info: GroupInfo, step: int, device: torch.device) -> tuple[torch
 
 @dataclass
 class Restored:
-    """One restored microbatch: the step its KV reached, the manifest it came from, that step's output."""
+    """One restored microbatch: the step its KV reached, the manifest it came from, that step's output, and the
+    outputs of the steps before it that the replica still holds."""
 
     step: int
     manifest: Manifest
     output: torch.Tensor  # the step's output (hidden states passed on, or the last stage's token ids), CPU
+    earlier: list = field(default_factory=list)  # [(step, output)] of earlier steps, oldest first, CPU
 
 
-def _with_output(source: Any, manifest: Manifest, name: str, width: int) -> tuple[Manifest | None, int, Any]:
+def _with_output(source: Any, manifest: Manifest, name: str, width: int, earlier: int = 0
+                 ) -> tuple[Manifest | None, int, Any, list]:
     """``manifest`` cut after the newest step whose output ``source`` holds (a step is replicated once its
-    output landed: KV past it is not trusted), that step and its output; ``(None, -1, None)`` if none is."""
+    output landed: KV past it is not trusted), that step, its output, and the outputs of up to ``earlier``
+    steps before it that ``source`` still holds (``[(step, output)]``, oldest first); ``(None, -1, None, [])``
+    if none is."""
     outputs = {int(k.rsplit("/", 1)[1]): k for k in source.keys(f"{name}/{OUTPUT}/")}
     pos, ends = 0, {}  # step -> segments up to and including it
     for i, seg in enumerate(manifest.segments):
         if isinstance(seg, (Prefill, Step)):
             pos = seg.start + seg.tokens
             ends[pos - width] = i + 1
-    usable = [k for k in outputs if k in ends]
+    usable = sorted(k for k in outputs if k in ends)
     if not usable:
-        return None, -1, None
-    step = max(usable)
+        return None, -1, None, []
+    step = usable[-1]
     cut = replace(manifest, segments=list(manifest.segments[:ends[step]]), seq_length=width + step)
-    return cut, step, source.fetch_new(outputs[step], "cpu")
+    before = [(k, source.fetch_new(outputs[k], "cpu")) for k in usable[:-1][-earlier:]] if earlier > 0 else []
+    return cut, step, source.fetch_new(outputs[step], "cpu"), before
 
 
 def restore_groups(rt: StageRuntime, source: Any, infos: list[GroupInfo], name_of: Callable[[int], str], *,
-                   linked: bool, interrupt: Callable[[], None], after_first: Callable[[], None] | None = None
-                   ) -> tuple[dict[int, Restored], dict]:
+                   linked: bool, interrupt: Callable[[], None], after_first: Callable[[], None] | None = None,
+                   earlier_outputs: int = 0) -> tuple[dict[int, Restored], dict]:
     """Restore every microbatch of ``infos`` onto ``rt``'s stage from ``source``.
 
     Parameters
@@ -107,6 +113,11 @@ def restore_groups(rt: StageRuntime, source: Any, infos: list[GroupInfo], name_o
         Called between microbatches; raises to abandon the restore (another failure).
     after_first : callable, optional
         Called once the first microbatch is restored (the failure injection of ``S@recover``).
+    earlier_outputs : int
+        Also bring back the outputs of up to this many steps before each restored step that the replica still
+        holds (:attr:`Restored.earlier`). When the next stage was replaced too and its replica is behind by two
+        steps or more, this replacement must pass those steps' outputs on; with the restored step's output
+        alone the microbatch could not be replayed and restarted from its prompt.
 
     Returns
     -------
@@ -125,7 +136,7 @@ def restore_groups(rt: StageRuntime, source: Any, infos: list[GroupInfo], name_o
             manifest = read_manifest(source, name)
         else:
             manifest = recover_manifest(source, name, num_layers=int(rt.stage.config.num_hidden_layers), kv_layers=layers)
-        manifest, step, out_t = _with_output(source, manifest, name, info.width)
+        manifest, step, out_t, before = _with_output(source, manifest, name, info.width, earlier_outputs)
         if manifest is None or str(step) not in info.rows:
             continue
         load = replay(manifest, streamer, device=rt.device)
@@ -135,7 +146,7 @@ def restore_groups(rt: StageRuntime, source: Any, infos: list[GroupInfo], name_o
         rt.join(h, None, lambda _h, l: load.take(l - layers[0]))
         st = rt.slots[info.slot]
         st.mask, st.positions = mask, positions
-        out[info.slot] = Restored(step, manifest, out_t)
+        out[info.slot] = Restored(step, manifest, out_t, before)
         if after_first is not None and len(out) == 1:
             after_first()
     if rt.device.type == "cuda":

@@ -247,6 +247,8 @@ class Worker:
                 self.doc["restores"].append({"epoch": self.epoch, **stats})
         for slot, r in restored.items():
             self.computed[slot] = (live[slot].group, r.step)
+            for k, earlier in r.earlier:  # oldest first: the replay may need them when the next stage is behind
+                self.log.put(slot, k, earlier.to(self.device))
             self.log.put(slot, r.step, r.output.to(self.device))
         holder = plan["holders"][stage]
         rebuild = stage in plan["rebuild"]
@@ -295,7 +297,8 @@ class Worker:
         try:
             restored, stats = restore_groups(self.rt, source, infos, lambda g: session_name(self.phase, stage, g),
                                              linked=linked, interrupt=self.interrupt,
-                                             after_first=lambda: self.check_kill("recover"))
+                                             after_first=lambda: self.check_kill("recover"),
+                                             earlier_outputs=self.log.steps - 1)
         finally:
             if linked:
                 source.close()
