@@ -5,7 +5,9 @@ Holding a packed chunk until an event after its copy has fired is ``record_strea
 cost: the caching allocator cannot hand the chunk's memory to new compute work while the copy still reads it.
 Every driver call here costs ~100 µs of host time inside a model's forward, cold (bench/NOTES.md, "Results,
 2026-12-01, sixth session"), so handles are trimmed once in :data:`TRACK_TRIM`, a flush's own event marks its
-chunk read where it has one, and fired events of our own are recorded again.
+chunk read where it has one, and fired events of our own are recorded again. Where the transport's reads are
+local, the bytes held are bounded (:data:`HOLD_BYTES`): past the bound, the compute stream waits for the oldest
+chunk's read instead of the host, so a host far ahead of the GPU does not pile chunks up.
 """
 
 from __future__ import annotations
