@@ -264,6 +264,9 @@ def test_generate_with_the_a_a_control_records_the_noise_floor(tmp_path):
     control, cmp = detail["control"], detail["comparison"]
     assert control["reps"] == cmp["reps"] >= 1 and set(control["pairs"]) == {"median", "min", "max", "n"}
     assert control["base"] == cmp["base"]  # both against the same DynamicCache runs
+    doc = json.loads((tmp_path / "summary.json").read_text())["stream_overhead"]
+    assert doc["conditions"]["kv_resident <= DynamicCache's + HOLD_BYTES"] is True  # CPU: nothing on a GPU
+    assert detail["kv_resident_GB"] == detail["dynamic_kv_resident_GB"] == 0
     cpu, cpu_control = detail["cpu_comparison"], detail["cpu_control"]  # the process's CPU seconds, same runs
     assert cpu["base"] == cpu_control["base"] and cpu["base"]["min"] > 0 and cpu["reps"] == cmp["reps"]
     rows = list(csv.DictReader((tmp_path / "generate.csv").open()))
