@@ -188,6 +188,7 @@ class Controller(Scheduler):
         acked = self.cluster.acked()
         reset: set[int] = set()
         restore: dict = {}
+        restored: dict = {}  # inc -> its restore's figures, from whichever attempt it ran in (each runs once)
         stage_died = False
         for attempt in range(MAX_ATTEMPTS):
             more, stage_died = self._assign(dead, stage_died)
@@ -205,6 +206,7 @@ class Controller(Scheduler):
             dead = []
             try:
                 reports = self.cluster.collect(plan, self.cfg.recovery_timeout_s)
+                restored.update({inc: rep["restore"] for inc, rep in reports.items() if rep.get("restore")})
                 restore = {s: r for s, r in restore.items()
                            if not reports.get(plan["stages"][int(s)], {}).get("restore")}
                 bad = self._unreplayable(plan, reports, live) - reset
@@ -220,7 +222,7 @@ class Controller(Scheduler):
             raise RuntimeError(f"failover: no working configuration after {MAX_ATTEMPTS} attempts")
         links.interrupt = self._interrupt
         self.links, self._last_holders = links, holders
-        self._resume(plan, reports, live, reset)
+        self._resume(plan, reports, live, reset, restored)
 
     def settle(self) -> list:
         """After the last request: wait (at most one deadline) until every process whose injected failure fired
@@ -293,7 +295,7 @@ class Controller(Scheduler):
                     bad.add(slot)
         return bad
 
-    def _resume(self, plan: dict, reports: dict, live: dict, reset: set[int]) -> None:
+    def _resume(self, plan: dict, reports: dict, live: dict, reset: set[int], restored: dict) -> None:
         reached = self._reached(plan, reports)
         for slot, mb in live.items():
             if slot in reset:
@@ -301,7 +303,8 @@ class Controller(Scheduler):
                 continue
             low = min(r.get(slot, (-1, None))[0] for r in reached)
             mb.next_step = min(low + 1, mb.done_step + 1)
-        restores = {inc: rep.get("restore") for inc, rep in reports.items() if rep.get("restore")}
+        # the restores of every attempt: one that ran in an attempt cut short by another failure is not run again
+        restores = {inc: r for inc, r in restored.items() if inc in reports}
         now = wall()
         for e in self.events:
             if e.get("resumed_t") is None:
