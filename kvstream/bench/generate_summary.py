@@ -11,6 +11,7 @@ from . import timing
 from .harness import Run
 from .records import GB
 from .timing import Stat
+from ..streaming.inflight import HOLD_BYTES
 
 
 def median_of(results: list, attr: str) -> float:
@@ -62,8 +63,6 @@ def summarize(run: Run, s: Any, results: dict[str, list], fig2: dict, h2d_GBps: 
             detail["cpu_control"] = timing.compare([r.cpu_s for r in again], [r.cpu_s for r in dyn])
         # the packed chunks the streamer holds on the GPU are bounded (streaming.inflight.HOLD_BYTES): more than
         # that above DynamicCache's KV is a leak (2.5 GB of held prefill chunks went unseen for sessions: NOTES)
-        from kvstream.streaming.inflight import HOLD_BYTES
-
         res_st, res_dyn = max(r.kv_resident_bytes for r in st), max(r.kv_resident_bytes for r in dyn)
         detail.update(kv_resident_GB=res_st / GB, dynamic_kv_resident_GB=res_dyn / GB)
         run.summary("stream_overhead", value=t_st / t_dyn - 1, unit="fraction", ceiling=t_dyn,

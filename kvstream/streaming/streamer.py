@@ -35,8 +35,8 @@ allocator cannot hand its memory to new compute work while the copy still reads 
 guarantee without its cost; :mod:`.inflight`). When the transport's reads are local
 (``Transport.local_reads``), at most ``inflight.HOLD_BYTES`` (256 MiB) stay held that way: for older chunks
 the compute stream waits for the copy's event, a layer or more after it finished, so the chunks on the GPU
-stay bounded while the host runs ahead of a prefill. Otherwise (NCCL: a read may wait on a peer) the compute stream never waits for the
-side stream.
+stay bounded while the host runs ahead of a prefill. Otherwise (NCCL: a read may wait on a peer) the compute
+stream never waits for the side stream.
 """
 
 from __future__ import annotations
