@@ -276,8 +276,10 @@ class Cluster:
         self.store.set(plan_key(self.epoch), json.dumps(plan))
         return plan
 
-    def collect(self, plan: dict, timeout_s: float) -> dict[int, dict]:
-        """Every stage's report on ``plan`` (``{inc: report}``), waiting at most ``timeout_s``.
+    def collect(self, plan: dict, timeout_s: float, *, everyone: bool = False) -> dict[int, dict]:
+        """Every stage's report on ``plan`` (``{inc: report}``), waiting at most ``timeout_s``; with
+        ``everyone``, also every started holder's and standby's (a phase's first plan: a primary must not
+        stream the phase's chunks to a holder that is still in the last phase).
 
         Raises
         ------
@@ -285,7 +287,9 @@ class Cluster:
             A process died meanwhile (a second failure during recovery), or one did not report in time
             (it is then fenced as dead).
         """
-        want = list(plan["stages"])  # holders and standbys apply plans on their own
+        want = list(plan["stages"])  # otherwise holders and standbys apply plans on their own
+        if everyone:
+            want += [p.inc for p in self.procs.values() if p.alive and p.ready and p.inc not in want]
         deadline = time.monotonic() + timeout_s
         while True:
             dead = self.poll_dead()

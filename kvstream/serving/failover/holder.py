@@ -143,12 +143,20 @@ class ReplicaStore:
                 handles.append(transport.flush(key, self.store.view(key), meta=self.store.describe(key).meta))
         return AllHandle(handles)
 
-    def drop(self, prefix: str) -> None:
-        """Free every chunk under ``prefix``."""
+    def drop(self, prefix: str, *, keep: str | None = None) -> None:
+        """Free every chunk under ``prefix``, except those under ``keep``."""
         with self._lock:
-            self._drop(prefix)
+            for key in self.store.keys(prefix):
+                if keep is None or not key.startswith(keep):
+                    self.store.delete(key)
         if self.on_change is not None:
             self.on_change(True)
+
+    def newest_step(self, prefix: str) -> int | None:
+        """The newest step whose output is held under ``prefix`` (``None`` when none is)."""
+        with self._lock:
+            steps = [int(k.rsplit("/", 1)[1]) for k in self.store.keys(prefix) if f"/{OUTPUT}/" in k]
+        return max(steps, default=None)
 
     def close(self) -> None:
         """Close every link and free everything."""

@@ -48,9 +48,14 @@ RELEASE = "release"
 OUTPUT = "out"
 
 
+def phase_prefix(phase: int) -> str:
+    """The key prefix of every replica session of ``phase``."""
+    return f"ft/p{phase}/"
+
+
 def session_name(phase: int, stage: int, group: int) -> str:
     """The replica session of microbatch ``group`` on ``stage`` in ``phase``."""
-    return f"ft/p{phase}/s{stage}/g{group}"
+    return f"{phase_prefix(phase)}s{stage}/g{group}"
 
 
 def output_key(session: str, step: int) -> str:

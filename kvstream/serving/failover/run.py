@@ -83,7 +83,7 @@ class FailoverSession:
             plan = cluster.publish(groups=[], restore={}, rebuild=[], reset=[], floors={},
                                    kills=cluster.kills_for(specs), dead=[d[0] for d in dead])
             try:
-                cluster.collect(plan, self.cfg.recovery_timeout_s)
+                cluster.collect(plan, self.cfg.recovery_timeout_s, everyone=True)
                 self.links = cluster.form(plan, torch.device("cpu"), self.cfg.batch)
                 break
             except Failed as f:

@@ -40,7 +40,7 @@ from ..pipeline.swap import SwapManager
 from .config import FailoverConfig, KillSpec
 from .epoch import PlanWatcher, Reconfigure, form_links, interruptible, state_key, wall
 from .holder import ReplicaStore
-from .replicator import Replicator, session_name
+from .replicator import Replicator, phase_prefix, session_name
 from .restore import GroupInfo, restore_groups
 from .serve import OutputLog, serve
 
@@ -170,6 +170,9 @@ class Worker:
         self.kills = [KillSpec.parse(k, self.cfg.stages) for k in plan["kills"].get(str(self.inc), [])]
         if plan["phase"] != self.phase:
             self._new_phase(plan)
+        held = self.holder.newest_step(phase_prefix(self.phase))
+        if held is not None:  # this phase's chunks may have come before its plan: rS@N counts them too
+            self._held_step(held)
         stages = plan["stages"]
         stage = stages.index(self.inc) if self.inc in stages else None
         if stage is not None and self.stage == stage:
@@ -199,8 +202,8 @@ class Worker:
             for group in list(self.replicator.sessions):
                 self.replicator.release(group)
             self.replicator.phase = self.phase
-        self.holder.drop("ft/")
-        self.holder.peak_bytes = 0
+        self.holder.drop("ft/", keep=phase_prefix(self.phase))  # a primary may have started this phase already
+        self.holder.peak_bytes = self.holder.held_bytes
         self._held(True)
 
     # -- as a stage ----------------------------------------------------------------------------------

@@ -53,3 +53,22 @@ def test_a_forgotten_primarys_late_chunk_is_dropped_and_a_release_frees_the_sess
     again("ft/p0/s1/g1/seg0/l1", header, payload)
     assert holder.held_bytes == 48
     holder.close()
+
+
+def test_a_new_phase_keeps_its_own_early_chunks_and_the_newest_held_step_is_known():
+    """A primary may start a phase before its holder applied the phase's plan: dropping the last phase keeps
+    what this phase already sent, and the newest step held is found from the kept outputs (``rS@N``)."""
+    holder = ReplicaStore(pinned=False)
+    send = _link(holder, primary=3)
+    header, payload = _chunk(2.0)
+    send("ft/p1/s0/g0/seg0/l0", header, payload)
+    send("ft/p1/s0/g0/out/000004", header, payload)
+    send("ft/p2/s0/g0/seg0/l0", header, payload)
+    for step in (1, 2, 6):
+        send(f"ft/p2/s0/g0/out/{step:06d}", header, payload)
+    assert holder.newest_step("ft/p2/") == 6 and holder.newest_step("ft/p1/") == 4
+    assert holder.newest_step("ft/p3/") is None
+    holder.drop("ft/", keep="ft/p2/")
+    assert sorted(holder.store.keys("ft/")) == ["ft/p2/s0/g0/out/000002", "ft/p2/s0/g0/out/000006",
+                                                 "ft/p2/s0/g0/seg0/l0"]
+    holder.close()
