@@ -80,10 +80,11 @@ class ReplicaStore:
             self.on_step(step)
         return True
 
-    def _drop(self, prefix: str) -> None:
-        """Free every chunk under ``prefix`` (call under the lock)."""
+    def _drop(self, prefix: str, keep: str | None = None) -> None:
+        """Free every chunk under ``prefix``, except those under ``keep`` (call under the lock)."""
         for key in self.store.keys(prefix):
-            self.store.delete(key)
+            if keep is None or not key.startswith(keep):
+                self.store.delete(key)
 
     def _file(self, key: str, header: ChunkHeader, payload: torch.Tensor) -> None:
         """Store one chunk (call under the lock)."""
@@ -146,9 +147,7 @@ class ReplicaStore:
     def drop(self, prefix: str, *, keep: str | None = None) -> None:
         """Free every chunk under ``prefix``, except those under ``keep``."""
         with self._lock:
-            for key in self.store.keys(prefix):
-                if keep is None or not key.startswith(keep):
-                    self.store.delete(key)
+            self._drop(prefix, keep)
         if self.on_change is not None:
             self.on_change(True)
 
